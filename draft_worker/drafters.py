@@ -1,0 +1,121 @@
+"""Drafters: cheap proposers of the next gamma tokens, behind one small interface.
+
+`start(prompt_ids)` begins a request; `get_candidates(gamma)` proposes up to gamma tokens and, when
+sampling, their draft distribution q as the verifier will decode it; `commit(num_accepted, next_token)`
+applies the verifier's verdict (rolling the draft's own state back on a rejection). Nothing here talks
+to the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specdec import codec
+from specdec.config import SamplingParams
+from specdec.lm import CachedLM
+from specdec.sampling import logits_to_probs, make_generator, sample
+
+
+@dataclass(frozen=True)
+class Candidates:
+    draft_ids: list[int]  # [gamma]
+    q: torch.Tensor | None  # [gamma, vocab] draft probs as the verifier decodes them; None when greedy
+
+
+class Drafter(Protocol):
+    name: str
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None: ...
+
+    def get_candidates(self, gamma: int) -> Candidates: ...
+
+    def commit(self, num_accepted: int, next_token: int | None) -> None: ...
+
+
+class LMDrafter:
+    """A small causal LM with a KV cache: gamma forwards per block, crop on rejection, refill after a full accept."""
+
+    def __init__(self, model: torch.nn.Module, name: str, dense_dtype: str = "fp16"):
+        self.model = model
+        self.name = name
+        self.dense_dtype = dense_dtype
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
+        if vocab_size != self.vocab_size:
+            raise ValueError(
+                f"draft model {self.name} has {self.vocab_size} logits, the verifier {vocab_size}: they must match"
+            )
+        self.lm = CachedLM(self.model)
+        self.params = params
+        self.tokens = list(prompt_ids)
+        self.generator = make_generator(None if params.seed is None else params.seed + 1, "cpu")
+        self._block: list[int] = []
+
+    def get_candidates(self, gamma: int) -> Candidates:
+        draft_ids: list[int] = []
+        rows: list[torch.Tensor] = []
+        pending = self.tokens[self.lm.length :]  # [last committed] (+ the last draft token after a full accept)
+        for _ in range(gamma):
+            logits = self.lm.forward(pending)[-1]  # [vocab]
+            if self.params.greedy:
+                token = int(logits.argmax())
+            else:
+                q = codec.wire_round(logits_to_probs(logits, self.params), self.params, self.dense_dtype)  # [vocab]
+                token = int(sample(q, self.generator))
+                rows.append(q)
+            draft_ids.append(token)
+            pending = [token]
+        self._block = draft_ids
+        q_block = torch.stack(rows) if rows else None  # [gamma, vocab]
+        return Candidates(draft_ids, q_block)
+
+    def commit(self, num_accepted: int, next_token: int | None) -> None:
+        # the cache holds tokens + block[:-1]; keep only what the verifier accepted
+        keep = len(self.tokens) + min(num_accepted, max(len(self._block) - 1, 0))
+        self.tokens.extend(self._block[:num_accepted])
+        if next_token is not None:
+            self.tokens.append(next_token)
+        self.lm.crop(min(keep, self.lm.length))
+
+
+class NgramDrafter:
+    """Prompt lookup: propose what followed the latest earlier match of the last n tokens (no model).
+
+    Tries n = max_ngram down to min_ngram; proposes nothing when no n-gram recurs, and the round is then
+    a plain verifier step. Deterministic, so under sampling q is one-hot on each proposed token.
+    """
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, name: str = "ngram"):
+        assert 1 <= min_ngram <= max_ngram
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+        self.name = name
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
+        self.tokens = list(prompt_ids)
+        self.params = params
+        self.vocab_size = vocab_size
+        self._block: list[int] = []
+
+    def _lookup(self, gamma: int) -> list[int]:
+        tokens = self.tokens
+        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+            suffix = tokens[-n:]
+            for start in range(len(tokens) - n - 1, -1, -1):  # latest match first, excluding the suffix itself
+                if tokens[start : start + n] == suffix:
+                    return tokens[start + n : start + n + gamma]
+        return []
+
+    def get_candidates(self, gamma: int) -> Candidates:
+        self._block = self._lookup(gamma) if gamma > 0 else []
+        q = None if self.params.greedy or not self._block else codec.one_hot_probs(self._block, self.vocab_size)
+        return Candidates(list(self._block), q)
+
+    def commit(self, num_accepted: int, next_token: int | None) -> None:
+        self.tokens.extend(self._block[:num_accepted])
+        if next_token is not None:
+            self.tokens.append(next_token)

@@ -1,0 +1,54 @@
+"""Frozen configuration shared by both workers: sampling parameters and verifier limits.
+
+Plain data, validated once where it enters (the CLI or the RPC boundary); knows nothing about gRPC.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 (or 0) = off
+    seed: int | None = None
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def truncated(self) -> bool:
+        """True when top-k/top-p cut the distribution, so draft probabilities travel sparsely."""
+        return self.top_k > 0 or 0.0 < self.top_p < 1.0
+
+    def validate(self, max_new_tokens_limit: int | None = None) -> None:
+        """Raise ValueError with a user-facing message if any field is out of range."""
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not math.isfinite(self.top_p) or not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1] (0 or 1 = off), got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if max_new_tokens_limit is not None and self.max_new_tokens > max_new_tokens_limit:
+            raise ValueError(
+                f"max_new_tokens {self.max_new_tokens} is over this verifier's limit of {max_new_tokens_limit}"
+            )
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+
+
+@dataclass(frozen=True)
+class VerifierLimits:
+    max_gamma: int = 16
+    max_prompt_tokens: int = 4096
+    max_new_tokens: int = 1024
+    max_sessions: int = 64
+    max_message_bytes: int = 64 * 1024 * 1024  # a dense fp16 block of 16 x 151,936 is ~4.9 MB

@@ -1,0 +1,65 @@
+"""What one generation request measured, shared by the draft worker, the CLI and the benchmark.
+
+Vocabulary (vLLM's): a draft token is *accepted* or rejected; after a rejection the verifier commits a
+*recovered* token, after a fully accepted block a *bonus* token. acceptance rate = accepted / proposed;
+mean acceptance length = tokens committed per round, the recovered/bonus token included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated ids only
+    text: str = ""
+    wall_s: float = 0.0  # generation time, model loading excluded
+    ttft_s: float = 0.0  # time to the first committed token
+    finish_reason: str = ""
+    rounds: int = 0
+    proposed_per_round: list[int] = field(default_factory=list)
+    accepted_per_round: list[int] = field(default_factory=list)
+    rtt_s: list[float] = field(default_factory=list)  # client round trip per round
+    service_s: list[float] = field(default_factory=list)  # verifier queue + compute per round
+    prefill_service_s: float = 0.0
+    draft_s: float = 0.0  # time spent drafting
+    bytes_sent: int = 0  # protobuf payload bytes, client -> verifier
+    bytes_received: int = 0
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def proposed(self) -> int:
+        return sum(self.proposed_per_round)
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.accepted_per_round)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return self.new_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def network_s(self) -> float:
+        """Round trip minus verifier service time, summed: network, framing and (de)serialisation."""
+        return max(0.0, sum(self.rtt_s) - sum(self.service_s))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for name in ("new_tokens", "proposed", "accepted", "acceptance_rate", "mean_acceptance_length",
+                     "network_s", "tokens_per_s"):
+            out[name] = getattr(self, name)
+        out["network_share"] = self.network_s / self.wall_s if self.wall_s > 0 else 0.0
+        return out

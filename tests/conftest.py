@@ -1,0 +1,55 @@
+"""Shared fixtures: in-process verifier servers on 127.0.0.1:0 and the PubMedQA path."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import grpc
+import pytest
+
+from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec.config import VerifierLimits
+from verifier_worker.server import ModelInfo, VerifierServicer, start_server
+
+PUBMEDQA = pathlib.Path(
+    os.environ.get("SPECDEC_PUBMEDQA", pathlib.Path(__file__).resolve().parents[2] / "shared/data/pubmedqa/pubmedqa_pqal.jsonl")
+)
+
+
+class RunningVerifier:
+    def __init__(self, servicer, server, port):
+        self.servicer, self.server, self.port = servicer, server, port
+        self.address = f"127.0.0.1:{port}"
+        self.channel = grpc.aio.insecure_channel(self.address)
+        self.stub = pb_grpc.VerifierStub(self.channel)
+
+    async def close(self):
+        await self.channel.close()
+        await self.server.stop(grace=None)
+
+
+@pytest.fixture
+async def start_verifier():
+    """async factory: await start_verifier(model, vocab_size=..., limits=...) -> RunningVerifier"""
+    running: list[RunningVerifier] = []
+
+    async def factory(model, vocab_size: int, fingerprint: str = "fp-test", limits: VerifierLimits = VerifierLimits()):
+        info = ModelInfo(model_id="fake-verifier", vocab_size=vocab_size, tokenizer_fingerprint=fingerprint,
+                         dtype="float32", device="cpu")
+        servicer = VerifierServicer(model, info, limits)
+        server, port = await start_server(servicer, "127.0.0.1", 0)
+        verifier = RunningVerifier(servicer, server, port)
+        running.append(verifier)
+        return verifier
+
+    yield factory
+    for verifier in running:
+        await verifier.close()
+
+
+@pytest.fixture
+def pubmedqa_path() -> pathlib.Path:
+    if not PUBMEDQA.exists():
+        pytest.skip(f"PubMedQA not found at {PUBMEDQA}; set SPECDEC_PUBMEDQA")
+    return PUBMEDQA

@@ -1,0 +1,65 @@
+"""Speculative sessions over real gRPC on 127.0.0.1:0 with deterministic fake models: protocol and rollback."""
+
+from __future__ import annotations
+
+import pytest
+
+from draft_worker.client import fetch_info, generate_baseline, speculate
+from draft_worker.drafters import LMDrafter, NgramDrafter
+from specdec.config import SamplingParams
+from tests.stubs import FakeLM, fake_pair
+
+PROMPTS = [[1, 2, 3, 4, 5], [7], [3, 3, 3, 9, 3, 3, 3, 9, 3, 3], list(range(20))]
+
+
+@pytest.mark.parametrize("gamma", [0, 1, 3, 6])
+async def test_greedy_lm_drafter_matches_baseline(start_verifier, gamma):
+    draft, target = fake_pair(vocab_size=32, noise=1.0)
+    verifier = await start_verifier(target, vocab_size=32)
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=24)
+    for prompt in PROMPTS:
+        baseline = await generate_baseline(verifier.stub, prompt, params)
+        spec = await speculate(verifier.stub, LMDrafter(draft, "fake-draft"), prompt, params, gamma, info)
+        assert spec.token_ids == baseline.token_ids
+        assert spec.new_tokens == 24 and spec.finish_reason == "length"
+        assert spec.proposed == sum(spec.proposed_per_round)
+        assert len(spec.rtt_s) == spec.rounds == len(spec.service_s)
+    if gamma:
+        assert 0 < spec.accepted < spec.proposed  # the stub pair disagrees sometimes: rollback was exercised
+
+
+async def test_perfect_draft_accepts_everything(start_verifier):
+    target = FakeLM(32, seed=5)
+    verifier = await start_verifier(target, vocab_size=32)
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=20)
+    spec = await speculate(verifier.stub, LMDrafter(FakeLM(32, seed=5), "same"), [1, 2], params, 4, info)
+    assert spec.acceptance_rate == 1.0
+    assert spec.rounds == 4  # 4 blocks of 4 accepted + 1 bonus = 20 tokens
+    assert spec.mean_acceptance_length == 5.0
+
+
+async def test_ngram_drafter_matches_baseline(start_verifier):
+    _, target = fake_pair()
+    verifier = await start_verifier(target, vocab_size=32)
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=30)
+    for prompt in PROMPTS:
+        baseline = await generate_baseline(verifier.stub, prompt, params)
+        spec = await speculate(verifier.stub, NgramDrafter(), prompt, params, 4, info)
+        assert spec.token_ids == baseline.token_ids
+
+
+async def test_stop_token_ends_generation_inside_a_block(start_verifier):
+    _, target = fake_pair()
+    verifier = await start_verifier(target, vocab_size=32)
+    info = await fetch_info(verifier.stub)
+    free = await generate_baseline(verifier.stub, [1, 2, 3], SamplingParams(max_new_tokens=30))
+    stop = free.token_ids[10]
+    first = free.token_ids.index(stop)
+    params = SamplingParams(max_new_tokens=30, stop_token_ids=(stop,))
+    baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
+    spec = await speculate(verifier.stub, LMDrafter(FakeLM(32, seed=0), "same"), [1, 2, 3], params, 5, info)
+    assert baseline.token_ids == free.token_ids[: first + 1]
+    assert spec.token_ids == baseline.token_ids and spec.finish_reason == "stop"

@@ -1,0 +1,210 @@
+"""The verifier worker: a grpc.aio server that owns the big model and judges draft blocks.
+
+Each Speculate stream is one session with its own KV cache; model compute runs one call at a time on a
+worker thread, so the event loop keeps reading, validating and answering every other stream. Anything a
+client can send wrongly is answered with a status code and a message, and only that stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.specdec.v1 import specdec_pb2 as pb
+from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec import codec
+from specdec.config import SamplingParams, VerifierLimits
+from verifier_worker.session import FINISH_LENGTH, RoundResult, VerifierSession
+
+log = logging.getLogger(__name__)
+SERVER_VERSION = "specdec/1"
+_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FINISH_LENGTH: pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    vocab_size: int
+    tokenizer_fingerprint: str
+    dtype: str
+    device: str
+
+
+class VerifierServicer(pb_grpc.VerifierServicer):
+    def __init__(self, model: torch.nn.Module, info: ModelInfo, limits: VerifierLimits = VerifierLimits()):
+        self.model = model
+        self.info = info
+        self.limits = limits
+        self.active_sessions = 0
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-compute")
+
+    async def _run(self, context, fn, *args):
+        """Run model compute on the compute thread; a failure there ends this stream with INTERNAL."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+        except Exception as exc:  # noqa: BLE001 - reported to the client, logged here
+            log.exception("model compute failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"verifier compute failed: {exc!r}")
+
+    async def Info(self, request, context):
+        lim = self.limits
+        return pb.InfoReply(
+            model_id=self.info.model_id,
+            vocab_size=self.info.vocab_size,
+            tokenizer_fingerprint=self.info.tokenizer_fingerprint,
+            dtype=self.info.dtype,
+            device=self.info.device,
+            limits=pb.Limits(
+                max_gamma=lim.max_gamma,
+                max_prompt_tokens=lim.max_prompt_tokens,
+                max_new_tokens=lim.max_new_tokens,
+                max_sessions=lim.max_sessions,
+                max_message_bytes=lim.max_message_bytes,
+            ),
+            server_version=SERVER_VERSION,
+        )
+
+    async def _new_session(self, context, prompt_ids, params_msg) -> VerifierSession:
+        """Validate a session's opening request and take a session slot (released by the caller)."""
+        try:
+            params = codec.params_from_proto(params_msg)
+            codec.validate_params(params, self.limits.max_new_tokens, self.info.vocab_size)
+            if not prompt_ids:
+                raise ValueError("prompt_ids is empty: a session needs at least one prompt token")
+            if len(prompt_ids) > self.limits.max_prompt_tokens:
+                raise ValueError(
+                    f"prompt has {len(prompt_ids)} tokens, over this verifier's limit of {self.limits.max_prompt_tokens}"
+                )
+            codec.check_token_ids(prompt_ids, self.info.vocab_size, "prompt_ids")
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.active_sessions >= self.limits.max_sessions:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"verifier is at its limit of {self.limits.max_sessions} concurrent sessions; retry later",
+            )
+        self.active_sessions += 1
+        return VerifierSession(self.model, list(prompt_ids), params)
+
+    async def Speculate(self, request_iterator, context):
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        async def read_requests():  # timestamps arrivals, so service time includes queueing
+            try:
+                async for request in request_iterator:
+                    inbox.put_nowait((request, time.perf_counter()))
+            finally:
+                inbox.put_nowait((None, time.perf_counter()))
+
+        reader = asyncio.create_task(read_requests())
+        session = None
+        try:
+            request, arrived = await inbox.get()
+            if request is None:
+                return
+            if request.WhichOneof("kind") != "open":
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "the first message of a Speculate stream must be `open` (prompt and sampling parameters)",
+                )
+            opening = request.open
+            if opening.tokenizer_fingerprint and opening.tokenizer_fingerprint != self.info.tokenizer_fingerprint:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"tokenizer mismatch: draft model {opening.client_model_id or '(unnamed)'} and verifier model "
+                    f"{self.info.model_id} do not share a tokenizer; speculative decoding needs the same vocabulary",
+                )
+            session = await self._new_session(context, opening.prompt_ids, opening.params)
+            await self._run(context, session.prefill)
+            yield pb.SpeculateReply(
+                opened=pb.SessionOpened(
+                    session_id=uuid.uuid4().hex,
+                    prompt_tokens=len(opening.prompt_ids),
+                    service_s=time.perf_counter() - arrived,
+                )
+            )
+            for round_index in range(1, self.limits.max_new_tokens + 1):
+                request, arrived = await inbox.get()
+                if request is None:  # the client closed its side before the session finished
+                    return
+                if request.WhichOneof("kind") != "proposal":
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
+                draft_ids, q = await self._check_proposal(context, request.proposal, session.params)
+                result: RoundResult = await self._run(context, session.verify, draft_ids, q)
+                verdict = pb.Verdict(
+                    num_accepted=result.num_accepted,
+                    finished=result.finish_reason is not None,
+                    finish_reason=_FINISH[result.finish_reason],
+                    service_s=time.perf_counter() - arrived,
+                    round=round_index,
+                )
+                if result.next_token is not None:
+                    verdict.next_token = result.next_token
+                yield pb.SpeculateReply(verdict=verdict)
+                if result.finish_reason is not None:
+                    return
+        finally:
+            reader.cancel()
+            if session is not None:
+                self.active_sessions -= 1
+
+    async def _check_proposal(self, context, proposal: pb.Proposal, params: SamplingParams):
+        draft_ids = list(proposal.draft_ids)
+        try:
+            if len(draft_ids) > self.limits.max_gamma:
+                raise ValueError(f"proposal has {len(draft_ids)} draft tokens, over this verifier's max_gamma of {self.limits.max_gamma}")
+            codec.check_token_ids(draft_ids, self.info.vocab_size, "draft_ids")
+            return draft_ids, codec.decode_probs(proposal, params, self.info.vocab_size)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def Generate(self, request, context):
+        arrived = time.perf_counter()
+        session = await self._new_session(context, request.prompt_ids, request.params)
+        try:
+            await self._run(context, session.prefill)
+            while session.finish_reason is None:
+                result = await self._run(context, session.verify, [], None)
+                now = time.perf_counter()
+                yield pb.GenerateReply(
+                    token_ids=[result.next_token],
+                    finished=result.finish_reason is not None,
+                    finish_reason=_FINISH[result.finish_reason],
+                    service_s=now - arrived,
+                )
+                arrived = now
+        finally:
+            self.active_sessions -= 1
+
+
+def server_options(limits: VerifierLimits) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+    ]
+
+
+async def start_server(servicer: VerifierServicer, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """Start serving Verifier, health and reflection on host:port (0 = a free port). -> (server, bound port)"""
+    server = grpc.aio.server(options=server_options(servicer.limits))
+    pb_grpc.add_VerifierServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_name = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
+    reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    await server.start()
+    for name in ("", service_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
