@@ -1,0 +1,205 @@
+"""The `specdec` command: serve a verifier, generate through one, and (later) benchmark.
+
+Argument parsing and printing only; the work happens in verifier_worker, draft_worker and specdec.
+A user error ends with one line on stderr and a non-zero exit code, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import pathlib
+import signal
+import sys
+
+from specdec.config import SamplingParams, VerifierLimits
+
+log = logging.getLogger("specdec")
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line."""
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve-verifier", help="load the verifier model and serve it over gRPC")
+    p.add_argument("--model", required=True, help="Hub id, local folder, .gguf file, or an offline: alias")
+    p.add_argument("--dtype", default="bf16", help="fp32 | bf16 | fp16 (default bf16)")
+    p.add_argument("--device", default="auto", help="cpu | cuda[:N] | mps | auto (default auto)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="0 binds a free port (the real one is printed)")
+    defaults = VerifierLimits()
+    p.add_argument("--max-gamma", type=int, default=defaults.max_gamma)
+    p.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    p.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
+    p.add_argument("--max-message-mb", type=int, default=defaults.max_message_bytes // 2**20)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text through a running verifier")
+    p.add_argument("--verifier", required=True, metavar="HOST:PORT")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--draft", metavar="MODEL", help="LM drafter: Hub id, folder, .gguf or offline: alias")
+    mode.add_argument("--drafter", choices=["ngram"], help="a drafter that needs no model")
+    mode.add_argument("--baseline", action="store_true", help="verifier-only generation")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt")
+    text.add_argument("--prompt-file", type=pathlib.Path)
+    p.add_argument("--tokenizer", help="tokenizer source for --drafter ngram/--baseline (default: the verifier's model id)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per block")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS token")
+    p.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches")
+    p.add_argument("--draft-dtype", default="fp32")
+    p.add_argument("--draft-device", default="cpu")
+    p.add_argument("--dense-dtype", choices=["fp16", "fp32"], default="fp16", help="wire dtype of full-vocab draft probs")
+    p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds for the whole request")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specdec", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_generate(sub)
+    return parser
+
+
+async def _serve(args) -> None:
+    from specdec import models
+    from verifier_worker.server import ModelInfo, VerifierServicer, start_server
+
+    limits = VerifierLimits(
+        max_gamma=args.max_gamma,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        max_sessions=args.max_sessions,
+        max_message_bytes=args.max_message_mb * 2**20,
+    )
+    dtype, device = _dtype_device(args.dtype, args.device)
+    tokenizer = _load(models.load_tokenizer, args.model)
+    model = _load(models.load_model, args.model, dtype=dtype, device=device)
+    info = ModelInfo(
+        model_id=args.model,
+        vocab_size=models.model_vocab_size(model),
+        tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+    )
+    servicer = VerifierServicer(model, info, limits)
+    try:
+        server, port = await start_server(servicer, args.host, args.port)
+    except (OSError, RuntimeError) as exc:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
+    print(f"listening on {args.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop(grace=5)
+
+
+def _dtype_device(dtype_name: str, device_name: str):
+    from specdec import models
+
+    try:
+        return models.parse_dtype(dtype_name), models.resolve_device(device_name)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _load(fn, source: str, **kwargs):
+    try:
+        return fn(source, **kwargs)
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        raise UserError(f"cannot load {source!r}: {exc}") from exc
+
+
+async def _generate(args) -> dict:
+    from draft_worker import client
+    from draft_worker.drafters import LMDrafter, NgramDrafter
+    from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
+    from specdec import models
+
+    prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
+    config = client.ClientConfig(timeout_s=args.timeout, dense_dtype=args.dense_dtype)
+    async with client.open_channel(args.verifier, config) as channel:
+        stub = pb_grpc.VerifierStub(channel)
+        try:
+            info = await client.fetch_info(stub, config)
+        except client.VerifierError as exc:
+            raise UserError(f"cannot reach the verifier at {args.verifier}: {exc}") from exc
+        tokenizer_source = args.draft or args.tokenizer or info.model_id
+        tokenizer = _load(models.load_tokenizer, tokenizer_source)
+        fingerprint = models.tokenizer_fingerprint(tokenizer)
+        params = SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            stop_token_ids=() if args.ignore_eos or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,),
+        )
+        try:
+            params.validate(info.limits.max_new_tokens)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        try:
+            client.check_pair(info, tokenizer_source, fingerprint)
+            if args.baseline:
+                result = await client.generate_baseline(stub, prompt_ids, params, config)
+            else:
+                if args.draft:
+                    dtype, device = _dtype_device(args.draft_dtype, args.draft_device)
+                    drafter = LMDrafter(_load(models.load_model, args.draft, dtype=dtype, device=device), args.draft)
+                else:
+                    drafter = NgramDrafter(max_ngram=args.ngram_max)
+                result = await client.speculate(stub, drafter, prompt_ids, params, args.gamma, info, config, fingerprint)
+        except (client.VerifierError, ValueError) as exc:
+            raise UserError(str(exc)) from exc
+    result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    return result.to_dict()
+
+
+def _read_prompt(path: pathlib.Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read the prompt file: {exc}") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve-verifier":
+            asyncio.run(_serve(args))
+        elif args.command == "generate":
+            out = asyncio.run(_generate(args))
+            print(out["text"])
+            summary = (f"{out['new_tokens']} tokens in {out['wall_s']:.2f}s ({out['tokens_per_s']:.1f} tok/s), "
+                       f"{out['rounds']} rounds, acceptance {out['acceptance_rate']:.2f}")
+            print(summary, file=sys.stderr)
+            if args.json:
+                print(json.dumps(out, separators=(",", ":")))
+    except UserError as exc:
+        print(f"specdec: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
