@@ -52,7 +52,8 @@ class LMDrafter:
         self.lm = CachedLM(self.model)
         self.params = params
         self.tokens = list(prompt_ids)
-        self.generator = make_generator(None if params.seed is None else params.seed + 1, "cpu")
+        # its own stream, derived from the session seed (the verifier uses the seed itself)
+        self.generator = make_generator(None if params.seed is None else (params.seed + 1) % 2**64, "cpu")
         self._block: list[int] = []
 
     def get_candidates(self, gamma: int) -> Candidates:
@@ -60,7 +61,7 @@ class LMDrafter:
         rows: list[torch.Tensor] = []
         pending = self.tokens[self.lm.length :]  # [last committed] (+ the last draft token after a full accept)
         for _ in range(gamma):
-            logits = self.lm.forward(pending)[-1]  # [vocab]
+            logits = self.lm.forward(pending, num_logits=1)[0]  # [vocab]
             if self.params.greedy:
                 token = int(logits.argmax())
             else:

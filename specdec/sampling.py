@@ -95,6 +95,8 @@ def verify_block(
     """Verify one block (gamma may be 0: a plain decoding step). Greedy when temperature is 0."""
     if params.greedy:
         return verify_greedy(draft_ids, target_logits)
-    assert q is not None, "sampling needs the draft probabilities"
     p = logits_to_probs(target_logits, params)  # [gamma + 1, vocab]
+    if q is None:  # a plain decoding step (gamma = 0) carries no draft probabilities
+        assert draft_ids.shape[0] == 0, "sampling needs the draft probabilities"
+        q = p[:0]  # [0, vocab]
     return verify_sampling(draft_ids, q, p, generator)

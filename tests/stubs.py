@@ -47,14 +47,15 @@ class FakeLM(torch.nn.Module):
             logits = logits + torch.randn(self.vocab_size, generator=g_noise) * self.noise
         return logits
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True):
+    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
         self.forward_calls += 1
         cache = past_key_values if past_key_values is not None else FakeCache()
         rows = []
         for token in input_ids[0].tolist():
             cache.tokens.append(token)
             rows.append(self._logits(cache.tokens))
-        return SimpleNamespace(logits=torch.stack(rows)[None], past_key_values=cache)  # [1, n, vocab]
+        logits = torch.stack(rows)[-logits_to_keep:] if logits_to_keep else torch.stack(rows)
+        return SimpleNamespace(logits=logits[None], past_key_values=cache)  # [1, n, vocab]
 
 
 def fake_pair(vocab_size: int = 32, noise: float = 1.0) -> tuple[FakeLM, FakeLM]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from draft_worker.client import fetch_info, generate_baseline, speculate
 from draft_worker.drafters import LMDrafter, NgramDrafter
 from specdec.config import SamplingParams
+from specdec.sampling import logits_to_probs
 from tests.stubs import FakeLM, fake_pair
 
 PROMPTS = [[1, 2, 3, 4, 5], [7], [3, 3, 3, 9, 3, 3, 3, 9, 3, 3], list(range(20))]
@@ -63,3 +65,34 @@ async def test_stop_token_ends_generation_inside_a_block(start_verifier):
     spec = await speculate(verifier.stub, LMDrafter(FakeLM(32, seed=0), "same"), [1, 2, 3], params, 5, info)
     assert baseline.token_ids == free.token_ids[: first + 1]
     assert spec.token_ids == baseline.token_ids and spec.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("top_k", [0, 3], ids=["dense", "sparse"])
+async def test_sampling_over_grpc_preserves_the_verifiers_distribution(start_verifier, top_k):
+    """The whole pipeline (drafter, codec, server, rollback) on a 6-token vocabulary: the joint law of the
+    first two generated tokens equals the verifier's, and differs clearly from the draft's."""
+    import asyncio
+
+    from tests.test_sampling import chi_square_p_value
+
+    vocab, prompt = 6, [1, 2]
+    target, draft = FakeLM(vocab, seed=0, scale=1.0), FakeLM(vocab, seed=0, scale=1.0, noise=2.0)
+    verifier = await start_verifier(target, vocab_size=vocab)
+    info = await fetch_info(verifier.stub)
+
+    def joint(model) -> torch.Tensor:  # [vocab * vocab]: P(t1, t2) under the model's sampling distribution
+        params = SamplingParams(temperature=1.0, top_k=top_k)
+        p1 = logits_to_probs(model._logits(prompt), params)
+        return torch.cat([p1[a] * logits_to_probs(model._logits([*prompt, a]), params) for a in range(vocab)])
+
+    async def one(seed: int) -> int:
+        params = SamplingParams(temperature=1.0, top_k=top_k, seed=seed, max_new_tokens=2)
+        result = await speculate(verifier.stub, LMDrafter(draft, "noisy-draft"), prompt, params, 2, info)
+        return result.token_ids[0] * vocab + result.token_ids[1]
+
+    cells: list[int] = []
+    for batch in range(40):  # 40 x 50 = 2000 sessions, 50 in flight at a time
+        cells += await asyncio.gather(*(one(batch * 50 + i) for i in range(50)))
+    counts = torch.bincount(torch.tensor(cells), minlength=vocab * vocab)
+    assert chi_square_p_value(counts, joint(target)) > 1e-4
+    assert chi_square_p_value(counts, joint(draft)) < 1e-6  # the test can tell the two apart

@@ -92,8 +92,9 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"verifier is at its limit of {self.limits.max_sessions} concurrent sessions; retry later",
             )
-        self.active_sessions += 1
-        return VerifierSession(self.model, list(prompt_ids), params)
+        session = VerifierSession(self.model, list(prompt_ids), params)
+        self.active_sessions += 1  # released by the caller's `finally`
+        return session
 
     async def Speculate(self, request_iterator, context):
         inbox: asyncio.Queue = asyncio.Queue()

@@ -43,7 +43,7 @@ class VerifierSession:
     def prefill(self) -> None:
         """Cache every prompt token but the last, which opens the first block."""
         if len(self.tokens) > 1:
-            self.lm.forward(self.tokens[:-1])
+            self.lm.forward(self.tokens[:-1], num_logits=1)  # the logits are not needed
 
     def verify(self, draft_ids: list[int], q: torch.Tensor | None) -> RoundResult:
         """Score [last committed token] + draft in one forward, accept a prefix, commit, roll back the rest.
