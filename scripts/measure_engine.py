@@ -1,7 +1,7 @@
 """Side-by-side engine measurement on one machine: verifier-only vs speculative over loopback gRPC
 (LM drafter, n-gram drafter) vs HF `generate(assistant_model=...)`, same pair, same prompts, one run.
 
-    python scripts/measure_engine.py --prompts 10 --max-new-tokens 64 --out results/engine.json
+    python scripts/measure_engine.py --prompts 10 --max-new-tokens 64 --gamma 2 4 --out results/engine.json
 
 The verifier runs as a separate `specdec serve-verifier` process; the drafts and the HF runs live in this
 one. Every mode generates exactly --max-new-tokens tokens (EOS ignored) after one warm-up prompt each.
@@ -64,13 +64,13 @@ async def run(args) -> dict:
         async with client.open_channel(address) as channel:
             stub = pb_grpc.VerifierStub(channel)
             info = await client.fetch_info(stub)
-            modes = {
-                "grpc verifier-only": lambda p: client.generate_baseline(stub, p, params),
-                f"grpc speculative, LM drafter (gamma={args.gamma})": lambda p: client.speculate(
-                    stub, LMDrafter(draft, args.draft_model), p, params, args.gamma, info, tokenizer_fingerprint=fingerprint),
-                f"grpc speculative, n-gram drafter (gamma={args.gamma})": lambda p: client.speculate(
-                    stub, NgramDrafter(), p, params, args.gamma, info, tokenizer_fingerprint=fingerprint),
-            }
+            modes = {"grpc verifier-only": lambda p: client.generate_baseline(stub, p, params)}
+            for gamma in args.gamma:
+                modes[f"grpc speculative, LM drafter (gamma={gamma})"] = lambda p, g=gamma: client.speculate(
+                    stub, LMDrafter(draft, args.draft_model), p, params, g, info, tokenizer_fingerprint=fingerprint)
+            for gamma in args.gamma:
+                modes[f"grpc speculative, n-gram drafter (gamma={gamma})"] = lambda p, g=gamma: client.speculate(
+                    stub, NgramDrafter(), p, params, g, info, tokenizer_fingerprint=fingerprint)
             for i, prompt in enumerate(prompts):  # prompt 0 is the warm-up, not recorded
                 for name, fn in modes.items():
                     result = (await fn(prompt)).to_dict()
@@ -125,7 +125,7 @@ def main() -> None:
     p.add_argument("--pubmedqa", type=pathlib.Path, default=default_path())
     p.add_argument("--prompts", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--gamma", type=int, nargs="+", default=[2, 4], help="one or more block sizes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=pathlib.Path)
     args = p.parse_args()

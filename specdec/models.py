@@ -249,21 +249,21 @@ def load_model(source: str, *, dtype: torch.dtype, device: torch.device) -> PreT
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Hex sha256 of what decides token ids: vocab, BPE merges and special token ids."""
+    """Hex sha256 of what decides which string an id means: vocab, BPE merges, added/special tokens.
+
+    Which added token a model calls its EOS or pad is left out on purpose: a base draft and an
+    instruct verifier of one family share every id and make a valid pair.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     merges: list[list[str]] = []
     if backend is not None:
         model = json.loads(backend.to_str()).get("model", {})
         merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+    added = getattr(tokenizer, "added_tokens_decoder", {})
     payload = {
         "vocab": sorted(tokenizer.get_vocab().items()),
         "merges": merges,
-        "special": {
-            "bos": tokenizer.bos_token_id,
-            "eos": tokenizer.eos_token_id,
-            "pad": tokenizer.pad_token_id,
-            "unk": tokenizer.unk_token_id,
-        },
+        "special": sorted((token_id, token.content, bool(token.special)) for token_id, token in added.items()),
     }
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 

@@ -54,7 +54,11 @@ class FakeLM(torch.nn.Module):
         for token in input_ids[0].tolist():
             cache.tokens.append(token)
             rows.append(self._logits(cache.tokens))
-        logits = torch.stack(rows)[-logits_to_keep:] if logits_to_keep else torch.stack(rows)
+        logits = torch.stack(rows)  # [n, vocab]
+        if torch.is_tensor(logits_to_keep):  # row indices, as specdec.lm passes them
+            logits = logits[logits_to_keep]
+        elif logits_to_keep:
+            logits = logits[-logits_to_keep:]
         return SimpleNamespace(logits=logits[None], past_key_values=cache)  # [1, n, vocab]
 
 

@@ -97,14 +97,16 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         return session
 
     async def Speculate(self, request_iterator, context):
-        inbox: asyncio.Queue = asyncio.Queue()
+        # bounded, so a client that floods proposals is held back by HTTP/2 flow control
+        inbox: asyncio.Queue = asyncio.Queue(maxsize=4)
 
         async def read_requests():  # timestamps arrivals, so service time includes queueing
             try:
                 async for request in request_iterator:
-                    inbox.put_nowait((request, time.perf_counter()))
-            finally:
-                inbox.put_nowait((None, time.perf_counter()))
+                    await inbox.put((request, time.perf_counter()))
+            except Exception as exc:  # noqa: BLE001 - a broken stream ends the session like a half-close
+                log.info("Speculate stream read failed: %r", exc)
+            await inbox.put((None, time.perf_counter()))
 
         reader = asyncio.create_task(read_requests())
         session = None
