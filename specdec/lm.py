@@ -6,6 +6,8 @@ Invariant kept by the callers: the cache holds every committed token but the las
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -14,6 +16,8 @@ class CachedLM:
         self.model = model
         self.device = next(model.parameters()).device
         self.cache = None  # created by the model on the first forward (a transformers DynamicCache)
+        # transformers >= 5.24 names the argument and the output `cache`; earlier ones `past_key_values`
+        self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.length = 0  # tokens whose keys/values are in the cache
 
     @torch.inference_mode()
@@ -29,8 +33,8 @@ class CachedLM:
         # positions as an index tensor, not an int: HF slices hidden states with it, and an int slice of a
         # multi-token batch is a strided view that makes torch.matmul copy the whole LM head (~0.4 s on CPU)
         keep = torch.arange(n - num_logits, n, device=self.device) if 0 < num_logits < n else 0
-        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
-        self.cache = out.past_key_values
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=keep, **{self._cache_name: self.cache})
+        self.cache = getattr(out, self._cache_name)
         self.length += n
         return out.logits[0].float()  # [n or num_logits, vocab]
 
