@@ -188,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "generate":
             out = asyncio.run(_generate(args))
             print(out["text"])
-            summary = (f"{out['new_tokens']} tokens in {out['wall_s']:.2f}s ({out['tokens_per_s']:.1f} tok/s), "
-                       f"{out['rounds']} rounds, acceptance {out['acceptance_rate']:.2f}")
+            summary = f"{out['new_tokens']} tokens in {out['wall_s']:.2f}s ({out['tokens_per_s']:.1f} tok/s), "
+            summary += "verifier only" if args.baseline else (
+                f"{out['rounds']} rounds, acceptance {out['acceptance_rate']:.2f}, "
+                f"{out['mean_acceptance_length']:.2f} tokens/round, network {out['network_share']:.1%} of wall time")
             print(summary, file=sys.stderr)
             if args.json:
                 print(json.dumps(out, separators=(",", ":")))
