@@ -33,7 +33,6 @@ class ClientConfig:
     timeout_s: float = 600.0  # deadline for one whole request
     info_timeout_s: float = 10.0
     max_message_bytes: int = 64 * 1024 * 1024
-    dense_dtype: str = "fp16"  # full-vocabulary draft probabilities on the wire
 
 
 def channel_options(config: ClientConfig) -> list[tuple[str, int]]:
@@ -102,7 +101,7 @@ async def speculate(
             request = pb.SpeculateRequest(
                 proposal=pb.Proposal(
                     draft_ids=candidates.draft_ids,
-                    **codec.encode_probs(candidates.q, params, config.dense_dtype) if candidates.q is not None else {},
+                    **codec.encode_probs(candidates.q, params, candidates.dense_dtype) if candidates.q is not None else {},
                 )
             )
             t_sent = time.perf_counter()

@@ -23,6 +23,7 @@ from specdec.sampling import logits_to_probs, make_generator, sample
 class Candidates:
     draft_ids: list[int]  # [gamma]
     q: torch.Tensor | None  # [gamma, vocab] draft probs as the verifier decodes them; None when greedy
+    dense_dtype: str = "fp16"  # the wire dtype q was rounded to, so encoding it is exact
 
 
 class Drafter(Protocol):
@@ -72,7 +73,7 @@ class LMDrafter:
             pending = [token]
         self._block = draft_ids
         q_block = torch.stack(rows) if rows else None  # [gamma, vocab]
-        return Candidates(draft_ids, q_block)
+        return Candidates(draft_ids, q_block, self.dense_dtype)
 
     def commit(self, num_accepted: int, next_token: int | None) -> None:
         # the cache holds tokens + block[:-1]; keep only what the verifier accepted

@@ -132,7 +132,7 @@ async def _generate(args) -> dict:
     from specdec import models
 
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
-    config = client.ClientConfig(timeout_s=args.timeout, dense_dtype=args.dense_dtype)
+    config = client.ClientConfig(timeout_s=args.timeout)
     async with client.open_channel(args.verifier, config) as channel:
         stub = pb_grpc.VerifierStub(channel)
         try:
@@ -162,7 +162,8 @@ async def _generate(args) -> dict:
             else:
                 if args.draft:
                     dtype, device = _dtype_device(args.draft_dtype, args.draft_device)
-                    drafter = LMDrafter(_load(models.load_model, args.draft, dtype=dtype, device=device), args.draft)
+                    model = _load(models.load_model, args.draft, dtype=dtype, device=device)
+                    drafter = LMDrafter(model, args.draft, dense_dtype=args.dense_dtype)
                 else:
                     drafter = NgramDrafter(max_ngram=args.ngram_max)
                 result = await client.speculate(stub, drafter, prompt_ids, params, args.gamma, info, config, fingerprint)

@@ -67,8 +67,8 @@ async def test_stop_token_ends_generation_inside_a_block(start_verifier):
     assert spec.token_ids == baseline.token_ids and spec.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("top_k", [0, 3], ids=["dense", "sparse"])
-async def test_sampling_over_grpc_preserves_the_verifiers_distribution(start_verifier, top_k):
+@pytest.mark.parametrize("top_k, dense_dtype", [(0, "fp16"), (0, "fp32"), (3, "fp16")], ids=["dense-fp16", "dense-fp32", "sparse"])
+async def test_sampling_over_grpc_preserves_the_verifiers_distribution(start_verifier, top_k, dense_dtype):
     """The whole pipeline (drafter, codec, server, rollback) on a 6-token vocabulary: the joint law of the
     first two generated tokens equals the verifier's, and differs clearly from the draft's."""
     import asyncio
@@ -87,7 +87,7 @@ async def test_sampling_over_grpc_preserves_the_verifiers_distribution(start_ver
 
     async def one(seed: int) -> int:
         params = SamplingParams(temperature=1.0, top_k=top_k, seed=seed, max_new_tokens=2)
-        result = await speculate(verifier.stub, LMDrafter(draft, "noisy-draft"), prompt, params, 2, info)
+        result = await speculate(verifier.stub, LMDrafter(draft, "noisy-draft", dense_dtype), prompt, params, 2, info)
         return result.token_ids[0] * vocab + result.token_ids[1]
 
     cells: list[int] = []
@@ -96,3 +96,21 @@ async def test_sampling_over_grpc_preserves_the_verifiers_distribution(start_ver
     counts = torch.bincount(torch.tensor(cells), minlength=vocab * vocab)
     assert chi_square_p_value(counts, joint(target)) > 1e-4
     assert chi_square_p_value(counts, joint(draft)) < 1e-6  # the test can tell the two apart
+
+
+@pytest.mark.parametrize("dense_dtype", ["fp16", "fp32"])
+def test_lm_drafter_samples_from_what_travels(dense_dtype):
+    """The drafter rounds q to the wire dtype before sampling, and the client encodes at that dtype."""
+    from protos.specdec.v1 import specdec_pb2 as pb
+    from specdec import codec
+
+    params = SamplingParams(temperature=1.0, seed=1, max_new_tokens=8)
+    drafter = LMDrafter(FakeLM(32, seed=0), "draft", dense_dtype)
+    drafter.start([1, 2, 3], params, 32)
+    candidates = drafter.get_candidates(3)
+    assert candidates.dense_dtype == dense_dtype
+    fields = codec.encode_probs(candidates.q, params, candidates.dense_dtype)
+    assert fields["dense"].dtype == codec.DENSE_DTYPES[dense_dtype]
+    decoded = codec.decode_probs(pb.Proposal(draft_ids=candidates.draft_ids, **fields), params, 32)
+    assert torch.equal(decoded, candidates.q / candidates.q.sum(dim=-1, keepdim=True))
+    assert torch.equal(candidates.q.half().float(), candidates.q) == (dense_dtype == "fp16")
