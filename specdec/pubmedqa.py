@@ -1,7 +1,8 @@
-"""PubMedQA prompts: read PQA-L items from a local file (or the Hub) and render the prompt template.
+"""PubMedQA prompts: read PQA-L items from a local file and render the prompt template.
 
 Template (documented in the README): "Question: {question}\nContext: {passage 1} {passage 2} ...\nAnswer:"
 Knows nothing about models; truncation to a model's window is done by the caller on token ids.
+Loading from the Hub (`qiaojin/PubMedQA` via `datasets`) is not here yet: it comes with the benchmark.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _from_record(record: dict) -> Item:
 
 
 def load_items(path: str | os.PathLike) -> list[Item]:
-    """Items from JSONL (this repo's copy or the Hub's rows), the official ori_pqal.json, or parquet."""
+    """Items from JSONL (the shared copy, or rows in the Hub's layout), the official ori_pqal.json, or parquet."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"PubMedQA file not found: {path} (set {ENV_VAR} or pass a path)")
@@ -56,4 +57,5 @@ def load_items(path: str | os.PathLike) -> list[Item]:
             Item(pubid, rec["QUESTION"], tuple(rec["CONTEXTS"]), rec.get("final_decision", ""))
             for pubid, rec in data.items()
         ]
-    return [_from_record(json.loads(line)) for line in text.split("\n") if line.strip()]  # not splitlines: U+2028 occurs in abstracts
+    # split on "\n" only: str.splitlines would also split on U+2028, which occurs inside abstracts
+    return [_from_record(json.loads(line)) for line in text.split("\n") if line.strip()]
