@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from draft_worker.drafters import Drafter
+from draft_worker.drafters import AdaptiveGamma, Drafter
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
@@ -68,14 +68,21 @@ async def speculate(
     drafter: Drafter,
     prompt_ids: list[int],
     params: SamplingParams,
-    gamma: int,
+    gamma: int | AdaptiveGamma,
     info: pb.InfoReply,
     config: ClientConfig = ClientConfig(),
     tokenizer_fingerprint: str = "",
 ) -> GenerationResult:
-    """Generate with speculative decoding over one Speculate stream. Raises VerifierError on a refusal."""
-    if not 0 <= gamma <= info.limits.max_gamma:
-        raise ValueError(f"gamma must be in [0, {info.limits.max_gamma}] for this verifier, got {gamma}")
+    """Generate with speculative decoding over one Speculate stream. Raises VerifierError on a refusal.
+
+    `gamma` is a fixed block size or an AdaptiveGamma schedule, updated after every verdict.
+    """
+    schedule = gamma if isinstance(gamma, AdaptiveGamma) else None
+    first = schedule.gamma if schedule else gamma
+    if not 0 <= first <= info.limits.max_gamma:
+        raise ValueError(f"gamma must be in [0, {info.limits.max_gamma}] for this verifier, got {first}")
+    if schedule:
+        schedule.max_gamma = min(schedule.max_gamma, info.limits.max_gamma)
     result = GenerationResult(token_ids=[])
     start = time.perf_counter()
     call = stub.Speculate(timeout=config.timeout_s)
@@ -96,7 +103,8 @@ async def speculate(
             remaining = params.max_new_tokens - result.new_tokens
             t_draft = time.perf_counter()
             # drafting is compute: off the event loop, so other sessions in this process keep moving
-            candidates = await asyncio.to_thread(drafter.get_candidates, min(gamma, remaining - 1))
+            block = schedule.gamma if schedule else gamma
+            candidates = await asyncio.to_thread(drafter.get_candidates, min(block, remaining - 1))
             result.draft_s += time.perf_counter() - t_draft
             request = pb.SpeculateRequest(
                 proposal=pb.Proposal(
@@ -118,6 +126,8 @@ async def speculate(
             verdict = reply.verdict
             next_token = verdict.next_token if verdict.HasField("next_token") else None
             drafter.commit(verdict.num_accepted, next_token)
+            if schedule:
+                schedule.update(len(candidates.draft_ids), verdict.num_accepted)
             result.token_ids.extend(candidates.draft_ids[: verdict.num_accepted])
             if next_token is not None:
                 result.token_ids.append(next_token)

@@ -36,6 +36,19 @@ class Drafter(Protocol):
     def commit(self, num_accepted: int, next_token: int | None) -> None: ...
 
 
+@dataclass
+class AdaptiveGamma:
+    """HF's "heuristic" schedule for gamma: +2 after a fully accepted block, -1 (not below 1) otherwise."""
+
+    gamma: int = 4
+    max_gamma: int = 16
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if proposed == 0:  # nothing was drafted (block capped by max_new_tokens, or no n-gram match)
+            return
+        self.gamma = min(self.gamma + 2, self.max_gamma) if accepted == proposed else max(1, self.gamma - 1)
+
+
 class LMDrafter:
     """A small causal LM with a KV cache: gamma forwards per block, crop on rejection, refill after a full accept."""
 

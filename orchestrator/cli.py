@@ -1,4 +1,4 @@
-"""The `specdec` command: serve a verifier, generate through one, and (later) benchmark.
+"""The `specdec` command: serve a verifier, generate through one, benchmark, and re-render a report.
 
 Argument parsing and printing only; the work happens in verifier_worker, draft_worker and specdec.
 A user error ends with one line on stderr and a non-zero exit code, not a traceback.
@@ -64,12 +64,35 @@ def _add_generate(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark the baseline and speculative configurations on PubMedQA over Ray")
+    p.add_argument("--config", type=pathlib.Path, help="run config YAML (default: the embedded one; see configs/)")
+    p.add_argument("--verifier", metavar="HOST:PORT", help="use a running verifier instead of starting one")
+    p.add_argument("--ray-address", help="join a Ray cluster ('auto', HOST:PORT or ray://...) instead of a local Ray")
+    p.add_argument("--dataset", metavar="SOURCE", help="'hub', 'env' ($SPECDEC_PUBMEDQA) or a PubMedQA file path")
+    p.add_argument("--prompts", type=int, help="number of PubMedQA prompts")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--emulate-rtt-ms", type=float, help="add this round trip (userspace delay, half each way)")
+    p.add_argument("--draft-workers", type=int, help="draft worker actors")
+    p.add_argument("--sessions-per-worker", type=int, help="requests in flight per draft worker")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished requests")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="re-render tables and plots of a finished (or interrupted) bench run")
+    p.add_argument("run_dir", type=pathlib.Path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdec", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_generate(sub)
+    _add_bench(sub)
+    _add_report(sub)
     return parser
 
 
@@ -180,6 +203,36 @@ def _read_prompt(path: pathlib.Path) -> str:
         raise UserError(f"cannot read the prompt file: {exc}") from exc
 
 
+def _bench(args) -> dict:
+    from orchestrator import bench, config as bench_config
+
+    try:
+        cfg = bench_config.load(args.config)
+        cfg = bench_config.override(cfg, **{
+            "verifier.address": args.verifier, "ray.address": args.ray_address, "dataset.source": args.dataset,
+            "dataset.num_prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "rtt_ms": args.emulate_rtt_ms,
+            "concurrency.draft_workers": args.draft_workers, "concurrency.sessions_per_worker": args.sessions_per_worker,
+            "output_dir": args.out})
+        run_dir = asyncio.run(bench.run(cfg, resume=args.resume, progress=not args.no_progress))
+    except (bench_config.ConfigError, bench.BenchError) as exc:
+        raise UserError(str(exc)) from exc
+    return _report(run_dir)
+
+
+def _report(run_dir: pathlib.Path) -> dict:
+    from orchestrator import report
+
+    if not (run_dir / "requests.jsonl").exists() or not (run_dir / "run.json").exists():
+        raise UserError(f"{run_dir} is not a bench run folder (no requests.jsonl and run.json)")
+    try:
+        tables, summary = report.render(run_dir)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    print(tables)
+    print(f"\nwrote {run_dir}/summary.md, summary.csv, summary.json and plots", file=sys.stderr)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -196,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             print(summary, file=sys.stderr)
             if args.json:
                 print(json.dumps(out, separators=(",", ":")))
+        elif args.command in ("bench", "report"):
+            summary = _bench(args) if args.command == "bench" else _report(args.run_dir)
+            print(json.dumps(summary, separators=(",", ":")))
     except UserError as exc:
         print(f"specdec: error: {exc}", file=sys.stderr)
         return 1

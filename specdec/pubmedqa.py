@@ -1,8 +1,8 @@
-"""PubMedQA prompts: read PQA-L items from a local file and render the prompt template.
+"""PubMedQA prompts: read PQA-L items from a local file or the Hub, render the template, fit a window.
 
 Template (documented in the README): "Question: {question}\nContext: {passage 1} {passage 2} ...\nAnswer:"
-Knows nothing about models; truncation to a model's window is done by the caller on token ids.
-Loading from the Hub (`qiaojin/PubMedQA` via `datasets`) is not here yet: it comes with the benchmark.
+A prompt longer than the allowed number of tokens loses the end of its abstract, never the question or
+the "Answer:" cue. Knows nothing about models beyond a tokenize callable.
 """
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 ENV_VAR = "SPECDEC_PUBMEDQA"
 TEMPLATE = "Question: {question}\nContext: {context}\nAnswer:"
+HUB_ID, HUB_CONFIG = "qiaojin/PubMedQA", "pqa_labeled"
 
 
 @dataclass(frozen=True)
@@ -59,3 +62,35 @@ def load_items(path: str | os.PathLike) -> list[Item]:
         ]
     # split on "\n" only: str.splitlines would also split on U+2028, which occurs inside abstracts
     return [_from_record(json.loads(line)) for line in text.split("\n") if line.strip()]
+
+
+def load_hub(hub_id: str = HUB_ID, config: str = HUB_CONFIG, split: str = "train") -> list[Item]:
+    """Items from the Hugging Face Hub via `datasets` (needs network or a warm HF cache)."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(hub_id, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types (offline, missing split, ...)
+        raise FileNotFoundError(f"cannot load {hub_id} ({config}, split {split}) from the Hub: {exc}") from exc
+    return [_from_record(row) for row in rows]
+
+
+def select(items: list[Item], n: int, seed: int | None) -> list[Item]:
+    """n items: a seeded random sample, or the first n in file order when seed is None."""
+    if n > len(items):
+        raise ValueError(f"asked for {n} prompts but the dataset has {len(items)} items")
+    return items[:n] if seed is None else random.Random(seed).sample(items, n)
+
+
+def encode(item: Item, tokenize: Callable[[str], list[int]], max_tokens: int) -> tuple[list[int], bool]:
+    """(prompt ids, truncated): the whole prompt if it fits, else the abstract cut to fit max_tokens."""
+    ids = tokenize(item.prompt)
+    if len(ids) <= max_tokens:
+        return ids, False
+    head, _, tail = TEMPLATE.partition("{context}")
+    head_ids = tokenize(head.format(question=item.question))
+    tail_ids = tokenize(tail)
+    room = max_tokens - len(head_ids) - len(tail_ids)
+    if room < 1:
+        raise ValueError(f"PubMedQA item {item.pubid}: the question alone is longer than {max_tokens} tokens")
+    return head_ids + tokenize(" ".join(item.contexts))[:room] + tail_ids, True

@@ -1,0 +1,268 @@
+"""The benchmark driver: PubMedQA prompts -> Ray draft workers -> one verifier, every result on disk at once.
+
+For each configuration (the verifier-only baseline first) the prompts go into a queue that every
+worker's session slots drain, so an idle worker always takes the next prompt. A failed request is
+retried once and then recorded as failed: nothing is dropped. Each result is appended to
+`requests.jsonl` as it arrives (flushed), so a crash loses nothing and `--resume` skips what is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+from orchestrator.config import BenchConfig, RunSpec, expand
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 2  # the first try and one retry
+REQUESTS = "requests.jsonl"
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run as configured; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int
+    pubid: str
+    ids: list[int]
+    truncated: bool
+
+
+def load_prompts(config: BenchConfig, tokenizer, max_prompt_tokens: int) -> list[Prompt]:
+    from specdec import pubmedqa
+
+    ds = config.dataset
+    try:
+        if ds.source == "hub":
+            items = pubmedqa.load_hub(ds.hub_id, ds.hub_config, ds.split)
+        else:
+            path = pubmedqa.default_path() if ds.source == "env" else pathlib.Path(ds.source)
+            if path is None:
+                raise FileNotFoundError(f"dataset.source is 'env' but ${pubmedqa.ENV_VAR} is not set; set it or pass --dataset PATH")
+            items = pubmedqa.load_items(path)
+        items = pubmedqa.select(items, ds.num_prompts, ds.seed)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise BenchError(f"cannot load PubMedQA: {exc}") from None
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    limit = min(max_prompt_tokens, ds.max_prompt_tokens or max_prompt_tokens)
+    prompts = []
+    for i, item in enumerate(items):
+        ids, truncated = pubmedqa.encode(item, tokenize, limit)
+        prompts.append(Prompt(i, item.pubid, ids, truncated))
+    return prompts
+
+
+def _error_text(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError carries the worker's exception
+    return f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
+
+
+class _Writer:
+    """Appends one JSON line per request and flushes it at once."""
+
+    def __init__(self, path: pathlib.Path):
+        self.file = path.open("a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+
+def finished_keys(path: pathlib.Path) -> set[tuple[str, str]]:
+    """(config, pubid) of the requests that already succeeded in an earlier run."""
+    done = set()
+    if path.exists():
+        for line in path.read_text().split("\n"):
+            if line.strip():
+                rec = json.loads(line)
+                if rec["status"] == "ok":
+                    done.add((rec["config"], rec["pubid"]))
+    return done
+
+
+async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list, config: BenchConfig,
+                            fingerprint: str, stop_ids: tuple[int, ...], tokenizer, writer: _Writer,
+                            progress: bool = True) -> None:
+    from tqdm import tqdm
+
+    from orchestrator.workers import Job
+
+    def job(prompt: Prompt, max_new_tokens: int | None = None) -> Job:
+        params = config.sampling_params(prompt.index, stop_ids)
+        if max_new_tokens:
+            params = dataclasses.replace(params, max_new_tokens=min(max_new_tokens, params.max_new_tokens))
+        return Job(spec, prompt.ids, params, fingerprint, config.timeout_s)
+
+    def record(prompt: Prompt, status: str, attempts: int, result: dict | None = None, error: str = "") -> None:
+        rec = {"config": spec.name, "drafter": spec.drafter, "draft_name": spec.draft_name, "draft_model": spec.model,
+               "gamma": spec.gamma, "rtt_ms": spec.rtt_ms, "prompt_index": prompt.index, "pubid": prompt.pubid,
+               "prompt_tokens": len(prompt.ids), "prompt_truncated": prompt.truncated, "status": status,
+               "attempts": attempts, "error": error}
+        if result is not None:
+            result["text"] = tokenizer.decode(result["token_ids"], skip_special_tokens=True)
+            rec.update(result)
+        writer.write(rec)
+
+    deadline = config.timeout_s + 120  # the client's own deadline fires first; this catches a hung actor
+    if config.warmup and prompts:
+        try:
+            await asyncio.gather(*(asyncio.wait_for(w.run.remote(job(prompts[0], 8)), deadline) for w in workers))
+        except Exception as exc:  # noqa: BLE001 - the configuration cannot run: record every prompt as failed
+            log.error("%s: warm-up failed: %s", spec.name, _error_text(exc))
+            for prompt in prompts:
+                record(prompt, "failed", 0, error=f"warm-up failed: {_error_text(exc)}")
+            return
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for prompt in prompts:
+        queue.put_nowait((prompt, 1))
+    bar = tqdm(total=len(prompts), desc=spec.name, unit="prompt", file=sys.stderr, disable=not progress, leave=True)
+    totals = {"tokens": 0, "wall": 0.0, "proposed": 0, "accepted": 0, "failed": 0}
+
+    async def slot(worker) -> None:
+        while not queue.empty():
+            prompt, attempt = queue.get_nowait()
+            try:
+                result = await asyncio.wait_for(worker.run.remote(job(prompt)), deadline)
+            except Exception as exc:  # noqa: BLE001 - counted and recorded, never fatal
+                if attempt < MAX_ATTEMPTS:
+                    log.warning("%s: prompt %s failed (%s); retrying", spec.name, prompt.pubid, _error_text(exc))
+                    queue.put_nowait((prompt, attempt + 1))
+                    continue
+                record(prompt, "failed", attempt, error=_error_text(exc))
+                totals["failed"] += 1
+            else:
+                record(prompt, "ok", attempt, result)
+                totals["tokens"] += result["new_tokens"]
+                totals["wall"] += result["wall_s"]
+                totals["proposed"] += result["proposed"]
+                totals["accepted"] += result["accepted"]
+            bar.update(1)
+            postfix = {"tok/s": f"{totals['tokens'] / max(totals['wall'], 1e-9):.1f}", "failed": totals["failed"]}
+            if totals["proposed"]:
+                postfix["acc"] = f"{totals['accepted'] / totals['proposed']:.2f}"
+            bar.set_postfix(postfix)
+
+    try:
+        await asyncio.gather(*(slot(w) for w in workers for _ in range(config.concurrency.sessions_per_worker)))
+    finally:
+        bar.close()
+
+
+def _init_ray(config: BenchConfig) -> bool:
+    """Start or join Ray; True when this process started it (and so shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if config.ray.address:
+        ray.init(address=config.ray.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=False,
+                 resources={"draft": config.concurrency.draft_workers, "verifier": 1})
+    return True
+
+
+def _need(resource: str, amount: float, hint: str) -> None:
+    import ray
+
+    have = ray.cluster_resources().get(resource, 0)
+    if have < amount:
+        raise BenchError(f"the Ray cluster offers {have:g} of the `{resource}` resource, this run needs {amount:g}; {hint}")
+
+
+async def run(config: BenchConfig, resume: bool = False, progress: bool = True) -> pathlib.Path:
+    """Run every configuration; returns the output folder (requests.jsonl and run.json in it)."""
+    import ray
+
+    from draft_worker import client
+    from orchestrator.workers import DraftWorker, VerifierActor
+    from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
+    from specdec import models
+
+    out = pathlib.Path(config.output_dir)
+    requests_path = out / REQUESTS
+    if requests_path.exists() and not resume:
+        raise BenchError(f"{out} already holds results; pass --resume to continue that run or --out for a new one")
+    specs = expand(config)
+    owns_ray = _init_ray(config)
+    verifier_actor, workers = None, []
+    try:
+        address = config.verifier.address
+        if address is None:
+            _need("verifier", 1, "start the verifier's Ray node with --resources '{\"verifier\": 1}' or pass --verifier HOST:PORT")
+            verifier_actor = VerifierActor.options(resources={"verifier": 1}, num_gpus=config.verifier.num_gpus).remote(
+                config.verifier.model, config.verifier.dtype, config.verifier.device, local=config.ray.address is None,
+                threads=config.verifier.threads)
+            try:
+                address = await verifier_actor.address.remote()
+            except Exception as exc:  # noqa: BLE001 - the model failed to load, or the port to bind
+                raise BenchError(f"cannot start the verifier: {_error_text(exc)}") from None
+        async with client.open_channel(address) as channel:
+            try:
+                info = await client.fetch_info(pb_grpc.VerifierStub(channel), client.ClientConfig(info_timeout_s=15))
+            except client.VerifierError as exc:
+                raise BenchError(f"cannot reach the verifier at {address}: {exc}") from None
+        try:
+            try:
+                tokenizer = models.load_tokenizer(config.tokenizer or info.model_id)
+            except OSError as exc:
+                raise OSError(f"{exc} (set `tokenizer:` in the config to a copy of the verifier's tokenizer)") from None
+            fingerprint = models.tokenizer_fingerprint(tokenizer)
+            client.check_pair(info, config.tokenizer or info.model_id, fingerprint)
+            for spec in specs:
+                if spec.drafter == "lm":
+                    client.check_pair(info, spec.model, models.tokenizer_fingerprint(models.load_tokenizer(spec.model)))
+        except (OSError, ValueError, client.VerifierError) as exc:
+            raise BenchError(str(exc)) from None
+        prompts = load_prompts(config, tokenizer, info.limits.max_prompt_tokens)
+        stop_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+
+        n = config.concurrency.draft_workers
+        _need("draft", n, "give draft nodes the resource (ray start --resources '{\"draft\": N}') or lower concurrency.draft_workers")
+        workers = [DraftWorker.options(resources={"draft": 1}).remote(address, config.concurrency.draft_threads) for _ in range(n)]
+        out.mkdir(parents=True, exist_ok=True)
+        run_info = {
+            "config": dataclasses.asdict(config), "configurations": [s.name for s in specs], "verifier_address": address,
+            "verifier": {"model_id": info.model_id, "dtype": info.dtype, "device": info.device},
+            "prompts": len(prompts), "prompts_truncated": sum(p.truncated for p in prompts),
+            "workers": await asyncio.gather(*(w.where.remote() for w in workers)), "driver": platform.node(),
+            "started_at": time.time(), "resumed": resume,
+        }
+        run_json = out / "run.json" if not (out / "run.json").exists() else out / f"run.resume-{int(time.time())}.json"
+        run_json.write_text(json.dumps(run_info, indent=1))
+        done = finished_keys(requests_path) if resume else set()
+        writer = _Writer(requests_path)
+        for spec in specs:
+            todo = [p for p in prompts if (spec.name, p.pubid) not in done]
+            if todo:
+                await run_configuration(spec, todo, workers, config, fingerprint, stop_ids, tokenizer, writer, progress)
+        return out
+    finally:
+        for w in workers:
+            try:
+                await asyncio.wait_for(w.close.remote(), 10)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+        if verifier_actor is not None:
+            try:
+                await asyncio.wait_for(verifier_actor.stop.remote(), 60)
+            except Exception:  # noqa: BLE001
+                pass
+        if owns_ray:
+            ray.shutdown()

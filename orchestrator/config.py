@@ -1,0 +1,230 @@
+"""The benchmark's run configuration: a YAML file validated into frozen dataclasses, then expanded into runs.
+
+Unknown keys and wrong types are rejected with the key's path in the message. `expand` turns the drafts
+list (gamma and rtt_ms may be lists: sweeps) into one RunSpec per measured configuration, the
+verifier-only baseline first. The embedded default is `configs/pubmedqa.yaml`'s content, minus comments.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import yaml
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from specdec.config import SamplingParams
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+Gamma = int | Literal["adaptive"]
+
+
+class ConfigError(ValueError):
+    """The config file (or an override) is invalid; the message names the key."""
+
+
+@pydantic_dataclass(config=_STRICT)
+class VerifierConfig:
+    model: str = "offline:qwen2.5-coder-1.5b-instruct"  # Hub id, folder, .gguf or offline: alias
+    dtype: str = "bf16"
+    device: str = "auto"  # cpu | cuda[:N] | mps | auto
+    address: str | None = None  # HOST:PORT of a running verifier; None = start one as a Ray actor
+    num_gpus: float = 0  # GPUs the verifier actor asks Ray for (its node needs the `verifier` resource too)
+    threads: int | None = Field(None, ge=1)  # CPU threads for torch; None = all of its node's cores
+
+
+@pydantic_dataclass(config=_STRICT)
+class DraftConfig:
+    name: str
+    kind: Literal["lm", "ngram"] = "lm"
+    model: str | None = None  # LM drafters: Hub id, folder, .gguf or offline: alias
+    dtype: str = "fp32"
+    device: str = "cpu"
+    gamma: int | str | list[int | str] = 4  # a list is a sweep; "adaptive" = HF's +2/-1 heuristic
+    rtt_ms: float | list[float] | None = None  # emulated RTT; None = the run's rtt_ms; a list is a sweep
+    ngram_max: int = Field(3, ge=1)
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma_range(cls, value):
+        for g in value if isinstance(value, list) else [value]:
+            if g != "adaptive" and not (isinstance(g, int) and 1 <= g <= 64):
+                raise ValueError(f"gamma must be an integer in [1, 64] or 'adaptive', got {g!r}")
+        return value
+
+
+@pydantic_dataclass(config=_STRICT)
+class SamplingConfig:
+    temperature: float = Field(0.0, ge=0)  # 0 = greedy
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, ge=0, le=1)
+    seed: int | None = 0  # per-request seed = seed + prompt index
+
+
+@pydantic_dataclass(config=_STRICT)
+class DatasetConfig:
+    source: str = "env"  # "hub" (qiaojin/PubMedQA via datasets), "env" ($SPECDEC_PUBMEDQA), or a file path
+    hub_id: str = "qiaojin/PubMedQA"
+    hub_config: str = "pqa_labeled"
+    split: str = "train"
+    num_prompts: int = Field(20, ge=1)
+    seed: int | None = 0  # shuffle seed for picking prompts; None = file order
+    max_prompt_tokens: int | None = Field(None, ge=16)  # None = the verifier's limit
+
+
+@pydantic_dataclass(config=_STRICT)
+class ConcurrencyConfig:
+    draft_workers: int = Field(1, ge=1)  # Ray actors, each needing one `draft` resource
+    sessions_per_worker: int = Field(1, ge=1)  # requests in flight per worker
+    draft_threads: int | None = Field(None, ge=1)  # torch CPU threads per worker; None = all of its node's cores
+
+
+@pydantic_dataclass(config=_STRICT)
+class PricesConfig:
+    verifier_per_hour: float = Field(2.0, ge=0)  # USD/h of the GPU host (e.g. one rented H100)
+    draft_per_hour: float = Field(0.0, ge=0)  # USD/h of a draft host (a laptop you own: 0)
+
+
+@pydantic_dataclass(config=_STRICT)
+class RayConfig:
+    address: str | None = None  # None = start a local Ray; "auto" or ray://... = join a cluster
+    num_cpus: int | None = None  # local Ray only; None = all of this machine's
+
+
+@pydantic_dataclass(config=_STRICT)
+class BenchConfig:
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    drafts: list[DraftConfig] = Field(default_factory=list)
+    tokenizer: str | None = None  # tokenizer for prompts; None = the verifier's model id
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    max_new_tokens: int = Field(64, ge=1)
+    ignore_eos: bool = True  # generate exactly max_new_tokens, so every configuration does the same work
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig)
+    rtt_ms: float = Field(0.0, ge=0)  # emulated round trip added to every configuration (--emulate-rtt-ms)
+    prices: PricesConfig = Field(default_factory=PricesConfig)
+    output_dir: str = "runs/pubmedqa"
+    timeout_s: float = Field(600.0, gt=0)  # deadline of one request
+    warmup: bool = True  # one short untimed request per worker before each configuration
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def sampling_params(self, seed_offset: int, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
+        s = self.sampling
+        return SamplingParams(
+            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_new_tokens=self.max_new_tokens,
+            seed=None if s.seed is None else s.seed + seed_offset,
+            stop_token_ids=() if self.ignore_eos else stop_token_ids,
+        )
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One measured configuration: the baseline, or one drafter at one gamma and one emulated RTT."""
+
+    drafter: str  # "baseline" | "lm" | "ngram"
+    draft_name: str = "verifier-only"
+    model: str | None = None
+    dtype: str = "fp32"
+    device: str = "cpu"
+    gamma: Gamma = 0
+    rtt_ms: float = 0.0
+    ngram_max: int = 3
+
+    @property
+    def name(self) -> str:
+        if self.drafter == "baseline":
+            return "baseline" + (f" rtt={self.rtt_ms:g}ms" if self.rtt_ms else "")
+        return f"{self.draft_name} g={self.gamma}" + (f" rtt={self.rtt_ms:g}ms" if self.rtt_ms else "")
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def expand(config: BenchConfig) -> list[RunSpec]:
+    """Every configuration to measure, baseline first, in config order."""
+    specs = [RunSpec("baseline", rtt_ms=config.rtt_ms)]
+    for d in config.drafts:
+        for rtt in _as_list(d.rtt_ms if d.rtt_ms is not None else config.rtt_ms):
+            for gamma in _as_list(d.gamma):
+                specs.append(RunSpec(d.kind, d.name, d.model, d.dtype, d.device, gamma, float(rtt), d.ngram_max))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two configurations share a name: {sorted(n for n in names if names.count(n) > 1)[0]}")
+    return specs
+
+
+def _format(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("int", "str", "list["))) or exc.title
+        msg = "unknown key" if err["type"] == "unexpected_keyword_argument" or err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def from_dict(data: dict) -> BenchConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping of keys to values, got {type(data).__name__}")
+    try:
+        config = BenchConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from None
+    except TypeError as exc:  # an unknown top-level key
+        raise ConfigError(str(exc)) from None
+    for d in config.drafts:
+        if d.kind == "lm" and not d.model:
+            raise ConfigError(f"drafts.{d.name}: an lm drafter needs a model")
+    if not config.drafts:
+        raise ConfigError("drafts: list at least one draft configuration")
+    expand(config)  # names must be unique
+    return config
+
+
+def load(path: str | pathlib.Path | None) -> BenchConfig:
+    """The config at `path`, or the embedded default when None."""
+    if path is None:
+        return from_dict(yaml.safe_load(DEFAULT_YAML))
+    path = pathlib.Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return from_dict(data or {})
+
+
+def override(config: BenchConfig, **changes) -> BenchConfig:
+    """Apply CLI overrides (None = keep); nested ones as 'section.key'."""
+    data: dict = {}
+    for key, value in changes.items():
+        if value is None:
+            continue
+        section, _, field = key.partition(".")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[key] = value
+    for section, fields in list(data.items()):
+        if isinstance(fields, dict):
+            try:
+                data[section] = replace(getattr(config, section), **fields)
+            except ValidationError as exc:
+                raise ConfigError(f"{section}.{_format(exc)}") from None
+    try:
+        return replace(config, **data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from None
+
+
+DEFAULT_YAML = """
+verifier: {model: "offline:qwen2.5-coder-1.5b-instruct", dtype: bf16, device: auto}
+drafts:
+  - {name: qwen-0.5b, kind: lm, model: "offline:qwen2.5-coder-0.5b-instruct", dtype: bf16, gamma: [1, 2, 3, 4, adaptive]}
+  - {name: ngram, kind: ngram, gamma: 4}
+max_new_tokens: 64
+dataset: {source: env, num_prompts: 20}
+"""

@@ -1,0 +1,107 @@
+"""The benchmark's plots (matplotlib, PNG) drawn from the per-configuration summary table.
+
+latency.png, throughput.png (p50 bars with p95 markers), speedup.png, acceptance.png (rate per
+configuration and by draft position), gamma_sweep.png (tok/s and acceptance vs gamma per LM drafter),
+network_share.png. A plot whose data is absent (e.g. no gamma sweep) is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _has(summary: pd.DataFrame, column: str) -> bool:
+    return column in summary and summary[column].notna().any()
+
+
+def _bars(ax, labels: list[str], p50, p95=None, unit: str = "") -> None:
+    x = np.arange(len(labels))
+    ax.bar(x, p50, width=0.6, label="p50", color="tab:blue")
+    if p95 is not None:
+        ax.scatter(x, p95, marker="_", s=400, color="tab:red", label="p95", zorder=3)
+        ax.legend()
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_ylabel(unit)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _save(fig, path: pathlib.Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_all(summary: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
+    labels = list(summary["config"])
+    written = []
+
+    def figure(name: str, title: str):
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4.2))
+        ax.set_title(title)
+        written.append(out / name)
+        return fig, ax
+
+    if _has(summary, "latency_ms_per_token_p50"):
+        fig, ax = figure("latency.png", "Latency per generated token")
+        _bars(ax, labels, summary["latency_ms_per_token_p50"], summary["latency_ms_per_token_p95"], "ms / token")
+        _save(fig, written[-1])
+    if _has(summary, "throughput_tok_s_p50"):
+        fig, ax = figure("throughput.png", "Throughput per request")
+        _bars(ax, labels, summary["throughput_tok_s_p50"], summary["throughput_tok_s_p95"], "tokens / s")
+        _save(fig, written[-1])
+    if _has(summary, "speedup_paired_p50"):
+        fig, ax = figure("speedup.png", "Speedup vs verifier-only (median of per-prompt ratios)")
+        _bars(ax, labels, summary["speedup_paired_p50"].fillna(0), unit="× verifier-only")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        _save(fig, written[-1])
+    if _has(summary, "acceptance_rate"):
+        spec = summary[summary["acceptance_rate"].notna()]
+        fig, (ax, ax_pos) = plt.subplots(1, 2, figsize=(max(10, 0.9 * len(spec) + 6), 4.2))
+        ax.set_title("Acceptance rate (accepted / proposed)")
+        _bars(ax, list(spec["config"]), spec["acceptance_rate"], unit="acceptance rate")
+        ax.set_ylim(0, 1)
+        ax_pos.set_title("Acceptance by draft position")
+        for _, row in spec.iterrows():
+            by_pos = row.get("acceptance_by_position")
+            if isinstance(by_pos, list) and by_pos:
+                ax_pos.plot(range(1, len(by_pos) + 1), by_pos, marker="o", label=row["config"])
+        ax_pos.set_xlabel("position in the draft block")
+        ax_pos.set_ylabel("P(accepted | proposed)")
+        ax_pos.set_ylim(0, 1)
+        ax_pos.legend(fontsize=7)
+        ax_pos.grid(alpha=0.3)
+        written.append(out / "acceptance.png")
+        _save(fig, written[-1])
+    sweeps = summary[summary["drafter"] == "lm"] if "drafter" in summary else summary.iloc[0:0]
+    sweeps = sweeps[sweeps["gamma"].map(lambda g: isinstance(g, (int, float)) and not math.isnan(g))]
+    sweeps = sweeps[sweeps["rtt_configured_ms"] == 0] if "rtt_configured_ms" in sweeps else sweeps
+    if not sweeps.empty and sweeps.groupby("draft_name")["gamma"].nunique().max() >= 2 and _has(sweeps, "acceptance_rate"):
+        fig, ax = figure("gamma_sweep.png", "Gamma sweep (LM drafters, no emulated RTT)")
+        ax_acc = ax.twinx()
+        for name, g in sweeps.groupby("draft_name"):
+            g = g.sort_values("gamma")
+            ax.plot(g["gamma"], g["throughput_tok_s_p50"], marker="o", label=f"{name}: tok/s p50")
+            ax_acc.plot(g["gamma"], g["acceptance_rate"], marker="s", linestyle="--", label=f"{name}: acceptance")
+        ax.set_xlabel("gamma (draft tokens per block)")
+        ax.set_ylabel("tokens / s (p50)")
+        ax_acc.set_ylabel("acceptance rate")
+        ax_acc.set_ylim(0, 1)
+        lines = ax.get_legend_handles_labels()
+        lines_acc = ax_acc.get_legend_handles_labels()
+        ax.legend(lines[0] + lines_acc[0], lines[1] + lines_acc[1], fontsize=8)
+        ax.grid(alpha=0.3)
+        _save(fig, written[-1])
+    if _has(summary, "network_share_p50"):
+        net = summary[summary["network_share_p50"].notna()]
+        fig, ax = figure("network_share.png", "Network share of wall time (round trip − verifier service)")
+        _bars(ax, list(net["config"]), 100 * net["network_share_p50"], unit="% of wall time (p50)")
+        _save(fig, written[-1])
+    return written

@@ -1,0 +1,213 @@
+"""Turn a run's requests.jsonl into per-configuration metrics, tables and plots (`specdec report RUN_DIR`).
+
+Pure post-processing: everything is recomputed from the per-request records and run.json, so a finished
+or interrupted run can be re-rendered at any time. Metric names and definitions are in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pandas as pd
+
+SEED_COLUMNS = {  # the seed project's table: configuration, latency, throughput, speedup, acceptance
+    "config": "configuration",
+    "latency_ms_per_token_p50": "latency p50 (ms/token)",
+    "throughput_tok_s_p50": "throughput p50 (tok/s)",
+    "speedup_paired_p50": "speedup (paired p50)",
+    "acceptance_rate": "acceptance",
+}
+DETAIL_COLUMNS = {
+    "config": "configuration",
+    "requests_ok": "ok",
+    "requests_failed": "failed",
+    "latency_ms_per_token_p95": "latency p95 (ms/token)",
+    "ttft_s_p50": "TTFT p50 (s)",
+    "aggregate_tok_s": "aggregate tok/s",
+    "speedup_p50_vs_p50": "speedup (p50 vs p50)",
+    "mean_acceptance_length": "tokens/round",
+    "disagree_requests": "requests ≠ baseline",
+    "differing_token_share": "tokens ≠ baseline",
+    "rouge_l_vs_baseline": "ROUGE-L vs baseline",
+    "rtt_measured_ms": "RTT measured (ms)",
+    "network_share_p50": "network share",
+    "bytes_per_token": "bytes/token (both ways)",
+    "verifier_busy_vs_baseline": "verifier busy vs baseline",
+    "cost_per_query_usd": "cost/query (USD)",
+    "leviathan_bound": "Leviathan bound",
+    "achieved_over_bound": "achieved/bound",
+}
+
+
+def load_records(path: pathlib.Path) -> pd.DataFrame:
+    """The latest record per (config, pubid): a retried or resumed request counts once."""
+    rows = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+    if not rows:
+        raise ValueError(f"{path} has no records")
+    return pd.DataFrame(rows).drop_duplicates(["config", "pubid"], keep="last").reset_index(drop=True)
+
+
+def _pct(values, q: float) -> float:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def acceptance_by_position(proposed: list[list[int]], accepted: list[list[int]]) -> list[float]:
+    """P(draft position i accepted | proposed), i = 1..max gamma, pooled over every round of every request."""
+    width = max((p for rounds in proposed for p in rounds), default=0)
+    offered, taken = np.zeros(width), np.zeros(width)
+    for p_rounds, a_rounds in zip(proposed, accepted):
+        for p, a in zip(p_rounds, a_rounds):
+            offered[:p] += 1
+            taken[:a] += 1
+    return [float(t / o) if o else float("nan") for t, o in zip(taken, offered)]
+
+
+def disagreement(ids: list[int], base: list[int]) -> tuple[int | None, int]:
+    """(first position where the two differ or None, number of differing positions over the longer one)."""
+    n = max(len(ids), len(base))
+    diff = [i for i in range(n) if i >= len(ids) or i >= len(base) or ids[i] != base[i]]
+    return (diff[0] if diff else None), len(diff)
+
+
+def leviathan_bound(alpha: float, gamma: float, c: float) -> float:
+    """Expected walltime improvement (Leviathan et al. 2023, Thm 3.8): (1 - a^(g+1)) / ((1 - a)(g c + 1))."""
+    if gamma <= 0 or math.isnan(alpha):
+        return float("nan")
+    tokens_per_round = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return tokens_per_round / (gamma * c + 1)
+
+
+def _rouge_l(texts: list[str], refs: list[str]) -> float:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    scores = [scorer.score(ref, text)["rougeL"].fmeasure for text, ref in zip(texts, refs)]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessions_per_worker: int) -> dict:
+    ok = g[g["status"] == "ok"]
+    first = g.iloc[0]
+    row = {"config": first["config"], "drafter": first["drafter"], "draft_name": first["draft_name"],
+           "gamma": first["gamma"], "rtt_configured_ms": float(first["rtt_ms"]),
+           "requests_ok": len(ok), "requests_failed": int((g["status"] != "ok").sum()),
+           "prompts_truncated": int(g["prompt_truncated"].sum())}
+    if ok.empty:
+        return row
+    tokens = ok["new_tokens"].astype(float)
+    s_per_token = ok["wall_s"] / tokens
+    busy = ok["service_s"].map(sum) + ok["prefill_service_s"]
+    row.update({
+        "latency_ms_per_token_p50": 1000 * _pct(s_per_token, 50), "latency_ms_per_token_p95": 1000 * _pct(s_per_token, 95),
+        "ttft_s_p50": _pct(ok["ttft_s"], 50), "ttft_s_p95": _pct(ok["ttft_s"], 95),
+        "throughput_tok_s_p50": _pct(ok["tokens_per_s"], 50), "throughput_tok_s_p95": _pct(ok["tokens_per_s"], 95),
+        "aggregate_tok_s": tokens.sum() / (ok["finished_at"].max() - ok["started_at"].min()),
+        "new_tokens_mean": tokens.mean(),
+        "verifier_busy_s_per_token": _pct(busy / tokens, 50),
+        "cost_per_query_usd": _pct((prices["verifier_per_hour"] * busy
+                                    + prices["draft_per_hour"] * ok["wall_s"] / sessions_per_worker) / 3600, 50),
+    })
+    proposed = ok["proposed"].sum()
+    rounds = ok["rounds"].sum()
+    if rounds:
+        rtt = np.concatenate([np.asarray(r, float) for r in ok["rtt_s"]])
+        service = np.concatenate([np.asarray(s, float) for s in ok["service_s"]])
+        drafting_rounds = sum(sum(1 for p in r if p) for r in ok["proposed_per_round"])
+        sent, received = ok["bytes_sent"].sum(), ok["bytes_received"].sum()
+        row.update({
+            "acceptance_rate": ok["accepted"].sum() / proposed if proposed else float("nan"),
+            "mean_acceptance_length": tokens.sum() / rounds,
+            "mean_gamma": proposed / drafting_rounds if drafting_rounds else 0.0,
+            "acceptance_by_position": acceptance_by_position(list(ok["proposed_per_round"]), list(ok["accepted_per_round"])),
+            "round_trip_ms_p50": 1000 * _pct(rtt, 50), "verifier_service_ms_p50": 1000 * _pct(service, 50),
+            "rtt_measured_ms": 1000 * _pct(rtt - service, 50),
+            "network_share_p50": _pct(ok["network_share"], 50),
+            "bytes_sent_per_round": sent / rounds, "bytes_received_per_round": received / rounds,
+            "bytes_sent_per_token": sent / tokens.sum(), "bytes_received_per_token": received / tokens.sum(),
+            "bytes_per_token": (sent + received) / tokens.sum(),
+            "draft_ms_per_drafted_token": 1000 * ok["draft_s"].sum() / proposed if proposed else 0.0,
+        })
+    if base is not None:
+        paired = ok.merge(base[base["status"] == "ok"], on="pubid", suffixes=("", "_base"))
+        if not paired.empty:
+            base_s_per_token = paired["wall_s_base"] / paired["new_tokens_base"]
+            ratios = base_s_per_token / (paired["wall_s"] / paired["new_tokens"])
+            diffs = [disagreement(a, b) for a, b in zip(paired["token_ids"], paired["token_ids_base"])]
+            firsts = [f for f, _ in diffs if f is not None]
+            base_busy = (paired["service_s_base"].map(sum) + paired["prefill_service_s_base"]) / paired["new_tokens_base"]
+            row.update({
+                "speedup_paired_p50": _pct(ratios, 50),
+                "speedup_p50_vs_p50": _pct(base_s_per_token, 50) / _pct(paired["wall_s"] / paired["new_tokens"], 50),
+                "disagree_requests": len(firsts) / len(paired),
+                "first_divergence_p50": _pct(firsts, 50) if firsts else None,
+                "differing_token_share": sum(n for _, n in diffs) / sum(max(len(a), len(b)) for a, b in
+                                                                      zip(paired["token_ids"], paired["token_ids_base"])),
+                "rouge_l_vs_baseline": _rouge_l(list(paired["text"]), list(paired["text_base"])),
+                "verifier_busy_vs_baseline": row["verifier_busy_s_per_token"] / _pct(base_busy, 50),
+            })
+            if "acceptance_rate" in row:
+                c = row["draft_ms_per_drafted_token"] / 1000 / _pct(base_s_per_token, 50)  # draft step / target step
+                row["leviathan_c"] = c
+                row["leviathan_bound"] = leviathan_bound(row["acceptance_rate"], row["mean_gamma"], c)
+                row["achieved_over_bound"] = row["speedup_paired_p50"] / row["leviathan_bound"]
+    return row
+
+
+def summarize(records: pd.DataFrame, run: dict) -> pd.DataFrame:
+    """One row per configuration, in the order they ran."""
+    prices = run["config"]["prices"]
+    sessions = run["config"]["concurrency"]["sessions_per_worker"]
+    base_rows = records[records["drafter"] == "baseline"]
+    base = base_rows if not base_rows.empty else None
+    order = list(dict.fromkeys(run.get("configurations", []) + list(records["config"])))
+    rows = [_config_row(records[records["config"] == name], base, prices, sessions)
+            for name in order if (records["config"] == name).any()]
+    return pd.DataFrame(rows)
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(summary: pd.DataFrame, columns: dict[str, str]) -> str:
+    cols = [c for c in columns if c in summary.columns]
+    lines = ["| " + " | ".join(columns[c] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in summary.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def compact(summary: pd.DataFrame, run_dir: pathlib.Path) -> dict:
+    """The last stdout line: the headline numbers per configuration."""
+    keys = ("throughput_tok_s_p50", "speedup_paired_p50", "acceptance_rate", "requests_failed")
+    configs = {row["config"]: {k: (None if isinstance(row.get(k), float) and math.isnan(row[k]) else row.get(k))
+                               for k in keys if k in row} for row in summary.to_dict("records")}
+    return {"run_dir": str(run_dir), "configurations": configs}
+
+
+def render(run_dir: str | pathlib.Path) -> tuple[str, dict]:
+    """Write summary.csv/.json/.md and the plots into run_dir; returns (markdown tables, compact summary)."""
+    from orchestrator import plots
+
+    run_dir = pathlib.Path(run_dir)
+    run = json.loads((run_dir / "run.json").read_text())
+    summary = summarize(load_records(run_dir / "requests.jsonl"), run)
+    records = summary.to_dict("records")
+    (run_dir / "summary.json").write_text(json.dumps(records, indent=1, default=str))
+    flat = summary.copy()
+    if "acceptance_by_position" in flat:
+        flat["acceptance_by_position"] = flat["acceptance_by_position"].map(
+            lambda v: json.dumps([round(x, 4) for x in v]) if isinstance(v, list) else "")
+    flat.to_csv(run_dir / "summary.csv", index=False)
+    tables = markdown_table(summary, SEED_COLUMNS) + "\n\n" + markdown_table(summary, DETAIL_COLUMNS)
+    (run_dir / "summary.md").write_text(tables + "\n")
+    plots.render_all(summary, run_dir)
+    return tables, compact(summary, run_dir)

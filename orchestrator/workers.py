@@ -1,0 +1,110 @@
+"""Ray actors of the benchmark: draft workers (placed by the custom resource `draft`) and the verifier.
+
+A DraftWorker holds its draft models and one gRPC channel per emulated RTT (through a DelayProxy when
+the RTT is > 0) and runs one request per `run` call: the verifier-only baseline or a speculative session.
+The VerifierActor starts `specdec serve-verifier` on its node (the `verifier` resource, plus GPUs when
+asked) and hands back the address. The same code runs on one machine and on a `ray up` cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import ray
+
+from orchestrator.config import RunSpec
+from specdec.config import SamplingParams
+
+
+@dataclass(frozen=True)
+class Job:
+    spec: RunSpec
+    prompt_ids: list[int]
+    params: SamplingParams
+    tokenizer_fingerprint: str
+    timeout_s: float
+
+
+@ray.remote(num_cpus=0, max_restarts=2)
+class DraftWorker:
+    def __init__(self, verifier_address: str, threads: int | None = None):
+        import torch
+
+        torch.set_num_threads(threads or os.cpu_count() or 1)  # Ray sets OMP_NUM_THREADS=1 in its workers
+        self.verifier_address = verifier_address
+        self._models: dict[tuple, object] = {}
+        self._channels: dict[float, tuple] = {}  # rtt_ms -> (proxy | None, channel, stub)
+        self._info = None  # the verifier's InfoReply, fetched once
+
+    def where(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    async def _stub(self, rtt_ms: float):
+        from draft_worker.client import open_channel
+        from draft_worker.delay import DelayProxy
+        from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
+
+        if rtt_ms not in self._channels:
+            proxy = await DelayProxy(self.verifier_address, rtt_ms).start() if rtt_ms > 0 else None
+            channel = open_channel(proxy.address if proxy else self.verifier_address)
+            self._channels[rtt_ms] = (proxy, channel, pb_grpc.VerifierStub(channel))
+        return self._channels[rtt_ms][2]
+
+    def _drafter(self, spec: RunSpec):
+        from draft_worker.drafters import LMDrafter, NgramDrafter
+        from specdec import models
+
+        if spec.drafter == "ngram":
+            return NgramDrafter(max_ngram=spec.ngram_max)
+        key = (spec.model, spec.dtype, spec.device)
+        if key not in self._models:
+            dtype, device = models.parse_dtype(spec.dtype), models.resolve_device(spec.device)
+            self._models[key] = models.load_model(spec.model, dtype=dtype, device=device)
+        return LMDrafter(self._models[key], spec.model)
+
+    async def run(self, job: Job) -> dict:
+        """One request; returns GenerationResult.to_dict() plus when and where it ran. Raises on failure."""
+        from draft_worker import client
+        from draft_worker.drafters import AdaptiveGamma
+
+        config = client.ClientConfig(timeout_s=job.timeout_s)
+        stub = await self._stub(job.spec.rtt_ms)
+        started_at = time.time()
+        if job.spec.drafter == "baseline":
+            result = await client.generate_baseline(stub, job.prompt_ids, job.params, config)
+        else:
+            self._info = self._info or await client.fetch_info(stub, config)
+            info = self._info
+            gamma = AdaptiveGamma() if job.spec.gamma == "adaptive" else job.spec.gamma
+            drafter = self._drafter(job.spec)
+            result = await client.speculate(stub, drafter, job.prompt_ids, job.params, gamma, info, config,
+                                            job.tokenizer_fingerprint)
+        return {**result.to_dict(), "started_at": started_at, "finished_at": time.time(), "worker": self.where()}
+
+    async def close(self) -> None:
+        for proxy, channel, _ in self._channels.values():
+            await channel.close()
+            if proxy:
+                await proxy.close()
+        self._channels.clear()
+
+
+@ray.remote(num_cpus=0)
+class VerifierActor:
+    """Owns a `specdec serve-verifier` child process on this node for the length of a benchmark."""
+
+    def __init__(self, model: str, dtype: str, device: str, local: bool, threads: int | None = None):
+        from orchestrator.launch import start_verifier
+
+        host = "127.0.0.1" if local else ray.util.get_node_ip_address()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.cpu_count() or 1)}  # Ray's workers have 1
+        self.process = start_verifier(model, dtype, device, host, env=env)
+
+    def address(self) -> str:
+        return self.process.address
+
+    def stop(self) -> None:
+        self.process.stop()
