@@ -143,6 +143,8 @@ async def speculate(
         await call.done_writing()
     except grpc.aio.AioRpcError as exc:
         raise VerifierError(f"verifier refused the session: {exc.code().name}: {exc.details()}") from exc
+    except asyncio.InvalidStateError:  # the verifier ended the stream while this side was still writing
+        raise VerifierError(f"verifier refused the session: {(await call.code()).name}: {await call.details()}") from None
     finally:
         if not call.done():
             call.cancel()

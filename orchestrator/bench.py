@@ -38,7 +38,8 @@ class Prompt:
     truncated: bool
 
 
-def load_prompts(config: BenchConfig, tokenizer, max_prompt_tokens: int) -> list[Prompt]:
+def load_items(config: BenchConfig) -> list:
+    """The PubMedQA items this run uses (checked before Ray or any model starts)."""
     from specdec import pubmedqa
 
     ds = config.dataset
@@ -50,17 +51,21 @@ def load_prompts(config: BenchConfig, tokenizer, max_prompt_tokens: int) -> list
             if path is None:
                 raise FileNotFoundError(f"dataset.source is 'env' but ${pubmedqa.ENV_VAR} is not set; set it or pass --dataset PATH")
             items = pubmedqa.load_items(path)
-        items = pubmedqa.select(items, ds.num_prompts, ds.seed)
+        return pubmedqa.select(items, ds.num_prompts, ds.seed)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise BenchError(f"cannot load PubMedQA: {exc}") from None
+
+
+def encode_prompts(items: list, tokenizer, max_prompt_tokens: int) -> list[Prompt]:
+    """Token ids per item, the abstract cut where a prompt is over max_prompt_tokens."""
+    from specdec import pubmedqa
 
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    limit = min(max_prompt_tokens, ds.max_prompt_tokens or max_prompt_tokens)
     prompts = []
     for i, item in enumerate(items):
-        ids, truncated = pubmedqa.encode(item, tokenize, limit)
+        ids, truncated = pubmedqa.encode(item, tokenize, max_prompt_tokens)
         prompts.append(Prompt(i, item.pubid, ids, truncated))
     return prompts
 
@@ -200,9 +205,12 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
     if requests_path.exists() and not resume:
         raise BenchError(f"{out} already holds results; pass --resume to continue that run or --out for a new one")
     specs = expand(config)
+    items = load_items(config)
     owns_ray = _init_ray(config)
     verifier_actor, workers = None, []
     try:
+        _need("draft", config.concurrency.draft_workers,
+              "give draft nodes the resource (ray start --resources '{\"draft\": N}') or lower concurrency.draft_workers")
         address = config.verifier.address
         if address is None:
             _need("verifier", 1, "start the verifier's Ray node with --resources '{\"verifier\": 1}' or pass --verifier HOST:PORT")
@@ -230,11 +238,11 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
                     client.check_pair(info, spec.model, models.tokenizer_fingerprint(models.load_tokenizer(spec.model)))
         except (OSError, ValueError, client.VerifierError) as exc:
             raise BenchError(str(exc)) from None
-        prompts = load_prompts(config, tokenizer, info.limits.max_prompt_tokens)
+        limit = min(info.limits.max_prompt_tokens, config.dataset.max_prompt_tokens or info.limits.max_prompt_tokens)
+        prompts = encode_prompts(items, tokenizer, limit)
         stop_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
 
         n = config.concurrency.draft_workers
-        _need("draft", n, "give draft nodes the resource (ray start --resources '{\"draft\": N}') or lower concurrency.draft_workers")
         workers = [DraftWorker.options(resources={"draft": 1}).remote(address, config.concurrency.draft_threads) for _ in range(n)]
         out.mkdir(parents=True, exist_ok=True)
         run_info = {

@@ -2,7 +2,8 @@
 
 Unknown keys and wrong types are rejected with the key's path in the message. `expand` turns the drafts
 list (gamma and rtt_ms may be lists: sweeps) into one RunSpec per measured configuration, the
-verifier-only baseline first. The embedded default is `configs/pubmedqa.yaml`'s content, minus comments.
+verifier-only baseline first. The embedded default (no --config) benchmarks the offline Qwen pair: the
+LM drafter at gamma 1-4 and adaptive, and the n-gram drafter; `configs/pubmedqa.yaml` documents every key.
 """
 
 from __future__ import annotations

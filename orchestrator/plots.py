@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -74,6 +75,7 @@ def render_all(summary: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
             if isinstance(by_pos, list) and by_pos:
                 ax_pos.plot(range(1, len(by_pos) + 1), by_pos, marker="o", label=row["config"])
         ax_pos.set_xlabel("position in the draft block")
+        ax_pos.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax_pos.set_ylabel("P(accepted | proposed)")
         ax_pos.set_ylim(0, 1)
         ax_pos.legend(fontsize=7)

@@ -15,7 +15,6 @@ import asyncio
 import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -23,21 +22,11 @@ import torch
 
 from draft_worker import client
 from draft_worker.drafters import LMDrafter, NgramDrafter
+from orchestrator.launch import start_verifier
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import models
 from specdec.config import SamplingParams
 from specdec.pubmedqa import default_path, load_items
-
-
-def start_verifier(model: str, dtype: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "orchestrator.cli", "serve-verifier", "--model", model, "--dtype", dtype,
-           "--device", "cpu", "--port", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().strip()  # blocks until the model is loaded
-    if not line.startswith("listening on "):
-        proc.kill()
-        raise RuntimeError(f"verifier did not start: {line!r}")
-    return proc, line.removeprefix("listening on ")
 
 
 def hf_generate(model, prompt_ids: list[int], n: int, assistant=None) -> tuple[list[int], float]:
@@ -51,7 +40,8 @@ def hf_generate(model, prompt_ids: list[int], n: int, assistant=None) -> tuple[l
 
 async def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    proc, address = start_verifier(args.verifier_model, args.verifier_dtype)
+    verifier = start_verifier(args.verifier_model, args.verifier_dtype, "cpu")
+    address = verifier.address
     try:
         tokenizer = models.load_tokenizer(args.draft_model)
         fingerprint = models.tokenizer_fingerprint(tokenizer)
@@ -82,8 +72,7 @@ async def run(args) -> dict:
                         rows.setdefault(name, []).append({"token_ids": ids, "wall_s": wall, "tokens_per_s": len(ids) / wall})
                 print(f"prompt {i}/{args.prompts} done", file=sys.stderr, flush=True)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        verifier.stop()
     return summarize(rows, args)
 
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from orchestrator.launch import start_verifier
 from specdec.tiny import build_tiny_pair
 
 CLI = [sys.executable, "-m", "orchestrator.cli"]
@@ -19,15 +20,10 @@ PROMPT = "Insulin is a peptide hormone produced by the beta cells of the pancrea
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     draft, verifier = build_tiny_pair(tmp_path_factory.mktemp("tiny"))
-    proc = subprocess.Popen([*CLI, "serve-verifier", "--model", str(verifier), "--dtype", "fp32", "--device", "cpu",
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    line = proc.stdout.readline().strip()
-    if not line.startswith("listening on 127.0.0.1:"):
-        proc.kill()
-        pytest.fail(f"serve-verifier printed {line!r}; stderr: {proc.stderr.read()}")
-    yield line.removeprefix("listening on "), draft, verifier, tmp_path_factory
-    proc.terminate()
-    proc.wait(timeout=30)
+    process = start_verifier(str(verifier), "fp32", "cpu", env=ENV)
+    assert process.address.startswith("127.0.0.1:")
+    yield process.address, draft, verifier, tmp_path_factory
+    process.stop()
 
 
 def generate(address: str, *args: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,150 @@
+"""Benchmark building blocks without Ray or models: config validation, prompts, metric math, gamma, delay."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import time
+
+import pytest
+
+from draft_worker.delay import DelayProxy
+from draft_worker.drafters import AdaptiveGamma
+from orchestrator import config as bench_config
+from orchestrator.report import acceptance_by_position, disagreement, leviathan_bound
+from specdec import pubmedqa
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_example_and_default_configs_load_and_expand():
+    example = bench_config.load(REPO / "configs/pubmedqa.yaml")
+    names = [s.name for s in bench_config.expand(example)]
+    assert names == ["baseline", "qwen-0.5b g=1", "qwen-0.5b g=2", "qwen-0.5b g=3", "qwen-0.5b g=4",
+                     "qwen-0.5b g=adaptive", "ngram g=4", "qwen-0.5b-wan g=3 rtt=20ms", "qwen-0.5b-wan g=3 rtt=50ms"]
+    default = bench_config.load(None)
+    assert [s.drafter for s in bench_config.expand(default)][:2] == ["baseline", "lm"]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"drafts": [{"name": "n", "kind": "ngram"}], "max_new_token": 3}, "max_new_token: unknown key"),
+    ({"drafts": [{"name": "n", "kind": "ngram", "gama": 3}]}, "drafts.0.gama: unknown key"),
+    ({"drafts": [{"name": "n", "kind": "ngram", "gamma": 0}]}, "gamma must be an integer in [1, 64] or 'adaptive'"),
+    ({"drafts": [{"name": "n", "kind": "ngram", "gamma": [2, "adaptiv"]}]}, "got 'adaptiv'"),
+    ({"drafts": [{"name": "n", "kind": "lm"}]}, "an lm drafter needs a model"),
+    ({"drafts": [{"name": "n", "kind": "transformer"}]}, "drafts.0.kind"),
+    ({"drafts": []}, "list at least one draft"),
+    ({"drafts": [{"name": "n", "kind": "ngram"}, {"name": "n", "kind": "ngram"}]}, "share a name: n g=4"),
+    ({"drafts": [{"name": "n", "kind": "ngram"}], "sampling": {"top_p": 2}}, "sampling.top_p"),
+    ({"drafts": [{"name": "n", "kind": "ngram"}], "dataset": {"num_prompts": 0}}, "dataset.num_prompts"),
+    ([1, 2], "must be a mapping"),
+])
+def test_config_errors_name_the_key(data, message):
+    with pytest.raises(bench_config.ConfigError) as err:
+        bench_config.from_dict(data)
+    assert message in str(err.value)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(bench_config.ConfigError, match="cannot read config"):
+        bench_config.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("drafts: [\n")
+    with pytest.raises(bench_config.ConfigError, match="not valid YAML"):
+        bench_config.load(bad)
+
+
+def test_overrides_are_validated_and_rtt_sweeps_expand():
+    cfg = bench_config.from_dict({"drafts": [{"name": "d", "kind": "lm", "model": "m", "gamma": [2, 3], "rtt_ms": [0, 50]}]})
+    cfg = bench_config.override(cfg, **{"verifier.address": "h:1", "rtt_ms": 20.0, "dataset.num_prompts": None})
+    assert cfg.verifier.address == "h:1" and cfg.rtt_ms == 20.0 and cfg.dataset.num_prompts == 20
+    names = [s.name for s in bench_config.expand(cfg)]
+    assert names == ["baseline rtt=20ms", "d g=2", "d g=3", "d g=2 rtt=50ms", "d g=3 rtt=50ms"]
+    with pytest.raises(bench_config.ConfigError, match="dataset.num_prompts"):
+        bench_config.override(cfg, **{"dataset.num_prompts": 0})
+    params = cfg.sampling_params(5, stop_token_ids=(7,))
+    assert params.seed == 5 and params.stop_token_ids == () and params.max_new_tokens == 64
+
+
+def test_prompt_truncation_cuts_the_abstract_only():
+    item = pubmedqa.Item("1", "Does aspirin help?", ("alpha beta gamma delta " * 50,), "yes")
+
+    def tokenize(text):
+        return text.split(" ")
+
+    full, truncated = pubmedqa.encode(item, tokenize, 10_000)
+    assert not truncated and full == tokenize(item.prompt)
+    cut, truncated = pubmedqa.encode(item, tokenize, 40)
+    assert truncated and len(cut) == 40
+    assert cut[:4] == tokenize("Question: Does aspirin help?\nContext: ")[:4] and cut[-1] == tokenize("\nAnswer:")[-1]
+    with pytest.raises(ValueError, match="question alone"):
+        pubmedqa.encode(item, tokenize, 3)
+
+
+def test_select_is_seeded_and_bounded():
+    items = [pubmedqa.Item(str(i), "q", ("c",), "") for i in range(10)]
+    assert pubmedqa.select(items, 3, None) == items[:3]
+    assert pubmedqa.select(items, 3, 1) == pubmedqa.select(items, 3, 1) != pubmedqa.select(items, 3, 2)
+    with pytest.raises(ValueError, match="asked for 11 prompts"):
+        pubmedqa.select(items, 11, 0)
+
+
+def test_hub_loading_fails_offline_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="cannot load qiaojin/PubMedQA"):
+        pubmedqa.load_hub()
+
+
+def test_acceptance_by_position_and_disagreement():
+    # two rounds of 4 drafts accepting 2, one round of 2 accepting 2, one round proposing nothing
+    assert acceptance_by_position([[4, 4], [2, 0]], [[2, 2], [2, 0]]) == [1.0, 1.0, 0.0, 0.0]
+    assert acceptance_by_position([[3]], [[1]]) == [1.0, 0.0, 0.0]
+    assert disagreement([1, 2, 3], [1, 2, 3]) == (None, 0)
+    assert disagreement([1, 9, 3, 4], [1, 2, 3]) == (1, 2)
+
+
+def test_leviathan_bound():
+    assert leviathan_bound(1.0, 4, 0.0) == 5.0
+    assert leviathan_bound(0.0, 4, 0.0) == 1.0
+    assert leviathan_bound(0.5, 2, 0.25) == pytest.approx((1 - 0.5**3) / 0.5 / 1.5)
+
+
+def test_adaptive_gamma_is_hfs_heuristic():
+    schedule = AdaptiveGamma(gamma=4, max_gamma=7)
+    schedule.update(4, 4)
+    assert schedule.gamma == 6
+    schedule.update(6, 6)
+    assert schedule.gamma == 7  # capped
+    schedule.update(7, 3)
+    assert schedule.gamma == 6
+    schedule.update(0, 0)  # nothing drafted: unchanged
+    assert schedule.gamma == 6
+    for _ in range(10):
+        schedule.update(1, 0)
+    assert schedule.gamma == 1
+
+
+async def test_delay_proxy_adds_the_round_trip():
+    async def echo(reader, writer):
+        while data := await reader.read(1024):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    upstream = "127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+    async with DelayProxy(upstream, rtt_ms=60) as proxy:
+        reader, writer = await asyncio.open_connection(*proxy.address.split(":"))
+        for payload in (b"ping", b"pong" * 1000):
+            start = time.perf_counter()
+            writer.write(payload)
+            got = b""
+            while len(got) < len(payload):
+                got += await reader.read(65536)
+            assert got == payload
+            assert time.perf_counter() - start >= 0.06  # a lower bound: never flaky on a slow machine
+        writer.close()
+    server.close()
+    with pytest.raises(ValueError, match=">= 0 ms"):
+        DelayProxy(upstream, -1)
