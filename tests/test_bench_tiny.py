@@ -1,0 +1,117 @@
+"""`specdec bench` and `specdec report` as a user runs them: tiny seeded models, real PubMedQA prompts.
+
+The default path end to end: a local Ray, the verifier started as a Ray actor, draft workers as actors.
+Greedy fp32 speculative output must equal the baseline on every prompt. Setup errors end in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from orchestrator.launch import start_verifier
+from specdec.tiny import build_tiny_pair
+
+CLI = [sys.executable, "-m", "orchestrator.cli"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_pair(tmp_path_factory.mktemp("tiny"))
+
+
+def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "bench", "--no-progress", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def write_config(path, tiny, pubmedqa_path, **extra) -> None:
+    draft, verifier = tiny
+    config = {
+        "verifier": {"model": str(verifier), "dtype": "fp32", "device": "cpu", "threads": 1},
+        "drafts": [{"name": "tiny", "kind": "lm", "model": str(draft), "gamma": [2, 3, "adaptive"]},
+                   {"name": "ngram", "kind": "ngram", "gamma": 3}],
+        "max_new_tokens": 16,
+        "dataset": {"source": str(pubmedqa_path), "num_prompts": 3, "max_prompt_tokens": 200},
+        "concurrency": {"draft_workers": 1, "draft_threads": 1},
+        "ray": {"num_cpus": 2},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(config))
+
+
+def test_bench_end_to_end_on_tiny_models(tiny, pubmedqa_path, tmp_path):
+    write_config(tmp_path / "bench.yaml", tiny, pubmedqa_path)
+    run_dir = tmp_path / "run"
+    done = bench("--config", str(tmp_path / "bench.yaml"), "--out", str(run_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(last["configurations"]) == {"baseline", "tiny g=2", "tiny g=3", "tiny g=adaptive", "ngram g=3"}
+    assert "| configuration | latency p50 (ms/token) | throughput p50 (tok/s) | speedup (paired p50) | acceptance |" in done.stdout
+
+    records = [json.loads(line) for line in (run_dir / "requests.jsonl").read_text().splitlines()]
+    assert len(records) == 5 * 3 and all(r["status"] == "ok" and r["new_tokens"] == 16 for r in records)
+    assert all(r["prompt_truncated"] and r["prompt_tokens"] <= 200 for r in records)
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["prompts"] == 3 and run["prompts_truncated"] == 3 and run["verifier"]["dtype"] == "float32"
+
+    rows = {row["config"]: row for row in json.loads((run_dir / "summary.json").read_text())}
+    for name, row in rows.items():
+        assert row["disagree_requests"] == 0.0 and row["differing_token_share"] == 0.0, name  # lossless in fp32
+        assert row["rouge_l_vs_baseline"] == 1.0
+    for name in ("tiny g=2", "tiny g=3", "tiny g=adaptive"):
+        row = rows[name]
+        assert 0 < row["acceptance_rate"] <= 1 and row["mean_acceptance_length"] >= 1
+        assert row["leviathan_bound"] > 0 and row["bytes_per_token"] > 0 and row["draft_ms_per_drafted_token"] > 0
+    assert rows["tiny g=2"]["mean_gamma"] <= 2 and rows["tiny g=3"]["mean_gamma"] <= 3
+    for png in ("latency", "throughput", "speedup", "acceptance", "gamma_sweep", "network_share"):
+        assert (run_dir / f"{png}.png").stat().st_size > 10_000, png
+
+    (run_dir / "summary.md").unlink()
+    report = subprocess.run([*CLI, "report", str(run_dir)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert (run_dir / "summary.md").exists() and json.loads(report.stdout.strip().splitlines()[-1]) == last
+
+    again = bench("--config", str(tmp_path / "bench.yaml"), "--out", str(run_dir), "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len((run_dir / "requests.jsonl").read_text().splitlines()) == 15  # everything was already done
+
+
+def test_setup_errors_are_one_line(tiny, pubmedqa_path, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("drafts: [{name: x, kind: ngram, gama: 3}]\n")
+    done = bench("--config", str(bad))
+    assert done.returncode == 1 and "drafts.0.gama: unknown key" in done.stderr and "Traceback" not in done.stderr
+
+    write_config(tmp_path / "ok.yaml", tiny, tmp_path / "missing.jsonl")
+    done = bench("--config", str(tmp_path / "ok.yaml"), "--out", str(tmp_path / "r1"), timeout=120)
+    assert done.returncode == 1 and "PubMedQA file not found" in done.stderr and "Traceback" not in done.stderr
+
+    write_config(tmp_path / "ok.yaml", tiny, pubmedqa_path)
+    done = bench("--config", str(tmp_path / "ok.yaml"), "--verifier", "127.0.0.1:1", "--out", str(tmp_path / "r2"))
+    assert done.returncode == 1 and "cannot reach the verifier at 127.0.0.1:1" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    done = subprocess.run([*CLI, "report", str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 1 and "not a bench run folder" in done.stderr
+
+
+def test_bench_against_a_running_verifier(tiny, pubmedqa_path, tmp_path):
+    """--verifier HOST:PORT: the user's own `specdec serve-verifier` (e.g. on a GPU box), emulated WAN in between."""
+    write_config(tmp_path / "bench.yaml", tiny, pubmedqa_path,
+                 drafts=[{"name": "tiny", "kind": "lm", "model": str(tiny[0]), "gamma": 2}])
+    verifier = start_verifier(str(tiny[1]), "fp32", "cpu", env=ENV)
+    try:
+        done = bench("--config", str(tmp_path / "bench.yaml"), "--verifier", verifier.address, "--prompts", "2",
+                     "--emulate-rtt-ms", "20", "--out", str(tmp_path / "run"))
+    finally:
+        verifier.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["config"]: row for row in json.loads((tmp_path / "run/summary.json").read_text())}
+    assert set(rows) == {"baseline rtt=20ms", "tiny g=2 rtt=20ms"}
+    assert rows["tiny g=2 rtt=20ms"]["round_trip_ms_p50"] >= 20 and rows["tiny g=2 rtt=20ms"]["disagree_requests"] == 0
