@@ -1,7 +1,7 @@
 """Start `specdec serve-verifier` as a child process and wait until it listens.
 
-One launcher for the benchmark's verifier actor, scripts/measure_engine.py and the CLI tests: it runs
-the same command a user runs, binds port 0, and parses the `listening on HOST:PORT` line.
+One launcher for the benchmark's verifier actor, scripts/measure_engine.py and the tests: it runs the
+same command a user runs, binds port 0, and parses the `listening on HOST:PORT` line.
 """
 
 from __future__ import annotations
@@ -12,7 +12,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
+
+# loaded here, in the parent: dlopen() between fork and exec in a threaded parent (a Ray worker) can deadlock
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -33,21 +38,31 @@ class VerifierProcess:
 
 def _die_with_parent() -> None:
     """Linux: SIGTERM the verifier when its parent (e.g. a Ray actor) dies, so no server is orphaned."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def start_verifier(model: str, dtype: str = "bf16", device: str = "auto", host: str = "127.0.0.1",
-                   extra_args: tuple[str, ...] = (), env: dict | None = None) -> VerifierProcess:
-    """Blocks until the model is loaded and the server listens; raises RuntimeError with its stderr if not."""
+                   extra_args: tuple[str, ...] = (), env: dict | None = None, timeout_s: float = 1800.0) -> VerifierProcess:
+    """Blocks until the model is loaded and the server listens (at most timeout_s: Hub downloads included).
+
+    Raises RuntimeError whose first line is the verifier's own last error line.
+    """
     cmd = [sys.executable, "-m", "orchestrator.cli", "serve-verifier", "--model", model, "--dtype", dtype,
            "--device", device, "--host", host, "--port", "0", *extra_args]
-    log = tempfile.NamedTemporaryFile("w+", prefix="specdec-verifier-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env or os.environ.copy(),
-                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    line = proc.stdout.readline().strip()  # the first line comes once the model is loaded
-    if not line.startswith("listening on "):
+    with tempfile.NamedTemporaryFile("w+", prefix="specdec-verifier-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env or os.environ.copy(),
+                                preexec_fn=_die_with_parent if _LIBC else None)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline().strip()), daemon=True)
+        reader.start()
+        reader.join(timeout_s)  # the first stdout line comes once the model is loaded
+        line = lines[0] if lines else ""
+        if line.startswith("listening on "):
+            return VerifierProcess(proc, line.removeprefix("listening on "), log.name)
         proc.kill()
         proc.wait()
         log.seek(0)
-        raise RuntimeError(f"the verifier did not start ({' '.join(cmd)}): {line!r}\n{log.read()[-2000:]}")
-    return VerifierProcess(proc, line.removeprefix("listening on "), log.name)
+        stderr = log.read()
+    last = next((x for x in reversed(stderr.splitlines()) if x.strip()), "no output")
+    why = last if lines else f"not listening after {timeout_s:g} s; last output: {last}"
+    raise RuntimeError(f"the verifier did not start: {why}\ncommand: {' '.join(cmd)}\n{stderr[-2000:]}")

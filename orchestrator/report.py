@@ -7,12 +7,14 @@ or interrupted run can be re-rendered at any time. Metric names and definitions 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
 
 import numpy as np
 import pandas as pd
 
+log = logging.getLogger(__name__)
 SEED_COLUMNS = {  # the seed project's table: configuration, latency, throughput, speedup, acceptance
     "config": "configuration",
     "latency_ms_per_token_p50": "latency p50 (ms/token)",
@@ -42,9 +44,23 @@ DETAIL_COLUMNS = {
 }
 
 
+def read_records(path: pathlib.Path) -> list[dict]:
+    """Every complete line of requests.jsonl; a partial last line (a crash mid-write) is skipped."""
+    lines = [line for line in path.read_text().split("\n") if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+            log.warning("%s: skipping a partial last line (the run was interrupted mid-write)", path)
+    return rows
+
+
 def load_records(path: pathlib.Path) -> pd.DataFrame:
     """The latest record per (config, pubid): a retried or resumed request counts once."""
-    rows = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+    rows = read_records(path)
     if not rows:
         raise ValueError(f"{path} has no records")
     return pd.DataFrame(rows).drop_duplicates(["config", "pubid"], keep="last").reset_index(drop=True)
@@ -71,6 +87,15 @@ def disagreement(ids: list[int], base: list[int]) -> tuple[int | None, int]:
     n = max(len(ids), len(base))
     diff = [i for i in range(n) if i >= len(ids) or i >= len(base) or ids[i] != base[i]]
     return (diff[0] if diff else None), len(diff)
+
+
+def per_token_alpha(proposed: list[list[int]], accepted: list[list[int]]) -> float:
+    """Leviathan's alpha, the chance each draft token is accepted given its prefix was, estimated as
+    accepted / (accepted + rejections): every round stops at its first rejection, if any. This is not
+    accepted / proposed, which also counts the tokens after a rejection that were never judged."""
+    taken = sum(a for rounds in accepted for a in rounds)
+    rejections = sum(1 for p_rounds, a_rounds in zip(proposed, accepted) for p, a in zip(p_rounds, a_rounds) if a < p)
+    return taken / (taken + rejections) if taken + rejections else float("nan")
 
 
 def leviathan_bound(alpha: float, gamma: float, c: float) -> float:
@@ -120,6 +145,7 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
         sent, received = ok["bytes_sent"].sum(), ok["bytes_received"].sum()
         row.update({
             "acceptance_rate": ok["accepted"].sum() / proposed if proposed else float("nan"),
+            "alpha": per_token_alpha(list(ok["proposed_per_round"]), list(ok["accepted_per_round"])),
             "mean_acceptance_length": tokens.sum() / rounds,
             "mean_gamma": proposed / drafting_rounds if drafting_rounds else 0.0,
             "acceptance_by_position": acceptance_by_position(list(ok["proposed_per_round"]), list(ok["accepted_per_round"])),
@@ -152,7 +178,7 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
             if "acceptance_rate" in row:
                 c = row["draft_ms_per_drafted_token"] / 1000 / _pct(base_s_per_token, 50)  # draft step / target step
                 row["leviathan_c"] = c
-                row["leviathan_bound"] = leviathan_bound(row["acceptance_rate"], row["mean_gamma"], c)
+                row["leviathan_bound"] = leviathan_bound(row["alpha"], row["mean_gamma"], c)
                 row["achieved_over_bound"] = row["speedup_paired_p50"] / row["leviathan_bound"]
     return row
 
@@ -185,11 +211,17 @@ def markdown_table(summary: pd.DataFrame, columns: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _json_value(value):
+    """NaN (no data) becomes null, so summary.json is strict JSON; numpy scalars become Python ones."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def compact(summary: pd.DataFrame, run_dir: pathlib.Path) -> dict:
     """The last stdout line: the headline numbers per configuration."""
     keys = ("throughput_tok_s_p50", "speedup_paired_p50", "acceptance_rate", "requests_failed")
-    configs = {row["config"]: {k: (None if isinstance(row.get(k), float) and math.isnan(row[k]) else row.get(k))
-                               for k in keys if k in row} for row in summary.to_dict("records")}
+    configs = {row["config"]: {k: _json_value(row[k]) for k in keys if k in row} for row in summary.to_dict("records")}
     return {"run_dir": str(run_dir), "configurations": configs}
 
 
@@ -200,7 +232,7 @@ def render(run_dir: str | pathlib.Path) -> tuple[str, dict]:
     run_dir = pathlib.Path(run_dir)
     run = json.loads((run_dir / "run.json").read_text())
     summary = summarize(load_records(run_dir / "requests.jsonl"), run)
-    records = summary.to_dict("records")
+    records = [{k: _json_value(v) for k, v in row.items()} for row in summary.to_dict("records")]
     (run_dir / "summary.json").write_text(json.dumps(records, indent=1, default=str))
     flat = summary.copy()
     if "acceptance_by_position" in flat:

@@ -1,4 +1,4 @@
-"""Shared fixtures: in-process verifier servers on 127.0.0.1:0 and the PubMedQA path."""
+"""Shared fixtures: in-process verifier servers on 127.0.0.1:0, the tiny model pair, the PubMedQA path."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec.config import VerifierLimits
+from specdec.tiny import build_tiny_pair
 from verifier_worker.server import ModelInfo, VerifierServicer, start_server
 
 PUBMEDQA = pathlib.Path(
@@ -53,3 +54,9 @@ def pubmedqa_path() -> pathlib.Path:
     if not PUBMEDQA.exists():
         pytest.skip(f"PubMedQA not found at {PUBMEDQA}; set SPECDEC_PUBMEDQA")
     return PUBMEDQA
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+    """(draft folder, verifier folder) of the seeded tiny Qwen2 pair, built once per test run."""
+    return build_tiny_pair(tmp_path_factory.mktemp("tiny"))

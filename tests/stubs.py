@@ -1,4 +1,5 @@
-"""Deterministic fake models behind the transformers interface the workers use (no weights, no download).
+"""Deterministic fake models behind the transformers interface the workers use (no weights, no download),
+and the `specdec` command line the subprocess tests run.
 
 FakeLM's logits at each position are a pseudo-random function of the WHOLE prefix, so a cache that was
 not rolled back correctly produces different tokens: rollback bugs cannot hide. A draft FakeLM built
@@ -8,9 +9,14 @@ from the same seed with `noise > 0` agrees with the target often but not always.
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from types import SimpleNamespace
 
 import torch
+
+CLI = [sys.executable, "-m", "orchestrator.cli"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 class FakeCache:

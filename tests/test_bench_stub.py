@@ -16,11 +16,11 @@ import ray
 import torch
 
 from orchestrator import bench, config as bench_config, report
+from orchestrator.report import leviathan_bound
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import models
 from specdec.config import VerifierLimits
-from specdec.tiny import build_tiny_pair
 from verifier_worker.server import start_server
 
 # The client drafts min(gamma, tokens left - 1): 9 rounds of 4 proposed / 2 accepted / +1 (27 tokens), one of
@@ -82,9 +82,9 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_pair(tmp_path_factory.mktemp("tiny"))
+@pytest.fixture
+def tiny(tiny_dirs):
+    return tiny_dirs
 
 
 def write_dataset(path) -> None:
@@ -142,7 +142,9 @@ async def test_bench_over_ray_with_a_stub_verifier(local_ray, tiny, tmp_path):
         assert row["verifier_busy_s_per_token"] == pytest.approx((PREFILL_S + 11 * ROUND_S) / MAX_NEW)
         assert row["verifier_busy_vs_baseline"] == pytest.approx((PREFILL_S + 11 * ROUND_S) / MAX_NEW / TOKEN_S)
         assert row["bytes_sent_per_token"] > 0 and row["bytes_received_per_round"] > 0
-        assert row["leviathan_bound"] > 0 and row["speedup_paired_p50"] > 0
+        assert row["alpha"] == pytest.approx(20 / 30)  # 20 accepted, 10 rounds ended by a rejection
+        assert row["leviathan_bound"] == pytest.approx(leviathan_bound(20 / 30, 3.9, row["leviathan_c"]))
+        assert row["leviathan_c"] > 0 and row["speedup_paired_p50"] > 0
         assert row["disagree_requests"] == 1.0  # the stub's tokens differ from its own baseline by construction
     assert base["verifier_busy_s_per_token"] == pytest.approx(TOKEN_S)
     assert base["speedup_paired_p50"] == 1.0 and base["disagree_requests"] == 0.0 and base["rouge_l_vs_baseline"] == 1.0

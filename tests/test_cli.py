@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
 from orchestrator.launch import start_verifier
 from specdec.tiny import build_tiny_pair
+from tests.stubs import CLI, ENV
 
-CLI = [sys.executable, "-m", "orchestrator.cli"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 PROMPT = "Insulin is a peptide hormone produced by the beta cells of the pancreatic islets."
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    draft, verifier = build_tiny_pair(tmp_path_factory.mktemp("tiny"))
+def served(tiny_dirs, tmp_path_factory):
+    draft, verifier = tiny_dirs
     process = start_verifier(str(verifier), "fp32", "cpu", env=ENV)
     assert process.address.startswith("127.0.0.1:")
     yield process.address, draft, verifier, tmp_path_factory
