@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
 from specdec.config import SamplingParams
 from specdec.metrics import GenerationResult
+from specdec.tls import bearer_metadata, read_token
 
 log = logging.getLogger(__name__)
 _FINISH_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop"}
@@ -33,22 +35,59 @@ class ClientConfig:
     timeout_s: float = 600.0  # deadline for one whole request
     info_timeout_s: float = 10.0
     max_message_bytes: int = 64 * 1024 * 1024
+    auth_token: str | None = None  # sent as 'authorization: Bearer <token>' on every call
+    tls: bool = False  # TLS; implied by any of the PEM fields below
+    tls_root_certs: bytes | None = None  # PEM CA that signed the verifier's cert; None = the system roots
+    tls_client_cert: bytes | None = None  # PEM chain, for a verifier that requires mutual TLS
+    tls_client_key: bytes | None = None
+    tls_server_name: str | None = None  # check the cert against this name instead of the dialled host
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or any((self.tls_root_certs, self.tls_client_cert, self.tls_client_key))
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return bearer_metadata(self.auth_token)
+
+    def __repr__(self) -> str:  # never print the token or the key
+        return f"ClientConfig(timeout_s={self.timeout_s}, secure={self.secure}, auth_token={'set' if self.auth_token else None})"
 
 
-def channel_options(config: ClientConfig) -> list[tuple[str, int]]:
-    return [
+def load_client_config(timeout_s: float = 600.0, auth_token_file: str | None = None, tls: bool = False,
+                       tls_ca: str | None = None, client_cert: str | None = None, client_key: str | None = None,
+                       tls_server_name: str | None = None) -> ClientConfig:
+    """A ClientConfig from file paths (read now; the token falls back to $SPECDEC_AUTH_TOKEN). OSError/ValueError."""
+    if bool(client_cert) != bool(client_key):
+        raise ValueError("a client certificate and its key go together (mutual TLS needs both)")
+
+    def read(path: str | None) -> bytes | None:
+        return pathlib.Path(path).expanduser().read_bytes() if path else None
+
+    return ClientConfig(timeout_s=timeout_s, auth_token=read_token(auth_token_file), tls=tls, tls_root_certs=read(tls_ca),
+                        tls_client_cert=read(client_cert), tls_client_key=read(client_key), tls_server_name=tls_server_name)
+
+
+def channel_options(config: ClientConfig) -> list[tuple[str, int | str]]:
+    options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
     ]
+    if config.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", config.tls_server_name))
+    return options
 
 
 def open_channel(address: str, config: ClientConfig = ClientConfig()) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=channel_options(config))
+    if not config.secure:
+        return grpc.aio.insecure_channel(address, options=channel_options(config))
+    credentials = grpc.ssl_channel_credentials(config.tls_root_certs, config.tls_client_key, config.tls_client_cert)
+    return grpc.aio.secure_channel(address, credentials, options=channel_options(config))
 
 
 async def fetch_info(stub: pb_grpc.VerifierStub, config: ClientConfig = ClientConfig()) -> pb.InfoReply:
     try:
-        return await stub.Info(pb.InfoRequest(), timeout=config.info_timeout_s)
+        return await stub.Info(pb.InfoRequest(), timeout=config.info_timeout_s, metadata=config.metadata)
     except grpc.aio.AioRpcError as exc:
         raise VerifierError(f"verifier Info failed: {exc.code().name}: {exc.details()}") from exc
 
@@ -85,7 +124,7 @@ async def speculate(
         schedule.max_gamma = min(schedule.max_gamma, info.limits.max_gamma)
     result = GenerationResult(token_ids=[])
     start = time.perf_counter()
-    call = stub.Speculate(timeout=config.timeout_s)
+    call = stub.Speculate(timeout=config.timeout_s, metadata=config.metadata)
     try:
         opening = pb.SpeculateRequest(
             open=pb.OpenSession(
@@ -169,7 +208,7 @@ async def generate_baseline(
     result.bytes_sent = request.ByteSize()
     start = time.perf_counter()
     try:
-        async for reply in stub.Generate(request, timeout=config.timeout_s):
+        async for reply in stub.Generate(request, timeout=config.timeout_s, metadata=config.metadata):
             if not result.token_ids:
                 result.ttft_s = time.perf_counter() - start
             result.token_ids.extend(reply.token_ids)

@@ -79,6 +79,10 @@ class _Writer:
     """Appends one JSON line per request and flushes it at once."""
 
     def __init__(self, path: pathlib.Path):
+        if path.exists():  # a crash mid-write can leave a partial last line: drop it before appending
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                path.write_bytes(data[: data.rfind(b"\n") + 1])
         self.file = path.open("a")
 
     def write(self, record: dict) -> None:
@@ -89,19 +93,15 @@ class _Writer:
 
 def finished_keys(path: pathlib.Path) -> set[tuple[str, str]]:
     """(config, pubid) of the requests that already succeeded in an earlier run."""
-    done = set()
-    if path.exists():
-        for line in path.read_text().split("\n"):
-            if line.strip():
-                rec = json.loads(line)
-                if rec["status"] == "ok":
-                    done.add((rec["config"], rec["pubid"]))
-    return done
+    from orchestrator.report import read_records
+
+    return {(r["config"], r["pubid"]) for r in read_records(path) if r["status"] == "ok"} if path.exists() else set()
 
 
 async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list, config: BenchConfig,
-                            fingerprint: str, stop_ids: tuple[int, ...], tokenizer, writer: _Writer,
+                            client_config, fingerprint: str, stop_ids: tuple[int, ...], tokenizer, writer: _Writer,
                             progress: bool = True) -> None:
+    import ray
     from tqdm import tqdm
 
     from orchestrator.workers import Job
@@ -110,7 +110,7 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
         params = config.sampling_params(prompt.index, stop_ids)
         if max_new_tokens:
             params = dataclasses.replace(params, max_new_tokens=min(max_new_tokens, params.max_new_tokens))
-        return Job(spec, prompt.ids, params, fingerprint, config.timeout_s)
+        return Job(spec, prompt.ids, params, fingerprint, client_config)
 
     def record(prompt: Prompt, status: str, attempts: int, result: dict | None = None, error: str = "") -> None:
         rec = {"config": spec.name, "drafter": spec.drafter, "draft_name": spec.draft_name, "draft_model": spec.model,
@@ -141,9 +141,13 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
     async def slot(worker) -> None:
         while not queue.empty():
             prompt, attempt = queue.get_nowait()
+            ref = worker.run.remote(job(prompt))
             try:
-                result = await asyncio.wait_for(worker.run.remote(job(prompt)), deadline)
+                result = await asyncio.wait_for(ref, deadline)
             except Exception as exc:  # noqa: BLE001 - counted and recorded, never fatal
+                if isinstance(exc, asyncio.TimeoutError):
+                    ray.cancel(ref)  # stop the hung request on the worker too
+                    exc = TimeoutError(f"no answer from the draft worker within {deadline:g} s")
                 if attempt < MAX_ATTEMPTS:
                     log.warning("%s: prompt %s failed (%s); retrying", spec.name, prompt.pubid, _error_text(exc))
                     queue.put_nowait((prompt, attempt + 1))
@@ -175,12 +179,37 @@ def _init_ray(config: BenchConfig) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if config.ray.address:
-        ray.init(address=config.ray.address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=False,
-                 resources={"draft": config.concurrency.draft_workers, "verifier": 1})
+    try:
+        if config.ray.address:
+            ray.init(address=config.ray.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=False,
+                     resources={"draft": config.concurrency.draft_workers, "verifier": 1})
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise BenchError(f"cannot start or join Ray ({config.ray.address or 'local'}): {exc}") from None
     return True
+
+
+def _client_config(config: BenchConfig):
+    """The draft side's ClientConfig: the token and PEM files are read here, on the driver."""
+    from draft_worker.client import load_client_config
+
+    sec = config.security
+    try:
+        return load_client_config(config.timeout_s, sec.auth_token_file, sec.tls, sec.tls_ca, sec.client_cert,
+                                  sec.client_key, sec.tls_server_name)
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"security: {exc}") from None
+
+
+def _server_args(config: BenchConfig) -> tuple[str, ...]:
+    """serve-verifier flags for a Ray-started verifier (the token travels in its environment)."""
+    sec = config.security
+    args: list[str] = []
+    for flag, value in (("--tls-cert", sec.server_cert), ("--tls-key", sec.server_key), ("--tls-client-ca", sec.client_ca)):
+        if value:
+            args += [flag, value]
+    return (*args, "--insecure") if sec.insecure else tuple(args)
 
 
 def _need(resource: str, amount: float, hint: str) -> None:
@@ -191,53 +220,111 @@ def _need(resource: str, amount: float, hint: str) -> None:
         raise BenchError(f"the Ray cluster offers {have:g} of the `{resource}` resource, this run needs {amount:g}; {hint}")
 
 
+async def _start_verifier(config: BenchConfig, client_config) -> tuple:
+    """A VerifierActor on the node with the `verifier` resource; -> (actor, its HOST:PORT)."""
+    from orchestrator.workers import VerifierActor
+
+    _need("verifier", 1, "start the verifier's Ray node with --resources '{\"verifier\": 1}' or pass --verifier HOST:PORT")
+    v = config.verifier
+    actor = VerifierActor.options(resources={"verifier": 1}, num_gpus=v.num_gpus).remote(
+        v.model, v.dtype, v.device, local=config.ray.address is None, threads=v.threads,
+        server_args=_server_args(config), token=client_config.auth_token)
+    try:
+        return actor, await actor.address.remote()
+    except Exception as exc:  # noqa: BLE001 - the model failed to load, or the port to bind
+        raise BenchError(f"cannot start the verifier: {_error_text(exc)}") from None
+
+
+async def _fetch_info(address: str, client_config):
+    from draft_worker import client
+    from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
+
+    async with client.open_channel(address, client_config) as channel:
+        try:
+            return await client.fetch_info(pb_grpc.VerifierStub(channel), dataclasses.replace(client_config, info_timeout_s=15))
+        except client.VerifierError as exc:
+            raise BenchError(f"cannot reach the verifier at {address}: {exc}") from None
+
+
+def _check_limits(config: BenchConfig, specs: list[RunSpec], limits) -> None:
+    """Refuse, before any request, a run the verifier would refuse request by request."""
+    gammas = [s.gamma for s in specs if isinstance(s.gamma, int)]
+    problems = []
+    if gammas and max(gammas) > limits.max_gamma:
+        problems.append(f"gamma {max(gammas)} is over the verifier's max_gamma {limits.max_gamma}")
+    if config.max_new_tokens > limits.max_new_tokens:
+        problems.append(f"max_new_tokens {config.max_new_tokens} is over the verifier's limit {limits.max_new_tokens}")
+    sessions = config.concurrency.draft_workers * config.concurrency.sessions_per_worker
+    per_client = limits.max_sessions_per_client or limits.max_sessions
+    if sessions > min(limits.max_sessions, per_client):
+        problems.append(f"draft_workers x sessions_per_worker = {sessions} sessions is over the verifier's limit of "
+                        f"{min(limits.max_sessions, per_client)} (max_sessions / max_sessions_per_client)")
+    if problems:
+        raise BenchError("; ".join(problems))
+
+
+def _check_resume(out: pathlib.Path, config: BenchConfig) -> None:
+    """--resume must not mix results of a different model, sampling, length or dataset into one run."""
+    path = out / "run.json"
+    if not path.exists():
+        return
+    def what_matters(c: dict) -> dict:
+        return {"verifier": {f: c["verifier"][f] for f in ("model", "dtype")},
+                **{k: c[k] for k in ("drafts", "tokenizer", "sampling", "max_new_tokens", "ignore_eos", "dataset")}}
+
+    before = what_matters(json.loads(path.read_text())["config"])
+    now = what_matters(json.loads(json.dumps(dataclasses.asdict(config))))
+    changed = [k for k in now if before[k] != now[k]]
+    if changed:
+        raise BenchError(f"--resume with a config that changed {', '.join(changed)} since {path}; use a new --out")
+
+
+def _check_tokenizers(config: BenchConfig, specs: list[RunSpec], info) -> tuple:
+    """The prompt tokenizer and its fingerprint; every LM draft must share the verifier's tokenizer."""
+    from draft_worker import client
+    from specdec import models
+
+    source = config.tokenizer or info.model_id
+    try:
+        try:
+            tokenizer = models.load_tokenizer(source)
+        except OSError as exc:
+            raise OSError(f"{exc} (set `tokenizer:` in the config to a copy of the verifier's tokenizer)") from None
+        fingerprint = models.tokenizer_fingerprint(tokenizer)
+        client.check_pair(info, source, fingerprint)
+        for model in dict.fromkeys(s.model for s in specs if s.drafter == "lm"):
+            client.check_pair(info, model, models.tokenizer_fingerprint(models.load_tokenizer(model)))
+    except (OSError, ValueError, client.VerifierError) as exc:
+        raise BenchError(str(exc)) from None
+    return tokenizer, fingerprint
+
+
 async def run(config: BenchConfig, resume: bool = False, progress: bool = True) -> pathlib.Path:
     """Run every configuration; returns the output folder (requests.jsonl and run.json in it)."""
     import ray
 
-    from draft_worker import client
-    from orchestrator.workers import DraftWorker, VerifierActor
-    from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
-    from specdec import models
+    from orchestrator.workers import DraftWorker
 
     out = pathlib.Path(config.output_dir)
     requests_path = out / REQUESTS
     if requests_path.exists() and not resume:
         raise BenchError(f"{out} already holds results; pass --resume to continue that run or --out for a new one")
     specs = expand(config)
+    if resume:
+        _check_resume(out, config)
     items = load_items(config)
+    client_config = _client_config(config)
     owns_ray = _init_ray(config)
-    verifier_actor, workers = None, []
+    verifier_actor, workers, writer = None, [], None
     try:
         _need("draft", config.concurrency.draft_workers,
               "give draft nodes the resource (ray start --resources '{\"draft\": N}') or lower concurrency.draft_workers")
         address = config.verifier.address
         if address is None:
-            _need("verifier", 1, "start the verifier's Ray node with --resources '{\"verifier\": 1}' or pass --verifier HOST:PORT")
-            verifier_actor = VerifierActor.options(resources={"verifier": 1}, num_gpus=config.verifier.num_gpus).remote(
-                config.verifier.model, config.verifier.dtype, config.verifier.device, local=config.ray.address is None,
-                threads=config.verifier.threads)
-            try:
-                address = await verifier_actor.address.remote()
-            except Exception as exc:  # noqa: BLE001 - the model failed to load, or the port to bind
-                raise BenchError(f"cannot start the verifier: {_error_text(exc)}") from None
-        async with client.open_channel(address) as channel:
-            try:
-                info = await client.fetch_info(pb_grpc.VerifierStub(channel), client.ClientConfig(info_timeout_s=15))
-            except client.VerifierError as exc:
-                raise BenchError(f"cannot reach the verifier at {address}: {exc}") from None
-        try:
-            try:
-                tokenizer = models.load_tokenizer(config.tokenizer or info.model_id)
-            except OSError as exc:
-                raise OSError(f"{exc} (set `tokenizer:` in the config to a copy of the verifier's tokenizer)") from None
-            fingerprint = models.tokenizer_fingerprint(tokenizer)
-            client.check_pair(info, config.tokenizer or info.model_id, fingerprint)
-            for spec in specs:
-                if spec.drafter == "lm":
-                    client.check_pair(info, spec.model, models.tokenizer_fingerprint(models.load_tokenizer(spec.model)))
-        except (OSError, ValueError, client.VerifierError) as exc:
-            raise BenchError(str(exc)) from None
+            verifier_actor, address = await _start_verifier(config, client_config)
+        info = await _fetch_info(address, client_config)
+        _check_limits(config, specs, info.limits)
+        tokenizer, fingerprint = _check_tokenizers(config, specs, info)
         limit = min(info.limits.max_prompt_tokens, config.dataset.max_prompt_tokens or info.limits.max_prompt_tokens)
         prompts = encode_prompts(items, tokenizer, limit)
         stop_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
@@ -259,9 +346,12 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
         for spec in specs:
             todo = [p for p in prompts if (spec.name, p.pubid) not in done]
             if todo:
-                await run_configuration(spec, todo, workers, config, fingerprint, stop_ids, tokenizer, writer, progress)
+                await run_configuration(spec, todo, workers, config, client_config, fingerprint, stop_ids, tokenizer,
+                                        writer, progress)
         return out
     finally:
+        if writer is not None:
+            writer.file.close()
         for w in workers:
             try:
                 await asyncio.wait_for(w.close.remote(), 10)

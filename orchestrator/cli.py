@@ -36,6 +36,14 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     p.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
     p.add_argument("--max-message-mb", type=int, default=defaults.max_message_bytes // 2**20)
+    p.add_argument("--max-sessions-per-client", type=int, default=defaults.max_sessions_per_client)
+    p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s, help="close a session idle this many seconds")
+    sec = p.add_argument_group("security (required to listen on anything but loopback)")
+    sec.add_argument("--tls-cert", help="PEM certificate chain of this server (see `specdec make-certs`)")
+    sec.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    sec.add_argument("--tls-client-ca", help="require client certificates signed by this PEM CA (mutual TLS)")
+    sec.add_argument("--auth-token-file", help="clients must send this token (default: $SPECDEC_AUTH_TOKEN)")
+    sec.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS and a token")
 
 
 def _add_generate(sub) -> None:
@@ -62,6 +70,32 @@ def _add_generate(sub) -> None:
     p.add_argument("--dense-dtype", choices=["fp16", "fp32"], default="fp16", help="wire dtype of full-vocab draft probs")
     p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds for the whole request")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    _add_client_security(p)
+
+
+def _add_client_security(p) -> None:
+    sec = p.add_argument_group("security")
+    sec.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    sec.add_argument("--tls-ca", help="TLS, trusting this PEM CA (e.g. ca.pem from `specdec make-certs`)")
+    sec.add_argument("--tls-cert", help="client PEM certificate for mutual TLS")
+    sec.add_argument("--tls-key", help="client PEM private key for mutual TLS")
+    sec.add_argument("--tls-server-name", help="expected name in the server certificate, if not the dialled host")
+    sec.add_argument("--auth-token-file", help="token to send (default: $SPECDEC_AUTH_TOKEN)")
+
+
+def _add_health(sub) -> None:
+    p = sub.add_parser("health", help="check (or wait until) a verifier serves; exit 0 when it does")
+    p.add_argument("--verifier", required=True, metavar="HOST:PORT")
+    p.add_argument("--wait", type=float, default=0.0, help="keep trying for this many seconds (default: one try)")
+    _add_client_security(p)
+
+
+def _add_make_certs(sub) -> None:
+    p = sub.add_parser("make-certs", help="make a self-signed CA, a server certificate for HOSTs, a client certificate")
+    p.add_argument("--host", action="append", required=True, help="IP or DNS name clients dial (repeat for several)")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("certs"))
+    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--token", action="store_true", help="also write a random auth token to token.txt")
 
 
 def _add_bench(sub) -> None:
@@ -93,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_bench(sub)
     _add_report(sub)
+    _add_make_certs(sub)
+    _add_health(sub)
     return parser
 
 
@@ -106,7 +142,10 @@ async def _serve(args) -> None:
         max_new_tokens=args.max_new_tokens,
         max_sessions=args.max_sessions,
         max_message_bytes=args.max_message_mb * 2**20,
+        max_sessions_per_client=args.max_sessions_per_client,
+        idle_timeout_s=args.idle_timeout,
     )
+    credentials, token = _server_security(args)
     dtype, device = _dtype_device(args.dtype, args.device)
     tokenizer = _load(models.load_tokenizer, args.model)
     model = _load(models.load_model, args.model, dtype=dtype, device=device)
@@ -119,7 +158,7 @@ async def _serve(args) -> None:
     )
     servicer = VerifierServicer(model, info, limits)
     try:
-        server, port = await start_server(servicer, args.host, args.port)
+        server, port = await start_server(servicer, args.host, args.port, credentials, token)
     except (OSError, RuntimeError) as exc:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
     print(f"listening on {args.host}:{port}", flush=True)
@@ -130,6 +169,41 @@ async def _serve(args) -> None:
     await stop.wait()
     log.info("shutting down")
     await server.stop(grace=5)
+
+
+def _server_security(args):
+    """(TLS credentials or None, token or None); refuses an exposed address without both, unless --insecure."""
+    from specdec import tls
+    from verifier_worker.auth import server_credentials
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError("pass --tls-cert and --tls-key together")
+    try:
+        token = tls.read_token(args.auth_token_file)
+        credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the TLS/token files: {exc}") from exc
+    if not tls.is_loopback(args.host) and not (credentials and token):
+        if not args.insecure:
+            raise UserError(
+                f"refusing to listen on {args.host} without TLS and an auth token: pass --tls-cert/--tls-key and "
+                "--auth-token-file (make them with `specdec make-certs --host HOST --token`), bind 127.0.0.1 behind "
+                "an SSH tunnel, or pass --insecure to accept the risk"
+            )
+        log.warning("listening on %s with%s TLS and with%s an auth token (--insecure): anyone who can reach "
+                    "this port can use the verifier", args.host, "" if credentials else "out", "" if token else "out")
+    return credentials, token
+
+
+def client_config(args, timeout_s: float = 600.0):
+    """ClientConfig from the client security flags; the files are read here."""
+    from draft_worker import client
+
+    try:
+        return client.load_client_config(timeout_s, args.auth_token_file, args.tls, args.tls_ca, args.tls_cert,
+                                         args.tls_key, args.tls_server_name)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the TLS/token files: {exc}") from exc
 
 
 def _dtype_device(dtype_name: str, device_name: str):
@@ -155,7 +229,7 @@ async def _generate(args) -> dict:
     from specdec import models
 
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
-    config = client.ClientConfig(timeout_s=args.timeout)
+    config = client_config(args, args.timeout)
     async with client.open_channel(args.verifier, config) as channel:
         stub = pb_grpc.VerifierStub(channel)
         try:
@@ -219,6 +293,45 @@ def _bench(args) -> dict:
     return _report(run_dir)
 
 
+async def _health(args) -> None:
+    """The standard gRPC health check (needs no token), retried until --wait runs out."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from draft_worker import client
+
+    config = client_config(args, timeout_s=10)
+    deadline = time.monotonic() + args.wait
+    while True:
+        async with client.open_channel(args.verifier, config) as channel:
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    print(f"{args.verifier} SERVING")
+                    return
+                problem = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+                problem = getattr(exc, "code", lambda: type(exc).__name__)()
+        if time.monotonic() >= deadline:
+            raise UserError(f"verifier at {args.verifier} is not serving: {problem}")
+        await asyncio.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+
+
+def _make_certs(args) -> None:
+    from specdec import tls
+
+    try:
+        paths = tls.make_certs(args.out, args.host, args.days, token=args.token)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot make certificates: {exc}") from exc
+    print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}/ (keys and token are mode 600)")
+    print(f"verifier: specdec serve-verifier --host 0.0.0.0 --tls-cert {paths['server']} --tls-key {paths['server_key']}"
+          + (f" --auth-token-file {paths['token']}" if "token" in paths else " --auth-token-file TOKEN_FILE"))
+    print(f"clients:  --tls-ca {paths['ca']}" + (f" --auth-token-file {paths['token']}" if "token" in paths else "")
+          + f"   (mutual TLS: server --tls-client-ca {paths['ca']}, clients --tls-cert {paths['client']} --tls-key {paths['client_key']})")
+
+
 def _report(run_dir: pathlib.Path) -> dict:
     from orchestrator import report
 
@@ -249,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
             print(summary, file=sys.stderr)
             if args.json:
                 print(json.dumps(out, separators=(",", ":")))
+        elif args.command == "make-certs":
+            _make_certs(args)
+        elif args.command == "health":
+            asyncio.run(_health(args))
         elif args.command in ("bench", "report"):
             summary = _bench(args) if args.command == "bench" else _report(args.run_dir)
             print(json.dumps(summary, separators=(",", ":")))

@@ -47,11 +47,19 @@ class DraftConfig:
     rtt_ms: float | list[float] | None = None  # emulated RTT; None = the run's rtt_ms; a list is a sweep
     ngram_max: int = Field(3, ge=1)
 
+    @field_validator("rtt_ms")
+    @classmethod
+    def _rtt_range(cls, value):
+        for rtt in value if isinstance(value, list) else [value]:
+            if rtt is not None and rtt < 0:
+                raise ValueError(f"rtt_ms must be >= 0, got {rtt}")
+        return value
+
     @field_validator("gamma")
     @classmethod
     def _gamma_range(cls, value):
         for g in value if isinstance(value, list) else [value]:
-            if g != "adaptive" and not (isinstance(g, int) and 1 <= g <= 64):
+            if g != "adaptive" and not (isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= 64):
                 raise ValueError(f"gamma must be an integer in [1, 64] or 'adaptive', got {g!r}")
         return value
 
@@ -95,6 +103,20 @@ class RayConfig:
 
 
 @pydantic_dataclass(config=_STRICT)
+class SecurityConfig:
+    auth_token_file: str | None = None  # token for the verifier (default $SPECDEC_AUTH_TOKEN); a Ray-started one gets it too
+    tls: bool = False  # dial the verifier over TLS (implied by tls_ca)
+    tls_ca: str | None = None  # PEM CA that signed the verifier's certificate; None = system roots
+    tls_server_name: str | None = None  # name expected in its certificate, if not the dialled host
+    client_cert: str | None = None  # mutual TLS: this client's PEM certificate and key
+    client_key: str | None = None
+    server_cert: str | None = None  # a Ray-started verifier: its PEM certificate and key (paths on its node)
+    server_key: str | None = None
+    client_ca: str | None = None  # a Ray-started verifier: require client certificates signed by this CA
+    insecure: bool = False  # let a Ray-started verifier listen on a cluster address without TLS and a token
+
+
+@pydantic_dataclass(config=_STRICT)
 class BenchConfig:
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
     drafts: list[DraftConfig] = Field(default_factory=list)
@@ -110,6 +132,7 @@ class BenchConfig:
     timeout_s: float = Field(600.0, gt=0)  # deadline of one request
     warmup: bool = True  # one short untimed request per worker before each configuration
     ray: RayConfig = Field(default_factory=RayConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     def sampling_params(self, seed_offset: int, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
         s = self.sampling

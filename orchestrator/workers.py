@@ -8,6 +8,8 @@ asked) and hands back the address. The same code runs on one machine and on a `r
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
 import socket
 import time
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import ray
 
+from draft_worker.client import ClientConfig
 from orchestrator.config import RunSpec
 from specdec.config import SamplingParams
 
@@ -25,7 +28,7 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     tokenizer_fingerprint: str
-    timeout_s: float
+    client: ClientConfig  # deadline, token and TLS material (bytes, so no file needs to exist on this node)
 
 
 @ray.remote(num_cpus=0, max_restarts=2)
@@ -38,20 +41,28 @@ class DraftWorker:
         self._models: dict[tuple, object] = {}
         self._channels: dict[float, tuple] = {}  # rtt_ms -> (proxy | None, channel, stub)
         self._info = None  # the verifier's InfoReply, fetched once
+        self._lock = asyncio.Lock()
 
     def where(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
-    async def _stub(self, rtt_ms: float):
+    async def _stub(self, rtt_ms: float, config: ClientConfig):
+        async with self._lock:  # concurrent first calls must not each open a proxy and a channel
+            if rtt_ms not in self._channels:
+                self._channels[rtt_ms] = await self._open(rtt_ms, config)
+        return self._channels[rtt_ms][2]
+
+    async def _open(self, rtt_ms: float, config: ClientConfig) -> tuple:
+        """(delay proxy or None, channel, stub) for one emulated RTT."""
         from draft_worker.client import open_channel
         from draft_worker.delay import DelayProxy
         from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 
-        if rtt_ms not in self._channels:
-            proxy = await DelayProxy(self.verifier_address, rtt_ms).start() if rtt_ms > 0 else None
-            channel = open_channel(proxy.address if proxy else self.verifier_address)
-            self._channels[rtt_ms] = (proxy, channel, pb_grpc.VerifierStub(channel))
-        return self._channels[rtt_ms][2]
+        proxy = await DelayProxy(self.verifier_address, rtt_ms).start() if rtt_ms > 0 else None
+        if proxy and config.secure and not config.tls_server_name:  # the cert names the verifier, not the proxy
+            config = dataclasses.replace(config, tls_server_name=self.verifier_address.rpartition(":")[0].strip("[]"))
+        channel = open_channel(proxy.address if proxy else self.verifier_address, config)
+        return proxy, channel, pb_grpc.VerifierStub(channel)
 
     def _drafter(self, spec: RunSpec):
         from draft_worker.drafters import LMDrafter, NgramDrafter
@@ -70,8 +81,8 @@ class DraftWorker:
         from draft_worker import client
         from draft_worker.drafters import AdaptiveGamma
 
-        config = client.ClientConfig(timeout_s=job.timeout_s)
-        stub = await self._stub(job.spec.rtt_ms)
+        config = job.client
+        stub = await self._stub(job.spec.rtt_ms, config)
         started_at = time.time()
         if job.spec.drafter == "baseline":
             result = await client.generate_baseline(stub, job.prompt_ids, job.params, config)
@@ -96,15 +107,26 @@ class DraftWorker:
 class VerifierActor:
     """Owns a `specdec serve-verifier` child process on this node for the length of a benchmark."""
 
-    def __init__(self, model: str, dtype: str, device: str, local: bool, threads: int | None = None):
+    def __init__(self, model: str, dtype: str, device: str, local: bool, threads: int | None = None,
+                 server_args: tuple[str, ...] = (), token: str | None = None):
         from orchestrator.launch import start_verifier
+        from specdec.tls import TOKEN_ENV
 
         host = "127.0.0.1" if local else ray.util.get_node_ip_address()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.cpu_count() or 1)}  # Ray's workers have 1
-        self.process = start_verifier(model, dtype, device, host, env=env)
+        if token:
+            env[TOKEN_ENV] = token  # in the environment, not on the command line where `ps` shows it
+        self.process, self.error = None, None
+        try:
+            self.process = start_verifier(model, dtype, device, host, extra_args=server_args, env=env)
+        except RuntimeError as exc:  # kept, so the driver gets the reason rather than a dead actor
+            self.error = str(exc)
 
     def address(self) -> str:
+        if self.error:
+            raise RuntimeError(self.error)
         return self.process.address
 
     def stop(self) -> None:
-        self.process.stop()
+        if self.process:
+            self.process.stop()

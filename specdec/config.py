@@ -52,3 +52,5 @@ class VerifierLimits:
     max_new_tokens: int = 1024
     max_sessions: int = 64
     max_message_bytes: int = 64 * 1024 * 1024  # a dense fp16 block of 16 x 151,936 is ~4.9 MB
+    max_sessions_per_client: int = 32  # sessions open at once from one client address (half of max_sessions)
+    idle_timeout_s: float = 120.0  # a session that receives nothing for this long is closed

@@ -7,23 +7,20 @@ Greedy fp32 speculative output must equal the baseline on every prompt. Setup er
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 from orchestrator.launch import start_verifier
-from specdec.tiny import build_tiny_pair
-
-CLI = [sys.executable, "-m", "orchestrator.cli"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+from tests.stubs import CLI, ENV
+from specdec.tls import make_certs
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_pair(tmp_path_factory.mktemp("tiny"))
+
+@pytest.fixture
+def tiny(tiny_dirs):
+    return tiny_dirs
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -68,6 +65,7 @@ def test_bench_end_to_end_on_tiny_models(tiny, pubmedqa_path, tmp_path):
         row = rows[name]
         assert 0 < row["acceptance_rate"] <= 1 and row["mean_acceptance_length"] >= 1
         assert row["leviathan_bound"] > 0 and row["bytes_per_token"] > 0 and row["draft_ms_per_drafted_token"] > 0
+        assert row["alpha"] >= row["acceptance_rate"]  # alpha ignores drafts after a rejection
     assert rows["tiny g=2"]["mean_gamma"] <= 2 and rows["tiny g=3"]["mean_gamma"] <= 3
     for png in ("latency", "throughput", "speedup", "acceptance", "gamma_sweep", "network_share"):
         assert (run_dir / f"{png}.png").stat().st_size > 10_000, png
@@ -101,17 +99,25 @@ def test_setup_errors_are_one_line(tiny, pubmedqa_path, tmp_path):
     assert done.returncode == 1 and "not a bench run folder" in done.stderr
 
 
-def test_bench_against_a_running_verifier(tiny, pubmedqa_path, tmp_path):
-    """--verifier HOST:PORT: the user's own `specdec serve-verifier` (e.g. on a GPU box), emulated WAN in between."""
-    write_config(tmp_path / "bench.yaml", tiny, pubmedqa_path,
+def test_bench_against_a_running_secured_verifier(tiny, pubmedqa_path, tmp_path):
+    """--verifier HOST:PORT: the user's own `specdec serve-verifier` on a public address with TLS and a token
+    (as on a GPU box), reached through the emulated WAN link."""
+    certs = make_certs(tmp_path / "certs", ["127.0.0.1"], token=True)
+    security = {"tls_ca": str(certs["ca"]), "auth_token_file": str(certs["token"])}
+    write_config(tmp_path / "bench.yaml", tiny, pubmedqa_path, security=security,
                  drafts=[{"name": "tiny", "kind": "lm", "model": str(tiny[0]), "gamma": 2}])
-    verifier = start_verifier(str(tiny[1]), "fp32", "cpu", env=ENV)
+    verifier = start_verifier(str(tiny[1]), "fp32", "cpu", host="0.0.0.0", env=ENV, extra_args=(
+        "--tls-cert", str(certs["server"]), "--tls-key", str(certs["server_key"]), "--auth-token-file", str(certs["token"])))
+    address = "127.0.0.1:" + verifier.address.rpartition(":")[2]
     try:
-        done = bench("--config", str(tmp_path / "bench.yaml"), "--verifier", verifier.address, "--prompts", "2",
+        done = bench("--config", str(tmp_path / "bench.yaml"), "--verifier", address, "--prompts", "2",
                      "--emulate-rtt-ms", "20", "--out", str(tmp_path / "run"))
+        write_config(tmp_path / "no-token.yaml", tiny, pubmedqa_path, security={"tls_ca": str(certs["ca"])})
+        denied = bench("--config", str(tmp_path / "no-token.yaml"), "--verifier", address, "--out", str(tmp_path / "r2"))
     finally:
         verifier.stop()
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {row["config"]: row for row in json.loads((tmp_path / "run/summary.json").read_text())}
     assert set(rows) == {"baseline rtt=20ms", "tiny g=2 rtt=20ms"}
     assert rows["tiny g=2 rtt=20ms"]["round_trip_ms_p50"] >= 20 and rows["tiny g=2 rtt=20ms"]["disagree_requests"] == 0
+    assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr and "Traceback" not in denied.stderr

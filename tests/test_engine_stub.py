@@ -7,7 +7,7 @@ import torch
 
 from draft_worker.client import fetch_info, generate_baseline, speculate
 from draft_worker.drafters import LMDrafter, NgramDrafter
-from specdec.config import SamplingParams
+from specdec.config import SamplingParams, VerifierLimits
 from specdec.sampling import logits_to_probs
 from tests.stubs import FakeLM, fake_pair
 
@@ -77,7 +77,7 @@ async def test_sampling_over_grpc_preserves_the_verifiers_distribution(start_ver
 
     vocab, prompt = 6, [1, 2]
     target, draft = FakeLM(vocab, seed=0, scale=1.0), FakeLM(vocab, seed=0, scale=1.0, noise=2.0)
-    verifier = await start_verifier(target, vocab_size=vocab)
+    verifier = await start_verifier(target, vocab_size=vocab, limits=VerifierLimits(max_sessions_per_client=64))
     info = await fetch_info(verifier.stub)
 
     def joint(model) -> torch.Tensor:  # [vocab * vocab]: P(t1, t2) under the model's sampling distribution

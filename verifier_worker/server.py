@@ -23,6 +23,7 @@ from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
 from specdec.config import SamplingParams, VerifierLimits
+from verifier_worker.auth import TokenAuthInterceptor
 from verifier_worker.session import FINISH_LENGTH, RoundResult, VerifierSession
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         self.info = info
         self.limits = limits
         self.active_sessions = 0
+        self.sessions_by_client: dict[str, int] = {}
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-compute")
 
     async def _run(self, context, fn, *args):
@@ -69,6 +71,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 max_new_tokens=lim.max_new_tokens,
                 max_sessions=lim.max_sessions,
                 max_message_bytes=lim.max_message_bytes,
+                max_sessions_per_client=lim.max_sessions_per_client,
+                idle_timeout_s=lim.idle_timeout_s,
             ),
             server_version=SERVER_VERSION,
         )
@@ -92,9 +96,32 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"verifier is at its limit of {self.limits.max_sessions} concurrent sessions; retry later",
             )
-        session = VerifierSession(self.model, list(prompt_ids), params)
-        self.active_sessions += 1  # released by the caller's `finally`
+        client = _client_address(context.peer())
+        if self.sessions_by_client.get(client, 0) >= self.limits.max_sessions_per_client:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{client} already has {self.limits.max_sessions_per_client} sessions open, this verifier's limit per client",
+            )
+        session = VerifierSession(self.model, list(prompt_ids), params, client)
+        self.active_sessions += 1  # released by the caller's `finally`, through _release
+        self.sessions_by_client[client] = self.sessions_by_client.get(client, 0) + 1
         return session
+
+    def _release(self, session: VerifierSession) -> None:
+        self.active_sessions -= 1
+        self.sessions_by_client[session.client] -= 1
+        if not self.sessions_by_client[session.client]:
+            del self.sessions_by_client[session.client]
+
+    async def _next(self, context, inbox: asyncio.Queue):
+        """The next (request, arrival time) of a Speculate stream; closes a session left idle too long."""
+        try:
+            return await asyncio.wait_for(inbox.get(), self.limits.idle_timeout_s)
+        except asyncio.TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"session idle for {self.limits.idle_timeout_s:g} s (this verifier's idle_timeout_s); closed",
+            )
 
     async def Speculate(self, request_iterator, context):
         # bounded, so a client that floods proposals is held back by HTTP/2 flow control
@@ -111,7 +138,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         reader = asyncio.create_task(read_requests())
         session = None
         try:
-            request, arrived = await inbox.get()
+            request, arrived = await self._next(context, inbox)
             if request is None:
                 return
             if request.WhichOneof("kind") != "open":
@@ -136,7 +163,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 )
             )
             for round_index in range(1, self.limits.max_new_tokens + 1):
-                request, arrived = await inbox.get()
+                request, arrived = await self._next(context, inbox)
                 if request is None:  # the client closed its side before the session finished
                     return
                 if request.WhichOneof("kind") != "proposal":
@@ -158,7 +185,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         finally:
             reader.cancel()
             if session is not None:
-                self.active_sessions -= 1
+                self._release(session)
 
     async def _check_proposal(self, context, proposal: pb.Proposal, params: SamplingParams):
         draft_ids = list(proposal.draft_ids)
@@ -186,7 +213,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 )
                 arrived = now
         finally:
-            self.active_sessions -= 1
+            self._release(session)
 
 
 def server_options(limits: VerifierLimits) -> list[tuple[str, int]]:
@@ -196,15 +223,31 @@ def server_options(limits: VerifierLimits) -> list[tuple[str, int]]:
     ]
 
 
-async def start_server(servicer: VerifierServicer, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
-    """Start serving Verifier, health and reflection on host:port (0 = a free port). -> (server, bound port)"""
-    server = grpc.aio.server(options=server_options(servicer.limits))
+def _client_address(peer: str) -> str:
+    """'ipv4:1.2.3.4:5678' -> 'ipv4:1.2.3.4'; 'ipv6:[::1]:5678' -> 'ipv6:[::1]' (the port changes per connection)."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+async def start_server(
+    servicer: VerifierServicer,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    credentials: grpc.ServerCredentials | None = None,
+    token: str | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Serve Verifier, health and reflection on host:port (0 = a free port). -> (server, bound port)
+
+    With `credentials` the port speaks TLS only; with `token` every RPC but health needs it (see auth.py).
+    """
+    interceptors = [TokenAuthInterceptor(token)] if token else []
+    server = grpc.aio.server(options=server_options(servicer.limits), interceptors=interceptors)
     pb_grpc.add_VerifierServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
     reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     await server.start()

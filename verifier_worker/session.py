@@ -26,8 +26,9 @@ class RoundResult:
 
 
 class VerifierSession:
-    def __init__(self, model: torch.nn.Module, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, model: torch.nn.Module, prompt_ids: list[int], params: SamplingParams, client: str = ""):
         assert prompt_ids, "a session needs a prompt"
+        self.client = client  # the peer address that opened it, for the server's per-client limit
         self.lm = CachedLM(model)
         self.params = params
         self.tokens = list(prompt_ids)

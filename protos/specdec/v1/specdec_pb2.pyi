@@ -30,18 +30,22 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_gamma", "max_prompt_tokens", "max_new_tokens", "max_sessions", "max_message_bytes")
+    __slots__ = ("max_gamma", "max_prompt_tokens", "max_new_tokens", "max_sessions", "max_message_bytes", "max_sessions_per_client", "idle_timeout_s")
     MAX_GAMMA_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     max_gamma: int
     max_prompt_tokens: int
     max_new_tokens: int
     max_sessions: int
     max_message_bytes: int
-    def __init__(self, max_gamma: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_sessions_per_client: int
+    idle_timeout_s: float
+    def __init__(self, max_gamma: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_sessions_per_client: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ...) -> None: ...
 
 class InfoReply(_message.Message):
     __slots__ = ("model_id", "vocab_size", "tokenizer_fingerprint", "dtype", "device", "limits", "server_version")
