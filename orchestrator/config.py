@@ -203,6 +203,11 @@ def from_dict(data: dict) -> BenchConfig:
             raise ConfigError(f"drafts.{d.name}: an lm drafter needs a model")
     if not config.drafts:
         raise ConfigError("drafts: list at least one draft configuration")
+    sec = config.security
+    if bool(sec.server_cert) != bool(sec.server_key):
+        raise ConfigError("security: server_cert and server_key go together")
+    if sec.server_cert and not (sec.tls or sec.tls_ca):
+        raise ConfigError("security.server_cert makes the verifier speak TLS: set security.tls_ca (or tls: true) for the clients")
     expand(config)  # names must be unique
     return config
 

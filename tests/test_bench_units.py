@@ -38,6 +38,9 @@ def test_example_and_default_configs_load_and_expand():
     ({"drafts": [{"name": "n", "kind": "ngram"}], "sampling": {"top_p": 2}}, "sampling.top_p"),
     ({"drafts": [{"name": "n", "kind": "ngram"}], "dataset": {"num_prompts": 0}}, "dataset.num_prompts"),
     ([1, 2], "must be a mapping"),
+    ({"drafts": [{"name": "n", "kind": "ngram"}], "security": {"server_cert": "c.pem"}}, "go together"),
+    ({"drafts": [{"name": "n", "kind": "ngram"}], "security": {"server_cert": "c", "server_key": "k"}}, "set security.tls_ca"),
+    ({"drafts": [{"name": "n", "kind": "ngram", "rtt_ms": [0, -5]}]}, "rtt_ms must be >= 0"),
 ])
 def test_config_errors_name_the_key(data, message):
     with pytest.raises(bench_config.ConfigError) as err:
