@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pathlib
 import time
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
 from specdec.config import SamplingParams
 from specdec.metrics import GenerationResult
-from specdec.tls import bearer_metadata, read_token
+from specdec.tls import bearer_metadata, read_file, read_token
 
 log = logging.getLogger(__name__)
 _FINISH_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop"}
@@ -60,12 +59,9 @@ def load_client_config(timeout_s: float = 600.0, auth_token_file: str | None = N
     """A ClientConfig from file paths (read now; the token falls back to $SPECDEC_AUTH_TOKEN). OSError/ValueError."""
     if bool(client_cert) != bool(client_key):
         raise ValueError("a client certificate and its key go together (mutual TLS needs both)")
-
-    def read(path: str | None) -> bytes | None:
-        return pathlib.Path(path).expanduser().read_bytes() if path else None
-
-    return ClientConfig(timeout_s=timeout_s, auth_token=read_token(auth_token_file), tls=tls, tls_root_certs=read(tls_ca),
-                        tls_client_cert=read(client_cert), tls_client_key=read(client_key), tls_server_name=tls_server_name)
+    return ClientConfig(timeout_s=timeout_s, auth_token=read_token(auth_token_file), tls=tls,
+                        tls_root_certs=read_file(tls_ca), tls_client_cert=read_file(client_cert),
+                        tls_client_key=read_file(client_key), tls_server_name=tls_server_name)
 
 
 def channel_options(config: ClientConfig) -> list[tuple[str, int | str]]:

@@ -22,6 +22,11 @@ def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return ((AUTH_HEADER, f"Bearer {token}"),) if token else ()
 
 
+def read_file(path: str | os.PathLike | None) -> bytes | None:
+    """The bytes of a PEM (or any) file, `~` expanded; None when no path is given."""
+    return pathlib.Path(path).expanduser().read_bytes() if path else None
+
+
 def read_token(path: str | os.PathLike | None, env: str = TOKEN_ENV) -> str | None:
     """The token in `path` (surrounding whitespace stripped), else $SPECDEC_AUTH_TOKEN, else None."""
     if path:

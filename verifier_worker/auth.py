@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hmac
 import logging
-import pathlib
 
 import grpc
 
-from specdec.tls import AUTH_HEADER
+from specdec.tls import AUTH_HEADER, read_file
 
 log = logging.getLogger(__name__)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -59,9 +58,6 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 def server_credentials(cert_path: str, key_path: str, client_ca_path: str | None = None) -> grpc.ServerCredentials:
     """TLS with the given cert chain and key; with client_ca_path, mutual TLS (clients need a cert it signed)."""
-    def read(path: str) -> bytes:
-        return pathlib.Path(path).expanduser().read_bytes()
-
-    cert, key = read(cert_path), read(key_path)
-    client_ca = read(client_ca_path) if client_ca_path else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+    client_ca = read_file(client_ca_path)
+    key_and_chain = [(read_file(key_path), read_file(cert_path))]
+    return grpc.ssl_server_credentials(key_and_chain, root_certificates=client_ca, require_client_auth=client_ca is not None)

@@ -45,9 +45,12 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         self.model = model
         self.info = info
         self.limits = limits
-        self.active_sessions = 0
-        self.sessions_by_client: dict[str, int] = {}
+        self.sessions_by_client: dict[str, int] = {}  # open sessions per client address
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-compute")
+
+    @property
+    def active_sessions(self) -> int:
+        return sum(self.sessions_by_client.values())
 
     async def _run(self, context, fn, *args):
         """Run model compute on the compute thread; a failure there ends this stream with INTERNAL."""
@@ -103,12 +106,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 f"{client} already has {self.limits.max_sessions_per_client} sessions open, this verifier's limit per client",
             )
         session = VerifierSession(self.model, list(prompt_ids), params, client)
-        self.active_sessions += 1  # released by the caller's `finally`, through _release
-        self.sessions_by_client[client] = self.sessions_by_client.get(client, 0) + 1
+        self.sessions_by_client[client] = self.sessions_by_client.get(client, 0) + 1  # freed by the caller's _release
         return session
 
     def _release(self, session: VerifierSession) -> None:
-        self.active_sessions -= 1
         self.sessions_by_client[session.client] -= 1
         if not self.sessions_by_client[session.client]:
             del self.sessions_by_client[session.client]
