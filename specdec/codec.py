@@ -13,11 +13,24 @@ import numpy as np
 import torch
 
 from protos.specdec.v1 import specdec_pb2 as pb
-from specdec.config import SamplingParams
+from specdec.config import FINISH_LENGTH, FINISH_STOP, SamplingParams
 
 DENSE_DTYPES = {"fp16": pb.PROB_DTYPE_FLOAT16, "fp32": pb.PROB_DTYPE_FLOAT32}
 _NUMPY_DTYPES = {pb.PROB_DTYPE_FLOAT16: np.dtype("<f2"), pb.PROB_DTYPE_FLOAT32: np.dtype("<f4")}
 SUM_TOLERANCE = 1e-2  # a row must sum to 1 within this (fp16 rounding of a 152k-token tail stays far below)
+_FINISH_TO_PROTO = {None: pb.FINISH_REASON_UNSPECIFIED, FINISH_LENGTH: pb.FINISH_REASON_LENGTH,
+                    FINISH_STOP: pb.FINISH_REASON_STOP}
+_FINISH_FROM_PROTO = {value: reason or "" for reason, value in _FINISH_TO_PROTO.items()}
+
+
+def finish_to_proto(reason: str | None) -> int:
+    """A session's finish reason (None while generating) -> pb.FinishReason."""
+    return _FINISH_TO_PROTO[reason]
+
+
+def finish_from_proto(value: int) -> str:
+    """pb.FinishReason -> "length" | "stop" | "" (not finished, or a reason this client does not know)."""
+    return _FINISH_FROM_PROTO.get(value, "")
 
 
 def params_to_proto(params: SamplingParams) -> pb.SamplingParams:

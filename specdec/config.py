@@ -8,6 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+FINISH_LENGTH = "length"  # max_new_tokens reached
+FINISH_STOP = "stop"  # a stop token was committed
+
 
 @dataclass(frozen=True)
 class SamplingParams:

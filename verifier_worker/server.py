@@ -24,11 +24,10 @@ from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
 from specdec.config import SamplingParams, VerifierLimits
 from verifier_worker.auth import TokenAuthInterceptor
-from verifier_worker.session import FINISH_LENGTH, RoundResult, VerifierSession
+from verifier_worker.session import RoundResult, VerifierSession
 
 log = logging.getLogger(__name__)
 SERVER_VERSION = "specdec/1"
-_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FINISH_LENGTH: pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP}
 
 
 @dataclass(frozen=True)
@@ -174,7 +173,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 verdict = pb.Verdict(
                     num_accepted=result.num_accepted,
                     finished=result.finish_reason is not None,
-                    finish_reason=_FINISH[result.finish_reason],
+                    finish_reason=codec.finish_to_proto(result.finish_reason),
                     service_s=time.perf_counter() - arrived,
                     round=round_index,
                 )
@@ -209,7 +208,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 yield pb.GenerateReply(
                     token_ids=[result.next_token],
                     finished=result.finish_reason is not None,
-                    finish_reason=_FINISH[result.finish_reason],
+                    finish_reason=codec.finish_to_proto(result.finish_reason),
                     service_s=now - arrived,
                 )
                 arrived = now

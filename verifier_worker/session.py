@@ -10,12 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.config import SamplingParams
+from specdec.config import FINISH_LENGTH, FINISH_STOP, SamplingParams
 from specdec.lm import CachedLM
 from specdec.sampling import make_generator, verify_block
-
-FINISH_LENGTH = "length"
-FINISH_STOP = "stop"
 
 
 @dataclass(frozen=True)
