@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+
 import grpc
 
 from draft_worker.drafters import AdaptiveGamma, Drafter
@@ -57,14 +58,21 @@ async def speculate(
         await call.write(opening)
         result.bytes_sent += opening.ByteSize()
         drafter.start(prompt_ids, params, info.vocab_size)
-        opened = False
         while True:
             remaining = params.max_new_tokens - result.new_tokens
-            t_draft = time.perf_counter()
-            # drafting is compute: off the event loop, so other sessions in this process keep moving
             block = schedule.gamma if schedule else gamma
-            candidates = await asyncio.to_thread(drafter.get_candidates, min(block, remaining - 1))
-            result.draft_s += time.perf_counter() - t_draft
+            # drafting is compute: off the event loop, so other sessions in this process keep moving
+            drafting = asyncio.to_thread(_timed, drafter.get_candidates, min(block, remaining - 1))
+            if result.rounds == 0:
+                # the first block is drafted while the verifier prefills, but nothing more is written until
+                # `opened` arrives: a refusal then reaches us as the verifier's own status, whereas a write
+                # that races the server's abort makes grpcio report INTERNAL "Internal error from Core"
+                (candidates, draft_s), reply = await asyncio.gather(drafting, _read(call))
+                result.prefill_service_s = reply.opened.service_s
+                result.bytes_received += reply.ByteSize()
+            else:
+                candidates, draft_s = await drafting
+            result.draft_s += draft_s
             request = pb.SpeculateRequest(
                 proposal=pb.Proposal(
                     draft_ids=candidates.draft_ids,
@@ -74,11 +82,6 @@ async def speculate(
             t_sent = time.perf_counter()
             await call.write(request)
             result.bytes_sent += request.ByteSize()
-            if not opened:  # the session was opened while this block was being drafted
-                reply = await _read(call)
-                result.prefill_service_s = reply.opened.service_s
-                result.bytes_received += reply.ByteSize()
-                opened = True
             reply = await _read(call)
             result.rtt_s.append(time.perf_counter() - t_sent)
             result.bytes_received += reply.ByteSize()
@@ -109,6 +112,12 @@ async def speculate(
             call.cancel()
     result.wall_s = time.perf_counter() - start
     return result
+
+
+def _timed(fn, *args):
+    """(fn(*args), seconds it took): drafting time measured in the drafting thread itself."""
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
 
 
 async def _read(call) -> pb.SpeculateReply:

@@ -3,7 +3,8 @@
 `start(prompt_ids)` begins a request; `get_candidates(gamma)` proposes up to gamma tokens and, when
 sampling, their draft distribution q as the verifier will decode it; `commit(num_accepted, next_token)`
 applies the verifier's verdict (rolling the draft's own state back on a rejection). Nothing here talks
-to the network.
+to the network. `build_drafter` is the one way to make a drafter from a `DrafterSpec`, for the CLI, the
+benchmark's Ray workers and the scripts alike; `DraftModels` loads each draft model once per process.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Candidates:
 
 class Drafter(Protocol):
     name: str
+    fingerprint: str  # of the tokenizer whose ids it drafts; sent to the verifier, which refuses a mismatch
 
     def start(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None: ...
 
@@ -52,10 +54,11 @@ class AdaptiveGamma:
 class LMDrafter:
     """A small causal LM with a KV cache: gamma forwards per block, crop on rejection, refill after a full accept."""
 
-    def __init__(self, model: torch.nn.Module, name: str, dense_dtype: str = "fp16"):
+    def __init__(self, model: torch.nn.Module, name: str, dense_dtype: str = "fp16", fingerprint: str = ""):
         self.model = model
         self.name = name
         self.dense_dtype = dense_dtype
+        self.fingerprint = fingerprint
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
 
     def start(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
@@ -104,11 +107,12 @@ class NgramDrafter:
     a plain verifier step. Deterministic, so under sampling q is one-hot on each proposed token.
     """
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, name: str = "ngram"):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, name: str = "ngram", fingerprint: str = ""):
         assert 1 <= min_ngram <= max_ngram
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.name = name
+        self.fingerprint = fingerprint  # of the tokenizer that made the prompt ids it looks up
 
     def start(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
         self.tokens = list(prompt_ids)
@@ -134,3 +138,51 @@ class NgramDrafter:
         self.tokens.extend(self._block[:num_accepted])
         if next_token is not None:
             self.tokens.append(next_token)
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    """What to draft with: the same spec builds the same drafter in the CLI, a Ray worker or a script."""
+
+    kind: str = "lm"  # "lm" | "ngram"
+    model: str | None = None  # lm: Hub id, folder, .gguf file or offline: alias
+    dtype: str = "fp32"
+    device: str = "cpu"
+    dense_dtype: str = "fp16"  # wire dtype of full-vocabulary q under sampling: fp16 | fp32
+    ngram_max: int = 3
+
+
+@dataclass(frozen=True)
+class LoadedDraft:
+    model: torch.nn.Module
+    tokenizer: object  # a transformers tokenizer
+    fingerprint: str  # specdec.models.tokenizer_fingerprint(tokenizer)
+
+
+class DraftModels:
+    """Draft models loaded once per process, by (source, dtype, device). Loading raises OSError/ValueError."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[tuple[str, str, str], LoadedDraft] = {}
+
+    def load(self, spec: DrafterSpec) -> LoadedDraft:
+        from specdec import models
+
+        key = (spec.model, spec.dtype, spec.device)
+        if key not in self._loaded:
+            dtype, device = models.parse_dtype(spec.dtype), models.resolve_device(spec.device)
+            tokenizer = models.load_tokenizer(spec.model)
+            model = models.load_model(spec.model, dtype=dtype, device=device)
+            self._loaded[key] = LoadedDraft(model, tokenizer, models.tokenizer_fingerprint(tokenizer))
+        return self._loaded[key]
+
+
+def build_drafter(spec: DrafterSpec, draft_models: DraftModels | None = None, prompt_fingerprint: str = "") -> Drafter:
+    """A fresh drafter for one request. An LM drafter reports its own tokenizer's fingerprint; the n-gram
+    drafter drafts the prompt's own ids, so it reports the prompt tokenizer's (`prompt_fingerprint`)."""
+    if spec.kind == "ngram":
+        return NgramDrafter(max_ngram=spec.ngram_max, fingerprint=prompt_fingerprint)
+    if spec.kind != "lm" or not spec.model:
+        raise ValueError(f"a drafter is kind 'lm' with a model, or kind 'ngram'; got {spec}")
+    loaded = (draft_models or DraftModels()).load(spec)
+    return LMDrafter(loaded.model, spec.model, spec.dense_dtype, loaded.fingerprint)

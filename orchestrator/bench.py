@@ -79,10 +79,12 @@ class _Writer:
     """Appends one JSON line per request and flushes it at once."""
 
     def __init__(self, path: pathlib.Path):
+        from orchestrator.report import complete_lines
+
         if path.exists():  # a crash mid-write can leave a partial last line: drop it before appending
-            data = path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                path.write_bytes(data[: data.rfind(b"\n") + 1])
+            whole = complete_lines(path)
+            if len(whole) < path.stat().st_size:
+                path.write_bytes(whole)
         self.file = path.open("a")
 
     def write(self, record: dict) -> None:
@@ -99,7 +101,7 @@ def finished_keys(path: pathlib.Path) -> set[tuple[str, str]]:
 
 
 async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list, config: BenchConfig,
-                            client_config, fingerprint: str, stop_ids: tuple[int, ...], tokenizer, writer: _Writer,
+                            fingerprint: str, stop_ids: tuple[int, ...], tokenizer, writer: _Writer,
                             progress: bool = True) -> None:
     import ray
     from tqdm import tqdm
@@ -110,7 +112,7 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
         params = config.sampling_params(prompt.index, stop_ids)
         if max_new_tokens:
             params = dataclasses.replace(params, max_new_tokens=min(max_new_tokens, params.max_new_tokens))
-        return Job(spec, prompt.ids, params, fingerprint, client_config)
+        return Job(spec, prompt.ids, params, fingerprint)
 
     def record(prompt: Prompt, status: str, attempts: int, result: dict | None = None, error: str = "") -> None:
         rec = {"config": spec.name, "drafter": spec.drafter, "draft_name": spec.draft_name, "draft_model": spec.model,
@@ -192,12 +194,13 @@ def _init_ray(config: BenchConfig) -> bool:
 
 def _client_config(config: BenchConfig):
     """The draft side's ClientConfig: the token and PEM files are read here, on the driver."""
-    from draft_worker.client import load_client_config
+    from draft_worker.transport import load_client_config
 
     sec = config.security
     try:
-        return load_client_config(config.timeout_s, sec.auth_token_file, sec.tls, sec.tls_ca, sec.client_cert,
-                                  sec.client_key, sec.tls_server_name)
+        return load_client_config(timeout_s=config.timeout_s, auth_token_file=sec.auth_token_file, tls=sec.tls,
+                                  tls_ca=sec.tls_ca, client_cert=sec.client_cert, client_key=sec.client_key,
+                                  tls_server_name=sec.tls_server_name)
     except (OSError, ValueError) as exc:
         raise BenchError(f"security: {exc}") from None
 
@@ -236,13 +239,13 @@ async def _start_verifier(config: BenchConfig, client_config) -> tuple:
 
 
 async def _fetch_info(address: str, client_config):
-    from draft_worker import client
+    from draft_worker.transport import VerifierError, fetch_info, open_channel
     from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 
-    async with client.open_channel(address, client_config) as channel:
+    async with open_channel(address, client_config) as channel:
         try:
-            return await client.fetch_info(pb_grpc.VerifierStub(channel), dataclasses.replace(client_config, info_timeout_s=15))
-        except client.VerifierError as exc:
+            return await fetch_info(pb_grpc.VerifierStub(channel), dataclasses.replace(client_config, info_timeout_s=15))
+        except VerifierError as exc:
             raise BenchError(f"cannot reach the verifier at {address}: {exc}") from None
 
 
@@ -279,9 +282,10 @@ def _check_resume(out: pathlib.Path, config: BenchConfig) -> None:
         raise BenchError(f"--resume with a config that changed {', '.join(changed)} since {path}; use a new --out")
 
 
-def _check_tokenizers(config: BenchConfig, specs: list[RunSpec], info) -> tuple:
-    """The prompt tokenizer and its fingerprint; every LM draft must share the verifier's tokenizer."""
-    from draft_worker import client
+def _prompt_tokenizer(config: BenchConfig, info) -> tuple:
+    """The tokenizer that encodes the prompts (the verifier's by default) and its fingerprint, checked
+    against the verifier's. LM drafts are checked on the draft workers (`_prepare_drafts`)."""
+    from draft_worker.transport import VerifierError, check_pair
     from specdec import models
 
     source = config.tokenizer or info.model_id
@@ -291,12 +295,19 @@ def _check_tokenizers(config: BenchConfig, specs: list[RunSpec], info) -> tuple:
         except OSError as exc:
             raise OSError(f"{exc} (set `tokenizer:` in the config to a copy of the verifier's tokenizer)") from None
         fingerprint = models.tokenizer_fingerprint(tokenizer)
-        client.check_pair(info, source, fingerprint)
-        for model in dict.fromkeys(s.model for s in specs if s.drafter == "lm"):
-            client.check_pair(info, model, models.tokenizer_fingerprint(models.load_tokenizer(model)))
-    except (OSError, ValueError, client.VerifierError) as exc:
+        check_pair(info, source, fingerprint)
+    except (OSError, ValueError, VerifierError) as exc:
         raise BenchError(str(exc)) from None
     return tokenizer, fingerprint
+
+
+async def _prepare_drafts(specs: list[RunSpec], workers: list) -> None:
+    """Every worker loads every LM draft on its own node and checks its tokenizer, before any request."""
+    lm_specs = list({(s.model, s.dtype, s.device): s for s in specs if s.drafter == "lm"}.values())
+    try:
+        await asyncio.gather(*(w.prepare.remote(s) for w in workers for s in lm_specs))
+    except Exception as exc:  # noqa: BLE001 - a model that does not load, or does not share the tokenizer
+        raise BenchError(f"draft model check failed: {_error_text(exc)}") from None
 
 
 async def run(config: BenchConfig, resume: bool = False, progress: bool = True) -> pathlib.Path:
@@ -324,13 +335,15 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
             verifier_actor, address = await _start_verifier(config, client_config)
         info = await _fetch_info(address, client_config)
         _check_limits(config, specs, info.limits)
-        tokenizer, fingerprint = _check_tokenizers(config, specs, info)
+        tokenizer, fingerprint = _prompt_tokenizer(config, info)
         limit = min(info.limits.max_prompt_tokens, config.dataset.max_prompt_tokens or info.limits.max_prompt_tokens)
         prompts = encode_prompts(items, tokenizer, limit)
         stop_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
 
         n = config.concurrency.draft_workers
-        workers = [DraftWorker.options(resources={"draft": 1}).remote(address, config.concurrency.draft_threads) for _ in range(n)]
+        workers = [DraftWorker.options(resources={"draft": 1}).remote(address, client_config, config.concurrency.draft_threads)
+                   for _ in range(n)]
+        await _prepare_drafts(specs, workers)
         out.mkdir(parents=True, exist_ok=True)
         run_info = {
             "config": dataclasses.asdict(config), "configurations": [s.name for s in specs], "verifier_address": address,
@@ -346,8 +359,7 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
         for spec in specs:
             todo = [p for p in prompts if (spec.name, p.pubid) not in done]
             if todo:
-                await run_configuration(spec, todo, workers, config, client_config, fingerprint, stop_ids, tokenizer,
-                                        writer, progress)
+                await run_configuration(spec, todo, workers, config, fingerprint, stop_ids, tokenizer, writer, progress)
         return out
     finally:
         if writer is not None:

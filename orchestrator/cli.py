@@ -9,41 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import pathlib
-import signal
 import sys
 
-from specdec.config import SamplingParams, VerifierLimits
-
-log = logging.getLogger("specdec")
-
-
-class UserError(Exception):
-    """Something the user can fix; printed as one line."""
+from specdec.config import SamplingParams
+from specdec.errors import UserError, run_command, user_errors
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve-verifier", help="load the verifier model and serve it over gRPC")
-    p.add_argument("--model", required=True, help="Hub id, local folder, .gguf file, or an offline: alias")
-    p.add_argument("--dtype", default="bf16", help="fp32 | bf16 | fp16 (default bf16)")
-    p.add_argument("--device", default="auto", help="cpu | cuda[:N] | mps | auto (default auto)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051, help="0 binds a free port (the real one is printed)")
-    defaults = VerifierLimits()
-    p.add_argument("--max-gamma", type=int, default=defaults.max_gamma)
-    p.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
-    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    p.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
-    p.add_argument("--max-message-mb", type=int, default=defaults.max_message_bytes // 2**20)
-    p.add_argument("--max-sessions-per-client", type=int, default=defaults.max_sessions_per_client)
-    p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s, help="close a session idle this many seconds")
-    sec = p.add_argument_group("security (required to listen on anything but loopback)")
-    sec.add_argument("--tls-cert", help="PEM certificate chain of this server (see `specdec make-certs`)")
-    sec.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    sec.add_argument("--tls-client-ca", help="require client certificates signed by this PEM CA (mutual TLS)")
-    sec.add_argument("--auth-token-file", help="clients must send this token (default: $SPECDEC_AUTH_TOKEN)")
-    sec.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS and a token")
+    from verifier_worker import serve
+
+    serve.add_arguments(sub.add_parser("serve-verifier", help="load the verifier model and serve it over gRPC"))
 
 
 def _add_generate(sub) -> None:
@@ -132,112 +108,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(args) -> None:
-    from specdec import models
-    from verifier_worker.server import ModelInfo, VerifierServicer, start_server
-
-    limits = VerifierLimits(
-        max_gamma=args.max_gamma,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_new_tokens=args.max_new_tokens,
-        max_sessions=args.max_sessions,
-        max_message_bytes=args.max_message_mb * 2**20,
-        max_sessions_per_client=args.max_sessions_per_client,
-        idle_timeout_s=args.idle_timeout,
-    )
-    credentials, token = _server_security(args)
-    dtype, device = _dtype_device(args.dtype, args.device)
-    tokenizer = _load(models.load_tokenizer, args.model)
-    model = _load(models.load_model, args.model, dtype=dtype, device=device)
-    info = ModelInfo(
-        model_id=args.model,
-        vocab_size=models.model_vocab_size(model),
-        tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
-        dtype=str(dtype).removeprefix("torch."),
-        device=str(device),
-    )
-    servicer = VerifierServicer(model, info, limits)
-    try:
-        server, port = await start_server(servicer, args.host, args.port, credentials, token)
-    except (OSError, RuntimeError) as exc:
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
-    print(f"listening on {args.host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down")
-    await server.stop(grace=5)
-
-
-def _server_security(args):
-    """(TLS credentials or None, token or None); refuses an exposed address without both, unless --insecure."""
-    from specdec import tls
-    from verifier_worker.auth import server_credentials
-
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UserError("pass --tls-cert and --tls-key together")
-    try:
-        token = tls.read_token(args.auth_token_file)
-        credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the TLS/token files: {exc}") from exc
-    if not tls.is_loopback(args.host) and not (credentials and token):
-        if not args.insecure:
-            raise UserError(
-                f"refusing to listen on {args.host} without TLS and an auth token: pass --tls-cert/--tls-key and "
-                "--auth-token-file (make them with `specdec make-certs --host HOST --token`), bind 127.0.0.1 behind "
-                "an SSH tunnel, or pass --insecure to accept the risk"
-            )
-        log.warning("listening on %s with%s TLS and with%s an auth token (--insecure): anyone who can reach "
-                    "this port can use the verifier", args.host, "" if credentials else "out", "" if token else "out")
-    return credentials, token
-
-
 def client_config(args, timeout_s: float = 600.0):
     """ClientConfig from the client security flags; the files are read here."""
-    from draft_worker import client
+    from draft_worker.transport import load_client_config
 
-    try:
-        return client.load_client_config(timeout_s, args.auth_token_file, args.tls, args.tls_ca, args.tls_cert,
-                                         args.tls_key, args.tls_server_name)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the TLS/token files: {exc}") from exc
-
-
-def _dtype_device(dtype_name: str, device_name: str):
-    from specdec import models
-
-    try:
-        return models.parse_dtype(dtype_name), models.resolve_device(device_name)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-
-
-def _load(fn, source: str, **kwargs):
-    try:
-        return fn(source, **kwargs)
-    except (OSError, ValueError, RuntimeError, ImportError) as exc:
-        raise UserError(f"cannot load {source!r}: {exc}") from exc
+    with user_errors("cannot read the TLS/token files", OSError, ValueError):
+        return load_client_config(timeout_s=timeout_s, auth_token_file=args.auth_token_file, tls=args.tls,
+                                  tls_ca=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key,
+                                  tls_server_name=args.tls_server_name)
 
 
 async def _generate(args) -> dict:
-    from draft_worker import client
-    from draft_worker.drafters import LMDrafter, NgramDrafter
+    from draft_worker import client, transport
+    from draft_worker.drafters import DrafterSpec, DraftModels, build_drafter
     from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
     from specdec import models
+    from verifier_worker.serve import load_dtype_device
 
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
     config = client_config(args, args.timeout)
-    async with client.open_channel(args.verifier, config) as channel:
+    async with transport.open_channel(args.verifier, config) as channel:
         stub = pb_grpc.VerifierStub(channel)
-        try:
-            info = await client.fetch_info(stub, config)
-        except client.VerifierError as exc:
-            raise UserError(f"cannot reach the verifier at {args.verifier}: {exc}") from exc
-        tokenizer_source = args.draft or args.tokenizer or info.model_id
-        tokenizer = _load(models.load_tokenizer, tokenizer_source)
+        with user_errors(f"cannot reach the verifier at {args.verifier}", transport.VerifierError):
+            info = await transport.fetch_info(stub, config)
+        spec = DrafterSpec(kind="lm" if args.draft else "ngram", model=args.draft, dtype=args.draft_dtype,
+                           device=args.draft_device, dense_dtype=args.dense_dtype, ngram_max=args.ngram_max)
+        draft_models = DraftModels()
+        source = args.draft or args.tokenizer or info.model_id  # whose tokenizer encodes the prompt
+        if args.draft:
+            load_dtype_device(args.draft_dtype, args.draft_device)  # a bad name is a one-line error, not a load failure
+        with user_errors(f"cannot load {source!r}"):
+            tokenizer = draft_models.load(spec).tokenizer if args.draft else models.load_tokenizer(source)
         fingerprint = models.tokenizer_fingerprint(tokenizer)
         params = SamplingParams(
             temperature=args.temperature,
@@ -247,38 +148,29 @@ async def _generate(args) -> dict:
             max_new_tokens=args.max_new_tokens,
             stop_token_ids=() if args.ignore_eos or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,),
         )
-        try:
+        with user_errors("invalid sampling parameters", ValueError):
             params.validate(info.limits.max_new_tokens)
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
         prompt_ids = tokenizer(prompt)["input_ids"]
-        try:
-            client.check_pair(info, tokenizer_source, fingerprint)
+        with user_errors("generation failed", transport.VerifierError, ValueError):
+            transport.check_pair(info, source, fingerprint)
             if args.baseline:
                 result = await client.generate_baseline(stub, prompt_ids, params, config)
             else:
-                if args.draft:
-                    dtype, device = _dtype_device(args.draft_dtype, args.draft_device)
-                    model = _load(models.load_model, args.draft, dtype=dtype, device=device)
-                    drafter = LMDrafter(model, args.draft, dense_dtype=args.dense_dtype)
-                else:
-                    drafter = NgramDrafter(max_ngram=args.ngram_max)
-                result = await client.speculate(stub, drafter, prompt_ids, params, args.gamma, info, config, fingerprint)
-        except (client.VerifierError, ValueError) as exc:
-            raise UserError(str(exc)) from exc
+                drafter = build_drafter(spec, draft_models, prompt_fingerprint=fingerprint)
+                result = await client.speculate(stub, drafter, prompt_ids, params, args.gamma, info, config,
+                                                drafter.fingerprint)
     result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
     return result.to_dict()
 
 
 def _read_prompt(path: pathlib.Path) -> str:
-    try:
+    with user_errors("cannot read the prompt file", OSError):
         return path.read_text()
-    except OSError as exc:
-        raise UserError(f"cannot read the prompt file: {exc}") from exc
 
 
 def _bench(args) -> dict:
-    from orchestrator import bench, config as bench_config
+    from orchestrator import bench
+    from orchestrator import config as bench_config
 
     try:
         cfg = bench_config.load(args.config)
@@ -299,12 +191,12 @@ async def _health(args) -> None:
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from draft_worker import client
+    from draft_worker.transport import open_channel
 
     config = client_config(args, timeout_s=10)
     deadline = time.monotonic() + args.wait
     while True:
-        async with client.open_channel(args.verifier, config) as channel:
+        async with open_channel(args.verifier, config) as channel:
             try:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -312,7 +204,7 @@ async def _health(args) -> None:
                     return
                 problem = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
-                problem = getattr(exc, "code", lambda: type(exc).__name__)()
+                problem = exc.code().name if hasattr(exc, "code") else type(exc).__name__
         if time.monotonic() >= deadline:
             raise UserError(f"verifier at {args.verifier} is not serving: {problem}")
         await asyncio.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
@@ -321,10 +213,8 @@ async def _health(args) -> None:
 def _make_certs(args) -> None:
     from specdec import tls
 
-    try:
+    with user_errors("cannot make certificates", OSError, ValueError):
         paths = tls.make_certs(args.out, args.host, args.days, token=args.token)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot make certificates: {exc}") from exc
     print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}/ (keys and token are mode 600)")
     print(f"verifier: specdec serve-verifier --host 0.0.0.0 --tls-cert {paths['server']} --tls-key {paths['server_key']}"
           + (f" --auth-token-file {paths['token']}" if "token" in paths else " --auth-token-file TOKEN_FILE"))
@@ -337,44 +227,40 @@ def _report(run_dir: pathlib.Path) -> dict:
 
     if not (run_dir / "requests.jsonl").exists() or not (run_dir / "run.json").exists():
         raise UserError(f"{run_dir} is not a bench run folder (no requests.jsonl and run.json)")
-    try:
+    with user_errors(f"cannot report {run_dir}", ValueError):
         tables, summary = report.render(run_dir)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
     print(tables)
     print(f"\nwrote {run_dir}/summary.md, summary.csv, summary.json and plots", file=sys.stderr)
     return summary
 
 
+def _run(args) -> None:
+    if args.command == "serve-verifier":
+        from verifier_worker.serve import serve
+
+        asyncio.run(serve(args))
+    elif args.command == "generate":
+        out = asyncio.run(_generate(args))
+        print(out["text"])
+        summary = f"{out['new_tokens']} tokens in {out['wall_s']:.2f}s ({out['tokens_per_s']:.1f} tok/s), "
+        summary += "verifier only" if args.baseline else (
+            f"{out['rounds']} rounds, acceptance {out['acceptance_rate']:.2f}, "
+            f"{out['mean_acceptance_length']:.2f} tokens/round, network {out['network_share']:.1%} of wall time")
+        print(summary, file=sys.stderr)
+        if args.json:
+            print(json.dumps(out, separators=(",", ":")))
+    elif args.command == "make-certs":
+        _make_certs(args)
+    elif args.command == "health":
+        asyncio.run(_health(args))
+    elif args.command in ("bench", "report"):
+        summary = _bench(args) if args.command == "bench" else _report(args.run_dir)
+        print(json.dumps(summary, separators=(",", ":")))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "serve-verifier":
-            asyncio.run(_serve(args))
-        elif args.command == "generate":
-            out = asyncio.run(_generate(args))
-            print(out["text"])
-            summary = f"{out['new_tokens']} tokens in {out['wall_s']:.2f}s ({out['tokens_per_s']:.1f} tok/s), "
-            summary += "verifier only" if args.baseline else (
-                f"{out['rounds']} rounds, acceptance {out['acceptance_rate']:.2f}, "
-                f"{out['mean_acceptance_length']:.2f} tokens/round, network {out['network_share']:.1%} of wall time")
-            print(summary, file=sys.stderr)
-            if args.json:
-                print(json.dumps(out, separators=(",", ":")))
-        elif args.command == "make-certs":
-            _make_certs(args)
-        elif args.command == "health":
-            asyncio.run(_health(args))
-        elif args.command in ("bench", "report"):
-            summary = _bench(args) if args.command == "bench" else _report(args.run_dir)
-            print(json.dumps(summary, separators=(",", ":")))
-    except UserError as exc:
-        print(f"specdec: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_command(lambda: _run(args), args.verbose)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ class DraftConfig:
     gamma: int | str | list[int | str] = 4  # a list is a sweep; "adaptive" = HF's +2/-1 heuristic
     rtt_ms: float | list[float] | None = None  # emulated RTT; None = the run's rtt_ms; a list is a sweep
     ngram_max: int = Field(3, ge=1)
+    dense_dtype: Literal["fp16", "fp32"] = "fp16"  # wire dtype of full-vocabulary draft probabilities (sampling)
 
     @field_validator("rtt_ms")
     @classmethod
@@ -155,6 +156,15 @@ class RunSpec:
     gamma: Gamma = 0
     rtt_ms: float = 0.0
     ngram_max: int = 3
+    dense_dtype: str = "fp16"
+
+    @property
+    def drafter_spec(self):
+        """The draft_worker.drafters.DrafterSpec this configuration drafts with."""
+        from draft_worker.drafters import DrafterSpec
+
+        return DrafterSpec(kind=self.drafter, model=self.model, dtype=self.dtype, device=self.device,
+                           dense_dtype=self.dense_dtype, ngram_max=self.ngram_max)
 
     @property
     def name(self) -> str:
@@ -173,7 +183,8 @@ def expand(config: BenchConfig) -> list[RunSpec]:
     for d in config.drafts:
         for rtt in _as_list(d.rtt_ms if d.rtt_ms is not None else config.rtt_ms):
             for gamma in _as_list(d.gamma):
-                specs.append(RunSpec(d.kind, d.name, d.model, d.dtype, d.device, gamma, float(rtt), d.ngram_max))
+                specs.append(RunSpec(d.kind, d.name, d.model, d.dtype, d.device, gamma, float(rtt), d.ngram_max,
+                                     d.dense_dtype))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two configurations share a name: {sorted(n for n in names if names.count(n) > 1)[0]}")

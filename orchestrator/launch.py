@@ -1,4 +1,4 @@
-"""Start `specdec serve-verifier` as a child process and wait until it listens.
+"""Start the verifier (`python -m verifier_worker.serve`) as a child process and wait until it listens.
 
 One launcher for the benchmark's verifier actor, scripts/measure_engine.py and the tests: it runs the
 same command a user runs, binds port 0, and parses the `listening on HOST:PORT` line.
@@ -47,7 +47,7 @@ def start_verifier(model: str, dtype: str = "bf16", device: str = "auto", host: 
 
     Raises RuntimeError whose first line is the verifier's own last error line.
     """
-    cmd = [sys.executable, "-m", "orchestrator.cli", "serve-verifier", "--model", model, "--dtype", dtype,
+    cmd = [sys.executable, "-m", "verifier_worker.serve", "--model", model, "--dtype", dtype,
            "--device", device, "--host", host, "--port", "0", *extra_args]
     with tempfile.NamedTemporaryFile("w+", prefix="specdec-verifier-", suffix=".log", delete=False) as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env or os.environ.copy(),

@@ -10,12 +10,13 @@ import json
 import logging
 import math
 import pathlib
+import warnings
 
 import numpy as np
 import pandas as pd
 
 log = logging.getLogger(__name__)
-SEED_COLUMNS = {  # the seed project's table: configuration, latency, throughput, speedup, acceptance
+HEADLINE_COLUMNS = {  # the first table: configuration, latency, throughput, speedup, acceptance
     "config": "configuration",
     "latency_ms_per_token_p50": "latency p50 (ms/token)",
     "throughput_tok_s_p50": "throughput p50 (tok/s)",
@@ -44,17 +45,25 @@ DETAIL_COLUMNS = {
 }
 
 
+def complete_lines(path: pathlib.Path) -> bytes:
+    """The file's bytes up to its last newline: every record is written with its newline, so anything after
+    it is a record cut short by a crash mid-write, which is dropped (with a warning)."""
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        log.warning("%s: dropping a partial last line (the run was interrupted mid-write)", path)
+    return whole
+
+
 def read_records(path: pathlib.Path) -> list[dict]:
     """Every complete line of requests.jsonl; a partial last line (a crash mid-write) is skipped."""
-    lines = [line for line in path.read_text().split("\n") if line.strip()]
     rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
+    for i, line in enumerate(complete_lines(path).decode().splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
                 raise ValueError(f"{path}: line {i + 1} is not JSON") from None
-            log.warning("%s: skipping a partial last line (the run was interrupted mid-write)", path)
     return rows
 
 
@@ -64,11 +73,6 @@ def load_records(path: pathlib.Path) -> pd.DataFrame:
     if not rows:
         raise ValueError(f"{path} has no records")
     return pd.DataFrame(rows).drop_duplicates(["config", "pubid"], keep="last").reset_index(drop=True)
-
-
-def _pct(values, q: float) -> float:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def acceptance_by_position(proposed: list[list[int]], accepted: list[list[int]]) -> list[float]:
@@ -127,13 +131,13 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
     s_per_token = ok["wall_s"] / tokens
     busy = ok["service_s"].map(sum) + ok["prefill_service_s"]
     row.update({
-        "latency_ms_per_token_p50": 1000 * _pct(s_per_token, 50), "latency_ms_per_token_p95": 1000 * _pct(s_per_token, 95),
-        "ttft_s_p50": _pct(ok["ttft_s"], 50), "ttft_s_p95": _pct(ok["ttft_s"], 95),
-        "throughput_tok_s_p50": _pct(ok["tokens_per_s"], 50), "throughput_tok_s_p95": _pct(ok["tokens_per_s"], 95),
+        "latency_ms_per_token_p50": 1000 * np.nanpercentile(s_per_token, 50), "latency_ms_per_token_p95": 1000 * np.nanpercentile(s_per_token, 95),
+        "ttft_s_p50": np.nanpercentile(ok["ttft_s"], 50), "ttft_s_p95": np.nanpercentile(ok["ttft_s"], 95),
+        "throughput_tok_s_p50": np.nanpercentile(ok["tokens_per_s"], 50), "throughput_tok_s_p95": np.nanpercentile(ok["tokens_per_s"], 95),
         "aggregate_tok_s": tokens.sum() / (ok["finished_at"].max() - ok["started_at"].min()),
         "new_tokens_mean": tokens.mean(),
-        "verifier_busy_s_per_token": _pct(busy / tokens, 50),
-        "cost_per_query_usd": _pct((prices["verifier_per_hour"] * busy
+        "verifier_busy_s_per_token": np.nanpercentile(busy / tokens, 50),
+        "cost_per_query_usd": np.nanpercentile((prices["verifier_per_hour"] * busy
                                     + prices["draft_per_hour"] * ok["wall_s"] / sessions_per_worker) / 3600, 50),
     })
     proposed = ok["proposed"].sum()
@@ -149,9 +153,9 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
             "mean_acceptance_length": tokens.sum() / rounds,
             "mean_gamma": proposed / drafting_rounds if drafting_rounds else 0.0,
             "acceptance_by_position": acceptance_by_position(list(ok["proposed_per_round"]), list(ok["accepted_per_round"])),
-            "round_trip_ms_p50": 1000 * _pct(rtt, 50), "verifier_service_ms_p50": 1000 * _pct(service, 50),
-            "rtt_measured_ms": 1000 * _pct(rtt - service, 50),
-            "network_share_p50": _pct(ok["network_share"], 50),
+            "round_trip_ms_p50": 1000 * np.nanpercentile(rtt, 50), "verifier_service_ms_p50": 1000 * np.nanpercentile(service, 50),
+            "rtt_measured_ms": 1000 * np.nanpercentile(rtt - service, 50),
+            "network_share_p50": np.nanpercentile(ok["network_share"], 50),
             "bytes_sent_per_round": sent / rounds, "bytes_received_per_round": received / rounds,
             "bytes_sent_per_token": sent / tokens.sum(), "bytes_received_per_token": received / tokens.sum(),
             "bytes_per_token": (sent + received) / tokens.sum(),
@@ -166,17 +170,17 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
             firsts = [f for f, _ in diffs if f is not None]
             base_busy = (paired["service_s_base"].map(sum) + paired["prefill_service_s_base"]) / paired["new_tokens_base"]
             row.update({
-                "speedup_paired_p50": _pct(ratios, 50),
-                "speedup_p50_vs_p50": _pct(base_s_per_token, 50) / _pct(paired["wall_s"] / paired["new_tokens"], 50),
+                "speedup_paired_p50": np.nanpercentile(ratios, 50),
+                "speedup_p50_vs_p50": np.nanpercentile(base_s_per_token, 50) / np.nanpercentile(paired["wall_s"] / paired["new_tokens"], 50),
                 "disagree_requests": len(firsts) / len(paired),
-                "first_divergence_p50": _pct(firsts, 50) if firsts else None,
+                "first_divergence_p50": np.nanpercentile(firsts, 50) if firsts else None,
                 "differing_token_share": sum(n for _, n in diffs) / sum(max(len(a), len(b)) for a, b in
                                                                       zip(paired["token_ids"], paired["token_ids_base"])),
                 "rouge_l_vs_baseline": _rouge_l(list(paired["text"]), list(paired["text_base"])),
-                "verifier_busy_vs_baseline": row["verifier_busy_s_per_token"] / _pct(base_busy, 50),
+                "verifier_busy_vs_baseline": row["verifier_busy_s_per_token"] / np.nanpercentile(base_busy, 50),
             })
             if "acceptance_rate" in row:
-                c = row["draft_ms_per_drafted_token"] / 1000 / _pct(base_s_per_token, 50)  # draft step / target step
+                c = row["draft_ms_per_drafted_token"] / 1000 / np.nanpercentile(base_s_per_token, 50)  # draft step / target step
                 row["leviathan_c"] = c
                 row["leviathan_bound"] = leviathan_bound(row["alpha"], row["mean_gamma"], c)
                 row["achieved_over_bound"] = row["speedup_paired_p50"] / row["leviathan_bound"]
@@ -184,7 +188,13 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
 
 
 def summarize(records: pd.DataFrame, run: dict) -> pd.DataFrame:
-    """One row per configuration, in the order they ran."""
+    """One row per configuration, in the order they ran (a metric with no data is NaN)."""
+    with warnings.catch_warnings():  # nanpercentile warns on an all-NaN column; NaN is the answer
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _summarize(records, run)
+
+
+def _summarize(records: pd.DataFrame, run: dict) -> pd.DataFrame:
     prices = run["config"]["prices"]
     sessions = run["config"]["concurrency"]["sessions_per_worker"]
     base_rows = records[records["drafter"] == "baseline"]
@@ -211,7 +221,7 @@ def markdown_table(summary: pd.DataFrame, columns: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _json_value(value):
+def json_value(value):
     """NaN (no data) becomes null, so summary.json is strict JSON; numpy scalars become Python ones."""
     if isinstance(value, float) and math.isnan(value):
         return None
@@ -221,7 +231,7 @@ def _json_value(value):
 def compact(summary: pd.DataFrame, run_dir: pathlib.Path) -> dict:
     """The last stdout line: the headline numbers per configuration."""
     keys = ("throughput_tok_s_p50", "speedup_paired_p50", "acceptance_rate", "requests_failed")
-    configs = {row["config"]: {k: _json_value(row[k]) for k in keys if k in row} for row in summary.to_dict("records")}
+    configs = {row["config"]: {k: json_value(row[k]) for k in keys if k in row} for row in summary.to_dict("records")}
     return {"run_dir": str(run_dir), "configurations": configs}
 
 
@@ -232,14 +242,14 @@ def render(run_dir: str | pathlib.Path) -> tuple[str, dict]:
     run_dir = pathlib.Path(run_dir)
     run = json.loads((run_dir / "run.json").read_text())
     summary = summarize(load_records(run_dir / "requests.jsonl"), run)
-    records = [{k: _json_value(v) for k, v in row.items()} for row in summary.to_dict("records")]
+    records = [{k: json_value(v) for k, v in row.items()} for row in summary.to_dict("records")]
     (run_dir / "summary.json").write_text(json.dumps(records, indent=1, default=str))
     flat = summary.copy()
     if "acceptance_by_position" in flat:
         flat["acceptance_by_position"] = flat["acceptance_by_position"].map(
             lambda v: json.dumps([round(x, 4) for x in v]) if isinstance(v, list) else "")
     flat.to_csv(run_dir / "summary.csv", index=False)
-    tables = markdown_table(summary, SEED_COLUMNS) + "\n\n" + markdown_table(summary, DETAIL_COLUMNS)
+    tables = markdown_table(summary, HEADLINE_COLUMNS) + "\n\n" + markdown_table(summary, DETAIL_COLUMNS)
     (run_dir / "summary.md").write_text(tables + "\n")
     plots.render_all(summary, run_dir)
     return tables, compact(summary, run_dir)

@@ -1,7 +1,9 @@
 """Ray actors of the benchmark: draft workers (placed by the custom resource `draft`) and the verifier.
 
-A DraftWorker holds its draft models and one gRPC channel per emulated RTT (through a DelayProxy when
-the RTT is > 0) and runs one request per `run` call: the verifier-only baseline or a speculative session.
+A DraftWorker holds its draft models (loaded on its own node, never on the driver) and one gRPC channel
+per emulated RTT (through a DelayProxy when the RTT is > 0), and runs one request per `run` call: the
+verifier-only baseline or a speculative session. It gets the client config (deadline, token, TLS bytes)
+once, when it is created.
 The VerifierActor starts `specdec serve-verifier` on its node (the `verifier` resource, plus GPUs when
 asked) and hands back the address. The same code runs on one machine and on a `ray up` cluster.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import ray
 
-from draft_worker.client import ClientConfig
+from draft_worker.transport import ClientConfig
 from orchestrator.config import RunSpec
 from specdec.config import SamplingParams
 
@@ -27,18 +29,20 @@ class Job:
     spec: RunSpec
     prompt_ids: list[int]
     params: SamplingParams
-    tokenizer_fingerprint: str
-    client: ClientConfig  # deadline, token and TLS material (bytes, so no file needs to exist on this node)
+    prompt_fingerprint: str  # of the tokenizer that made prompt_ids (the n-gram drafter drafts these ids)
 
 
 @ray.remote(num_cpus=0, max_restarts=2)
 class DraftWorker:
-    def __init__(self, verifier_address: str, threads: int | None = None):
+    def __init__(self, verifier_address: str, config: ClientConfig, threads: int | None = None):
         import torch
+
+        from draft_worker.drafters import DraftModels
 
         torch.set_num_threads(threads or os.cpu_count() or 1)  # Ray sets OMP_NUM_THREADS=1 in its workers
         self.verifier_address = verifier_address
-        self._models: dict[tuple, object] = {}
+        self.config = config  # deadline, token and TLS material (bytes, so no file needs to exist on this node)
+        self._draft_models = DraftModels()
         self._channels: dict[float, tuple] = {}  # rtt_ms -> (proxy | None, channel, stub)
         self._info = None  # the verifier's InfoReply, fetched once
         self._lock = asyncio.Lock()
@@ -46,53 +50,55 @@ class DraftWorker:
     def where(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
-    async def _stub(self, rtt_ms: float, config: ClientConfig):
+    async def _stub(self, rtt_ms: float):
         async with self._lock:  # concurrent first calls must not each open a proxy and a channel
             if rtt_ms not in self._channels:
-                self._channels[rtt_ms] = await self._open(rtt_ms, config)
+                self._channels[rtt_ms] = await self._open(rtt_ms)
         return self._channels[rtt_ms][2]
 
-    async def _open(self, rtt_ms: float, config: ClientConfig) -> tuple:
+    async def _open(self, rtt_ms: float) -> tuple:
         """(delay proxy or None, channel, stub) for one emulated RTT."""
-        from draft_worker.client import open_channel
         from draft_worker.delay import DelayProxy
+        from draft_worker.transport import open_channel
         from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 
+        config = self.config
         proxy = await DelayProxy(self.verifier_address, rtt_ms).start() if rtt_ms > 0 else None
         if proxy and config.secure and not config.tls_server_name:  # the cert names the verifier, not the proxy
             config = dataclasses.replace(config, tls_server_name=self.verifier_address.rpartition(":")[0].strip("[]"))
         channel = open_channel(proxy.address if proxy else self.verifier_address, config)
         return proxy, channel, pb_grpc.VerifierStub(channel)
 
-    def _drafter(self, spec: RunSpec):
-        from draft_worker.drafters import LMDrafter, NgramDrafter
-        from specdec import models
+    async def _verifier_info(self, stub):
+        from draft_worker.transport import fetch_info
 
-        if spec.drafter == "ngram":
-            return NgramDrafter(max_ngram=spec.ngram_max)
-        key = (spec.model, spec.dtype, spec.device)
-        if key not in self._models:
-            dtype, device = models.parse_dtype(spec.dtype), models.resolve_device(spec.device)
-            self._models[key] = models.load_model(spec.model, dtype=dtype, device=device)
-        return LMDrafter(self._models[key], spec.model)
+        self._info = self._info or await fetch_info(stub, self.config)
+        return self._info
+
+    async def prepare(self, spec: RunSpec) -> str:
+        """Load spec's draft model on this node and check it shares the verifier's tokenizer (VerifierError if
+        not), before any request of the run. -> the draft tokenizer's fingerprint."""
+        from draft_worker.transport import check_pair
+
+        loaded = await asyncio.to_thread(self._draft_models.load, spec.drafter_spec)
+        check_pair(await self._verifier_info(await self._stub(0.0)), spec.model, loaded.fingerprint)
+        return loaded.fingerprint
 
     async def run(self, job: Job) -> dict:
         """One request; returns GenerationResult.to_dict() plus when and where it ran. Raises on failure."""
         from draft_worker import client
-        from draft_worker.drafters import AdaptiveGamma
+        from draft_worker.drafters import AdaptiveGamma, build_drafter
 
-        config = job.client
-        stub = await self._stub(job.spec.rtt_ms, config)
+        stub = await self._stub(job.spec.rtt_ms)
         started_at = time.time()
         if job.spec.drafter == "baseline":
-            result = await client.generate_baseline(stub, job.prompt_ids, job.params, config)
+            result = await client.generate_baseline(stub, job.prompt_ids, job.params, self.config)
         else:
-            self._info = self._info or await client.fetch_info(stub, config)
-            info = self._info
+            info = await self._verifier_info(stub)
             gamma = AdaptiveGamma() if job.spec.gamma == "adaptive" else job.spec.gamma
-            drafter = self._drafter(job.spec)
-            result = await client.speculate(stub, drafter, job.prompt_ids, job.params, gamma, info, config,
-                                            job.tokenizer_fingerprint)
+            drafter = build_drafter(job.spec.drafter_spec, self._draft_models, job.prompt_fingerprint)
+            result = await client.speculate(stub, drafter, job.prompt_ids, job.params, gamma, info, self.config,
+                                            drafter.fingerprint)
         return {**result.to_dict(), "started_at": started_at, "finished_at": time.time(), "worker": self.where()}
 
     async def close(self) -> None:

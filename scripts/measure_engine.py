@@ -5,6 +5,8 @@
 
 The verifier runs as a separate `specdec serve-verifier` process; the drafts and the HF runs live in this
 one. Every mode generates exactly --max-new-tokens tokens (EOS ignored) after one warm-up prompt each.
+Each request becomes a record in the benchmark's own format, so the metrics are `orchestrator.report`'s,
+computed twice: against the gRPC verifier-only baseline and against HF's verifier-only `generate`.
 Prints a markdown table and, as the last line, one JSON document.
 """
 
@@ -14,95 +16,101 @@ import argparse
 import asyncio
 import json
 import pathlib
-import statistics
 import sys
 import time
 
+import pandas as pd
 import torch
 
-from draft_worker import client
-from draft_worker.drafters import LMDrafter, NgramDrafter
+from draft_worker import client, transport
+from draft_worker.drafters import DrafterSpec, DraftModels, build_drafter
+from orchestrator import report
 from orchestrator.launch import start_verifier
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import models
 from specdec.config import SamplingParams
+from specdec.metrics import GenerationResult
 from specdec.pubmedqa import default_path, load_items
 
+GRPC_BASELINE, HF_BASELINE = "grpc verifier-only", "HF generate verifier-only"
 
-def hf_generate(model, prompt_ids: list[int], n: int, assistant=None) -> tuple[list[int], float]:
+
+def hf_generate(model, prompt_ids: list[int], n: int, assistant=None) -> GenerationResult:
     input_ids = torch.tensor([prompt_ids])
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
                              min_new_tokens=n, do_sample=False, assistant_model=assistant)
-    return out[0, len(prompt_ids):].tolist(), time.perf_counter() - start
+    return GenerationResult(token_ids=out[0, len(prompt_ids):].tolist(), wall_s=time.perf_counter() - start)
 
 
-async def run(args) -> dict:
+async def run(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     verifier = start_verifier(args.verifier_model, args.verifier_dtype, "cpu")
-    address = verifier.address
     try:
-        tokenizer = models.load_tokenizer(args.draft_model)
-        fingerprint = models.tokenizer_fingerprint(tokenizer)
-        draft = models.load_model(args.draft_model, dtype=models.parse_dtype(args.draft_dtype), device=torch.device("cpu"))
+        draft_models = DraftModels()
+        lm = DrafterSpec(kind="lm", model=args.draft_model, dtype=args.draft_dtype)
+        loaded = draft_models.load(lm)
+        tokenizer, fingerprint = loaded.tokenizer, loaded.fingerprint
         target = models.load_model(args.verifier_model, dtype=models.parse_dtype(args.verifier_dtype), device=torch.device("cpu"))
         items = load_items(args.pubmedqa)
         prompts = [tokenizer(item.prompt)["input_ids"] for item in items[: args.prompts + 1]]
         params = SamplingParams(max_new_tokens=args.max_new_tokens)
-        rows: dict[str, list[dict]] = {}
-        async with client.open_channel(address) as channel:
+        records: list[dict] = []
+        async with transport.open_channel(verifier.address) as channel:
             stub = pb_grpc.VerifierStub(channel)
-            info = await client.fetch_info(stub)
-            modes = {"grpc verifier-only": lambda p: client.generate_baseline(stub, p, params)}
-            for gamma in args.gamma:
-                modes[f"grpc speculative, LM drafter (gamma={gamma})"] = lambda p, g=gamma: client.speculate(
-                    stub, LMDrafter(draft, args.draft_model), p, params, g, info, tokenizer_fingerprint=fingerprint)
-            for gamma in args.gamma:
-                modes[f"grpc speculative, n-gram drafter (gamma={gamma})"] = lambda p, g=gamma: client.speculate(
-                    stub, NgramDrafter(), p, params, g, info, tokenizer_fingerprint=fingerprint)
+            info = await transport.fetch_info(stub)
+
+            def speculative(spec: DrafterSpec, gamma: int):
+                async def one(prompt_ids: list[int]) -> GenerationResult:
+                    drafter = build_drafter(spec, draft_models, fingerprint)
+                    return await client.speculate(stub, drafter, prompt_ids, params, gamma, info,
+                                                  tokenizer_fingerprint=drafter.fingerprint)
+                return one
+
+            def hf(assistant=None):
+                async def one(prompt_ids: list[int]) -> GenerationResult:
+                    return hf_generate(target, prompt_ids, args.max_new_tokens, assistant)
+                return one
+
+            modes = {GRPC_BASELINE: ("baseline", 0, lambda p: client.generate_baseline(stub, p, params))}
+            for kind, spec in (("lm", lm), ("ngram", DrafterSpec(kind="ngram"))):
+                for gamma in args.gamma:
+                    modes[f"grpc speculative, {kind} drafter (gamma={gamma})"] = (kind, gamma, speculative(spec, gamma))
+            modes[HF_BASELINE] = ("hf", 0, hf())
+            modes["HF generate(assistant_model=draft)"] = ("hf", 0, hf(loaded.model))
             for i, prompt in enumerate(prompts):  # prompt 0 is the warm-up, not recorded
-                for name, fn in modes.items():
-                    result = (await fn(prompt)).to_dict()
+                for name, (kind, gamma, fn) in modes.items():
+                    started_at = time.time()
+                    result = await fn(prompt)
+                    result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
                     if i:
-                        rows.setdefault(name, []).append(result)
-                for name, assistant in (("HF generate verifier-only", None), ("HF generate(assistant_model=draft)", draft)):
-                    ids, wall = hf_generate(target, prompt, args.max_new_tokens, assistant)
-                    if i:
-                        rows.setdefault(name, []).append({"token_ids": ids, "wall_s": wall, "tokens_per_s": len(ids) / wall})
+                        records.append({**result.to_dict(), "config": name, "drafter": kind, "draft_name": name,
+                                        "gamma": gamma, "rtt_ms": 0.0, "pubid": str(i), "prompt_truncated": False,
+                                        "status": "ok", "started_at": started_at, "finished_at": time.time()})
                 print(f"prompt {i}/{args.prompts} done", file=sys.stderr, flush=True)
     finally:
         verifier.stop()
-    return summarize(rows, args)
+    return records
 
 
-def summarize(rows: dict[str, list[dict]], args) -> dict:
-    base = rows["grpc verifier-only"]
-    hf_base = rows["HF generate verifier-only"]
-    summary = {}
-    for name, results in rows.items():
-        entry = {
-            "tok_s_p50": statistics.median(r["tokens_per_s"] for r in results),
-            "speedup_vs_grpc_baseline_p50": statistics.median(b["wall_s"] / r["wall_s"] for b, r in zip(base, results)),
-            "speedup_vs_hf_baseline_p50": statistics.median(b["wall_s"] / r["wall_s"] for b, r in zip(hf_base, results)),
-            "identical_to_grpc_baseline": sum(r["token_ids"] == b["token_ids"] for b, r in zip(base, results)),
-        }
-        if "acceptance_rate" in results[0] and results[0]["proposed"]:
-            entry["acceptance_rate"] = sum(r["accepted"] for r in results) / sum(r["proposed"] for r in results)
-            entry["mean_acceptance_length"] = statistics.median(r["mean_acceptance_length"] for r in results)
-            entry["network_share_p50"] = statistics.median(r["network_share"] for r in results)
-            entry["bytes_per_token_p50"] = statistics.median((r["bytes_sent"] + r["bytes_received"]) / r["new_tokens"] for r in results)
-        summary[name] = entry
+def summarize(records: list[dict], args) -> dict:
+    """report.summarize against each baseline: paired speedups, acceptance, network share, disagreement."""
+    frame = pd.DataFrame(records)
+    run = {"config": {"prices": {"verifier_per_hour": 0.0, "draft_per_hour": 0.0}, "concurrency": {"sessions_per_worker": 1}},
+           "configurations": list(dict.fromkeys(frame["config"]))}
+    vs_grpc = report.summarize(frame, run)
+    vs_hf = report.summarize(frame.assign(drafter=frame["config"].map(lambda c: "baseline" if c == HF_BASELINE else "other")), run)
+    vs_grpc["speedup_vs_hf_p50"] = vs_hf["speedup_paired_p50"].values
+    columns = {"config": "mode", "throughput_tok_s_p50": "tok/s p50", "speedup_paired_p50": "speedup vs gRPC verifier-only",
+               "speedup_vs_hf_p50": "speedup vs HF verifier-only", "acceptance_rate": "acceptance",
+               "mean_acceptance_length": "tokens/round", "network_share_p50": "network share",
+               "disagree_requests": "requests ≠ gRPC verifier-only"}
     print(f"\n{args.prompts} PubMedQA prompts, {args.max_new_tokens} new tokens, verifier {args.verifier_model} "
           f"{args.verifier_dtype}, draft {args.draft_model} {args.draft_dtype}, {args.threads} threads\n")
-    print("| mode | tok/s p50 | speedup vs gRPC baseline | speedup vs HF baseline | acceptance | network share | identical |")
-    print("|---|---|---|---|---|---|---|")
-    for name, e in summary.items():
-        acc = f"{e['acceptance_rate']:.2f}" if "acceptance_rate" in e else "-"
-        net = f"{e['network_share_p50']:.1%}" if "network_share_p50" in e else "-"
-        print(f"| {name} | {e['tok_s_p50']:.2f} | {e['speedup_vs_grpc_baseline_p50']:.2f}x | "
-              f"{e['speedup_vs_hf_baseline_p50']:.2f}x | {acc} | {net} | {e['identical_to_grpc_baseline']}/{len(base)} |")
-    return {"config": vars(args) | {"pubmedqa": str(args.pubmedqa), "out": str(args.out)}, "summary": summary, "requests": rows}
+    print(report.markdown_table(vs_grpc, columns))
+    rows = vs_grpc.drop(columns=["acceptance_by_position"], errors="ignore").to_dict("records")
+    return {row["config"]: {k: report.json_value(row[k]) for k in columns if k in row and k != "config"} for row in rows}
 
 
 def main() -> None:
@@ -120,11 +128,13 @@ def main() -> None:
     args = p.parse_args()
     if args.pubmedqa is None:
         p.error("pass --pubmedqa or set SPECDEC_PUBMEDQA")
-    report = asyncio.run(run(args))
+    records = asyncio.run(run(args))
+    summary = summarize(records, args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps(report["summary"], separators=(",", ":")))
+        config = vars(args) | {"pubmedqa": str(args.pubmedqa), "out": str(args.out)}
+        args.out.write_text(json.dumps({"config": config, "summary": summary, "requests": records}, indent=1))
+    print(json.dumps(summary, separators=(",", ":")))
 
 
 if __name__ == "__main__":

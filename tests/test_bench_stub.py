@@ -15,7 +15,8 @@ import pytest
 import ray
 import torch
 
-from orchestrator import bench, config as bench_config, report
+from orchestrator import bench, report
+from orchestrator import config as bench_config
 from orchestrator.report import leviathan_bound
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc

@@ -13,9 +13,8 @@ import pytest
 import yaml
 
 from orchestrator.launch import start_verifier
-from tests.stubs import CLI, ENV
 from specdec.tls import make_certs
-
+from tests.stubs import CLI, ENV
 
 
 @pytest.fixture

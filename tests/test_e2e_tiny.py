@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draft_worker.client import fetch_info, generate_baseline, speculate
+from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import LMDrafter, NgramDrafter
+from draft_worker.transport import fetch_info
 from specdec import models
 from specdec.config import SamplingParams
 from specdec.pubmedqa import load_items

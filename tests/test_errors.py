@@ -12,8 +12,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from draft_worker.client import ClientConfig, fetch_info, speculate
+from draft_worker.client import speculate
 from draft_worker.drafters import LMDrafter
+from draft_worker.transport import ClientConfig, fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
 from specdec.config import SamplingParams, VerifierLimits
@@ -45,15 +46,19 @@ def proposal_request(draft_ids, **probs) -> pb.SpeculateRequest:
 
 
 async def speculate_error(stub, *requests: pb.SpeculateRequest) -> grpc.aio.AioRpcError:
-    """Send requests on one Speculate stream and return the error that ends it (fails if none does)."""
+    """Send requests on one Speculate stream and return the error that ends it (fails if none does).
+
+    Each request's reply is read before the next write, as the client does: a write that races the
+    server's abort makes grpcio report INTERNAL instead of the server's status."""
     call = stub.Speculate(timeout=TIMEOUT_S)
     try:
         for request in requests:
             await call.write(request)
-        await call.done_writing()
-        for _ in range(len(requests) + 1):  # at most one reply per request
-            if await call.read() is grpc.aio.EOF:
+            if await call.read() is grpc.aio.EOF:  # one reply per request; a refusal raises here
                 break
+        else:
+            await call.done_writing()
+            await call.read()
     except grpc.aio.AioRpcError as exc:
         return exc
     pytest.fail(f"the stream ended with {await call.code()} instead of an error")

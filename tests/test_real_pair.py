@@ -8,8 +8,9 @@ import importlib.util
 import pytest
 import torch
 
-from draft_worker.client import check_pair, fetch_info, generate_baseline, speculate
+from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import LMDrafter, NgramDrafter
+from draft_worker.transport import check_pair, fetch_info
 from specdec import models
 from specdec.config import SamplingParams
 from specdec.pubmedqa import load_items

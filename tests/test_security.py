@@ -12,9 +12,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from draft_worker.client import (ClientConfig, VerifierError, fetch_info, generate_baseline, load_client_config,
-                                 open_channel, speculate)
+from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import LMDrafter
+from draft_worker.transport import ClientConfig, VerifierError, fetch_info, load_client_config, open_channel
 from orchestrator.launch import start_verifier as launch_verifier
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc

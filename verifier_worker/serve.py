@@ -1,0 +1,120 @@
+"""`specdec serve-verifier` (also `python -m verifier_worker.serve`): load the model and serve it over gRPC.
+
+The verifier's whole command line lives here, so a GPU box runs it without the benchmark's packages
+(Ray, pandas, plots). It prints `listening on HOST:PORT` once it serves; launchers wait for that line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from specdec.config import VerifierLimits
+from specdec.errors import UserError, run_command, user_errors
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hub id, local folder, .gguf file, or an offline: alias")
+    p.add_argument("--dtype", default="bf16", help="fp32 | bf16 | fp16 (default bf16)")
+    p.add_argument("--device", default="auto", help="cpu | cuda[:N] | mps | auto (default auto)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="0 binds a free port (the real one is printed)")
+    defaults = VerifierLimits()
+    p.add_argument("--max-gamma", type=int, default=defaults.max_gamma)
+    p.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    p.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
+    p.add_argument("--max-message-mb", type=int, default=defaults.max_message_bytes // 2**20)
+    p.add_argument("--max-sessions-per-client", type=int, default=defaults.max_sessions_per_client)
+    p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s, help="close a session idle this many seconds")
+    sec = p.add_argument_group("security (required to listen on anything but loopback)")
+    sec.add_argument("--tls-cert", help="PEM certificate chain of this server (see `specdec make-certs`)")
+    sec.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    sec.add_argument("--tls-client-ca", help="require client certificates signed by this PEM CA (mutual TLS)")
+    sec.add_argument("--auth-token-file", help="clients must send this token (default: $SPECDEC_AUTH_TOKEN)")
+    sec.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS and a token")
+
+
+def load_dtype_device(dtype_name: str, device_name: str):
+    """(torch dtype, torch device) from their names; a UserError names what is wrong."""
+    from specdec import models
+
+    with user_errors("invalid --dtype/--device", ValueError):
+        return models.parse_dtype(dtype_name), models.resolve_device(device_name)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from specdec import models
+    from verifier_worker.server import ModelInfo, VerifierServicer, start_server
+
+    limits = VerifierLimits(
+        max_gamma=args.max_gamma,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        max_sessions=args.max_sessions,
+        max_message_bytes=args.max_message_mb * 2**20,
+        max_sessions_per_client=args.max_sessions_per_client,
+        idle_timeout_s=args.idle_timeout,
+    )
+    credentials, token = _server_security(args)
+    dtype, device = load_dtype_device(args.dtype, args.device)
+    with user_errors(f"cannot load {args.model!r}"):
+        tokenizer = models.load_tokenizer(args.model)
+        model = models.load_model(args.model, dtype=dtype, device=device)
+    info = ModelInfo(
+        model_id=args.model,
+        vocab_size=models.model_vocab_size(model),
+        tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+    )
+    servicer = VerifierServicer(model, info, limits)
+    with user_errors(f"cannot listen on {args.host}:{args.port}", OSError, RuntimeError):
+        server, port = await start_server(servicer, args.host, args.port, credentials, token)
+    print(f"listening on {args.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop(grace=5)
+
+
+def _server_security(args):
+    """(TLS credentials or None, token or None); refuses an exposed address without both, unless --insecure."""
+    from specdec import tls
+    from verifier_worker.auth import server_credentials
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError("pass --tls-cert and --tls-key together")
+    with user_errors("cannot read the TLS/token files", OSError, ValueError):
+        token = tls.read_token(args.auth_token_file)
+        credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    if not tls.is_loopback(args.host) and not (credentials and token):
+        if not args.insecure:
+            raise UserError(
+                f"refusing to listen on {args.host} without TLS and an auth token: pass --tls-cert/--tls-key and "
+                "--auth-token-file (make them with `specdec make-certs --host HOST --token`), bind 127.0.0.1 behind "
+                "an SSH tunnel, or pass --insecure to accept the risk"
+            )
+        log.warning("listening on %s with%s TLS and with%s an auth token (--insecure): anyone who can reach "
+                    "this port can use the verifier", args.host, "" if credentials else "out", "" if token else "out")
+    return credentials, token
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specdec serve-verifier", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_command(lambda: asyncio.run(serve(args)), args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
