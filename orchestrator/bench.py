@@ -116,7 +116,7 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
 
     def record(prompt: Prompt, status: str, attempts: int, result: dict | None = None, error: str = "") -> None:
         rec = {"config": spec.name, "drafter": spec.drafter, "draft_name": spec.draft_name, "draft_model": spec.model,
-               "gamma": spec.gamma, "rtt_ms": spec.rtt_ms, "prompt_index": prompt.index, "pubid": prompt.pubid,
+               "gamma": spec.gamma, "rtt_ms": spec.rtt_ms, "sessions": sessions, "prompt_index": prompt.index, "pubid": prompt.pubid,
                "prompt_tokens": len(prompt.ids), "prompt_truncated": prompt.truncated, "status": status,
                "attempts": attempts, "error": error}
         if result is not None:
@@ -124,6 +124,7 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
             rec.update(result)
         writer.write(rec)
 
+    sessions = spec.sessions or config.concurrency.levels()[0]  # requests in flight
     deadline = config.timeout_s + 120  # the client's own deadline fires first; this catches a hung actor
     if config.warmup and prompts:
         try:
@@ -169,7 +170,7 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
             bar.set_postfix(postfix)
 
     try:
-        await asyncio.gather(*(slot(w) for w in workers for _ in range(config.concurrency.sessions_per_worker)))
+        await asyncio.gather(*(slot(workers[i % len(workers)]) for i in range(sessions)))  # round-robin over workers
     finally:
         bar.close()
 
@@ -223,7 +224,28 @@ def _need(resource: str, amount: float, hint: str) -> None:
         raise BenchError(f"the Ray cluster offers {have:g} of the `{resource}` resource, this run needs {amount:g}; {hint}")
 
 
-async def _start_verifier(config: BenchConfig, client_config) -> tuple:
+def _pin_cores(config: BenchConfig) -> tuple[list[int] | None, list[int] | None]:
+    """(verifier cores, draft cores) for a local run, or (None, None) to leave placement to the OS.
+
+    One box plays two machines: without pinning, the draft's forward passes and the verifier's fight for the
+    same cores and both look slower than either would on its own machine. The baseline runs on the same
+    verifier cores as every speculative configuration.
+    """
+    if config.cpus == "shared" or config.ray.address is not None:
+        return None, None
+    available = sorted(os.sched_getaffinity(0))
+    if config.cpus == "auto":
+        if config.verifier.address is not None or len(available) < 2:
+            return None, None
+        half = (len(available) + 1) // 2
+        return available[:half], available[half:]
+    unknown = sorted(set(config.cpus.verifier + config.cpus.draft) - set(available))
+    if unknown or not config.cpus.verifier or not config.cpus.draft:
+        raise BenchError(f"cpus: give non-empty lists of this machine's cores {available}; not available: {unknown}")
+    return list(config.cpus.verifier), list(config.cpus.draft)
+
+
+async def _start_verifier(config: BenchConfig, client_config, cpus: list[int] | None) -> tuple:
     """A VerifierActor on the node with the `verifier` resource; -> (actor, its HOST:PORT)."""
     from orchestrator.workers import VerifierActor
 
@@ -231,7 +253,7 @@ async def _start_verifier(config: BenchConfig, client_config) -> tuple:
     v = config.verifier
     actor = VerifierActor.options(resources={"verifier": 1}, num_gpus=v.num_gpus).remote(
         v.model, v.dtype, v.device, local=config.ray.address is None, threads=v.threads,
-        server_args=_server_args(config), token=client_config.auth_token)
+        server_args=_server_args(config), token=client_config.auth_token, cpus=cpus)
     try:
         return actor, await actor.address.remote()
     except Exception as exc:  # noqa: BLE001 - the model failed to load, or the port to bind
@@ -257,10 +279,10 @@ def _check_limits(config: BenchConfig, specs: list[RunSpec], limits) -> None:
         problems.append(f"gamma {max(gammas)} is over the verifier's max_gamma {limits.max_gamma}")
     if config.max_new_tokens > limits.max_new_tokens:
         problems.append(f"max_new_tokens {config.max_new_tokens} is over the verifier's limit {limits.max_new_tokens}")
-    sessions = config.concurrency.draft_workers * config.concurrency.sessions_per_worker
+    sessions = max(config.concurrency.levels())
     per_client = limits.max_sessions_per_client or limits.max_sessions
     if sessions > min(limits.max_sessions, per_client):
-        problems.append(f"draft_workers x sessions_per_worker = {sessions} sessions is over the verifier's limit of "
+        problems.append(f"concurrency: {sessions} sessions is over the verifier's limit of "
                         f"{min(limits.max_sessions, per_client)} (max_sessions / max_sessions_per_client)")
     if problems:
         raise BenchError("; ".join(problems))
@@ -330,9 +352,12 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
     try:
         _need("draft", config.concurrency.draft_workers,
               "give draft nodes the resource (ray start --resources '{\"draft\": N}') or lower concurrency.draft_workers")
+        verifier_cpus, draft_cpus = _pin_cores(config)
+        if verifier_cpus:
+            log.warning("cores: verifier %s, draft workers %s (cpus: shared turns pinning off)", verifier_cpus, draft_cpus)
         address = config.verifier.address
         if address is None:
-            verifier_actor, address = await _start_verifier(config, client_config)
+            verifier_actor, address = await _start_verifier(config, client_config, verifier_cpus)
         info = await _fetch_info(address, client_config)
         _check_limits(config, specs, info.limits)
         tokenizer, fingerprint = _prompt_tokenizer(config, info)
@@ -341,14 +366,15 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
         stop_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
 
         n = config.concurrency.draft_workers
-        workers = [DraftWorker.options(resources={"draft": 1}).remote(address, client_config, config.concurrency.draft_threads)
-                   for _ in range(n)]
+        workers = [DraftWorker.options(resources={"draft": 1}).remote(address, client_config, config.concurrency.draft_threads,
+                                                                      draft_cpus) for _ in range(n)]
         await _prepare_drafts(specs, workers)
         out.mkdir(parents=True, exist_ok=True)
         run_info = {
             "config": dataclasses.asdict(config), "configurations": [s.name for s in specs], "verifier_address": address,
             "verifier": {"model_id": info.model_id, "dtype": info.dtype, "device": info.device},
             "prompts": len(prompts), "prompts_truncated": sum(p.truncated for p in prompts),
+            "cpus": {"verifier": verifier_cpus, "draft": draft_cpus},
             "workers": await asyncio.gather(*(w.where.remote() for w in workers)), "driver": platform.node(),
             "started_at": time.time(), "resumed": resume,
         }

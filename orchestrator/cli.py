@@ -85,6 +85,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--emulate-rtt-ms", type=float, help="add this round trip (userspace delay, half each way)")
     p.add_argument("--draft-workers", type=int, help="draft worker actors")
     p.add_argument("--sessions-per-worker", type=int, help="requests in flight per draft worker")
+    p.add_argument("--sessions", type=int, nargs="+", metavar="N", help="requests in flight in all; several sweep it")
+    p.add_argument("--cpus", choices=["auto", "shared"], help="pin verifier and drafts to disjoint cores (auto) or not")
     p.add_argument("--out", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished requests")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -178,7 +180,8 @@ def _bench(args) -> dict:
             "verifier.address": args.verifier, "ray.address": args.ray_address, "dataset.source": args.dataset,
             "dataset.num_prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "rtt_ms": args.emulate_rtt_ms,
             "concurrency.draft_workers": args.draft_workers, "concurrency.sessions_per_worker": args.sessions_per_worker,
-            "output_dir": args.out})
+            "concurrency.sessions": args.sessions and (args.sessions if len(args.sessions) > 1 else args.sessions[0]),
+            "cpus": args.cpus, "output_dir": args.out})
         run_dir = asyncio.run(bench.run(cfg, resume=args.resume, progress=not args.no_progress))
     except (bench_config.ConfigError, bench.BenchError) as exc:
         raise UserError(str(exc)) from exc

@@ -87,8 +87,31 @@ class DatasetConfig:
 @pydantic_dataclass(config=_STRICT)
 class ConcurrencyConfig:
     draft_workers: int = Field(1, ge=1)  # Ray actors, each needing one `draft` resource
-    sessions_per_worker: int = Field(1, ge=1)  # requests in flight per worker
-    draft_threads: int | None = Field(None, ge=1)  # torch CPU threads per worker; None = all of its node's cores
+    sessions_per_worker: int = Field(1, ge=1)  # requests in flight per worker (when `sessions` is not set)
+    # requests in flight in all, spread over the workers; a list sweeps it (every configuration at every level,
+    # the same prompts); None = draft_workers x sessions_per_worker
+    sessions: int | list[int] | None = None
+    draft_threads: int | None = Field(None, ge=1)  # torch CPU threads per worker; None = its cores
+
+    @field_validator("sessions")
+    @classmethod
+    def _sessions_range(cls, value):
+        for n in value if isinstance(value, list) else [value]:
+            if n is not None and n < 1:
+                raise ValueError(f"sessions must be >= 1, got {n}")
+        return value
+
+    def levels(self) -> list[int]:
+        """The concurrency levels measured: total requests in flight."""
+        if self.sessions is None:
+            return [self.draft_workers * self.sessions_per_worker]
+        return _as_list(self.sessions)
+
+
+@pydantic_dataclass(config=_STRICT)
+class CpusConfig:
+    verifier: list[int]  # CPU ids the Ray-started verifier runs on (the baseline's too)
+    draft: list[int]  # CPU ids every draft worker runs on
 
 
 @pydantic_dataclass(config=_STRICT)
@@ -134,6 +157,9 @@ class BenchConfig:
     warmup: bool = True  # one short untimed request per worker before each configuration
     ray: RayConfig = Field(default_factory=RayConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    # local runs emulate two machines: "auto" pins the verifier to the first half of this machine's cores and the
+    # draft workers to the rest; "shared" lets every role use every core; or {verifier: [ids], draft: [ids]}
+    cpus: Literal["auto", "shared"] | CpusConfig = "auto"
 
     def sampling_params(self, seed_offset: int, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
         s = self.sampling
@@ -157,6 +183,7 @@ class RunSpec:
     rtt_ms: float = 0.0
     ngram_max: int = 3
     dense_dtype: str = "fp16"
+    sessions: int | None = None  # requests in flight, when the run sweeps concurrency
 
     @property
     def drafter_spec(self):
@@ -168,9 +195,8 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        if self.drafter == "baseline":
-            return "baseline" + (f" rtt={self.rtt_ms:g}ms" if self.rtt_ms else "")
-        return f"{self.draft_name} g={self.gamma}" + (f" rtt={self.rtt_ms:g}ms" if self.rtt_ms else "")
+        name = "baseline" if self.drafter == "baseline" else f"{self.draft_name} g={self.gamma}"
+        return name + (f" rtt={self.rtt_ms:g}ms" if self.rtt_ms else "") + (f" x{self.sessions}" if self.sessions else "")
 
 
 def _as_list(value) -> list:
@@ -178,13 +204,17 @@ def _as_list(value) -> list:
 
 
 def expand(config: BenchConfig) -> list[RunSpec]:
-    """Every configuration to measure, baseline first, in config order."""
-    specs = [RunSpec("baseline", rtt_ms=config.rtt_ms)]
-    for d in config.drafts:
-        for rtt in _as_list(d.rtt_ms if d.rtt_ms is not None else config.rtt_ms):
-            for gamma in _as_list(d.gamma):
-                specs.append(RunSpec(d.kind, d.name, d.model, d.dtype, d.device, gamma, float(rtt), d.ngram_max,
-                                     d.dense_dtype))
+    """Every configuration to measure, in config order, baseline first at each concurrency level."""
+    swept = config.concurrency.sessions is not None
+    specs = []
+    for sessions in config.concurrency.levels():
+        level = sessions if swept else None
+        specs.append(RunSpec("baseline", rtt_ms=config.rtt_ms, sessions=level))
+        for d in config.drafts:
+            for rtt in _as_list(d.rtt_ms if d.rtt_ms is not None else config.rtt_ms):
+                for gamma in _as_list(d.gamma):
+                    specs.append(RunSpec(d.kind, d.name, d.model, d.dtype, d.device, gamma, float(rtt), d.ngram_max,
+                                         d.dense_dtype, level))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two configurations share a name: {sorted(n for n in names if names.count(n) > 1)[0]}")

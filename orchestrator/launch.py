@@ -36,13 +36,18 @@ class VerifierProcess:
                 self.proc.wait()
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM the verifier when its parent (e.g. a Ray actor) dies, so no server is orphaned."""
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _child_setup(cpus: list[int] | None) -> None:
+    """In the child before exec. Linux: SIGTERM the verifier when its parent (e.g. a Ray actor) dies, so no
+    server is orphaned; and run it on `cpus` only, when given."""
+    if _LIBC:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
 
 def start_verifier(model: str, dtype: str = "bf16", device: str = "auto", host: str = "127.0.0.1",
-                   extra_args: tuple[str, ...] = (), env: dict | None = None, timeout_s: float = 1800.0) -> VerifierProcess:
+                   extra_args: tuple[str, ...] = (), env: dict | None = None, timeout_s: float = 1800.0,
+                   cpus: list[int] | None = None) -> VerifierProcess:
     """Blocks until the model is loaded and the server listens (at most timeout_s: Hub downloads included).
 
     Raises RuntimeError whose first line is the verifier's own last error line.
@@ -51,7 +56,7 @@ def start_verifier(model: str, dtype: str = "bf16", device: str = "auto", host: 
            "--device", device, "--host", host, "--port", "0", *extra_args]
     with tempfile.NamedTemporaryFile("w+", prefix="specdec-verifier-", suffix=".log", delete=False) as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env or os.environ.copy(),
-                                preexec_fn=_die_with_parent if _LIBC else None)
+                                preexec_fn=(lambda: _child_setup(cpus)) if _LIBC or cpus else None)
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline().strip()), daemon=True)
         reader.start()

@@ -2,7 +2,8 @@
 
 latency.png, throughput.png (p50 bars with p95 markers), speedup.png, acceptance.png (rate per
 configuration and by draft position), gamma_sweep.png (tok/s and acceptance vs gamma per LM drafter),
-network_share.png. A plot whose data is absent (e.g. no gamma sweep) is skipped.
+network_share.png, concurrency.png (aggregate tok/s vs concurrent sessions, per configuration). A plot
+whose data is absent (e.g. no gamma sweep) is skipped.
 """
 
 from __future__ import annotations
@@ -101,6 +102,20 @@ def render_all(summary: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
         lines = ax.get_legend_handles_labels()
         lines_acc = ax_acc.get_legend_handles_labels()
         ax.legend(lines[0] + lines_acc[0], lines[1] + lines_acc[1], fontsize=8)
+        ax.grid(alpha=0.3)
+        _save(fig, written[-1])
+    if _has(summary, "sessions") and summary["sessions"].nunique() >= 2 and _has(summary, "aggregate_tok_s"):
+        fig, ax = figure("concurrency.png", "Aggregate throughput vs concurrent sessions (one verifier)")
+        series = summary["config"].str.replace(r" x\d+$", "", regex=True)  # the configuration without its level
+        for name, g in summary.groupby(series, sort=False):
+            g = g.sort_values("sessions")
+            ax.plot(g["sessions"], g["aggregate_tok_s"], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("concurrent sessions")
+        ax.set_ylabel("aggregate tokens / s")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         _save(fig, written[-1])
     if _has(summary, "network_share_p50"):

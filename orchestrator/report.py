@@ -25,6 +25,7 @@ HEADLINE_COLUMNS = {  # the first table: configuration, latency, throughput, spe
 }
 DETAIL_COLUMNS = {
     "config": "configuration",
+    "sessions": "sessions",
     "requests_ok": "ok",
     "requests_failed": "failed",
     "latency_ms_per_token_p95": "latency p95 (ms/token)",
@@ -118,11 +119,11 @@ def _rouge_l(texts: list[str], refs: list[str]) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessions_per_worker: int) -> dict:
+def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessions_per_worker: float) -> dict:
     ok = g[g["status"] == "ok"]
     first = g.iloc[0]
     row = {"config": first["config"], "drafter": first["drafter"], "draft_name": first["draft_name"],
-           "gamma": first["gamma"], "rtt_configured_ms": float(first["rtt_ms"]),
+           "gamma": first["gamma"], "rtt_configured_ms": float(first["rtt_ms"]), "sessions": first.get("sessions"),
            "requests_ok": len(ok), "requests_failed": int((g["status"] != "ok").sum()),
            "prompts_truncated": int(g["prompt_truncated"].sum())}
     if ok.empty:
@@ -196,12 +197,19 @@ def summarize(records: pd.DataFrame, run: dict) -> pd.DataFrame:
 
 def _summarize(records: pd.DataFrame, run: dict) -> pd.DataFrame:
     prices = run["config"]["prices"]
-    sessions = run["config"]["concurrency"]["sessions_per_worker"]
+    concurrency = run["config"]["concurrency"]
+    if "sessions" not in records:  # a run from before concurrency sweeps
+        records = records.assign(sessions=concurrency["draft_workers"] * concurrency["sessions_per_worker"])
     base_rows = records[records["drafter"] == "baseline"]
-    base = base_rows if not base_rows.empty else None
     order = list(dict.fromkeys(run.get("configurations", []) + list(records["config"])))
-    rows = [_config_row(records[records["config"] == name], base, prices, sessions)
-            for name in order if (records["config"] == name).any()]
+    rows = []
+    for name in order:
+        g = records[records["config"] == name]
+        if g.empty:
+            continue
+        level = g["sessions"].iloc[0]
+        base = base_rows[base_rows["sessions"] == level]  # each level is compared with the baseline at that level
+        rows.append(_config_row(g, base if not base.empty else None, prices, level / concurrency["draft_workers"]))
     return pd.DataFrame(rows)
 
 

@@ -34,12 +34,15 @@ class Job:
 
 @ray.remote(num_cpus=0, max_restarts=2)
 class DraftWorker:
-    def __init__(self, verifier_address: str, config: ClientConfig, threads: int | None = None):
+    def __init__(self, verifier_address: str, config: ClientConfig, threads: int | None = None,
+                 cpus: list[int] | None = None):
         import torch
 
         from draft_worker.drafters import DraftModels
 
-        torch.set_num_threads(threads or os.cpu_count() or 1)  # Ray sets OMP_NUM_THREADS=1 in its workers
+        if cpus:  # a local run emulating two machines: this worker gets its own cores
+            os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))  # Ray sets OMP_NUM_THREADS=1 in its workers
         self.verifier_address = verifier_address
         self.config = config  # deadline, token and TLS material (bytes, so no file needs to exist on this node)
         self._draft_models = DraftModels()
@@ -114,17 +117,18 @@ class VerifierActor:
     """Owns a `specdec serve-verifier` child process on this node for the length of a benchmark."""
 
     def __init__(self, model: str, dtype: str, device: str, local: bool, threads: int | None = None,
-                 server_args: tuple[str, ...] = (), token: str | None = None):
+                 server_args: tuple[str, ...] = (), token: str | None = None, cpus: list[int] | None = None):
         from orchestrator.launch import start_verifier
         from specdec.tls import TOKEN_ENV
 
         host = "127.0.0.1" if local else ray.util.get_node_ip_address()
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.cpu_count() or 1)}  # Ray's workers have 1
+        cores = len(cpus) if cpus else os.cpu_count() or 1
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads or cores)}  # Ray's workers have 1
         if token:
             env[TOKEN_ENV] = token  # in the environment, not on the command line where `ps` shows it
         self.process, self.error = None, None
         try:
-            self.process = start_verifier(model, dtype, device, host, extra_args=server_args, env=env)
+            self.process = start_verifier(model, dtype, device, host, extra_args=server_args, env=env, cpus=cpus)
         except RuntimeError as exc:  # kept, so the driver gets the reason rather than a dead actor
             self.error = str(exc)
 

@@ -97,7 +97,7 @@ async def run(args) -> list[dict]:
 def summarize(records: list[dict], args) -> dict:
     """report.summarize against each baseline: paired speedups, acceptance, network share, disagreement."""
     frame = pd.DataFrame(records)
-    run = {"config": {"prices": {"verifier_per_hour": 0.0, "draft_per_hour": 0.0}, "concurrency": {"sessions_per_worker": 1}},
+    run = {"config": {"prices": {"verifier_per_hour": 0.0, "draft_per_hour": 0.0}, "concurrency": {"draft_workers": 1, "sessions_per_worker": 1}},
            "configurations": list(dict.fromkeys(frame["config"]))}
     vs_grpc = report.summarize(frame, run)
     vs_hf = report.summarize(frame.assign(drafter=frame["config"].map(lambda c: "baseline" if c == HF_BASELINE else "other")), run)
