@@ -71,3 +71,17 @@ class FakeLM(torch.nn.Module):
 def fake_pair(vocab_size: int = 32, noise: float = 1.0) -> tuple[FakeLM, FakeLM]:
     """(draft, target) that agree on most greedy tokens."""
     return FakeLM(vocab_size, seed=0, noise=noise), FakeLM(vocab_size, seed=0)
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """P-value of observed counts [vocab] under probs [vocab]; 0 if any token outside the support was drawn."""
+    counts, probs = counts.double(), probs.double()
+    support = probs > 0
+    if counts[~support].sum() > 0:
+        return 0.0
+    expected = counts.sum() * probs[support] / probs[support].sum()  # [support]
+    statistic = ((counts[support] - expected) ** 2 / expected).sum()
+    dof = int(support.sum()) - 1
+    if dof == 0:  # a single possible token, and only it was drawn
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))

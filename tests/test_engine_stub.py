@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from draft_worker.drafters import LMDrafter, NgramDrafter
 from draft_worker.transport import fetch_info
 from specdec.config import SamplingParams, VerifierLimits
 from specdec.sampling import logits_to_probs
-from tests.stubs import FakeLM, fake_pair
+from tests.stubs import FakeLM, chi_square_p_value, fake_pair
 
 PROMPTS = [[1, 2, 3, 4, 5], [7], [3, 3, 3, 9, 3, 3, 3, 9, 3, 3], list(range(20))]
 
@@ -68,14 +70,14 @@ async def test_stop_token_ends_generation_inside_a_block(start_verifier):
     assert spec.token_ids == baseline.token_ids and spec.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("top_k, dense_dtype", [(0, "fp16"), (0, "fp32"), (3, "fp16")], ids=["dense-fp16", "dense-fp32", "sparse"])
+@pytest.mark.parametrize("top_k, dense_dtype", [
+    pytest.param(0, "fp16", id="dense-fp16"),
+    pytest.param(0, "fp32", id="dense-fp32", marks=pytest.mark.slow),
+    pytest.param(3, "fp16", id="sparse", marks=pytest.mark.slow),
+])
 async def test_sampling_over_grpc_preserves_the_verifiers_distribution(start_verifier, top_k, dense_dtype):
     """The whole pipeline (drafter, codec, server, rollback) on a 6-token vocabulary: the joint law of the
     first two generated tokens equals the verifier's, and differs clearly from the draft's."""
-    import asyncio
-
-    from tests.test_sampling import chi_square_p_value
-
     vocab, prompt = 6, [1, 2]
     target, draft = FakeLM(vocab, seed=0, scale=1.0), FakeLM(vocab, seed=0, scale=1.0, noise=2.0)
     verifier = await start_verifier(target, vocab_size=vocab, limits=VerifierLimits(max_sessions_per_client=64))
