@@ -11,15 +11,14 @@ from draft_worker.drafters import LMDrafter
 from draft_worker.transport import fetch_info
 from specdec import models
 from specdec.config import SamplingParams
-from specdec.tiny import build_tiny_pair
 
 ACCELERATOR = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else None
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(ACCELERATOR is None, reason="needs CUDA or MPS")]
 
 
 @pytest.fixture(scope="module")
-def tiny_on_device(tmp_path_factory):
-    draft_dir, verifier_dir = build_tiny_pair(tmp_path_factory.mktemp("tiny"))
+def tiny_on_device(tiny_dirs):
+    draft_dir, verifier_dir = tiny_dirs
     device = models.resolve_device(ACCELERATOR)
     return (models.load_model(str(draft_dir), dtype=torch.float32, device=device),
             models.load_model(str(verifier_dir), dtype=torch.float32, device=device),

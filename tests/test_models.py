@@ -28,14 +28,8 @@ CPU = torch.device("cpu")
 DRAFT, VERIFIER = "offline:qwen2.5-coder-0.5b-instruct", "offline:qwen2.5-coder-1.5b-instruct"
 
 
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
-    return build_tiny_pair(tmp_path_factory.mktemp("tiny"))
-
-
-def test_tiny_pair_loads_and_tokenizer_round_trips(tiny_pair):
-    draft_dir, verifier_dir = tiny_pair
-    for folder in tiny_pair:
+def test_tiny_pair_loads_and_tokenizer_round_trips(tiny_dirs):
+    for folder in tiny_dirs:
         model = load_model(str(folder), dtype=torch.float32, device=CPU)
         assert not model.training
         assert not any(p.requires_grad for p in model.parameters())
@@ -46,18 +40,18 @@ def test_tiny_pair_loads_and_tokenizer_round_trips(tiny_pair):
         ids = tokenizer(text).input_ids
         assert max(ids) < 512
         assert tokenizer.decode(ids) == text
-    fingerprints = {tokenizer_fingerprint(load_tokenizer(str(folder))) for folder in tiny_pair}
+    fingerprints = {tokenizer_fingerprint(load_tokenizer(str(folder))) for folder in tiny_dirs}
     assert len(fingerprints) == 1
 
 
-def test_tiny_fingerprint_differs_for_other_vocab(tiny_pair, tmp_path):
+def test_tiny_fingerprint_differs_for_other_vocab(tiny_dirs, tmp_path):
     other, _ = build_tiny_pair(tmp_path, vocab_size=400)
-    assert tokenizer_fingerprint(load_tokenizer(str(other))) != tokenizer_fingerprint(load_tokenizer(str(tiny_pair[0])))
+    assert tokenizer_fingerprint(load_tokenizer(str(other))) != tokenizer_fingerprint(load_tokenizer(str(tiny_dirs[0])))
 
 
-def test_tiny_pair_is_deterministic_and_reused(tiny_pair, tmp_path):
+def test_tiny_pair_is_deterministic_and_reused(tiny_dirs, tmp_path):
     again = build_tiny_pair(tmp_path)
-    for first, second in zip(tiny_pair, again):
+    for first, second in zip(tiny_dirs, again):
         a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -68,13 +62,13 @@ def test_tiny_pair_is_deterministic_and_reused(tiny_pair, tmp_path):
     other_seed, _ = build_tiny_pair(tmp_path / "seed1", seed=1)
     assert not torch.equal(
         load_file(other_seed / "model.safetensors")["lm_head.weight"],
-        load_file(tiny_pair[0] / "model.safetensors")["lm_head.weight"],
+        load_file(tiny_dirs[0] / "model.safetensors")["lm_head.weight"],
     )
 
 
-def test_tiny_draft_agrees_with_verifier_well_above_chance(tiny_pair):
-    draft, verifier = (load_model(str(f), dtype=torch.float32, device=CPU) for f in tiny_pair)
-    ids = torch.tensor([load_tokenizer(str(tiny_pair[1]))(" ".join(DEFAULT_TEXTS)).input_ids])
+def test_tiny_draft_agrees_with_verifier_well_above_chance(tiny_dirs):
+    draft, verifier = (load_model(str(f), dtype=torch.float32, device=CPU) for f in tiny_dirs)
+    ids = torch.tensor([load_tokenizer(str(tiny_dirs[1]))(" ".join(DEFAULT_TEXTS)).input_ids])
     with torch.no_grad():
         agreement = (draft(ids).logits.argmax(-1) == verifier(ids).logits.argmax(-1)).float().mean().item()
     assert 0.3 < agreement < 0.95  # measured ~0.66 for seed 0; chance is 1/512
@@ -92,9 +86,16 @@ def test_parse_dtype_rejects_unknown():
         parse_dtype("int8")
 
 
+@pytest.mark.parametrize(("cuda", "mps", "expected"), [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_device_prefers_cuda_then_mps(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == torch.device(expected)
+    assert resolve_device(" AUTO ") == torch.device(expected)
+
+
 def test_resolve_device():
     assert resolve_device("cpu") == CPU
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
