@@ -11,6 +11,8 @@ from orchestrator.launch import start_verifier
 from specdec.tiny import build_tiny_pair
 from tests.stubs import CLI, ENV
 
+pytestmark = pytest.mark.slow  # the specdec CLI in subprocesses
+
 PROMPT = "Insulin is a peptide hormone produced by the beta cells of the pancreatic islets."
 
 
@@ -40,8 +42,11 @@ def test_generate_modes_agree(served):
     for out in outputs.values():
         assert {"text", "token_ids", "new_tokens", "wall_s", "rounds", "proposed", "accepted", "acceptance_rate"} <= out.keys()
         assert out["token_ids"] == outputs["baseline"]["token_ids"] and out["new_tokens"] == 24
+        assert out["finish_reason"] == "length" and out["text"] and out["bytes_received"] > 0
+        assert 0 < out["ttft_s"] <= out["wall_s"]
     assert outputs["lm"]["rounds"] < 24 and outputs["lm"]["accepted"] > 0
-    assert outputs["baseline"]["rounds"] == 0 and outputs["baseline"]["text"]
+    assert len(outputs["lm"]["service_s"]) == outputs["lm"]["rounds"]
+    assert outputs["baseline"]["service_s"] and all(s > 0 for s in outputs["baseline"]["service_s"])  # the streamed replies
 
 
 def test_ngram_defaults_to_the_verifiers_tokenizer(served):
