@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 import grpc
 import pytest
@@ -17,12 +18,13 @@ import torch
 
 from orchestrator import bench, report
 from orchestrator import config as bench_config
-from orchestrator.report import leviathan_bound
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import models
 from specdec.config import VerifierLimits
 from verifier_worker.server import start_server
+
+pytestmark = pytest.mark.slow  # a local Ray cluster
 
 # The client drafts min(gamma, tokens left - 1): 9 rounds of 4 proposed / 2 accepted / +1 (27 tokens), one of
 # 3 / 2 / +1 (30), one of 0 / 0 / +1 (31): 31 tokens in 11 rounds, 20 of 39 drafts accepted.
@@ -83,11 +85,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture
-def tiny(tiny_dirs):
-    return tiny_dirs
-
-
 def write_dataset(path) -> None:
     with path.open("w") as f:
         for i, question in enumerate(QUESTIONS):
@@ -96,8 +93,8 @@ def write_dataset(path) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-async def test_bench_over_ray_with_a_stub_verifier(local_ray, tiny, tmp_path):
-    draft_dir, verifier_dir = tiny
+async def test_bench_over_ray_with_a_stub_verifier(local_ray, tiny_dirs, tmp_path):
+    draft_dir, verifier_dir = tiny_dirs
     tokenizer = models.load_tokenizer(str(verifier_dir))
     vocab = models.model_vocab_size(models.load_model(str(draft_dir), dtype=torch.float32, device=torch.device("cpu")))
     servicer = StubVerifier(str(verifier_dir), vocab, models.tokenizer_fingerprint(tokenizer), tokenizer)
@@ -144,8 +141,14 @@ async def test_bench_over_ray_with_a_stub_verifier(local_ray, tiny, tmp_path):
         assert row["verifier_busy_vs_baseline"] == pytest.approx((PREFILL_S + 11 * ROUND_S) / MAX_NEW / TOKEN_S)
         assert row["bytes_sent_per_token"] > 0 and row["bytes_received_per_round"] > 0
         assert row["alpha"] == pytest.approx(20 / 30)  # 20 accepted, 10 rounds ended by a rejection
-        assert row["leviathan_bound"] == pytest.approx(leviathan_bound(20 / 30, 3.9, row["leviathan_c"]))
-        assert row["leviathan_c"] > 0 and row["speedup_paired_p50"] > 0
+        # c = draft time per drafted token / the baseline's time per token, both from the records; the bound
+        # is Leviathan's (1 - alpha^(gamma + 1)) / ((1 - alpha)(gamma c + 1)) with alpha = 2/3, gamma = 3.9
+        ok = [r for r in records if r["config"] == row["config"] and r["status"] == "ok"]
+        c = sum(r["draft_s"] for r in ok) / (3 * 39) / statistics.median(
+            by_key[("baseline", r["pubid"])]["wall_s"] / MAX_NEW for r in ok)
+        assert row["leviathan_c"] == pytest.approx(c) and c > 0
+        assert row["leviathan_bound"] == pytest.approx((1 - (2 / 3) ** 4.9) / (1 / 3) / (3.9 * c + 1))
+        assert row["speedup_paired_p50"] > 0
         assert row["disagree_requests"] == 1.0  # the stub's tokens differ from its own baseline by construction
     assert base["verifier_busy_s_per_token"] == pytest.approx(TOKEN_S)
     assert base["speedup_paired_p50"] == 1.0 and base["disagree_requests"] == 0.0 and base["rouge_l_vs_baseline"] == 1.0

@@ -16,10 +16,7 @@ from orchestrator.launch import start_verifier
 from specdec.tls import make_certs
 from tests.stubs import CLI, ENV
 
-
-@pytest.fixture
-def tiny(tiny_dirs):
-    return tiny_dirs
+pytestmark = pytest.mark.slow  # `specdec bench` in a subprocess, over a local Ray cluster
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -41,8 +38,8 @@ def write_config(path, tiny, pubmedqa_path, **extra) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
-def test_bench_end_to_end_on_tiny_models(tiny, pubmedqa_path, tmp_path):
-    write_config(tmp_path / "bench.yaml", tiny, pubmedqa_path)
+def test_bench_end_to_end_on_tiny_models(tiny_dirs, pubmedqa_path, tmp_path):
+    write_config(tmp_path / "bench.yaml", tiny_dirs, pubmedqa_path)
     run_dir = tmp_path / "run"
     done = bench("--config", str(tmp_path / "bench.yaml"), "--out", str(run_dir))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -79,17 +76,17 @@ def test_bench_end_to_end_on_tiny_models(tiny, pubmedqa_path, tmp_path):
     assert len((run_dir / "requests.jsonl").read_text().splitlines()) == 15  # everything was already done
 
 
-def test_setup_errors_are_one_line(tiny, pubmedqa_path, tmp_path):
+def test_setup_errors_are_one_line(tiny_dirs, pubmedqa_path, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("drafts: [{name: x, kind: ngram, gama: 3}]\n")
     done = bench("--config", str(bad))
     assert done.returncode == 1 and "drafts.0.gama: unknown key" in done.stderr and "Traceback" not in done.stderr
 
-    write_config(tmp_path / "ok.yaml", tiny, tmp_path / "missing.jsonl")
+    write_config(tmp_path / "ok.yaml", tiny_dirs, tmp_path / "missing.jsonl")
     done = bench("--config", str(tmp_path / "ok.yaml"), "--out", str(tmp_path / "r1"), timeout=120)
     assert done.returncode == 1 and "PubMedQA file not found" in done.stderr and "Traceback" not in done.stderr
 
-    write_config(tmp_path / "ok.yaml", tiny, pubmedqa_path)
+    write_config(tmp_path / "ok.yaml", tiny_dirs, pubmedqa_path)
     done = bench("--config", str(tmp_path / "ok.yaml"), "--verifier", "127.0.0.1:1", "--out", str(tmp_path / "r2"))
     assert done.returncode == 1 and "cannot reach the verifier at 127.0.0.1:1" in done.stderr
     assert "Traceback" not in done.stderr
@@ -98,20 +95,20 @@ def test_setup_errors_are_one_line(tiny, pubmedqa_path, tmp_path):
     assert done.returncode == 1 and "not a bench run folder" in done.stderr
 
 
-def test_bench_against_a_running_secured_verifier(tiny, pubmedqa_path, tmp_path):
+def test_bench_against_a_running_secured_verifier(tiny_dirs, pubmedqa_path, tmp_path):
     """--verifier HOST:PORT: the user's own `specdec serve-verifier` on a public address with TLS and a token
     (as on a GPU box), reached through the emulated WAN link."""
     certs = make_certs(tmp_path / "certs", ["127.0.0.1"], token=True)
     security = {"tls_ca": str(certs["ca"]), "auth_token_file": str(certs["token"])}
-    write_config(tmp_path / "bench.yaml", tiny, pubmedqa_path, security=security,
-                 drafts=[{"name": "tiny", "kind": "lm", "model": str(tiny[0]), "gamma": 2}])
-    verifier = start_verifier(str(tiny[1]), "fp32", "cpu", host="0.0.0.0", env=ENV, extra_args=(
+    write_config(tmp_path / "bench.yaml", tiny_dirs, pubmedqa_path, security=security,
+                 drafts=[{"name": "tiny", "kind": "lm", "model": str(tiny_dirs[0]), "gamma": 2}])
+    verifier = start_verifier(str(tiny_dirs[1]), "fp32", "cpu", host="0.0.0.0", env=ENV, extra_args=(
         "--tls-cert", str(certs["server"]), "--tls-key", str(certs["server_key"]), "--auth-token-file", str(certs["token"])))
     address = "127.0.0.1:" + verifier.address.rpartition(":")[2]
     try:
         done = bench("--config", str(tmp_path / "bench.yaml"), "--verifier", address, "--prompts", "2",
                      "--emulate-rtt-ms", "20", "--out", str(tmp_path / "run"))
-        write_config(tmp_path / "no-token.yaml", tiny, pubmedqa_path, security={"tls_ca": str(certs["ca"])})
+        write_config(tmp_path / "no-token.yaml", tiny_dirs, pubmedqa_path, security={"tls_ca": str(certs["ca"])})
         denied = bench("--config", str(tmp_path / "no-token.yaml"), "--verifier", address, "--out", str(tmp_path / "r2"))
     finally:
         verifier.stop()
