@@ -12,25 +12,30 @@ from draft_worker.transport import fetch_info
 from specdec import models
 from specdec.config import SamplingParams
 from specdec.pubmedqa import load_items
-from specdec.tiny import DEFAULT_TEXTS, build_tiny_pair
+from specdec.tiny import DEFAULT_TEXTS
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    draft_dir, verifier_dir = build_tiny_pair(tmp_path_factory.mktemp("tiny"))
-    tokenizer = models.load_tokenizer(str(verifier_dir))
+def tiny(tiny_dirs):
+    draft_dir, verifier_dir = tiny_dirs
     return (
         models.load_model(str(draft_dir), dtype=torch.float32, device=CPU),
         models.load_model(str(verifier_dir), dtype=torch.float32, device=CPU),
-        tokenizer,
+        models.load_tokenizer(str(verifier_dir)),
     )
 
 
-def _prompts(tokenizer, pubmedqa) -> list[list[int]]:
-    texts = [item.prompt for item in load_items(pubmedqa)[:3]] if pubmedqa.exists() else []
-    return [tokenizer(text)["input_ids"][:300] for text in [*texts, *DEFAULT_TEXTS[:2], "The"]]
+@pytest.fixture(params=["texts", pytest.param("pubmedqa", marks=pytest.mark.slow)])
+def prompts(request, tiny) -> list[list[int]]:
+    """Prompt ids: the tiny pair's own texts, or three PubMedQA prompts (skipped, saying why, without the file)."""
+    tokenizer = tiny[2]
+    if request.param == "pubmedqa":
+        texts = [item.prompt for item in load_items(request.getfixturevalue("pubmedqa_path"))[:3]]
+    else:
+        texts = [*DEFAULT_TEXTS[:2], "The"]
+    return [tokenizer(text)["input_ids"][:300] for text in texts]
 
 
 async def _serve(start_verifier, tiny):
@@ -41,14 +46,12 @@ async def _serve(start_verifier, tiny):
 
 
 @pytest.mark.parametrize("gamma", [1, 2, 4, 8])
-async def test_greedy_lm_drafter_is_lossless(tiny, start_verifier, gamma):
-    from tests.conftest import PUBMEDQA
-
-    draft, _, tokenizer = tiny
+async def test_greedy_lm_drafter_is_lossless(tiny, prompts, start_verifier, gamma):
+    draft, _, _ = tiny
     verifier, info, fingerprint = await _serve(start_verifier, tiny)
     params = SamplingParams(max_new_tokens=40)
     accepted = proposed = 0
-    for prompt in _prompts(tokenizer, PUBMEDQA):
+    for prompt in prompts:
         baseline = await generate_baseline(verifier.stub, prompt, params)
         spec = await speculate(verifier.stub, LMDrafter(draft, "tiny-draft"), prompt, params, gamma, info,
                                tokenizer_fingerprint=fingerprint)
@@ -57,14 +60,11 @@ async def test_greedy_lm_drafter_is_lossless(tiny, start_verifier, gamma):
     assert 0 < accepted < proposed  # both accepts and rejections (rollback) happened
 
 
-async def test_greedy_ngram_drafter_is_lossless(tiny, start_verifier):
-    from tests.conftest import PUBMEDQA
-
-    _, _, tokenizer = tiny
+async def test_greedy_ngram_drafter_is_lossless(tiny, prompts, start_verifier):
     verifier, info, fingerprint = await _serve(start_verifier, tiny)
     params = SamplingParams(max_new_tokens=40)
     accepted = 0
-    for prompt in _prompts(tokenizer, PUBMEDQA):
+    for prompt in prompts:
         baseline = await generate_baseline(verifier.stub, prompt, params)
         for gamma in (2, 5):
             spec = await speculate(verifier.stub, NgramDrafter(), prompt, params, gamma, info, tokenizer_fingerprint=fingerprint)
