@@ -4,6 +4,7 @@ against a fake `vastai` and a real TLS + token verifier on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -31,17 +32,23 @@ def tool(name: str) -> str:
 
 @pytest.mark.parametrize("name", ["local.yaml", "aws.yaml"])
 def test_cluster_yaml_passes_rays_validation(name):
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    """Against the schema `ray up` validates with (shipped with Ray), as written and with Ray's defaults filled in."""
+    import jsonschema  # a dependency of ray's
+    import ray.autoscaler
+    from ray.autoscaler.sdk import fillout_defaults
 
+    schema = json.loads((pathlib.Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     config = yaml.safe_load((DEPLOY / "ray" / name).read_text())
-    prepared = prepare_config(config)
-    validate_config(prepared)  # raises jsonschema.ValidationError on any unknown or mistyped key
+    prepared = fillout_defaults(config)
+    for checked in (config, prepared):
+        jsonschema.validate(checked, schema)  # raises jsonschema.ValidationError on any unknown or mistyped key
     if name == "local.yaml":
         head = " ".join(config["head_start_ray_commands"])
         worker = " ".join(config["worker_start_ray_commands"])
         assert '"verifier": 1' in head and "--num-gpus=1" in head and '"draft": 2' in worker
     else:
         types = prepared["available_node_types"]
+        assert prepared["head_node_type"] in types
         assert types["gpu_verifier"]["resources"] == {"verifier": 1, "GPU": 1}
         assert types["cpu_draft"]["resources"] == {"draft": 2} and types["head"]["resources"] == {}
 
@@ -94,6 +101,7 @@ esac
 """
 
 
+@pytest.mark.slow
 def test_vast_script_end_to_end_against_a_fake_vastai(tmp_path, tiny_dirs):
     certs = make_certs(tmp_path / "certs", ["specdec-verifier"], token=True)
     _, verifier_dir = tiny_dirs
