@@ -1,4 +1,5 @@
-"""Shared fixtures: in-process verifier servers on 127.0.0.1:0, the tiny model pair, the PubMedQA path."""
+"""Shared fixtures: in-process verifier servers on 127.0.0.1:0, the tiny model pair, the PubMedQA path, and one
+torch thread for the fast tier."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pathlib
 
 import grpc
 import pytest
+import torch
 
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec.config import VerifierLimits
@@ -60,3 +62,17 @@ def pubmedqa_path() -> pathlib.Path:
 def tiny_dirs(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     """(draft folder, verifier folder) of the seeded tiny Qwen2 pair, built once per test run."""
     return build_tiny_pair(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(request):
+    """Fast-tier tensors are tiny, so one intra-op thread: with two, every op waits at an OpenMP barrier for
+    a second core that other work holds (a softmax over [3, 4] took ~10 ms on a busy 2-core machine).
+    `slow` tests (the real pair) keep torch's default."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

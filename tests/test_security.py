@@ -165,6 +165,7 @@ def test_tokens_certs_and_loopback(certs, tmp_path, monkeypatch):
     assert "s3cret" not in repr(dataclasses.replace(ClientConfig(), auth_token=TOKEN))
 
 
+@pytest.mark.slow
 def test_cli_refuses_public_bind_without_protection_and_works_with_it(certs, tiny_dirs):
     draft, verifier = tiny_dirs
     done = subprocess.run([*CLI, "serve-verifier", "--model", str(verifier), "--host", "0.0.0.0", "--port", "0"],
@@ -188,6 +189,7 @@ def test_cli_refuses_public_bind_without_protection_and_works_with_it(certs, tin
         secure.stop()
 
 
+@pytest.mark.slow
 def test_make_certs_command(tmp_path):
     done = subprocess.run([*CLI, "make-certs", "--host", "203.0.113.7", "--host", "gpu.example.com", "--out",
                            str(tmp_path), "--token"], capture_output=True, text=True, env=ENV, timeout=120)
