@@ -57,3 +57,12 @@ class VerifierLimits:
     max_message_bytes: int = 64 * 1024 * 1024  # a dense fp16 block of 16 x 151,936 is ~4.9 MB
     max_sessions_per_client: int = 32  # sessions open at once from one client address (half of max_sessions)
     idle_timeout_s: float = 120.0  # a session that receives nothing for this long is closed
+    max_batch_tokens: int = 512  # token budget of one engine step: sessions x longest row, padding included
+
+    def validate(self) -> None:
+        """Raise ValueError with a user-facing message if the limits cannot work together."""
+        if self.max_batch_tokens < self.max_gamma + 1:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must hold one block of 1 + max_gamma "
+                f"({self.max_gamma + 1}) tokens"
+            )

@@ -11,13 +11,17 @@ import inspect
 import torch
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """transformers >= 5.24 names the KV-cache argument and output `cache`; earlier ones `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class CachedLM:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.device = next(model.parameters()).device
         self.cache = None  # created by the model on the first forward (a transformers DynamicCache)
-        # transformers >= 5.24 names the argument and the output `cache`; earlier ones `past_key_values`
-        self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_name = cache_argument(model)
         self.length = 0  # tokens whose keys/values are in the cache
 
     @torch.inference_mode()

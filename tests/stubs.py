@@ -1,8 +1,9 @@
 """Deterministic fake models behind the transformers interface the workers use (no weights, no download),
 and the `specdec` command line the subprocess tests run.
 
-FakeLM's logits at each position are a pseudo-random function of the WHOLE prefix, so a cache that was
-not rolled back correctly produces different tokens: rollback bugs cannot hide. A draft FakeLM built
+FakeLM's logits at each position are a pseudo-random function of the WHOLE prefix it attends to, so a
+cache that was not rolled back correctly, or a batch that lets a row see another's keys or padding,
+produces different tokens: rollback and batching bugs cannot hide. A draft FakeLM built
 from the same seed with `noise > 0` agrees with the target often but not always.
 """
 
@@ -14,24 +15,18 @@ import sys
 from types import SimpleNamespace
 
 import torch
+from transformers import DynamicCache
 
 CLI = [sys.executable, "-m", "orchestrator.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-class FakeCache:
-    def __init__(self):
-        self.tokens: list[int] = []
-
-    def crop(self, tokens_to_remove: int) -> None:
-        assert tokens_to_remove < 0, "transformers 5.x crop takes a negative count"
-        del self.tokens[tokens_to_remove:]
-
-    def get_seq_length(self) -> int:
-        return len(self.tokens)
-
-
 class FakeLM(torch.nn.Module):
+    """Its KV cache is a real transformers DynamicCache whose keys are the token ids (one layer, one head,
+    head_dim 1), and each query's logits are a function of exactly the keys its attention mask lets it see,
+    in order. So a batched forward with a wrong mask, an unmasked padding key, a wrong position or a cache
+    that was not rolled back gives different tokens than a plain one."""
+
     def __init__(self, vocab_size: int = 32, seed: int = 0, noise: float = 0.0, scale: float = 3.0):
         super().__init__()
         self.vocab_size = vocab_size
@@ -53,19 +48,27 @@ class FakeLM(torch.nn.Module):
             logits = logits + torch.randn(self.vocab_size, generator=g_noise) * self.noise
         return logits
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
+    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0, attention_mask=None,
+                position_ids=None):
         self.forward_calls += 1
-        cache = past_key_values if past_key_values is not None else FakeCache()
-        rows = []
-        for token in input_ids[0].tolist():
-            cache.tokens.append(token)
-            rows.append(self._logits(cache.tokens))
-        logits = torch.stack(rows)  # [n, vocab]
-        if torch.is_tensor(logits_to_keep):  # row indices, as specdec.lm passes them
-            logits = logits[logits_to_keep]
-        elif logits_to_keep:
-            logits = logits[-logits_to_keep:]
-        return SimpleNamespace(logits=logits[None], past_key_values=cache)  # [1, n, vocab]
+        cache = past_key_values if past_key_values is not None else DynamicCache()
+        ids = input_ids.float()[:, None, :, None]  # [batch, 1 head, n, head_dim 1]
+        keys, _ = cache.update(ids, ids, 0)  # [batch, 1, past + n, 1]
+        batch, n = input_ids.shape
+        past = keys.shape[2] - n
+        if attention_mask is None:  # causal over the whole cache
+            attention_mask = torch.ones(n, past + n, dtype=torch.bool).tril(past).expand(batch, 1, n, past + n)
+        assert attention_mask.dtype == torch.bool and attention_mask.shape == (batch, 1, n, past + n)
+        seen = attention_mask[:, 0]  # [batch, n, past + n]
+        if position_ids is not None:  # a token's position is the number of keys it sees before itself
+            assert torch.equal(position_ids, seen.sum(-1) - 1), (position_ids, seen.sum(-1) - 1)
+        if torch.is_tensor(logits_to_keep):  # row indices, as specdec.lm and the engine pass them
+            kept = logits_to_keep.tolist()
+        else:
+            kept = list(range(n))[-logits_to_keep:] if logits_to_keep else list(range(n))
+        rows = [[self._logits(keys[b, 0, seen[b, j], 0].long().tolist()) for j in kept] for b in range(batch)]
+        logits = torch.stack([torch.stack(row) for row in rows]) if kept else torch.zeros(batch, 0, self.vocab_size)
+        return SimpleNamespace(logits=logits, past_key_values=cache)  # logits [batch, len(kept), vocab]
 
 
 def fake_pair(vocab_size: int = 32, noise: float = 1.0) -> tuple[FakeLM, FakeLM]:

@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=int, default=defaults.max_message_bytes // 2**20)
     p.add_argument("--max-sessions-per-client", type=int, default=defaults.max_sessions_per_client)
     p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s, help="close a session idle this many seconds")
+    p.add_argument("--max-batch-tokens", type=int, default=defaults.max_batch_tokens,
+                   help="token budget of one batched engine step (sessions x longest row)")
     sec = p.add_argument_group("security (required to listen on anything but loopback)")
     sec.add_argument("--tls-cert", help="PEM certificate chain of this server (see `specdec make-certs`)")
     sec.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -60,7 +62,10 @@ async def serve(args: argparse.Namespace) -> None:
         max_message_bytes=args.max_message_mb * 2**20,
         max_sessions_per_client=args.max_sessions_per_client,
         idle_timeout_s=args.idle_timeout,
+        max_batch_tokens=args.max_batch_tokens,
     )
+    with user_errors("invalid limits", ValueError):
+        limits.validate()
     credentials, token = _server_security(args)
     dtype, device = load_dtype_device(args.dtype, args.device)
     with user_errors(f"cannot load {args.model!r}"):

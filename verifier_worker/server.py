@@ -1,8 +1,10 @@
-"""The verifier worker: a grpc.aio server that owns the big model and judges draft blocks.
+"""The verifier worker: a grpc.aio server in front of the batching engine that owns the big model.
 
-Each Speculate stream is one session with its own KV cache; model compute runs one call at a time on a
-worker thread, so the event loop keeps reading, validating and answering every other stream. Anything a
-client can send wrongly is answered with a status code and a message, and only that stream ends.
+Each Speculate stream is one session with its own KV cache in the engine. The servicer validates every
+message on the event loop, hands the work (prefill, a verification block, Generate's decoding steps) to
+the engine, which batches all sessions' work into one forward per step, and answers with the result and
+what its step cost. Anything a client can send wrongly is answered with a status code and a message, and
+only that stream ends; a stream that ends early drops its session's work and KV without disturbing others.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import asyncio
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -24,7 +25,8 @@ from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
 from specdec.config import SamplingParams, VerifierLimits
 from verifier_worker.auth import TokenAuthInterceptor
-from verifier_worker.session import RoundResult, VerifierSession
+from verifier_worker.engine import Engine, StepCost
+from verifier_worker.session import VerifierSession
 
 log = logging.getLogger(__name__)
 SERVER_VERSION = "specdec/1"
@@ -41,22 +43,21 @@ class ModelInfo:
 
 class VerifierServicer(pb_grpc.VerifierServicer):
     def __init__(self, model: torch.nn.Module, info: ModelInfo, limits: VerifierLimits = VerifierLimits()):
-        self.model = model
+        limits.validate()
         self.info = info
         self.limits = limits
         self.sessions_by_client: dict[str, int] = {}  # open sessions per client address
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-compute")
+        self.engine = Engine(model, limits.max_batch_tokens)
 
     @property
     def active_sessions(self) -> int:
         return sum(self.sessions_by_client.values())
 
-    async def _run(self, context, fn, *args):
-        """Run model compute on the compute thread; a failure there ends this stream with INTERNAL."""
+    async def _run(self, context, work):
+        """Await engine work; a failure there ends this stream with INTERNAL (the engine logged it)."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
-        except Exception as exc:  # noqa: BLE001 - reported to the client, logged here
-            log.exception("model compute failed")
+            return await work
+        except Exception as exc:  # noqa: BLE001 - reported to the client
             await context.abort(grpc.StatusCode.INTERNAL, f"verifier compute failed: {exc!r}")
 
     async def Info(self, request, context):
@@ -75,6 +76,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 max_message_bytes=lim.max_message_bytes,
                 max_sessions_per_client=lim.max_sessions_per_client,
                 idle_timeout_s=lim.idle_timeout_s,
+                max_batch_tokens=lim.max_batch_tokens,
             ),
             server_version=SERVER_VERSION,
         )
@@ -104,11 +106,12 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{client} already has {self.limits.max_sessions_per_client} sessions open, this verifier's limit per client",
             )
-        session = VerifierSession(self.model, list(prompt_ids), params, client)
+        session = self.engine.open(list(prompt_ids), params, client)
         self.sessions_by_client[client] = self.sessions_by_client.get(client, 0) + 1  # freed by the caller's _release
         return session
 
     def _release(self, session: VerifierSession) -> None:
+        self.engine.close(session)  # drops its pending work; its KV is freed now or after the running step
         self.sessions_by_client[session.client] -= 1
         if not self.sessions_by_client[session.client]:
             del self.sessions_by_client[session.client]
@@ -154,12 +157,14 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     f"{self.info.model_id} do not share a tokenizer; speculative decoding needs the same vocabulary",
                 )
             session = await self._new_session(context, opening.prompt_ids, opening.params)
-            await self._run(context, session.prefill)
+            cost = await self._run(context, self.engine.prefill(session))
+            service_s = time.perf_counter() - arrived
             yield pb.SpeculateReply(
                 opened=pb.SessionOpened(
                     session_id=uuid.uuid4().hex,
                     prompt_tokens=len(opening.prompt_ids),
-                    service_s=time.perf_counter() - arrived,
+                    service_s=service_s,
+                    cost=_cost(cost, service_s),
                 )
             )
             for round_index in range(1, self.limits.max_new_tokens + 1):
@@ -169,13 +174,15 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 if request.WhichOneof("kind") != "proposal":
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
                 draft_ids, q = await self._check_proposal(context, request.proposal, session.params)
-                result: RoundResult = await self._run(context, session.verify, draft_ids, q)
+                result, cost = await self._run(context, self.engine.verify(session, draft_ids, q))
+                service_s = time.perf_counter() - arrived
                 verdict = pb.Verdict(
                     num_accepted=result.num_accepted,
                     finished=result.finish_reason is not None,
                     finish_reason=codec.finish_to_proto(result.finish_reason),
-                    service_s=time.perf_counter() - arrived,
+                    service_s=service_s,
                     round=round_index,
+                    cost=_cost(cost, service_s),
                 )
                 if result.next_token is not None:
                     verdict.next_token = result.next_token
@@ -201,19 +208,30 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         arrived = time.perf_counter()
         session = await self._new_session(context, request.prompt_ids, request.params)
         try:
-            await self._run(context, session.prefill)
-            while session.finish_reason is None:
-                result = await self._run(context, session.verify, [], None)
+            prefill = await self._run(context, self.engine.prefill(session))
+            decoding = self.engine.decode(session)  # one token in every engine step until it finishes
+            result = None
+            while result is None or result.finish_reason is None:
+                result, cost = await self._run(context, decoding.next())
+                if prefill is not None:  # the first reply also carries the prefill
+                    cost, prefill = prefill.plus(cost), None
                 now = time.perf_counter()
                 yield pb.GenerateReply(
                     token_ids=[result.next_token],
                     finished=result.finish_reason is not None,
                     finish_reason=codec.finish_to_proto(result.finish_reason),
                     service_s=now - arrived,
+                    cost=_cost(cost, now - arrived),
                 )
                 arrived = now
         finally:
             self._release(session)
+
+
+def _cost(cost: StepCost, service_s: float) -> pb.StepCost:
+    return pb.StepCost(compute_s=cost.compute_s, queue_s=max(0.0, service_s - cost.compute_s),
+                       batch_sessions=cost.batch_sessions, batch_tokens=cost.batch_tokens, share_s=cost.share_s,
+                       steps=cost.steps)
 
 
 def server_options(limits: VerifierLimits) -> list[tuple[str, int]]:

@@ -1,7 +1,8 @@
-"""One verifier session: the prompt's KV cache, the committed tokens, and one verification per round.
+"""One verifier session as the engine holds it: its KV memory, the committed tokens, its own generator,
+and the verification of one block given the logits the engine's batched forward produced for it.
 
-No gRPC here: the server validates messages and calls `prefill` / `verify` off the event loop. The
-verifier-only baseline is the same loop with empty proposals, so both paths share one code path.
+No gRPC and no model here: the engine batches the forwards and calls `verify` on its compute thread. The
+verifier-only baseline is the same path with empty blocks (gamma = 0).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from specdec.config import FINISH_LENGTH, FINISH_STOP, SamplingParams
-from specdec.lm import CachedLM
 from specdec.sampling import make_generator, verify_block
+from verifier_worker.kv import SessionKV
 
 
 @dataclass(frozen=True)
@@ -23,35 +24,43 @@ class RoundResult:
 
 
 class VerifierSession:
-    def __init__(self, model: torch.nn.Module, prompt_ids: list[int], params: SamplingParams, client: str = ""):
+    """Invariant: the KV cache holds every committed token but the last, which opens the next block."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, client: str = "", device: torch.device | str = "cpu"):
         assert prompt_ids, "a session needs a prompt"
         self.client = client  # the peer address that opened it, for the server's per-client limit
-        self.lm = CachedLM(model)
+        self.kv = SessionKV()
+        self.device = torch.device(device)
         self.params = params
         self.tokens = list(prompt_ids)
         self.num_generated = 0
         self.finish_reason: str | None = None
-        self.generator = make_generator(params.seed, self.lm.device)
+        self.closed = False  # set by the engine when the session ends; its work is dropped
+        self.generator = make_generator(params.seed, self.device)
         self._stop = set(params.stop_token_ids)
 
     @property
     def remaining(self) -> int:
         return self.params.max_new_tokens - self.num_generated
 
-    def prefill(self) -> None:
-        """Cache every prompt token but the last, which opens the first block."""
-        if len(self.tokens) > 1:
-            self.lm.forward(self.tokens[:-1], num_logits=1)  # the logits are not needed
+    @property
+    def prompt_to_cache(self) -> list[int]:
+        """What prefill caches: every prompt token but the last, which opens the first block."""
+        return self.tokens[:-1]
 
-    def verify(self, draft_ids: list[int], q: torch.Tensor | None) -> RoundResult:
-        """Score [last committed token] + draft in one forward, accept a prefix, commit, roll back the rest.
+    def block(self, draft_ids: list[int]) -> list[int]:
+        """The tokens one verification feeds: [last committed token] + draft."""
+        return [self.tokens[-1], *draft_ids]
 
+    def verify(self, target_logits: torch.Tensor, draft_ids: list[int], q: torch.Tensor | None) -> RoundResult:
+        """Accept a prefix of the draft, commit, and roll the KV cache back to the committed tokens.
+
+        target_logits: [gamma + 1, vocab] for `block(draft_ids)`, already cached by the engine's forward;
         draft_ids: gamma tokens (0 = one plain decoding step); q: draft probs [gamma, vocab] or None (greedy).
         """
         assert self.finish_reason is None, "session already finished"
-        target_logits = self.lm.forward([self.tokens[-1], *draft_ids])  # [gamma + 1, vocab]
-        draft = torch.tensor(draft_ids, dtype=torch.long, device=self.lm.device)  # [gamma]
-        q = None if q is None else q.to(self.lm.device)
+        draft = torch.tensor(draft_ids, dtype=torch.long, device=self.device)  # [gamma]
+        q = None if q is None else q.to(self.device)
         num_accepted, next_token = verify_block(draft, q, target_logits, self.params, self.generator)
         committed = [*draft_ids[:num_accepted], next_token]
         # generation ends at the first stop token or at max_new_tokens, even inside the block
@@ -63,7 +72,7 @@ class VerifierSession:
             committed, self.finish_reason = committed[: self.remaining], FINISH_LENGTH
         self.tokens.extend(committed)
         self.num_generated += len(committed)
-        self.lm.crop(len(self.tokens) - 1)
+        self.kv.truncate(len(self.tokens) - 1)
         accepted = min(num_accepted, len(committed))
         return RoundResult(
             num_accepted=accepted,

@@ -30,7 +30,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_gamma", "max_prompt_tokens", "max_new_tokens", "max_sessions", "max_message_bytes", "max_sessions_per_client", "idle_timeout_s")
+    __slots__ = ("max_gamma", "max_prompt_tokens", "max_new_tokens", "max_sessions", "max_message_bytes", "max_sessions_per_client", "idle_timeout_s", "max_batch_tokens")
     MAX_GAMMA_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class Limits(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_gamma: int
     max_prompt_tokens: int
     max_new_tokens: int
@@ -45,7 +46,8 @@ class Limits(_message.Message):
     max_message_bytes: int
     max_sessions_per_client: int
     idle_timeout_s: float
-    def __init__(self, max_gamma: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_sessions_per_client: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ...) -> None: ...
+    max_batch_tokens: int
+    def __init__(self, max_gamma: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_sessions_per_client: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ..., max_batch_tokens: _Optional[int] = ...) -> None: ...
 
 class InfoReply(_message.Message):
     __slots__ = ("model_id", "vocab_size", "tokenizer_fingerprint", "dtype", "device", "limits", "server_version")
@@ -135,31 +137,51 @@ class SpeculateRequest(_message.Message):
     proposal: Proposal
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., proposal: _Optional[_Union[Proposal, _Mapping]] = ...) -> None: ...
 
+class StepCost(_message.Message):
+    __slots__ = ("compute_s", "queue_s", "batch_sessions", "batch_tokens", "share_s", "steps")
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SHARE_S_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    compute_s: float
+    queue_s: float
+    batch_sessions: int
+    batch_tokens: int
+    share_s: float
+    steps: int
+    def __init__(self, compute_s: _Optional[float] = ..., queue_s: _Optional[float] = ..., batch_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., share_s: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
+
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "prompt_tokens", "service_s")
+    __slots__ = ("session_id", "prompt_tokens", "service_s", "cost")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SERVICE_S_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_tokens: int
     service_s: float
-    def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., service_s: _Optional[float] = ...) -> None: ...
+    cost: StepCost
+    def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., service_s: _Optional[float] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("num_accepted", "next_token", "finished", "finish_reason", "service_s", "round")
+    __slots__ = ("num_accepted", "next_token", "finished", "finish_reason", "service_s", "round", "cost")
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SERVICE_S_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     num_accepted: int
     next_token: int
     finished: bool
     finish_reason: FinishReason
     service_s: float
     round: int
-    def __init__(self, num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., service_s: _Optional[float] = ..., round: _Optional[int] = ...) -> None: ...
+    cost: StepCost
+    def __init__(self, num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., service_s: _Optional[float] = ..., round: _Optional[int] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ...) -> None: ...
 
 class SpeculateReply(_message.Message):
     __slots__ = ("opened", "verdict")
@@ -178,13 +200,15 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class GenerateReply(_message.Message):
-    __slots__ = ("token_ids", "finished", "finish_reason", "service_s")
+    __slots__ = ("token_ids", "finished", "finish_reason", "service_s", "cost")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     SERVICE_S_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finished: bool
     finish_reason: FinishReason
     service_s: float
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., service_s: _Optional[float] = ...) -> None: ...
+    cost: StepCost
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., service_s: _Optional[float] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,264 @@
+"""The verifier's engine: owns the model, every session's KV memory and the one compute thread, and runs
+all sessions' pending work as one batched forward per step (continuous batching).
+
+Work items: a session's prefill (the prompt but its last token, cut into chunks), a verification block
+[last committed token] + gamma draft tokens with gamma per session (gamma = 0 is a plain decoding step),
+and the decoding steps of `Generate`, which re-enter the queue after every step until the session ends.
+
+One step: take pending work in FIFO order up to `max_batch_tokens` (counted as the forward computes it,
+padding included: sessions x longest row), a prefill taking only the chunk that fits; run ONE forward
+over all of it (`kv.batched_forward`, pad-and-stack, see kv.py for the KV design and why); then per
+session verify its block with the exact math (`sampling.verify_block` with the session's own
+generator), commit, roll its KV back, and resolve that session's awaitable. Work taken from the front
+and put back at the end (an unfinished prefill, the next decoding step) makes it round-robin: every
+session gets a turn, and a long prompt delays the others by at most one step of the budget.
+
+Threads: scheduling, resolution and cancellation run on the event loop; only the forward and the
+verification run on the compute thread, and a session's KV is freed on the event loop once no step is
+using it, so a client that cancels mid-step disturbs nobody else.
+
+Cost accounting: every step's wall time (forward + verification) is the step's `compute_s`, and each work
+item's `share_s` is compute_s x its tokens / the step's tokens (padding excluded), so the shares of one
+step add up to its compute time and a request's verifier cost stays honest at any concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from specdec.config import SamplingParams
+from verifier_worker.kv import Row, batched_forward
+from verifier_worker.session import RoundResult, VerifierSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepCost:
+    """What the step(s) one work item rode in cost; summed over the steps of a chunked prefill."""
+
+    compute_s: float = 0.0  # wall time of the step(s): the whole batch's forward + verification
+    share_s: float = 0.0  # this work's part of compute_s, by its share of each step's tokens
+    batch_sessions: int = 0  # sessions in the step (the largest, over several steps)
+    batch_tokens: int = 0  # tokens the step(s) computed for all sessions, padding excluded
+    steps: int = 0
+
+    def add(self, compute_s: float, tokens: int, batch_sessions: int, batch_tokens: int) -> None:
+        self.compute_s += compute_s
+        self.share_s += compute_s * tokens / batch_tokens
+        self.batch_sessions = max(self.batch_sessions, batch_sessions)
+        self.batch_tokens += batch_tokens
+        self.steps += 1
+
+    def plus(self, other: StepCost) -> StepCost:
+        return StepCost(self.compute_s + other.compute_s, self.share_s + other.share_s,
+                        max(self.batch_sessions, other.batch_sessions), self.batch_tokens + other.batch_tokens,
+                        self.steps + other.steps)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    sessions: int  # open sessions, plus closed ones a running step still uses
+    kv_tokens: int  # tokens cached over all sessions
+    kv_bytes: int  # bytes of KV buffers allocated over all sessions
+    queued: int  # work items waiting for a step
+    steps: int  # steps run since the engine started
+    busy_s: float  # their total compute time
+
+
+@dataclass(eq=False)
+class _Work:
+    session: VerifierSession
+    tokens: list[int]  # still to feed: the prompt's rest (prefill) or the block
+    future: asyncio.Future
+    draft_ids: list[int] | None = None  # None for a prefill
+    q: torch.Tensor | None = None
+    decoding: bool = False  # Generate: queue the next decoding step after this one
+    next: _Work | None = None  # that next step
+    cost: StepCost = field(default_factory=StepCost)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.draft_ids is None
+
+
+class Decoding:
+    """Generate's side of a session that decodes one token in every engine step until it finishes."""
+
+    def __init__(self, work: _Work):
+        self._work = work
+
+    async def next(self) -> tuple[RoundResult, StepCost]:
+        work = self._work
+        result = await work.future
+        self._work = work.next
+        return result
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, max_batch_tokens: int = 512):
+        assert max_batch_tokens >= 1
+        self.model = model
+        self.max_batch_tokens = max_batch_tokens
+        self.device = next(model.parameters()).device
+        self._check_attention(model)
+        self._sessions: set[VerifierSession] = set()
+        self._queue: deque[_Work] = deque()
+        self._in_flight: set[VerifierSession] = set()  # sessions in the running step
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-compute")
+        self._task: asyncio.Task | None = None
+        self.steps = 0
+        self.busy_s = 0.0
+
+    @staticmethod
+    def _check_attention(model: torch.nn.Module) -> None:
+        layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
+        if any(kind != "full_attention" for kind in layer_types):
+            raise ValueError(f"the batching engine supports full-attention models only, this one has {set(layer_types)}")
+
+    # ------------------------------------------------------------------------------ sessions and work
+    def open(self, prompt_ids: list[int], params: SamplingParams, client: str = "") -> VerifierSession:
+        session = VerifierSession(prompt_ids, params, client, self.device)
+        self._sessions.add(session)
+        return session
+
+    def close(self, session: VerifierSession) -> None:
+        """End a session: drop its queued work and free its KV (after the running step, if it is in it)."""
+        session.closed = True
+        self._sessions.discard(session)
+        for work in [w for w in self._queue if w.session is session]:
+            self._queue.remove(work)
+            work.future.cancel()
+        if session not in self._in_flight:
+            session.kv.free()
+
+    async def prefill(self, session: VerifierSession) -> StepCost:
+        """Cache the prompt (in chunks, over as many steps as the budget needs)."""
+        if not session.prompt_to_cache:
+            return StepCost()
+        _, cost = await self._submit(_Work(session, session.prompt_to_cache, self._future())).future
+        return cost
+
+    async def verify(self, session: VerifierSession, draft_ids: list[int], q: torch.Tensor | None) -> tuple[RoundResult, StepCost]:
+        """Verify one block (gamma = len(draft_ids), 0 allowed) in the next step with room for it."""
+        return await self._submit(_Work(session, session.block(draft_ids), self._future(), draft_ids, q)).future
+
+    def decode(self, session: VerifierSession) -> Decoding:
+        """Decode one token in every step from now on until the session finishes (Generate)."""
+        return Decoding(self._submit(self._decode_work(session)))
+
+    def stats(self) -> EngineStats:
+        sessions = self._sessions | self._in_flight
+        return EngineStats(
+            sessions=len(sessions),
+            kv_tokens=sum(s.kv.length for s in sessions),
+            kv_bytes=sum(s.kv.nbytes for s in sessions),
+            queued=len(self._queue),
+            steps=self.steps,
+            busy_s=self.busy_s,
+        )
+
+    def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    def _future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    def _decode_work(self, session: VerifierSession) -> _Work:
+        return _Work(session, session.block([]), self._future(), [], None, decoding=True)
+
+    def _submit(self, work: _Work) -> _Work:
+        assert not work.session.closed, "work for a closed session"
+        self._queue.append(work)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return work
+
+    # ------------------------------------------------------------------------------------------ steps
+    async def _run(self) -> None:
+        """Run steps while there is work; a later submission starts a new run."""
+        loop = asyncio.get_running_loop()
+        while batch := self._take_batch():
+            self._in_flight = {work.session for work, _ in batch}
+            started = time.perf_counter()
+            try:
+                outcomes = await loop.run_in_executor(self._compute, self._step, batch)
+            except Exception as exc:  # noqa: BLE001 - every session of the step gets the error
+                log.exception("engine step failed (%d sessions)", len(batch))
+                outcomes = [exc] * len(batch)
+            compute_s = time.perf_counter() - started
+            self.steps += 1
+            self.busy_s += compute_s
+            self._finish(batch, outcomes, compute_s)
+
+    def _take_batch(self) -> list[tuple[_Work, int]]:
+        """(work, tokens it feeds this step), FIFO, while sessions x longest row fits the budget."""
+        batch: list[tuple[_Work, int]] = []
+        longest = 0
+        while self._queue:
+            work = self._queue[0]
+            n = len(work.tokens)
+            if work.is_prefill:  # a prefill takes the chunk that fits beside the rows already taken
+                n = min(n, self.max_batch_tokens // (len(batch) + 1))
+                if n < 1 or (len(batch) + 1) * max(longest, n) > self.max_batch_tokens:
+                    break
+            elif (len(batch) + 1) * max(longest, n) > self.max_batch_tokens and batch:
+                break  # the first item always goes, so no work waits forever
+            self._queue.popleft()
+            batch.append((work, n))
+            longest = max(longest, n)
+        return batch
+
+    def _step(self, batch: list[tuple[_Work, int]]) -> list[RoundResult | Exception | None]:
+        """Compute thread: one forward over the batch, then each block's verification."""
+        rows = [Row(work.session.kv, work.tokens[:n], not work.is_prefill) for work, n in batch]
+        logits = batched_forward(self.model, rows)
+        outcomes: list[RoundResult | Exception | None] = []
+        for (work, _), row_logits in zip(batch, logits):
+            if work.is_prefill or work.session.closed:
+                outcomes.append(None)
+                continue
+            try:
+                outcomes.append(work.session.verify(row_logits, work.draft_ids, work.q))
+            except Exception as exc:  # noqa: BLE001 - only this session fails
+                log.exception("verification failed")
+                outcomes.append(exc)
+        return outcomes
+
+    def _finish(self, batch: list[tuple[_Work, int]], outcomes: list, compute_s: float) -> None:
+        """Event loop: account the step, resolve or requeue each work item, free what closed meanwhile."""
+        batch_tokens = sum(n for _, n in batch)
+        for (work, n), outcome in zip(batch, outcomes):
+            work.cost.add(compute_s, n, len(batch), batch_tokens)
+            session = work.session
+            if session.closed:
+                session.kv.free()
+                work.future.cancel()
+            elif isinstance(outcome, Exception):
+                _resolve(work.future, exception=outcome)
+            elif work.is_prefill and len(work.tokens) > n:
+                work.tokens = work.tokens[n:]
+                self._queue.append(work)  # the rest of the prompt, after everyone already waiting
+            else:
+                if work.decoding and outcome.finish_reason is None:
+                    work.next = self._submit(self._decode_work(session))
+                _resolve(work.future, (outcome, work.cost))
+        self._in_flight = set()
+
+
+def _resolve(future: asyncio.Future, result=None, exception: Exception | None = None) -> None:
+    if future.done():  # its awaiter was cancelled
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)
