@@ -69,6 +69,8 @@ async def speculate(
                 # that races the server's abort makes grpcio report INTERNAL "Internal error from Core"
                 (candidates, draft_s), reply = await asyncio.gather(drafting, _read(call))
                 result.prefill_service_s = reply.opened.service_s
+                result.prefill_compute_s = reply.opened.cost.compute_s
+                result.verifier_compute_s += reply.opened.cost.share_s
                 result.bytes_received += reply.ByteSize()
             else:
                 candidates, draft_s = await drafting
@@ -98,7 +100,7 @@ async def speculate(
             result.rounds += 1
             result.proposed_per_round.append(len(candidates.draft_ids))
             result.accepted_per_round.append(verdict.num_accepted)
-            result.service_s.append(verdict.service_s)
+            _record_cost(result, verdict.service_s, verdict.cost)
             if verdict.finished:
                 result.finish_reason = codec.finish_from_proto(verdict.finish_reason)
                 break
@@ -118,6 +120,16 @@ def _timed(fn, *args):
     """(fn(*args), seconds it took): drafting time measured in the drafting thread itself."""
     start = time.perf_counter()
     return fn(*args), time.perf_counter() - start
+
+
+def _record_cost(result: GenerationResult, service_s: float, cost: pb.StepCost) -> None:
+    """One round's verifier time: service (queue + compute), the step's compute and batch, this request's share."""
+    result.service_s.append(service_s)
+    result.compute_s.append(cost.compute_s)
+    result.queue_s.append(cost.queue_s)
+    result.batch_size.append(cost.batch_sessions)
+    result.batch_tokens.append(cost.batch_tokens)
+    result.verifier_compute_s += cost.share_s
 
 
 async def _read(call) -> pb.SpeculateReply:
@@ -141,7 +153,7 @@ async def generate_baseline(
             if not result.token_ids:
                 result.ttft_s = time.perf_counter() - start
             result.token_ids.extend(reply.token_ids)
-            result.service_s.append(reply.service_s)
+            _record_cost(result, reply.service_s, reply.cost)
             result.bytes_received += reply.ByteSize()
             if reply.finished:
                 result.finish_reason = codec.finish_from_proto(reply.finish_reason)

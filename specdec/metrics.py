@@ -23,6 +23,15 @@ class GenerationResult:
     rtt_s: list[float] = field(default_factory=list)  # client round trip per round
     service_s: list[float] = field(default_factory=list)  # verifier queue + compute per round
     prefill_service_s: float = 0.0
+    # the verifier's engine step each round rode in (one batched forward over many sessions):
+    compute_s: list[float] = field(default_factory=list)  # its wall time, the whole batch's
+    queue_s: list[float] = field(default_factory=list)  # waiting for it: service_s - compute_s
+    batch_size: list[int] = field(default_factory=list)  # sessions in it
+    batch_tokens: list[int] = field(default_factory=list)  # tokens it computed, all sessions
+    prefill_compute_s: float = 0.0  # wall time of the step(s) the prefill rode in
+    # this request's share of verifier compute, prefill included: each step's wall time split across its
+    # sessions by their share of the step's tokens, so the requests' shares add up to the verifier's busy time
+    verifier_compute_s: float = 0.0
     draft_s: float = 0.0  # time spent drafting
     bytes_sent: int = 0  # protobuf payload bytes, client -> verifier
     bytes_received: int = 0

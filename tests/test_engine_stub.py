@@ -74,10 +74,12 @@ async def test_stop_token_ends_generation_inside_a_block(start_verifier):
     pytest.param(0, "fp16", id="dense-fp16"),
     pytest.param(0, "fp32", id="dense-fp32", marks=pytest.mark.slow),
     pytest.param(3, "fp16", id="sparse", marks=pytest.mark.slow),
+    pytest.param(0, None, id="verifier-only", marks=pytest.mark.slow),
 ])
 async def test_sampling_over_grpc_preserves_the_verifiers_distribution(start_verifier, top_k, dense_dtype):
-    """The whole pipeline (drafter, codec, server, rollback) on a 6-token vocabulary: the joint law of the
-    first two generated tokens equals the verifier's, and differs clearly from the draft's."""
+    """The whole pipeline (drafter, codec, server, batching engine, rollback) on a 6-token vocabulary, 50
+    sessions at a time sharing engine steps: the joint law of the first two generated tokens equals the
+    verifier's, and differs clearly from the draft's. dense_dtype None: verifier-only Generate."""
     vocab, prompt = 6, [1, 2]
     target, draft = FakeLM(vocab, seed=0, scale=1.0), FakeLM(vocab, seed=0, scale=1.0, noise=2.0)
     verifier = await start_verifier(target, vocab_size=vocab, limits=VerifierLimits(max_sessions_per_client=64))
@@ -88,14 +90,21 @@ async def test_sampling_over_grpc_preserves_the_verifiers_distribution(start_ver
         p1 = logits_to_probs(model._logits(prompt), params)
         return torch.cat([p1[a] * logits_to_probs(model._logits([*prompt, a]), params) for a in range(vocab)])
 
-    async def one(seed: int) -> int:
+    async def one(seed: int) -> tuple[int, int]:
         params = SamplingParams(temperature=1.0, top_k=top_k, seed=seed, max_new_tokens=2)
-        result = await speculate(verifier.stub, LMDrafter(draft, "noisy-draft", dense_dtype), prompt, params, 2, info)
-        return result.token_ids[0] * vocab + result.token_ids[1]
+        if dense_dtype is None:
+            result = await generate_baseline(verifier.stub, prompt, params)
+        else:
+            result = await speculate(verifier.stub, LMDrafter(draft, "noisy-draft", dense_dtype), prompt, params, 2, info)
+        return result.token_ids[0] * vocab + result.token_ids[1], max(result.batch_size)
 
     cells: list[int] = []
+    batch_sizes: list[int] = []
     for batch in range(40):  # 40 x 50 = 2000 sessions, 50 in flight at a time
-        cells += await asyncio.gather(*(one(batch * 50 + i) for i in range(50)))
+        for cell, batch_size in await asyncio.gather(*(one(batch * 50 + i) for i in range(50))):
+            cells.append(cell)
+            batch_sizes.append(batch_size)
+    assert sum(b >= 2 for b in batch_sizes) > len(batch_sizes) / 2  # most sessions shared a step with others
     counts = torch.bincount(torch.tensor(cells), minlength=vocab * vocab)
     assert chi_square_p_value(counts, joint(target)) > 1e-4
     assert chi_square_p_value(counts, joint(draft)) < 1e-6  # the test can tell the two apart

@@ -1,0 +1,116 @@
+"""What batching buys on this machine: one engine step of B sessions x (1 + gamma) tokens over caches of
+~L tokens, against B sessions stepped one at a time; and whether batched greedy output equals solo output
+(bf16 can differ: padded shapes change the kernels' reduction order).
+
+    python scripts/measure_batching.py --sessions 1 4 8 --gamma 4 --cache 300 --repeats 3 --prompts 4 --max-new-tokens 32
+
+Runs the engine in-process (no gRPC). Prints a markdown table and, as the last line, one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import statistics
+import sys
+
+import torch
+
+from specdec import models
+from specdec.config import SamplingParams
+from specdec.pubmedqa import default_path, load_items
+from verifier_worker.engine import Engine
+
+
+async def step_ms(engine: Engine, prompt: list[int], batch: int, gamma: int, repeats: int) -> list[float]:
+    """Wall time (ms) of one engine step verifying `batch` blocks of 1 + gamma tokens over len(prompt) - 1 cached tokens."""
+    master = engine.open(prompt, SamplingParams(max_new_tokens=repeats * (gamma + 1) + 1))
+    await engine.prefill(master)
+    sessions = [engine.open(prompt, master.params) for _ in range(batch)]
+    for session in sessions:  # the same cache for every session: prefill once, copy
+        session.kv.append(master.kv.view())
+    draft = prompt[-gamma:] if gamma else []  # almost surely rejected: every step also rolls back
+    times = []
+    for _ in range(repeats):
+        replies = await asyncio.gather(*(engine.verify(s, draft, None) for s in sessions))
+        assert {cost.batch_sessions for _, cost in replies} == {batch}
+        times.append(replies[0][1].compute_s * 1000)
+    for session in (master, *sessions):
+        engine.close(session)
+    return times
+
+
+async def greedy(engine: Engine, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of all prompts decoded together (one session per prompt)."""
+    async def one(prompt: list[int]) -> list[int]:
+        session = engine.open(prompt, SamplingParams(max_new_tokens=max_new_tokens))
+        await engine.prefill(session)
+        decoding = engine.decode(session)
+        result = None
+        while result is None or result.finish_reason is None:
+            result, _ = await decoding.next()
+        engine.close(session)
+        return session.tokens[len(prompt):]
+
+    return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+async def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    tokenizer = models.load_tokenizer(args.model)
+    model = models.load_model(args.model, dtype=models.parse_dtype(args.dtype), device=torch.device(args.device))
+    engine = Engine(model, max_batch_tokens=max(args.sessions) * (args.gamma + 1) + args.cache)
+    items = load_items(args.pubmedqa)
+    text = " ".join(item.prompt for item in items[:5])
+    cache_prompt = tokenizer(text)["input_ids"][: args.cache + 1]
+    await step_ms(engine, cache_prompt, 1, args.gamma, 1)  # warm-up
+    steps = {}
+    for batch in args.sessions:
+        steps[batch] = await step_ms(engine, cache_prompt, batch, args.gamma, args.repeats)
+        print(f"{batch} sessions: {steps[batch]}", file=sys.stderr, flush=True)
+    prompts = [tokenizer(item.prompt)["input_ids"][: args.cache] for item in items[: args.prompts]]
+    solo = [(await greedy(engine, [p], args.max_new_tokens))[0] for p in prompts]
+    together = await greedy(engine, prompts, args.max_new_tokens)
+    first_diff = [next((i for i, (a, b) in enumerate(zip(s, t)) if a != b), None) for s, t in zip(solo, together)]
+    one = statistics.median(steps[args.sessions[0]])
+    print(f"\n{args.model} {args.dtype} on {args.device}, {args.threads} threads, cache {args.cache} tokens, "
+          f"blocks of 1 + {args.gamma} tokens\n")
+    print("| sessions | step ms (median) | vs 1 session | one at a time (B x 1-session step) |")
+    print("|---|---|---|---|")
+    for batch, times in steps.items():
+        ms = statistics.median(times)
+        print(f"| {batch} | {ms:.0f} | {ms / one:.2f}x | {batch * one:.0f} |")
+    print(f"\nbatched vs solo greedy ({args.prompts} prompts x {args.max_new_tokens} tokens): "
+          f"{sum(d is not None for d in first_diff)} prompts differ; first differing position per prompt: {first_diff}")
+    return {"config": vars(args) | {"pubmedqa": str(args.pubmedqa)}, "step_ms": steps, "first_diff": first_diff,
+            "mismatch_rate": sum(d is not None for d in first_diff) / len(first_diff)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="offline:qwen2.5-coder-1.5b-instruct")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--pubmedqa", type=pathlib.Path, default=default_path())
+    p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--cache", type=int, default=300, help="tokens cached per session")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompts", type=int, default=4, help="for the batched-vs-solo greedy comparison")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=pathlib.Path)
+    args = p.parse_args()
+    if args.pubmedqa is None:
+        p.error("pass --pubmedqa or set SPECDEC_PUBMEDQA")
+    report = asyncio.run(run(args))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: report[k] for k in ("step_ms", "first_diff", "mismatch_rate")}, separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""The batching engine without gRPC: its batched forward against solo forwards (tiny Qwen2 in fp32, and the
+FakeLM that reads its prefix through the attention mask), per-session KV rollback and release, the token
+budget, cost shares, and cancellation while a step is running."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from specdec import models
+from specdec.config import SamplingParams
+from specdec.lm import CachedLM
+from tests.stubs import FakeLM
+from verifier_worker.engine import Engine
+from verifier_worker.kv import Row, SessionKV, batched_forward
+
+CPU = torch.device("cpu")
+GREEDY = SamplingParams(max_new_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_verifier(tiny_dirs):
+    return models.load_model(str(tiny_dirs[1]), dtype=torch.float32, device=CPU)
+
+
+def random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def solo_logits(model, prefix: list[int], block: list[int]) -> torch.Tensor:
+    lm = CachedLM(model)
+    if prefix:
+        lm.forward(prefix)
+    return lm.forward(block)  # [len(block), vocab]
+
+
+@pytest.mark.parametrize("model_name", ["tiny-qwen2", "fake"])
+def test_batched_forward_equals_solo_forward(model_name, tiny_verifier):
+    """Rows with different cache lengths (0 included) and block lengths, plus a prefill chunk without
+    logits, in one forward; then a second step after one row rolled back. Every row's logits equal its
+    own solo forward's: fp32 within 1e-4 for the Qwen2 model, exactly for FakeLM."""
+    model = tiny_verifier if model_name == "tiny-qwen2" else FakeLM(32)
+    vocab = models.model_vocab_size(model) if model_name == "tiny-qwen2" else 32
+    prefixes = [random_ids(n, vocab, seed=n) for n in (0, 1, 7, 30)]
+    kvs = [SessionKV() for _ in prefixes]
+    batched_forward(model, [Row(kv, p, False) for kv, p in zip(kvs, prefixes) if p])
+    assert [kv.length for kv in kvs] == [0, 1, 7, 30]
+    prefill = SessionKV()
+    for step, lengths in enumerate([(1, 5, 3, 17), (4, 1, 9, 2)]):
+        blocks = [random_ids(n, vocab, seed=100 * step + n) for n in lengths]
+        rows = [Row(kv, block, True) for kv, block in zip(kvs, blocks)] + [Row(prefill, random_ids(20, vocab, step), False)]
+        logits = batched_forward(model, rows)
+        assert logits[-1] is None and prefill.length == 20 * (step + 1)
+        for prefix, block, row_logits in zip(prefixes, blocks, logits):
+            assert row_logits.shape == (len(block), vocab)
+            torch.testing.assert_close(row_logits, solo_logits(model, prefix, block), atol=1e-4, rtol=0)
+        for i, (kv, block) in enumerate(zip(kvs, blocks)):  # commit all but the last token of each block...
+            prefixes[i] = prefixes[i] + block[:-1]
+            kv.truncate(len(prefixes[i]))  # ...so the next step overwrites a rolled-back key
+
+
+def test_session_kv_grows_rolls_back_and_frees():
+    kv = SessionKV()
+    assert kv.nbytes == 0 and kv.length == 0
+    first = torch.randn(3, 2, 2, 10, 4)  # [layers, 2, kv_heads, n, head_dim]
+    kv.append(first)
+    assert kv.length == 10 and kv.buffer.shape[3] == 16 and kv.nbytes == 3 * 2 * 2 * 16 * 4 * 4
+    kv.truncate(6)  # rollback: a length decrement, the buffer stays
+    second = torch.randn(3, 2, 2, 12, 4)
+    kv.append(second)  # grows past 16 by doubling, keeping the valid part
+    assert kv.length == 18 and kv.buffer.shape[3] == 32
+    torch.testing.assert_close(kv.view(), torch.cat([first[:, :, :, :6], second], dim=3))
+    with pytest.raises(AssertionError):
+        kv.truncate(19)
+    kv.free()
+    assert kv.nbytes == 0 and kv.length == 0
+
+
+def greedy_continuation(model: FakeLM, prefix: list[int], n: int) -> list[int]:
+    out = list(prefix)
+    for _ in range(n):
+        out.append(int(model._logits(out).argmax()))
+    return out[len(prefix):]
+
+
+async def run_alone(model, prompt: list[int], drafts: list[list[int]], params: SamplingParams = GREEDY) -> list[int]:
+    """The tokens one session commits on an engine of its own, verifying `drafts` in turn."""
+    engine = Engine(model)
+    session = engine.open(prompt, params)
+    await engine.prefill(session)
+    for draft in drafts:
+        result, cost = await engine.verify(session, draft, None)
+        assert cost.batch_sessions == 1
+        if result.finish_reason:
+            break
+    engine.close(session)
+    return session.tokens
+
+
+async def test_one_step_serves_every_session_and_splits_its_cost():
+    model = FakeLM(32)
+    engine = Engine(model, max_batch_tokens=64)
+    prompts = [[1, 2, 3], [4], list(range(9)), [5, 5]]
+    sessions = [engine.open(p, GREEDY) for p in prompts]
+    await asyncio.gather(*(engine.prefill(s) for s in sessions))
+    truth = greedy_continuation(model, prompts[0], 4)
+    drafts = [truth[:2] + [(truth[2] + 1) % 32], [], [7, 7, 7, 7, 7], [1]]  # gamma 3 (one rejection), 0, 5, 1
+    steps = engine.stats().steps
+    replies = await asyncio.gather(*(engine.verify(s, d, None) for s, d in zip(sessions, drafts)))
+    assert engine.stats().steps == steps + 1  # all four in one forward
+    assert replies[0][0].num_accepted == 2 and replies[0][0].next_token == truth[2]
+    costs = [cost for _, cost in replies]
+    assert {c.batch_sessions for c in costs} == {4} and {c.batch_tokens for c in costs} == {1 + 4 + 1 + 6 + 2 - 1}
+    assert sum(c.share_s for c in costs) == pytest.approx(costs[0].compute_s)
+    assert costs[2].share_s == pytest.approx(costs[0].compute_s * 6 / 13)  # 6 of the step's 13 tokens
+    for session, prompt, draft in zip(sessions, prompts, drafts):
+        assert session.tokens == await run_alone(model, prompt, [draft])
+        engine.close(session)
+    assert engine.stats().kv_bytes == 0 and engine.stats().sessions == 0
+
+
+async def test_long_prompt_is_chunked_and_does_not_stall_others():
+    model = FakeLM(32)
+    engine = Engine(model, max_batch_tokens=8)
+    short = engine.open([1, 2], SamplingParams(max_new_tokens=6))
+    await engine.prefill(short)
+    long = engine.open(list(range(30)) * 2, GREEDY)  # 59 tokens to cache in chunks of at most 8
+    prefill = asyncio.create_task(engine.prefill(long))
+    decoding = engine.decode(short)
+    for _ in range(6):  # the short session decodes a token in every step, beside a chunk of the prompt
+        result, cost = await decoding.next()
+        assert (cost.batch_sessions, cost.steps) == (2, 1) and cost.batch_tokens <= 8
+    assert result.finish_reason == "length" and not prefill.done()  # the short session finished first
+    cost = await prefill
+    assert cost.steps >= 59 / 8 and long.kv.length == 59
+    await engine.verify(long, [3, 4], None)
+    assert long.tokens == await run_alone(model, list(range(30)) * 2, [[3, 4]])
+    assert short.tokens == await run_alone(model, [1, 2], [[]] * 6, SamplingParams(max_new_tokens=6))
+
+
+class GatedLM(FakeLM):
+    """A FakeLM whose forward waits for the test to open the gate, so a step can be caught in flight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def forward(self, *args, **kwargs):
+        self.entered.set()
+        assert self.gate.wait(10), "the test never opened the gate"
+        return super().forward(*args, **kwargs)
+
+
+async def wait_for(event: threading.Event) -> None:
+    for _ in range(500):  # <= 5 s
+        if event.is_set():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the engine never started the step")
+
+
+async def test_cancel_mid_step_and_while_queued_leaves_the_others_unchanged():
+    model = GatedLM(32)
+    model.gate.set()
+    engine = Engine(model, max_batch_tokens=12)
+    prompts = {"a": [1, 2, 3], "b": [4, 5], "c": [6], "d": [7, 8, 9, 10]}
+    sessions = {name: engine.open(p, GREEDY) for name, p in prompts.items()}
+    await asyncio.gather(*(engine.prefill(s) for s in sessions.values()))
+    drafts = {"a": [3, 1], "b": [2, 2, 2], "c": [], "d": [9] * 8}  # d's 9 tokens do not fit beside the others
+    model.gate.clear()
+    model.entered.clear()
+    tasks = {name: asyncio.create_task(engine.verify(s, drafts[name], None)) for name, s in sessions.items()}
+    await wait_for(model.entered)  # a, b, c are in the running step; d waits in the queue
+    assert engine.stats().queued == 1
+    for name in ("b", "d"):  # b is cancelled mid-step, d while queued
+        tasks[name].cancel()
+        engine.close(sessions[name])
+    assert engine.stats().queued == 0 and sessions["d"].kv.nbytes == 0
+    assert sessions["b"].kv.nbytes > 0 and engine.stats().sessions == 3  # still used by the running step
+    model.gate.set()
+    await asyncio.gather(tasks["a"], tasks["c"])
+    assert sessions["b"].kv.nbytes == 0 and engine.stats().sessions == 2
+    for name in ("a", "c"):
+        assert sessions[name].tokens == await run_alone(model, prompts[name], [drafts[name]])
+        engine.close(sessions[name])
+    stats = engine.stats()
+    assert (stats.sessions, stats.kv_tokens, stats.kv_bytes, stats.queued) == (0, 0, 0, 0)
+
+
+async def test_a_thousand_sessions_leave_no_kv_held():
+    """Sessions of every kind and ending (length, stop token, client gone after prefill, cancelled at any
+    point, chunked prefills), 50 at a time: once idle, the engine holds no KV and no session."""
+    model = FakeLM(32)
+    engine = Engine(model, max_batch_tokens=16)
+    work_items = 0
+
+    async def one(i: int) -> None:
+        nonlocal work_items
+        params = SamplingParams(max_new_tokens=1 + i % 4, stop_token_ids=(i % 32,) if i % 5 == 0 else ())
+        session = engine.open([i % 32] * (1 + i % 23), params)
+        try:
+            work_items += 1
+            await engine.prefill(session)
+            if i % 7 == 0:
+                return
+            decoding = engine.decode(session) if i % 2 else None
+            result = None
+            while result is None or result.finish_reason is None:
+                work_items += 1
+                result, _ = await (decoding.next() if decoding else engine.verify(session, [i % 32] * (i % 5), None))
+        finally:
+            engine.close(session)
+
+    loop = asyncio.get_running_loop()
+    for start in range(0, 1000, 50):
+        tasks = [asyncio.create_task(one(i)) for i in range(start, start + 50)]
+        for i in range(start, start + 50, 6):
+            loop.call_later(0.001 * (i % 4), tasks[i - start].cancel)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(o is None or isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
+    stats = engine.stats()
+    assert (stats.sessions, stats.kv_tokens, stats.kv_bytes, stats.queued) == (0, 0, 0, 0)
+    assert 0 < stats.steps < work_items / 2  # batched: several sessions per step
