@@ -21,6 +21,9 @@ CPU = torch.device("cpu")
 GREEDY = SamplingParams(max_new_tokens=16)
 
 
+ACCELERATOR = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else None
+
+
 @pytest.fixture(scope="module")
 def tiny_verifier(tiny_dirs):
     return models.load_model(str(tiny_dirs[1]), dtype=torch.float32, device=CPU)
@@ -37,13 +40,20 @@ def solo_logits(model, prefix: list[int], block: list[int]) -> torch.Tensor:
     return lm.forward(block)  # [len(block), vocab]
 
 
-@pytest.mark.parametrize("model_name", ["tiny-qwen2", "fake"])
-def test_batched_forward_equals_solo_forward(model_name, tiny_verifier):
+@pytest.mark.parametrize("model_name", [
+    "tiny-qwen2", "fake",
+    pytest.param("tiny-qwen2-accelerator", marks=[pytest.mark.gpu, pytest.mark.skipif(ACCELERATOR is None, reason="needs CUDA or MPS")]),
+])
+def test_batched_forward_equals_solo_forward(model_name, tiny_verifier, tiny_dirs):
     """Rows with different cache lengths (0 included) and block lengths, plus a prefill chunk without
-    logits, in one forward; then a second step after one row rolled back. Every row's logits equal its
-    own solo forward's: fp32 within 1e-4 for the Qwen2 model, exactly for FakeLM."""
-    model = tiny_verifier if model_name == "tiny-qwen2" else FakeLM(32)
-    vocab = models.model_vocab_size(model) if model_name == "tiny-qwen2" else 32
+    logits, in one forward; then a second step after every row rolled back. Every row's logits equal its
+    own solo forward's: fp32 within 1e-4 for the Qwen2 model (CPU or accelerator), exactly for FakeLM."""
+    if model_name == "fake":
+        model, vocab = FakeLM(32), 32
+    else:
+        device = models.resolve_device(ACCELERATOR) if model_name.endswith("accelerator") else CPU
+        model = models.load_model(str(tiny_dirs[1]), dtype=torch.float32, device=device) if device != CPU else tiny_verifier
+        vocab = models.model_vocab_size(model)
     prefixes = [random_ids(n, vocab, seed=n) for n in (0, 1, 7, 30)]
     kvs = [SessionKV() for _ in prefixes]
     batched_forward(model, [Row(kv, p, False) for kv, p in zip(kvs, prefixes) if p])

@@ -165,11 +165,6 @@ class Engine:
             busy_s=self.busy_s,
         )
 
-    def shutdown(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self._compute.shutdown(wait=False, cancel_futures=True)
-
     def _future(self) -> asyncio.Future:
         return asyncio.get_running_loop().create_future()
 
