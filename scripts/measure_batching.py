@@ -93,7 +93,8 @@ def main() -> None:
     p.add_argument("--model", default="offline:qwen2.5-coder-1.5b-instruct")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--pubmedqa", type=pathlib.Path, default=default_path())
+    p.add_argument("--pubmedqa", type=pathlib.Path, default=default_path(), required=default_path() is None,
+                   help="PubMedQA JSONL (default: $SPECDEC_PUBMEDQA)")
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--cache", type=int, default=300, help="tokens cached per session")
@@ -101,15 +102,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4, help="for the batched-vs-solo greedy comparison")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=pathlib.Path)
-    args = p.parse_args()
-    if args.pubmedqa is None:
-        p.error("pass --pubmedqa or set SPECDEC_PUBMEDQA")
-    report = asyncio.run(run(args))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("step_ms", "first_diff", "mismatch_rate")}, separators=(",", ":")))
+    print(json.dumps(asyncio.run(run(p.parse_args())), separators=(",", ":")))
 
 
 if __name__ == "__main__":

@@ -5,22 +5,25 @@ Design (pad-and-stack over per-session caches). Each session owns a `SessionKV`:
 decrement (vLLM's `num_computed_tokens -= num_rejected`, nanochat's per-row `cache_seqlens`), exact and
 free; the buffer grows by doubling and is dropped when the session ends, so idle KV is zero.
 
-A step stacks the sessions' caches into one padded batch for the lifetime of a single forward:
-- keys/values [B, kv_heads, L_max, head_dim], row b's L_b real keys first, zeros after (finite, so a
-  masked key times a zero weight stays zero);
+A step runs one forward over the sessions' pending tokens, padded into one batch:
 - new tokens [B, T_max] right-padded, at positions L_b + j (`position_ids` per row, always);
 - a boolean 4D mask [B, 1, T_max, L_max + T_max]: query j of row b sees row b's L_b past keys and its own
   new keys 0..j. A padded key is masked, never merely zero. Padded queries see the same causal pattern,
-  so nothing is NaN; their outputs are dropped.
-After the forward each row's T_b new keys/values are copied into its own buffer and the padded batch is
-garbage: memory held between steps is what the sessions' buffers hold, nothing else.
+  so nothing is NaN; their outputs are dropped;
+- keys/values [B, kv_heads, L_max + T_max, head_dim], stacked layer by layer: when layer l asks the cache
+  to append the step's keys (`_StepCache.update`), it gathers layer l of every session's buffer (row b's
+  L_b keys first, zeros up to L_max: finite, so a masked key times a zero weight stays zero) and the new
+  keys after them. The padded batch thus exists one layer at a time, and is garbage once the layer has
+  attended; after the forward each row's T_b new keys/values are copied into its own buffer. Memory held
+  between steps is what the sessions' buffers hold, nothing else.
 
-Why this route: it works with any transformers causal LM that takes `position_ids` and a 4D mask (sdpa
-attention, CPU and CUDA) and needs no custom kernels; its costs are a copy of the batch's past KV per step
-and compute over B x T_max padded positions, which the engine bounds with its token budget. The next
-step up is a slot pool with one length per row (no per-step copy); that is an optimisation of this, not a
-different contract. transformers' own continuous batching is not used: it samples one token per step and
-can neither score given tokens nor roll a request back.
+Why this route: it works with any transformers causal LM that takes `position_ids`, a 4D mask and a
+`Cache` (sdpa attention, CPU and CUDA), and needs no custom kernels. Its costs: one copy of the batch's
+past KV per step (into per-layer buffers the allocator reuses), and compute over B x T_max padded
+positions, which the engine bounds with its token budget. The next step up is a slot pool with one length
+per row (no per-step copy): an optimisation of this, not a different contract. transformers' own
+continuous batching is not used: it samples one token per step and can neither score given tokens nor
+roll a request back.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicLayer
 
 from specdec.lm import cache_argument
 
@@ -94,6 +97,33 @@ def padded_inputs(lengths: list[int], new: list[list[int]], device: torch.device
     return input_ids.to(device), position_ids.to(device), mask.to(device)
 
 
+class _StepCache(Cache):
+    """The KV cache one batched forward sees; the model calls `update` once per layer with the new keys."""
+
+    def __init__(self, rows: list[Row], l_max: int):
+        super().__init__(layer_class_to_replicate=DynamicLayer)  # never used: update is overridden
+        self.sessions = [row.kv for row in rows]
+        self.l_max = l_max
+        self.new: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: the step's keys and values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key_states, value_states: [B, kv_heads, T_max, head_dim] -> padded past + new, [B, kv_heads, L_max + T_max, head_dim] each."""
+        assert layer_idx == len(self.new), "layers must update in order, once each"
+        self.new.append((key_states, value_states))
+        batch, heads, t_max, head_dim = key_states.shape
+        kv = key_states.new_empty((2, batch, heads, self.l_max + t_max, head_dim))
+        for b, session in enumerate(self.sessions):
+            if session.length:
+                kv[:, b, :, : session.length] = session.view()[layer_idx]  # [2, kv_heads, L_b, head_dim]
+            kv[:, b, :, session.length : self.l_max] = 0
+        kv[0, :, :, self.l_max :] = key_states
+        kv[1, :, :, self.l_max :] = value_states
+        return kv[0], kv[1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.l_max
+
+
 @torch.inference_mode()
 def batched_forward(model: torch.nn.Module, rows: list[Row]) -> list[torch.Tensor | None]:
     """One forward over every row; caches each row's new tokens in its SessionKV.
@@ -103,26 +133,15 @@ def batched_forward(model: torch.nn.Module, rows: list[Row]) -> list[torch.Tenso
     assert rows and all(row.token_ids for row in rows)
     device = next(model.parameters()).device
     lengths = [row.kv.length for row in rows]
-    l_max = max(lengths)
     input_ids, position_ids, mask = padded_inputs(lengths, [row.token_ids for row in rows], device)
-    cache = DynamicCache()
-    if l_max:
-        template = next(row.kv.buffer for row in rows if row.kv.length)
-        layers, _, heads, _, head_dim = template.shape
-        past = template.new_zeros((layers, 2, len(rows), heads, l_max, head_dim))  # the padded batch
-        for b, row in enumerate(rows):
-            if row.kv.length:
-                past[:, :, b, :, : row.kv.length] = row.kv.view()
-        for layer in range(layers):
-            cache.update(past[layer, 0], past[layer, 1], layer)
-        del past
+    cache = _StepCache(rows, max(lengths))
     # logits only for the first t_logits positions of every row: a verification block is short (1 + gamma),
     # and a prefill chunk riding in the same step must not cost a [T_max, vocab] LM-head product
     t_logits = max((len(row.token_ids) for row in rows if row.want_logits), default=0)
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
                 logits_to_keep=torch.arange(t_logits, device=device), **{cache_argument(model): cache})
-    new = torch.stack([torch.stack((layer.keys[:, :, l_max:], layer.values[:, :, l_max:])) for layer in cache.layers])
-    for b, row in enumerate(rows):  # new: [layers, 2, B, kv_heads, T_max, head_dim]
+    new = torch.stack([torch.stack(kv) for kv in cache.new])  # [layers, 2, B, kv_heads, T_max, head_dim]
+    for b, row in enumerate(rows):
         row.kv.append(new[:, :, b, :, : len(row.token_ids)])
     logits = out.logits  # [B, t_logits, vocab]
     return [logits[b, : len(row.token_ids)].float() if row.want_logits else None for b, row in enumerate(rows)]
