@@ -10,8 +10,9 @@ import grpc
 import pytest
 import torch
 
-from draft_worker.client import fetch_info, generate_baseline, speculate
+from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import LMDrafter, NgramDrafter
+from draft_worker.transport import fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec, models
 from specdec.config import SamplingParams, VerifierLimits
