@@ -56,3 +56,24 @@ async def test_real_pair_greedy_is_lossless(real_pair, start_verifier, pubmedqa_
         assert ngram.token_ids == baseline.token_ids, item.pubid
         accepted, proposed = accepted + lm.accepted, proposed + lm.proposed
     assert accepted / proposed > 0.3  # the same-family pair agrees on most tokens; near 0 would mean a bug
+
+
+async def test_real_pair_concurrent_sessions_equal_solo(real_pair, start_verifier, pubmedqa_path):
+    """Three prompts x (verifier-only, LM drafter gamma 4, n-gram gamma 3), all nine at once through the
+    batching engine: each equals the prompt's verifier-only output run alone."""
+    import asyncio
+
+    draft, target, tokenizer = real_pair
+    verifier = await start_verifier(target, vocab_size=models.model_vocab_size(target))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=16)
+    prompts = [tokenizer(item.prompt)["input_ids"] for item in load_items(pubmedqa_path)[5:8]]
+    alone = [(await generate_baseline(verifier.stub, p, params)).token_ids for p in prompts]
+    runs = [run for p in prompts for run in (
+        generate_baseline(verifier.stub, p, params),
+        speculate(verifier.stub, LMDrafter(draft, DRAFT), p, params, 4, info),
+        speculate(verifier.stub, NgramDrafter(), p, params, 3, info))]
+    together = await asyncio.gather(*runs)
+    for i, result in enumerate(together):
+        assert result.token_ids == alone[i // 3], i
+    assert max(b for r in together for b in r.batch_size) >= 3
