@@ -80,3 +80,6 @@ def test_bad_arguments_are_user_errors(served):
     done = subprocess.run([*CLI, "serve-verifier", "--model", "/nonexistent/model", "--port", "0"],
                           capture_output=True, text=True, env=ENV, timeout=120)
     assert done.returncode == 1 and "/nonexistent/model" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([*CLI, "serve-verifier", "--model", str(draft), "--port", "0", "--max-batch-tokens", "4"],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 1 and "max_batch_tokens (4) must hold one block" in done.stderr and "Traceback" not in done.stderr

@@ -78,7 +78,8 @@ async def serve(args: argparse.Namespace) -> None:
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
     )
-    servicer = VerifierServicer(model, info, limits)
+    with user_errors(f"cannot serve {args.model!r}", ValueError):  # e.g. attention the engine cannot batch
+        servicer = VerifierServicer(model, info, limits)
     with user_errors(f"cannot listen on {args.host}:{args.port}", OSError, RuntimeError):
         server, port = await start_server(servicer, args.host, args.port, credentials, token)
     print(f"listening on {args.host}:{port}", flush=True)
