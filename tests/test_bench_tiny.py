@@ -117,3 +117,22 @@ def test_bench_against_a_running_secured_verifier(tiny_dirs, pubmedqa_path, tmp_
     assert set(rows) == {"baseline rtt=20ms", "tiny g=2 rtt=20ms"}
     assert rows["tiny g=2 rtt=20ms"]["round_trip_ms_p50"] >= 20 and rows["tiny g=2 rtt=20ms"]["disagree_requests"] == 0
     assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr and "Traceback" not in denied.stderr
+
+
+def test_concurrency_sweep_on_tiny_models_is_lossless_at_every_level(tiny_dirs, pubmedqa_path, tmp_path):
+    write_config(tmp_path / "bench.yaml", tiny_dirs, pubmedqa_path,
+                 drafts=[{"name": "tiny", "kind": "lm", "model": str(tiny_dirs[0]), "gamma": 3},
+                         {"name": "ngram", "kind": "ngram", "gamma": 3}],
+                 concurrency={"draft_workers": 1, "draft_threads": 1, "sessions": [1, 3]})
+    run_dir = tmp_path / "run"
+    done = bench("--config", str(tmp_path / "bench.yaml"), "--out", str(run_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["config"]: row for row in json.loads((run_dir / "summary.json").read_text())}
+    assert set(rows) == {f"{c} x{n}" for c in ("baseline", "tiny g=3", "ngram g=3") for n in (1, 3)}
+    for name, row in rows.items():  # batched sessions are lossless too: every level equals its baseline
+        assert row["requests_ok"] == 3 and row["disagree_requests"] == 0.0, name
+    assert rows["baseline x3"]["batch_size_p50"] >= 2  # three sessions in flight did share engine steps
+    assert (run_dir / "concurrency.png").stat().st_size > 0
+    cpus = json.loads((run_dir / "run.json").read_text())["cpus"]
+    if cpus["verifier"]:  # a machine with 2+ cores: the roles got disjoint cores
+        assert not set(cpus["verifier"]) & set(cpus["draft"])
