@@ -26,6 +26,20 @@ class ConfigError(ValueError):
     """The config file (or an override) is invalid; the message names the key."""
 
 
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _each_at_least(name: str, low: float):
+    """A validator for a field that holds a number or a list of them (a sweep): each one is >= low."""
+    def check(cls, value):
+        for v in _as_list(value):
+            if v is not None and v < low:
+                raise ValueError(f"{name} must be >= {low:g}, got {v}")
+        return value
+    return field_validator(name)(check)
+
+
 @pydantic_dataclass(config=_STRICT)
 class VerifierConfig:
     model: str = "offline:qwen2.5-coder-1.5b-instruct"  # Hub id, folder, .gguf or offline: alias
@@ -48,13 +62,7 @@ class DraftConfig:
     ngram_max: int = Field(3, ge=1)
     dense_dtype: Literal["fp16", "fp32"] = "fp16"  # wire dtype of full-vocabulary draft probabilities (sampling)
 
-    @field_validator("rtt_ms")
-    @classmethod
-    def _rtt_range(cls, value):
-        for rtt in value if isinstance(value, list) else [value]:
-            if rtt is not None and rtt < 0:
-                raise ValueError(f"rtt_ms must be >= 0, got {rtt}")
-        return value
+    _rtt_range = _each_at_least("rtt_ms", 0)
 
     @field_validator("gamma")
     @classmethod
@@ -93,13 +101,7 @@ class ConcurrencyConfig:
     sessions: int | list[int] | None = None
     draft_threads: int | None = Field(None, ge=1)  # torch CPU threads per worker; None = its cores
 
-    @field_validator("sessions")
-    @classmethod
-    def _sessions_range(cls, value):
-        for n in value if isinstance(value, list) else [value]:
-            if n is not None and n < 1:
-                raise ValueError(f"sessions must be >= 1, got {n}")
-        return value
+    _sessions_range = _each_at_least("sessions", 1)
 
     def levels(self) -> list[int]:
         """The concurrency levels measured: total requests in flight."""
@@ -197,10 +199,6 @@ class RunSpec:
     def name(self) -> str:
         name = "baseline" if self.drafter == "baseline" else f"{self.draft_name} g={self.gamma}"
         return name + (f" rtt={self.rtt_ms:g}ms" if self.rtt_ms else "") + (f" x{self.sessions}" if self.sessions else "")
-
-
-def _as_list(value) -> list:
-    return value if isinstance(value, list) else [value]
 
 
 def expand(config: BenchConfig) -> list[RunSpec]:
