@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from orchestrator.config import BenchConfig, RunSpec, expand
+from orchestrator.placement import pin_cores
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2  # the first try and one retry
@@ -224,27 +225,6 @@ def _need(resource: str, amount: float, hint: str) -> None:
         raise BenchError(f"the Ray cluster offers {have:g} of the `{resource}` resource, this run needs {amount:g}; {hint}")
 
 
-def _pin_cores(config: BenchConfig) -> tuple[list[int] | None, list[int] | None]:
-    """(verifier cores, draft cores) for a local run, or (None, None) to leave placement to the OS.
-
-    One box plays two machines: without pinning, the draft's forward passes and the verifier's fight for the
-    same cores and both look slower than either would on its own machine. The baseline runs on the same
-    verifier cores as every speculative configuration.
-    """
-    if config.cpus == "shared" or config.ray.address is not None:
-        return None, None
-    available = sorted(os.sched_getaffinity(0))
-    if config.cpus == "auto":
-        if config.verifier.address is not None or len(available) < 2:
-            return None, None
-        half = (len(available) + 1) // 2
-        return available[:half], available[half:]
-    unknown = sorted(set(config.cpus.verifier + config.cpus.draft) - set(available))
-    if unknown or not config.cpus.verifier or not config.cpus.draft:
-        raise BenchError(f"cpus: give non-empty lists of this machine's cores {available}; not available: {unknown}")
-    return list(config.cpus.verifier), list(config.cpus.draft)
-
-
 async def _start_verifier(config: BenchConfig, client_config, cpus: list[int] | None) -> tuple:
     """A VerifierActor on the node with the `verifier` resource; -> (actor, its HOST:PORT)."""
     from orchestrator.workers import VerifierActor
@@ -352,7 +332,10 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
     try:
         _need("draft", config.concurrency.draft_workers,
               "give draft nodes the resource (ray start --resources '{\"draft\": N}') or lower concurrency.draft_workers")
-        verifier_cpus, draft_cpus = _pin_cores(config)
+        try:
+            verifier_cpus, draft_cpus = pin_cores(config)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
         if verifier_cpus:
             log.warning("cores: verifier %s, draft workers %s (cpus: shared turns pinning off)", verifier_cpus, draft_cpus)
         address = config.verifier.address

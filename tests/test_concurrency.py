@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from orchestrator import bench, config as bench_config, report
+from orchestrator import config as bench_config
+from orchestrator import report
+from orchestrator.placement import pin_cores
 
 DRAFTS = [{"name": "ng", "kind": "ngram", "gamma": 4}]
 
@@ -24,16 +26,16 @@ def test_sessions_sweep_expands_every_configuration_at_every_level():
 def test_cores_are_pinned_disjoint_for_a_local_run():
     available = sorted(os.sched_getaffinity(0))
     auto = bench_config.from_dict({"drafts": DRAFTS})
-    verifier, draft = bench._pin_cores(auto)
+    verifier, draft = pin_cores(auto)
     if len(available) >= 2:
         assert verifier and draft and not set(verifier) & set(draft) and sorted(verifier + draft) == available
-    assert bench._pin_cores(bench_config.override(auto, cpus="shared")) == (None, None)
+    assert pin_cores(bench_config.override(auto, cpus="shared")) == (None, None)
     external = bench_config.override(auto, **{"verifier.address": "127.0.0.1:1"})
-    assert bench._pin_cores(external) == (None, None)  # not our verifier: nothing to pin it to
+    assert pin_cores(external) == (None, None)  # not our verifier: nothing to pin it to
     explicit = bench_config.from_dict({"drafts": DRAFTS, "cpus": {"verifier": available[:1], "draft": available[:1]}})
-    assert bench._pin_cores(explicit) == (available[:1], available[:1])
-    with pytest.raises(bench.BenchError, match="not available: \\[100000\\]"):
-        bench._pin_cores(bench_config.from_dict({"drafts": DRAFTS, "cpus": {"verifier": [100000], "draft": [0]}}))
+    assert pin_cores(explicit) == (available[:1], available[:1])
+    with pytest.raises(ValueError, match="not available: \\[100000\\]"):
+        pin_cores(bench_config.from_dict({"drafts": DRAFTS, "cpus": {"verifier": [100000], "draft": [0]}}))
 
 
 def _record(config: str, drafter: str, sessions: int, pubid: str, wall_s: float, start: float) -> dict:
