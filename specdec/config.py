@@ -58,9 +58,12 @@ class VerifierLimits:
     max_sessions_per_client: int = 32  # sessions open at once from one client address (half of max_sessions)
     idle_timeout_s: float = 120.0  # a session that receives nothing for this long is closed
     max_batch_tokens: int = 512  # token budget of one engine step: sessions x longest row, padding included
+    batch_wait_s: float = 0.025  # most a step waits for lock-step sessions of the last step (also <= 1/4 of a step)
 
     def validate(self) -> None:
         """Raise ValueError with a user-facing message if the limits cannot work together."""
+        if not 0 <= self.batch_wait_s <= 10:
+            raise ValueError(f"batch wait must be in [0, 10] s, got {self.batch_wait_s}")
         if self.max_batch_tokens < self.max_gamma + 1:
             raise ValueError(
                 f"max_batch_tokens ({self.max_batch_tokens}) must hold one block of 1 + max_gamma "

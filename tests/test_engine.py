@@ -235,3 +235,38 @@ async def test_a_thousand_sessions_leave_no_kv_held():
     stats = engine.stats()
     assert (stats.sessions, stats.kv_tokens, stats.kv_bytes, stats.queued) == (0, 0, 0, 0)
     assert 0 < stats.steps < work_items / 2  # batched: several sessions per step
+
+
+class SlowLM(FakeLM):
+    """A FakeLM whose every forward takes `step_s`, like a real model's step."""
+
+    def __init__(self, vocab_size: int, step_s: float):
+        super().__init__(vocab_size)
+        self.step_s = step_s
+
+    def forward(self, *args, **kwargs):
+        threading.Event().wait(self.step_s)
+        return super().forward(*args, **kwargs)
+
+
+@pytest.mark.slow  # ~2 s of deliberately slow steps
+async def test_lock_step_sessions_that_arrive_apart_still_share_every_step():
+    """Three Speculate-like sessions answer each verdict after 1, 4 and 7 ms (their round trip): the engine
+    waits for the last step's sessions (bounded) instead of splitting them into alternating steps."""
+    model = SlowLM(32, step_s=0.2)
+    engine = Engine(model, batch_wait_s=0.2)  # capped at a quarter of a step: 50 ms
+    sessions = [engine.open([1, 2, 3 + i], GREEDY) for i in range(3)]
+    await asyncio.gather(*(engine.prefill(s) for s in sessions))
+    batch_sizes: list[int] = []
+
+    async def client(session, delay_s: float) -> None:
+        for _ in range(4):
+            await asyncio.sleep(delay_s)
+            _, cost = await engine.verify(session, [], None)
+            batch_sizes.append(cost.batch_sessions)
+
+    await asyncio.gather(*(client(s, d) for s, d in zip(sessions, (0.001, 0.004, 0.007))))
+    assert batch_sizes == [3] * 12
+    for session in sessions:
+        assert session.tokens == await run_alone(FakeLM(32), session.tokens[:3], [[]] * 4)
+        engine.close(session)

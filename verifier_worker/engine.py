@@ -13,6 +13,13 @@ generator), commit, roll its KV back, and resolve that session's awaitable. Work
 and put back at the end (an unfinished prefill, the next decoding step) makes it round-robin: every
 session gets a turn, and a long prompt delays the others by at most one step of the budget.
 
+Lock-step clients: a Speculate session sends its next block one round trip (plus its drafting) after its
+verdict, so sessions that shared a step arrive a little apart. Starting a step with whoever arrived first
+would split them into alternating steps of one session each, and batching would never happen. So once
+work is pending, the engine waits for the sessions that rode in the last step and have not yet sent their
+next block, at most min(batch_wait_s, a quarter of the last step's compute): a bounded tax on the others,
+none at all when everyone has arrived.
+
 Threads: scheduling, resolution and cancellation run on the event loop; only the forward and the
 verification run on the compute thread, and a session's KV is freed on the event loop once no step is
 using it, so a client that cancels mid-step disturbs nobody else.
@@ -103,10 +110,11 @@ class Decoding:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, max_batch_tokens: int = 512):
-        assert max_batch_tokens >= 1
+    def __init__(self, model: torch.nn.Module, max_batch_tokens: int = 512, batch_wait_s: float = 0.025):
+        assert max_batch_tokens >= 1 and batch_wait_s >= 0
         self.model = model
         self.max_batch_tokens = max_batch_tokens
+        self.batch_wait_s = batch_wait_s
         self.device = next(model.parameters()).device
         self._check_attention(model)
         self._sessions: set[VerifierSession] = set()
@@ -114,6 +122,9 @@ class Engine:
         self._in_flight: set[VerifierSession] = set()  # sessions in the running step
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-compute")
         self._task: asyncio.Task | None = None
+        self._expected: set[VerifierSession] = set()  # rode in the last step; their next block is on its way
+        self._arrived = asyncio.Event()  # set by every submission
+        self._last_compute_s = 0.0
         self.steps = 0
         self.busy_s = 0.0
 
@@ -133,6 +144,7 @@ class Engine:
         """End a session: drop its queued work and free its KV (after the running step, if it is in it)."""
         session.closed = True
         self._sessions.discard(session)
+        self._expected.discard(session)
         for work in [w for w in self._queue if w.session is session]:
             self._queue.remove(work)
             work.future.cancel()
@@ -174,6 +186,7 @@ class Engine:
     def _submit(self, work: _Work) -> _Work:
         assert not work.session.closed, "work for a closed session"
         self._queue.append(work)
+        self._arrived.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
         return work
@@ -182,7 +195,8 @@ class Engine:
     async def _run(self) -> None:
         """Run steps while there is work; a later submission starts a new run."""
         loop = asyncio.get_running_loop()
-        while batch := self._take_batch():
+        while (await self._gather()) and (batch := self._take_batch()):
+            self._expected = set()  # refilled by _finish with the sessions that answer from this step
             self._in_flight = {work.session for work, _ in batch}
             started = time.perf_counter()
             try:
@@ -193,7 +207,22 @@ class Engine:
             compute_s = time.perf_counter() - started
             self.steps += 1
             self.busy_s += compute_s
+            self._last_compute_s = compute_s
             self._finish(batch, outcomes, compute_s)
+
+    async def _gather(self) -> bool:
+        """Wait (bounded) for the last step's sessions to send their next block; False when nothing is pending."""
+        deadline = time.perf_counter() + min(self.batch_wait_s, self._last_compute_s / 4)
+        while self._queue and self._expected - {work.session for work in self._queue}:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        return bool(self._queue)
 
     def _take_batch(self) -> list[tuple[_Work, int]]:
         """(work, tokens it feeds this step), FIFO, while sessions x longest row fits the budget."""
@@ -246,6 +275,8 @@ class Engine:
             else:
                 if work.decoding and outcome.finish_reason is None:
                     work.next = self._submit(self._decode_work(session))
+                elif not work.decoding and (outcome is None or outcome.finish_reason is None):
+                    self._expected.add(session)  # a Speculate session: its next block follows this answer
                 _resolve(work.future, (outcome, work.cost))
         self._in_flight = set()
 

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s, help="close a session idle this many seconds")
     p.add_argument("--max-batch-tokens", type=int, default=defaults.max_batch_tokens,
                    help="token budget of one batched engine step (sessions x longest row)")
+    p.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_s * 1000,
+                   help="most a step waits for the last step's lock-step sessions to send their next block "
+                        "(never more than a quarter of a step; 0 = never wait)")
     sec = p.add_argument_group("security (required to listen on anything but loopback)")
     sec.add_argument("--tls-cert", help="PEM certificate chain of this server (see `specdec make-certs`)")
     sec.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -63,6 +66,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_sessions_per_client=args.max_sessions_per_client,
         idle_timeout_s=args.idle_timeout,
         max_batch_tokens=args.max_batch_tokens,
+        batch_wait_s=args.batch_wait_ms / 1000,
     )
     with user_errors("invalid limits", ValueError):
         limits.validate()

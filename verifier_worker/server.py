@@ -47,7 +47,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         self.info = info
         self.limits = limits
         self.sessions_by_client: dict[str, int] = {}  # open sessions per client address
-        self.engine = Engine(model, limits.max_batch_tokens)
+        self.engine = Engine(model, limits.max_batch_tokens, limits.batch_wait_s)
 
     @property
     def active_sessions(self) -> int:
