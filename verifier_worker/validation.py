@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import urllib.parse
 from dataclasses import dataclass
 
 import grpc
@@ -116,7 +117,7 @@ def client_host(peer: str) -> str:
 
     'ipv4:1.2.3.4:5678' -> '1.2.3.4'; 'ipv6:[::ffff:1.2.3.4]:5678' -> '1.2.3.4'; 'ipv6:[::1]:9' -> 'loopback'.
     """
-    kind, _, rest = peer.partition(":")
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")  # grpc writes IPv6 peers as 'ipv6:%5B::1%5D:port'
     if kind not in ("ipv4", "ipv6"):
         return peer  # unix sockets and the like: the whole string
     host = rest.rsplit(":", 1)[0].strip("[]").split("%", 1)[0]
