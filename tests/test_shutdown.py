@@ -43,8 +43,10 @@ async def test_drain_finishes_sessions_in_flight_and_refuses_new_ones():
         await asyncio.sleep(0.1)
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
         assert health.status == NOT_SERVING
-        with pytest.raises(VerifierError, match="UNAVAILABLE: verifier is shutting down"):
-            await generate_baseline(stub, [1, 2], SamplingParams(max_new_tokens=2), ClientConfig(timeout_s=TIMEOUT_S))
+        with pytest.raises(VerifierError, match="UNAVAILABLE: verifier is shutting down") as error:
+            # a client retries UNAVAILABLE (the verifier may come back) until its deadline, then gives up
+            await generate_baseline(stub, [1, 2], SamplingParams(max_new_tokens=2), ClientConfig(timeout_s=0.5))
+        assert error.value.code == "UNAVAILABLE"
         tokens = 0
         while True:  # the session in flight runs to its end while the server drains
             await call.write(proposal_request([]))
