@@ -7,6 +7,7 @@ and then travel as bytes, so no file has to exist on the node that dials.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,12 +36,12 @@ class Backoff:
     max_s: float = 8.0
     multiplier: float = 2.0
 
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """The wait before retry number `attempt` (0-based): uniform in [0, min(max_s, initial_s x multiplier^attempt)]."""
+        return (rng or random).uniform(0.0, min(self.max_s, self.initial_s * self.multiplier ** min(attempt, 64)))
+
     def delays(self, rng: random.Random | None = None) -> Iterator[float]:
-        rng = rng or random.Random()
-        cap = self.initial_s
-        while True:
-            yield rng.uniform(0.0, cap)
-            cap = min(cap * self.multiplier, self.max_s)
+        return (self.delay(attempt, rng) for attempt in itertools.count())
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ def channel_options(config: ClientConfig) -> list[tuple[str, int | str]]:
     options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
+        # reconnect to a restarted verifier within a second or so (gRPC's default starts at 1 s and grows to 120 s)
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 4000),
     ]
     if config.tls_server_name:
         options.append(("grpc.ssl_target_name_override", config.tls_server_name))
