@@ -11,14 +11,16 @@ import grpc
 import pytest
 from google.protobuf.message import DecodeError
 
-from draft_worker.transport import fetch_info
+from draft_worker.client import generate_baseline, speculate
+from draft_worker.drafters import Candidates, LMDrafter
+from draft_worker.transport import ClientConfig, VerifierError, fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
 from specdec.config import MAX_STOP_TOKEN_IDS, SAMPLING_EPS, SamplingParams
-from tests.stubs import FakeLM
+from tests.stubs import FakeLM, fake_pair
 from tests.test_errors import (
-    INVALID, LIMITS, TIMEOUT_S, VOCAB, assert_status, good_session, open_request, proposal_request, speculate_error,
+    GREEDY, INVALID, LIMITS, TIMEOUT_S, VOCAB, assert_status, good_session, open_request, proposal_request, speculate_error,
     wait_for_no_sessions,
 )
 from verifier_worker.auth import ThrottledWarning
@@ -176,3 +178,38 @@ def test_wrong_token_warnings_are_throttled(caplog):
         time.sleep(0.25)
         warn("rejected a call to %s with a wrong auth token", "/x")
     assert len(caplog.records) == 2 and "and 49 more like it" in caplog.records[1].getMessage()
+
+
+class OutOfVocabDrafter(LMDrafter):
+    """Proposes an id the verifier does not have after `good` good blocks: a refusal in mid-session."""
+
+    def __init__(self, model, good: int):
+        super().__init__(model, "bad-draft")
+        self.good = good
+
+    def get_candidates(self, gamma):
+        candidates = super().get_candidates(gamma)
+        if self.good:
+            self.good -= 1
+            return candidates
+        return Candidates([VOCAB + 5], None)
+
+
+@pytest.mark.parametrize("when", ["open", "mid-session", "generate"])
+async def test_clients_always_report_the_servers_own_status(verifier, when):
+    """grpcio can turn a refusal into INTERNAL 'Internal error from Core' when the client writes while the server
+    aborts; the client never does, so every run reports the server's status and message."""
+    info = await fetch_info(verifier.stub)
+    draft, _ = fake_pair(VOCAB)
+    config = ClientConfig(timeout_s=TIMEOUT_S)
+    for _ in range(20):
+        with pytest.raises(VerifierError) as error:
+            if when == "generate":
+                await generate_baseline(verifier.stub, [1] * 9, GREEDY, config)
+            elif when == "open":
+                await speculate(verifier.stub, LMDrafter(draft, "d"), [1] * 9, GREEDY, 3, info, config)
+            else:
+                await speculate(verifier.stub, OutOfVocabDrafter(draft, good=2), [1, 2], GREEDY, 3, info, config)
+        message = "draft_ids[0] = 37 is outside" if when == "mid-session" else "prompt has 9 tokens"
+        assert error.value.code == "INVALID_ARGUMENT" and message in str(error.value), str(error.value)
+    await wait_for_no_sessions(verifier)
