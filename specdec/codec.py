@@ -13,7 +13,12 @@ import numpy as np
 import torch
 
 from protos.specdec.v1 import specdec_pb2 as pb
-from specdec.config import FINISH_LENGTH, FINISH_STOP, MAX_STOP_TOKEN_IDS, SamplingParams
+from specdec.config import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+)
 
 DENSE_DTYPES = {"fp16": pb.PROB_DTYPE_FLOAT16, "fp32": pb.PROB_DTYPE_FLOAT32}
 _NUMPY_DTYPES = {pb.PROB_DTYPE_FLOAT16: np.dtype("<f2"), pb.PROB_DTYPE_FLOAT32: np.dtype("<f4")}

@@ -12,17 +12,17 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from draft_worker.client import generate_baseline, speculate  # noqa: E402
-from draft_worker.drafters import LMDrafter  # noqa: E402
-from draft_worker.transport import ClientConfig, fetch_info, open_channel  # noqa: E402
-from protos.specdec.v1 import specdec_pb2 as pb  # noqa: E402
-from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc  # noqa: E402
-from specdec import models  # noqa: E402
-from specdec.config import SamplingParams, VerifierLimits  # noqa: E402
-from verifier_worker.server import ModelInfo, VerifierServicer, start_server  # noqa: E402
+from draft_worker.client import generate_baseline, speculate
+from draft_worker.drafters import LMDrafter
+from draft_worker.transport import ClientConfig, fetch_info, open_channel
+from protos.specdec.v1 import specdec_pb2 as pb
+from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec import models
+from specdec.config import SamplingParams, VerifierLimits
+from verifier_worker.server import ModelInfo, VerifierServicer, start_server
 
 LIMITS = VerifierLimits(max_gamma=4, max_prompt_tokens=16, max_new_tokens=8, max_sessions=8, idle_timeout_s=5)
 DELIBERATE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,

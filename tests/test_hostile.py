@@ -20,7 +20,16 @@ from specdec import codec
 from specdec.config import MAX_STOP_TOKEN_IDS, SAMPLING_EPS, SamplingParams
 from tests.stubs import FakeLM, fake_pair
 from tests.test_errors import (
-    GREEDY, INVALID, LIMITS, TIMEOUT_S, VOCAB, assert_status, good_session, open_request, proposal_request, speculate_error,
+    GREEDY,
+    INVALID,
+    LIMITS,
+    TIMEOUT_S,
+    VOCAB,
+    assert_status,
+    good_session,
+    open_request,
+    proposal_request,
+    speculate_error,
     wait_for_no_sessions,
 )
 from verifier_worker.auth import ThrottledWarning

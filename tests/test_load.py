@@ -21,7 +21,6 @@ from draft_worker.client import speculate
 from draft_worker.drafters import LMDrafter
 from draft_worker.transport import ClientConfig, fetch_info, open_channel
 from orchestrator.launch import start_verifier
-from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import models
 from specdec.config import SamplingParams, VerifierLimits

@@ -12,7 +12,13 @@ import pytest
 
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import LMDrafter
-from draft_worker.transport import Backoff, ClientConfig, VerifierError, fetch_info, open_channel
+from draft_worker.transport import (
+    Backoff,
+    ClientConfig,
+    VerifierError,
+    fetch_info,
+    open_channel,
+)
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec.config import SamplingParams, VerifierLimits
 from tests.stubs import fake_pair

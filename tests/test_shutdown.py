@@ -4,6 +4,7 @@ timeout (or are cut at it), and SIGTERM on the real command exits 0 without a tr
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import signal
 
 import grpc
@@ -91,6 +92,6 @@ def test_sigterm_drains_the_real_command(tiny_dirs):
         assert proc.proc.wait(timeout=30) == 0
     finally:
         proc.stop()
-    log = open(proc.log_path).read()
+    log = pathlib.Path(proc.log_path).read_text()
     assert "Traceback" not in log and "draining 1 session" in log, log
 

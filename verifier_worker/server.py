@@ -28,7 +28,13 @@ from verifier_worker.auth import TokenAuthInterceptor
 from verifier_worker.engine import Engine, StepCost
 from verifier_worker.session import VerifierSession
 from verifier_worker.validation import (
-    INBOX_SIZE, CorruptMessage, check_open, check_proposal_off_loop, client_host, generic_handler, max_concurrent_rpcs,
+    INBOX_SIZE,
+    CorruptMessage,
+    check_open,
+    check_proposal_off_loop,
+    client_host,
+    generic_handler,
+    max_concurrent_rpcs,
 )
 
 log = logging.getLogger(__name__)
