@@ -17,7 +17,7 @@ from draft_worker.transport import ClientConfig, VerifierError, fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
-from specdec.config import MAX_STOP_TOKEN_IDS, SAMPLING_EPS, SamplingParams
+from specdec.config import MAX_STOP_TOKEN_IDS, SAMPLING_EPS, SamplingParams, VerifierLimits
 from tests.stubs import FakeLM, fake_pair
 from tests.test_errors import (
     GREEDY,
@@ -146,7 +146,7 @@ def test_client_host_is_one_key_per_machine(peer, host):
 
 async def test_one_host_over_ipv4_and_ipv6_shares_its_limit():
     info = ModelInfo("fake-verifier", VOCAB, "fp-test", "float32", "cpu")
-    servicer = VerifierServicer(FakeLM(VOCAB), info, LIMITS.__class__(max_sessions_per_client=1))
+    servicer = VerifierServicer(FakeLM(VOCAB), info, VerifierLimits(max_sessions_per_client=1))
     try:
         server, port = await start_server(servicer, "::", 0)
     except (OSError, RuntimeError):
