@@ -4,6 +4,7 @@ re-opens the request with prompt + committed tokens and the greedy output equals
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
@@ -101,3 +102,23 @@ def test_backoff_is_exponential_capped_and_jittered():
     assert all(0 <= d <= cap for d, cap in zip(delays, caps))
     draws = [backoff.delay(5, random.Random(seed)) for seed in range(200)]
     assert max(draws) <= 1.0 and min(draws) < 0.1 and max(draws) > 0.9  # spread over [0, cap]: jitter
+
+
+def test_bench_exits_non_zero_saying_how_many_requests_failed(tmp_path, monkeypatch, capsys):
+    from orchestrator import bench, cli
+
+    records = [{"config": "baseline", "pubid": "1", "status": "failed"}, {"config": "baseline", "pubid": "1", "status": "ok"},
+               {"config": "ng g=4", "pubid": "1", "status": "failed"}, {"config": "ng g=4", "pubid": "1", "status": "failed"},
+               {"config": "ng g=4", "pubid": "2", "status": "ok"}]
+    (tmp_path / bench.REQUESTS).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    async def fake_run(cfg, resume=False, progress=True):
+        return tmp_path
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(cli, "_report", lambda run_dir: {"configurations": {}})
+    assert bench.failed_requests(tmp_path / bench.REQUESTS) == (1, 3)  # a retry that succeeded is not a failure
+    assert cli.main(["bench", "--out", str(tmp_path)]) == 1
+    assert "1 of 3 requests failed" in capsys.readouterr().err
+    (tmp_path / bench.REQUESTS).write_text(json.dumps(records[-1]) + "\n")
+    assert cli.main(["bench", "--out", str(tmp_path)]) == 0
