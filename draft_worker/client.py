@@ -1,7 +1,9 @@
 """The draft worker's gRPC client: drives one Speculate session (or a verifier-only Generate) end to end.
 
 Drafts locally, sends only the new draft tokens (and q when sampling), applies each verdict, and records
-what every round cost: client round trip, verifier service time, payload bytes both ways.
+what every round cost: client round trip, verifier service time, payload bytes both ways. A verifier that
+goes away mid-request is reconnected to (recovery.py); any refusal is raised as a VerifierError carrying
+the verifier's own status code and message.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 import grpc
 
 from draft_worker.drafters import AdaptiveGamma, Drafter
+from draft_worker.recovery import with_recovery
 from draft_worker.transport import ClientConfig, VerifierError
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
@@ -33,7 +36,8 @@ async def speculate(
     config: ClientConfig = ClientConfig(),
     tokenizer_fingerprint: str = "",
 ) -> GenerationResult:
-    """Generate with speculative decoding over one Speculate stream. Raises VerifierError on a refusal.
+    """Generate with speculative decoding over Speculate streams (one, unless the verifier goes away and the
+    request is re-opened). Raises VerifierError on a refusal.
 
     `gamma` is a fixed block size or an AdaptiveGamma schedule, updated after every verdict.
     """
@@ -43,8 +47,19 @@ async def speculate(
         raise ValueError(f"gamma must be in [0, {info.limits.max_gamma}] for this verifier, got {first}")
     if schedule:
         schedule.max_gamma = min(schedule.max_gamma, info.limits.max_gamma)
-    result = GenerationResult(token_ids=[])
+
+    async def attempt(prompt_ids, params, config, result):
+        await _speculate_once(stub, drafter, prompt_ids, params, gamma, schedule, info, config, tokenizer_fingerprint, result)
+
+    return await with_recovery(attempt, prompt_ids, params, config)
+
+
+async def _speculate_once(stub, drafter: Drafter, prompt_ids: list[int], params: SamplingParams,
+                          gamma: int | AdaptiveGamma, schedule: AdaptiveGamma | None, info: pb.InfoReply,
+                          config: ClientConfig, tokenizer_fingerprint: str, result: GenerationResult) -> None:
+    """One Speculate stream, extending `result` with every token committed before it ends."""
     start = time.perf_counter()
+    generated = 0  # tokens committed on this stream
     call = stub.Speculate(timeout=config.timeout_s, metadata=config.metadata)
     try:
         opening = pb.SpeculateRequest(
@@ -58,18 +73,20 @@ async def speculate(
         await call.write(opening)
         result.bytes_sent += opening.ByteSize()
         drafter.start(prompt_ids, params, info.vocab_size)
+        opened = False
         while True:
-            remaining = params.max_new_tokens - result.new_tokens
+            remaining = params.max_new_tokens - generated
             block = schedule.gamma if schedule else gamma
             # drafting is compute: off the event loop, so other sessions in this process keep moving
             drafting = asyncio.to_thread(_timed, drafter.get_candidates, min(block, remaining - 1))
-            if result.rounds == 0:
+            if not opened:
                 # the first block is drafted while the verifier prefills, but nothing more is written until
                 # `opened` arrives: a refusal then reaches us as the verifier's own status, whereas a write
                 # that races the server's abort makes grpcio report INTERNAL "Internal error from Core"
                 (candidates, draft_s), reply = await asyncio.gather(drafting, _read(call))
-                result.prefill_service_s = reply.opened.service_s
-                result.prefill_compute_s = reply.opened.cost.compute_s
+                opened = True
+                result.prefill_service_s += reply.opened.service_s
+                result.prefill_compute_s += reply.opened.cost.compute_s
                 result.verifier_compute_s += reply.opened.cost.share_s
                 result.bytes_received += reply.ByteSize()
             else:
@@ -92,9 +109,9 @@ async def speculate(
             drafter.commit(verdict.num_accepted, next_token)
             if schedule:
                 schedule.update(len(candidates.draft_ids), verdict.num_accepted)
-            result.token_ids.extend(candidates.draft_ids[: verdict.num_accepted])
-            if next_token is not None:
-                result.token_ids.append(next_token)
+            committed = [*candidates.draft_ids[: verdict.num_accepted], *([] if next_token is None else [next_token])]
+            result.token_ids.extend(committed)
+            generated += len(committed)
             if result.rounds == 0:
                 result.ttft_s = time.perf_counter() - start
             result.rounds += 1
@@ -104,16 +121,24 @@ async def speculate(
             if verdict.finished:
                 result.finish_reason = codec.finish_from_proto(verdict.finish_reason)
                 break
-        await call.done_writing()
-    except grpc.aio.AioRpcError as exc:
-        raise VerifierError(f"verifier refused the session: {exc.code().name}: {exc.details()}") from exc
-    except asyncio.InvalidStateError:  # the verifier ended the stream while this side was still writing
-        raise VerifierError(f"verifier refused the session: {(await call.code()).name}: {await call.details()}") from None
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+        # InvalidStateError: the verifier ended the stream while this side was still writing
+        raise await _refusal(call, exc, "session") from None
     finally:
         if not call.done():
-            call.cancel()
-    result.wall_s = time.perf_counter() - start
-    return result
+            call.cancel()  # the final verdict is in: nothing the stream says after it can change the result
+
+
+async def _refusal(call, exc: BaseException, what: str) -> VerifierError:
+    """The verifier's own status for a call that failed: the call's final status when it has one, which is
+    what the server sent even when the failure surfaced on a write, else the error's."""
+    code, details = (exc.code(), exc.details()) if isinstance(exc, grpc.aio.AioRpcError) else (None, str(exc))
+    try:
+        code, details = await asyncio.wait_for(call.code(), 5.0), await call.details()
+    except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+        pass
+    name = code.name if code is not None else "UNKNOWN"
+    return VerifierError(f"verifier refused the {what}: {name}: {details}", name)
 
 
 def _timed(fn, *args):
@@ -136,20 +161,30 @@ async def _read(call) -> pb.SpeculateReply:
     reply = await call.read()
     if reply is grpc.aio.EOF:
         code = await call.code()
-        raise VerifierError(f"verifier ended the session early: {code.name}: {await call.details()}")
+        raise VerifierError(f"verifier ended the session early: {code.name}: {await call.details()}", code.name)
     return reply
 
 
 async def generate_baseline(
     stub: pb_grpc.VerifierStub, prompt_ids: list[int], params: SamplingParams, config: ClientConfig = ClientConfig()
 ) -> GenerationResult:
-    """Verifier-only generation (the baseline every speedup is measured against)."""
-    result = GenerationResult(token_ids=[])
+    """Verifier-only generation (the baseline every speedup is measured against), re-opened like `speculate`
+    when the verifier goes away."""
+
+    async def attempt(prompt_ids, params, config, result):
+        await _generate_once(stub, prompt_ids, params, config, result)
+
+    return await with_recovery(attempt, prompt_ids, params, config)
+
+
+async def _generate_once(stub, prompt_ids: list[int], params: SamplingParams, config: ClientConfig,
+                         result: GenerationResult) -> None:
     request = pb.GenerateRequest(prompt_ids=prompt_ids, params=codec.params_to_proto(params))
-    result.bytes_sent = request.ByteSize()
+    result.bytes_sent += request.ByteSize()
     start = time.perf_counter()
+    call = stub.Generate(request, timeout=config.timeout_s, metadata=config.metadata)
     try:
-        async for reply in stub.Generate(request, timeout=config.timeout_s, metadata=config.metadata):
+        async for reply in call:
             if not result.token_ids:
                 result.ttft_s = time.perf_counter() - start
             result.token_ids.extend(reply.token_ids)
@@ -158,6 +193,4 @@ async def generate_baseline(
             if reply.finished:
                 result.finish_reason = codec.finish_from_proto(reply.finish_reason)
     except grpc.aio.AioRpcError as exc:
-        raise VerifierError(f"verifier refused the request: {exc.code().name}: {exc.details()}") from exc
-    result.wall_s = time.perf_counter() - start
-    return result
+        raise await _refusal(call, exc, "request") from None

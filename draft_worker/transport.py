@@ -7,7 +7,10 @@ and then travel as bytes, so no file has to exist on the node that dials.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -17,12 +20,33 @@ from specdec.tls import bearer_metadata, read_file, read_token
 
 
 class VerifierError(RuntimeError):
-    """The verifier refused or failed a request; the message says why."""
+    """The verifier refused or failed a request; the message says why, `code` is the gRPC status name."""
+
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Waits between reconnection attempts: exponential, capped, with full jitter (AWS's "full jitter": a
+    uniform draw in [0, cap]), so clients of a restarted verifier do not all come back at the same instant."""
+
+    initial_s: float = 0.25
+    max_s: float = 8.0
+    multiplier: float = 2.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """The wait before retry number `attempt` (0-based): uniform in [0, min(max_s, initial_s x multiplier^attempt)]."""
+        return (rng or random).uniform(0.0, min(self.max_s, self.initial_s * self.multiplier ** min(attempt, 64)))
+
+    def delays(self, rng: random.Random | None = None) -> Iterator[float]:
+        return (self.delay(attempt, rng) for attempt in itertools.count())
 
 
 @dataclass(frozen=True)
 class ClientConfig:
-    timeout_s: float = 600.0  # deadline for one whole request
+    timeout_s: float = 600.0  # deadline for one whole request, reconnections included
     info_timeout_s: float = 10.0
     max_message_bytes: int = 64 * 1024 * 1024
     auth_token: str | None = None  # sent as 'authorization: Bearer <token>' on every call
@@ -31,6 +55,7 @@ class ClientConfig:
     tls_client_cert: bytes | None = None  # PEM chain, for a verifier that requires mutual TLS
     tls_client_key: bytes | None = None
     tls_server_name: str | None = None  # check the cert against this name instead of the dialled host
+    backoff: Backoff = field(default_factory=Backoff)  # between reconnections to a verifier that went away
 
     @property
     def secure(self) -> bool:
@@ -59,6 +84,9 @@ def channel_options(config: ClientConfig) -> list[tuple[str, int | str]]:
     options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
+        # reconnect to a restarted verifier within a second or so (gRPC's default starts at 1 s and grows to 120 s)
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 4000),
     ]
     if config.tls_server_name:
         options.append(("grpc.ssl_target_name_override", config.tls_server_name))
@@ -76,7 +104,7 @@ async def fetch_info(stub: pb_grpc.VerifierStub, config: ClientConfig = ClientCo
     try:
         return await stub.Info(pb.InfoRequest(), timeout=config.info_timeout_s, metadata=config.metadata)
     except grpc.aio.AioRpcError as exc:
-        raise VerifierError(f"verifier Info failed: {exc.code().name}: {exc.details()}") from exc
+        raise VerifierError(f"verifier Info failed: {exc.code().name}: {exc.details()}", exc.code().name) from exc
 
 
 def check_pair(info: pb.InfoReply, draft_name: str, draft_fingerprint: str) -> None:

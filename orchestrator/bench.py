@@ -1,8 +1,10 @@
 """The benchmark driver: PubMedQA prompts -> Ray draft workers -> one verifier, every result on disk at once.
 
 For each configuration (the verifier-only baseline first) the prompts go into a queue that every
-worker's session slots drain, so an idle worker always takes the next prompt. A failed request is
-retried once and then recorded as failed: nothing is dropped. Each result is appended to
+worker's session slots drain, so an idle worker always takes the next prompt. A request whose verifier
+goes away is re-opened by the client itself (draft_worker/recovery.py); one that still fails is retried
+once more after a jittered backoff and then recorded as failed: nothing is dropped, and `specdec bench`
+exits non-zero saying how many failed. Each result is appended to
 `requests.jsonl` as it arrives (flushed), so a crash loses nothing and `--resume` skips what is done.
 """
 
@@ -24,6 +26,7 @@ from orchestrator.placement import pin_cores
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2  # the first try and one retry
+RETRY_BACKOFF_S = 2.0  # the retry waits a uniform draw in [0, this x 2^(attempt - 1)]
 REQUESTS = "requests.jsonl"
 
 
@@ -94,6 +97,15 @@ class _Writer:
         os.fsync(self.file.fileno())
 
 
+def failed_requests(path: pathlib.Path) -> tuple[int, int]:
+    """(requests that never succeeded, all requests) of a run folder's requests.jsonl, resumes included."""
+    from orchestrator.report import read_records
+
+    records = read_records(path) if path.exists() else []
+    keys = {(r["config"], r["pubid"]) for r in records}
+    return len(keys - finished_keys(path)), len(keys)
+
+
 def finished_keys(path: pathlib.Path) -> set[tuple[str, str]]:
     """(config, pubid) of the requests that already succeeded in an earlier run."""
     from orchestrator.report import read_records
@@ -107,6 +119,7 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
     import ray
     from tqdm import tqdm
 
+    from draft_worker.transport import Backoff
     from orchestrator.workers import Job
 
     def job(prompt: Prompt, max_new_tokens: int | None = None) -> Job:
@@ -153,7 +166,10 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
                     ray.cancel(ref)  # stop the hung request on the worker too
                     exc = TimeoutError(f"no answer from the draft worker within {deadline:g} s")
                 if attempt < MAX_ATTEMPTS:
-                    log.warning("%s: prompt %s failed (%s); retrying", spec.name, prompt.pubid, _error_text(exc))
+                    delay = Backoff(initial_s=RETRY_BACKOFF_S, max_s=8 * RETRY_BACKOFF_S).delay(attempt - 1)
+                    log.warning("%s: prompt %s failed (%s); retrying in %.1f s", spec.name, prompt.pubid,
+                                _error_text(exc), delay)
+                    await asyncio.sleep(delay)  # this slot backs off; the others keep draining the queue
                     queue.put_nowait((prompt, attempt + 1))
                     continue
                 record(prompt, "failed", attempt, error=_error_text(exc))

@@ -185,7 +185,13 @@ def _bench(args) -> dict:
         run_dir = asyncio.run(bench.run(cfg, resume=args.resume, progress=not args.no_progress))
     except (bench_config.ConfigError, bench.BenchError) as exc:
         raise UserError(str(exc)) from exc
-    return _report(run_dir)
+    summary = _report(run_dir)
+    failed, total = bench.failed_requests(run_dir / bench.REQUESTS)
+    if failed:  # the results are on disk and reported; the exit code says the run is not whole
+        print(json.dumps(summary, separators=(",", ":")))
+        raise UserError(f"{failed} of {total} requests failed (their errors are in {run_dir / bench.REQUESTS}); "
+                        "rerun with --resume to retry them")
+    return summary
 
 
 async def _health(args) -> None:

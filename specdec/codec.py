@@ -13,7 +13,12 @@ import numpy as np
 import torch
 
 from protos.specdec.v1 import specdec_pb2 as pb
-from specdec.config import FINISH_LENGTH, FINISH_STOP, SamplingParams
+from specdec.config import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+)
 
 DENSE_DTYPES = {"fp16": pb.PROB_DTYPE_FLOAT16, "fp32": pb.PROB_DTYPE_FLOAT32}
 _NUMPY_DTYPES = {pb.PROB_DTYPE_FLOAT16: np.dtype("<f2"), pb.PROB_DTYPE_FLOAT32: np.dtype("<f4")}
@@ -47,6 +52,8 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
 
 
 def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:  # checked before the ids are copied
+        raise ValueError(f"stop_token_ids has {len(msg.stop_token_ids)} ids, over the limit of {MAX_STOP_TOKEN_IDS}")
     return SamplingParams(
         temperature=msg.temperature,
         top_k=msg.top_k,
@@ -57,11 +64,17 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def check_token_ids(ids, vocab_size: int, what: str) -> None:
-    """Raise ValueError unless every id is in [0, vocab_size)."""
-    for i, token in enumerate(ids):
-        if not 0 <= token < vocab_size:
-            raise ValueError(f"{what}[{i}] = {token} is outside the verifier's vocabulary [0, {vocab_size})")
+def check_token_ids(ids, vocab_size: int, what: str, max_len: int | None = None) -> np.ndarray:
+    """ids as int64 [n] after checking len(ids) <= max_len (before touching any element) and every id is in
+    [0, vocab_size), in one vectorized pass. Raises ValueError naming the first bad position."""
+    if max_len is not None and len(ids) > max_len:
+        raise ValueError(f"{what} has {len(ids)} ids, over the limit of {max_len}")
+    arr = np.fromiter(ids, dtype=np.int64, count=len(ids))  # [n]
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{what}[{i}] = {int(arr[i])} is outside the verifier's vocabulary [0, {vocab_size})")
+    return arr
 
 
 def wire_round(q: torch.Tensor, params: SamplingParams, dense_dtype: str = "fp16") -> torch.Tensor:
@@ -80,16 +93,17 @@ def wire_round(q: torch.Tensor, params: SamplingParams, dense_dtype: str = "fp16
 def encode_probs(q: torch.Tensor, params: SamplingParams, dense_dtype: str = "fp16") -> dict:
     """Keyword arguments for pb.Proposal carrying q [gamma, vocab] (already `wire_round`ed).
 
-    Sparse (ids + fp32 weights) when every row's support is small enough to beat the dense block,
-    as it always is under top-k/top-p and for one-hot n-gram drafts; dense otherwise.
+    Sparse (ids + fp32 weights) when every row's support is small enough to beat the dense block, as it
+    is under a tight top-k/top-p and for one-hot n-gram drafts; dense otherwise, in fp32 when truncated (the
+    draft sampled from unrounded weights). So no proposal is over max_gamma x vocab x 4 bytes.
     """
     if params.greedy or q.shape[0] == 0:
         return {}
     q = q.detach().float().cpu()
-    dtype = DENSE_DTYPES[dense_dtype]
+    dtype = pb.PROB_DTYPE_FLOAT32 if params.truncated else DENSE_DTYPES[dense_dtype]
     vocab_size = q.shape[1]
     support = q > 0  # [gamma, vocab]
-    if params.truncated or int(support.sum(dim=1).max()) * 8 < vocab_size * _NUMPY_DTYPES[dtype].itemsize:
+    if int(support.sum(dim=1).max()) * 8 < vocab_size * _NUMPY_DTYPES[dtype].itemsize:
         rows = []
         for row, row_support in zip(q, support):  # [vocab]
             ids = torch.nonzero(row_support).flatten()
@@ -132,14 +146,16 @@ def decode_probs(proposal: pb.Proposal, params: SamplingParams, vocab_size: int)
         rows = proposal.sparse.rows
         if len(rows) != gamma:
             raise ValueError(f"sparse probabilities have {len(rows)} rows for {gamma} draft tokens")
-        q = torch.zeros(gamma, vocab_size)
+        for i, row in enumerate(rows):  # lengths first: no element is read before every row is bounded
+            if len(row.ids) != len(row.probs) or not row.ids or len(row.ids) > vocab_size:
+                raise ValueError(f"sparse row {i} has {len(row.ids)} ids and {len(row.probs)} probs "
+                                 f"(between 1 and the vocabulary's {vocab_size} of each)")
+        q = torch.zeros(gamma, vocab_size)  # [gamma, vocab]
         for i, row in enumerate(rows):
-            if len(row.ids) != len(row.probs) or not row.ids:
-                raise ValueError(f"sparse row {i} has {len(row.ids)} ids and {len(row.probs)} probs")
-            check_token_ids(row.ids, vocab_size, f"sparse row {i} ids")
-            if len(set(row.ids)) != len(row.ids):
+            ids = check_token_ids(row.ids, vocab_size, f"sparse row {i} ids")  # [support]
+            if np.unique(ids).size != ids.size:
                 raise ValueError(f"sparse row {i} repeats a token id")
-            q[i, torch.tensor(list(row.ids), dtype=torch.long)] = torch.tensor(list(row.probs))
+            q[i, torch.from_numpy(ids)] = torch.from_numpy(np.fromiter(row.probs, dtype=np.float32, count=len(row.probs)))
         return _normalized(q)
     dense = proposal.dense
     if dense.dtype not in _NUMPY_DTYPES:
@@ -155,5 +171,5 @@ def decode_probs(proposal: pb.Proposal, params: SamplingParams, vocab_size: int)
 
 
 def validate_params(params: SamplingParams, max_new_tokens_limit: int, vocab_size: int) -> None:
-    params.validate(max_new_tokens_limit)
+    params.validate(max_new_tokens_limit)  # bounds len(stop_token_ids) first
     check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")

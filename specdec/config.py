@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 FINISH_LENGTH = "length"  # max_new_tokens reached
 FINISH_STOP = "stop"  # a stop token was committed
+SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's _SAMPLING_EPS): 1/T would overflow the logits
+MAX_STOP_TOKEN_IDS = 64  # stop_token_ids a request may carry
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or anything below SAMPLING_EPS) = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 (or 0) = off
     seed: int | None = None
@@ -23,7 +25,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS  # both sides decide greedy here, so they always agree
 
     @property
     def truncated(self) -> bool:
@@ -44,6 +46,8 @@ class SamplingParams:
             raise ValueError(
                 f"max_new_tokens {self.max_new_tokens} is over this verifier's limit of {max_new_tokens_limit}"
             )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} ids, over the limit of {MAX_STOP_TOKEN_IDS}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 
@@ -54,11 +58,23 @@ class VerifierLimits:
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 1024
     max_sessions: int = 64
-    max_message_bytes: int = 64 * 1024 * 1024  # a dense fp16 block of 16 x 151,936 is ~4.9 MB
+    max_message_bytes: int = 0  # 0 = what the model needs (`message_bytes`); a dense fp32 block of 16 x 151,936 is ~9.7 MB
     max_sessions_per_client: int = 32  # sessions open at once from one client address (half of max_sessions)
     idle_timeout_s: float = 120.0  # a session that receives nothing for this long is closed
     max_batch_tokens: int = 512  # token budget of one engine step: sessions x longest row, padding included
     batch_wait_s: float = 0.025  # most a step waits for lock-step sessions of the last step (also <= 1/4 of a step)
+
+    def message_bytes(self, vocab_size: int) -> int:
+        """The largest request this verifier accepts: max_message_bytes, or by default what the model needs.
+
+        A proposal's probabilities travel as at most max_gamma x vocab x 4 bytes (dense fp32; the sparse form is
+        only used when smaller); an opening carries at most max_prompt_tokens + MAX_STOP_TOKEN_IDS varints of
+        <= 5 bytes. Every larger message is refused by gRPC before the server holds it.
+        """
+        if self.max_message_bytes:
+            return self.max_message_bytes
+        ids = (self.max_prompt_tokens + MAX_STOP_TOKEN_IDS + self.max_gamma) * 5
+        return self.max_gamma * vocab_size * 4 + ids + 64 * 1024  # + headroom for tags and small fields
 
     def validate(self) -> None:
         """Raise ValueError with a user-facing message if the limits cannot work together."""

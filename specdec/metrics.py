@@ -35,6 +35,7 @@ class GenerationResult:
     draft_s: float = 0.0  # time spent drafting
     bytes_sent: int = 0  # protobuf payload bytes, client -> verifier
     bytes_received: int = 0
+    reconnects: int = 0  # times the client re-opened the request after the verifier went away
 
     @property
     def new_tokens(self) -> int:

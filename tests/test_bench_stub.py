@@ -1,7 +1,8 @@
 """The orchestrator over a local Ray (num_cpus=2) against a stub verifier whose answers are known by construction.
 
 The stub accepts exactly 2 of every proposal of 4 and commits token 7 after it, charges fixed service
-times, fails one prompt once (it must be retried) and another always (it must be recorded as failed).
+times, goes away once for one prompt (UNAVAILABLE: the client re-opens it) and fails another always (INTERNAL:
+retried once by the bench, then recorded as failed).
 So every metric below has an exact expected value.
 """
 
@@ -47,7 +48,7 @@ class StubVerifier(pb_grpc.VerifierServicer):
     async def _maybe_fail(self, prompt_ids, context, kind: str) -> None:
         text = self.tokenizer.decode(list(prompt_ids))
         if "BROKEN" in text:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "stub: this prompt always fails")
+            await context.abort(grpc.StatusCode.INTERNAL, "stub: this prompt always fails")
         if "FLAKY" in text and (kind, text) not in self.flaky_seen:
             self.flaky_seen.add((kind, text))
             await context.abort(grpc.StatusCode.UNAVAILABLE, "stub: first try fails")
@@ -116,8 +117,8 @@ async def test_bench_over_ray_with_a_stub_verifier(local_ray, tiny_dirs, tmp_pat
     assert len(records) == 3 * 4  # 3 configurations x 4 prompts, each exactly once: none dropped
     by_key = {(r["config"], r["pubid"]): r for r in records}
     for config in ("baseline", "tiny g=4", "tiny g=4 rtt=30ms"):
-        flaky = by_key[(config, "1001")]  # fails on its first Generate and its first Speculate only
-        assert flaky["status"] == "ok" and flaky["attempts"] == (1 if "rtt" in config else 2)
+        flaky = by_key[(config, "1001")]  # UNAVAILABLE on its first Generate and its first Speculate only
+        assert flaky["status"] == "ok" and flaky["attempts"] == 1 and flaky["reconnects"] == (0 if "rtt" in config else 1)
         broken = by_key[(config, "1002")]
         assert broken["status"] == "failed" and broken["attempts"] == 2 and "always fails" in broken["error"]
     spec = by_key[("tiny g=4", "1000")]
@@ -169,6 +170,7 @@ async def test_bench_over_ray_with_a_stub_verifier(local_ray, tiny_dirs, tmp_pat
         await server.stop(None)
     lines = (run_dir / "requests.jsonl").read_text().splitlines()
     assert len(lines) == 12 + 3 and all(json.loads(line)["pubid"] == "1002" for line in lines[12:])
+    assert bench.failed_requests(run_dir / "requests.jsonl") == (3, 12)  # what `specdec bench` exits 1 with
     with pytest.raises(bench.BenchError, match="already holds results"):
         await bench.run(cfg, progress=False)
 

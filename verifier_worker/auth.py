@@ -3,13 +3,16 @@
 The interceptor runs before any servicer code, so a call without the right token is answered
 UNAUTHENTICATED and never opens a session or touches the model. The health service stays open, so load
 balancers and `specdec`'s own readiness probes work without the secret. Tokens are compared in
-constant time.
+constant time. A refused call's body is never read nor parsed: the refusing handler takes the request as
+a stream it never reads, so an unauthenticated caller cannot make the server hold its messages. Wrong
+tokens are logged at most once per WARN_INTERVAL_S, with the count of those not logged.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import time
 
 import grpc
 
@@ -17,31 +20,51 @@ from specdec.tls import AUTH_HEADER, read_file
 
 log = logging.getLogger(__name__)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+WARN_INTERVAL_S = 60.0
 
 
 def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming shape as `handler` that only aborts."""
+    """A handler with `handler`'s response shape that aborts without reading the request.
 
-    async def abort(request_or_iterator, context):
+    It is request-streaming whatever the method (on the wire a unary request is a stream of one message),
+    so the server never waits for, buffers or deserialises the body; the bytes stay undecoded.
+    """
+
+    async def abort(request_iterator, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def abort_stream(request_or_iterator, context):
+    async def abort_stream(request_iterator, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator, as streaming responses need
 
-    kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort_stream, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(abort_stream, response_serializer=handler.response_serializer)
+    return grpc.stream_unary_rpc_method_handler(abort, response_serializer=handler.response_serializer)
+
+
+class ThrottledWarning:
+    """log.warning at most once per interval_s; the next one says how many were not logged in between."""
+
+    def __init__(self, interval_s: float = WARN_INTERVAL_S):
+        self.interval_s = interval_s
+        self._last = -float("inf")
+        self.suppressed = 0
+
+    def __call__(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            message += f" (and {self.suppressed} more like it in the last {now - self._last:.0f} s)"
+        log.warning(message, *args)
+        self._last, self.suppressed = now, 0
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
+        self._warn_wrong_token = ThrottledWarning()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -51,7 +74,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if sent is None:
             return _abort_handler(handler, "missing auth token: send 'authorization: Bearer <token>' (--auth-token-file)")
         if not hmac.compare_digest(str(sent).encode(), self._expected):
-            log.warning("rejected a call to %s with a wrong auth token", handler_call_details.method)
+            self._warn_wrong_token("rejected a call to %s with a wrong auth token", handler_call_details.method)
             return _abort_handler(handler, "wrong auth token")
         return handler
 

@@ -2,6 +2,8 @@
 
 The verifier's whole command line lives here, so a GPU box runs it without the benchmark's packages
 (Ray, pandas, plots). It prints `listening on HOST:PORT` once it serves; launchers wait for that line.
+SIGTERM or SIGINT drains it (`server.drain`): health turns NOT_SERVING, new sessions get UNAVAILABLE, the
+sessions in flight have --drain-timeout seconds to finish, and the process exits 0 without a traceback.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     p.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
-    p.add_argument("--max-message-mb", type=int, default=defaults.max_message_bytes // 2**20)
+    p.add_argument("--max-message-mb", type=int, default=0,
+                   help="largest request in MiB (default 0: what the model needs, max_gamma x vocab x 4 bytes + headroom)")
     p.add_argument("--max-sessions-per-client", type=int, default=defaults.max_sessions_per_client)
     p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s, help="close a session idle this many seconds")
     p.add_argument("--max-batch-tokens", type=int, default=defaults.max_batch_tokens,
@@ -37,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_s * 1000,
                    help="most a step waits for the last step's lock-step sessions to send their next block "
                         "(never more than a quarter of a step; 0 = never wait)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds the sessions in flight get to finish before they are cut (default 30)")
     sec = p.add_argument_group("security (required to listen on anything but loopback)")
     sec.add_argument("--tls-cert", help="PEM certificate chain of this server (see `specdec make-certs`)")
     sec.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -55,7 +60,7 @@ def load_dtype_device(dtype_name: str, device_name: str):
 
 async def serve(args: argparse.Namespace) -> None:
     from specdec import models
-    from verifier_worker.server import ModelInfo, VerifierServicer, start_server
+    from verifier_worker.server import ModelInfo, VerifierServicer, drain, start_server
 
     limits = VerifierLimits(
         max_gamma=args.max_gamma,
@@ -92,8 +97,11 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down")
-    await server.stop(grace=5)
+    log.warning("shutting down: draining %d session(s) for up to %g s", servicer.active_sessions, args.drain_timeout)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)  # a second signal ends the process at once
+    cut = await drain(server, servicer, args.drain_timeout)
+    print(f"stopped ({cut} session(s) cut at the drain timeout)", flush=True)
 
 
 def _server_security(args):

@@ -1,7 +1,7 @@
 """The verifier worker: a grpc.aio server in front of the batching engine that owns the big model.
 
 Each Speculate stream is one session with its own KV cache in the engine. The servicer validates every
-message on the event loop, hands the work (prefill, a verification block, Generate's decoding steps) to
+message (validation.py: bounded before it is read, big proposals decoded off the event loop), hands the work (prefill, a verification block, Generate's decoding steps) to
 the engine, which batches all sessions' work into one forward per step, and answers with the result and
 what its step cost. Anything a client can send wrongly is answered with a status code and a message, and
 only that stream ends; a stream that ends early drops its session's work and KV without disturbing others.
@@ -27,6 +27,15 @@ from specdec.config import SamplingParams, VerifierLimits
 from verifier_worker.auth import TokenAuthInterceptor
 from verifier_worker.engine import Engine, StepCost
 from verifier_worker.session import VerifierSession
+from verifier_worker.validation import (
+    INBOX_SIZE,
+    CorruptMessage,
+    check_open,
+    check_proposal_off_loop,
+    client_host,
+    generic_handler,
+    max_concurrent_rpcs,
+)
 
 log = logging.getLogger(__name__)
 SERVER_VERSION = "specdec/1"
@@ -46,8 +55,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         limits.validate()
         self.info = info
         self.limits = limits
-        self.sessions_by_client: dict[str, int] = {}  # open sessions per client address
+        self.sessions_by_client: dict[str, int] = {}  # open sessions per client host
         self.engine = Engine(model, limits.max_batch_tokens, limits.batch_wait_s)
+        self.draining = False  # set on shutdown: new sessions are refused with UNAVAILABLE
+        self.health: health.aio.HealthServicer | None = None  # set by start_server
 
     @property
     def active_sessions(self) -> int:
@@ -60,7 +71,14 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         except Exception as exc:  # noqa: BLE001 - reported to the client
             await context.abort(grpc.StatusCode.INTERNAL, f"verifier compute failed: {exc!r}")
 
+    async def _intact(self, context, request):
+        """The request, unless it arrived corrupt: then this call ends with INVALID_ARGUMENT."""
+        if isinstance(request, CorruptMessage):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.status)
+        return request
+
     async def Info(self, request, context):
+        await self._intact(context, request)
         lim = self.limits
         return pb.InfoReply(
             model_id=self.info.model_id,
@@ -73,7 +91,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 max_prompt_tokens=lim.max_prompt_tokens,
                 max_new_tokens=lim.max_new_tokens,
                 max_sessions=lim.max_sessions,
-                max_message_bytes=lim.max_message_bytes,
+                max_message_bytes=lim.message_bytes(self.info.vocab_size),
                 max_sessions_per_client=lim.max_sessions_per_client,
                 idle_timeout_s=lim.idle_timeout_s,
                 max_batch_tokens=lim.max_batch_tokens,
@@ -83,16 +101,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
 
     async def _new_session(self, context, prompt_ids, params_msg) -> VerifierSession:
         """Validate a session's opening request and take a session slot (released by the caller)."""
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "verifier is shutting down; retry on another or after its restart")
         try:
-            params = codec.params_from_proto(params_msg)
-            codec.validate_params(params, self.limits.max_new_tokens, self.info.vocab_size)
-            if not prompt_ids:
-                raise ValueError("prompt_ids is empty: a session needs at least one prompt token")
-            if len(prompt_ids) > self.limits.max_prompt_tokens:
-                raise ValueError(
-                    f"prompt has {len(prompt_ids)} tokens, over this verifier's limit of {self.limits.max_prompt_tokens}"
-                )
-            codec.check_token_ids(prompt_ids, self.info.vocab_size, "prompt_ids")
+            prompt_ids, params = check_open(prompt_ids, params_msg, self.limits, self.info.vocab_size)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if self.active_sessions >= self.limits.max_sessions:
@@ -100,13 +112,13 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"verifier is at its limit of {self.limits.max_sessions} concurrent sessions; retry later",
             )
-        client = _client_address(context.peer())
+        client = client_host(context.peer())
         if self.sessions_by_client.get(client, 0) >= self.limits.max_sessions_per_client:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{client} already has {self.limits.max_sessions_per_client} sessions open, this verifier's limit per client",
             )
-        session = self.engine.open(list(prompt_ids), params, client)
+        session = self.engine.open(prompt_ids, params, client)
         self.sessions_by_client[client] = self.sessions_by_client.get(client, 0) + 1  # freed by the caller's _release
         return session
 
@@ -119,22 +131,23 @@ class VerifierServicer(pb_grpc.VerifierServicer):
     async def _next(self, context, inbox: asyncio.Queue):
         """The next (request, arrival time) of a Speculate stream; closes a session left idle too long."""
         try:
-            return await asyncio.wait_for(inbox.get(), self.limits.idle_timeout_s)
+            request, arrived = await asyncio.wait_for(inbox.get(), self.limits.idle_timeout_s)
         except asyncio.TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"session idle for {self.limits.idle_timeout_s:g} s (this verifier's idle_timeout_s); closed",
             )
+        return await self._intact(context, request), arrived
 
     async def Speculate(self, request_iterator, context):
         # bounded, so a client that floods proposals is held back by HTTP/2 flow control
-        inbox: asyncio.Queue = asyncio.Queue(maxsize=4)
+        inbox: asyncio.Queue = asyncio.Queue(maxsize=INBOX_SIZE)
 
         async def read_requests():  # timestamps arrivals, so service time includes queueing
             try:
                 async for request in request_iterator:
                     await inbox.put((request, time.perf_counter()))
-            except Exception as exc:  # noqa: BLE001 - a broken stream ends the session like a half-close
+            except Exception as exc:  # noqa: BLE001 - a broken stream (cancelled, reset) ends the session
                 log.info("Speculate stream read failed: %r", exc)
             await inbox.put((None, time.perf_counter()))
 
@@ -157,12 +170,13 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     f"{self.info.model_id} do not share a tokenizer; speculative decoding needs the same vocabulary",
                 )
             session = await self._new_session(context, opening.prompt_ids, opening.params)
+            prompt_tokens = len(session.tokens)
             cost = await self._run(context, self.engine.prefill(session))
             service_s = time.perf_counter() - arrived
             yield pb.SpeculateReply(
                 opened=pb.SessionOpened(
                     session_id=uuid.uuid4().hex,
-                    prompt_tokens=len(opening.prompt_ids),
+                    prompt_tokens=prompt_tokens,
                     service_s=service_s,
                     cost=_cost(cost, service_s),
                 )
@@ -195,17 +209,14 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 self._release(session)
 
     async def _check_proposal(self, context, proposal: pb.Proposal, params: SamplingParams):
-        draft_ids = list(proposal.draft_ids)
         try:
-            if len(draft_ids) > self.limits.max_gamma:
-                raise ValueError(f"proposal has {len(draft_ids)} draft tokens, over this verifier's max_gamma of {self.limits.max_gamma}")
-            codec.check_token_ids(draft_ids, self.info.vocab_size, "draft_ids")
-            return draft_ids, codec.decode_probs(proposal, params, self.info.vocab_size)
+            return await check_proposal_off_loop(proposal, params, self.limits, self.info.vocab_size)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def Generate(self, request, context):
         arrived = time.perf_counter()
+        request = await self._intact(context, request)
         session = await self._new_session(context, request.prompt_ids, request.params)
         try:
             prefill = await self._run(context, self.engine.prefill(session))
@@ -234,16 +245,12 @@ def _cost(cost: StepCost, service_s: float) -> pb.StepCost:
                        steps=cost.steps)
 
 
-def server_options(limits: VerifierLimits) -> list[tuple[str, int]]:
+def server_options(limits: VerifierLimits, vocab_size: int) -> list[tuple[str, int]]:
+    """gRPC receives no message over what the model needs (`VerifierLimits.message_bytes`)."""
     return [
-        ("grpc.max_receive_message_length", limits.max_message_bytes),
-        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.max_receive_message_length", limits.message_bytes(vocab_size)),
+        ("grpc.max_send_message_length", limits.message_bytes(vocab_size)),
     ]
-
-
-def _client_address(peer: str) -> str:
-    """'ipv4:1.2.3.4:5678' -> 'ipv4:1.2.3.4'; 'ipv6:[::1]:5678' -> 'ipv6:[::1]' (the port changes per connection)."""
-    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
 
 
 async def start_server(
@@ -258,9 +265,10 @@ async def start_server(
     With `credentials` the port speaks TLS only; with `token` every RPC but health needs it (see auth.py).
     """
     interceptors = [TokenAuthInterceptor(token)] if token else []
-    server = grpc.aio.server(options=server_options(servicer.limits), interceptors=interceptors)
-    pb_grpc.add_VerifierServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    server = grpc.aio.server(options=server_options(servicer.limits, servicer.info.vocab_size), interceptors=interceptors,
+                             maximum_concurrent_rpcs=max_concurrent_rpcs(servicer.limits))
+    server.add_generic_rpc_handlers((generic_handler(servicer),))
+    health_servicer = servicer.health = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
     reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -272,3 +280,20 @@ async def start_server(
     for name in ("", service_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound
+
+
+async def drain(server: grpc.aio.Server, servicer: VerifierServicer, timeout_s: float) -> int:
+    """Graceful shutdown: health NOT_SERVING, new sessions refused (UNAVAILABLE), sessions in flight get up to
+    timeout_s to finish, then the server stops. -> the sessions that were still open and got cut."""
+    servicer.draining = True
+    if servicer.health is not None:
+        await servicer.health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while servicer.active_sessions and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    cut = servicer.active_sessions
+    if cut:
+        log.warning("drain timeout (%g s): cutting %d session(s) still open", timeout_s, cut)
+    await server.stop(grace=0.5)
+    return cut

@@ -1,0 +1,56 @@
+"""Draft-side recovery: a request survives its verifier dying or restarting.
+
+The draft holds the truth: every committed token is in the request's GenerationResult. When the verifier
+goes away (UNAVAILABLE: the process died, restarts, or drains), the client waits (`Backoff`: exponential
+with full jitter) and re-opens the request with the prompt plus every committed token and the rest of
+max_new_tokens, until it finishes or its deadline passes. The verifier recomputes the KV of those tokens,
+so greedy output equals an uninterrupted run, token for token. (Sampled output stays correctly
+distributed, but a re-seeded generator draws a different sequence.) Any other status is the verifier's
+answer to this request and is raised at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from draft_worker.transport import ClientConfig, VerifierError
+from specdec.config import SamplingParams
+from specdec.metrics import GenerationResult
+
+log = logging.getLogger(__name__)
+RETRYABLE = frozenset({"UNAVAILABLE"})  # the verifier is gone or going: another try may reach it
+
+# one try: (prompt ids with the committed tokens, params for the rest, config with the time left, result to extend)
+Attempt = Callable[[list[int], SamplingParams, ClientConfig, GenerationResult], Awaitable[None]]
+
+
+async def with_recovery(attempt: Attempt, prompt_ids: list[int], params: SamplingParams,
+                        config: ClientConfig) -> GenerationResult:
+    """Run `attempt` until the request finishes; re-open it after a retryable failure, within config.timeout_s."""
+    result = GenerationResult(token_ids=[])
+    start = time.perf_counter()
+    deadline = start + config.timeout_s
+    delays = config.backoff.delays()
+    while True:
+        left = params.max_new_tokens - result.new_tokens
+        if left <= 0:  # everything was committed before the verifier went away
+            result.finish_reason = result.finish_reason or "length"
+            break
+        try:
+            await attempt([*prompt_ids, *result.token_ids], dataclasses.replace(params, max_new_tokens=left),
+                          dataclasses.replace(config, timeout_s=max(deadline - time.perf_counter(), 1e-3)), result)
+            break
+        except VerifierError as exc:
+            delay = next(delays)
+            if exc.code not in RETRYABLE or time.perf_counter() + delay >= deadline:
+                raise
+            result.reconnects += 1
+            log.warning("verifier went away after %d committed tokens (%s); re-opening in %.2f s",
+                        result.new_tokens, exc, delay)
+            await asyncio.sleep(delay)
+    result.wall_s = time.perf_counter() - start
+    return result

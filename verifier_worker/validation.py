@@ -1,0 +1,130 @@
+"""What the verifier accepts off the wire, checked before any work: intact messages, bounded fields, and who
+the caller is (its host, for the per-client limit).
+
+Every request is deserialised by `tolerant`, so corrupt bytes become a CorruptMessage that the servicer
+answers with INVALID_ARGUMENT instead of a gRPC UNKNOWN (unary) or a silent half-close (Speculate). Every
+repeated field is bounded by its length before any element is read, and element checks are vectorized;
+decoding a proposal's probabilities (O(gamma x vocab)) runs in a worker thread, off the event loop. Memory
+held by requests in flight is capped server-wide: no message over `VerifierLimits.message_bytes`, at most
+`max_concurrent_rpcs` calls, and at most INBOX_SIZE + 2 messages held per call (see `inflight_bytes_cap`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import urllib.parse
+from dataclasses import dataclass
+
+import grpc
+import torch
+from google.protobuf.message import DecodeError
+
+from protos.specdec.v1 import specdec_pb2 as pb
+from specdec import codec
+from specdec.config import SamplingParams, VerifierLimits
+
+SPARE_RPCS = 16  # calls beyond max_sessions (Info, health, refusals) the server takes at once
+INBOX_SIZE = 1  # Speculate messages read ahead of the session (a client waits for each reply anyway)
+LOOPBACK = "loopback"
+
+
+@dataclass(frozen=True)
+class CorruptMessage:
+    """What `tolerant` deserialises undecodable bytes to; the servicer answers it with INVALID_ARGUMENT."""
+
+    error: str
+
+    @property
+    def status(self) -> str:
+        return f"the request is not a valid protobuf message ({self.error})"
+
+
+def tolerant(message_cls):
+    """A request deserializer that never raises: corrupt bytes become a CorruptMessage."""
+
+    def deserialize(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            return CorruptMessage(str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+_HANDLER_MAKERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def generic_handler(servicer, service_name: str = "Verifier") -> grpc.GenericRpcHandler:
+    """The service's handlers, built from its descriptor, with `tolerant` request deserializers."""
+    service = pb.DESCRIPTOR.services_by_name[service_name]
+    handlers = {}
+    for method in service.methods:
+        make = _HANDLER_MAKERS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=tolerant(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def max_concurrent_rpcs(limits: VerifierLimits) -> int:
+    return limits.max_sessions + SPARE_RPCS
+
+
+def inflight_bytes_cap(limits: VerifierLimits, vocab_size: int) -> int:
+    """An upper bound on request bytes the server holds at once: calls x messages held per call x message size."""
+    return max_concurrent_rpcs(limits) * (INBOX_SIZE + 2) * limits.message_bytes(vocab_size)
+
+
+def check_open(prompt_ids, params_msg: pb.SamplingParams, limits: VerifierLimits, vocab_size: int) -> tuple[list[int], SamplingParams]:
+    """(prompt ids, sampling params) of an opening request; ValueError with a user-facing message if bad."""
+    params = codec.params_from_proto(params_msg)
+    codec.validate_params(params, limits.max_new_tokens, vocab_size)
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty: a session needs at least one prompt token")
+    if len(prompt_ids) > limits.max_prompt_tokens:
+        raise ValueError(f"prompt has {len(prompt_ids)} tokens, over this verifier's limit of {limits.max_prompt_tokens}")
+    return codec.check_token_ids(prompt_ids, vocab_size, "prompt_ids").tolist(), params
+
+
+def check_proposal(proposal: pb.Proposal, params: SamplingParams, limits: VerifierLimits,
+                   vocab_size: int) -> tuple[list[int], torch.Tensor | None]:
+    """(draft ids, q [gamma, vocab] or None) of a proposal; ValueError if malformed. Run it in a thread."""
+    if len(proposal.draft_ids) > limits.max_gamma:
+        raise ValueError(f"proposal has {len(proposal.draft_ids)} draft tokens, over this verifier's max_gamma of "
+                         f"{limits.max_gamma}")
+    draft_ids = codec.check_token_ids(proposal.draft_ids, vocab_size, "draft_ids").tolist()
+    return draft_ids, codec.decode_probs(proposal, params, vocab_size)
+
+
+async def check_proposal_off_loop(proposal, params, limits, vocab_size):
+    """check_proposal, in a worker thread when the proposal carries probabilities (large), inline otherwise."""
+    if proposal.WhichOneof("probs") is None:
+        return check_proposal(proposal, params, limits, vocab_size)
+    return await asyncio.to_thread(check_proposal, proposal, params, limits, vocab_size)
+
+
+def client_host(peer: str) -> str:
+    """The host a peer string names, one key per machine for the per-client limit: the port is dropped,
+    an IPv4-mapped IPv6 address is its IPv4 address, and every loopback address (127.x, ::1) is LOOPBACK.
+
+    'ipv4:1.2.3.4:5678' -> '1.2.3.4'; 'ipv6:[::ffff:1.2.3.4]:5678' -> '1.2.3.4'; 'ipv6:[::1]:9' -> 'loopback'.
+    """
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")  # grpc writes IPv6 peers as 'ipv6:%5B::1%5D:port'
+    if kind not in ("ipv4", "ipv6"):
+        return peer  # unix sockets and the like: the whole string
+    host = rest.rsplit(":", 1)[0].strip("[]").split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return LOOPBACK if ip.is_loopback else str(ip)
