@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -17,10 +18,13 @@ from draft_worker.transport import ClientConfig, VerifierError
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
-from specdec.config import SamplingParams
+from specdec.config import FINISH_STOP, SamplingParams
 from specdec.metrics import GenerationResult
 
 log = logging.getLogger(__name__)
+# called with the ids each verdict (or decoding step) commits; returning True ends the request there, as a
+# stop (a stop string in the decoded text): the verifier's stream is closed and finish_reason is "stop"
+OnCommit = Callable[[list[int]], bool | None]
 
 
 async def speculate(
@@ -32,10 +36,12 @@ async def speculate(
     info: pb.InfoReply,
     config: ClientConfig = ClientConfig(),
     tokenizer_fingerprint: str = "",
+    on_commit: OnCommit | None = None,
 ) -> GenerationResult:
     """Generate with speculative decoding over one Speculate stream. Raises VerifierError on a refusal.
 
-    `gamma` is a fixed block size or an AdaptiveGamma schedule, updated after every verdict.
+    `gamma` is a fixed block size or an AdaptiveGamma schedule, updated after every verdict. `on_commit`
+    sees every verdict's committed ids as they arrive (streaming) and may end the request early.
     """
     schedule = gamma if isinstance(gamma, AdaptiveGamma) else None
     first = schedule.gamma if schedule else gamma
@@ -92,9 +98,8 @@ async def speculate(
             drafter.commit(verdict.num_accepted, next_token)
             if schedule:
                 schedule.update(len(candidates.draft_ids), verdict.num_accepted)
-            result.token_ids.extend(candidates.draft_ids[: verdict.num_accepted])
-            if next_token is not None:
-                result.token_ids.append(next_token)
+            committed = candidates.draft_ids[: verdict.num_accepted] + ([] if next_token is None else [next_token])
+            result.token_ids.extend(committed)
             if result.rounds == 0:
                 result.ttft_s = time.perf_counter() - start
             result.rounds += 1
@@ -103,12 +108,16 @@ async def speculate(
             _record_cost(result, verdict.service_s, verdict.cost)
             if verdict.finished:
                 result.finish_reason = codec.finish_from_proto(verdict.finish_reason)
+            if on_commit is not None and on_commit(committed) and not verdict.finished:
+                result.finish_reason = FINISH_STOP
+            if result.finish_reason:
                 break
         await call.done_writing()
     except grpc.aio.AioRpcError as exc:
-        raise VerifierError(f"verifier refused the session: {exc.code().name}: {exc.details()}") from exc
+        raise VerifierError(f"verifier refused the session: {exc.code().name}: {exc.details()}", exc.code().name) from exc
     except asyncio.InvalidStateError:  # the verifier ended the stream while this side was still writing
-        raise VerifierError(f"verifier refused the session: {(await call.code()).name}: {await call.details()}") from None
+        code = (await call.code()).name
+        raise VerifierError(f"verifier refused the session: {code}: {await call.details()}", code) from None
     finally:
         if not call.done():
             call.cancel()
@@ -136,20 +145,22 @@ async def _read(call) -> pb.SpeculateReply:
     reply = await call.read()
     if reply is grpc.aio.EOF:
         code = await call.code()
-        raise VerifierError(f"verifier ended the session early: {code.name}: {await call.details()}")
+        raise VerifierError(f"verifier ended the session early: {code.name}: {await call.details()}", code.name)
     return reply
 
 
 async def generate_baseline(
-    stub: pb_grpc.VerifierStub, prompt_ids: list[int], params: SamplingParams, config: ClientConfig = ClientConfig()
+    stub: pb_grpc.VerifierStub, prompt_ids: list[int], params: SamplingParams, config: ClientConfig = ClientConfig(),
+    on_commit: OnCommit | None = None,
 ) -> GenerationResult:
-    """Verifier-only generation (the baseline every speedup is measured against)."""
+    """Verifier-only generation (the baseline every speedup is measured against); `on_commit` as in speculate."""
     result = GenerationResult(token_ids=[])
     request = pb.GenerateRequest(prompt_ids=prompt_ids, params=codec.params_to_proto(params))
     result.bytes_sent = request.ByteSize()
     start = time.perf_counter()
+    call = stub.Generate(request, timeout=config.timeout_s, metadata=config.metadata)
     try:
-        async for reply in stub.Generate(request, timeout=config.timeout_s, metadata=config.metadata):
+        async for reply in call:
             if not result.token_ids:
                 result.ttft_s = time.perf_counter() - start
             result.token_ids.extend(reply.token_ids)
@@ -157,7 +168,13 @@ async def generate_baseline(
             result.bytes_received += reply.ByteSize()
             if reply.finished:
                 result.finish_reason = codec.finish_from_proto(reply.finish_reason)
+            if on_commit is not None and on_commit(list(reply.token_ids)) and not reply.finished:
+                result.finish_reason = FINISH_STOP
+                break
     except grpc.aio.AioRpcError as exc:
-        raise VerifierError(f"verifier refused the request: {exc.code().name}: {exc.details()}") from exc
+        raise VerifierError(f"verifier refused the request: {exc.code().name}: {exc.details()}", exc.code().name) from exc
+    finally:
+        if not call.done():
+            call.cancel()
     result.wall_s = time.perf_counter() - start
     return result

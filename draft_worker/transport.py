@@ -17,7 +17,11 @@ from specdec.tls import bearer_metadata, read_file, read_token
 
 
 class VerifierError(RuntimeError):
-    """The verifier refused or failed a request; the message says why."""
+    """The verifier refused or failed a request; the message says why, `code` is the gRPC status name if any."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ async def fetch_info(stub: pb_grpc.VerifierStub, config: ClientConfig = ClientCo
     try:
         return await stub.Info(pb.InfoRequest(), timeout=config.info_timeout_s, metadata=config.metadata)
     except grpc.aio.AioRpcError as exc:
-        raise VerifierError(f"verifier Info failed: {exc.code().name}: {exc.details()}") from exc
+        raise VerifierError(f"verifier Info failed: {exc.code().name}: {exc.details()}", exc.code().name) from exc
 
 
 def check_pair(info: pb.InfoReply, draft_name: str, draft_fingerprint: str) -> None:
