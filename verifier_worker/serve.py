@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hub id, local folder, .gguf file, or an offline: alias")
-    p.add_argument("--dtype", default="bf16", help="fp32 | bf16 | fp16 (default bf16)")
+    p.add_argument("--dtype", default="bf16", help="fp32 | bf16 | fp16 | auto (default bf16)")
     p.add_argument("--device", default="auto", help="cpu | cuda[:N] | mps | auto (default auto)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 binds a free port (the real one is printed)")
@@ -47,7 +47,8 @@ def load_dtype_device(dtype_name: str, device_name: str):
     from specdec import models
 
     with user_errors("invalid --dtype/--device", ValueError):
-        return models.parse_dtype(dtype_name), models.resolve_device(device_name)
+        device = models.resolve_device(device_name)
+        return models.parse_dtype(dtype_name, device), device
 
 
 async def serve(args: argparse.Namespace) -> None:
