@@ -28,6 +28,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -103,9 +104,12 @@ class Decoding:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, max_batch_tokens: int = 512):
+    def __init__(self, model: torch.nn.Module, max_batch_tokens: int = 512,
+                 on_step: Callable[[float, int, int], None] | None = None):
+        """`on_step(compute_s, sessions, tokens)` is called on the event loop after every step (metrics)."""
         assert max_batch_tokens >= 1
         self.model = model
+        self.on_step = on_step
         self.max_batch_tokens = max_batch_tokens
         self.device = next(model.parameters()).device
         self._check_attention(model)
@@ -193,6 +197,8 @@ class Engine:
             compute_s = time.perf_counter() - started
             self.steps += 1
             self.busy_s += compute_s
+            if self.on_step is not None:
+                self.on_step(compute_s, len(batch), sum(n for _, n in batch))
             self._finish(batch, outcomes, compute_s)
 
     def _take_batch(self) -> list[tuple[_Work, int]]:

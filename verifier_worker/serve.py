@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 binds a free port (the real one is printed)")
     defaults = VerifierLimits()
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port)")
     p.add_argument("--max-gamma", type=int, default=defaults.max_gamma)
     p.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
@@ -83,6 +84,10 @@ async def serve(args: argparse.Namespace) -> None:
         servicer = VerifierServicer(model, info, limits)
     with user_errors(f"cannot listen on {args.host}:{args.port}", OSError, RuntimeError):
         server, port = await start_server(servicer, args.host, args.port, credentials, token)
+    if args.metrics_port is not None:
+        with user_errors(f"cannot serve metrics on {args.host}:{args.metrics_port}", OSError):
+            metrics_port = _serve_metrics(servicer, args.host, args.metrics_port)
+        print(f"metrics on http://{args.host}:{metrics_port}/metrics", flush=True)
     print(f"listening on {args.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -91,6 +96,14 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("shutting down")
     await server.stop(grace=5)
+
+
+def _serve_metrics(servicer, host: str, port: int) -> int:
+    """prometheus_client's HTTP server (its own thread) over the servicer's registry. -> the bound port"""
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(port, addr=host, registry=servicer.metrics.registry)
+    return server.server_port
 
 
 def _server_security(args):
