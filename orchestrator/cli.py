@@ -12,7 +12,6 @@ import json
 import pathlib
 import sys
 
-from specdec.config import SamplingParams
 from specdec.errors import LOAD_ERRORS, UserError, run_command, user_errors
 
 
