@@ -246,30 +246,7 @@ def _from_pretrained(auto_cls: type, source: str, **kwargs: object) -> object:
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of `source`; a local .gguf's is read from the GGUF once and then from a cache folder."""
-    path = pathlib.Path(source).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(_gguf_tokenizer_folder(path))
     return _from_pretrained(AutoTokenizer, source)
-
-
-def _gguf_tokenizer_folder(gguf: pathlib.Path) -> pathlib.Path:
-    """A saved copy of a GGUF's tokenizer (reading it from the GGUF takes ~13 s for Qwen's 151k vocab), keyed by
-    the file's absolute path, size and modification time, so a changed file is read again."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-    folder = cache_dir() / "gguf-tokenizers" / key
-    if (folder / _COMPLETE_MARKER).is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder.parent / f"{key}.lock")):
-        if not (folder / _COMPLETE_MARKER).is_file():
-            logger.info("caching the tokenizer of %s in %s (one-time)", gguf.name, folder)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            shutil.rmtree(folder, ignore_errors=True)
-            tokenizer.save_pretrained(folder)
-            (folder / _COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf.resolve())}))
-    return folder
 
 
 def load_model(source: str, *, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
