@@ -216,6 +216,10 @@ async def _events(request: _Request, first, meta: dict, kind: str, chat: bool, s
         except APIError as exc:
             metrics.count(path, exc.status)
             yield event(exc.body())
+        except Exception as exc:  # noqa: BLE001 - the status line is sent: report it in the stream, no traceback
+            log.exception("streamed request failed")
+            metrics.count(path, 500)
+            yield event(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error").body())
         finally:
             request.cancel()  # the client went away mid-stream: end the verifier session too
         yield "data: [DONE]\n\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import pathlib
 import sys
 
@@ -199,6 +200,11 @@ async def _generate(args) -> dict:
 async def _serve_draft(args) -> None:
     from draft_worker import http, transport
 
+    from specdec.tls import is_loopback
+
+    if not is_loopback(args.host):
+        logging.getLogger("specdec").warning("serve-draft on %s: the HTTP endpoint has no authentication; anyone who "
+                                             "can reach it can generate through your verifier", args.host)
     config = client_config(args, args.timeout)
     async with transport.open_channel(args.verifier, config) as channel:
         service = await connect_or_explain(channel, args.verifier, _drafter_spec(args), config, args.gamma,
