@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -20,10 +21,13 @@ from draft_worker.transport import ClientConfig, VerifierError
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
-from specdec.config import SamplingParams
+from specdec.config import FINISH_STOP, SamplingParams
 from specdec.metrics import GenerationResult
 
 log = logging.getLogger(__name__)
+# called with the ids each verdict (or decoding step) commits; returning True ends the request there, as a
+# stop (a stop string in the decoded text): the verifier's stream is closed and finish_reason is "stop"
+OnCommit = Callable[[list[int]], bool | None]
 
 
 async def speculate(
@@ -35,11 +39,13 @@ async def speculate(
     info: pb.InfoReply,
     config: ClientConfig = ClientConfig(),
     tokenizer_fingerprint: str = "",
+    on_commit: OnCommit | None = None,
 ) -> GenerationResult:
     """Generate with speculative decoding over Speculate streams (one, unless the verifier goes away and the
     request is re-opened). Raises VerifierError on a refusal.
 
-    `gamma` is a fixed block size or an AdaptiveGamma schedule, updated after every verdict.
+    `gamma` is a fixed block size or an AdaptiveGamma schedule, updated after every verdict. `on_commit`
+    sees every verdict's committed ids as they arrive (streaming) and may end the request early.
     """
     schedule = gamma if isinstance(gamma, AdaptiveGamma) else None
     first = schedule.gamma if schedule else gamma
@@ -49,14 +55,16 @@ async def speculate(
         schedule.max_gamma = min(schedule.max_gamma, info.limits.max_gamma)
 
     async def attempt(prompt_ids, params, config, result):
-        await _speculate_once(stub, drafter, prompt_ids, params, gamma, schedule, info, config, tokenizer_fingerprint, result)
+        await _speculate_once(stub, drafter, prompt_ids, params, gamma, schedule, info, config, tokenizer_fingerprint,
+                              result, on_commit)
 
     return await with_recovery(attempt, prompt_ids, params, config)
 
 
 async def _speculate_once(stub, drafter: Drafter, prompt_ids: list[int], params: SamplingParams,
                           gamma: int | AdaptiveGamma, schedule: AdaptiveGamma | None, info: pb.InfoReply,
-                          config: ClientConfig, tokenizer_fingerprint: str, result: GenerationResult) -> None:
+                          config: ClientConfig, tokenizer_fingerprint: str, result: GenerationResult,
+                          on_commit: OnCommit | None) -> None:
     """One Speculate stream, extending `result` with every token committed before it ends."""
     start = time.perf_counter()
     generated = 0  # tokens committed on this stream
@@ -120,6 +128,9 @@ async def _speculate_once(stub, drafter: Drafter, prompt_ids: list[int], params:
             _record_cost(result, verdict.service_s, verdict.cost)
             if verdict.finished:
                 result.finish_reason = codec.finish_from_proto(verdict.finish_reason)
+            if on_commit is not None and on_commit(committed) and not verdict.finished:
+                result.finish_reason = FINISH_STOP
+            if result.finish_reason:
                 break
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
         # InvalidStateError: the verifier ended the stream while this side was still writing
@@ -166,19 +177,20 @@ async def _read(call) -> pb.SpeculateReply:
 
 
 async def generate_baseline(
-    stub: pb_grpc.VerifierStub, prompt_ids: list[int], params: SamplingParams, config: ClientConfig = ClientConfig()
+    stub: pb_grpc.VerifierStub, prompt_ids: list[int], params: SamplingParams, config: ClientConfig = ClientConfig(),
+    on_commit: OnCommit | None = None,
 ) -> GenerationResult:
     """Verifier-only generation (the baseline every speedup is measured against), re-opened like `speculate`
-    when the verifier goes away."""
+    when the verifier goes away; `on_commit` as in speculate."""
 
     async def attempt(prompt_ids, params, config, result):
-        await _generate_once(stub, prompt_ids, params, config, result)
+        await _generate_once(stub, prompt_ids, params, config, result, on_commit)
 
     return await with_recovery(attempt, prompt_ids, params, config)
 
 
 async def _generate_once(stub, prompt_ids: list[int], params: SamplingParams, config: ClientConfig,
-                         result: GenerationResult) -> None:
+                         result: GenerationResult, on_commit: OnCommit | None) -> None:
     request = pb.GenerateRequest(prompt_ids=prompt_ids, params=codec.params_to_proto(params))
     result.bytes_sent += request.ByteSize()
     start = time.perf_counter()
@@ -192,5 +204,11 @@ async def _generate_once(stub, prompt_ids: list[int], params: SamplingParams, co
             result.bytes_received += reply.ByteSize()
             if reply.finished:
                 result.finish_reason = codec.finish_from_proto(reply.finish_reason)
+            if on_commit is not None and on_commit(list(reply.token_ids)) and not reply.finished:
+                result.finish_reason = FINISH_STOP
+                break
     except grpc.aio.AioRpcError as exc:
         raise await _refusal(call, exc, "request") from None
+    finally:
+        if not call.done():
+            call.cancel()  # ended early by on_commit: the verifier frees the session

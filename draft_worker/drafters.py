@@ -146,7 +146,7 @@ class DrafterSpec:
 
     kind: str = "lm"  # "lm" | "ngram"
     model: str | None = None  # lm: Hub id, folder, .gguf file or offline: alias
-    dtype: str = "fp32"
+    dtype: str = "auto"  # bf16 where the CPU runs it natively, else fp32 (specdec.models.parse_dtype)
     device: str = "cpu"
     dense_dtype: str = "fp16"  # wire dtype of full-vocabulary q under sampling: fp16 | fp32
     ngram_max: int = 3
@@ -170,7 +170,8 @@ class DraftModels:
 
         key = (spec.model, spec.dtype, spec.device)
         if key not in self._loaded:
-            dtype, device = models.parse_dtype(spec.dtype), models.resolve_device(spec.device)
+            device = models.resolve_device(spec.device)
+            dtype = models.parse_dtype(spec.dtype, device)
             tokenizer = models.load_tokenizer(spec.model)
             model = models.load_model(spec.model, dtype=dtype, device=device)
             self._loaded[key] = LoadedDraft(model, tokenizer, models.tokenizer_fingerprint(tokenizer))

@@ -40,6 +40,7 @@ class Prompt:
     pubid: str
     ids: list[int]
     truncated: bool
+    final_decision: str = ""  # PubMedQA's label: yes | no | maybe
 
 
 def load_items(config: BenchConfig) -> list:
@@ -60,17 +61,25 @@ def load_items(config: BenchConfig) -> list:
         raise BenchError(f"cannot load PubMedQA: {exc}") from None
 
 
-def encode_prompts(items: list, tokenizer, max_prompt_tokens: int) -> list[Prompt]:
-    """Token ids per item, the abstract cut where a prompt is over max_prompt_tokens."""
+def encode_prompts(items: list, tokenizer, max_prompt_tokens: int, prompt_format: str = "raw") -> list[Prompt]:
+    """Token ids per item, the abstract cut where a prompt is over max_prompt_tokens; `chat` wraps each prompt
+    as a user message in the tokenizer's chat template (the template's tokens count against the limit)."""
     from specdec import pubmedqa
+    from specdec.text import chat_around
 
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    head: list[int] = []
+    tail: list[int] = []
+    if prompt_format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise BenchError("prompt_format: chat, but the prompt tokenizer has no chat template")
+        head, tail = (tokenize(text) for text in chat_around(tokenizer))
     prompts = []
     for i, item in enumerate(items):
-        ids, truncated = pubmedqa.encode(item, tokenize, max_prompt_tokens)
-        prompts.append(Prompt(i, item.pubid, ids, truncated))
+        ids, truncated = pubmedqa.encode(item, tokenize, max_prompt_tokens - len(head) - len(tail))
+        prompts.append(Prompt(i, item.pubid, head + ids + tail, truncated, item.final_decision))
     return prompts
 
 
@@ -121,6 +130,7 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
 
     from draft_worker.transport import Backoff
     from orchestrator.workers import Job
+    from specdec.pubmedqa import parse_decision
 
     def job(prompt: Prompt, max_new_tokens: int | None = None) -> Job:
         params = config.sampling_params(prompt.index, stop_ids)
@@ -135,6 +145,9 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
                "attempts": attempts, "error": error}
         if result is not None:
             result["text"] = tokenizer.decode(result["token_ids"], skip_special_tokens=True)
+            decision = parse_decision(result["text"])
+            result.update(decision=decision, final_decision=prompt.final_decision,
+                          correct=decision is not None and decision == prompt.final_decision)
             rec.update(result)
         writer.write(rec)
 
@@ -291,7 +304,8 @@ def _check_resume(out: pathlib.Path, config: BenchConfig) -> None:
         return
     def what_matters(c: dict) -> dict:
         return {"verifier": {f: c["verifier"][f] for f in ("model", "dtype")},
-                **{k: c[k] for k in ("drafts", "tokenizer", "sampling", "max_new_tokens", "ignore_eos", "dataset")}}
+                **{k: c[k] for k in ("drafts", "tokenizer", "sampling", "max_new_tokens", "ignore_eos", "dataset")},
+                "prompt_format": c.get("prompt_format", "raw")}
 
     before = what_matters(json.loads(path.read_text())["config"])
     now = what_matters(json.loads(json.dumps(dataclasses.asdict(config))))
@@ -361,7 +375,7 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
         _check_limits(config, specs, info.limits)
         tokenizer, fingerprint = _prompt_tokenizer(config, info)
         limit = min(info.limits.max_prompt_tokens, config.dataset.max_prompt_tokens or info.limits.max_prompt_tokens)
-        prompts = encode_prompts(items, tokenizer, limit)
+        prompts = encode_prompts(items, tokenizer, limit, config.prompt_format)
         stop_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
 
         n = config.concurrency.draft_workers

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import pathlib
 import sys
 
-from specdec.config import SamplingParams
-from specdec.errors import UserError, run_command, user_errors
+from specdec.errors import LOAD_ERRORS, UserError, run_command, user_errors
 
 
 def _add_serve(sub) -> None:
@@ -22,31 +22,54 @@ def _add_serve(sub) -> None:
     serve.add_arguments(sub.add_parser("serve-verifier", help="load the verifier model and serve it over gRPC"))
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text through a running verifier")
+def _add_drafting(p, baseline: bool) -> None:
+    """The flags `generate` and `serve-draft` share: which verifier, which drafter, how it drafts, security."""
     p.add_argument("--verifier", required=True, metavar="HOST:PORT")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--draft", metavar="MODEL", help="LM drafter: Hub id, folder, .gguf or offline: alias")
     mode.add_argument("--drafter", choices=["ngram"], help="a drafter that needs no model")
-    mode.add_argument("--baseline", action="store_true", help="verifier-only generation")
+    if baseline:
+        mode.add_argument("--baseline", action="store_true", help="verifier-only generation")
+    p.add_argument("--tokenizer", help="tokenizer source for --drafter ngram/--baseline (default: the verifier's model id)")
+    p.add_argument("--gamma", type=_gamma, default=4, help="draft tokens per block, or 'adaptive'")
+    p.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches")
+    p.add_argument("--draft-dtype", default="auto", help="auto (bf16 where the CPU runs it natively, else fp32) | fp32 | bf16")
+    p.add_argument("--draft-device", default="cpu")
+    p.add_argument("--dense-dtype", choices=["fp16", "fp32"], default="fp16", help="wire dtype of full-vocab draft probs")
+    p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds for the whole request")
+    _add_client_security(p)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text through a running verifier")
+    _add_drafting(p, baseline=True)
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt")
     text.add_argument("--prompt-file", type=pathlib.Path)
-    p.add_argument("--tokenizer", help="tokenizer source for --drafter ngram/--baseline (default: the verifier's model id)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per block")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS token")
-    p.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches")
-    p.add_argument("--draft-dtype", default="fp32")
-    p.add_argument("--draft-device", default="cpu")
-    p.add_argument("--dense-dtype", choices=["fp16", "fp32"], default="fp16", help="wire dtype of full-vocab draft probs")
-    p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds for the whole request")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
-    _add_client_security(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line (no streamed text)")
+
+
+def _add_serve_draft(sub) -> None:
+    p = sub.add_parser("serve-draft", help="an OpenAI-compatible HTTP endpoint that drafts here and verifies remotely")
+    _add_drafting(p, baseline=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 binds a free port (the real one is printed)")
+
+
+def _gamma(value: str) -> int | str:
+    if value == "adaptive":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"gamma is an integer or 'adaptive', got {value!r}") from None
 
 
 def _add_client_security(p) -> None:
@@ -103,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_generate(sub)
+    _add_serve_draft(sub)
     _add_bench(sub)
     _add_report(sub)
     _add_make_certs(sub)
@@ -120,49 +144,72 @@ def client_config(args, timeout_s: float = 600.0):
                                   tls_server_name=args.tls_server_name)
 
 
-async def _generate(args) -> dict:
-    from draft_worker import client, transport
-    from draft_worker.drafters import DrafterSpec, DraftModels, build_drafter
-    from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
-    from specdec import models
+def _drafter_spec(args):
+    """The DrafterSpec of --draft / --drafter ngram, or None for --baseline (a bad dtype/device is one line)."""
+    from draft_worker.drafters import DrafterSpec
     from verifier_worker.serve import load_dtype_device
+
+    if getattr(args, "baseline", False):
+        return None
+    if args.draft:
+        load_dtype_device(args.draft_dtype, args.draft_device)  # a bad name is a one-line error, not a load failure
+    return DrafterSpec(kind="lm" if args.draft else "ngram", model=args.draft, dtype=args.draft_dtype,
+                       device=args.draft_device, dense_dtype=args.dense_dtype, ngram_max=args.ngram_max)
+
+
+async def connect_or_explain(channel, address: str, spec, config, gamma, tokenizer: str | None):
+    """draft_worker.service.connect, its failures as one line: unreachable, a model that does not load, a mismatch."""
+    from draft_worker.service import connect
+    from draft_worker.transport import VerifierError
+
+    try:
+        return await connect(channel, spec, config, gamma, tokenizer)
+    except VerifierError as exc:
+        raise UserError(f"cannot reach the verifier at {address}: {exc}" if exc.code else str(exc)) from exc
+    except LOAD_ERRORS as exc:
+        raise UserError(f"cannot load {(spec and spec.model) or tokenizer or 'the verifier tokenizer'!r}: {exc}") from exc
+
+
+async def _generate(args) -> dict:
+    from draft_worker import transport
+    from specdec.text import TextStream, encode_prompt
 
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
     config = client_config(args, args.timeout)
+    spec = _drafter_spec(args)
     async with transport.open_channel(args.verifier, config) as channel:
-        stub = pb_grpc.VerifierStub(channel)
-        with user_errors(f"cannot reach the verifier at {args.verifier}", transport.VerifierError):
-            info = await transport.fetch_info(stub, config)
-        spec = DrafterSpec(kind="lm" if args.draft else "ngram", model=args.draft, dtype=args.draft_dtype,
-                           device=args.draft_device, dense_dtype=args.dense_dtype, ngram_max=args.ngram_max)
-        draft_models = DraftModels()
-        source = args.draft or args.tokenizer or info.model_id  # whose tokenizer encodes the prompt
-        if args.draft:
-            load_dtype_device(args.draft_dtype, args.draft_device)  # a bad name is a one-line error, not a load failure
-        with user_errors(f"cannot load {source!r}"):
-            tokenizer = draft_models.load(spec).tokenizer if args.draft else models.load_tokenizer(source)
-        fingerprint = models.tokenizer_fingerprint(tokenizer)
-        params = SamplingParams(
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            max_new_tokens=args.max_new_tokens,
-            stop_token_ids=() if args.ignore_eos or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,),
-        )
-        with user_errors("invalid sampling parameters", ValueError):
-            params.validate(info.limits.max_new_tokens)
-        prompt_ids = tokenizer(prompt)["input_ids"]
+        service = await connect_or_explain(channel, args.verifier, spec, config, args.gamma, args.tokenizer)
+        with user_errors("invalid request", ValueError):
+            params = service.params(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                                    args.ignore_eos)
+            prompt_ids = encode_prompt(service.tokenizer, prompt, [{"role": "user", "content": prompt}] if args.chat else None)
+        text = TextStream(service.tokenizer)
+
+        def show(ids: list[int]) -> None:  # the terminal sees text as the verifier commits it
+            if not args.json:
+                print(text.push(ids), end="", flush=True)
+
         with user_errors("generation failed", transport.VerifierError, ValueError):
-            transport.check_pair(info, source, fingerprint)
-            if args.baseline:
-                result = await client.generate_baseline(stub, prompt_ids, params, config)
-            else:
-                drafter = build_drafter(spec, draft_models, prompt_fingerprint=fingerprint)
-                result = await client.speculate(stub, drafter, prompt_ids, params, args.gamma, info, config,
-                                                drafter.fingerprint)
-    result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+            result = await service.run(prompt_ids, params, show)
+    if not args.json:
+        print(text.finish(), flush=True)
+    result.text = service.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     return result.to_dict()
+
+
+async def _serve_draft(args) -> None:
+    from draft_worker import http, transport
+    from specdec.tls import is_loopback
+
+    if not is_loopback(args.host):
+        logging.getLogger("specdec").warning("serve-draft on %s: the HTTP endpoint has no authentication; anyone who "
+                                             "can reach it can generate through your verifier", args.host)
+    config = client_config(args, args.timeout)
+    async with transport.open_channel(args.verifier, config) as channel:
+        service = await connect_or_explain(channel, args.verifier, _drafter_spec(args), config, args.gamma,
+                                           args.tokenizer)
+        with user_errors(f"cannot listen on {args.host}:{args.port}", OSError):
+            await http.serve(service, args.host, args.port)
 
 
 def _read_prompt(path: pathlib.Path) -> str:
@@ -249,8 +296,7 @@ def _run(args) -> None:
 
         asyncio.run(serve(args))
     elif args.command == "generate":
-        out = asyncio.run(_generate(args))
-        print(out["text"])
+        out = asyncio.run(_generate(args))  # streams the text to stdout unless --json
         summary = f"{out['new_tokens']} tokens in {out['wall_s']:.2f}s ({out['tokens_per_s']:.1f} tok/s), "
         summary += "verifier only" if args.baseline else (
             f"{out['rounds']} rounds, acceptance {out['acceptance_rate']:.2f}, "
@@ -258,6 +304,8 @@ def _run(args) -> None:
         print(summary, file=sys.stderr)
         if args.json:
             print(json.dumps(out, separators=(",", ":")))
+    elif args.command == "serve-draft":
+        asyncio.run(_serve_draft(args))
     elif args.command == "make-certs":
         _make_certs(args)
     elif args.command == "health":

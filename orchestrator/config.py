@@ -147,6 +147,7 @@ class BenchConfig:
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
     drafts: list[DraftConfig] = Field(default_factory=list)
     tokenizer: str | None = None  # tokenizer for prompts; None = the verifier's model id
+    prompt_format: Literal["raw", "chat"] = "raw"  # chat: the PubMedQA prompt as a user message in the chat template
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     max_new_tokens: int = Field(64, ge=1)
     ignore_eos: bool = True  # generate exactly max_new_tokens, so every configuration does the same work

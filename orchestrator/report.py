@@ -36,6 +36,8 @@ DETAIL_COLUMNS = {
     "disagree_requests": "requests ≠ baseline",
     "differing_token_share": "tokens ≠ baseline",
     "rouge_l_vs_baseline": "ROUGE-L vs baseline",
+    "accuracy": "PubMedQA accuracy",
+    "accuracy_baseline": "baseline accuracy",
     "rtt_measured_ms": "RTT measured (ms)",
     "network_share_p50": "network share",
     "bytes_per_token": "bytes/token (both ways)",
@@ -148,6 +150,7 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
         "throughput_tok_s_p50": np.nanpercentile(ok["tokens_per_s"], 50), "throughput_tok_s_p95": np.nanpercentile(ok["tokens_per_s"], 95),
         "aggregate_tok_s": tokens.sum() / (ok["finished_at"].max() - ok["started_at"].min()),
         "new_tokens_mean": tokens.mean(),
+        "accuracy": ok["correct"].astype(float).mean() if "correct" in ok else float("nan"),
         "verifier_busy_s_per_token": np.nanpercentile(busy / tokens, 50),
         "batch_size_p50": np.nanpercentile(np.concatenate([np.asarray(b, float) for b in ok["batch_size"]] + [[np.nan]]), 50)
         if "batch_size" in ok else float("nan"),
@@ -192,6 +195,10 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
                 "differing_token_share": sum(n for _, n in diffs) / sum(max(len(a), len(b)) for a, b in
                                                                       zip(paired["token_ids"], paired["token_ids_base"])),
                 "rouge_l_vs_baseline": _rouge_l(list(paired["text"]), list(paired["text_base"])),
+                # the quality gap: accuracy on the same prompts, this configuration minus the baseline
+                "accuracy_baseline": paired["correct_base"].astype(float).mean() if "correct" in paired else float("nan"),
+                "accuracy_gap": ((paired["correct"].astype(float) - paired["correct_base"].astype(float)).mean()
+                                 if "correct" in paired else float("nan")),
                 "verifier_busy_vs_baseline": row["verifier_busy_s_per_token"] / np.nanpercentile(base_busy, 50),
             })
             if "acceptance_rate" in row:

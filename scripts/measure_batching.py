@@ -14,7 +14,6 @@ import asyncio
 import json
 import pathlib
 import statistics
-import sys
 
 import torch
 

@@ -12,6 +12,7 @@ the tokenizer, and removes the GGUF; later loads read that folder in seconds.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib
 import json
@@ -70,11 +71,30 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """A dtype by name; "auto" is bf16 on CUDA and on a CPU that runs bf16 natively, fp32 elsewhere."""
+    name = name.strip().lower()
+    if name == "auto":
+        kind = device.type if device is not None else "cpu"
+        return torch.bfloat16 if kind == "cuda" or (kind == "cpu" and cpu_runs_bf16()) else torch.float32
     try:
-        return _DTYPES[name.strip().lower()]
+        return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype {name!r}; expected auto or one of {', '.join(_DTYPES)}") from None
+
+
+@functools.cache
+def cpu_runs_bf16() -> bool:
+    """True when this CPU has bf16 matrix instructions (AMX or AVX512-bf16), where a bf16 draft step is ~2.4x
+    faster than fp32; without them torch emulates bf16 and fp32 is faster. Logged once."""
+    try:
+        flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: no cheap way to tell, so the safe choice
+        flags = set()
+    native = bool(flags & {"amx_bf16", "avx512_bf16"})
+    logger.info("dtype auto on this CPU: %s (%s)", "bf16" if native else "fp32",
+                "AMX/AVX512-bf16 present" if native else "no native bf16 matrix instructions")
+    return native
 
 
 def resolve_device(name: str) -> torch.device:

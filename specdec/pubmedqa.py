@@ -11,12 +11,15 @@ import json
 import os
 import pathlib
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 ENV_VAR = "SPECDEC_PUBMEDQA"
 TEMPLATE = "Question: {question}\nContext: {context}\nAnswer:"
 HUB_ID, HUB_CONFIG = "qiaojin/PubMedQA", "pqa_labeled"
+DECISIONS = ("yes", "no", "maybe")
+_DECISION = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,12 @@ def encode(item: Item, tokenize: Callable[[str], list[int]], max_tokens: int) ->
     if room < 1:
         raise ValueError(f"PubMedQA item {item.pubid}: the question alone is longer than {max_tokens} tokens")
     return head_ids + tokenize(" ".join(item.contexts))[:room] + tail_ids, True
+
+
+def parse_decision(text: str) -> str | None:
+    """The answer a generated text gives: the first standalone "yes", "no" or "maybe" in it (any case), or None.
+
+    "Yes, insulin ..." -> "yes"; "The answer is: maybe." -> "maybe"; "Noted." -> None (not a whole word).
+    """
+    match = _DECISION.search(text)
+    return match.group(1).lower() if match else None

@@ -29,6 +29,9 @@ HIDDEN = 128
 EXTRA_LAYER_SCALE = 0.2  # damps the residual writes of the layers the draft skips
 HEAD_SCALE = 24.0  # peaks the random logits: verifier entropy ~1.4 nats instead of ~4.7 (max 6.2)
 _MARKER = ".specdec-tiny.json"
+# ChatML, as the Qwen family uses, so chat endpoints can be tested on the tiny pair
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 DEFAULT_TEXTS = (
     "Speculative decoding pairs a small draft model with a larger verifier. The draft proposes a block "
@@ -68,7 +71,7 @@ def _train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFa
     if missing > 0:
         tok.add_tokens([f"<|unused_{i}|>" for i in range(missing)])
     assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE, **SPECIAL_TOKENS)
 
 
 def _config(tokenizer: PreTrainedTokenizerFast, vocab_size: int, num_layers: int) -> Qwen2Config:
@@ -106,7 +109,7 @@ def _build_models(
 
 def _args_key(vocab_size: int, seed: int, texts: list[str]) -> dict[str, object]:
     corpus = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
-    return {"vocab_size": vocab_size, "seed": seed, "texts_sha256": corpus}
+    return {"vocab_size": vocab_size, "seed": seed, "texts_sha256": corpus, "chat_template": CHAT_TEMPLATE}
 
 
 def build_tiny_pair(

@@ -57,6 +57,9 @@ def test_bench_end_to_end_on_tiny_models(tiny_dirs, pubmedqa_path, tmp_path):
     for name, row in rows.items():
         assert row["disagree_requests"] == 0.0 and row["differing_token_share"] == 0.0, name  # lossless in fp32
         assert row["rouge_l_vs_baseline"] == 1.0
+        assert row["accuracy"] == row["accuracy_baseline"] and row["accuracy_gap"] == 0.0  # the quality gap, exactly
+    assert all(r["final_decision"] in ("yes", "no", "maybe") and "decision" in r for r in records)
+    assert "PubMedQA accuracy | baseline accuracy" in done.stdout
     for name in ("tiny g=2", "tiny g=3", "tiny g=adaptive"):
         row = rows[name]
         assert 0 < row["acceptance_rate"] <= 1 and row["mean_acceptance_length"] >= 1
@@ -100,7 +103,7 @@ def test_bench_against_a_running_secured_verifier(tiny_dirs, pubmedqa_path, tmp_
     (as on a GPU box), reached through the emulated WAN link."""
     certs = make_certs(tmp_path / "certs", ["127.0.0.1"], token=True)
     security = {"tls_ca": str(certs["ca"]), "auth_token_file": str(certs["token"])}
-    write_config(tmp_path / "bench.yaml", tiny_dirs, pubmedqa_path, security=security,
+    write_config(tmp_path / "bench.yaml", tiny_dirs, pubmedqa_path, security=security, prompt_format="chat",
                  drafts=[{"name": "tiny", "kind": "lm", "model": str(tiny_dirs[0]), "gamma": 2}])
     verifier = start_verifier(str(tiny_dirs[1]), "fp32", "cpu", host="0.0.0.0", env=ENV, extra_args=(
         "--tls-cert", str(certs["server"]), "--tls-key", str(certs["server_key"]), "--auth-token-file", str(certs["token"])))
@@ -116,6 +119,7 @@ def test_bench_against_a_running_secured_verifier(tiny_dirs, pubmedqa_path, tmp_
     rows = {row["config"]: row for row in json.loads((tmp_path / "run/summary.json").read_text())}
     assert set(rows) == {"baseline rtt=20ms", "tiny g=2 rtt=20ms"}
     assert rows["tiny g=2 rtt=20ms"]["round_trip_ms_p50"] >= 20 and rows["tiny g=2 rtt=20ms"]["disagree_requests"] == 0
+    assert rows["tiny g=2 rtt=20ms"]["accuracy_gap"] == 0.0  # chat-formatted prompts, scored the same way
     assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr and "Traceback" not in denied.stderr
 
 

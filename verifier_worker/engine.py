@@ -35,6 +35,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -110,9 +111,12 @@ class Decoding:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, max_batch_tokens: int = 512, batch_wait_s: float = 0.025):
+    def __init__(self, model: torch.nn.Module, max_batch_tokens: int = 512, batch_wait_s: float = 0.025,
+                 on_step: Callable[[float, int, int], None] | None = None):
+        """`on_step(compute_s, sessions, tokens)` is called on the event loop after every step (metrics)."""
         assert max_batch_tokens >= 1 and batch_wait_s >= 0
         self.model = model
+        self.on_step = on_step
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait_s = batch_wait_s
         self.device = next(model.parameters()).device
@@ -208,6 +212,8 @@ class Engine:
             self.steps += 1
             self.busy_s += compute_s
             self._last_compute_s = compute_s
+            if self.on_step is not None:
+                self.on_step(compute_s, len(batch), sum(n for _, n in batch))
             self._finish(batch, outcomes, compute_s)
 
     async def _gather(self) -> bool:

@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hub id, local folder, .gguf file, or an offline: alias")
-    p.add_argument("--dtype", default="bf16", help="fp32 | bf16 | fp16 (default bf16)")
+    p.add_argument("--dtype", default="bf16", help="fp32 | bf16 | fp16 | auto (default bf16)")
     p.add_argument("--device", default="auto", help="cpu | cuda[:N] | mps | auto (default auto)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 binds a free port (the real one is printed)")
     defaults = VerifierLimits()
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port)")
     p.add_argument("--max-gamma", type=int, default=defaults.max_gamma)
     p.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens)
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
@@ -55,7 +56,8 @@ def load_dtype_device(dtype_name: str, device_name: str):
     from specdec import models
 
     with user_errors("invalid --dtype/--device", ValueError):
-        return models.parse_dtype(dtype_name), models.resolve_device(device_name)
+        device = models.resolve_device(device_name)
+        return models.parse_dtype(dtype_name, device), device
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -91,6 +93,10 @@ async def serve(args: argparse.Namespace) -> None:
         servicer = VerifierServicer(model, info, limits)
     with user_errors(f"cannot listen on {args.host}:{args.port}", OSError, RuntimeError):
         server, port = await start_server(servicer, args.host, args.port, credentials, token)
+    if args.metrics_port is not None:
+        with user_errors(f"cannot serve metrics on {args.host}:{args.metrics_port}", OSError):
+            metrics_port = _serve_metrics(servicer, args.host, args.metrics_port)
+        print(f"metrics on http://{args.host}:{metrics_port}/metrics", flush=True)
     print(f"listening on {args.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -102,6 +108,14 @@ async def serve(args: argparse.Namespace) -> None:
         loop.remove_signal_handler(sig)  # a second signal ends the process at once
     cut = await drain(server, servicer, args.drain_timeout)
     print(f"stopped ({cut} session(s) cut at the drain timeout)", flush=True)
+
+
+def _serve_metrics(servicer, host: str, port: int) -> int:
+    """prometheus_client's HTTP server (its own thread) over the servicer's registry. -> the bound port"""
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(port, addr=host, registry=servicer.metrics.registry)
+    return server.server_port
 
 
 def _server_security(args):

@@ -26,6 +26,7 @@ from specdec import codec
 from specdec.config import SamplingParams, VerifierLimits
 from verifier_worker.auth import TokenAuthInterceptor
 from verifier_worker.engine import Engine, StepCost
+from verifier_worker.metrics import VerifierMetrics, tracked
 from verifier_worker.session import VerifierSession
 from verifier_worker.validation import (
     INBOX_SIZE,
@@ -51,12 +52,15 @@ class ModelInfo:
 
 
 class VerifierServicer(pb_grpc.VerifierServicer):
-    def __init__(self, model: torch.nn.Module, info: ModelInfo, limits: VerifierLimits = VerifierLimits()):
+    def __init__(self, model: torch.nn.Module, info: ModelInfo, limits: VerifierLimits = VerifierLimits(),
+                 metrics: VerifierMetrics | None = None):
         limits.validate()
         self.info = info
         self.limits = limits
         self.sessions_by_client: dict[str, int] = {}  # open sessions per client host
-        self.engine = Engine(model, limits.max_batch_tokens, limits.batch_wait_s)
+        self.metrics = metrics or VerifierMetrics()
+        self.metrics.sessions_open.set_function(lambda: self.active_sessions)
+        self.engine = Engine(model, limits.max_batch_tokens, limits.batch_wait_s, on_step=self.metrics.step)
         self.draining = False  # set on shutdown: new sessions are refused with UNAVAILABLE
         self.health: health.aio.HealthServicer | None = None  # set by start_server
 
@@ -139,6 +143,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             )
         return await self._intact(context, request), arrived
 
+    @tracked("Speculate")
     async def Speculate(self, request_iterator, context):
         # bounded, so a client that floods proposals is held back by HTTP/2 flow control
         inbox: asyncio.Queue = asyncio.Queue(maxsize=INBOX_SIZE)
@@ -171,6 +176,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 )
             session = await self._new_session(context, opening.prompt_ids, opening.params)
             prompt_tokens = len(session.tokens)
+            self.metrics.prompt_tokens.inc(prompt_tokens)
             cost = await self._run(context, self.engine.prefill(session))
             service_s = time.perf_counter() - arrived
             yield pb.SpeculateReply(
@@ -178,7 +184,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     session_id=uuid.uuid4().hex,
                     prompt_tokens=prompt_tokens,
                     service_s=service_s,
-                    cost=_cost(cost, service_s),
+                    cost=self._cost(cost, service_s),
                 )
             )
             for round_index in range(1, self.limits.max_new_tokens + 1):
@@ -196,8 +202,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     finish_reason=codec.finish_to_proto(result.finish_reason),
                     service_s=service_s,
                     round=round_index,
-                    cost=_cost(cost, service_s),
+                    cost=self._cost(cost, service_s),
                 )
+                self.metrics.verdict(len(draft_ids), result.num_accepted,
+                                     result.num_accepted + (result.next_token is not None))
                 if result.next_token is not None:
                     verdict.next_token = result.next_token
                 yield pb.SpeculateReply(verdict=verdict)
@@ -208,16 +216,25 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             if session is not None:
                 self._release(session)
 
+    def _cost(self, cost: StepCost, service_s: float) -> pb.StepCost:
+        """What a reply's step(s) cost, for the client; the wait for them goes to the queue histogram."""
+        queue_s = max(0.0, service_s - cost.compute_s)
+        self.metrics.queue.observe(queue_s)
+        return pb.StepCost(compute_s=cost.compute_s, queue_s=queue_s, batch_sessions=cost.batch_sessions,
+                           batch_tokens=cost.batch_tokens, share_s=cost.share_s, steps=cost.steps)
+
     async def _check_proposal(self, context, proposal: pb.Proposal, params: SamplingParams):
         try:
             return await check_proposal_off_loop(proposal, params, self.limits, self.info.vocab_size)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
+    @tracked("Generate")
     async def Generate(self, request, context):
         arrived = time.perf_counter()
         request = await self._intact(context, request)
         session = await self._new_session(context, request.prompt_ids, request.params)
+        self.metrics.prompt_tokens.inc(len(request.prompt_ids))
         try:
             prefill = await self._run(context, self.engine.prefill(session))
             decoding = self.engine.decode(session)  # one token in every engine step until it finishes
@@ -232,17 +249,14 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     finished=result.finish_reason is not None,
                     finish_reason=codec.finish_to_proto(result.finish_reason),
                     service_s=now - arrived,
-                    cost=_cost(cost, now - arrived),
+                    cost=self._cost(cost, now - arrived),
                 )
+                self.metrics.committed.inc()
                 arrived = now
         finally:
             self._release(session)
 
 
-def _cost(cost: StepCost, service_s: float) -> pb.StepCost:
-    return pb.StepCost(compute_s=cost.compute_s, queue_s=max(0.0, service_s - cost.compute_s),
-                       batch_sessions=cost.batch_sessions, batch_tokens=cost.batch_tokens, share_s=cost.share_s,
-                       steps=cost.steps)
 
 
 def server_options(limits: VerifierLimits, vocab_size: int) -> list[tuple[str, int]]:

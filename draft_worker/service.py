@@ -1,0 +1,79 @@
+"""One draft side bound to one verifier: its channel, the verifier's Info, the prompt tokenizer and the draft
+model, loaded once and shared by every request (`specdec generate` makes one; `serve-draft` makes one for
+all its HTTP requests).
+
+`connect` checks the pair (a shared tokenizer) before any request; `run` is one request through the single
+session loop in client.py, speculative or verifier-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from draft_worker import client
+from draft_worker.drafters import AdaptiveGamma, DrafterSpec, DraftModels, build_drafter
+from draft_worker.transport import ClientConfig, check_pair, fetch_info
+from protos.specdec.v1 import specdec_pb2 as pb
+from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec.config import SamplingParams
+from specdec.metrics import GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DraftService:
+    stub: pb_grpc.VerifierStub
+    info: pb.InfoReply
+    tokenizer: object  # encodes prompts and decodes output (the draft's, or the verifier's for ngram/baseline)
+    fingerprint: str  # of that tokenizer
+    spec: DrafterSpec | None  # None: verifier-only
+    gamma: int | str  # draft tokens per block, or "adaptive"
+    config: ClientConfig
+    draft_models: DraftModels
+
+    @property
+    def model_name(self) -> str:
+        return self.info.model_id
+
+    def params(self, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | None = None, ignore_eos: bool = False) -> SamplingParams:
+        """Sampling parameters stopping at the tokenizer's EOS; ValueError names what is out of range."""
+        eos = self.tokenizer.eos_token_id
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                max_new_tokens=max_new_tokens,
+                                stop_token_ids=() if ignore_eos or eos is None else (eos,))
+        params.validate(self.info.limits.max_new_tokens)
+        return params
+
+    async def run(self, prompt_ids: list[int], params: SamplingParams,
+                  on_commit: client.OnCommit | None = None) -> GenerationResult:
+        """One request (VerifierError on a refusal, ValueError on a bad gamma)."""
+        if self.spec is None:
+            return await client.generate_baseline(self.stub, prompt_ids, params, self.config, on_commit)
+        drafter = build_drafter(self.spec, self.draft_models, prompt_fingerprint=self.fingerprint)
+        gamma = AdaptiveGamma() if self.gamma == "adaptive" else int(self.gamma)
+        return await client.speculate(self.stub, drafter, prompt_ids, params, gamma, self.info, self.config,
+                                      drafter.fingerprint, on_commit)
+
+
+async def connect(channel, spec: DrafterSpec | None, config: ClientConfig, gamma: int | str = 4,
+                  tokenizer_source: str | None = None) -> DraftService:
+    """Fetch the verifier's Info, load the draft model (off the event loop) and the prompt tokenizer, and check
+    they share the verifier's tokenizer. Raises VerifierError (unreachable, mismatch) or a load error."""
+    from specdec import models
+
+    stub = pb_grpc.VerifierStub(channel)
+    info = await fetch_info(stub, config)
+    draft_models = DraftModels()
+    if spec is not None and spec.kind == "lm":
+        source = spec.model
+        tokenizer = (await asyncio.to_thread(draft_models.load, spec)).tokenizer
+    else:
+        source = tokenizer_source or info.model_id
+        tokenizer = await asyncio.to_thread(models.load_tokenizer, source)
+    fingerprint = models.tokenizer_fingerprint(tokenizer)
+    check_pair(info, source, fingerprint)
+    return DraftService(stub, info, tokenizer, fingerprint, spec, gamma, config, draft_models)
