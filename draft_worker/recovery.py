@@ -35,6 +35,7 @@ async def with_recovery(attempt: Attempt, prompt_ids: list[int], params: Samplin
     start = time.perf_counter()
     deadline = start + config.timeout_s
     delays = config.backoff.delays()
+    gone_since = None  # when the verifier first went away
     while True:
         left = params.max_new_tokens - result.new_tokens
         if left <= 0:  # everything was committed before the verifier went away
@@ -45,8 +46,10 @@ async def with_recovery(attempt: Attempt, prompt_ids: list[int], params: Samplin
                           dataclasses.replace(config, timeout_s=max(deadline - time.perf_counter(), 1e-3)), result)
             break
         except VerifierError as exc:
-            delay = next(delays)
-            if exc.code not in RETRYABLE or time.perf_counter() + delay >= deadline:
+            delay, now = next(delays), time.perf_counter()
+            gone_since = gone_since or now
+            give_up = deadline if config.reconnect_s is None else min(deadline, gone_since + config.reconnect_s)
+            if exc.code not in RETRYABLE or now + delay >= give_up:
                 raise
             result.reconnects += 1
             log.warning("verifier went away after %d committed tokens (%s); re-opening in %.2f s",

@@ -56,6 +56,7 @@ class ClientConfig:
     tls_client_key: bytes | None = None
     tls_server_name: str | None = None  # check the cert against this name instead of the dialled host
     backoff: Backoff = field(default_factory=Backoff)  # between reconnections to a verifier that went away
+    reconnect_s: float | None = None  # how long a request keeps trying to reach it again; None = until its deadline
 
     @property
     def secure(self) -> bool:
@@ -71,13 +72,13 @@ class ClientConfig:
 
 def load_client_config(*, timeout_s: float = 600.0, auth_token_file: str | None = None, tls: bool = False,
                        tls_ca: str | None = None, client_cert: str | None = None, client_key: str | None = None,
-                       tls_server_name: str | None = None) -> ClientConfig:
+                       tls_server_name: str | None = None, reconnect_s: float | None = None) -> ClientConfig:
     """A ClientConfig from file paths (read now; the token falls back to $SPECDEC_AUTH_TOKEN). OSError/ValueError."""
     if bool(client_cert) != bool(client_key):
         raise ValueError("a client certificate and its key go together (mutual TLS needs both)")
     return ClientConfig(timeout_s=timeout_s, auth_token=read_token(auth_token_file), tls=tls,
                         tls_root_certs=read_file(tls_ca), tls_client_cert=read_file(client_cert),
-                        tls_client_key=read_file(client_key), tls_server_name=tls_server_name)
+                        tls_client_key=read_file(client_key), tls_server_name=tls_server_name, reconnect_s=reconnect_s)
 
 
 def channel_options(config: ClientConfig) -> list[tuple[str, int | str]]:

@@ -73,6 +73,8 @@ def _gamma(value: str) -> int | str:
 
 
 def _add_client_security(p) -> None:
+    p.add_argument("--reconnect-timeout", type=float, default=10.0, metavar="S",
+                   help="how long a request keeps trying to reach a verifier that went away (default 10 s)")
     sec = p.add_argument_group("security")
     sec.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
     sec.add_argument("--tls-ca", help="TLS, trusting this PEM CA (e.g. ca.pem from `specdec make-certs`)")
@@ -141,7 +143,7 @@ def client_config(args, timeout_s: float = 600.0):
     with user_errors("cannot read the TLS/token files", OSError, ValueError):
         return load_client_config(timeout_s=timeout_s, auth_token_file=args.auth_token_file, tls=args.tls,
                                   tls_ca=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key,
-                                  tls_server_name=args.tls_server_name)
+                                  tls_server_name=args.tls_server_name, reconnect_s=args.reconnect_timeout)
 
 
 def _drafter_spec(args):

@@ -42,7 +42,7 @@ async def endpoint(start_verifier, tiny_dirs, target):
                                         limits=limits)
         channel = transport.open_channel(verifier.address)
         spec = DrafterSpec(kind="lm", model=str(draft), dtype="fp32")
-        service = await connect(channel, spec, transport.ClientConfig(timeout_s=60), 3, str(verifier_dir))
+        service = await connect(channel, spec, transport.ClientConfig(timeout_s=60, reconnect_s=0.5), 3, str(verifier_dir))
         server, task, port = await http.start(service, "127.0.0.1", 0)
         running.append((server, task, channel))
         return verifier, f"http://127.0.0.1:{port}"

@@ -95,6 +95,18 @@ async def test_a_verifier_that_stays_down_fails_within_the_deadline():
     assert error.value.code == "UNAVAILABLE" and time.perf_counter() - started < 2.0
 
 
+async def test_reconnect_window_gives_up_before_the_deadline():
+    """An interactive caller (serve-draft, generate) stops trying after reconnect_s, not at its long deadline."""
+    server, port = await serve()
+    await server.stop(None)
+    config = ClientConfig(timeout_s=60.0, reconnect_s=0.5, backoff=Backoff(initial_s=0.05, max_s=0.2))
+    started = time.perf_counter()
+    async with open_channel(f"127.0.0.1:{port}", config) as channel:
+        with pytest.raises(VerifierError, match="UNAVAILABLE"):
+            await generate_baseline(pb_grpc.VerifierStub(channel), PROMPT, PARAMS, config)
+    assert time.perf_counter() - started < 5.0  # far from the 60 s deadline
+
+
 def test_backoff_is_exponential_capped_and_jittered():
     backoff = Backoff(initial_s=0.1, max_s=1.0)
     delays = [backoff.delay(attempt, random.Random(attempt)) for attempt in range(8)]
