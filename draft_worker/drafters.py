@@ -10,7 +10,7 @@ benchmark's Ray workers and the scripts alike; `DraftModels` loads each draft mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -18,6 +18,9 @@ from specdec import codec
 from specdec.config import SamplingParams
 from specdec.lm import CachedLM
 from specdec.sampling import logits_to_probs, make_generator, sample
+
+if TYPE_CHECKING:
+    from draft_worker.llamacpp import LlamaCppDraft
 
 
 @dataclass(frozen=True)
@@ -52,21 +55,29 @@ class AdaptiveGamma:
 
 
 class LMDrafter:
-    """A small causal LM with a KV cache: gamma forwards per block, crop on rejection, refill after a full accept."""
+    """A small causal LM with a KV cache: gamma forwards per block, crop on rejection, refill after a full accept.
 
-    def __init__(self, model: torch.nn.Module, name: str, dense_dtype: str = "fp16", fingerprint: str = ""):
+    The model is a transformers module (run through `CachedLM`) or a llama.cpp GGUF draft
+    (`draft_worker.llamacpp.LlamaCppDraft`, whose LM has the same forward/crop/length and fits its
+    logits to the verifier's vocabulary); everything below is shared by both.
+    """
+
+    def __init__(self, model: torch.nn.Module | LlamaCppDraft, name: str, dense_dtype: str = "fp16", fingerprint: str = ""):
         self.model = model
         self.name = name
         self.dense_dtype = dense_dtype
         self.fingerprint = fingerprint
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+
+    def _new_lm(self, vocab_size: int):
+        if not isinstance(self.model, torch.nn.Module):
+            return self.model.new_lm(vocab_size)
+        logits = self.model.get_output_embeddings().weight.shape[0]
+        if vocab_size != logits:
+            raise ValueError(f"draft model {self.name} has {logits} logits, the verifier {vocab_size}: they must match")
+        return CachedLM(self.model)
 
     def start(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
-        if vocab_size != self.vocab_size:
-            raise ValueError(
-                f"draft model {self.name} has {self.vocab_size} logits, the verifier {vocab_size}: they must match"
-            )
-        self.lm = CachedLM(self.model)
+        self.lm = self._new_lm(vocab_size)
         self.params = params
         self.tokens = list(prompt_ids)
         # its own stream, derived from the session seed (the verifier uses the seed itself)
