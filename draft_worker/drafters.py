@@ -157,7 +157,8 @@ class DrafterSpec:
 
     kind: str = "lm"  # "lm" | "ngram"
     model: str | None = None  # lm: Hub id, folder, .gguf file or offline: alias
-    dtype: str = "fp32"
+    backend: str = "transformers"  # lm: "transformers" | "llama.cpp" (a .gguf file or offline: alias)
+    dtype: str = "fp32"  # transformers only, as is device
     device: str = "cpu"
     dense_dtype: str = "fp16"  # wire dtype of full-vocabulary q under sampling: fp16 | fp32
     ngram_max: int = 3
@@ -165,25 +166,33 @@ class DrafterSpec:
 
 @dataclass(frozen=True)
 class LoadedDraft:
-    model: torch.nn.Module
+    model: torch.nn.Module | LlamaCppDraft
     tokenizer: object  # a transformers tokenizer
     fingerprint: str  # specdec.models.tokenizer_fingerprint(tokenizer)
 
 
 class DraftModels:
-    """Draft models loaded once per process, by (source, dtype, device). Loading raises OSError/ValueError."""
+    """Draft models loaded once per process, by (source, backend, dtype, device). Loading raises
+    OSError/ValueError, and ImportError for llama.cpp without llama-cpp-python."""
 
     def __init__(self) -> None:
-        self._loaded: dict[tuple[str, str, str], LoadedDraft] = {}
+        self._loaded: dict[tuple[str, str, str, str], LoadedDraft] = {}
 
     def load(self, spec: DrafterSpec) -> LoadedDraft:
         from specdec import models
 
-        key = (spec.model, spec.dtype, spec.device)
+        key = (spec.model, spec.backend, spec.dtype, spec.device)
         if key not in self._loaded:
-            dtype, device = models.parse_dtype(spec.dtype), models.resolve_device(spec.device)
             tokenizer = models.load_tokenizer(spec.model)
-            model = models.load_model(spec.model, dtype=dtype, device=device)
+            if spec.backend == "llama.cpp":
+                from draft_worker.llamacpp import load_llamacpp
+
+                model = load_llamacpp(spec.model, n_threads=torch.get_num_threads())  # as many as torch drafts with
+            elif spec.backend == "transformers":
+                dtype, device = models.parse_dtype(spec.dtype), models.resolve_device(spec.device)
+                model = models.load_model(spec.model, dtype=dtype, device=device)
+            else:
+                raise ValueError(f"unknown draft backend {spec.backend!r}; expected transformers or llama.cpp")
             self._loaded[key] = LoadedDraft(model, tokenizer, models.tokenizer_fingerprint(tokenizer))
         return self._loaded[key]
 

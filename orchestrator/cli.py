@@ -41,8 +41,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's EOS token")
     p.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches")
-    p.add_argument("--draft-dtype", default="fp32")
-    p.add_argument("--draft-device", default="cpu")
+    p.add_argument("--draft-backend", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="run the --draft model in transformers, or in llama.cpp (a .gguf file or offline: alias)")
+    p.add_argument("--draft-dtype", default="fp32", help="transformers backend only")
+    p.add_argument("--draft-device", default="cpu", help="transformers backend only")
     p.add_argument("--dense-dtype", choices=["fp16", "fp32"], default="fp16", help="wire dtype of full-vocab draft probs")
     p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds for the whole request")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
@@ -133,8 +135,9 @@ async def _generate(args) -> dict:
         stub = pb_grpc.VerifierStub(channel)
         with user_errors(f"cannot reach the verifier at {args.verifier}", transport.VerifierError):
             info = await transport.fetch_info(stub, config)
-        spec = DrafterSpec(kind="lm" if args.draft else "ngram", model=args.draft, dtype=args.draft_dtype,
-                           device=args.draft_device, dense_dtype=args.dense_dtype, ngram_max=args.ngram_max)
+        spec = DrafterSpec(kind="lm" if args.draft else "ngram", model=args.draft, backend=args.draft_backend,
+                           dtype=args.draft_dtype, device=args.draft_device, dense_dtype=args.dense_dtype,
+                           ngram_max=args.ngram_max)
         draft_models = DraftModels()
         source = args.draft or args.tokenizer or info.model_id  # whose tokenizer encodes the prompt
         if args.draft:

@@ -172,6 +172,7 @@ def write_gguf(model_dir: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_id)
     writer.add_pad_token_id(config.pad_token_id)
+    writer.add_unk_token_id(vocab[tokenizer["model"]["unk_token"]])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
     for name, tensor in load_file(pathlib.Path(model_dir) / "model.safetensors").items():
         writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.float().numpy())

@@ -12,7 +12,8 @@ import importlib.util
 import pytest
 import torch
 
-from draft_worker.client import fetch_info, speculate
+from draft_worker.client import speculate
+from draft_worker.transport import fetch_info
 from draft_worker.drafters import LMDrafter
 from specdec import models
 from specdec.config import SamplingParams, VerifierLimits
@@ -109,6 +110,21 @@ def test_gguf_tokenizer_is_read_once_then_cached(tiny_gguf, tmp_path, monkeypatc
     gguf.touch()  # a changed file (new mtime) is read again
     models.load_tokenizer(str(gguf))
     assert reads == [gguf.name, gguf.name]
+
+
+def test_bench_config_backend_key():
+    from orchestrator import config as bench_config
+
+    draft = {"name": "q", "kind": "lm", "model": "offline:qwen2.5-coder-0.5b-instruct", "backend": "llama.cpp"}
+    cfg = bench_config.from_dict({"drafts": [draft]})
+    assert [s.backend for s in bench_config.expand(cfg)] == ["transformers", "llama.cpp"]
+    with pytest.raises(bench_config.ConfigError, match="backend"):
+        bench_config.from_dict({"drafts": [{**draft, "backend": "onnx"}]})
+    assert [s.drafter_spec.backend for s in bench_config.expand(cfg)] == ["transformers", "llama.cpp"]
+    for concurrency in ({"sessions_per_worker": 2}, {"sessions": [1, 2]}):
+        with pytest.raises(bench_config.ConfigError, match="llama.cpp draft runs one session at a time"):
+            bench_config.from_dict({"drafts": [draft], "concurrency": concurrency})
+    bench_config.from_dict({"drafts": [draft], "concurrency": {"draft_workers": 2, "sessions": [1, 2]}})
 
 
 # ------------------------------------------------------------------------------------- the tiny pair as GGUF
