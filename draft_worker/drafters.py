@@ -183,13 +183,14 @@ class DraftModels:
 
         key = (spec.model, spec.backend, spec.dtype, spec.device)
         if key not in self._loaded:
-            tokenizer = models.load_tokenizer(spec.model)
             if spec.backend == "llama.cpp":
                 from draft_worker.llamacpp import load_llamacpp
 
                 model = load_llamacpp(spec.model, n_threads=torch.get_num_threads())  # as many as torch drafts with
+                tokenizer = models.load_tokenizer(str(models.gguf_path(spec.model)))  # the tokenizer in that GGUF
             elif spec.backend == "transformers":
                 dtype, device = models.parse_dtype(spec.dtype), models.resolve_device(spec.device)
+                tokenizer = models.load_tokenizer(spec.model)
                 model = models.load_model(spec.model, dtype=dtype, device=device)
             else:
                 raise ValueError(f"unknown draft backend {spec.backend!r}; expected transformers or llama.cpp")

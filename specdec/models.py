@@ -283,13 +283,10 @@ def _from_pretrained(auto_cls: type, source: str, **kwargs: object) -> object:
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of source. A .gguf file's, and an offline alias's before its float32 folder exists
-    (a llama.cpp draft never needs that folder), come from the GGUF through the cache."""
+    """The tokenizer of source; a .gguf file's is read once and then comes from the cache."""
     path = pathlib.Path(source).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return _gguf_tokenizer(path)
-    if source in OFFLINE_MODELS and not (cache_dir() / OFFLINE_MODELS[source].name / "hf" / _COMPLETE_MARKER).is_file():
-        return _gguf_tokenizer(gguf_path(source))
     return _from_pretrained(AutoTokenizer, source)
 
 

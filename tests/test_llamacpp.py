@@ -14,7 +14,7 @@ import torch
 
 from draft_worker.client import speculate
 from draft_worker.transport import fetch_info
-from draft_worker.drafters import LMDrafter
+from draft_worker.drafters import DrafterSpec, LMDrafter, build_drafter
 from specdec import models
 from specdec.config import SamplingParams, VerifierLimits
 from specdec.lm import CachedLM
@@ -161,6 +161,22 @@ def test_llamacpp_logits_match_transformers_and_fit_the_vocabulary(tiny_llamacpp
     narrow = draft.new_lm(500).forward(prompt)[0]  # [500]
     assert torch.equal(wide[:512], full) and torch.isneginf(wide[512:]).all()
     assert torch.equal(narrow, full[:500])
+
+
+@needs_llamacpp
+def test_build_drafter_with_the_llamacpp_backend(tiny_gguf, tmp_path, monkeypatch):
+    from draft_worker.llamacpp import LlamaCppDraft, load_llamacpp
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    gguf, draft_dir, _ = tiny_gguf
+    spec = DrafterSpec(kind="lm", model=str(gguf), backend="llama.cpp")
+    drafter = build_drafter(spec)
+    assert isinstance(drafter.model, LlamaCppDraft)
+    assert drafter.fingerprint == models.tokenizer_fingerprint(models.load_tokenizer(str(gguf)))  # the GGUF's own
+    with pytest.raises(ValueError, match="unknown draft backend 'onnx'"):
+        build_drafter(dataclasses.replace(spec, backend="onnx"))
+    with pytest.raises(ValueError, match="neither a local .gguf file nor an offline alias"):
+        load_llamacpp(str(draft_dir))
 
 
 @needs_llamacpp
