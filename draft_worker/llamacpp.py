@@ -51,7 +51,7 @@ class LlamaCppLM:
         if self.draft.owner is not self:
             raise RuntimeError(
                 f"the llama.cpp context of {self.draft.name} now serves another session; a llama.cpp draft "
-                "runs one session at a time (sessions_per_worker: 1)"
+                "runs one session at a time (one request in flight per draft worker)"
             )
 
     def _seq_rm(self, start: int) -> None:
