@@ -12,6 +12,10 @@ FINISH_LENGTH = "length"  # max_new_tokens reached
 FINISH_STOP = "stop"  # a stop token was committed
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's _SAMPLING_EPS): 1/T would overflow the logits
 MAX_STOP_TOKEN_IDS = 64  # stop_token_ids a request may carry
+# how a Speculate session overlaps drafting with the network and the verifier (draft_worker/client.py):
+# lockstep: one block in flight; ahead: lock-step, drafting block k+1 while block k's verdict is in flight;
+# async: the verifier decodes every step and verifies whatever usable draft has arrived by then
+SPEC_MODES = ("lockstep", "ahead", "async")
 
 
 @dataclass(frozen=True)
