@@ -144,3 +144,16 @@ def test_rtt_gamma_starts_sane_and_falls_to_plain_decoding_but_comes_back():
     process.alpha = 0.95  # the drafter is good again (the text turned predictable)
     used = process.run(schedule, 150)
     assert used[-1] >= 3
+
+
+def test_rtt_gamma_respects_its_bounds():
+    with pytest.raises(ValueError):
+        RttGamma(gamma=5, max_gamma=4)
+    schedule = RttGamma(gamma=4, max_gamma=16, min_gamma=1)
+    schedule.max_gamma = 3  # the client lowers it to the verifier's limit
+    for _ in range(20):  # nothing accepted: 0 were it not for min_gamma
+        schedule.update(schedule.gamma, 0, draft_s=0.01 * schedule.gamma, service_s=0.03, rtt_s=0.2)
+        assert 1 <= schedule.gamma <= 3
+    assert len(schedule.accept_rates()) == 3
+    schedule.update(0, 0, draft_s=0.0, service_s=0.03, rtt_s=0.2)  # nothing drafted (the request's last token)
+    assert schedule.draft_s == pytest.approx(0.01)
