@@ -29,6 +29,8 @@ def _ema(old: float | None, new: float, weight: float) -> float:
 
 @dataclass
 class RttGamma:
+    """Per request: after each verdict, the gamma that maximises expected committed tokens per second."""
+
     gamma: int = 4  # the next block's gamma
     max_gamma: int = 16
     min_gamma: int = 0
@@ -42,7 +44,8 @@ class RttGamma:
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_gamma <= self.gamma <= self.max_gamma:
-            raise ValueError(f"need 0 <= min_gamma <= gamma <= max_gamma, got {self.min_gamma}, {self.gamma}, {self.max_gamma}")
+            raise ValueError(f"need 0 <= min_gamma <= gamma <= max_gamma, "
+                             f"got {self.min_gamma}, {self.gamma}, {self.max_gamma}")
         self._accepted: list[float] = []  # [positions] decayed blocks that accepted position i+1
         self._reached: list[float] = []  # [positions] decayed blocks that reached (proposed, all before accepted) i+1
         self._service: dict[int, float] = {}  # draft tokens of a block -> EMA of its service seconds
@@ -59,7 +62,7 @@ class RttGamma:
             self._reached += [0.0] * (reached - len(self._reached))
         for i in range(reached):
             self._reached[i] += 1
-            self._accepted[i] += i < accepted
+            self._accepted[i] += float(i < accepted)
         if proposed:
             self.draft_s = _ema(self.draft_s, draft_s / proposed, self.smoothing)
         self._service[proposed] = _ema(self._service.get(proposed), service_s, self.smoothing)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-VerifyCost = tuple[float, float]  # (fixed_s, per_token_s): a block of gamma draft tokens costs fixed_s + gamma * per_token_s
+# (fixed_s, per_token_s): the verifier serves a block of gamma draft tokens in fixed_s + gamma * per_token_s
+VerifyCost = tuple[float, float]
 
 
 def verify_seconds(verify_s: VerifyCost, gamma: int) -> float:
@@ -47,7 +48,8 @@ def choose_gamma(accept: Sequence[float], draft_s: float, verify_s: VerifyCost, 
     positions. Ties go to the smaller gamma (less work for the same rate).
     """
     if not 0 <= max_gamma <= len(accept):
-        raise ValueError(f"max_gamma must be in [0, {len(accept)}] (the positions with an acceptance rate), got {max_gamma}")
+        raise ValueError(f"max_gamma must be in [0, {len(accept)}] (the positions with an acceptance rate), "
+                         f"got {max_gamma}")
     best_gamma, best_rate = 0, 0.0
     expected, reach = 1.0, 1.0
     for gamma in range(max_gamma + 1):

@@ -102,7 +102,8 @@ class Process:
     def efficiency(self, gamma: int) -> float:
         """True committed tokens/s at gamma, as a fraction of the best gamma's."""
         def rate(g: int) -> float:
-            return expected_tokens([self.alpha] * g, g) / (g * self.draft_s + self.verify_s[0] + g * self.verify_s[1] + self.rtt_s)
+            seconds = g * self.draft_s + self.verify_s[0] + g * self.verify_s[1] + self.rtt_s
+            return expected_tokens([self.alpha] * g, g) / seconds
         return rate(gamma) / rate(self.best(gamma + 16))
 
 
