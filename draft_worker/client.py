@@ -155,8 +155,18 @@ async def _speculate_once(stub, drafter: Drafter, prompt_ids: list[int], params:
         # InvalidStateError: the verifier ended the stream while this side was still writing
         raise await _refusal(call, exc, "session") from None
     finally:
-        if not call.done():
-            call.cancel()  # the final verdict is in: nothing the stream says after it can change the result
+        await end_stream(call)
+
+
+async def end_stream(call) -> None:
+    """Half-close a Speculate stream whose result is in (or abandoned): the verifier, which keeps the stream
+    open until then, ends it with OK. Not waited for; a write that raced the verifier's end is harmless, since
+    the verifier never ends a stream before the client says it is done writing (or a short bound passes)."""
+    if not call.done():
+        try:
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            call.cancel()
 
 
 async def _refusal(call, exc: BaseException, what: str) -> VerifierError:

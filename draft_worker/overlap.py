@@ -28,6 +28,7 @@ import grpc
 
 from draft_worker.client import (
     _read,
+    end_stream,
     _record_cost,
     _refusal,
     _timed,
@@ -100,7 +101,11 @@ async def _send(call, result, params, candidates: Candidates, skip: int, base: i
         return []
     q = None if candidates.q is None else candidates.q[skip:]
     request = proposal_request(draft_ids, q, params, candidates.dense_dtype, base, assumed)
-    await call.write(request)
+    try:
+        await call.write(request)
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        # the verifier ended the stream meanwhile (its last reply, or a refusal): reading tells which
+        return []
     result.bytes_sent += request.ByteSize()
     return draft_ids
 
@@ -199,8 +204,7 @@ async def _stop(call, reading: asyncio.Task | None, drafting: _Draft | None) -> 
     draft model must be free for the next request)."""
     if reading is not None:
         reading.cancel()
-    if not call.done():
-        call.cancel()
+    await end_stream(call)
     if drafting is not None:
         await asyncio.wait({drafting.task})
 

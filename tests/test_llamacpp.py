@@ -191,15 +191,16 @@ def test_rollback_removes_kv_without_re_evaluating_the_prefix(tiny_llamacpp):
     assert drafter.lm.length == len(prompt) + 5
     wrong = (first[2] + 1) % 512
     drafter.commit(2, wrong)  # two accepted, then the verifier's recovered token
-    assert drafter.lm.length == len(prompt) + 2
-    assert llama_memory_seq_pos_max(llama_get_memory(draft.llm.ctx), 0) == len(prompt) + 1  # the tail is gone
-    again = drafter.get_candidates(4).draft_ids
+    again = drafter.get_candidates(4).draft_ids  # crops to prompt + 2 accepted, feeds `wrong`, drafts 4
+    assert drafter.lm.length == len(prompt) + 2 + 4
+    assert llama_memory_seq_pos_max(llama_get_memory(draft.llm.ctx), 0) == len(prompt) + 5  # the old tail is gone
     # one prefill, 5 + 4 single-token steps: nothing before the rollback point was evaluated twice
     assert evals == [len(prompt)] + [1] * 9
     assert first == greedy_from_scratch(draft, [prompt], 6, 512)  # takes the context over from `drafter`
     assert again == greedy_from_scratch(draft, [prompt, first[:1], first[1:2], [wrong]], 4, 512)
+    drafter.commit(0, 5)
     with pytest.raises(RuntimeError, match="now serves another session"):
-        drafter.commit(0, 5)
+        drafter.get_candidates(1)
 
 
 @needs_llamacpp

@@ -41,6 +41,7 @@ from verifier_worker.validation import (
 
 log = logging.getLogger(__name__)
 SERVER_VERSION = "specdec/1"
+CLOSE_WAIT_S = 2.0  # how long a finished Speculate stream waits for the client to half-close
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 verdict.next_token = result.next_token
             yield pb.SpeculateReply(verdict=verdict)
             if result.finish_reason is not None:
+                await _until_half_closed(inbox)
                 return
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                             f"session sent {2 * self.limits.max_new_tokens} proposals without finishing; closed")
@@ -265,6 +267,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                         cost=self._cost(cost, now - last), stale=session.stale))
                     last = now
                     if result.finish_reason is not None:
+                        received.cancel()
+                        await _until_half_closed(inbox)
                         return
                     stepped = asyncio.ensure_future(self._run(context, decoding.next()))
         finally:
@@ -312,6 +316,18 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             self._release(session)
 
 
+
+
+async def _until_half_closed(inbox: asyncio.Queue) -> None:
+    """After a session's last reply, wait (at most CLOSE_WAIT_S) for the client to stop writing before the
+    stream ends: a client that pipelines proposals may be writing one right now, and grpcio turns a write
+    that races the end of a stream into INTERNAL on the client's side, losing the replies it had not read."""
+    deadline = time.perf_counter() + CLOSE_WAIT_S
+    with contextlib.suppress(asyncio.TimeoutError):
+        while (remaining := deadline - time.perf_counter()) > 0:
+            request, _ = await asyncio.wait_for(inbox.get(), remaining)
+            if request is None:
+                return
 
 
 def server_options(limits: VerifierLimits, vocab_size: int) -> list[tuple[str, int]]:
