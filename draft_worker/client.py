@@ -40,6 +40,7 @@ async def speculate(
     config: ClientConfig = ClientConfig(),
     tokenizer_fingerprint: str = "",
     on_commit: OnCommit | None = None,
+    mode: str = "lockstep",  # placeholder until issue 10's modes land: accepted and ignored here
 ) -> GenerationResult:
     """Generate with speculative decoding over Speculate streams (one, unless the verifier goes away and the
     request is re-opened). Raises VerifierError on a refusal.

@@ -154,16 +154,16 @@ async def test_delay_proxy_adds_the_round_trip():
 
 
 def test_runs_over_the_verifiers_limits_are_refused_before_any_request():
-    from orchestrator.bench import BenchError, _check_limits
+    from orchestrator.checks import BenchError, check_limits
     from protos.specdec.v1 import specdec_pb2 as pb
 
     limits = pb.Limits(max_gamma=4, max_new_tokens=64, max_sessions=8, max_sessions_per_client=4)
     cfg = bench_config.from_dict({"drafts": [{"name": "d", "kind": "ngram", "gamma": [2, 4, "adaptive"]}]})
-    _check_limits(cfg, bench_config.expand(cfg), limits)  # within every limit: no error
+    check_limits(cfg, bench_config.expand(cfg), limits)  # within every limit: no error
     too_much = bench_config.from_dict({"drafts": [{"name": "d", "kind": "ngram", "gamma": 5}], "max_new_tokens": 65,
                                        "concurrency": {"draft_workers": 5}})
     with pytest.raises(BenchError) as err:
-        _check_limits(too_much, bench_config.expand(too_much), limits)
+        check_limits(too_much, bench_config.expand(too_much), limits)
     assert "gamma 5 is over the verifier's max_gamma 4" in str(err.value)
     assert "max_new_tokens 65" in str(err.value) and "5 sessions is over the verifier's limit of 4" in str(err.value)
 
@@ -172,11 +172,11 @@ def test_resume_refuses_a_changed_config(tmp_path):
     import dataclasses
     import json
 
-    from orchestrator.bench import BenchError, _check_resume
+    from orchestrator.checks import BenchError, check_resume
 
     cfg = bench_config.from_dict({"drafts": [{"name": "d", "kind": "ngram"}], "output_dir": str(tmp_path)})
-    _check_resume(tmp_path, cfg)  # no run.json yet: nothing to compare
+    check_resume(tmp_path, cfg)  # no run.json yet: nothing to compare
     (tmp_path / "run.json").write_text(json.dumps({"config": dataclasses.asdict(cfg)}))
-    _check_resume(tmp_path, bench_config.override(cfg, **{"concurrency.draft_workers": 3}))  # how, not what: allowed
+    check_resume(tmp_path, bench_config.override(cfg, **{"concurrency.draft_workers": 3}))  # how, not what: allowed
     with pytest.raises(BenchError, match="changed sampling, max_new_tokens"):
-        _check_resume(tmp_path, bench_config.override(cfg, **{"sampling.temperature": 0.7, "max_new_tokens": 32}))
+        check_resume(tmp_path, bench_config.override(cfg, **{"sampling.temperature": 0.7, "max_new_tokens": 32}))
