@@ -123,8 +123,13 @@ def render_all(summary: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
     if _has(summary, "rtt_configured_ms") and summary["rtt_configured_ms"].nunique() >= 2 and _has(summary, "throughput_tok_s_p50"):
         fig, ax = plt.subplots(figsize=(9, 5))
         ax.set_title("Throughput per request vs emulated round trip")
-        series = summary["config"].str.replace(r" rtt=[\d.]+ms", "", regex=True)  # the configuration without its RTT
-        for name, g in summary.groupby(series, sort=False):
+        levels = summary["sessions"].nunique() > 1
+
+        def series(row) -> str:  # one line per configuration across RTTs: drafter, gamma, mode (and level)
+            name = "baseline (Generate)" if row["drafter"] == "baseline" else f"{row['draft_name']} g={row['gamma']} {row['mode']}"
+            return name + (f" x{row['sessions']}" if levels else "")
+
+        for name, g in summary.groupby(summary.apply(series, axis=1), sort=False):
             g = g.sort_values("rtt_configured_ms")
             style = {"color": "black", "linestyle": "--"} if g["drafter"].iloc[0] == "baseline" else {}
             ax.plot(g["rtt_configured_ms"], g["throughput_tok_s_p50"], marker="o", label=name, **style)

@@ -148,8 +148,8 @@ def _verifier_busy_s(ok: pd.DataFrame) -> pd.Series:
 def mean_gamma(ok: pd.DataFrame) -> float:
     """The mean gamma over the rounds that drafted: the gamma each round used as the client records it
     (gamma_per_round), else the tokens each round proposed (which a block cut short by max_new_tokens undercounts)."""
-    per_round = ok["gamma_per_round"] if "gamma_per_round" in ok else ok["proposed_per_round"]
-    gammas = [g for rounds in per_round if isinstance(rounds, list) for g in rounds if g]
+    used = ok["gamma_per_round"] if "gamma_per_round" in ok else [None] * len(ok)
+    gammas = [g for u, p in zip(used, ok["proposed_per_round"]) for g in (u if isinstance(u, list) else p) if g]
     return float(np.mean(gammas)) if gammas else 0.0
 
 
