@@ -21,13 +21,14 @@ from draft_worker.transport import ClientConfig, VerifierError
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
-from specdec.config import FINISH_STOP, SamplingParams
+from specdec.config import FINISH_STOP, SPEC_MODES, SamplingParams
 from specdec.metrics import GenerationResult
 
 log = logging.getLogger(__name__)
 # called with the ids each verdict (or decoding step) commits; returning True ends the request there, as a
 # stop (a stop string in the decoded text): the verifier's stream is closed and finish_reason is "stop"
 OnCommit = Callable[[list[int]], bool | None]
+Schedule = AdaptiveGamma  # or draft_worker.gamma.RttGamma: anything with `gamma`, `max_gamma` and `update`
 
 
 async def speculate(
@@ -35,31 +36,61 @@ async def speculate(
     drafter: Drafter,
     prompt_ids: list[int],
     params: SamplingParams,
-    gamma: int | AdaptiveGamma,
+    gamma: int | Schedule,
     info: pb.InfoReply,
     config: ClientConfig = ClientConfig(),
     tokenizer_fingerprint: str = "",
     on_commit: OnCommit | None = None,
-    mode: str = "lockstep",  # placeholder until issue 10's modes land: accepted and ignored here
+    mode: str = "lockstep",
 ) -> GenerationResult:
     """Generate with speculative decoding over Speculate streams (one, unless the verifier goes away and the
     request is re-opened). Raises VerifierError on a refusal.
 
-    `gamma` is a fixed block size or an AdaptiveGamma schedule, updated after every verdict. `on_commit`
-    sees every verdict's committed ids as they arrive (streaming) and may end the request early.
+    `gamma` is a fixed block size or a schedule (AdaptiveGamma, RttGamma), updated after every verdict.
+    `mode` (specdec.config.SPEC_MODES): lockstep, ahead (drafting the next block while a verdict is in flight)
+    or async (the verifier steps on its own; see draft_worker/overlap.py). `on_commit` sees every verdict's
+    committed ids as they arrive (streaming) and may end the request early.
     """
-    schedule = gamma if isinstance(gamma, AdaptiveGamma) else None
+    from draft_worker import overlap
+
+    if mode not in SPEC_MODES:
+        raise ValueError(f"mode must be one of {', '.join(SPEC_MODES)}, got {mode!r}")
+    schedule = None if isinstance(gamma, int) else gamma
     first = schedule.gamma if schedule else gamma
     if not 0 <= first <= info.limits.max_gamma:
         raise ValueError(f"gamma must be in [0, {info.limits.max_gamma}] for this verifier, got {first}")
     if schedule:
         schedule.max_gamma = min(schedule.max_gamma, info.limits.max_gamma)
+    once = {"lockstep": _speculate_once, "ahead": overlap.speculate_ahead, "async": overlap.speculate_async}[mode]
 
     async def attempt(prompt_ids, params, config, result):
-        await _speculate_once(stub, drafter, prompt_ids, params, gamma, schedule, info, config, tokenizer_fingerprint,
-                              result, on_commit)
+        result.mode = mode
+        await once(stub, drafter, prompt_ids, params, gamma, schedule, info, config, tokenizer_fingerprint, result,
+                   on_commit)
 
     return await with_recovery(attempt, prompt_ids, params, config)
+
+
+def open_request(drafter: Drafter, prompt_ids: list[int], params: SamplingParams, tokenizer_fingerprint: str,
+                 mode: int = pb.SPECULATION_MODE_LOCKSTEP, max_block: int = 0) -> pb.SpeculateRequest:
+    return pb.SpeculateRequest(
+        open=pb.OpenSession(prompt_ids=prompt_ids, params=codec.params_to_proto(params),
+                            tokenizer_fingerprint=tokenizer_fingerprint, client_model_id=drafter.name, mode=mode,
+                            max_block=max_block))
+
+
+def record_opened(result: GenerationResult, reply: pb.SpeculateReply) -> None:
+    result.prefill_service_s += reply.opened.service_s
+    result.prefill_compute_s += reply.opened.cost.compute_s
+    result.verifier_compute_s += reply.opened.cost.share_s
+    result.bytes_received += reply.ByteSize()
+
+
+def proposal_request(draft_ids: list[int], q, params: SamplingParams, dense_dtype: str, base_len: int | None = None,
+                     assumed_ids: list[int] = ()) -> pb.SpeculateRequest:
+    probs = codec.encode_probs(q, params, dense_dtype) if q is not None and len(draft_ids) else {}
+    return pb.SpeculateRequest(proposal=pb.Proposal(draft_ids=draft_ids, base_len=base_len, assumed_ids=assumed_ids,
+                                                    **probs))
 
 
 async def _speculate_once(stub, drafter: Drafter, prompt_ids: list[int], params: SamplingParams,
@@ -71,14 +102,7 @@ async def _speculate_once(stub, drafter: Drafter, prompt_ids: list[int], params:
     generated = 0  # tokens committed on this stream
     call = stub.Speculate(timeout=config.timeout_s, metadata=config.metadata)
     try:
-        opening = pb.SpeculateRequest(
-            open=pb.OpenSession(
-                prompt_ids=prompt_ids,
-                params=codec.params_to_proto(params),
-                tokenizer_fingerprint=tokenizer_fingerprint,
-                client_model_id=drafter.name,
-            )
-        )
+        opening = open_request(drafter, prompt_ids, params, tokenizer_fingerprint)
         await call.write(opening)
         result.bytes_sent += opening.ByteSize()
         drafter.start(prompt_ids, params, info.vocab_size)
@@ -94,19 +118,12 @@ async def _speculate_once(stub, drafter: Drafter, prompt_ids: list[int], params:
                 # that races the server's abort makes grpcio report INTERNAL "Internal error from Core"
                 (candidates, draft_s), reply = await asyncio.gather(drafting, _read(call))
                 opened = True
-                result.prefill_service_s += reply.opened.service_s
-                result.prefill_compute_s += reply.opened.cost.compute_s
-                result.verifier_compute_s += reply.opened.cost.share_s
-                result.bytes_received += reply.ByteSize()
+                record_opened(result, reply)
             else:
                 candidates, draft_s = await drafting
             result.draft_s += draft_s
-            request = pb.SpeculateRequest(
-                proposal=pb.Proposal(
-                    draft_ids=candidates.draft_ids,
-                    **codec.encode_probs(candidates.q, params, candidates.dense_dtype) if candidates.q is not None else {},
-                )
-            )
+            result.gamma_per_round.append(block)
+            request = proposal_request(candidates.draft_ids, candidates.q, params, candidates.dense_dtype)
             t_sent = time.perf_counter()
             await call.write(request)
             result.bytes_sent += request.ByteSize()
@@ -117,7 +134,8 @@ async def _speculate_once(stub, drafter: Drafter, prompt_ids: list[int], params:
             next_token = verdict.next_token if verdict.HasField("next_token") else None
             drafter.commit(verdict.num_accepted, next_token)
             if schedule:
-                schedule.update(len(candidates.draft_ids), verdict.num_accepted)
+                schedule.update(len(candidates.draft_ids), verdict.num_accepted, draft_s=draft_s,
+                                service_s=verdict.service_s, rtt_s=max(0.0, result.rtt_s[-1] - verdict.service_s))
             committed = [*candidates.draft_ids[: verdict.num_accepted], *([] if next_token is None else [next_token])]
             result.token_ids.extend(committed)
             generated += len(committed)

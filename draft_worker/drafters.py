@@ -1,9 +1,12 @@
 """Drafters: cheap proposers of the next gamma tokens, behind one small interface.
 
-`start(prompt_ids)` begins a request; `get_candidates(gamma)` proposes up to gamma tokens and, when
-sampling, their draft distribution q as the verifier will decode it; `commit(num_accepted, next_token)`
-applies the verifier's verdict (rolling the draft's own state back on a rejection). Nothing here talks
-to the network. `build_drafter` is the one way to make a drafter from a `DrafterSpec`, for the CLI, the
+`start(prompt_ids)` begins a request; `propose(context, gamma)` drafts up to gamma tokens continuing
+`context` (prompt + committed + any tokens the client guesses will be committed) and, when sampling, their
+draft distribution q as the verifier will decode it. A drafter syncs itself to whatever context it is given
+(the LM crops its cache to the longest prefix it shares with the context, as HF's candidate generators do),
+so drafting ahead of the verifier and resyncing after a divergent commit need nothing else. Lock-step's
+`get_candidates(gamma)` / `commit(num_accepted, next_token)` pair is `propose` on the committed tokens.
+Nothing here talks to the network. `build_drafter` is the one way to make a drafter from a `DrafterSpec`, for the CLI, the
 benchmark's Ray workers and the scripts alike; `DraftModels` loads each draft model once per process.
 """
 
@@ -36,9 +39,25 @@ class Drafter(Protocol):
 
     def start(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None: ...
 
+    def propose(self, context: list[int], gamma: int) -> Candidates: ...
+
     def get_candidates(self, gamma: int) -> Candidates: ...
 
     def commit(self, num_accepted: int, next_token: int | None) -> None: ...
+
+
+class CommittedContext:
+    """Lock-step on top of `propose`: the context is the committed tokens, and a verdict extends them."""
+
+    def get_candidates(self, gamma: int) -> Candidates:
+        candidates = self.propose(self.tokens, gamma)
+        self._block = candidates.draft_ids
+        return candidates
+
+    def commit(self, num_accepted: int, next_token: int | None) -> None:
+        self.tokens.extend(self._block[:num_accepted])
+        if next_token is not None:
+            self.tokens.append(next_token)
 
 
 @dataclass
@@ -48,14 +67,25 @@ class AdaptiveGamma:
     gamma: int = 4
     max_gamma: int = 16
 
-    def update(self, proposed: int, accepted: int) -> None:
+    def update(self, proposed: int, accepted: int, **_) -> None:
         if proposed == 0:  # nothing was drafted (block capped by max_new_tokens, or no n-gram match)
             return
         self.gamma = min(self.gamma + 2, self.max_gamma) if accepted == proposed else max(1, self.gamma - 1)
 
 
-class LMDrafter:
-    """A small causal LM with a KV cache: gamma forwards per block, crop on rejection, refill after a full accept.
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class LMDrafter(CommittedContext):
+    """A small causal LM with a KV cache: gamma forwards per proposal, after cropping the cache to the longest
+    prefix it shares with the context (a rejection, a resync) and feeding the rest (a full accept's last draft
+    token and the bonus token); a context the cache already holds is never evaluated again.
 
     The model is a transformers module (run through `CachedLM`) or a llama.cpp GGUF draft
     (`draft_worker.llamacpp.LlamaCppDraft`, whose LM has the same forward/crop/length and fits its
@@ -80,16 +110,22 @@ class LMDrafter:
         self.lm = self._new_lm(vocab_size)
         self.params = params
         self.tokens = list(prompt_ids)
+        self.cached: list[int] = []  # the token ids whose KV the LM holds
         # its own stream, derived from the session seed (the verifier uses the seed itself)
         self.generator = make_generator(None if params.seed is None else (params.seed + 1) % 2**64, "cpu")
         self._block: list[int] = []
 
-    def get_candidates(self, gamma: int) -> Candidates:
+    def propose(self, context: list[int], gamma: int) -> Candidates:
+        keep = min(common_prefix(self.cached, context), len(context) - 1)  # the last token is fed, for its logits
+        if keep < self.lm.length:
+            self.lm.crop(keep)
+        self.cached = self.cached[:keep]
         draft_ids: list[int] = []
         rows: list[torch.Tensor] = []
-        pending = self.tokens[self.lm.length :]  # [last committed] (+ the last draft token after a full accept)
+        pending = context[keep:]
         for _ in range(gamma):
             logits = self.lm.forward(pending, num_logits=1)[0]  # [vocab]
+            self.cached += pending
             if self.params.greedy:
                 token = int(logits.argmax())
             else:
@@ -98,20 +134,11 @@ class LMDrafter:
                 rows.append(q)
             draft_ids.append(token)
             pending = [token]
-        self._block = draft_ids
         q_block = torch.stack(rows) if rows else None  # [gamma, vocab]
         return Candidates(draft_ids, q_block, self.dense_dtype)
 
-    def commit(self, num_accepted: int, next_token: int | None) -> None:
-        # the cache holds tokens + block[:-1]; keep only what the verifier accepted
-        keep = len(self.tokens) + min(num_accepted, max(len(self._block) - 1, 0))
-        self.tokens.extend(self._block[:num_accepted])
-        if next_token is not None:
-            self.tokens.append(next_token)
-        self.lm.crop(min(keep, self.lm.length))
 
-
-class NgramDrafter:
+class NgramDrafter(CommittedContext):
     """Prompt lookup: propose what followed the latest earlier match of the last n tokens (no model).
 
     Tries n = max_ngram down to min_ngram; proposes nothing when no n-gram recurs, and the round is then
@@ -131,24 +158,19 @@ class NgramDrafter:
         self.vocab_size = vocab_size
         self._block: list[int] = []
 
-    def _lookup(self, gamma: int) -> list[int]:
-        tokens = self.tokens
-        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+    @staticmethod
+    def lookup(tokens: list[int], gamma: int, max_ngram: int, min_ngram: int) -> list[int]:
+        for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
             suffix = tokens[-n:]
             for start in range(len(tokens) - n - 1, -1, -1):  # latest match first, excluding the suffix itself
                 if tokens[start : start + n] == suffix:
                     return tokens[start + n : start + n + gamma]
         return []
 
-    def get_candidates(self, gamma: int) -> Candidates:
-        self._block = self._lookup(gamma) if gamma > 0 else []
-        q = None if self.params.greedy or not self._block else codec.one_hot_probs(self._block, self.vocab_size)
-        return Candidates(list(self._block), q)
-
-    def commit(self, num_accepted: int, next_token: int | None) -> None:
-        self.tokens.extend(self._block[:num_accepted])
-        if next_token is not None:
-            self.tokens.append(next_token)
+    def propose(self, context: list[int], gamma: int) -> Candidates:
+        draft_ids = self.lookup(context, gamma, self.max_ngram, self.min_ngram) if gamma > 0 else []
+        q = None if self.params.greedy or not draft_ids else codec.one_hot_probs(draft_ids, self.vocab_size)
+        return Candidates(draft_ids, q)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,10 @@ all sessions' pending work as one batched forward per step (continuous batching)
 
 Work items: a session's prefill (the prompt but its last token, cut into chunks), a verification block
 [last committed token] + gamma draft tokens with gamma per session (gamma = 0 is a plain decoding step),
-and the decoding steps of `Generate`, which re-enter the queue after every step until the session ends.
+and the decoding steps of `Generate` and of async Speculate sessions, which re-enter the queue after every
+step until the session ends. A decoding step's block is made when the step takes it: [last committed token]
++ the head of the session's `ahead` drafts (session.py), so an async session verifies whatever usable draft
+has arrived by then and decodes alone otherwise; it never waits for one.
 
 One step: take pending work in FIFO order up to `max_batch_tokens` (counted as the forward computes it,
 padding included: sessions x longest row), a prefill taking only the chunk that fits; run ONE forward
@@ -139,8 +142,9 @@ class Engine:
             raise ValueError(f"the batching engine supports full-attention models only, this one has {set(layer_types)}")
 
     # ------------------------------------------------------------------------------ sessions and work
-    def open(self, prompt_ids: list[int], params: SamplingParams, client: str = "") -> VerifierSession:
-        session = VerifierSession(prompt_ids, params, client, self.device)
+    def open(self, prompt_ids: list[int], params: SamplingParams, client: str = "", max_block: int = 16) -> VerifierSession:
+        """A new session; `max_block`: most `ahead` draft tokens one of its decoding steps verifies (async)."""
+        session = VerifierSession(prompt_ids, params, client, self.device, max_block)
         self._sessions.add(session)
         return session
 
@@ -167,7 +171,8 @@ class Engine:
         return await self._submit(_Work(session, session.block(draft_ids), self._future(), draft_ids, q)).future
 
     def decode(self, session: VerifierSession) -> Decoding:
-        """Decode one token in every step from now on until the session finishes (Generate)."""
+        """Decode (or verify the session's `ahead` drafts) in every step from now on until the session
+        finishes (Generate, async Speculate)."""
         return Decoding(self._submit(self._decode_work(session)))
 
     def stats(self) -> EngineStats:
@@ -236,6 +241,9 @@ class Engine:
         longest = 0
         while self._queue:
             work = self._queue[0]
+            if work.decoding:  # the drafts that arrived up to now
+                work.draft_ids, work.q = work.session.take_ahead()
+                work.tokens = work.session.block(work.draft_ids)
             n = len(work.tokens)
             if work.is_prefill:  # a prefill takes the chunk that fits beside the rows already taken
                 n = min(n, self.max_batch_tokens // (len(batch) + 1))
@@ -270,6 +278,7 @@ class Engine:
         for (work, n), outcome in zip(batch, outcomes):
             work.cost.add(compute_s, n, len(batch), batch_tokens)
             session = work.session
+            session.steps += 1
             if session.closed:
                 session.kv.free()
                 work.future.cancel()

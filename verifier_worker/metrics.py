@@ -30,6 +30,8 @@ class VerifierMetrics:
                                  registry=r)
         self.proposed = Counter("specdec_verifier_tokens_proposed_total", "Draft tokens received for verification", registry=r)
         self.accepted = Counter("specdec_verifier_tokens_accepted_total", "Draft tokens accepted", registry=r)
+        self.stale = Counter("specdec_verifier_proposals_stale_total",
+                             "Proposals dropped without compute: the prefix they assumed was not committed", registry=r)
         self.step_compute = Histogram("specdec_verifier_step_compute_seconds", "Wall time of one batched engine step",
                                       buckets=SECONDS, registry=r)
         self.step_sessions = Histogram("specdec_verifier_step_batch_sessions", "Sessions in one engine step",

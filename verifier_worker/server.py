@@ -10,6 +10,7 @@ only that stream ends; a stream that ends early drops its session's work and KV 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -103,7 +104,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             server_version=SERVER_VERSION,
         )
 
-    async def _new_session(self, context, prompt_ids, params_msg) -> VerifierSession:
+    async def _new_session(self, context, prompt_ids, params_msg, max_block: int = 0) -> VerifierSession:
         """Validate a session's opening request and take a session slot (released by the caller)."""
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "verifier is shutting down; retry on another or after its restart")
@@ -122,7 +123,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{client} already has {self.limits.max_sessions_per_client} sessions open, this verifier's limit per client",
             )
-        session = self.engine.open(prompt_ids, params, client)
+        session = self.engine.open(prompt_ids, params, client, max_block)
         self.sessions_by_client[client] = self.sessions_by_client.get(client, 0) + 1  # freed by the caller's _release
         return session
 
@@ -174,7 +175,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     f"tokenizer mismatch: draft model {opening.client_model_id or '(unnamed)'} and verifier model "
                     f"{self.info.model_id} do not share a tokenizer; speculative decoding needs the same vocabulary",
                 )
-            session = await self._new_session(context, opening.prompt_ids, opening.params)
+            session = await self._new_session(context, opening.prompt_ids, opening.params,
+                                              min(opening.max_block or self.limits.max_gamma, self.limits.max_gamma))
             prompt_tokens = len(session.tokens)
             self.metrics.prompt_tokens.inc(prompt_tokens)
             cost = await self._run(context, self.engine.prefill(session))
@@ -187,34 +189,87 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     cost=self._cost(cost, service_s),
                 )
             )
-            for round_index in range(1, self.limits.max_new_tokens + 1):
-                request, arrived = await self._next(context, inbox)
-                if request is None:  # the client closed its side before the session finished
-                    return
-                if request.WhichOneof("kind") != "proposal":
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
-                draft_ids, q = await self._check_proposal(context, request.proposal, session.params)
-                result, cost = await self._run(context, self.engine.verify(session, draft_ids, q))
-                service_s = time.perf_counter() - arrived
-                verdict = pb.Verdict(
-                    num_accepted=result.num_accepted,
-                    finished=result.finish_reason is not None,
-                    finish_reason=codec.finish_to_proto(result.finish_reason),
-                    service_s=service_s,
-                    round=round_index,
-                    cost=self._cost(cost, service_s),
-                )
-                self.metrics.verdict(len(draft_ids), result.num_accepted,
-                                     result.num_accepted + (result.next_token is not None))
-                if result.next_token is not None:
-                    verdict.next_token = result.next_token
-                yield pb.SpeculateReply(verdict=verdict)
-                if result.finish_reason is not None:
-                    return
+            async_mode = opening.mode == pb.SPECULATION_MODE_ASYNC
+            rounds = self._async(context, inbox, session) if async_mode else self._lockstep(context, inbox, session)
+            async with contextlib.aclosing(rounds):
+                async for reply in rounds:
+                    yield reply
         finally:
             reader.cancel()
             if session is not None:
                 self._release(session)
+
+    async def _lockstep(self, context, inbox: asyncio.Queue, session: VerifierSession):
+        """One verdict per proposal: verify what lies past the commit, or answer `stale` without compute."""
+        for round_index in range(1, 2 * self.limits.max_new_tokens + 1):  # stale answers take rounds too
+            request, arrived = await self._next(context, inbox)
+            if request is None:  # the client closed its side before the session finished
+                return
+            if request.WhichOneof("kind") != "proposal":
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
+            claim = await self._check_proposal(context, request.proposal, session.params)
+            rest = session.remainder(claim)
+            if rest is None:  # its assumed prefix was not committed: the client knows, from the verdict before
+                self.metrics.stale.inc()
+                yield pb.SpeculateReply(verdict=pb.Verdict(stale=True, round=round_index,
+                                                           service_s=time.perf_counter() - arrived))
+                continue
+            result, cost = await self._run(context, self.engine.verify(session, *rest))
+            service_s = time.perf_counter() - arrived
+            verdict = pb.Verdict(
+                num_accepted=result.num_accepted,
+                finished=result.finish_reason is not None,
+                finish_reason=codec.finish_to_proto(result.finish_reason),
+                service_s=service_s,
+                round=round_index,
+                cost=self._cost(cost, service_s),
+            )
+            self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
+            if result.next_token is not None:
+                verdict.next_token = result.next_token
+            yield pb.SpeculateReply(verdict=verdict)
+            if result.finish_reason is not None:
+                return
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"session sent {2 * self.limits.max_new_tokens} proposals without finishing; closed")
+
+    async def _async(self, context, inbox: asyncio.Queue, session: VerifierSession):
+        """The engine decodes (or verifies the drafts that arrived) in every step and each step's commit is
+        streamed at once; proposals only feed the session's `ahead` drafts. No step waits for the client."""
+        decoding = self.engine.decode(session)
+        max_ahead = 2 * self.limits.max_gamma
+        stepped = asyncio.ensure_future(self._run(context, decoding.next()))
+        received = asyncio.ensure_future(inbox.get())
+        last = time.perf_counter()
+        try:
+            while True:
+                done, _ = await asyncio.wait({stepped, received}, return_when=asyncio.FIRST_COMPLETED)
+                if received in done:
+                    request, _ = received.result()
+                    if request is None:  # the client closed its side before the session finished
+                        return
+                    request = await self._intact(context, request)
+                    if request.WhichOneof("kind") != "proposal":
+                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
+                    if not session.offer(await self._check_proposal(context, request.proposal, session.params), max_ahead):
+                        self.metrics.stale.inc()
+                    received = asyncio.ensure_future(inbox.get())
+                if stepped in done:
+                    result, cost = stepped.result()
+                    now = time.perf_counter()
+                    self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
+                    yield pb.SpeculateReply(commit=pb.Commit(
+                        base_len=result.base_len, token_ids=result.committed, verified=result.gamma,
+                        num_accepted=result.num_accepted, finished=result.finish_reason is not None,
+                        finish_reason=codec.finish_to_proto(result.finish_reason), service_s=now - last,
+                        cost=self._cost(cost, now - last), stale=session.stale))
+                    last = now
+                    if result.finish_reason is not None:
+                        return
+                    stepped = asyncio.ensure_future(self._run(context, decoding.next()))
+        finally:
+            stepped.cancel()
+            received.cancel()
 
     def _cost(self, cost: StepCost, service_s: float) -> pb.StepCost:
         """What a reply's step(s) cost, for the client; the wait for them goes to the queue histogram."""

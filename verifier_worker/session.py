@@ -1,12 +1,36 @@
 """One verifier session as the engine holds it: its KV memory, the committed tokens, its own generator,
-and the verification of one block given the logits the engine's batched forward produced for it.
+the draft tokens proposed beyond its commit, and the verification of one block given the logits the
+engine's batched forward produced for it.
 
 No gRPC and no model here: the engine batches the forwards and calls `verify` on its compute thread. The
 verifier-only baseline is the same path with empty blocks (gamma = 0).
+
+Claims. A proposal may say which committed length it extends (`Claim.base_len`) and which tokens it assumes
+before its draft (`assumed`, no q). Lock-step (`remainder`): it is usable when the assumed tokens are exactly
+the ones committed since base_len (the verdict of the block before it accepted them all); the draft tokens
+beyond the commit are verified, otherwise it is stale and costs nothing. Async (`offer`, `take_ahead`): the
+session keeps `ahead`, draft tokens (with their q rows) for the positions after its commit. A claim must
+agree with every committed position it covers, and its assumed tokens past the commit must already be in
+`ahead`; its draft tokens then replace `ahead` from their first position on. Every engine step verifies the
+head of `ahead` (or decodes alone when it is empty), and what it commits is matched against `ahead`: the
+matching head is dropped, a mismatch clears it.
+
+Why the output keeps the verifier's distribution (async and drafting ahead). A step verifies draft tokens
+x_{c+1..} at positions past the commit c. The draft sampled each x_i from q(. | x_{<i}) with its own
+randomness, independent of the verifier's; the verifier picks which proposal's tokens to use by the committed
+positions alone (equality with tokens it has already committed) and by arrival order, never by the values
+it is about to verify. So, given the committed prefix, x_{c+1} is distributed as the q row that travels with
+it, and `verify_sampling` (accept with min(1, p/q), else draw from the residual) commits a token distributed
+as p(. | prefix); then, given that x_{c+1} was accepted, x_{c+2} ~ q(. | prefix, x_{c+1}), and so on (the
+standard argument, Leviathan et al. 2023, applied from any prefix). A step with no usable draft draws from p
+itself. Greedy commits are argmax p(. | prefix) either way, so greedy output is token-identical to the
+verifier alone. The one assumption: when a proposal arrives does not depend on the values the draft sampled
+(true when drafting time does not depend on them, as for an LM drafter or the n-gram lookup).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -21,23 +45,95 @@ class RoundResult:
     num_accepted: int  # leading draft tokens committed
     next_token: int | None  # recovered or bonus token, None when generation ended inside the block
     finish_reason: str | None  # None while generating
+    committed: tuple[int, ...] = ()  # every token the round committed
+    base_len: int = 0  # generated tokens before them
+    gamma: int = 0  # draft tokens verified
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A checked proposal: draft_ids (with q rows) after `assumed`, claiming generated positions base_len.."""
+
+    draft_ids: list[int]  # [gamma]
+    q: torch.Tensor | None  # [gamma, vocab] or None (greedy)
+    base_len: int | None = None  # None: extends the commit as it is when the claim is used
+    assumed: tuple[int, ...] = ()
 
 
 class VerifierSession:
     """Invariant: the KV cache holds every committed token but the last, which opens the next block."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, client: str = "", device: torch.device | str = "cpu"):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, client: str = "", device: torch.device | str = "cpu",
+                 max_block: int = 16):
         assert prompt_ids, "a session needs a prompt"
         self.client = client  # the peer address that opened it, for the server's per-client limit
         self.kv = SessionKV()
         self.device = torch.device(device)
         self.params = params
         self.tokens = list(prompt_ids)
+        self.prompt_len = len(prompt_ids)
         self.num_generated = 0
         self.finish_reason: str | None = None
         self.closed = False  # set by the engine when the session ends; its work is dropped
         self.generator = make_generator(params.seed, self.device)
         self._stop = set(params.stop_token_ids)
+        self.max_block = max_block  # async: most draft tokens one step verifies
+        self.ahead: list[tuple[int, torch.Tensor | None]] = []  # async: (token, q row [vocab]) after the commit
+        self.stale = 0  # claims dropped because their prefix was not committed
+        self.steps = 0  # engine steps this session rode in (counted by the engine)
+        self._lock = threading.Lock()  # `ahead` and the commit: offers come from the event loop, commits from compute
+
+    def generated(self, start: int = 0) -> list[int]:
+        return self.tokens[self.prompt_len + start :]
+
+    def _agrees(self, claim: Claim, base: int) -> bool:
+        """Every committed position the claim covers holds the claimed token."""
+        full = [*claim.assumed, *claim.draft_ids]
+        covered = self.generated(base)[: len(full)]
+        return base <= self.num_generated and full[: len(covered)] == covered
+
+    def remainder(self, claim: Claim) -> tuple[list[int], torch.Tensor | None] | None:
+        """Lock-step: the draft tokens past the commit (and their q rows), or None when the claim is stale."""
+        if claim.base_len is None:
+            return claim.draft_ids, claim.q
+        done = self.num_generated - claim.base_len  # claimed positions already committed
+        assumed, full = len(claim.assumed), len(claim.assumed) + len(claim.draft_ids)
+        if not self._agrees(claim, claim.base_len) or not (done == assumed or assumed < done < full):
+            self.stale += 1
+            return None
+        skip = done - len(claim.assumed)
+        return claim.draft_ids[skip:], None if claim.q is None else claim.q[skip:]
+
+    def offer(self, claim: Claim, max_ahead: int) -> bool:
+        """Async: merge a claim into `ahead` (event loop). False when it is stale (dropped)."""
+        with self._lock:
+            base = self.num_generated if claim.base_len is None else claim.base_len
+            start = base + len(claim.assumed)  # position of the first draft token
+            ahead_ids = [token for token, _ in self.ahead]
+            known = [*self.generated(base), *ahead_ids] if base <= self.num_generated else []
+            if not self._agrees(claim, base) or known[: len(claim.assumed)] != list(claim.assumed):
+                self.stale += 1
+                return False
+            first = max(start, self.num_generated)  # the first draft position past the commit
+            skip = first - start
+            rows = [None] * len(claim.draft_ids) if claim.q is None else list(claim.q)
+            new = list(zip(claim.draft_ids[skip:], rows[skip:]))
+            self.ahead = (self.ahead[: first - self.num_generated] + new)[:max_ahead]
+            return True
+
+    def take_ahead(self) -> tuple[list[int], torch.Tensor | None]:
+        """Async: the draft tokens the next step verifies (event loop): the head of `ahead`, within max_new_tokens."""
+        with self._lock:
+            head = self.ahead[: max(0, min(self.max_block, self.remaining - 1))]
+        draft_ids = [token for token, _ in head]
+        if not head or head[0][1] is None:
+            return draft_ids, None
+        return draft_ids, torch.stack([row for _, row in head])  # [gamma, vocab]
+
+    def _drop_committed(self, committed: list[int]) -> None:
+        """Async: the head of `ahead` that the step committed goes; anything after a mismatch goes too."""
+        ahead_ids = [token for token, _ in self.ahead[: len(committed)]]
+        self.ahead = self.ahead[len(committed) :] if ahead_ids == committed else []
 
     @property
     def remaining(self) -> int:
@@ -70,12 +166,18 @@ class VerifierSession:
                 break
         if self.finish_reason is None and len(committed) >= self.remaining:
             committed, self.finish_reason = committed[: self.remaining], FINISH_LENGTH
-        self.tokens.extend(committed)
-        self.num_generated += len(committed)
+        base_len = self.num_generated
+        with self._lock:
+            self.tokens.extend(committed)
+            self.num_generated += len(committed)
+            self._drop_committed(committed)
         self.kv.truncate(len(self.tokens) - 1)
         accepted = min(num_accepted, len(committed))
         return RoundResult(
             num_accepted=accepted,
             next_token=committed[-1] if len(committed) > accepted else None,
             finish_reason=self.finish_reason,
+            committed=tuple(committed),
+            base_len=base_len,
+            gamma=len(draft_ids),
         )

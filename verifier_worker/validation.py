@@ -17,12 +17,12 @@ import urllib.parse
 from dataclasses import dataclass
 
 import grpc
-import torch
 from google.protobuf.message import DecodeError
 
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
 from specdec.config import SamplingParams, VerifierLimits
+from verifier_worker.session import Claim
 
 SPARE_RPCS = 16  # calls beyond max_sessions (Info, health, refusals) the server takes at once
 INBOX_SIZE = 1  # Speculate messages read ahead of the session (a client waits for each reply anyway)
@@ -94,14 +94,24 @@ def check_open(prompt_ids, params_msg: pb.SamplingParams, limits: VerifierLimits
     return codec.check_token_ids(prompt_ids, vocab_size, "prompt_ids").tolist(), params
 
 
-def check_proposal(proposal: pb.Proposal, params: SamplingParams, limits: VerifierLimits,
-                   vocab_size: int) -> tuple[list[int], torch.Tensor | None]:
-    """(draft ids, q [gamma, vocab] or None) of a proposal; ValueError if malformed. Run it in a thread."""
+def max_assumed(limits: VerifierLimits) -> int:
+    """Most `assumed_ids` a proposal may carry: the drafts of the blocks it follows, plus a guessed bonus token."""
+    return 2 * limits.max_gamma + 1
+
+
+def check_proposal(proposal: pb.Proposal, params: SamplingParams, limits: VerifierLimits, vocab_size: int) -> Claim:
+    """The claim a proposal makes (draft ids, q [gamma, vocab] or None, base and assumed ids); ValueError if
+    malformed. Run it in a thread."""
     if len(proposal.draft_ids) > limits.max_gamma:
         raise ValueError(f"proposal has {len(proposal.draft_ids)} draft tokens, over this verifier's max_gamma of "
                          f"{limits.max_gamma}")
+    if len(proposal.assumed_ids) > max_assumed(limits):
+        raise ValueError(f"proposal assumes {len(proposal.assumed_ids)} tokens, over this verifier's limit of "
+                         f"{max_assumed(limits)} (2 x max_gamma + 1)")
     draft_ids = codec.check_token_ids(proposal.draft_ids, vocab_size, "draft_ids").tolist()
-    return draft_ids, codec.decode_probs(proposal, params, vocab_size)
+    assumed = codec.check_token_ids(proposal.assumed_ids, vocab_size, "assumed_ids").tolist()
+    base_len = proposal.base_len if proposal.HasField("base_len") else None
+    return Claim(draft_ids, codec.decode_probs(proposal, params, vocab_size), base_len, tuple(assumed))
 
 
 async def check_proposal_off_loop(proposal, params, limits, vocab_size):

@@ -7,6 +7,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SpeculationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPECULATION_MODE_LOCKSTEP: _ClassVar[SpeculationMode]
+    SPECULATION_MODE_ASYNC: _ClassVar[SpeculationMode]
+
 class ProbDType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PROB_DTYPE_UNSPECIFIED: _ClassVar[ProbDType]
@@ -18,6 +23,8 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
+SPECULATION_MODE_LOCKSTEP: SpeculationMode
+SPECULATION_MODE_ASYNC: SpeculationMode
 PROB_DTYPE_UNSPECIFIED: ProbDType
 PROB_DTYPE_FLOAT16: ProbDType
 PROB_DTYPE_FLOAT32: ProbDType
@@ -84,16 +91,20 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("prompt_ids", "params", "tokenizer_fingerprint", "client_model_id")
+    __slots__ = ("prompt_ids", "params", "tokenizer_fingerprint", "client_model_id", "mode", "max_block")
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CLIENT_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCK_FIELD_NUMBER: _ClassVar[int]
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     params: SamplingParams
     tokenizer_fingerprint: str
     client_model_id: str
-    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., tokenizer_fingerprint: _Optional[str] = ..., client_model_id: _Optional[str] = ...) -> None: ...
+    mode: SpeculationMode
+    max_block: int
+    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., tokenizer_fingerprint: _Optional[str] = ..., client_model_id: _Optional[str] = ..., mode: _Optional[_Union[SpeculationMode, str]] = ..., max_block: _Optional[int] = ...) -> None: ...
 
 class SparseRow(_message.Message):
     __slots__ = ("ids", "probs")
@@ -120,14 +131,18 @@ class DenseProbs(_message.Message):
     def __init__(self, dtype: _Optional[_Union[ProbDType, str]] = ..., vocab_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Proposal(_message.Message):
-    __slots__ = ("draft_ids", "sparse", "dense")
+    __slots__ = ("draft_ids", "sparse", "dense", "base_len", "assumed_ids")
     DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
+    BASE_LEN_FIELD_NUMBER: _ClassVar[int]
+    ASSUMED_IDS_FIELD_NUMBER: _ClassVar[int]
     draft_ids: _containers.RepeatedScalarFieldContainer[int]
     sparse: SparseProbs
     dense: DenseProbs
-    def __init__(self, draft_ids: _Optional[_Iterable[int]] = ..., sparse: _Optional[_Union[SparseProbs, _Mapping]] = ..., dense: _Optional[_Union[DenseProbs, _Mapping]] = ...) -> None: ...
+    base_len: int
+    assumed_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, draft_ids: _Optional[_Iterable[int]] = ..., sparse: _Optional[_Union[SparseProbs, _Mapping]] = ..., dense: _Optional[_Union[DenseProbs, _Mapping]] = ..., base_len: _Optional[int] = ..., assumed_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SpeculateRequest(_message.Message):
     __slots__ = ("open", "proposal")
@@ -166,7 +181,7 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., service_s: _Optional[float] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("num_accepted", "next_token", "finished", "finish_reason", "service_s", "round", "cost")
+    __slots__ = ("num_accepted", "next_token", "finished", "finish_reason", "service_s", "round", "cost", "stale")
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +189,7 @@ class Verdict(_message.Message):
     SERVICE_S_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
     num_accepted: int
     next_token: int
     finished: bool
@@ -181,15 +197,40 @@ class Verdict(_message.Message):
     service_s: float
     round: int
     cost: StepCost
-    def __init__(self, num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., service_s: _Optional[float] = ..., round: _Optional[int] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ...) -> None: ...
+    stale: bool
+    def __init__(self, num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., service_s: _Optional[float] = ..., round: _Optional[int] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ..., stale: _Optional[bool] = ...) -> None: ...
+
+class Commit(_message.Message):
+    __slots__ = ("base_len", "token_ids", "verified", "num_accepted", "finished", "finish_reason", "service_s", "cost", "stale")
+    BASE_LEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_S_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    base_len: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    verified: int
+    num_accepted: int
+    finished: bool
+    finish_reason: FinishReason
+    service_s: float
+    cost: StepCost
+    stale: int
+    def __init__(self, base_len: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., verified: _Optional[int] = ..., num_accepted: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., service_s: _Optional[float] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ..., stale: _Optional[int] = ...) -> None: ...
 
 class SpeculateReply(_message.Message):
-    __slots__ = ("opened", "verdict")
+    __slots__ = ("opened", "verdict", "commit")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     verdict: Verdict
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
+    commit: Commit
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt_ids", "params")

@@ -63,8 +63,9 @@ class VerifierServicer:
 
     def Speculate(self, request_iterator, context):
         """One generation session. First client message: `open`; every next one: a `proposal`.
-        The server answers `opened` once, then one `verdict` per proposal, and ends the stream after
-        the verdict that says `finished`.
+        The server answers `opened` once. Lock-step mode: then one `verdict` per proposal, and the stream ends
+        after the verdict that says `finished`. Async mode: then one `commit` per engine step (the verifier
+        decodes or verifies every step, never waiting for a proposal), until the commit that says `finished`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,108 @@
+"""RttGamma: a per-request gamma schedule that learns the costs of a lock-step round and picks the best gamma.
+
+After every verdict it updates four estimates and sets `gamma = specdec.gamma.choose_gamma(...)`:
+- acceptance by position: decayed counts of blocks that reached / accepted each draft position, shrunk
+  toward the pooled per-token rate (itself shrunk toward `prior_alpha`), so a position never reached
+  gets the pooled rate and the first rounds pick a sane gamma;
+- draft seconds per token (EMA); the network round trip, service excluded (EMA);
+- the verifier's service time as fixed_s + gamma * per_token_s: an EMA of the service time per block
+  size, and a least-squares line through the sizes seen (so a size visited long ago still anchors it).
+
+min_gamma defaults to 0: a drafter that is never accepted (an n-gram table with no match, a mismatched
+draft model) makes speculation a loss, and plain decoding rounds are the best it can do. It can come back:
+after `probe_every` rounds in a row at gamma 0 it drafts one round at gamma 1, which both re-measures
+position 1 and gives the verifier's cost model a second block size. Same interface as
+`draft_worker.drafters.AdaptiveGamma`: `gamma`, `max_gamma` (the client lowers it to the verifier's
+limit), `update(...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specdec.gamma import VerifyCost, choose_gamma
+
+
+def _ema(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
+
+
+@dataclass
+class RttGamma:
+    """Per request: after each verdict, the gamma that maximises expected committed tokens per second."""
+
+    gamma: int = 4  # the next block's gamma
+    max_gamma: int = 16
+    min_gamma: int = 0
+    probe_every: int = 16  # rounds in a row at gamma 0 before one round at gamma 1
+    prior: float = 2.0  # pseudo-blocks pulling each position's rate toward the pooled rate
+    prior_alpha: float = 0.5  # the pooled rate before any verdict
+    forget: float = 0.99  # per-round decay of the acceptance counts (~1 / (1 - forget) rounds of memory)
+    smoothing: float = 0.2  # EMA weight of the newest draft, service and round-trip sample
+    draft_s: float | None = field(default=None, init=False)  # seconds per draft token; None before any draft
+    rtt_s: float | None = field(default=None, init=False)  # network round trip, service excluded
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_gamma <= self.gamma <= self.max_gamma:
+            raise ValueError(f"need 0 <= min_gamma <= gamma <= max_gamma, "
+                             f"got {self.min_gamma}, {self.gamma}, {self.max_gamma}")
+        self._accepted: list[float] = []  # [positions] decayed blocks that accepted position i+1
+        self._reached: list[float] = []  # [positions] decayed blocks that reached (proposed, all before accepted) i+1
+        self._service: dict[int, float] = {}  # draft tokens of a block -> EMA of its service seconds
+        self._rounds_at_zero = 0
+
+    def update(self, proposed: int, accepted: int, *, draft_s: float, service_s: float, rtt_s: float) -> None:
+        """Learn from one verdict: `accepted` leading tokens of `proposed` drafted in `draft_s` seconds,
+        verified in `service_s` (queue + compute), `rtt_s` the round trip minus service_s."""
+        self._accepted = [n * self.forget for n in self._accepted]
+        self._reached = [n * self.forget for n in self._reached]
+        reached = min(accepted + 1, proposed)  # the first rejected position was reached too
+        if reached > len(self._reached):
+            self._accepted += [0.0] * (reached - len(self._accepted))
+            self._reached += [0.0] * (reached - len(self._reached))
+        for i in range(reached):
+            self._reached[i] += 1
+            self._accepted[i] += float(i < accepted)
+        if proposed:
+            self.draft_s = _ema(self.draft_s, draft_s / proposed, self.smoothing)
+        self._service[proposed] = _ema(self._service.get(proposed), service_s, self.smoothing)
+        self.rtt_s = _ema(self.rtt_s, max(rtt_s, 0.0), self.smoothing)
+        self.gamma = self._next_gamma()
+
+    def accept_rates(self) -> list[float]:
+        """[max_gamma] estimated P(position i+1 accepted | positions 1..i accepted)."""
+        pooled = (sum(self._accepted) + self.prior * self.prior_alpha) / (sum(self._reached) + self.prior)
+        pad = max(0, self.max_gamma - len(self._reached))
+        return [(a + self.prior * pooled) / (r + self.prior)
+                for a, r in zip(self._accepted + [0.0] * pad, self._reached + [0.0] * pad)][: self.max_gamma]
+
+    def verify_cost(self) -> VerifyCost:
+        """(fixed_s, per_token_s) of the verifier's service time, fitted to the block sizes seen.
+
+        With one block size seen the split is unknown: assume a cost per scored position (gamma + 1 of
+        them), as on a CPU verifier; the next block of another size fixes it.
+        """
+        if not self._service:
+            return (0.0, 0.0)
+        if len(self._service) == 1:
+            [(size, seconds)] = self._service.items()
+            return (seconds / (size + 1), seconds / (size + 1))
+        points = self._service.items()
+        mean_x = sum(x for x, _ in points) / len(points)
+        mean_y = sum(y for _, y in points) / len(points)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+        per_token_s = max(slope, 0.0)
+        return (max(mean_y - per_token_s * mean_x, 0.0), per_token_s)
+
+    def _next_gamma(self) -> int:
+        chosen = choose_gamma(self.accept_rates(), self.draft_s or 0.0, self.verify_cost(), self.rtt_s or 0.0,
+                              self.max_gamma)
+        chosen = min(max(chosen, self.min_gamma), self.max_gamma)
+        if chosen:
+            self._rounds_at_zero = 0
+            return chosen
+        self._rounds_at_zero += 1
+        if self._rounds_at_zero > self.probe_every:
+            self._rounds_at_zero = 0
+            return min(1, self.max_gamma)
+        return 0

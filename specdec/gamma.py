@@ -1,0 +1,63 @@
+"""The RTT-aware choice of gamma for lock-step speculative decoding: pure math, no state, no network.
+
+One lock-step round drafts gamma tokens (gamma * draft_s), sends them, and waits for the verdict: the
+verifier's service time for the block plus the network round trip. It commits the accepted prefix of the
+block and one more token (recovered on a rejection, bonus after a full accept). The best gamma maximises
+expected committed tokens per second of a round; a longer round trip makes every round dearer, so the
+best gamma grows with the delay (delay-adaptive speculation, arXiv 2606.20591). gamma = 0 is a plain
+decoding round: one token per verify + round trip. `draft_worker.gamma.RttGamma` estimates the inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# (fixed_s, per_token_s): the verifier serves a block of gamma draft tokens in fixed_s + gamma * per_token_s
+VerifyCost = tuple[float, float]
+
+
+def verify_seconds(verify_s: VerifyCost, gamma: int) -> float:
+    """The verifier's service time of a block of gamma draft tokens (gamma = 0: one plain decoding step).
+
+    A CPU verifier's cost grows with the tokens it scores (per_token_s ~ a step); a GPU's is nearly flat.
+    """
+    fixed_s, per_token_s = verify_s
+    return fixed_s + gamma * per_token_s
+
+
+def expected_tokens(accept: Sequence[float], gamma: int) -> float:
+    """Expected committed tokens of one block of gamma draft tokens, the recovered/bonus token included.
+
+    accept[i] = P(draft position i+1 accepted | positions 1..i accepted); needs len(accept) >= gamma.
+    E = 1 + sum_{i=1..gamma} prod_{j<=i} accept[j-1]; for a constant alpha, (1 - alpha^(gamma+1)) / (1 - alpha).
+    """
+    if not 0 <= gamma <= len(accept):
+        raise ValueError(f"gamma must be in [0, {len(accept)}] (the positions with an acceptance rate), got {gamma}")
+    expected, reach = 1.0, 1.0  # reach = P(positions 1..i all accepted)
+    for alpha in accept[:gamma]:
+        reach *= alpha
+        expected += reach
+    return expected
+
+
+def choose_gamma(accept: Sequence[float], draft_s: float, verify_s: VerifyCost, rtt_s: float, max_gamma: int) -> int:
+    """The gamma in [0, max_gamma] maximising expected_tokens(gamma) / (gamma*draft_s + verify_s(gamma) + rtt_s).
+
+    draft_s: seconds per draft token; verify_s: (fixed_s, per_token_s) of the verifier's service time;
+    rtt_s: the network round trip, service excluded. accept: as in `expected_tokens`, at least max_gamma
+    positions. Ties go to the smaller gamma (less work for the same rate).
+    """
+    if not 0 <= max_gamma <= len(accept):
+        raise ValueError(f"max_gamma must be in [0, {len(accept)}] (the positions with an acceptance rate), "
+                         f"got {max_gamma}")
+    best_gamma, best_rate = 0, 0.0
+    expected, reach = 1.0, 1.0
+    for gamma in range(max_gamma + 1):
+        if gamma:
+            reach *= accept[gamma - 1]
+            expected += reach
+        seconds = max(gamma * draft_s + verify_seconds(verify_s, gamma) + rtt_s, 1e-12)  # [s] of one round
+        rate = expected / seconds  # committed tokens per second
+        if rate > best_rate * (1 + 1e-12):
+            best_gamma, best_rate = gamma, rate
+    return best_gamma

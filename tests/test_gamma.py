@@ -1,0 +1,160 @@
+"""The RTT-aware gamma: the expected-tokens formula, the choice of gamma, and RttGamma learning it online."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from draft_worker.gamma import RttGamma
+from specdec.gamma import choose_gamma, expected_tokens
+
+RTTS = [0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8, 0.95])
+@pytest.mark.parametrize("gamma", [0, 1, 4, 9])
+def test_expected_tokens_matches_geometric_closed_form(alpha, gamma):
+    assert expected_tokens([alpha] * gamma, gamma) == pytest.approx((1 - alpha ** (gamma + 1)) / (1 - alpha))
+
+
+def test_expected_tokens_by_position():
+    # accepted prefix length L: P(L >= i) = prod_{j<=i} accept[j-1]; E = 1 + sum_i P(L >= i)
+    assert expected_tokens([0.9, 0.5, 0.2], 3) == pytest.approx(1 + 0.9 + 0.45 + 0.09)
+    assert expected_tokens([0.9, 0.5, 0.2], 1) == pytest.approx(1.9)  # later positions do not count
+    with pytest.raises(ValueError):
+        expected_tokens([0.9], 2)
+
+
+def _simulated_rate(accept: list[float], gamma: int, draft_s: float, verify_s: tuple[float, float], rtt_s: float,
+                    rounds: int, rng: np.random.Generator) -> float:
+    """Committed tokens per second of `rounds` simulated lock-step rounds at gamma."""
+    accepted_at = rng.random((rounds, gamma)) < np.asarray(accept[:gamma])  # [rounds, gamma]
+    accepted = np.cumprod(accepted_at, axis=1).sum(axis=1)  # [rounds] leading accepted tokens
+    seconds = rounds * (gamma * draft_s + verify_s[0] + gamma * verify_s[1] + rtt_s)
+    return float((accepted + 1).sum()) / seconds
+
+
+@pytest.mark.parametrize(("accept", "draft_s", "verify_s", "rtt_s"), [
+    ([0.8] * 10, 0.005, (0.03, 0.01), 0.05),  # CPU verifier: cost grows with the block
+    ([0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], 0.003, (0.015, 0.0), 0.02),  # GPU: flat
+    ([0.6] * 10, 0.01, (0.02, 0.005), 0.0),  # loopback, a weak drafter
+    ([0.95] * 10, 0.002, (0.01, 0.0), 0.1),  # far, a strong drafter
+])
+def test_choose_gamma_agrees_with_simulated_rounds(accept, draft_s, verify_s, rtt_s):
+    rng = np.random.default_rng(0)
+    rates = [_simulated_rate(accept, g, draft_s, verify_s, rtt_s, 100_000, rng) for g in range(11)]
+    best = choose_gamma(accept, draft_s, verify_s, rtt_s, 10)
+    # the simulation's best matches, up to Monte-Carlo noise (~0.3% at 1e5 rounds) where two gammas are close
+    assert rates[best] >= max(rates) * 0.99
+    assert best == int(np.argmax(rates)) or abs(rates[best] - max(rates)) < 0.01 * max(rates)
+    # and the choice is not trivially flat: the worst gamma is clearly worse
+    assert min(rates) < 0.9 * rates[best]
+
+
+@pytest.mark.parametrize(("accept", "draft_s", "verify_s"), [
+    ([0.8] * 16, 0.005, (0.03, 0.01)),
+    ([0.7] * 16, 0.02, (0.02, 0.005)),
+    ([0.95 - 0.05 * i for i in range(16)], 0.003, (0.015, 0.0)),
+])
+def test_best_gamma_grows_with_the_round_trip(accept, draft_s, verify_s):
+    gammas = [choose_gamma(accept, draft_s, verify_s, rtt_s, 16) for rtt_s in RTTS]
+    assert gammas == sorted(gammas)
+    assert gammas[-1] > gammas[0]  # it does move
+
+
+def test_gamma_extremes():
+    # every draft accepted and drafting free: the longest block, on a flat and on a per-token verifier
+    assert choose_gamma([1.0] * 8, 0.0, (0.02, 0.0), 0.0, 8) == 8
+    assert choose_gamma([1.0] * 8, 0.0, (0.02, 0.01), 0.05, 8) == 8
+    assert choose_gamma([0.999] * 8, 0.0, (0.02, 0.0), 0.05, 8) == 8
+    # nothing is ever accepted: plain decoding, however long the round trip (ties -> the smaller gamma)
+    for rtt_s in RTTS:
+        assert choose_gamma([0.0] * 8, 0.0, (0.02, 0.0), rtt_s, 8) == 0
+        assert choose_gamma([0.0] * 8, 0.01, (0.02, 0.005), rtt_s, 8) == 0
+    assert choose_gamma([1.0] * 8, 0.0, (0.02, 0.0), 0.0, 3) == 3  # max_gamma caps it
+
+
+class Process:
+    """A lock-step session: Bernoulli(alpha) acceptance per position, fixed draft, verify and network times."""
+
+    def __init__(self, alpha: float, draft_s: float, verify_s: tuple[float, float], rtt_s: float, seed: int = 0):
+        self.alpha, self.draft_s, self.verify_s, self.rtt_s = alpha, draft_s, verify_s, rtt_s
+        self.rng = random.Random(seed)
+
+    def run(self, schedule: RttGamma, rounds: int) -> list[int]:
+        used = []
+        for _ in range(rounds):
+            gamma = schedule.gamma
+            used.append(gamma)
+            accepted = 0
+            while accepted < gamma and self.rng.random() < self.alpha:
+                accepted += 1
+            schedule.update(gamma, accepted, draft_s=gamma * self.draft_s,
+                            service_s=self.verify_s[0] + gamma * self.verify_s[1], rtt_s=self.rtt_s)
+        return used
+
+    def best(self, max_gamma: int) -> int:
+        return choose_gamma([self.alpha] * max_gamma, self.draft_s, self.verify_s, self.rtt_s, max_gamma)
+
+    def efficiency(self, gamma: int) -> float:
+        """True committed tokens/s at gamma, as a fraction of the best gamma's."""
+        def rate(g: int) -> float:
+            seconds = g * self.draft_s + self.verify_s[0] + g * self.verify_s[1] + self.rtt_s
+            return expected_tokens([self.alpha] * g, g) / seconds
+        return rate(gamma) / rate(self.best(gamma + 16))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rtt_gamma_converges_and_follows_the_round_trip(seed):
+    # near: the best gamma is 2 (3 within 0.4%, 0 at 72%); far: 5 (4 and 6 within 2%, 2 at 85%)
+    process = Process(alpha=0.8, draft_s=0.005, verify_s=(0.03, 0.01), rtt_s=0.01, seed=seed)
+    schedule = RttGamma(max_gamma=12)
+    near = process.best(12)
+    process.run(schedule, 200)
+    used = process.run(schedule, 200)
+    assert Counter(used).most_common(1)[0][0] in (near, near + 1)
+    assert np.mean([process.efficiency(g) for g in used]) > 0.98
+    assert min(process.efficiency(g) for g in used) > 0.9
+    assert schedule.accept_rates()[:2] == pytest.approx([0.8] * 2, abs=0.1)  # the positions it keeps reaching
+    assert schedule.verify_cost() == pytest.approx((0.03, 0.01), abs=1e-9)
+    assert schedule.draft_s == pytest.approx(0.005)
+    assert schedule.rtt_s == pytest.approx(0.01)
+
+    process.rtt_s = 0.1  # the link gets slower mid-run
+    far = process.best(12)
+    assert far >= near + 3
+    process.run(schedule, 100)
+    used_far = process.run(schedule, 200)
+    assert abs(Counter(used_far).most_common(1)[0][0] - far) <= 1
+    assert np.mean([process.efficiency(g) for g in used_far]) > 0.97
+    assert min(process.efficiency(g) for g in used_far) > 0.9
+    assert np.median(used_far) >= np.median(used) + 2
+
+
+def test_rtt_gamma_starts_sane_and_falls_to_plain_decoding_but_comes_back():
+    process = Process(alpha=0.0, draft_s=0.005, verify_s=(0.03, 0.01), rtt_s=0.05)
+    schedule = RttGamma(gamma=4, max_gamma=8, probe_every=10)
+    used = process.run(schedule, 60)
+    assert used[0] == 4
+    tail = used[30:]
+    assert tail.count(0) >= 0.8 * len(tail)  # plain decoding, mostly
+    assert 1 in tail  # with a probe now and then
+    process.alpha = 0.95  # the drafter is good again (the text turned predictable)
+    used = process.run(schedule, 150)
+    assert used[-1] >= 3
+
+
+def test_rtt_gamma_respects_its_bounds():
+    with pytest.raises(ValueError):
+        RttGamma(gamma=5, max_gamma=4)
+    schedule = RttGamma(gamma=4, max_gamma=16, min_gamma=1)
+    schedule.max_gamma = 3  # the client lowers it to the verifier's limit
+    for _ in range(20):  # nothing accepted: 0 were it not for min_gamma
+        schedule.update(schedule.gamma, 0, draft_s=0.01 * schedule.gamma, service_s=0.03, rtt_s=0.2)
+        assert 1 <= schedule.gamma <= 3
+    assert len(schedule.accept_rates()) == 3
+    schedule.update(0, 0, draft_s=0.0, service_s=0.03, rtt_s=0.2)  # nothing drafted (the request's last token)
+    assert schedule.draft_s == pytest.approx(0.01)
