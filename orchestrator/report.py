@@ -146,11 +146,24 @@ def _verifier_busy_s(ok: pd.DataFrame) -> pd.Series:
 
 
 def mean_gamma(ok: pd.DataFrame) -> float:
-    """The mean gamma over the rounds that drafted: the gamma each round used as the client records it
-    (gamma_per_round), else the tokens each round proposed (which a block cut short by max_new_tokens undercounts)."""
+    """The mean gamma of the blocks drafted: the schedule's gamma per block as the client records it
+    (gamma_per_round; a block cut short by max_new_tokens counts at its gamma), or in runs from before that
+    record, the tokens proposed per round that proposed any."""
     used = ok["gamma_per_round"] if "gamma_per_round" in ok else [None] * len(ok)
-    gammas = [g for u, p in zip(used, ok["proposed_per_round"]) for g in (u if isinstance(u, list) else p) if g]
+    per_block = [u if isinstance(u, list) and u else p for u, p in zip(used, ok["proposed_per_round"])]
+    gammas = [g for blocks in per_block for g in blocks if g]
     return float(np.mean(gammas)) if gammas else 0.0
+
+
+def _pooled(per_request) -> np.ndarray:
+    """Every request's per-round values in one array, NaN-padded so percentiles of none are NaN, not an error."""
+    return np.concatenate([np.asarray(v, float) for v in per_request] + [np.array([np.nan])])
+
+
+def _link_s(ok: pd.DataFrame) -> np.ndarray:
+    """Round trip minus verifier service per round, for the requests that time both per round (lock-step and
+    ahead; async sessions stream commits, with no round trip to pair each step's service time with)."""
+    return _pooled(np.asarray(r, float) - np.asarray(s, float) for r, s in zip(ok["rtt_s"], ok["service_s"]) if len(r) == len(s))
 
 
 def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessions_per_worker: float) -> dict:
@@ -174,25 +187,25 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
         "new_tokens_mean": tokens.mean(),
         "accuracy": ok["correct"].astype(float).mean() if "correct" in ok else float("nan"),
         "verifier_busy_s_per_token": np.nanpercentile(busy / tokens, 50),
-        "batch_size_p50": np.nanpercentile(np.concatenate([np.asarray(b, float) for b in ok["batch_size"]] + [[np.nan]]), 50)
-        if "batch_size" in ok else float("nan"),
+        "batch_size_p50": np.nanpercentile(_pooled(ok["batch_size"]), 50) if "batch_size" in ok else float("nan"),
         "cost_per_query_usd": np.nanpercentile((prices["verifier_per_hour"] * busy
                                     + prices["draft_per_hour"] * ok["wall_s"] / sessions_per_worker) / 3600, 50),
     })
     proposed = ok["proposed"].sum()
     rounds = ok["rounds"].sum()
     if rounds:
-        rtt = np.concatenate([np.asarray(r, float) for r in ok["rtt_s"]])
-        service = np.concatenate([np.asarray(s, float) for s in ok["service_s"]])
+        rtt, service = _pooled(ok["rtt_s"]), _pooled(ok["service_s"])
+        drafting_rounds = sum(sum(1 for p in r if p) for r in ok["proposed_per_round"])
         sent, received = ok["bytes_sent"].sum(), ok["bytes_received"].sum()
         row.update({
             "acceptance_rate": ok["accepted"].sum() / proposed if proposed else float("nan"),
             "alpha": per_token_alpha(list(ok["proposed_per_round"]), list(ok["accepted_per_round"])),
             "mean_acceptance_length": tokens.sum() / rounds,
             "mean_gamma": mean_gamma(ok),
+            "mean_drafted": proposed / drafting_rounds if drafting_rounds else 0.0,  # tokens per round that drafted
             "acceptance_by_position": acceptance_by_position(list(ok["proposed_per_round"]), list(ok["accepted_per_round"])),
             "round_trip_ms_p50": 1000 * np.nanpercentile(rtt, 50), "verifier_service_ms_p50": 1000 * np.nanpercentile(service, 50),
-            "rtt_measured_ms": 1000 * np.nanpercentile(rtt - service, 50),
+            "rtt_measured_ms": 1000 * np.nanpercentile(_link_s(ok), 50),
             "network_share_p50": np.nanpercentile(ok["network_share"], 50),
             "bytes_sent_per_round": sent / rounds, "bytes_received_per_round": received / rounds,
             "bytes_sent_per_token": sent / tokens.sum(), "bytes_received_per_token": received / tokens.sum(),
@@ -225,7 +238,7 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
             if "acceptance_rate" in row:
                 c = row["draft_ms_per_drafted_token"] / 1000 / np.nanpercentile(base_s_per_token, 50)  # draft step / target step
                 row["leviathan_c"] = c
-                row["leviathan_bound"] = leviathan_bound(row["alpha"], row["mean_gamma"], c)
+                row["leviathan_bound"] = leviathan_bound(row["alpha"], row["mean_drafted"], c)
                 row["achieved_over_bound"] = row["speedup_paired_p50"] / row["leviathan_bound"]
     return row
 

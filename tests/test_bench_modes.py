@@ -4,6 +4,7 @@ at its own RTT, the per-RTT "which mode won" table, mean gamma, rtt.png, and the
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -46,7 +47,8 @@ def _sweep_records() -> list[dict]:
         records += [_request(f"baseline{f' rtt={rtt}ms' if rtt else ''}", "lockstep", rtt, p, wall) for p in "abc"]
     for (mode, rtt), wall in WALL.items():
         name = "ng g=3" + (f" {mode}" if mode != "lockstep" else "") + (f" rtt={rtt}ms" if rtt else "")
-        extra = {"gamma_per_round": [4, 5]} if mode == "async" else {}  # the gamma each round used, as recorded
+        # async: the gamma of each block as the client records it, and no per-round round trips (a commit stream)
+        extra = {"gamma_per_round": [4, 5], "rtt_s": []} if mode == "async" else {}
         records += [_request(name, mode, rtt, p, wall, **extra) for p in "abc"]
     return records
 
@@ -63,9 +65,12 @@ def test_each_configuration_is_paired_with_the_baseline_at_its_rtt_and_the_winne
     # base s/token over spec s/token: at 50 ms against Generate at 50 ms (2 s), not at 0 ms (which would give 2.0)
     assert rows.loc["ng g=3 async rtt=50ms", "speedup_paired_p50"] == pytest.approx(4.0)
     assert rows.loc["ng g=3", "speedup_paired_p50"] == pytest.approx(2.0)
+    assert math.isnan(rows.loc["ng g=3 async", "rtt_measured_ms"])  # no round trip to pair service times with
+    assert rows.loc["ng g=3", "rtt_measured_ms"] == pytest.approx(6.0)  # 10 ms round trip - 4 ms service
     assert rows.loc["ng g=3 ahead rtt=50ms", "mode"] == "ahead" and rows.loc["baseline rtt=50ms", "mode"] == "lockstep"
     assert rows.loc["ng g=3 async", "mean_gamma"] == pytest.approx(4.5)  # gamma_per_round, not the 2.0 proposed
-    assert rows.loc["ng g=3", "mean_gamma"] == pytest.approx(2.0)  # no gamma_per_round: (3 + 1) / 2 rounds
+    assert rows.loc["ng g=3 async", "mean_drafted"] == pytest.approx(2.0)  # what the Leviathan bound takes
+    assert rows.loc["ng g=3", "mean_gamma"] == pytest.approx(2.0)  # gamma_per_round empty: (3 + 1) / 2 rounds
 
     winners = report.mode_winners(summary).set_index("rtt_ms")
     assert list(winners.index) == [0, 50]

@@ -137,7 +137,8 @@ async def test_bench_over_ray_with_a_stub_verifier(local_ray, tiny_dirs, tmp_pat
         assert row["acceptance_rate"] == pytest.approx(20 / 39)
         assert row["acceptance_by_position"] == [1.0, 1.0, 0.0, 0.0]
         assert row["mean_acceptance_length"] == pytest.approx(MAX_NEW / 11)
-        assert row["mean_gamma"] == pytest.approx(3.9)  # 39 drafts over the 10 rounds that drafted
+        assert row["mean_gamma"] == 4.0  # every block at gamma 4, as the client records it (gamma_per_round)
+        assert row["mean_drafted"] == pytest.approx(3.9)  # 39 drafts over the 10 rounds that drafted
         assert row["verifier_busy_s_per_token"] == pytest.approx((PREFILL_S + 11 * ROUND_S) / MAX_NEW)
         assert row["verifier_busy_vs_baseline"] == pytest.approx((PREFILL_S + 11 * ROUND_S) / MAX_NEW / TOKEN_S)
         assert row["bytes_sent_per_token"] > 0 and row["bytes_received_per_round"] > 0
