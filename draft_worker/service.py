@@ -30,9 +30,10 @@ class DraftService:
     tokenizer: object  # encodes prompts and decodes output (the draft's, or the verifier's for ngram/baseline)
     fingerprint: str  # of that tokenizer
     spec: DrafterSpec | None  # None: verifier-only
-    gamma: int | str  # draft tokens per block, or "adaptive"
+    gamma: int | str  # draft tokens per block, "adaptive" or "rtt"
     config: ClientConfig
     draft_models: DraftModels
+    mode: str = "lockstep"  # how sessions overlap drafting and verifying (specdec.config.SPEC_MODES)
 
     @property
     def model_name(self) -> str:
@@ -54,13 +55,24 @@ class DraftService:
         if self.spec is None:
             return await client.generate_baseline(self.stub, prompt_ids, params, self.config, on_commit)
         drafter = build_drafter(self.spec, self.draft_models, prompt_fingerprint=self.fingerprint)
-        gamma = AdaptiveGamma() if self.gamma == "adaptive" else int(self.gamma)
-        return await client.speculate(self.stub, drafter, prompt_ids, params, gamma, self.info, self.config,
-                                      drafter.fingerprint, on_commit)
+        return await client.speculate(self.stub, drafter, prompt_ids, params, gamma_schedule(self.gamma), self.info,
+                                      self.config, drafter.fingerprint, on_commit, mode=self.mode)
+
+
+def gamma_schedule(gamma: int | str):
+    """What client.speculate takes for a configured gamma: a fixed block size, or a fresh schedule per request
+    ("adaptive": HF's +2/-1 heuristic; "rtt": chosen per round from the measured link and step times)."""
+    if gamma == "adaptive":
+        return AdaptiveGamma()
+    if gamma == "rtt":
+        from draft_worker.gamma import RttGamma
+
+        return RttGamma()
+    return int(gamma)
 
 
 async def connect(channel, spec: DrafterSpec | None, config: ClientConfig, gamma: int | str = 4,
-                  tokenizer_source: str | None = None) -> DraftService:
+                  tokenizer_source: str | None = None, mode: str = "lockstep") -> DraftService:
     """Fetch the verifier's Info, load the draft model (off the event loop) and the prompt tokenizer, and check
     they share the verifier's tokenizer. Raises VerifierError (unreachable, mismatch) or a load error."""
     from specdec import models
@@ -76,4 +88,4 @@ async def connect(channel, spec: DrafterSpec | None, config: ClientConfig, gamma
         tokenizer = await asyncio.to_thread(models.load_tokenizer, source)
     fingerprint = models.tokenizer_fingerprint(tokenizer)
     check_pair(info, source, fingerprint)
-    return DraftService(stub, info, tokenizer, fingerprint, spec, gamma, config, draft_models)
+    return DraftService(stub, info, tokenizer, fingerprint, spec, gamma, config, draft_models, mode)

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from orchestrator.checks import BenchError, check_limits, check_resume
 from orchestrator.config import BenchConfig, RunSpec, expand
 from orchestrator.placement import pin_cores
 
@@ -28,10 +29,6 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2  # the first try and one retry
 RETRY_BACKOFF_S = 2.0  # the retry waits a uniform draw in [0, this x 2^(attempt - 1)]
 REQUESTS = "requests.jsonl"
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot run as configured; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +137,7 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
 
     def record(prompt: Prompt, status: str, attempts: int, result: dict | None = None, error: str = "") -> None:
         rec = {"config": spec.name, "drafter": spec.drafter, "draft_name": spec.draft_name, "draft_model": spec.model,
-               "gamma": spec.gamma, "rtt_ms": spec.rtt_ms, "sessions": sessions, "prompt_index": prompt.index, "pubid": prompt.pubid,
+               "gamma": spec.gamma, "mode": spec.mode, "rtt_ms": spec.rtt_ms, "sessions": sessions, "prompt_index": prompt.index, "pubid": prompt.pubid,
                "prompt_tokens": len(prompt.ids), "prompt_truncated": prompt.truncated, "status": status,
                "attempts": attempts, "error": error}
         if result is not None:
@@ -280,40 +277,6 @@ async def _fetch_info(address: str, client_config):
             raise BenchError(f"cannot reach the verifier at {address}: {exc}") from None
 
 
-def _check_limits(config: BenchConfig, specs: list[RunSpec], limits) -> None:
-    """Refuse, before any request, a run the verifier would refuse request by request."""
-    gammas = [s.gamma for s in specs if isinstance(s.gamma, int)]
-    problems = []
-    if gammas and max(gammas) > limits.max_gamma:
-        problems.append(f"gamma {max(gammas)} is over the verifier's max_gamma {limits.max_gamma}")
-    if config.max_new_tokens > limits.max_new_tokens:
-        problems.append(f"max_new_tokens {config.max_new_tokens} is over the verifier's limit {limits.max_new_tokens}")
-    sessions = max(config.concurrency.levels())
-    per_client = limits.max_sessions_per_client or limits.max_sessions
-    if sessions > min(limits.max_sessions, per_client):
-        problems.append(f"concurrency: {sessions} sessions is over the verifier's limit of "
-                        f"{min(limits.max_sessions, per_client)} (max_sessions / max_sessions_per_client)")
-    if problems:
-        raise BenchError("; ".join(problems))
-
-
-def _check_resume(out: pathlib.Path, config: BenchConfig) -> None:
-    """--resume must not mix results of a different model, sampling, length or dataset into one run."""
-    path = out / "run.json"
-    if not path.exists():
-        return
-    def what_matters(c: dict) -> dict:
-        return {"verifier": {f: c["verifier"][f] for f in ("model", "dtype")},
-                **{k: c[k] for k in ("drafts", "tokenizer", "sampling", "max_new_tokens", "ignore_eos", "dataset")},
-                "prompt_format": c.get("prompt_format", "raw")}
-
-    before = what_matters(json.loads(path.read_text())["config"])
-    now = what_matters(json.loads(json.dumps(dataclasses.asdict(config))))
-    changed = [k for k in now if before[k] != now[k]]
-    if changed:
-        raise BenchError(f"--resume with a config that changed {', '.join(changed)} since {path}; use a new --out")
-
-
 def _prompt_tokenizer(config: BenchConfig, info) -> tuple:
     """The tokenizer that encodes the prompts (the verifier's by default) and its fingerprint, checked
     against the verifier's. LM drafts are checked on the draft workers (`_prepare_drafts`)."""
@@ -354,7 +317,7 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
         raise BenchError(f"{out} already holds results; pass --resume to continue that run or --out for a new one")
     specs = expand(config)
     if resume:
-        _check_resume(out, config)
+        check_resume(out, config)
     items = load_items(config)
     client_config = _client_config(config)
     owns_ray = _init_ray(config)
@@ -372,7 +335,7 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
         if address is None:
             verifier_actor, address = await _start_verifier(config, client_config, verifier_cpus)
         info = await _fetch_info(address, client_config)
-        _check_limits(config, specs, info.limits)
+        check_limits(config, specs, info.limits)
         tokenizer, fingerprint = _prompt_tokenizer(config, info)
         limit = min(info.limits.max_prompt_tokens, config.dataset.max_prompt_tokens or info.limits.max_prompt_tokens)
         prompts = encode_prompts(items, tokenizer, limit, config.prompt_format)

@@ -13,6 +13,7 @@ import logging
 import pathlib
 import sys
 
+from specdec.config import SPEC_MODES
 from specdec.errors import LOAD_ERRORS, UserError, run_command, user_errors
 
 
@@ -31,7 +32,11 @@ def _add_drafting(p, baseline: bool) -> None:
     if baseline:
         mode.add_argument("--baseline", action="store_true", help="verifier-only generation")
     p.add_argument("--tokenizer", help="tokenizer source for --drafter ngram/--baseline (default: the verifier's model id)")
-    p.add_argument("--gamma", type=_gamma, default=4, help="draft tokens per block, or 'adaptive'")
+    p.add_argument("--gamma", type=_gamma, default=4, help="draft tokens per block, 'adaptive' (HF's +2/-1) or "
+                   "'rtt' (chosen per round from the measured round trip and step times)")
+    p.add_argument("--mode", choices=SPEC_MODES, default="lockstep",
+                   help="lockstep: one block in flight; ahead: draft the next block while a verdict is in flight; "
+                        "async: the verifier decodes every step and verifies whatever draft has arrived")
     p.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches")
     p.add_argument("--draft-backend", choices=["transformers", "llama.cpp"], default="transformers",
                    help="run the --draft model in transformers, or in llama.cpp (a .gguf file or offline: alias)")
@@ -67,12 +72,12 @@ def _add_serve_draft(sub) -> None:
 
 
 def _gamma(value: str) -> int | str:
-    if value == "adaptive":
+    if value in ("adaptive", "rtt"):
         return value
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"gamma is an integer or 'adaptive', got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"gamma is an integer, 'adaptive' or 'rtt', got {value!r}") from None
 
 
 def _add_client_security(p) -> None:
@@ -110,7 +115,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--dataset", metavar="SOURCE", help="'hub', 'env' ($SPECDEC_PUBMEDQA) or a PubMedQA file path")
     p.add_argument("--prompts", type=int, help="number of PubMedQA prompts")
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--emulate-rtt-ms", type=float, help="add this round trip (userspace delay, half each way)")
+    p.add_argument("--emulate-rtt-ms", type=float, nargs="+", metavar="MS",
+                   help="add this round trip (userspace delay, half each way) to every draft without its own; several sweep it")
+    p.add_argument("--mode", choices=SPEC_MODES, nargs="+", help="session mode of every draft without its own "
+                   "`mode` key; several sweep it")
     p.add_argument("--draft-workers", type=int, help="draft worker actors")
     p.add_argument("--sessions-per-worker", type=int, help="requests in flight per draft worker")
     p.add_argument("--sessions", type=int, nargs="+", metavar="N", help="requests in flight in all; several sweep it")
@@ -163,17 +171,18 @@ def _drafter_spec(args):
                        ngram_max=args.ngram_max)
 
 
-async def connect_or_explain(channel, address: str, spec, config, gamma, tokenizer: str | None):
-    """draft_worker.service.connect, its failures as one line: unreachable, a model that does not load, a mismatch."""
+async def connect_or_explain(channel, address: str, spec, config, args):
+    """draft_worker.service.connect with the drafting flags in args, its failures as one line: unreachable, a model
+    that does not load, a mismatch."""
     from draft_worker.service import connect
     from draft_worker.transport import VerifierError
 
     try:
-        return await connect(channel, spec, config, gamma, tokenizer)
+        return await connect(channel, spec, config, args.gamma, args.tokenizer, args.mode)
     except VerifierError as exc:
         raise UserError(f"cannot reach the verifier at {address}: {exc}" if exc.code else str(exc)) from exc
     except LOAD_ERRORS as exc:
-        raise UserError(f"cannot load {(spec and spec.model) or tokenizer or 'the verifier tokenizer'!r}: {exc}") from exc
+        raise UserError(f"cannot load {(spec and spec.model) or args.tokenizer or 'the verifier tokenizer'!r}: {exc}") from exc
 
 
 async def _generate(args) -> dict:
@@ -184,7 +193,7 @@ async def _generate(args) -> dict:
     config = client_config(args, args.timeout)
     spec = _drafter_spec(args)
     async with transport.open_channel(args.verifier, config) as channel:
-        service = await connect_or_explain(channel, args.verifier, spec, config, args.gamma, args.tokenizer)
+        service = await connect_or_explain(channel, args.verifier, spec, config, args)
         with user_errors("invalid request", ValueError):
             params = service.params(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                                     args.ignore_eos)
@@ -212,8 +221,7 @@ async def _serve_draft(args) -> None:
                                              "can reach it can generate through your verifier", args.host)
     config = client_config(args, args.timeout)
     async with transport.open_channel(args.verifier, config) as channel:
-        service = await connect_or_explain(channel, args.verifier, _drafter_spec(args), config, args.gamma,
-                                           args.tokenizer)
+        service = await connect_or_explain(channel, args.verifier, _drafter_spec(args), config, args)
         with user_errors(f"cannot listen on {args.host}:{args.port}", OSError):
             await http.serve(service, args.host, args.port)
 
@@ -221,6 +229,11 @@ async def _serve_draft(args) -> None:
 def _read_prompt(path: pathlib.Path) -> str:
     with user_errors("cannot read the prompt file", OSError):
         return path.read_text()
+
+
+def _sweep(values: list | None):
+    """A repeatable flag as a config value: None (not given), one value, or a list of several (a sweep)."""
+    return values and (values if len(values) > 1 else values[0])
 
 
 def _bench(args) -> dict:
@@ -231,9 +244,10 @@ def _bench(args) -> dict:
         cfg = bench_config.load(args.config)
         cfg = bench_config.override(cfg, **{
             "verifier.address": args.verifier, "ray.address": args.ray_address, "dataset.source": args.dataset,
-            "dataset.num_prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "rtt_ms": args.emulate_rtt_ms,
+            "dataset.num_prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "rtt_ms": _sweep(args.emulate_rtt_ms),
+            "mode": _sweep(args.mode),
             "concurrency.draft_workers": args.draft_workers, "concurrency.sessions_per_worker": args.sessions_per_worker,
-            "concurrency.sessions": args.sessions and (args.sessions if len(args.sessions) > 1 else args.sessions[0]),
+            "concurrency.sessions": _sweep(args.sessions),
             "cpus": args.cpus, "output_dir": args.out})
         run_dir = asyncio.run(bench.run(cfg, resume=args.resume, progress=not args.no_progress))
     except (bench_config.ConfigError, bench.BenchError) as exc:

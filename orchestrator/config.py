@@ -1,9 +1,11 @@
 """The benchmark's run configuration: a YAML file validated into frozen dataclasses, then expanded into runs.
 
 Unknown keys and wrong types are rejected with the key's path in the message. `expand` turns the drafts
-list (gamma and rtt_ms may be lists: sweeps) into one RunSpec per measured configuration, the
-verifier-only baseline first. The embedded default (no --config) benchmarks the offline Qwen pair: the
-LM drafter at gamma 1-4 and adaptive, and the n-gram drafter; `configs/pubmedqa.yaml` documents every key.
+list (gamma, mode and rtt_ms may be lists: sweeps) into one RunSpec per measured configuration, the
+verifier-only baseline first, once at every emulated RTT any configuration uses, so each one is compared
+with verifier-only generation through the same link. The embedded default (no --config) benchmarks the
+offline Qwen pair: the LM drafter at gamma 1-4 and adaptive, and the n-gram drafter; `configs/pubmedqa.yaml`
+documents every key.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from specdec.config import SamplingParams
+from specdec.config import SPEC_MODES, SamplingParams
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
-Gamma = int | Literal["adaptive"]
+Gamma = int | Literal["adaptive", "rtt"]
 
 
 class ConfigError(ValueError):
@@ -30,14 +32,23 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def _each_at_least(name: str, low: float):
-    """A validator for a field that holds a number or a list of them (a sweep): each one is >= low."""
+def _each(name: str, ok, requirement: str):
+    """A validator for a field that holds a value or a list of them (a sweep): ok(each one), else an error
+    saying the field must be `requirement`."""
     def check(cls, value):
         for v in _as_list(value):
-            if v is not None and v < low:
-                raise ValueError(f"{name} must be >= {low:g}, got {v}")
+            if v is not None and not ok(v):
+                raise ValueError(f"{name} must be {requirement}, got {v!r}")
         return value
     return field_validator(name)(check)
+
+
+def _each_at_least(name: str, low: float):
+    return _each(name, lambda v: v >= low, f">= {low:g}")
+
+
+def _each_mode(name: str):
+    return _each(name, lambda v: v in SPEC_MODES, "one of " + ", ".join(SPEC_MODES))
 
 
 @pydantic_dataclass(config=_STRICT)
@@ -58,19 +69,22 @@ class DraftConfig:
     backend: Literal["transformers", "llama.cpp"] = "transformers"  # llama.cpp: GGUF drafts (dtype/device unused)
     dtype: str = "fp32"
     device: str = "cpu"
-    gamma: int | str | list[int | str] = 4  # a list is a sweep; "adaptive" = HF's +2/-1 heuristic
+    # a list is a sweep; "adaptive" = HF's +2/-1 heuristic; "rtt" = chosen per round from the measured link and steps
+    gamma: int | str | list[int | str] = 4
     rtt_ms: float | list[float] | None = None  # emulated RTT; None = the run's rtt_ms; a list is a sweep
+    mode: str | list[str] | None = None  # lockstep | ahead | async (specdec.config.SPEC_MODES); None = the run's mode
     ngram_max: int = Field(3, ge=1)
     dense_dtype: Literal["fp16", "fp32"] = "fp16"  # wire dtype of full-vocabulary draft probabilities (sampling)
 
     _rtt_range = _each_at_least("rtt_ms", 0)
+    _modes = _each_mode("mode")
 
     @field_validator("gamma")
     @classmethod
     def _gamma_range(cls, value):
         for g in value if isinstance(value, list) else [value]:
-            if g != "adaptive" and not (isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= 64):
-                raise ValueError(f"gamma must be an integer in [1, 64] or 'adaptive', got {g!r}")
+            if g not in ("adaptive", "rtt") and not (isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= 64):
+                raise ValueError(f"gamma must be an integer in [1, 64], 'adaptive' or 'rtt', got {g!r}")
         return value
 
 
@@ -154,7 +168,9 @@ class BenchConfig:
     ignore_eos: bool = True  # generate exactly max_new_tokens, so every configuration does the same work
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig)
-    rtt_ms: float = Field(0.0, ge=0)  # emulated round trip added to every configuration (--emulate-rtt-ms)
+    # emulated round trip of every draft without its own rtt_ms (--emulate-rtt-ms); a list sweeps it
+    rtt_ms: float | list[float] = 0.0
+    mode: str | list[str] = "lockstep"  # session mode of every draft without its own; a list sweeps it (--mode)
     prices: PricesConfig = Field(default_factory=PricesConfig)
     output_dir: str = "runs/pubmedqa"
     timeout_s: float = Field(600.0, gt=0)  # deadline of one request
@@ -164,6 +180,9 @@ class BenchConfig:
     # local runs emulate two machines: "auto" pins the verifier to the first half of this machine's cores and the
     # draft workers to the rest; "shared" lets every role use every core; or {verifier: [ids], draft: [ids]}
     cpus: Literal["auto", "shared"] | CpusConfig = "auto"
+
+    _rtt_range = _each_at_least("rtt_ms", 0)
+    _modes = _each_mode("mode")
 
     def sampling_params(self, seed_offset: int, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
         s = self.sampling
@@ -176,7 +195,7 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One measured configuration: the baseline, or one drafter at one gamma and one emulated RTT."""
+    """One measured configuration: the baseline, or one drafter at one gamma, one mode and one emulated RTT."""
 
     drafter: str  # "baseline" | "lm" | "ngram"
     draft_name: str = "verifier-only"
@@ -189,6 +208,7 @@ class RunSpec:
     dense_dtype: str = "fp16"
     sessions: int | None = None  # requests in flight, when the run sweeps concurrency
     backend: str = "transformers"  # LM drafters: transformers | llama.cpp
+    mode: str = "lockstep"  # how the session overlaps drafting and verifying (specdec.config.SPEC_MODES)
 
     @property
     def drafter_spec(self):
@@ -201,24 +221,31 @@ class RunSpec:
     @property
     def name(self) -> str:
         name = "baseline" if self.drafter == "baseline" else f"{self.draft_name} g={self.gamma}"
+        name += f" {self.mode}" if self.mode != "lockstep" else ""
         return name + (f" rtt={self.rtt_ms:g}ms" if self.rtt_ms else "") + (f" x{self.sessions}" if self.sessions else "")
 
 
 def expand(config: BenchConfig) -> list[RunSpec]:
-    """Every configuration to measure, in config order, baseline first at each concurrency level."""
+    """Every configuration to measure, in config order, the baseline first at each concurrency level: once per
+    emulated RTT that any draft configuration uses, so each one has verifier-only generation at its own RTT."""
     swept = config.concurrency.sessions is not None
     if any(d.backend == "llama.cpp" for d in config.drafts) and max(config.concurrency.levels()) > config.concurrency.draft_workers:
         raise ConfigError("a llama.cpp draft runs one session at a time per draft worker: keep concurrency.sessions "
                           "(or draft_workers x sessions_per_worker) at most draft_workers")
+
+    def rtts(d: DraftConfig) -> list[float]:
+        return [float(r) for r in _as_list(d.rtt_ms if d.rtt_ms is not None else config.rtt_ms)]
+
     specs = []
     for sessions in config.concurrency.levels():
         level = sessions if swept else None
-        specs.append(RunSpec("baseline", rtt_ms=config.rtt_ms, sessions=level))
+        specs += [RunSpec("baseline", rtt_ms=rtt, sessions=level) for rtt in sorted({r for d in config.drafts for r in rtts(d)})]
         for d in config.drafts:
-            for rtt in _as_list(d.rtt_ms if d.rtt_ms is not None else config.rtt_ms):
+            for rtt in rtts(d):
                 for gamma in _as_list(d.gamma):
-                    specs.append(RunSpec(d.kind, d.name, d.model, d.dtype, d.device, gamma, float(rtt), d.ngram_max,
-                                         d.dense_dtype, level, d.backend))
+                    for mode in _as_list(d.mode if d.mode is not None else config.mode):
+                        specs.append(RunSpec(d.kind, d.name, d.model, d.dtype, d.device, gamma, rtt, d.ngram_max,
+                                             d.dense_dtype, level, d.backend, mode))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two configurations share a name: {sorted(n for n in names if names.count(n) > 1)[0]}")

@@ -2,8 +2,9 @@
 
 latency.png, throughput.png (p50 bars with p95 markers), speedup.png, acceptance.png (rate per
 configuration and by draft position), gamma_sweep.png (tok/s and acceptance vs gamma per LM drafter),
-network_share.png, concurrency.png (aggregate tok/s vs concurrent sessions, per configuration). A plot
-whose data is absent (e.g. no gamma sweep) is skipped.
+network_share.png, concurrency.png (aggregate tok/s vs concurrent sessions, per configuration), rtt.png
+(tok/s p50 vs emulated RTT, one line per configuration across RTTs: drafter, gamma, mode; and the baseline).
+A plot whose data is absent (e.g. no gamma sweep) is skipped.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def render_all(summary: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
     sweeps = summary[summary["drafter"] == "lm"] if "drafter" in summary else summary.iloc[0:0]
     sweeps = sweeps[sweeps["gamma"].map(lambda g: isinstance(g, (int, float)) and not math.isnan(g))]
     sweeps = sweeps[sweeps["rtt_configured_ms"] == 0] if "rtt_configured_ms" in sweeps else sweeps
+    sweeps = sweeps[sweeps["mode"] == "lockstep"] if "mode" in sweeps else sweeps
     if not sweeps.empty and sweeps.groupby("draft_name")["gamma"].nunique().max() >= 2 and _has(sweeps, "acceptance_rate"):
-        fig, ax = figure("gamma_sweep.png", "Gamma sweep (LM drafters, no emulated RTT)")
+        fig, ax = figure("gamma_sweep.png", "Gamma sweep (LM drafters, lock-step, no emulated RTT)")
         ax_acc = ax.twinx()
         for name, g in sweeps.groupby("draft_name"):
             g = g.sort_values("gamma")
@@ -117,6 +119,26 @@ def render_all(summary: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+        _save(fig, written[-1])
+    if _has(summary, "rtt_configured_ms") and summary["rtt_configured_ms"].nunique() >= 2 and _has(summary, "throughput_tok_s_p50"):
+        fig, ax = plt.subplots(figsize=(9, 5))
+        ax.set_title("Throughput per request vs emulated round trip")
+        levels = summary["sessions"].nunique() > 1
+
+        def series(row) -> str:  # one line per configuration across RTTs: drafter, gamma, mode (and level)
+            name = "baseline (Generate)" if row["drafter"] == "baseline" else f"{row['draft_name']} g={row['gamma']} {row['mode']}"
+            return name + (f" x{row['sessions']}" if levels else "")
+
+        for name, g in summary.groupby(summary.apply(series, axis=1), sort=False):
+            g = g.sort_values("rtt_configured_ms")
+            style = {"color": "black", "linestyle": "--"} if g["drafter"].iloc[0] == "baseline" else {}
+            ax.plot(g["rtt_configured_ms"], g["throughput_tok_s_p50"], marker="o", label=name, **style)
+        ax.set_xlabel("emulated round trip (ms)")
+        ax.set_ylabel("tokens / s (p50)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.grid(alpha=0.3)
+        written.append(out / "rtt.png")
         _save(fig, written[-1])
     if _has(summary, "network_share_p50"):
         net = summary[summary["network_share_p50"].notna()]

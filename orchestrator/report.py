@@ -25,6 +25,7 @@ HEADLINE_COLUMNS = {  # the first table: configuration, latency, throughput, spe
 }
 DETAIL_COLUMNS = {
     "config": "configuration",
+    "mode": "mode",
     "sessions": "sessions",
     "requests_ok": "ok",
     "requests_failed": "failed",
@@ -33,6 +34,7 @@ DETAIL_COLUMNS = {
     "aggregate_tok_s": "aggregate tok/s",
     "speedup_p50_vs_p50": "speedup (p50 vs p50)",
     "mean_acceptance_length": "tokens/round",
+    "mean_gamma": "mean γ",
     "disagree_requests": "requests ≠ baseline",
     "differing_token_share": "tokens ≠ baseline",
     "rouge_l_vs_baseline": "ROUGE-L vs baseline",
@@ -47,6 +49,17 @@ DETAIL_COLUMNS = {
     "cost_per_query_usd": "cost/query (USD)",
     "leviathan_bound": "Leviathan bound",
     "achieved_over_bound": "achieved/bound",
+}
+WINNER_COLUMNS = {  # per (draft, RTT, level): which mode won and by how much (`mode_winners`)
+    "draft_name": "draft",
+    "rtt_ms": "RTT (ms)",
+    "sessions": "sessions",
+    "best_mode": "best mode",
+    "best_config": "its configuration",
+    "throughput_tok_s_p50": "throughput p50 (tok/s)",
+    "vs_generate": "× Generate at this RTT",
+    "runner_up_mode": "runner-up mode",
+    "vs_runner_up": "× runner-up",
 }
 
 
@@ -132,11 +145,33 @@ def _verifier_busy_s(ok: pd.DataFrame) -> pd.Series:
     return ok["service_s"].map(sum) + ok["prefill_service_s"]
 
 
+def mean_gamma(ok: pd.DataFrame) -> float:
+    """The mean gamma of the blocks drafted: the schedule's gamma per block as the client records it
+    (gamma_per_round; a block cut short by max_new_tokens counts at its gamma), or in runs from before that
+    record, the tokens proposed per round that proposed any."""
+    used = ok["gamma_per_round"] if "gamma_per_round" in ok else [None] * len(ok)
+    per_block = [u if isinstance(u, list) and u else p for u, p in zip(used, ok["proposed_per_round"])]
+    gammas = [g for blocks in per_block for g in blocks if g]
+    return float(np.mean(gammas)) if gammas else 0.0
+
+
+def _pooled(per_request) -> np.ndarray:
+    """Every request's per-round values in one array, NaN-padded so percentiles of none are NaN, not an error."""
+    return np.concatenate([np.asarray(v, float) for v in per_request] + [np.array([np.nan])])
+
+
+def _link_s(ok: pd.DataFrame) -> np.ndarray:
+    """Round trip minus verifier service per round, for the requests that time both per round (lock-step and
+    ahead; async sessions stream commits, with no round trip to pair each step's service time with)."""
+    return _pooled(np.asarray(r, float) - np.asarray(s, float) for r, s in zip(ok["rtt_s"], ok["service_s"]) if len(r) == len(s))
+
+
 def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessions_per_worker: float) -> dict:
     ok = g[g["status"] == "ok"]
     first = g.iloc[0]
     row = {"config": first["config"], "drafter": first["drafter"], "draft_name": first["draft_name"],
-           "gamma": first["gamma"], "rtt_configured_ms": float(first["rtt_ms"]), "sessions": first.get("sessions"),
+           "gamma": first["gamma"], "mode": first["mode"], "rtt_configured_ms": float(first["rtt_ms"]),
+           "sessions": first.get("sessions"),
            "requests_ok": len(ok), "requests_failed": int((g["status"] != "ok").sum()),
            "prompts_truncated": int(g["prompt_truncated"].sum())}
     if ok.empty:
@@ -152,26 +187,25 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
         "new_tokens_mean": tokens.mean(),
         "accuracy": ok["correct"].astype(float).mean() if "correct" in ok else float("nan"),
         "verifier_busy_s_per_token": np.nanpercentile(busy / tokens, 50),
-        "batch_size_p50": np.nanpercentile(np.concatenate([np.asarray(b, float) for b in ok["batch_size"]] + [[np.nan]]), 50)
-        if "batch_size" in ok else float("nan"),
+        "batch_size_p50": np.nanpercentile(_pooled(ok["batch_size"]), 50) if "batch_size" in ok else float("nan"),
         "cost_per_query_usd": np.nanpercentile((prices["verifier_per_hour"] * busy
                                     + prices["draft_per_hour"] * ok["wall_s"] / sessions_per_worker) / 3600, 50),
     })
     proposed = ok["proposed"].sum()
     rounds = ok["rounds"].sum()
     if rounds:
-        rtt = np.concatenate([np.asarray(r, float) for r in ok["rtt_s"]])
-        service = np.concatenate([np.asarray(s, float) for s in ok["service_s"]])
+        rtt, service = _pooled(ok["rtt_s"]), _pooled(ok["service_s"])
         drafting_rounds = sum(sum(1 for p in r if p) for r in ok["proposed_per_round"])
         sent, received = ok["bytes_sent"].sum(), ok["bytes_received"].sum()
         row.update({
             "acceptance_rate": ok["accepted"].sum() / proposed if proposed else float("nan"),
             "alpha": per_token_alpha(list(ok["proposed_per_round"]), list(ok["accepted_per_round"])),
             "mean_acceptance_length": tokens.sum() / rounds,
-            "mean_gamma": proposed / drafting_rounds if drafting_rounds else 0.0,
+            "mean_gamma": mean_gamma(ok),
+            "mean_drafted": proposed / drafting_rounds if drafting_rounds else 0.0,  # tokens per round that drafted
             "acceptance_by_position": acceptance_by_position(list(ok["proposed_per_round"]), list(ok["accepted_per_round"])),
             "round_trip_ms_p50": 1000 * np.nanpercentile(rtt, 50), "verifier_service_ms_p50": 1000 * np.nanpercentile(service, 50),
-            "rtt_measured_ms": 1000 * np.nanpercentile(rtt - service, 50),
+            "rtt_measured_ms": 1000 * np.nanpercentile(_link_s(ok), 50),
             "network_share_p50": np.nanpercentile(ok["network_share"], 50),
             "bytes_sent_per_round": sent / rounds, "bytes_received_per_round": received / rounds,
             "bytes_sent_per_token": sent / tokens.sum(), "bytes_received_per_token": received / tokens.sum(),
@@ -204,7 +238,7 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
             if "acceptance_rate" in row:
                 c = row["draft_ms_per_drafted_token"] / 1000 / np.nanpercentile(base_s_per_token, 50)  # draft step / target step
                 row["leviathan_c"] = c
-                row["leviathan_bound"] = leviathan_bound(row["alpha"], row["mean_gamma"], c)
+                row["leviathan_bound"] = leviathan_bound(row["alpha"], row["mean_drafted"], c)
                 row["achieved_over_bound"] = row["speedup_paired_p50"] / row["leviathan_bound"]
     return row
 
@@ -221,6 +255,8 @@ def _summarize(records: pd.DataFrame, run: dict) -> pd.DataFrame:
     concurrency = run["config"]["concurrency"]
     if "sessions" not in records:  # a run from before concurrency sweeps
         records = records.assign(sessions=concurrency["draft_workers"] * concurrency["sessions_per_worker"])
+    if "mode" not in records:  # a run from before session modes: every session was lock-step
+        records = records.assign(mode="lockstep")
     base_rows = records[records["drafter"] == "baseline"]
     order = list(dict.fromkeys(run.get("configurations", []) + list(records["config"])))
     rows = []
@@ -228,9 +264,38 @@ def _summarize(records: pd.DataFrame, run: dict) -> pd.DataFrame:
         g = records[records["config"] == name]
         if g.empty:
             continue
-        level = g["sessions"].iloc[0]
-        base = base_rows[base_rows["sessions"] == level]  # each level is compared with the baseline at that level
+        # each configuration is compared with the baseline at its level and RTT (a run from before per-RTT
+        # baselines has one per level, at the run's rtt_ms: that one)
+        level, rtt = g["sessions"].iloc[0], g["rtt_ms"].iloc[0]
+        at_level = base_rows[base_rows["sessions"] == level]
+        base = at_level[at_level["rtt_ms"] == rtt]
+        base = base if not base.empty else at_level
         rows.append(_config_row(g, base if not base.empty else None, prices, level / concurrency["draft_workers"]))
+    return pd.DataFrame(rows)
+
+
+def mode_winners(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per (draft, RTT, concurrency level) run in two or more modes: the mode whose best configuration (over
+    gamma) had the highest tok/s p50, that tok/s over the baseline's (Generate) at the same RTT and level, and
+    over the runner-up mode's best. Empty when no draft ran in more than one mode."""
+    if "throughput_tok_s_p50" not in summary:
+        return pd.DataFrame()
+    measured = summary[summary["throughput_tok_s_p50"].notna()]
+    base = measured[measured["drafter"] == "baseline"]
+    rows = []
+    keys = ["draft_name", "rtt_configured_ms", "sessions"]
+    for (draft, rtt, sessions), g in measured[measured["drafter"] != "baseline"].groupby(keys, sort=False, dropna=False):
+        best = g.sort_values("throughput_tok_s_p50", ascending=False, kind="stable").drop_duplicates("mode")
+        if len(best) < 2:
+            continue
+        top, runner_up = best.iloc[0], best.iloc[1]
+        tok_s = top["throughput_tok_s_p50"]
+        generate = base[(base["rtt_configured_ms"] == rtt) & (base["sessions"] == sessions)]["throughput_tok_s_p50"]
+        generate_tok_s = generate.iloc[0] if len(generate) else float("nan")
+        rows.append({"draft_name": draft, "rtt_ms": rtt, "sessions": sessions, "best_mode": top["mode"],
+                     "best_config": top["config"], "throughput_tok_s_p50": tok_s, "generate_tok_s_p50": generate_tok_s,
+                     "vs_generate": tok_s / generate_tok_s, "runner_up_mode": runner_up["mode"],
+                     "vs_runner_up": tok_s / runner_up["throughput_tok_s_p50"]})
     return pd.DataFrame(rows)
 
 
@@ -265,7 +330,8 @@ def compact(summary: pd.DataFrame, run_dir: pathlib.Path) -> dict:
 
 
 def render(run_dir: str | pathlib.Path) -> tuple[str, dict]:
-    """Write summary.csv/.json/.md and the plots into run_dir; returns (markdown tables, compact summary)."""
+    """Write summary.csv/.json/.md, mode_winners.csv (when modes were swept) and the plots into run_dir;
+    returns (markdown tables, compact summary)."""
     from orchestrator import plots
 
     run_dir = pathlib.Path(run_dir)
@@ -279,6 +345,10 @@ def render(run_dir: str | pathlib.Path) -> tuple[str, dict]:
             lambda v: json.dumps([round(x, 4) for x in v]) if isinstance(v, list) else "")
     flat.to_csv(run_dir / "summary.csv", index=False)
     tables = markdown_table(summary, HEADLINE_COLUMNS) + "\n\n" + markdown_table(summary, DETAIL_COLUMNS)
+    winners = mode_winners(summary)
+    if not winners.empty:
+        winners.to_csv(run_dir / "mode_winners.csv", index=False)
+        tables += "\n\nWhich mode won, per RTT (tok/s p50):\n\n" + markdown_table(winners, WINNER_COLUMNS)
     (run_dir / "summary.md").write_text(tables + "\n")
     plots.render_all(summary, run_dir)
     return tables, compact(summary, run_dir)

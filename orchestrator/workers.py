@@ -90,7 +90,8 @@ class DraftWorker:
     async def run(self, job: Job) -> dict:
         """One request; returns GenerationResult.to_dict() plus when and where it ran. Raises on failure."""
         from draft_worker import client
-        from draft_worker.drafters import AdaptiveGamma, build_drafter
+        from draft_worker.drafters import build_drafter
+        from draft_worker.service import gamma_schedule
 
         stub = await self._stub(job.spec.rtt_ms)
         started_at = time.time()
@@ -98,10 +99,9 @@ class DraftWorker:
             result = await client.generate_baseline(stub, job.prompt_ids, job.params, self.config)
         else:
             info = await self._verifier_info(stub)
-            gamma = AdaptiveGamma() if job.spec.gamma == "adaptive" else job.spec.gamma
             drafter = build_drafter(job.spec.drafter_spec, self._draft_models, job.prompt_fingerprint)
-            result = await client.speculate(stub, drafter, job.prompt_ids, job.params, gamma, info, self.config,
-                                            drafter.fingerprint)
+            result = await client.speculate(stub, drafter, job.prompt_ids, job.params, gamma_schedule(job.spec.gamma),
+                                            info, self.config, drafter.fingerprint, mode=job.spec.mode)
         return {**result.to_dict(), "started_at": started_at, "finished_at": time.time(), "worker": self.where()}
 
     async def close(self) -> None:

@@ -5,6 +5,7 @@ tokenizer trained on the fly. The draft is the verifier's first layers with the 
 head (a layer-skip draft); the verifier's extra layers are damped, so the two agree on the greedy
 token well above chance without agreeing always, and both heads are scaled so their distributions
 are peaked rather than uniform. `write_gguf` stores either model as an fp32 GGUF for the llama.cpp tests.
+`python -m specdec.tiny OUT_DIR` writes the pair to OUT_DIR/draft and OUT_DIR/verifier (configs/rtt-tiny.yaml).
 """
 
 from __future__ import annotations
@@ -184,3 +185,20 @@ def write_gguf(model_dir: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m specdec.tiny", description="write the tiny seeded draft/verifier "
+                                     "pair to OUT_DIR/draft and OUT_DIR/verifier (kept if already built)")
+    parser.add_argument("out_dir", type=pathlib.Path)
+    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    draft_dir, verifier_dir = build_tiny_pair(args.out_dir, vocab_size=args.vocab_size, seed=args.seed)
+    print(f"draft: {draft_dir}\nverifier: {verifier_dir}")
+
+
+if __name__ == "__main__":
+    main()

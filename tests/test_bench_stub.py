@@ -114,9 +114,9 @@ async def test_bench_over_ray_with_a_stub_verifier(local_ray, tiny_dirs, tmp_pat
         await server.stop(None)
 
     records = [json.loads(line) for line in (run_dir / "requests.jsonl").read_text().splitlines()]
-    assert len(records) == 3 * 4  # 3 configurations x 4 prompts, each exactly once: none dropped
+    assert len(records) == 4 * 4  # 4 configurations (the baseline at 0 and 30 ms) x 4 prompts, each once: none dropped
     by_key = {(r["config"], r["pubid"]): r for r in records}
-    for config in ("baseline", "tiny g=4", "tiny g=4 rtt=30ms"):
+    for config in ("baseline", "tiny g=4", "baseline rtt=30ms", "tiny g=4 rtt=30ms"):
         flaky = by_key[(config, "1001")]  # UNAVAILABLE on its first Generate and its first Speculate only
         assert flaky["status"] == "ok" and flaky["attempts"] == 1 and flaky["reconnects"] == (0 if "rtt" in config else 1)
         broken = by_key[(config, "1002")]
@@ -137,7 +137,8 @@ async def test_bench_over_ray_with_a_stub_verifier(local_ray, tiny_dirs, tmp_pat
         assert row["acceptance_rate"] == pytest.approx(20 / 39)
         assert row["acceptance_by_position"] == [1.0, 1.0, 0.0, 0.0]
         assert row["mean_acceptance_length"] == pytest.approx(MAX_NEW / 11)
-        assert row["mean_gamma"] == pytest.approx(3.9)  # 39 drafts over the 10 rounds that drafted
+        assert row["mean_gamma"] == 4.0  # every block at gamma 4, as the client records it (gamma_per_round)
+        assert row["mean_drafted"] == pytest.approx(3.9)  # 39 drafts over the 10 rounds that drafted
         assert row["verifier_busy_s_per_token"] == pytest.approx((PREFILL_S + 11 * ROUND_S) / MAX_NEW)
         assert row["verifier_busy_vs_baseline"] == pytest.approx((PREFILL_S + 11 * ROUND_S) / MAX_NEW / TOKEN_S)
         assert row["bytes_sent_per_token"] > 0 and row["bytes_received_per_round"] > 0
@@ -145,8 +146,9 @@ async def test_bench_over_ray_with_a_stub_verifier(local_ray, tiny_dirs, tmp_pat
         # c = draft time per drafted token / the baseline's time per token, both from the records; the bound
         # is Leviathan's (1 - alpha^(gamma + 1)) / ((1 - alpha)(gamma c + 1)) with alpha = 2/3, gamma = 3.9
         ok = [r for r in records if r["config"] == row["config"] and r["status"] == "ok"]
+        base_name = "baseline rtt=30ms" if row is wan else "baseline"  # each is paired with the baseline at its RTT
         c = sum(r["draft_s"] for r in ok) / (3 * 39) / statistics.median(
-            by_key[("baseline", r["pubid"])]["wall_s"] / MAX_NEW for r in ok)
+            by_key[(base_name, r["pubid"])]["wall_s"] / MAX_NEW for r in ok)
         assert row["leviathan_c"] == pytest.approx(c) and c > 0
         assert row["leviathan_bound"] == pytest.approx((1 - (2 / 3) ** 4.9) / (1 / 3) / (3.9 * c + 1))
         assert row["speedup_paired_p50"] > 0
@@ -169,8 +171,8 @@ async def test_bench_over_ray_with_a_stub_verifier(local_ray, tiny_dirs, tmp_pat
     finally:
         await server.stop(None)
     lines = (run_dir / "requests.jsonl").read_text().splitlines()
-    assert len(lines) == 12 + 3 and all(json.loads(line)["pubid"] == "1002" for line in lines[12:])
-    assert bench.failed_requests(run_dir / "requests.jsonl") == (3, 12)  # what `specdec bench` exits 1 with
+    assert len(lines) == 16 + 4 and all(json.loads(line)["pubid"] == "1002" for line in lines[16:])
+    assert bench.failed_requests(run_dir / "requests.jsonl") == (4, 16)  # what `specdec bench` exits 1 with
     with pytest.raises(bench.BenchError, match="already holds results"):
         await bench.run(cfg, progress=False)
 

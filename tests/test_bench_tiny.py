@@ -140,3 +140,25 @@ def test_concurrency_sweep_on_tiny_models_is_lossless_at_every_level(tiny_dirs, 
     cpus = json.loads((run_dir / "run.json").read_text())["cpus"]
     if cpus["verifier"]:  # a machine with 2+ cores: the roles got disjoint cores
         assert not set(cpus["verifier"]) & set(cpus["draft"])
+
+
+def test_mode_and_rtt_sweep_on_tiny_models_is_lossless_in_every_mode(tiny_dirs, pubmedqa_path, tmp_path):
+    """Issue 10's sweep in small: every mode at two RTTs, each beside the baseline at its own RTT. Greedy fp32:
+    every configuration must equal its baseline token for token. (Exercises the modes once draft_worker.client
+    runs them; before that, client.speculate accepts `mode` and runs lock-step.)"""
+    write_config(tmp_path / "bench.yaml", tiny_dirs, pubmedqa_path, max_new_tokens=12, mode=["lockstep", "ahead", "async"],
+                 rtt_ms=[0, 20], drafts=[{"name": "tiny", "kind": "lm", "model": str(tiny_dirs[0]), "gamma": 3}])
+    run_dir = tmp_path / "run"
+    done = bench("--config", str(tmp_path / "bench.yaml"), "--prompts", "2", "--out", str(run_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["config"]: row for row in json.loads((run_dir / "summary.json").read_text())}
+    modes = {"tiny g=3": "lockstep", "tiny g=3 ahead": "ahead", "tiny g=3 async": "async"}
+    assert set(rows) == {"baseline", "baseline rtt=20ms"} | {f"{c}{r}" for c in modes for r in ("", " rtt=20ms")}
+    for name, row in rows.items():
+        assert row["requests_ok"] == 2 and row["disagree_requests"] == 0.0 and row["differing_token_share"] == 0.0, name
+        assert row["mode"] == modes.get(name.removesuffix(" rtt=20ms"), "lockstep"), name
+    assert rows["tiny g=3 rtt=20ms"]["round_trip_ms_p50"] >= 20
+    assert "Which mode won, per RTT" in done.stdout
+    winners = (run_dir / "mode_winners.csv").read_text().splitlines()
+    assert len(winners) == 3 and all(w.startswith("tiny,") for w in winners[1:])  # a header, then one row per RTT
+    assert (run_dir / "rtt.png").stat().st_size > 10_000

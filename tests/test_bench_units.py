@@ -1,4 +1,5 @@
-"""Benchmark building blocks without Ray or models: config validation, prompts, metric math, gamma, delay."""
+"""Benchmark building blocks without Ray or models: config validation, prompts, metric math, gamma, delay, the
+per-RTT mode table and the RTT plot."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from draft_worker.drafters import AdaptiveGamma
 from orchestrator import config as bench_config
 from orchestrator.report import acceptance_by_position, disagreement, leviathan_bound
 from specdec import pubmedqa
+from specdec.config import SPEC_MODES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -20,16 +22,47 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_example_and_default_configs_load_and_expand():
     example = bench_config.load(REPO / "configs/pubmedqa.yaml")
     names = [s.name for s in bench_config.expand(example)]
-    assert names == ["baseline", "qwen-0.5b g=1", "qwen-0.5b g=2", "qwen-0.5b g=3", "qwen-0.5b g=4",
-                     "qwen-0.5b g=adaptive", "ngram g=4", "qwen-0.5b-wan g=3 rtt=20ms", "qwen-0.5b-wan g=3 rtt=50ms"]
+    assert names == ["baseline", "baseline rtt=20ms", "baseline rtt=50ms", "qwen-0.5b g=1", "qwen-0.5b g=2",
+                     "qwen-0.5b g=3", "qwen-0.5b g=4", "qwen-0.5b g=adaptive", "ngram g=4", "qwen-0.5b-wan g=3 rtt=20ms",
+                     "qwen-0.5b-wan g=3 rtt=50ms"]
     default = bench_config.load(None)
     assert [s.drafter for s in bench_config.expand(default)][:2] == ["baseline", "lm"]
+    for name in ("rtt.yaml", "rtt-tiny.yaml"):  # 2 drafts x 3 modes x 5 RTTs, and the baseline at each RTT
+        specs = bench_config.expand(bench_config.load(REPO / "configs" / name))
+        assert len(specs) == 5 + 2 * 3 * 5, name
+        assert [s.rtt_ms for s in specs if s.drafter == "baseline"] == [0, 10, 25, 50, 100]
+        assert {(s.draft_name, s.mode, s.rtt_ms) for s in specs if s.drafter != "baseline"} == {
+            (d, m, r) for d in (specs[5].draft_name, specs[-1].draft_name) for m in SPEC_MODES for r in (0, 10, 25, 50, 100)}
+
+
+def test_mode_and_rtt_sweeps_expand_with_a_baseline_at_every_rtt():
+    cfg = bench_config.from_dict({"drafts": [
+        {"name": "lm", "kind": "lm", "model": "m", "gamma": [3, "rtt"], "mode": ["lockstep", "async"], "rtt_ms": [0, 50]},
+        {"name": "ng", "kind": "ngram", "rtt_ms": 25}]})  # no mode: the run's (lockstep)
+    names = [s.name for s in bench_config.expand(cfg)]
+    assert names == ["baseline", "baseline rtt=25ms", "baseline rtt=50ms",
+                     "lm g=3", "lm g=3 async", "lm g=rtt", "lm g=rtt async",
+                     "lm g=3 rtt=50ms", "lm g=3 async rtt=50ms", "lm g=rtt rtt=50ms", "lm g=rtt async rtt=50ms",
+                     "ng g=4 rtt=25ms"]
+    swept = bench_config.override(cfg, mode=["ahead", "async"], **{"concurrency.sessions": [1, 2]})
+    specs = bench_config.expand(swept)
+    assert [s.name for s in specs if s.draft_name == "ng"] == ["ng g=4 ahead rtt=25ms x1", "ng g=4 async rtt=25ms x1",
+                                                               "ng g=4 ahead rtt=25ms x2", "ng g=4 async rtt=25ms x2"]
+    assert [(s.rtt_ms, s.sessions) for s in specs if s.drafter == "baseline"] == [(r, n) for n in (1, 2) for r in (0, 25, 50)]
+    assert {s.mode for s in specs if s.draft_name == "lm"} == {"lockstep", "async"}  # its own key wins over the run's
+    run_wide = bench_config.from_dict({"drafts": [{"name": "ng", "kind": "ngram"}], "rtt_ms": [0, 10], "mode": "ahead"})
+    assert [s.name for s in bench_config.expand(run_wide)] == ["baseline", "baseline rtt=10ms", "ng g=4 ahead",
+                                                              "ng g=4 ahead rtt=10ms"]
 
 
 @pytest.mark.parametrize("data, message", [
     ({"drafts": [{"name": "n", "kind": "ngram"}], "max_new_token": 3}, "max_new_token: unknown key"),
     ({"drafts": [{"name": "n", "kind": "ngram", "gama": 3}]}, "drafts.0.gama: unknown key"),
-    ({"drafts": [{"name": "n", "kind": "ngram", "gamma": 0}]}, "gamma must be an integer in [1, 64] or 'adaptive'"),
+    ({"drafts": [{"name": "n", "kind": "ngram", "gamma": 0}]}, "gamma must be an integer in [1, 64], 'adaptive' or 'rtt'"),
+    ({"drafts": [{"name": "n", "kind": "ngram", "mode": ["lockstep", "asnyc"]}]},
+     "drafts.0.mode: Value error, mode must be one of lockstep, ahead, async, got 'asnyc'"),
+    ({"drafts": [{"name": "n", "kind": "ngram"}], "mode": "pipelined"}, "mode: Value error, mode must be one of"),
+    ({"drafts": [{"name": "n", "kind": "ngram"}], "rtt_ms": [10, -1]}, "rtt_ms must be >= 0"),
     ({"drafts": [{"name": "n", "kind": "ngram", "gamma": [2, "adaptiv"]}]}, "got 'adaptiv'"),
     ({"drafts": [{"name": "n", "kind": "lm"}]}, "an lm drafter needs a model"),
     ({"drafts": [{"name": "n", "kind": "transformer"}]}, "drafts.0.kind"),
@@ -61,8 +94,8 @@ def test_overrides_are_validated_and_rtt_sweeps_expand():
     cfg = bench_config.from_dict({"drafts": [{"name": "d", "kind": "lm", "model": "m", "gamma": [2, 3], "rtt_ms": [0, 50]}]})
     cfg = bench_config.override(cfg, **{"verifier.address": "h:1", "rtt_ms": 20.0, "dataset.num_prompts": None})
     assert cfg.verifier.address == "h:1" and cfg.rtt_ms == 20.0 and cfg.dataset.num_prompts == 20
-    names = [s.name for s in bench_config.expand(cfg)]
-    assert names == ["baseline rtt=20ms", "d g=2", "d g=3", "d g=2 rtt=50ms", "d g=3 rtt=50ms"]
+    names = [s.name for s in bench_config.expand(cfg)]  # the run's rtt_ms is no draft's: no baseline there
+    assert names == ["baseline", "baseline rtt=50ms", "d g=2", "d g=3", "d g=2 rtt=50ms", "d g=3 rtt=50ms"]
     with pytest.raises(bench_config.ConfigError, match="dataset.num_prompts"):
         bench_config.override(cfg, **{"dataset.num_prompts": 0})
     params = cfg.sampling_params(5, stop_token_ids=(7,))
@@ -154,16 +187,16 @@ async def test_delay_proxy_adds_the_round_trip():
 
 
 def test_runs_over_the_verifiers_limits_are_refused_before_any_request():
-    from orchestrator.bench import BenchError, _check_limits
+    from orchestrator.checks import BenchError, check_limits
     from protos.specdec.v1 import specdec_pb2 as pb
 
     limits = pb.Limits(max_gamma=4, max_new_tokens=64, max_sessions=8, max_sessions_per_client=4)
     cfg = bench_config.from_dict({"drafts": [{"name": "d", "kind": "ngram", "gamma": [2, 4, "adaptive"]}]})
-    _check_limits(cfg, bench_config.expand(cfg), limits)  # within every limit: no error
+    check_limits(cfg, bench_config.expand(cfg), limits)  # within every limit: no error
     too_much = bench_config.from_dict({"drafts": [{"name": "d", "kind": "ngram", "gamma": 5}], "max_new_tokens": 65,
                                        "concurrency": {"draft_workers": 5}})
     with pytest.raises(BenchError) as err:
-        _check_limits(too_much, bench_config.expand(too_much), limits)
+        check_limits(too_much, bench_config.expand(too_much), limits)
     assert "gamma 5 is over the verifier's max_gamma 4" in str(err.value)
     assert "max_new_tokens 65" in str(err.value) and "5 sessions is over the verifier's limit of 4" in str(err.value)
 
@@ -172,11 +205,11 @@ def test_resume_refuses_a_changed_config(tmp_path):
     import dataclasses
     import json
 
-    from orchestrator.bench import BenchError, _check_resume
+    from orchestrator.checks import BenchError, check_resume
 
     cfg = bench_config.from_dict({"drafts": [{"name": "d", "kind": "ngram"}], "output_dir": str(tmp_path)})
-    _check_resume(tmp_path, cfg)  # no run.json yet: nothing to compare
+    check_resume(tmp_path, cfg)  # no run.json yet: nothing to compare
     (tmp_path / "run.json").write_text(json.dumps({"config": dataclasses.asdict(cfg)}))
-    _check_resume(tmp_path, bench_config.override(cfg, **{"concurrency.draft_workers": 3}))  # how, not what: allowed
+    check_resume(tmp_path, bench_config.override(cfg, **{"concurrency.draft_workers": 3}))  # how, not what: allowed
     with pytest.raises(BenchError, match="changed sampling, max_new_tokens"):
-        _check_resume(tmp_path, bench_config.override(cfg, **{"sampling.temperature": 0.7, "max_new_tokens": 32}))
+        check_resume(tmp_path, bench_config.override(cfg, **{"sampling.temperature": 0.7, "max_new_tokens": 32}))

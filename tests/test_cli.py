@@ -35,6 +35,7 @@ def test_generate_modes_agree(served):
     outputs = {}
     for name, args in {"baseline": ["--baseline", "--tokenizer", str(verifier)],
                        "lm": ["--draft", str(draft), "--gamma", "3"],
+                       "lm async": ["--draft", str(draft), "--gamma", "3", "--mode", "async"],
                        "ngram": ["--drafter", "ngram", "--tokenizer", str(verifier)]}.items():
         done = generate(address, *args)
         assert done.returncode == 0, done.stderr
