@@ -3,6 +3,8 @@ exactly one known request's tokens, a refusal is counted under its status code, 
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,6 +29,10 @@ async def test_counters_move_by_one_requests_tokens(start_verifier):
     await generate_baseline(verifier.stub, prompt, SamplingParams(max_new_tokens=5))
     before = scrape(verifier.servicer)
     result = await speculate(verifier.stub, NgramDrafter(), prompt, SamplingParams(max_new_tokens=23), 3, info)
+    for _ in range(100):  # the stream ends when the server sees the client's half-close, just after the result
+        if not verifier.servicer.active_sessions:
+            break
+        await asyncio.sleep(0.01)
     after = scrape(verifier.servicer)
 
     def delta(name: str) -> float:
