@@ -34,9 +34,10 @@ def _add_drafting(p, baseline: bool) -> None:
     p.add_argument("--tokenizer", help="tokenizer source for --drafter ngram/--baseline (default: the verifier's model id)")
     p.add_argument("--gamma", type=_gamma, default=4, help="draft tokens per block, 'adaptive' (HF's +2/-1) or "
                    "'rtt' (chosen per round from the measured round trip and step times)")
-    p.add_argument("--mode", choices=SPEC_MODES, default="lockstep",
-                   help="lockstep: one block in flight; ahead: draft the next block while a verdict is in flight; "
-                        "async: the verifier decodes every step and verifies whatever draft has arrived")
+    p.add_argument("--mode", choices=SPEC_MODES, default="async",
+                   help="async (default: never slower than verifier-only through any link): the verifier decodes every "
+                        "step and verifies whatever draft has arrived; lockstep (least verifier compute): one block in "
+                        "flight; ahead: lock-step, drafting the next block while a verdict is in flight")
     p.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches")
     p.add_argument("--draft-backend", choices=["transformers", "llama.cpp"], default="transformers",
                    help="run the --draft model in transformers, or in llama.cpp (a .gguf file or offline: alias)")

@@ -203,6 +203,7 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
             "mean_acceptance_length": tokens.sum() / rounds,
             "mean_gamma": mean_gamma(ok),
             "mean_drafted": proposed / drafting_rounds if drafting_rounds else 0.0,  # tokens per round that drafted
+            "stale_per_request": ok["stale"].mean() if "stale" in ok else float("nan"),  # claims dropped (ahead, async)
             "acceptance_by_position": acceptance_by_position(list(ok["proposed_per_round"]), list(ok["accepted_per_round"])),
             "round_trip_ms_p50": 1000 * np.nanpercentile(rtt, 50), "verifier_service_ms_p50": 1000 * np.nanpercentile(service, 50),
             "rtt_measured_ms": 1000 * np.nanpercentile(_link_s(ok), 50),

@@ -34,7 +34,7 @@ from orchestrator import report
 from orchestrator.launch import start_verifier
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import models
-from specdec.config import SamplingParams
+from specdec.config import SPEC_MODES, SamplingParams
 from specdec.metrics import GenerationResult
 from specdec.pubmedqa import default_path, load_items
 
@@ -93,11 +93,11 @@ async def run(args) -> tuple[list[dict], dict[str, dict]]:
             stub = pb_grpc.VerifierStub(channel)
             info = await transport.fetch_info(stub)
 
-            def speculative(spec: DrafterSpec, gamma: int):
+            def speculative(spec: DrafterSpec, gamma: int, mode: str):
                 async def one(prompt_ids: list[int]) -> GenerationResult:
                     drafter = build_drafter(spec, draft_models, fingerprint)
                     return await client.speculate(stub, drafter, prompt_ids, params, gamma, info,
-                                                  tokenizer_fingerprint=drafter.fingerprint)
+                                                  tokenizer_fingerprint=drafter.fingerprint, mode=mode)
                 return one
 
             def hf(assistant=None):
@@ -108,7 +108,9 @@ async def run(args) -> tuple[list[dict], dict[str, dict]]:
             modes = {GRPC_BASELINE: ("baseline", 0, lambda p: client.generate_baseline(stub, p, params))}
             for name, spec in [*((f"lm {b}", lm) for b, lm in lms.items()), ("ngram", DrafterSpec(kind="ngram"))]:
                 for gamma in args.gamma:
-                    modes[f"grpc speculative, {name} drafter (gamma={gamma})"] = (spec.kind, gamma, speculative(spec, gamma))
+                    for mode in args.modes:
+                        label = f"grpc speculative, {name} drafter (gamma={gamma})" + ("" if mode == "lockstep" else f", {mode}")
+                        modes[label] = (spec.kind, gamma, speculative(spec, gamma, mode))
             modes[HF_BASELINE] = ("hf", 0, hf())
             if "transformers" in loaded:
                 modes["HF generate(assistant_model=draft)"] = ("hf", 0, hf(loaded["transformers"].model))
@@ -165,6 +167,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--gamma", type=int, nargs="+", default=[2, 4], help="one or more block sizes")
+    p.add_argument("--modes", nargs="+", choices=SPEC_MODES, default=["lockstep"],
+                   help="session modes of every speculative configuration (issue 10)")
     p.add_argument("--draft-backend", nargs="+", choices=["transformers", "llama.cpp"], default=["transformers"],
                    help="LM draft backends, side by side (llama.cpp: a .gguf file or offline: alias)")
     p.add_argument("--threads", type=int, help="draft and HF threads (default: the draft cpus)")

@@ -116,3 +116,27 @@ async def test_real_pair_greedy_with_a_llamacpp_draft_is_lossless(real_pair, sta
         drafted += 8
     # all 24 equal with the portable AVX2 build (96/96 on 8 prompts x 12); other kernels may flip a near-tie
     assert same >= 0.75 * drafted, (same, drafted)
+
+
+@pytest.mark.parametrize("rtt_ms", [0, 30])
+async def test_real_pair_greedy_is_lossless_ahead_and_async(real_pair, start_verifier, pubmedqa_path, rtt_ms):
+    """Issue 10's modes on the real pair, through an emulated link: drafting ahead and async mode commit
+    exactly the verifier-only tokens, with the LM and the n-gram drafter."""
+    from tests.test_overlap import link
+
+    draft, _, tokenizer = real_pair
+    verifier, _, fingerprint = await _serve(real_pair, start_verifier)
+    params = SamplingParams(max_new_tokens=24)
+    used = 0
+    async with link(verifier, rtt_ms) as stub:
+        info = await fetch_info(stub)
+        for item in load_items(pubmedqa_path)[:2]:
+            prompt_ids = tokenizer(item.prompt)["input_ids"]
+            baseline = await generate_baseline(stub, prompt_ids, params)
+            for mode in ("ahead", "async"):
+                for drafter in (LMDrafter(draft, DRAFT), NgramDrafter()):
+                    spec = await speculate(stub, drafter, prompt_ids, params, 3, info, tokenizer_fingerprint=fingerprint,
+                                           mode=mode)
+                    assert spec.token_ids == baseline.token_ids, (item.pubid, mode, drafter.name)
+                    used += spec.accepted
+    assert used > 0
