@@ -4,14 +4,18 @@ After every verdict it updates four estimates and sets `gamma = specdec.gamma.ch
 - acceptance by position: decayed counts of blocks that reached / accepted each draft position, shrunk
   toward the pooled per-token rate (itself shrunk toward `prior_alpha`), so a position never reached
   gets the pooled rate and the first rounds pick a sane gamma;
-- draft seconds per token (EMA); the network round trip, service excluded (EMA);
+- draft seconds per token (EMA), skipping the first drafted block: it was drafted while the verifier
+  prefilled, and its time includes the draft model's own prefill of the prompt (a PubMedQA abstract made
+  one token look 10x dearer, and the schedule fell to gamma 0 for the whole request); until a sample
+  arrives the gamma stays where it is; the network round trip, service excluded (EMA);
 - the verifier's service time as fixed_s + gamma * per_token_s: an EMA of the service time per block
   size, and a least-squares line through the sizes seen (so a size visited long ago still anchors it).
 
 min_gamma defaults to 0: a drafter that is never accepted (an n-gram table with no match, a mismatched
 draft model) makes speculation a loss, and plain decoding rounds are the best it can do. It can come back:
-after `probe_every` rounds in a row at gamma 0 it drafts one round at gamma 1, which both re-measures
-position 1 and gives the verifier's cost model a second block size. Same interface as
+every `probe_every` rounds it drafts one position past the gamma it chose (gamma 1 from plain decoding),
+which re-measures a position it would otherwise never reach again (a few unlucky early rejections there
+would pin the estimate low for good) and gives the verifier's cost model another block size. Same interface as
 `draft_worker.drafters.AdaptiveGamma`: `gamma`, `max_gamma` (the client lowers it to the verifier's
 limit), `update(...)`.
 """
@@ -34,8 +38,8 @@ class RttGamma:
     gamma: int = 4  # the next block's gamma
     max_gamma: int = 16
     min_gamma: int = 0
-    probe_every: int = 16  # rounds in a row at gamma 0 before one round at gamma 1
-    prior: float = 2.0  # pseudo-blocks pulling each position's rate toward the pooled rate
+    probe_every: int = 16  # rounds between two probes one position past the chosen gamma
+    prior: float = 4.0  # pseudo-blocks pulling each position's rate toward the pooled rate
     prior_alpha: float = 0.5  # the pooled rate before any verdict
     forget: float = 0.99  # per-round decay of the acceptance counts (~1 / (1 - forget) rounds of memory)
     smoothing: float = 0.2  # EMA weight of the newest draft, service and round-trip sample
@@ -49,7 +53,8 @@ class RttGamma:
         self._accepted: list[float] = []  # [positions] decayed blocks that accepted position i+1
         self._reached: list[float] = []  # [positions] decayed blocks that reached (proposed, all before accepted) i+1
         self._service: dict[int, float] = {}  # draft tokens of a block -> EMA of its service seconds
-        self._rounds_at_zero = 0
+        self._rounds_since_probe = 0
+        self._skipped_prefill = False
 
     def update(self, proposed: int, accepted: int, *, draft_s: float, service_s: float, rtt_s: float) -> None:
         """Learn from one verdict: `accepted` leading tokens of `proposed` drafted in `draft_s` seconds,
@@ -63,8 +68,9 @@ class RttGamma:
         for i in range(reached):
             self._reached[i] += 1
             self._accepted[i] += float(i < accepted)
-        if proposed:
+        if proposed and self._skipped_prefill:
             self.draft_s = _ema(self.draft_s, draft_s / proposed, self.smoothing)
+        self._skipped_prefill |= proposed > 0
         self._service[proposed] = _ema(self._service.get(proposed), service_s, self.smoothing)
         self.rtt_s = _ema(self.rtt_s, max(rtt_s, 0.0), self.smoothing)
         self.gamma = self._next_gamma()
@@ -79,14 +85,16 @@ class RttGamma:
     def verify_cost(self) -> VerifyCost:
         """(fixed_s, per_token_s) of the verifier's service time, fitted to the block sizes seen.
 
-        With one block size seen the split is unknown: assume a cost per scored position (gamma + 1 of
-        them), as on a CPU verifier; the next block of another size fixes it.
+        With one block size seen the split is unknown: assume it is all fixed cost, as when decoding is
+        memory-bound (one pass over the weights scores gamma + 1 positions about as fast as one: 0.46 s at
+        gamma 0 and 0.50 s at gamma 3 for the 1.5B verifier on this CPU, alike on a GPU); the next block of
+        another size fixes it.
         """
         if not self._service:
             return (0.0, 0.0)
         if len(self._service) == 1:
             [(size, seconds)] = self._service.items()
-            return (seconds / (size + 1), seconds / (size + 1))
+            return (seconds, 0.0)
         points = self._service.items()
         mean_x = sum(x for x, _ in points) / len(points)
         mean_y = sum(y for _, y in points) / len(points)
@@ -95,14 +103,13 @@ class RttGamma:
         return (max(mean_y - per_token_s * mean_x, 0.0), per_token_s)
 
     def _next_gamma(self) -> int:
+        if self.draft_s is None:  # no draft time measured yet (see the module docstring)
+            return min(max(self.gamma, self.min_gamma), self.max_gamma)
         chosen = choose_gamma(self.accept_rates(), self.draft_s or 0.0, self.verify_cost(), self.rtt_s or 0.0,
                               self.max_gamma)
         chosen = min(max(chosen, self.min_gamma), self.max_gamma)
-        if chosen:
-            self._rounds_at_zero = 0
-            return chosen
-        self._rounds_at_zero += 1
-        if self._rounds_at_zero > self.probe_every:
-            self._rounds_at_zero = 0
-            return min(1, self.max_gamma)
-        return 0
+        self._rounds_since_probe += 1
+        if self._rounds_since_probe > self.probe_every and chosen < self.max_gamma:
+            self._rounds_since_probe = 0
+            return chosen + 1
+        return chosen

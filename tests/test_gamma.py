@@ -158,3 +158,18 @@ def test_rtt_gamma_respects_its_bounds():
     assert len(schedule.accept_rates()) == 3
     schedule.update(0, 0, draft_s=0.0, service_s=0.03, rtt_s=0.2)  # nothing drafted (the request's last token)
     assert schedule.draft_s == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rtt_gamma_ignores_the_draft_prefill_in_its_first_block(seed):
+    # the real pair's first block took 1.3 s: the 0.5B draft's prefill of a PubMedQA abstract plus 3 tokens;
+    # taken as 0.43 s per token, it made drafting look dearer than a 0.46 s verifier step and gamma fell to 0
+    process = Process(alpha=0.7, draft_s=0.03, verify_s=(0.46, 0.013), rtt_s=0.05, seed=seed)
+    schedule = RttGamma(gamma=3, max_gamma=8)
+    schedule.update(3, 2, draft_s=1.3, service_s=0.5, rtt_s=0.05)
+    assert schedule.draft_s is None and schedule.gamma == 3  # nothing known of the draft's speed yet
+    used = process.run(schedule, 130)
+    assert schedule.draft_s == pytest.approx(0.03)
+    assert min(used) >= 2
+    assert np.mean([process.efficiency(g) for g in used[:50]]) > 0.95
+    assert np.mean([process.efficiency(g) for g in used[-50:]]) > 0.97
