@@ -13,8 +13,9 @@ After every verdict it updates four estimates and sets `gamma = specdec.gamma.ch
 
 min_gamma defaults to 0: a drafter that is never accepted (an n-gram table with no match, a mismatched
 draft model) makes speculation a loss, and plain decoding rounds are the best it can do. It can come back:
-every `probe_every` rounds it drafts one position past the gamma it chose (gamma 1 from plain decoding),
-which re-measures a position it would otherwise never reach again (a few unlucky early rejections there
+now and then it drafts one position past the gamma it chose (gamma 1 from plain decoding), after 1, 2,
+4, ... rounds, then every `probe_every` rounds (and from 1 again whenever it falls to plain decoding: the
+real pair often rejects the first two blocks of an answer, then accepts most of the rest). A probe re-measures a position it would otherwise never reach again (a few unlucky early rejections there
 would pin the estimate low for good) and gives the verifier's cost model another block size. Same interface as
 `draft_worker.drafters.AdaptiveGamma`: `gamma`, `max_gamma` (the client lowers it to the verifier's
 limit), `update(...)`.
@@ -54,6 +55,8 @@ class RttGamma:
         self._reached: list[float] = []  # [positions] decayed blocks that reached (proposed, all before accepted) i+1
         self._service: dict[int, float] = {}  # draft tokens of a block -> EMA of its service seconds
         self._rounds_since_probe = 0
+        self._probe_interval = 1  # rounds to the next probe: 1, 2, 4, ... probe_every
+        self._chosen = self.gamma
         self._skipped_prefill = False
 
     def update(self, proposed: int, accepted: int, *, draft_s: float, service_s: float, rtt_s: float) -> None:
@@ -108,8 +111,12 @@ class RttGamma:
         chosen = choose_gamma(self.accept_rates(), self.draft_s or 0.0, self.verify_cost(), self.rtt_s or 0.0,
                               self.max_gamma)
         chosen = min(max(chosen, self.min_gamma), self.max_gamma)
+        if chosen == 0 < self._chosen:  # just fell to plain decoding: look again soon
+            self._rounds_since_probe, self._probe_interval = 0, 1
+        self._chosen = chosen
         self._rounds_since_probe += 1
-        if self._rounds_since_probe > self.probe_every and chosen < self.max_gamma:
+        if self._rounds_since_probe > self._probe_interval and chosen < self.max_gamma:
             self._rounds_since_probe = 0
+            self._probe_interval = min(2 * self._probe_interval, self.probe_every)
             return chosen + 1
         return chosen
