@@ -12,7 +12,10 @@ waits for the next block. Two ways to overlap, both exact (see verifier_worker/s
   continuously ahead of the committed stream, on top of its own earlier guesses (up to `lookahead` tokens
   past what it knows is committed), sends every chunk as a claim, and resyncs on every commit that
   diverges from its guess. The verifier verifies whatever usable draft has arrived when a step starts
-  (at most `max_block` tokens) and never waits for one, so a slow or silent draft costs nothing.
+  (at most `max_block` tokens) and never waits for one, so a slow or silent draft costs nothing. A chunk
+  the verifier will have committed past by the time it arrives (`_Link`: one round trip of its steps) is
+  kept as a guess but not sent: with a fast verifier and a long link every claim would arrive too late,
+  and checking it would only steal the verifier's time.
 
 Positions count generated tokens of this stream (the prompt it was opened with excluded).
 """
@@ -64,6 +67,27 @@ class _Draft:
     guess: list[int]
 
 
+class _Link:
+    """Where the verifier will be when a claim sent now arrives: the commits seen are half a round trip old,
+    and the claim takes another half, so it is about one round trip of commits past the last one seen.
+
+    rtt_s: the opening's round trip minus the verifier's prefill; s_per_token: an EMA of the verifier's time
+    between two commits (its own clock, so replies that arrive bunched do not skew it) per committed token.
+    A claim that ends before that point would only be checked and dropped.
+    """
+
+    def __init__(self, rtt_s: float):
+        self.rtt_s, self.s_per_token = rtt_s, None
+
+    def on_commit(self, tokens: int, service_s: float) -> None:
+        if tokens:
+            sample = service_s / tokens
+            self.s_per_token = sample if self.s_per_token is None else 0.8 * self.s_per_token + 0.2 * sample
+
+    def verifier_position(self, committed: int) -> float:
+        return committed if not self.s_per_token else committed + self.rtt_s / self.s_per_token
+
+
 def _draft(drafter: Drafter, context: list[int], n: int, base: int, guess: list[int]) -> _Draft:
     # drafting is compute: off the event loop, so replies keep being read while it runs
     return _Draft(asyncio.ensure_future(asyncio.to_thread(_timed, drafter.propose, context, n)), base, guess)
@@ -82,16 +106,23 @@ def _still_holds(committed: list[int], known: list[int], base: int, claim: list[
 
 
 async def _open(call, drafter, prompt_ids, params, fingerprint, info, result, gamma, mode, max_block=0):
-    """Write the opening, draft the first block while the verifier prefills, read `opened`. -> (Candidates, s)"""
+    """Write the opening, draft the first block while the verifier prefills, read `opened`.
+    -> (Candidates, draft seconds, the opening's round trip minus the verifier's prefill)"""
     opening = open_request(drafter, prompt_ids, params, fingerprint, mode, max_block)
     await call.write(opening)
     result.bytes_sent += opening.ByteSize()
     drafter.start(prompt_ids, params, info.vocab_size)
     first = asyncio.to_thread(_timed, drafter.propose, prompt_ids, min(gamma, params.max_new_tokens - 1))
-    (candidates, draft_s), reply = await asyncio.gather(first, _read(call))
+    sent_at = time.perf_counter()
+
+    async def opened():
+        reply = await _read(call)
+        return reply, time.perf_counter() - sent_at - reply.opened.service_s
+
+    (candidates, draft_s), (reply, link_s) = await asyncio.gather(first, opened())
     record_opened(result, reply)
     result.draft_s += draft_s
-    return candidates, draft_s
+    return candidates, draft_s, max(0.0, link_s)
 
 
 async def _send(call, result, params, candidates: Candidates, skip: int, base: int, assumed: list[int]) -> list[int]:
@@ -136,8 +167,8 @@ async def speculate_ahead(stub, drafter: Drafter, prompt_ids: list[int], params:
     reading: asyncio.Task | None = None
     try:
         block = schedule.gamma if schedule else gamma
-        candidates, draft_s = await _open(call, drafter, prompt_ids, params, fingerprint, info, result, block,
-                                          pb.SPECULATION_MODE_LOCKSTEP)
+        candidates, draft_s, _ = await _open(call, drafter, prompt_ids, params, fingerprint, info, result, block,
+                                             pb.SPECULATION_MODE_LOCKSTEP)
         while True:
             live = [sent for sent in in_flight if _live(sent, committed)]
             if not live and drafting is None:  # nothing usable in flight: a block from the real commit
@@ -222,8 +253,9 @@ async def speculate_async(stub, drafter: Drafter, prompt_ids: list[int], params:
     drafting: _Draft | None = None
     reading: asyncio.Task | None = None
     try:
-        candidates, _ = await _open(call, drafter, prompt_ids, params, fingerprint, info, result, block,
-                                    pb.SPECULATION_MODE_ASYNC, max_block=block)
+        candidates, _, link_s = await _open(call, drafter, prompt_ids, params, fingerprint, info, result, block,
+                                            pb.SPECULATION_MODE_ASYNC, max_block=block)
+        link = _Link(link_s)
         guess = await _send(call, result, params, candidates, 0, 0, [])
         while True:
             room = min(lookahead - len(guess), params.max_new_tokens - len(committed) - len(guess) - 1, block)
@@ -240,8 +272,12 @@ async def speculate_async(stub, drafter: Drafter, prompt_ids: list[int], params:
                 if candidates.draft_ids and _still_holds(committed, [*committed, *guess], job.base, claim, len(job.guess)):
                     skip = len(committed) - job.base  # claimed positions committed meanwhile
                     assumed = job.guess[skip:]
-                    draft = await _send(call, result, params, candidates, max(0, skip - len(job.guess)),
-                                        len(committed), assumed)
+                    draft = candidates.draft_ids[max(0, skip - len(job.guess)):]
+                    if job.base + len(claim) > link.verifier_position(len(committed)):
+                        draft = await _send(call, result, params, candidates, max(0, skip - len(job.guess)),
+                                            len(committed), assumed)
+                    else:  # all of it committed by the time it would arrive: kept as a guess, not sent
+                        result.unsent += 1
                     guess = [*assumed, *draft]
                     result.gamma_per_round.append(len(draft))
                 # else a commit diverged from the guess it was drafted on: the next draft starts from the new state
@@ -253,6 +289,7 @@ async def speculate_async(stub, drafter: Drafter, prompt_ids: list[int], params:
                     raise VerifierError(f"async session out of step: expected a commit at {len(committed)}, got "
                                         f"{reply.WhichOneof('kind')} at {commit.base_len}", "INTERNAL")
                 new = list(commit.token_ids)
+                link.on_commit(len(new), commit.service_s)
                 guess = guess[len(new):] if guess[: len(new)] == new else []  # resync on a divergent commit
                 result.proposed_per_round.append(commit.verified)
                 result.accepted_per_round.append(commit.num_accepted)

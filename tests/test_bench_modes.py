@@ -109,7 +109,9 @@ def test_generate_and_bench_take_mode_and_gamma_rtt():
     args = parser.parse_args(["generate", "--verifier", "h:1", "--drafter", "ngram", "--prompt", "x",
                               "--mode", "async", "--gamma", "rtt"])
     assert (args.mode, args.gamma) == ("async", "rtt")
-    assert parser.parse_args(["serve-draft", "--verifier", "h:1", "--drafter", "ngram"]).mode == "lockstep"
+    # async is the interactive default (README: it never makes a user slower than Generate through the same link)
+    assert parser.parse_args(["serve-draft", "--verifier", "h:1", "--drafter", "ngram"]).mode == "async"
+    assert parser.parse_args(["generate", "--verifier", "h:1", "--drafter", "ngram", "--prompt", "x"]).mode == "async"
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", "--verifier", "h:1", "--drafter", "ngram", "--prompt", "x", "--mode", "eager"])
     bench = parser.parse_args(["bench", "--mode", "lockstep", "async", "--emulate-rtt-ms", "0", "25"])

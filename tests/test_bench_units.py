@@ -27,12 +27,16 @@ def test_example_and_default_configs_load_and_expand():
                      "qwen-0.5b-wan g=3 rtt=50ms"]
     default = bench_config.load(None)
     assert [s.drafter for s in bench_config.expand(default)][:2] == ["baseline", "lm"]
-    for name in ("rtt.yaml", "rtt-tiny.yaml"):  # 2 drafts x 3 modes x 5 RTTs, and the baseline at each RTT
+    # 2 drafts x 3 modes x 5 RTTs, the baseline at each RTT, and 1 (real pair) or 2 (tiny) gamma-rtt drafts in lock-step
+    for name, rtt_drafts in (("rtt.yaml", 1), ("rtt-tiny.yaml", 2)):
         specs = bench_config.expand(bench_config.load(REPO / "configs" / name))
-        assert len(specs) == 5 + 2 * 3 * 5, name
+        assert len(specs) == 5 + 2 * 3 * 5 + rtt_drafts * 5, name
+        assert {s.mode for s in specs if s.gamma == "rtt"} == {"lockstep"}
         assert [s.rtt_ms for s in specs if s.drafter == "baseline"] == [0, 10, 25, 50, 100]
-        assert {(s.draft_name, s.mode, s.rtt_ms) for s in specs if s.drafter != "baseline"} == {
-            (d, m, r) for d in (specs[5].draft_name, specs[-1].draft_name) for m in SPEC_MODES for r in (0, 10, 25, 50, 100)}
+        swept = {s.draft_name for s in specs if s.drafter != "baseline" and s.gamma != "rtt"}
+        assert len(swept) == 2
+        assert {(s.draft_name, s.mode, s.rtt_ms) for s in specs if s.draft_name in swept} == {
+            (d, m, r) for d in swept for m in SPEC_MODES for r in (0, 10, 25, 50, 100)}
 
 
 def test_mode_and_rtt_sweeps_expand_with_a_baseline_at_every_rtt():
