@@ -121,7 +121,7 @@ def finished_keys(path: pathlib.Path) -> set[tuple[str, str]]:
 
 async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list, config: BenchConfig,
                             fingerprint: str, stop_ids: tuple[int, ...], tokenizer, writer: _Writer,
-                            progress: bool = True) -> None:
+                            progress: bool = True, warmup: bool = True) -> None:
     import ray
     from tqdm import tqdm
 
@@ -150,7 +150,7 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
 
     sessions = spec.sessions or config.concurrency.levels()[0]  # requests in flight
     deadline = config.timeout_s + 120  # the client's own deadline fires first; this catches a hung actor
-    if config.warmup and prompts:
+    if config.warmup and warmup and prompts:
         try:
             await asyncio.gather(*(asyncio.wait_for(w.run.remote(job(prompts[0], 8)), deadline) for w in workers))
         except Exception as exc:  # noqa: BLE001 - the configuration cannot run: record every prompt as failed
@@ -305,6 +305,22 @@ async def _prepare_drafts(specs: list[RunSpec], workers: list) -> None:
         raise BenchError(f"draft model check failed: {_error_text(exc)}") from None
 
 
+def schedule(specs: list[RunSpec], prompts: list[Prompt], done: set, order: str):
+    """-> (configuration, its prompts still to run, warm up first?) in the run's order (BenchConfig.order)."""
+    if order == "grouped":
+        for spec in specs:
+            todo = [p for p in prompts if (spec.name, p.pubid) not in done]
+            if todo:
+                yield spec, todo, True
+        return
+    warmed: set[str] = set()
+    for prompt in prompts:
+        for spec in specs:
+            if (spec.name, prompt.pubid) not in done:
+                yield spec, [prompt], spec.name not in warmed
+                warmed.add(spec.name)
+
+
 async def run(config: BenchConfig, resume: bool = False, progress: bool = True) -> pathlib.Path:
     """Run every configuration; returns the output folder (requests.jsonl and run.json in it)."""
     import ray
@@ -358,10 +374,9 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
         run_json.write_text(json.dumps(run_info, indent=1))
         done = finished_keys(requests_path) if resume else set()
         writer = _Writer(requests_path)
-        for spec in specs:
-            todo = [p for p in prompts if (spec.name, p.pubid) not in done]
-            if todo:
-                await run_configuration(spec, todo, workers, config, fingerprint, stop_ids, tokenizer, writer, progress)
+        for spec, todo, warm in schedule(specs, prompts, done, config.order):
+            await run_configuration(spec, todo, workers, config, fingerprint, stop_ids, tokenizer, writer,
+                                    progress and config.order == "grouped", warm)
         return out
     finally:
         if writer is not None:

@@ -175,6 +175,10 @@ class BenchConfig:
     output_dir: str = "runs/pubmedqa"
     timeout_s: float = Field(600.0, gt=0)  # deadline of one request
     warmup: bool = True  # one short untimed request per worker before each configuration
+    # grouped: each configuration runs all its prompts, then the next; interleaved: prompt by prompt, every
+    # configuration in turn (warm-up before the first prompt only), so that drift in the machine's speed
+    # (a shared VM's neighbours) hits every configuration alike: for fast steps, where it rivals the effect
+    order: Literal["grouped", "interleaved"] = "grouped"
     ray: RayConfig = Field(default_factory=RayConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     # local runs emulate two machines: "auto" pins the verifier to the first half of this machine's cores and the

@@ -150,3 +150,20 @@ def test_python_m_specdec_tiny_writes_the_pair(tiny_dirs, capsys):
     tiny.main([str(draft.parent)])  # already built there: kept, not rebuilt
     assert capsys.readouterr().out.split() == ["draft:", str(draft), "verifier:", str(verifier)]
     assert (verifier / "config.json").exists() and (draft / "tokenizer.json").exists()
+
+
+def test_interleaved_order_runs_prompt_by_prompt_and_warms_up_once():
+    from orchestrator.bench import Prompt, schedule
+
+    specs = bench_config.expand(bench_config.from_dict({"drafts": [{"name": "ng", "kind": "ngram"}], "rtt_ms": [0, 50]}))
+    prompts = [Prompt(i, f"p{i}", [1, 2], False, "yes") for i in range(3)]
+    names = [s.name for s in specs]
+    grouped = [(s.name, [p.pubid for p in todo], warm) for s, todo, warm in schedule(specs, prompts, set(), "grouped")]
+    assert grouped == [(n, ["p0", "p1", "p2"], True) for n in names]
+    done = {("ng g=4", "p0")}  # a resumed run skips what is done
+    interleaved = [(s.name, [p.pubid for p in todo], warm) for s, todo, warm in schedule(specs, prompts, done, "interleaved")]
+    assert [(n, pid) for n, [pid], _ in interleaved] == [(n, p.pubid) for p in prompts for n in names if (n, p.pubid) not in done]
+    warmed = [n for n, _, warm in interleaved if warm]
+    assert sorted(warmed) == sorted(names) and warmed.index("ng g=4") > warmed.index("ng g=4 rtt=50ms")  # once each, before its first prompt
+    with pytest.raises(ValueError):
+        bench_config.from_dict({"drafts": [], "order": "random"})
