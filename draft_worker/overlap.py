@@ -14,8 +14,9 @@ waits for the next block. Two ways to overlap, both exact (see verifier_worker/s
   diverges from its guess. The verifier verifies whatever usable draft has arrived when a step starts
   (at most `max_block` tokens) and never waits for one, so a slow or silent draft costs nothing. A chunk
   the verifier will have committed past by the time it arrives (`_Link`: one round trip of its steps) is
-  kept as a guess but not sent: with a fast verifier and a long link every claim would arrive too late,
-  and checking it would only steal the verifier's time.
+  kept as a guess but not sent, and one that could not land whatever it drafts is not drafted: with a fast
+  verifier and a long link every claim would arrive too late, checking it would only steal the verifier's
+  time, and drafting it the draft machine's (on a shared box, the verifier's too).
 
 Positions count generated tokens of this stream (the prompt it was opened with excluded).
 """
@@ -260,7 +261,10 @@ async def speculate_async(stub, drafter: Drafter, prompt_ids: list[int], params:
         while True:
             room = min(lookahead - len(guess), params.max_new_tokens - len(committed) - len(guess) - 1, block)
             if drafting is None and room > 0:
-                drafting = _draft(drafter, [*prompt_ids, *committed, *guess], room, len(committed), list(guess))
+                if len(committed) + len(guess) + room > link.verifier_position(len(committed)):
+                    drafting = _draft(drafter, [*prompt_ids, *committed, *guess], room, len(committed), list(guess))
+                elif reading is None:  # too late on arrival whatever it drafts: save the compute, wait for a commit
+                    result.unsent += 1
             if reading is None:
                 reading = asyncio.ensure_future(_read(call))
             done, _ = await asyncio.wait({t for t in (reading, drafting and drafting.task) if t},

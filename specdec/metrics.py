@@ -39,7 +39,7 @@ class GenerationResult:
     mode: str = "lockstep"  # specdec.config.SPEC_MODES; async rounds are engine steps, one commit each
     gamma_per_round: list[int] = field(default_factory=list)  # the gamma each block was drafted with
     stale: int = 0  # proposals the verifier dropped: the prefix they assumed was not committed
-    unsent: int = 0  # async: drafts kept as guesses but not sent, the verifier being past them on arrival
+    unsent: int = 0  # async: claims withheld (not sent, or not even drafted), the verifier being past them on arrival
 
     @property
     def new_tokens(self) -> int:
