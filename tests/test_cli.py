@@ -34,8 +34,8 @@ def test_generate_modes_agree(served):
     address, draft, verifier, _ = served
     outputs = {}
     for name, args in {"baseline": ["--baseline", "--tokenizer", str(verifier)],
-                       "lm": ["--draft", str(draft), "--gamma", "3"],
-                       "lm async": ["--draft", str(draft), "--gamma", "3", "--mode", "async"],
+                       "lm": ["--draft", str(draft), "--gamma", "3", "--mode", "lockstep"],
+                       "lm async": ["--draft", str(draft), "--gamma", "3"],  # the default mode
                        "ngram": ["--drafter", "ngram", "--tokenizer", str(verifier)]}.items():
         done = generate(address, *args)
         assert done.returncode == 0, done.stderr
@@ -46,6 +46,7 @@ def test_generate_modes_agree(served):
         assert out["finish_reason"] == "length" and out["text"] and out["bytes_received"] > 0
         assert 0 < out["ttft_s"] <= out["wall_s"]
     assert outputs["lm"]["rounds"] < 24 and outputs["lm"]["accepted"] > 0
+    assert outputs["lm async"]["mode"] == "async" and outputs["lm"]["mode"] == "lockstep"
     assert len(outputs["lm"]["service_s"]) == outputs["lm"]["rounds"]
     assert outputs["baseline"]["service_s"] and all(s > 0 for s in outputs["baseline"]["service_s"])  # the streamed replies
 

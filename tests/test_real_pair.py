@@ -126,11 +126,11 @@ async def test_real_pair_greedy_is_lossless_ahead_and_async(real_pair, start_ver
 
     draft, _, tokenizer = real_pair
     verifier, _, fingerprint = await _serve(real_pair, start_verifier)
-    params = SamplingParams(max_new_tokens=24)
+    params = SamplingParams(max_new_tokens=20)
     used = 0
     async with link(verifier, rtt_ms) as stub:
         info = await fetch_info(stub)
-        for item in load_items(pubmedqa_path)[:2]:
+        for item in load_items(pubmedqa_path)[[0, 30].index(rtt_ms) :][:1]:  # one prompt per RTT: ~50 s each on CI
             prompt_ids = tokenizer(item.prompt)["input_ids"]
             baseline = await generate_baseline(stub, prompt_ids, params)
             for mode in ("ahead", "async"):
