@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from specdec.gamma import VerifyCost, choose_gamma
 
 
-def _ema(old: float | None, new: float, weight: float) -> float:
+def ema(old: float | None, new: float, weight: float) -> float:
+    """Exponential moving average; the first sample (old is None) is taken as is."""
     return new if old is None else (1 - weight) * old + weight * new
 
 
@@ -72,10 +73,10 @@ class RttGamma:
             self._reached[i] += 1
             self._accepted[i] += float(i < accepted)
         if proposed and self._skipped_prefill:
-            self.draft_s = _ema(self.draft_s, draft_s / proposed, self.smoothing)
+            self.draft_s = ema(self.draft_s, draft_s / proposed, self.smoothing)
         self._skipped_prefill |= proposed > 0
-        self._service[proposed] = _ema(self._service.get(proposed), service_s, self.smoothing)
-        self.rtt_s = _ema(self.rtt_s, max(rtt_s, 0.0), self.smoothing)
+        self._service[proposed] = ema(self._service.get(proposed), service_s, self.smoothing)
+        self.rtt_s = ema(self.rtt_s, max(rtt_s, 0.0), self.smoothing)
         self.gamma = self._next_gamma()
 
     def accept_rates(self) -> list[float]:
@@ -108,7 +109,7 @@ class RttGamma:
     def _next_gamma(self) -> int:
         if self.draft_s is None:  # no draft time measured yet (see the module docstring)
             return min(max(self.gamma, self.min_gamma), self.max_gamma)
-        chosen = choose_gamma(self.accept_rates(), self.draft_s or 0.0, self.verify_cost(), self.rtt_s or 0.0,
+        chosen = choose_gamma(self.accept_rates(), self.draft_s, self.verify_cost(), self.rtt_s or 0.0,
                               self.max_gamma)
         chosen = min(max(chosen, self.min_gamma), self.max_gamma)
         if chosen == 0 < self._chosen:  # just fell to plain decoding: look again soon

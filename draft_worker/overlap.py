@@ -41,6 +41,7 @@ from draft_worker.client import (
     record_opened,
 )
 from draft_worker.drafters import Candidates, Drafter
+from draft_worker.gamma import ema
 from draft_worker.transport import ClientConfig, VerifierError
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
@@ -82,8 +83,7 @@ class _Link:
 
     def on_commit(self, tokens: int, service_s: float) -> None:
         if tokens:
-            sample = service_s / tokens
-            self.s_per_token = sample if self.s_per_token is None else 0.8 * self.s_per_token + 0.2 * sample
+            self.s_per_token = ema(self.s_per_token, service_s / tokens, 0.2)
 
     def verifier_position(self, committed: int) -> float:
         return committed if not self.s_per_token else committed + self.rtt_s / self.s_per_token
@@ -276,10 +276,10 @@ async def speculate_async(stub, drafter: Drafter, prompt_ids: list[int], params:
                 if candidates.draft_ids and _still_holds(committed, [*committed, *guess], job.base, claim, len(job.guess)):
                     skip = len(committed) - job.base  # claimed positions committed meanwhile
                     assumed = job.guess[skip:]
-                    draft = candidates.draft_ids[max(0, skip - len(job.guess)):]
+                    first = max(0, skip - len(job.guess))  # the first draft token not yet committed
+                    draft = candidates.draft_ids[first:]
                     if job.base + len(claim) > link.verifier_position(len(committed)):
-                        draft = await _send(call, result, params, candidates, max(0, skip - len(job.guess)),
-                                            len(committed), assumed)
+                        draft = await _send(call, result, params, candidates, first, len(committed), assumed)
                     else:  # all of it committed by the time it would arrive: kept as a guess, not sent
                         result.unsent += 1
                     guess = [*assumed, *draft]

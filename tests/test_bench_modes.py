@@ -109,7 +109,7 @@ def test_generate_and_bench_take_mode_and_gamma_rtt():
     args = parser.parse_args(["generate", "--verifier", "h:1", "--drafter", "ngram", "--prompt", "x",
                               "--mode", "async", "--gamma", "rtt"])
     assert (args.mode, args.gamma) == ("async", "rtt")
-    # async is the interactive default (README: it never makes a user slower than Generate through the same link)
+    # async is the interactive default (README: the only mode that does not fall with the RTT against a fast verifier)
     assert parser.parse_args(["serve-draft", "--verifier", "h:1", "--drafter", "ngram"]).mode == "async"
     assert parser.parse_args(["generate", "--verifier", "h:1", "--drafter", "ngram", "--prompt", "x"]).mode == "async"
     with pytest.raises(SystemExit):

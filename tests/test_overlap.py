@@ -284,3 +284,18 @@ def test_async_client_predicts_where_the_verifier_will_be():
     for _ in range(40):
         link.on_commit(3, 0.060)  # a slow verifier that accepts drafts: 20 ms per token
     assert link.verifier_position(5) == pytest.approx(6.5, abs=0.01)
+
+
+async def test_async_client_withholds_claims_that_would_arrive_too_late(start_verifier):
+    """A verifier stepping in ~3 ms behind a 100 ms link commits ~30 tokens per round trip, more than the
+    client's 2 gamma + 1 lookahead: past the opening, no claim could land, so the client neither drafts nor
+    sends them (`unsent`), and the output is still Generate's."""
+    target = SlowLM(32, seed=0, delay_s=0.003)
+    verifier = await start_verifier(target, vocab_size=32)
+    params = SamplingParams(max_new_tokens=40)
+    async with link(verifier, 100) as stub:
+        info = await fetch_info(stub)
+        baseline = await generate_baseline(stub, [1, 2], params)
+        spec = await speculate(stub, GarbageDrafter(), [1, 2], params, 3, info, mode="async")
+    assert spec.token_ids == baseline.token_ids
+    assert spec.unsent > 0
