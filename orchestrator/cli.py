@@ -35,7 +35,7 @@ def _add_drafting(p, baseline: bool) -> None:
     p.add_argument("--gamma", type=_gamma, default=4, help="draft tokens per block, 'adaptive' (HF's +2/-1) or "
                    "'rtt' (chosen per round from the measured round trip and step times)")
     p.add_argument("--mode", choices=SPEC_MODES, default="async",
-                   help="async (default; by design no slower than verifier-only over any link): the verifier decodes every "
+                   help="async (default; stays near verifier-only speed over any link): the verifier decodes every "
                         "step and verifies whatever draft has arrived; lockstep (least verifier compute): one block in "
                         "flight; ahead: lock-step, drafting the next block while a verdict is in flight")
     p.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches")
