@@ -336,8 +336,9 @@ def server_options(limits: VerifierLimits, vocab_size: int) -> list[tuple[str, i
 
     With BDP probing a flood of oversized calls made the server buffer several MiB per stream before refusing
     them (RSS +50..180 MiB under test_load's attack on a loaded CPU); a fixed window of one legal message bounds
-    that at streams x message_bytes and still carries the largest proposal in one round trip (2.4 MB over a
-    50 ms link: 56 ms per call, vs 211 ms with the default 64 KiB window and 59 ms with BDP).
+    that at streams x message_bytes and still carries the largest proposal in a round trip or so
+    (scripts/measure_window.py: 9.7 MB over a 50 ms link, 66-87 ms per call, against 176 ms for BDP's first
+    calls and 66-81 ms once it has grown, and 545 ms with the default 64 KiB window).
     """
     message_bytes = limits.message_bytes(vocab_size)
     return [
