@@ -138,6 +138,7 @@ async def _speculate_once(stub, drafter: Drafter, prompt_ids: list[int], params:
                                 service_s=verdict.service_s, rtt_s=max(0.0, result.rtt_s[-1] - verdict.service_s))
             committed = [*candidates.draft_ids[: verdict.num_accepted], *([] if next_token is None else [next_token])]
             result.token_ids.extend(committed)
+            result.record_chunk(time.perf_counter(), len(committed))
             generated += len(committed)
             if result.rounds == 0:
                 result.ttft_s = time.perf_counter() - start
@@ -229,6 +230,7 @@ async def _generate_once(stub, prompt_ids: list[int], params: SamplingParams, co
             if not result.token_ids:
                 result.ttft_s = time.perf_counter() - start
             result.token_ids.extend(reply.token_ids)
+            result.record_chunk(time.perf_counter(), len(reply.token_ids))
             _record_cost(result, reply.service_s, reply.cost)
             result.bytes_received += reply.ByteSize()
             if reply.finished:

@@ -146,6 +146,7 @@ def _commit(result: GenerationResult, committed: list[int], new: list[int], fini
     """Record committed tokens; True when the request ends here (finished, or on_commit asked to stop)."""
     committed.extend(new)
     result.token_ids.extend(new)
+    result.record_chunk(time.perf_counter(), len(new))
     if result.rounds == 0:
         result.ttft_s = time.perf_counter() - start
     result.rounds += 1

@@ -31,8 +31,8 @@ Attempt = Callable[[list[int], SamplingParams, ClientConfig, GenerationResult], 
 async def with_recovery(attempt: Attempt, prompt_ids: list[int], params: SamplingParams,
                         config: ClientConfig) -> GenerationResult:
     """Run `attempt` until the request finishes; re-open it after a retryable failure, within config.timeout_s."""
-    result = GenerationResult(token_ids=[])
     start = time.perf_counter()
+    result = GenerationResult(token_ids=[], started=start)
     deadline = start + config.timeout_s
     delays = config.backoff.delays()
     gone_since = None  # when the verifier first went away

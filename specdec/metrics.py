@@ -40,6 +40,11 @@ class GenerationResult:
     gamma_per_round: list[int] = field(default_factory=list)  # the gamma each block was drafted with
     stale: int = 0  # proposals the verifier dropped: the prefix they assumed was not committed
     unsent: int = 0  # async: claims withheld (not sent, or not even drafted), the verifier being past them on arrival
+    # when each reply that committed tokens arrived, seconds since the request started, and how many it
+    # committed: ITL is per chunk (several tokens arrive per verdict), TTFT the first entry
+    chunk_times_s: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    started: float = field(default=0.0, repr=False)  # perf_counter() at the request's start (not reported)
 
     @property
     def new_tokens(self) -> int:
@@ -66,12 +71,19 @@ class GenerationResult:
         """Round trip minus verifier service time, summed: network, framing and (de)serialisation."""
         return max(0.0, sum(self.rtt_s) - sum(self.service_s))
 
+    def record_chunk(self, now: float, tokens: int) -> None:
+        """A reply committed `tokens` at perf_counter() `now`."""
+        if tokens:
+            self.chunk_times_s.append(now - self.started)
+            self.chunk_tokens.append(tokens)
+
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        del out["started"]
         for name in ("new_tokens", "proposed", "accepted", "acceptance_rate", "mean_acceptance_length",
                      "network_s", "tokens_per_s"):
             out[name] = getattr(self, name)
