@@ -138,6 +138,8 @@ def test_demand_validation():
         Demand("a", [0.5] * 2, 3)
     with pytest.raises(ValueError):
         Demand("a", [0.5] * 3, 3, tpot_slo_s=0.0)
+    with pytest.raises(ValueError):
+        Demand("a", [0.5, 1.2], 2)
 
 
 # ------------------------------------------------------------------------------------------ the fit
