@@ -269,3 +269,18 @@ def test_new_sessions_start_from_the_population_rate():
     budgeter.open("new")
     assert budgeter.population.pooled() < 0.2
     assert budgeter.budget_for("new") == 0
+
+
+def test_a_session_denied_drafts_gets_another_try():
+    budgeter = DraftBudgeter(max_gamma=6)
+    _feed_steps(budgeter, 0.02, 0.004)
+    for _ in range(100):
+        budgeter.on_verdict("peer", 6, 5)  # the population accepts well
+    for _ in range(20):
+        budgeter.on_verdict("s", 6, 0)  # this session's drafts were all rejected
+    budgeter.on_step(0.03, 2, 2)
+    assert budgeter.budget_for("s") == 0
+    for _ in range(60):  # plain decoding rounds: its counts decay back toward the population's rate
+        budgeter.on_verdict("s", 0, 0)
+    budgeter.on_step(0.03, 2, 2)
+    assert budgeter.budget_for("s") > 0
