@@ -225,7 +225,7 @@ def test_client_takes_the_smaller_of_budget_and_its_best_gamma():
 def _feed_steps(budgeter: DraftBudgeter, fixed_s: float, per_token_s: float) -> None:
     for _ in range(40):  # enough for the older steps' weight to decay
         for tokens in (1, 4, 8, 64, 2, 16):  # a prefill chunk and some blocks
-            budgeter.on_step(fixed_s + per_token_s * tokens, tokens, 1)
+            budgeter.on_step(fixed_s + per_token_s * tokens, 1, tokens)  # (compute_s, sessions, tokens)
 
 
 def test_budgeter_grants_by_measured_cost_and_acceptance():

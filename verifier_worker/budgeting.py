@@ -4,8 +4,8 @@ budget for its next block.
 The engine (or whoever applies a step's outcomes) calls, all on the event loop:
 - `open(key, max_gamma=..., tpot_slo_s=...)` when a session opens (`max_gamma=0` for `Generate`, which
   decodes one token a step: it adds to the step's cost and goodput, it is never granted drafts);
-- `on_step(compute_s, batch_tokens, batch_sessions)` after every step (the same arguments as the engine's
-  `on_step` hook: it fits the step-cost curve);
+- `on_step(compute_s, sessions, tokens)` after every step: the engine's `on_step` hook, in its argument
+  order (as `VerifierMetrics.step`); it fits the step-cost curve;
 - `on_verdict(key, proposed, accepted)` for every verified block (a plain decoding step: proposed = 0);
 - `budget_for(key, queued_sessions, queued_tokens)` when answering a session: the most draft tokens its
   next block may carry. queued_* = the prefill work waiting for the next step (sessions still
@@ -16,6 +16,8 @@ The grant is made once per step, for every open session together (`specdec.budge
 first `budget_for` after a step computes it, the others read it, so call `on_verdict` for all of a step's
 rows before answering any of them (the place that applies a step's outcomes does). A session opened
 mid-step is added to it. New sessions' acceptance starts from the server-wide rate of recent verdicts.
+Before the first step the cost fit holds only its prior (no cost), so every session may draft its cap; the
+first steps (the prefills, hundreds of tokens each) fit the curve.
 """
 
 from __future__ import annotations
@@ -85,9 +87,9 @@ class DraftBudgeter:
         if self._sessions.pop(key, None) is not None:
             self._grants = None
 
-    def on_step(self, compute_s: float, batch_tokens: int, batch_sessions: int) -> None:
-        """After every engine step: fit the cost curve; the next `budget_for` makes a new grant."""
-        self.cost.observe(compute_s, batch_tokens, batch_sessions)
+    def on_step(self, compute_s: float, sessions: int, tokens: int) -> None:
+        """After every engine step (the engine's hook): fit the cost curve; the next `budget_for` grants anew."""
+        self.cost.observe(compute_s, tokens, sessions)
         self._grants = None
         if self.metrics is not None:
             a, b, _ = self.cost.coefficients
