@@ -25,19 +25,27 @@ def verify_seconds(verify_s: VerifyCost, gamma: int) -> float:
     return fixed_s + gamma * per_token_s
 
 
-def expected_tokens(accept: Sequence[float], gamma: int) -> float:
-    """Expected committed tokens of one block of gamma draft tokens, the recovered/bonus token included.
+def expected_tokens_table(accept: Sequence[float], max_gamma: int) -> list[float]:
+    """[max_gamma + 1] expected committed tokens of a block of gamma = 0..max_gamma draft tokens.
 
-    accept[i] = P(draft position i+1 accepted | positions 1..i accepted); needs len(accept) >= gamma.
-    E = 1 + sum_{i=1..gamma} prod_{j<=i} accept[j-1]; for a constant alpha, (1 - alpha^(gamma+1)) / (1 - alpha).
+    accept[i] = P(draft position i+1 accepted | positions 1..i accepted); needs len(accept) >= max_gamma.
+    E(gamma) = 1 + sum_{i=1..gamma} prod_{j<=i} accept[j-1] (the recovered/bonus token included); for a
+    constant alpha, (1 - alpha^(gamma+1)) / (1 - alpha). Its steps E(gamma+1) - E(gamma) = P(positions
+    1..gamma+1 all accepted) never grow with gamma: each draft token buys at most what the one before did.
     """
-    if not 0 <= gamma <= len(accept):
-        raise ValueError(f"gamma must be in [0, {len(accept)}] (the positions with an acceptance rate), got {gamma}")
-    expected, reach = 1.0, 1.0  # reach = P(positions 1..i all accepted)
-    for alpha in accept[:gamma]:
+    if not 0 <= max_gamma <= len(accept):
+        raise ValueError(f"gamma must be in [0, {len(accept)}] (the positions with an acceptance rate), got {max_gamma}")
+    table, reach = [1.0], 1.0  # reach = P(positions 1..i all accepted)
+    for alpha in accept[:max_gamma]:
         reach *= alpha
-        expected += reach
-    return expected
+        table.append(table[-1] + reach)
+    return table
+
+
+def expected_tokens(accept: Sequence[float], gamma: int) -> float:
+    """Expected committed tokens of one block of gamma draft tokens, the recovered/bonus token included
+    (see `expected_tokens_table`)."""
+    return expected_tokens_table(accept, gamma)[gamma]
 
 
 def choose_gamma(accept: Sequence[float], draft_s: float, verify_s: VerifyCost, rtt_s: float, max_gamma: int) -> int:
@@ -51,11 +59,7 @@ def choose_gamma(accept: Sequence[float], draft_s: float, verify_s: VerifyCost, 
         raise ValueError(f"max_gamma must be in [0, {len(accept)}] (the positions with an acceptance rate), "
                          f"got {max_gamma}")
     best_gamma, best_rate = 0, 0.0
-    expected, reach = 1.0, 1.0
-    for gamma in range(max_gamma + 1):
-        if gamma:
-            reach *= accept[gamma - 1]
-            expected += reach
+    for gamma, expected in enumerate(expected_tokens_table(accept, max_gamma)):
         seconds = max(gamma * draft_s + verify_seconds(verify_s, gamma) + rtt_s, 1e-12)  # [s] of one round
         rate = expected / seconds  # committed tokens per second
         if rate > best_rate * (1 + 1e-12):

@@ -1,0 +1,318 @@
+"""The draft budget: how many draft tokens each session's next block may carry, chosen where the load is
+seen (the verifier) to maximise goodput. Pure math and small online estimators; no grpc, no clock.
+
+The model (SmartSpec's goodput, WISP's predicted verification time; vLLM RFC #4565):
+- One engine step verifies every session's block at once. Session i sends [last committed token] + gamma_i
+  draft tokens; its expected committed tokens are E_i(gamma_i) = 1 + sum_{k=1..gamma_i} prod_{j<=k} alpha_ij
+  (`specdec.gamma.expected_tokens_table`; (1 - alpha^(gamma+1)) / (1 - alpha) for a constant alpha), where
+  alpha_ij = P(position j accepted | positions before it accepted), from `AcceptanceTracker`.
+- The step costs T(N, S) compute seconds for N batch tokens over S sessions: N = sum_i (1 + gamma_i) plus
+  the tokens of other work in the step (prefill chunks, `Load`), S = the sessions. `StepCostModel` fits
+  T = a + b*N + c*S online from the engine's own steps, so it holds on any device: b is large on a CPU
+  (a block of gamma+1 tokens costs far more than one token) and ~0 on a GPU (memory-bound decoding).
+- Goodput G = sum_i E_i(gamma_i) / T(N, S): committed tokens per second of verifier time. `grant_budgets`
+  picks the gamma vector maximising G, each gamma_i in [0, cap_i], cap_i = min(max_gamma, the client's
+  request). 0 is allowed: the session then decodes one token per step, like `Generate`.
+
+The decision is exact, not a heuristic: E_i's steps E_i(g+1) - E_i(g) = prod_{j<=g+1} alpha_ij never grow
+with g, so for a fixed total of K draft tokens the greedy marginal allocation (the next draft token to the
+session where it buys the most expected committed tokens) maximises sum_i E_i. T depends on the vector only
+through K (S is fixed), so G's maximum is max_K E*(K) / T(K): one greedy pass records E*(K) for every K, and
+the best K wins, ties to the smaller K (less work for the same goodput). With an affine T the goodput
+rises while the next token's gain exceeds G * b and falls after, so this is the rule "grant until the next
+token of budget costs more step time than it brings"; scanning every K also handles a step-shaped T (a
+jump to the next kernel tile, then flat), where stopping at the first loss would miss the flat part.
+
+Latency target (optional, per session): the expected time per token of session i is T / E_i(gamma_i) (its
+share of the verifier's steps; the client's drafting and round trip are its own side, `budgeted_gamma`).
+With SLOs, for each K the SLO sessions need at least the smallest gamma_i with T(K) / E_i(gamma_i) <= slo_i;
+the rest of K is filled greedily from there (still optimal: the gains above the floors are still sorted).
+The best K among those that can meet every SLO wins. If none can, every SLO is stretched by the least
+common factor that makes them feasible (`_least_stretch`), so no target is missed by more than needed.
+
+Assumptions and limits:
+- Acceptance is a per-session, per-position rate that does not depend on the batch or on gamma itself,
+  and positions are independent given the prefix (the standard speculative-decoding analysis). A decayed
+  count follows a session whose text turns easy or hard; new sessions start from the server-wide rate.
+- Every budgeted session rides the next step (lock-step clients send right after their verdict; async
+  sessions decode every step). Sessions the batch cannot hold (`max_batch_tokens`) are not modelled.
+- T is affine in tokens and sessions. A pad-and-stack forward really costs sessions x longest row; feed
+  the padded count to the fit if that is what the device pays, but the grant still prices the sum.
+- Goodput counts verifier time only: a slow draft is the client's to notice (`budgeted_gamma`: the
+  smaller of the budget and the client's own best gamma, so a draft too slow for its verifier falls to 0).
+- Cost: O(K n) numpy work for K = sum of caps (a few ms at 64 sessions x 16); with SLOs O(K n log K).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from specdec.gamma import VerifyCost, choose_gamma, expected_tokens_table
+
+StepSeconds = Callable[[int, int], float]  # (batch tokens, batch sessions) -> compute seconds of one step
+MIN_STEP_S = 1e-9  # a fitted cost is never taken as free (goodput would be infinite)
+
+
+# ------------------------------------------------------------------------------------------ step cost
+class StepCostModel:
+    """Online fit of one engine step's compute seconds: t = a + b * tokens + c * sessions.
+
+    Exponentially weighted least squares (each step's weight decays by `forget` per later step, so the fit
+    follows drift: thermal throttling, another tenant, a KV that grew) with a ridge prior on the slopes
+    toward (b0, c0), worth `prior_steps` steps spread over `scales` tokens / sessions, which keeps the first
+    few steps, or steps that all had the same size, from swinging the slope (after one step, or steps of
+    one size: all fixed cost, as `RttGamma.verify_cost` assumes). The intercept's prior is nearly flat: the
+    first step sets the level. The prior does not decay: a direction the data never varies (one token count
+    for a long time) keeps the prior's slope instead of winding up. Slopes are never negative: a negative
+    one is fixed at 0 and the rest refitted. Prefill chunks are the best teachers of the token slope: they
+    span hundreds of tokens where verify blocks span a few.
+    """
+
+    FEATURES = 3  # intercept, tokens, sessions
+
+    def __init__(self, prior: tuple[float, float, float] = (0.0, 0.0, 0.0), prior_steps: float = 1.0,
+                 forget: float = 0.98, scales: tuple[float, float] = (16.0, 4.0)):
+        if not 0 < forget <= 1 or prior_steps <= 0:
+            raise ValueError(f"need 0 < forget <= 1 and prior_steps > 0, got {forget}, {prior_steps}")
+        self.forget = forget
+        self._prior = list(prior)  # theta0 = (a0, b0, c0)
+        tokens_scale, sessions_scale = scales
+        # the level is pinned by the first step (a near-flat prior); the prior holds the slopes
+        self._prior_precision = [1e-3, prior_steps * tokens_scale ** 2, prior_steps * sessions_scale ** 2]
+        self._xx = [[0.0] * self.FEATURES for _ in range(self.FEATURES)]  # [3, 3] decayed sum of x x^T
+        self._xy = [0.0] * self.FEATURES  # [3] decayed sum of x * t
+        self.steps = 0
+        self.coefficients = tuple(self._prior)  # (a, b, c) after the latest step
+
+    def observe(self, compute_s: float, tokens: int, sessions: int) -> None:
+        """One engine step: `compute_s` seconds for `tokens` batch tokens over `sessions` sessions."""
+        x = (1.0, float(tokens), float(sessions))
+        for i in range(self.FEATURES):
+            self._xy[i] = self.forget * self._xy[i] + x[i] * compute_s
+            for j in range(self.FEATURES):
+                self._xx[i][j] = self.forget * self._xx[i][j] + x[i] * x[j]
+        self.steps += 1
+        self.coefficients = self._fit()
+
+    def cost(self, tokens: int, sessions: int) -> float:
+        """Predicted compute seconds of a step of `tokens` tokens over `sessions` sessions (>= 0)."""
+        a, b, c = self.coefficients
+        return max(a + b * tokens + c * sessions, 0.0)
+
+    def marginal(self, tokens: int = 0, sessions: int = 1) -> float:
+        """Seconds one more batch token adds to a step of `tokens` tokens (constant in this affine model)."""
+        return self.cost(tokens + 1, sessions) - self.cost(tokens, sessions)
+
+    def _fit(self) -> tuple[float, float, float]:
+        """Ridge solution; features 1 and 2 (the slopes) are dropped, i.e. fixed at 0, while negative."""
+        free = [0, 1, 2]
+        while True:
+            a = [[self._xx[i][j] + (self._prior_precision[i] if i == j else 0.0) for j in free] for i in free]
+            y = [self._xy[i] + self._prior_precision[i] * self._prior[i] for i in free]
+            theta = dict(zip(free, _solve(a, y)))
+            negative = [i for i in free if i > 0 and theta[i] < 0]
+            if not negative:
+                return (theta.get(0, 0.0), theta.get(1, 0.0), theta.get(2, 0.0))
+            free.remove(min(negative, key=lambda i: theta[i] * (self._xx[i][i] ** 0.5)))
+
+
+def _solve(a: list[list[float]], y: list[float]) -> list[float]:
+    """x with a x = y for a small symmetric positive-definite a (Gaussian elimination, partial pivoting)."""
+    n = len(y)
+    m = [row[:] + [y[i]] for i, row in enumerate(a)]  # [n, n+1]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            for k in range(col, n + 1):
+                m[r][k] -= f * m[col][k]
+    x = [0.0] * n
+    for r in reversed(range(n)):
+        x[r] = (m[r][n] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+    return x
+
+
+# ------------------------------------------------------------------------------------------ acceptance
+@dataclass
+class AcceptanceTracker:
+    """One session's acceptance by draft position: decayed counts with a prior (a Beta per position).
+
+    alpha_j = (accepted_j + prior * pooled) / (reached_j + prior), pooled = the session's rate over all
+    positions, itself shrunk toward `prior_alpha` (for a new session: the server-wide rate). So a position
+    never reached gets the pooled rate, and the first verdicts move the estimate only so far. Every verdict
+    multiplies the counts by `forget` (~1 / (1 - forget) verdicts of memory), so a session whose answer
+    turns easy or hard is followed; a verdict of 0 draft tokens only decays, drifting a session that was
+    denied drafts back toward the prior so it is given another try.
+    """
+
+    max_gamma: int = 16
+    prior: float = 4.0  # pseudo-blocks pulling each position toward the pooled rate
+    prior_alpha: float = 0.5  # the pooled rate before any verdict
+    forget: float = 0.95
+    _accepted: list[float] = field(default_factory=list, init=False)  # [positions] blocks accepting j
+    _reached: list[float] = field(default_factory=list, init=False)  # [positions] blocks that reached j
+
+    def update(self, proposed: int, accepted: int) -> None:
+        """One verdict: the first `accepted` of `proposed` draft tokens were accepted."""
+        if not 0 <= accepted <= proposed:
+            raise ValueError(f"need 0 <= accepted <= proposed, got {accepted}, {proposed}")
+        self._accepted = [n * self.forget for n in self._accepted]
+        self._reached = [n * self.forget for n in self._reached]
+        reached = min(accepted + 1, proposed, self.max_gamma)  # the first rejected position was reached too
+        grow = reached - len(self._reached)
+        if grow > 0:
+            self._accepted += [0.0] * grow
+            self._reached += [0.0] * grow
+        for j in range(reached):
+            self._reached[j] += 1
+            self._accepted[j] += float(j < accepted)
+
+    def pooled(self, prior_alpha: float | None = None) -> float:
+        """The session's acceptance over all positions, shrunk toward prior_alpha (default: its own)."""
+        p = self.prior_alpha if prior_alpha is None else prior_alpha
+        return (sum(self._accepted) + self.prior * p) / (sum(self._reached) + self.prior)
+
+    def rates(self, prior_alpha: float | None = None) -> list[float]:
+        """[max_gamma] alpha_j = P(position j+1 accepted | positions 1..j accepted)."""
+        pooled = self.pooled(prior_alpha)
+        pad = self.max_gamma - len(self._reached)
+        return [(a + self.prior * pooled) / (r + self.prior)
+                for a, r in zip(self._accepted + [0.0] * pad, self._reached + [0.0] * pad)]
+
+    def expected_tokens(self, gamma: int, prior_alpha: float | None = None) -> float:
+        """Expected committed tokens of this session's next block of gamma draft tokens."""
+        return expected_tokens_table(self.rates(prior_alpha), gamma)[gamma]
+
+
+# ------------------------------------------------------------------------------------------ the grant
+@dataclass(frozen=True)
+class Demand:
+    """One session asking for a budget for its next block."""
+
+    key: Hashable
+    accept: Sequence[float]  # [>= cap] alpha_j by position (AcceptanceTracker.rates)
+    cap: int  # most draft tokens: min(the verifier's max_gamma, the client's request); 0 = decode only
+    tpot_slo_s: float | None = None  # expected verifier seconds per committed token not to exceed
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cap <= len(self.accept):
+            raise ValueError(f"session {self.key!r}: cap must be in [0, {len(self.accept)}], got {self.cap}")
+        if not all(0.0 <= alpha <= 1.0 for alpha in self.accept[: self.cap]):
+            raise ValueError(f"session {self.key!r}: acceptance rates must be in [0, 1], got {list(self.accept)}")
+        if self.tpot_slo_s is not None and not self.tpot_slo_s > 0:
+            raise ValueError(f"session {self.key!r}: tpot_slo_s must be > 0, got {self.tpot_slo_s}")
+
+
+@dataclass(frozen=True)
+class Load:
+    """Other work riding the next step that commits nothing: prefill chunks (their tokens and sessions)."""
+
+    tokens: int = 0
+    sessions: int = 0
+
+
+def goodput(demands: Sequence[Demand], budgets: Sequence[int], step_seconds: StepSeconds, load: Load = Load()) -> float:
+    """Expected committed tokens per second of the next step if session i drafts budgets[i] tokens."""
+    expected = sum(expected_tokens_table(d.accept, g)[g] for d, g in zip(demands, budgets))
+    return expected / _step_seconds(step_seconds, demands, sum(budgets), load)
+
+
+def grant_budgets(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load = Load()) -> dict[Hashable, int]:
+    """{key: draft tokens its next block may carry}, maximising goodput (see the module docstring)."""
+    if not demands:
+        return {}
+    caps = np.array([d.cap for d in demands])  # [n]
+    table = np.full((len(demands), caps.max() + 1), np.inf)  # [n, max cap + 1] E_i(gamma), +inf past cap_i
+    for i, d in enumerate(demands):
+        table[i, : d.cap + 1] = expected_tokens_table(d.accept, d.cap)
+    counts = _greedy_counts(table, caps)  # [K + 1, n]
+    seconds = np.array([_step_seconds(step_seconds, demands, k, load) for k in range(len(counts))])  # [K + 1] T(K)
+    slos = np.array([np.inf if d.tpot_slo_s is None else d.tpot_slo_s for d in demands])  # [n]
+    budgets = _best_within(table, caps, counts, seconds, slos)
+    if budgets is None:  # no K meets every SLO: stretch them all by the least common factor that can be met
+        stretch = _least_stretch(table, caps, seconds, slos)
+        budgets = _best_within(table, caps, counts, seconds, slos * stretch * (1 + 1e-9))
+        assert budgets is not None, "the least stretch makes some K feasible"
+    return {d.key: int(g) for d, g in zip(demands, budgets)}
+
+
+def budgeted_gamma(budget: int, accept: Sequence[float], draft_s: float, verify_s: VerifyCost, rtt_s: float,
+                   max_gamma: int) -> int:
+    """The client's side of `--gamma auto`: the smaller of the verifier's budget and the client's own best
+    gamma from its draft seconds per token, acceptance, the verifier's service time and the round trip
+    (`specdec.gamma.choose_gamma`, what `draft_worker.gamma.RttGamma` estimates). The client's rate is
+    single-peaked in gamma (concave tokens over affine seconds), so its best gamma within [0, budget] is
+    min(budget, its best gamma); a draft too slow for its verifier gets 0 whatever the budget.
+    """
+    return choose_gamma(accept, draft_s, verify_s, rtt_s, max(0, min(budget, max_gamma)))
+
+
+# ------------------------------------------------------------------------------------------ internals
+def _step_seconds(step_seconds: StepSeconds, demands: Sequence[Demand], drafts: int, load: Load) -> float:
+    """T(K): the step with every session's [last committed token] + K draft tokens in all, plus the load."""
+    tokens = len(demands) + drafts + load.tokens
+    return max(step_seconds(tokens, len(demands) + load.sessions), MIN_STEP_S)
+
+
+def _greedy_counts(table: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    """[sum(caps) + 1, n]: row K = the budgets after the greedy's first K draft tokens, each given to the
+    session whose next token buys the most expected committed tokens (E_i's steps never grow, so sorting
+    every session's steps at once is the greedy)."""
+    n, width = table.shape
+    session, gamma = np.nonzero(np.arange(width - 1)[None, :] < caps[:, None])  # every draft token of every cap
+    gains = table[session, gamma + 1] - table[session, gamma]  # what each buys
+    order = session[np.lexsort((gamma, session, -gains))]  # [sum(caps)] largest gain first, ties: lower session
+    counts = np.zeros((len(order) + 1, n), dtype=np.int64)
+    counts[np.arange(1, len(order) + 1), order] = 1
+    return counts.cumsum(axis=0)
+
+
+def _least_stretch(table: np.ndarray, caps: np.ndarray, seconds: np.ndarray, slos: np.ndarray) -> float:
+    """The least v such that some K meets every slo_i * v: min_K T(K) w(K), with w(K) the least, over
+    budgets of K draft tokens, of max_i 1 / (slo_i E_i(gamma_i)), which raising the worst session's gamma
+    first attains (each 1 / E_i falls as its gamma grows) until the worst is at its cap."""
+    heap = [(-1 / (slo * table[i, 0]), i) for i, slo in enumerate(slos) if np.isfinite(slo)]  # (-1 / (slo E), i)
+    heapq.heapify(heap)
+    gammas, w = [0] * len(caps), [-heap[0][0]]  # w[K]
+    while len(w) < len(seconds) and gammas[heap[0][1]] < caps[heap[0][1]]:
+        _, i = heapq.heappop(heap)
+        gammas[i] += 1
+        heapq.heappush(heap, (-1 / (slos[i] * table[i, gammas[i]]), i))
+        w.append(-heap[0][0])
+    w += [w[-1]] * (len(seconds) - len(w))
+    return float((seconds * np.array(w)).min())
+
+
+def _best_within(table: np.ndarray, caps: np.ndarray, counts: np.ndarray, seconds: np.ndarray,
+                 slos: np.ndarray) -> np.ndarray | None:
+    """[n] the budgets of the best K whose step meets every SLO (None: no K does), ties to the smaller K.
+
+    For each K: the floors m_i = the least gamma_i with E_i(gamma_i) >= T(K) / slo_i, then the greedy's
+    tokens above them: max(m, counts[P]) for the least prefix P of the greedy that sums to K (the prefix
+    holds the largest steps of all, so those above the floors are the largest steps above the floors).
+    """
+    k = np.arange(len(seconds))  # [K + 1]
+    if np.isinf(slos).all():
+        budgets, feasible = counts, np.ones(len(k), dtype=bool)  # [K + 1, n]
+    else:
+        need = seconds[:, None] / slos[None, :] * (1 - 1e-12)  # [K + 1, n] least E_i for T(K) / E_i <= slo_i
+        floors = np.stack([np.searchsorted(table[i, : c + 1], need[:, i]) for i, c in enumerate(caps)], axis=1)
+        feasible = (floors <= caps).all(axis=1) & (floors.sum(axis=1) <= k)
+        if not feasible.any():
+            return None
+        floors = np.minimum(floors, caps)
+        low, high = np.zeros_like(k), np.full_like(k, len(counts) - 1)  # bisection over P, for every K at once
+        while (low < high).any():
+            mid = (low + high) // 2
+            short = np.maximum(floors, counts[mid]).sum(axis=1) < k
+            low, high = np.where(short, mid + 1, low), np.where(short, high, mid)
+        budgets = np.maximum(floors, counts[low])  # [K + 1, n], summing to K where feasible
+    expected = table[np.arange(len(caps))[None, :], budgets].sum(axis=1)  # [K + 1]
+    rate = np.where(feasible, expected / seconds, -np.inf)
+    best = int(np.argmax(rate >= rate.max() * (1 - 1e-12)))  # the least K within rounding of the best
+    return budgets[best]

@@ -1,0 +1,286 @@
+"""The draft budget: the goodput grant against a brute-force search, the step-cost fit, the acceptance
+tracker, the client's side, and the verifier's budgeter that wires them together."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from specdec.budget import (AcceptanceTracker, Demand, Load, StepCostModel, budgeted_gamma, goodput,
+                            grant_budgets)
+from specdec.gamma import choose_gamma, expected_tokens, expected_tokens_table
+from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter
+
+COSTS = {  # (batch tokens, batch sessions) -> step seconds
+    "flat": lambda n, s: 0.02,
+    "linear_shallow": lambda n, s: 0.02 + 0.0005 * n,
+    "linear_cpu": lambda n, s: 0.01 + 0.004 * n + 0.002 * s,
+    "linear_steep": lambda n, s: 0.001 + 0.01 * n,
+    "step": lambda n, s: 0.02 if n <= 8 else 0.035,  # a jump to the next tile, then flat
+    "two_steps": lambda n, s: 0.01 * (1 + n // 6),
+}
+
+
+def _brute_force(demands, cost, load=Load()):
+    """(best goodput, its budgets) over every budget vector, meeting every SLO if any vector can."""
+    vectors = list(itertools.product(*(range(d.cap + 1) for d in demands)))
+    feasible = [v for v in vectors if _meets_slos(demands, v, cost, load)] or vectors
+    best = max(feasible, key=lambda v: goodput(demands, v, cost, load))
+    return goodput(demands, best, cost, load), best
+
+
+def _tpot(demands, budgets, cost, load):
+    """[n] each session's expected verifier seconds per committed token."""
+    step_s = cost(len(demands) + sum(budgets) + load.tokens, len(demands) + load.sessions)
+    return [step_s / expected_tokens(d.accept, g) for d, g in zip(demands, budgets)]
+
+
+def _meets_slos(demands, budgets, cost, load, stretch=1.0):
+    return all(d.tpot_slo_s is None or t <= d.tpot_slo_s * stretch * (1 + 1e-9)
+               for d, t in zip(demands, _tpot(demands, budgets, cost, load)))
+
+
+def _random_demands(rng: random.Random, n: int, slo: bool = False) -> list[Demand]:
+    demands = []
+    for i in range(n):
+        cap = rng.randint(0, 6)
+        if rng.random() < 0.5:
+            accept = [rng.choice([0.0, 0.2, 0.5, 0.8, 0.95])] * 6  # constant alpha
+        else:
+            accept = [rng.random() for _ in range(6)]  # by position
+        demands.append(Demand(f"s{i}", accept, cap, rng.choice([None, 0.005, 0.01, 0.02]) if slo else None))
+    return demands
+
+
+@pytest.mark.parametrize("curve", sorted(COSTS))
+def test_grant_matches_brute_force(curve):
+    cost, rng = COSTS[curve], random.Random(curve)
+    for _ in range(40):
+        demands = _random_demands(rng, rng.randint(1, 3))
+        load = Load(tokens=rng.choice([0, 0, 16]), sessions=rng.choice([0, 1]))
+        granted = grant_budgets(demands, cost, load)
+        budgets = [granted[d.key] for d in demands]
+        assert all(0 <= g <= d.cap for d, g in zip(demands, budgets))
+        best, _ = _brute_force(demands, cost, load)
+        assert goodput(demands, budgets, cost, load) == pytest.approx(best, rel=1e-9), (demands, budgets)
+
+
+def test_grant_matches_brute_force_on_a_fitted_model():
+    model = StepCostModel()
+    for tokens, seconds in [(1, 0.03), (5, 0.05), (40, 0.21), (8, 0.065)]:
+        model.observe(seconds, tokens, 1)
+    demands = [Demand("a", [0.9, 0.8, 0.7, 0.6], 4), Demand("b", [0.6] * 4, 4), Demand("c", [0.2] * 4, 2)]
+    granted = grant_budgets(demands, model.cost)
+    best, vector = _brute_force(demands, model.cost)
+    assert goodput(demands, [granted[d.key] for d in demands], model.cost) == pytest.approx(best)
+    assert 0 < sum(vector) < 10  # a real trade-off, not an edge
+
+
+def test_zero_when_drafts_cannot_pay():
+    steep = COSTS["linear_steep"]  # a draft token costs as much as a whole plain step
+    demands = [Demand(k, [0.3] * 6, 6) for k in "abcd"]
+    assert grant_budgets(demands, steep) == dict.fromkeys("abcd", 0)
+    # never accepted: nothing to buy even when tokens are free (ties go to less work)
+    assert grant_budgets([Demand("a", [0.0] * 6, 6)], COSTS["flat"]) == {"a": 0}
+    # the same sessions with good drafts on a shallow curve are granted tokens
+    assert sum(grant_budgets([Demand(k, [0.9] * 6, 6) for k in "abcd"], COSTS["linear_shallow"]).values()) > 0
+
+
+def test_flat_cost_grants_every_session_its_cap():
+    demands = [Demand("a", [0.5] * 8, 8), Demand("b", [0.1] * 8, 3), Demand("c", [0.95] * 8, 0)]
+    assert grant_budgets(demands, COSTS["flat"]) == {"a": 8, "b": 3, "c": 0}
+
+
+def test_load_and_more_sessions_shrink_the_budget_on_a_cpu_curve():
+    # one session on a steep-ish CPU curve drafts; with 8 such sessions the same drafts no longer pay
+    cost = lambda n, s: 0.03 + 0.012 * n  # noqa: E731 - a 1-token step 42 ms, a 5-token step 90 ms
+    one = grant_budgets([Demand(0, [0.8] * 6, 6)], cost)[0]
+    eight = grant_budgets([Demand(i, [0.8] * 6, 6) for i in range(8)], cost)
+    assert one > 0 and sum(eight.values()) < 8 * one
+
+
+def test_slo_is_respected_when_it_can_be_met():
+    cost = COSTS["linear_cpu"]
+    demands = [Demand("fast", [0.95] * 6, 6), Demand("hard", [0.1] * 6, 6, tpot_slo_s=0.03)]
+    free = grant_budgets([Demand(d.key, d.accept, d.cap) for d in demands], cost)
+    assert not _meets_slos(demands, [free["fast"], free["hard"]], cost, Load())  # the goodput optimum misses it
+    granted = grant_budgets(demands, cost)
+    budgets = [granted["fast"], granted["hard"]]
+    assert _meets_slos(demands, budgets, cost, Load())
+    assert goodput(demands, budgets, cost) == pytest.approx(_brute_force(demands, cost)[0])
+
+
+@pytest.mark.parametrize("curve", ["linear_cpu", "step", "linear_steep"])
+def test_slos_match_brute_force(curve):
+    cost, rng = COSTS[curve], random.Random(curve + "slo")
+    stretched = 0
+    for _ in range(40):
+        demands = _random_demands(rng, rng.randint(1, 3), slo=True)
+        granted = grant_budgets(demands, cost)
+        budgets = [granted[d.key] for d in demands]
+        vectors = list(itertools.product(*(range(d.cap + 1) for d in demands)))
+        if any(_meets_slos(demands, v, cost, Load()) for v in vectors):
+            assert _meets_slos(demands, budgets, cost, Load())
+            assert goodput(demands, budgets, cost) == pytest.approx(_brute_force(demands, cost)[0], rel=1e-9)
+        else:  # no vector meets every SLO: the grant misses them by the least common factor
+            stretched += 1
+            worst = lambda v: max(t / d.tpot_slo_s for d, t in zip(demands, _tpot(demands, v, cost, Load()))  # noqa: E731
+                                  if d.tpot_slo_s is not None)
+            assert worst(budgets) == pytest.approx(min(worst(v) for v in vectors), rel=1e-6)
+    assert stretched  # the fallback was exercised
+
+
+def test_demand_validation():
+    with pytest.raises(ValueError):
+        Demand("a", [0.5] * 2, 3)
+    with pytest.raises(ValueError):
+        Demand("a", [0.5] * 3, 3, tpot_slo_s=0.0)
+    with pytest.raises(ValueError):
+        Demand("a", [0.5, 1.2], 2)
+
+
+# ------------------------------------------------------------------------------------------ the fit
+def test_fit_recovers_a_and_b_from_noisy_steps():
+    rng, model = random.Random(0), StepCostModel()
+    for _ in range(300):
+        tokens, sessions = rng.randint(1, 64), rng.randint(1, 8)
+        model.observe(0.05 + 0.003 * tokens + 0.001 * sessions + rng.gauss(0, 0.002), tokens, sessions)
+    a, b, c = model.coefficients
+    assert a == pytest.approx(0.05, rel=0.1) and b == pytest.approx(0.003, rel=0.05) and c == pytest.approx(0.001, abs=5e-4)
+    assert model.marginal(10) == pytest.approx(b)
+    assert model.cost(10, 2) == pytest.approx(a + 10 * b + 2 * c)
+
+
+def test_fit_follows_drift_and_never_goes_negative():
+    rng, model = random.Random(1), StepCostModel()
+    for slope in (0.004, 0.0005):  # the device got faster per token (e.g. the batch moved to a GPU)
+        for _ in range(300):
+            tokens = rng.randint(1, 32)
+            model.observe(0.02 + slope * tokens + rng.gauss(0, 0.001), tokens, 1)
+        assert model.coefficients[1] == pytest.approx(slope, rel=0.2)
+    model = StepCostModel()
+    for tokens in (1, 10, 20, 30):  # cost falling with tokens: noise, not a free lunch
+        model.observe(0.05 - 0.001 * tokens, tokens, 1)
+    assert model.coefficients[1] == 0.0 and model.cost(30, 1) >= 0.0
+
+
+def test_fit_with_one_size_calls_it_all_fixed():
+    model = StepCostModel()
+    assert model.cost(5, 1) == 0.0  # nothing seen: the prior
+    for _ in range(3):
+        model.observe(0.1, 5, 1)
+    assert model.cost(5, 1) == pytest.approx(0.1, rel=1e-3)
+    assert model.coefficients[1] < 1e-4  # the split is unknown: the prior's slope holds
+
+
+# ------------------------------------------------------------------------------------------ acceptance
+def test_tracker_prior_and_per_position_rates():
+    tracker = AcceptanceTracker(max_gamma=4, prior_alpha=0.6)
+    assert tracker.rates() == pytest.approx([0.6] * 4)
+    assert tracker.rates(prior_alpha=0.2) == pytest.approx([0.2] * 4)  # a new session: the server-wide rate
+    for _ in range(200):
+        tracker.update(4, 1)  # position 1 always accepted, position 2 always rejected
+    rates = tracker.rates()
+    assert rates[0] > 0.9 and rates[1] < 0.1
+    assert tracker.expected_tokens(4) == pytest.approx(expected_tokens(rates, 4))
+
+
+def test_tracker_follows_a_change_of_alpha():
+    rng, tracker = random.Random(2), AcceptanceTracker(max_gamma=6, forget=0.95)
+
+    def run(alpha: float, rounds: int) -> None:
+        for _ in range(rounds):
+            accepted = next((j for j in range(6) if rng.random() >= alpha), 6)
+            tracker.update(6, accepted)
+
+    run(0.9, 300)
+    assert tracker.pooled() == pytest.approx(0.9, abs=0.05)
+    run(0.2, 200)
+    assert tracker.pooled() == pytest.approx(0.2, abs=0.07)
+    assert tracker.rates()[0] == pytest.approx(0.2, abs=0.1)
+
+
+def test_expected_tokens_table_steps_never_grow():
+    table = expected_tokens_table([0.9, 0.5, 1.0, 0.7], 4)
+    steps = [b - a for a, b in zip(table, table[1:])]
+    assert steps == pytest.approx([0.9, 0.45, 0.45, 0.315]) and steps == sorted(steps, reverse=True)
+
+
+# ------------------------------------------------------------------------------------------ client side
+def test_client_takes_the_smaller_of_budget_and_its_best_gamma():
+    accept = [0.8] * 8
+    for budget in range(9):
+        for draft_s in (0.0005, 0.005, 0.05):
+            args = (accept, draft_s, (0.02, 0.002), 0.01)
+            assert budgeted_gamma(budget, *args, max_gamma=8) == min(budget, choose_gamma(*args, 8))
+    # a draft too slow for its verifier falls to 0 whatever the budget
+    assert budgeted_gamma(8, accept, 1.0, (0.02, 0.002), 0.01, 8) == 0
+    assert budgeted_gamma(0, accept, 0.0001, (0.02, 0.0), 0.01, 8) == 0
+
+
+# ------------------------------------------------------------------------------------------ the budgeter
+def _feed_steps(budgeter: DraftBudgeter, fixed_s: float, per_token_s: float) -> None:
+    for _ in range(40):  # enough for the older steps' weight to decay
+        for tokens in (1, 4, 8, 64, 2, 16):  # a prefill chunk and some blocks
+            budgeter.on_step(fixed_s + per_token_s * tokens, 1, tokens)  # (compute_s, sessions, tokens)
+
+
+def test_budgeter_grants_by_measured_cost_and_acceptance():
+    registry = CollectorRegistry()
+    budgeter = DraftBudgeter(max_gamma=8, metrics=BudgetMetrics(registry))
+    budgeter.open("easy")
+    budgeter.open("hard")
+    budgeter.open("generate", max_gamma=0)
+    for _ in range(50):
+        budgeter.on_verdict("easy", 8, 8)
+        budgeter.on_verdict("hard", 4, 0)
+        budgeter.on_verdict("generate", 0, 0)
+    _feed_steps(budgeter, 0.02, 0.0)  # flat: every session with any hope drafts its cap
+    assert budgeter.budget_for("easy") == 8 and budgeter.budget_for("generate") == 0
+    _feed_steps(budgeter, 0.02, 0.01)  # a draft token costs half a step
+    assert budgeter.cost.coefficients[1] == pytest.approx(0.01, rel=0.05)
+    easy, hard = budgeter.budget_for("easy"), budgeter.budget_for("hard")
+    assert easy > 0 and hard == 0
+    assert registry.get_sample_value("specdec_verifier_step_cost_per_token_seconds") == pytest.approx(
+        budgeter.cost.coefficients[1])
+    assert registry.get_sample_value("specdec_verifier_draft_budget_tokens_count") == 4
+    assert registry.get_sample_value("specdec_verifier_draft_budget_tokens_bucket", {"le": "0.0"}) == 2
+
+
+def test_budgeter_grants_once_per_step_and_respects_the_clients_limit():
+    budgeter = DraftBudgeter(max_gamma=8)
+    budgeter.open("a", max_gamma=3)
+    _feed_steps(budgeter, 0.02, 0.0)
+    assert budgeter.budget_for("a") == 3
+    budgeter.on_verdict("a", 3, 0)  # within the step the grant holds
+    assert budgeter.budget_for("a") == 3
+    budgeter.close("a")
+    assert budgeter.grants() == {}
+
+
+def test_new_sessions_start_from_the_population_rate():
+    budgeter = DraftBudgeter(max_gamma=6)
+    _feed_steps(budgeter, 0.01, 0.004)
+    for i in range(30):
+        budgeter.on_verdict(f"old{i}", 6, 0)  # nobody's drafts are ever accepted here
+    budgeter.open("new")
+    assert budgeter.population.pooled() < 0.2
+    assert budgeter.budget_for("new") == 0
+
+
+def test_a_session_denied_drafts_gets_another_try():
+    budgeter = DraftBudgeter(max_gamma=6)
+    _feed_steps(budgeter, 0.02, 0.004)
+    for _ in range(100):
+        budgeter.on_verdict("peer", 6, 5)  # the population accepts well
+    for _ in range(20):
+        budgeter.on_verdict("s", 6, 0)  # this session's drafts were all rejected
+    budgeter.on_step(0.03, 2, 2)
+    assert budgeter.budget_for("s") == 0
+    for _ in range(60):  # plain decoding rounds: its counts decay back toward the population's rate
+        budgeter.on_verdict("s", 0, 0)
+    budgeter.on_step(0.03, 2, 2)
+    assert budgeter.budget_for("s") > 0

@@ -1,0 +1,124 @@
+"""The verifier's draft budgeting: measures what `specdec.budget` decides from, and answers each session's
+budget for its next block.
+
+The engine (or whoever applies a step's outcomes) calls, all on the event loop:
+- `open(key, max_gamma=..., tpot_slo_s=...)` when a session opens (`max_gamma=0` for `Generate`, which
+  decodes one token a step: it adds to the step's cost and goodput, it is never granted drafts);
+- `on_step(compute_s, sessions, tokens)` after every step: the engine's `on_step` hook, in its argument
+  order (as `VerifierMetrics.step`); it fits the step-cost curve;
+- `on_verdict(key, proposed, accepted)` for every verified block (a plain decoding step: proposed = 0);
+- `budget_for(key, queued_sessions, queued_tokens)` when answering a session: the most draft tokens its
+  next block may carry. queued_* = the prefill work waiting for the next step (sessions still
+  prefilling, and their chunk tokens), which commits nothing but shares the step;
+- `close(key)` when the session ends.
+
+The grant is made once per step, for every open session together (`specdec.budget.grant_budgets`): the
+first `budget_for` after a step computes it, the others read it, so call `on_verdict` for all of a step's
+rows before answering any of them (the place that applies a step's outcomes does). A session opened
+mid-step is added to it. New sessions' acceptance starts from the server-wide rate of recent verdicts.
+Before the first step the cost fit holds only its prior (no cost), so every session may draft its cap; the
+first steps (the prefills, hundreds of tokens each) fit the curve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from specdec.budget import AcceptanceTracker, Demand, Load, StepCostModel, grant_budgets
+
+BUDGETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
+
+
+class BudgetMetrics:
+    """Prometheus metrics of the budget (register on the servicer's registry, `VerifierMetrics.registry`)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = registry or CollectorRegistry()
+        self.granted = Histogram("specdec_verifier_draft_budget_tokens",
+                                 "Draft budget granted with each verdict or commit: most draft tokens the next block may carry",
+                                 buckets=BUDGETS, registry=r)
+        self.cost_per_token = Gauge("specdec_verifier_step_cost_per_token_seconds",
+                                    "Fitted step compute seconds per batch token (the cost curve's slope)", registry=r)
+        self.cost_fixed = Gauge("specdec_verifier_step_cost_fixed_seconds",
+                                "Fitted step compute seconds independent of the batch (the cost curve's intercept)",
+                                registry=r)
+        self.over_budget = Counter("specdec_verifier_draft_tokens_over_budget_total",
+                                   "Draft tokens dropped unverified because a block carried more than its budget",
+                                   registry=r)
+
+
+@dataclass
+class _Session:
+    tracker: AcceptanceTracker
+    max_gamma: int  # min(the server's max_gamma, the client's request)
+    tpot_slo_s: float | None
+
+
+class DraftBudgeter:
+    """Per verifier: the step-cost fit, every session's acceptance, and the grant of the current step."""
+
+    def __init__(self, max_gamma: int = 16, *, tpot_slo_s: float | None = None, cost: StepCostModel | None = None,
+                 metrics: BudgetMetrics | None = None, forget: float = 0.95, prior_alpha: float = 0.5):
+        """max_gamma: the server's limit; tpot_slo_s: the default per-session latency target (None: none);
+        forget: per-verdict decay of each session's acceptance counts."""
+        if max_gamma < 0:
+            raise ValueError(f"max_gamma must be >= 0, got {max_gamma}")
+        self.max_gamma = max_gamma
+        self.tpot_slo_s = tpot_slo_s
+        self.cost = cost or StepCostModel()
+        self.metrics = metrics
+        self.forget = forget
+        # every verdict of every session, with a long memory: the prior of a new session's acceptance
+        self.population = AcceptanceTracker(max_gamma=max(max_gamma, 1), prior_alpha=prior_alpha, forget=0.999)
+        self._sessions: dict[Hashable, _Session] = {}
+        self._grants: dict[Hashable, int] | None = None  # this step's; None: not made yet
+
+    def open(self, key: Hashable, max_gamma: int | None = None, tpot_slo_s: float | None = None) -> None:
+        """A new session; max_gamma: the client's limit (None: the server's; 0: decode only)."""
+        cap = self.max_gamma if max_gamma is None else max(0, min(max_gamma, self.max_gamma))
+        tracker = AcceptanceTracker(max_gamma=max(self.max_gamma, 1), forget=self.forget)
+        self._sessions[key] = _Session(tracker, cap, self.tpot_slo_s if tpot_slo_s is None else tpot_slo_s)
+        self._grants = None
+
+    def close(self, key: Hashable) -> None:
+        if self._sessions.pop(key, None) is not None:
+            self._grants = None
+
+    def on_step(self, compute_s: float, sessions: int, tokens: int) -> None:
+        """After every engine step (the engine's hook): fit the cost curve; the next `budget_for` grants anew."""
+        self.cost.observe(compute_s, tokens, sessions)
+        self._grants = None
+        if self.metrics is not None:
+            a, b, _ = self.cost.coefficients
+            self.metrics.cost_fixed.set(a)
+            self.metrics.cost_per_token.set(b)
+
+    def on_verdict(self, key: Hashable, proposed: int, accepted: int) -> None:
+        """A verified block of `proposed` draft tokens whose first `accepted` were accepted."""
+        if key not in self._sessions:
+            self.open(key)
+        proposed = min(proposed, self.population.max_gamma)
+        accepted = min(accepted, proposed)
+        self._sessions[key].tracker.update(proposed, accepted)
+        if proposed:  # a plain decoding step says nothing about acceptance
+            self.population.update(proposed, accepted)
+
+    def budget_for(self, key: Hashable, queued_sessions: int = 0, queued_tokens: int = 0) -> int:
+        """The most draft tokens this session's next block may carry (0: decode one token, like Generate)."""
+        if key not in self._sessions:
+            self.open(key)
+        if self._grants is None or key not in self._grants:
+            self._grants = self.grants(Load(queued_tokens, queued_sessions))
+        budget = self._grants[key]
+        if self.metrics is not None:
+            self.metrics.granted.observe(budget)
+        return budget
+
+    def grants(self, load: Load = Load()) -> dict[Hashable, int]:
+        """A fresh grant for every open session, given the other work riding the next step."""
+        prior = self.population.pooled()
+        demands = [Demand(key, s.tracker.rates(prior), s.max_gamma, s.tpot_slo_s) for key, s in self._sessions.items()]
+        return grant_budgets(demands, self.cost.cost, load)
