@@ -231,3 +231,27 @@ async def test_greedy_suffix_drafter_is_lossless(tiny_dirs, start_verifier):
                 assert spec_result.token_ids == baseline.token_ids, (warm, gamma)
                 accepted[warm] += spec_result.accepted
     assert accepted[True] > 0 and accepted[True] >= accepted[False]
+
+
+# -------------------------------------------------------------------------------------------- tree producer
+def test_suffix_tree_offers_the_top_branches_within_its_node_limit():
+    from draft_worker.trees import suffix_tree
+    from specdec import tree
+
+    text = [9, 1, 5, 6, 9, 1, 5, 6, 9, 2, 7, 8, 9]  # after 9: 1 (x2) then 5 6 9, or 2 (x1) then 7 8
+    d = drafter(text, min_prob=0.1)
+    tokens, parents, q = suffix_tree(d, text, max_nodes=6)
+    # best-first by the product of frequencies: 1 5 6 9 (2/3 each), then 2 (1/3, offered first) and the
+    # continuation after "5 6 9" (1 or 2, 1/2 x 2/3 = 1/3 each)
+    assert (tokens, parents, q) == ([1, 5, 6, 9, 2, 1], [-1, 0, 1, 2, -1, 3], None)
+    tree.validate_tree(torch.tensor(tokens), torch.tensor(parents), max_nodes=6, vocab_size=32)
+    assert suffix_tree(d, text, max_nodes=3)[:2] == ([1, 5, 6], [-1, 0, 1])
+    assert suffix_tree(drafter(text, min_prob=0.5), text, max_nodes=6)[:2] == ([1, 5, 6, 9], [-1, 0, 1, 2])
+    # the verifier takes the second branch: the tree keeps 2 (and the bonus token) where the chain keeps nothing
+    logits = torch.zeros(len(tokens) + 1, 32)
+    logits[0, 2] = logits[5, 7] = 1.0  # after the root: 2; after node 4 (the 2): 7
+    assert tree.verify_tree_greedy(torch.tensor(tokens), torch.tensor(parents), logits) == ([4], 7)
+    assert d.propose(text, 6).draft_ids == [1]  # the chain (capped by its 1-token match): rejected
+    sampled = drafter(text, params=SamplingParams(temperature=1.0, seed=0))
+    tokens, parents, q = suffix_tree(sampled, text, max_nodes=4)
+    assert torch.equal(q, torch.nn.functional.one_hot(torch.tensor(tokens), 32).float())
