@@ -184,7 +184,7 @@ class DrafterSpec:
     device: str = "cpu"
     dense_dtype: str = "fp16"  # wire dtype of full-vocabulary q under sampling: fp16 | fp32
     ngram_max: int = 3
-    suffix_cache_tokens: int = 65536  # suffix: tokens of earlier outputs the process keeps (draft_worker/suffix.py)
+    suffix_cache_tokens: int = 16384  # suffix: tokens of earlier outputs the process keeps (draft_worker/suffix.py)
     suffix_min_prob: float = 0.1  # suffix: stop a draft when its frequencies' product falls below this
 
 

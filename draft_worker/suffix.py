@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from draft_worker.drafters import Candidates, CommittedContext, common_prefix
+from draft_worker.drafters import Candidates, CommittedContext
 from specdec import codec
 from specdec.config import SamplingParams
 from specdec.sampling import make_generator, sample
@@ -44,7 +44,7 @@ class SuffixConfig:
     depth: int = 16  # longest suffix matched (the trie's depth); index memory is O(depth) per token
     min_prob: float = 0.1  # stop a draft when the product of its frequencies would fall below this
     spec_factor: float = 1.0  # draft at most ceil(match length x spec_factor) tokens
-    cache_tokens: int = 65536  # tokens of outputs the process-wide cache keeps (0 = no cache)
+    cache_tokens: int = 16384  # tokens of outputs the process-wide cache keeps (0 = no cache); ~4 KB each at depth 16
 
     def __post_init__(self):
         if self.depth < 1 or not 0 <= self.min_prob <= 1 or self.spec_factor <= 0 or self.cache_tokens < 0:
@@ -59,6 +59,19 @@ def suffix_keys(tokens: list[int], end: int, depth: int) -> list[int]:
         key = (key * _BASE + tokens[end - n] + 1) % _MOD
         keys.append(key)
     return keys
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """len of the longest common prefix, by list comparisons (C speed): O(n) when one extends the other,
+    O(n log n) when they diverge, instead of a Python loop over every token each round."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
+    return lo
 
 
 class SuffixIndex:
@@ -243,7 +256,7 @@ class SuffixDrafter(CommittedContext):
             self.cache.pop(self.entry_id)  # a no-op once evicted: `_unpublish` rebuilds from self.synced
 
     def _sync(self, context: list[int]) -> None:
-        keep = common_prefix(self.synced, context)
+        keep = shared_prefix(self.synced, context)
         left_prompt = keep < min(self.boundary, len(self.synced))  # then what follows is output, after a new head
         for i in range(len(self.synced) - 1, keep - 1, -1):
             self._forget(i)

@@ -40,7 +40,7 @@ def _add_drafting(p, baseline: bool) -> None:
                         "step and verifies whatever draft has arrived; lockstep (least verifier compute): one block in "
                         "flight; ahead: lock-step, drafting the next block while a verdict is in flight")
     p.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches")
-    p.add_argument("--suffix-cache-tokens", type=int, default=65536,
+    p.add_argument("--suffix-cache-tokens", type=int, default=16384,
                    help="suffix drafter: tokens of earlier outputs this process keeps for matching (0 = none)")
     p.add_argument("--suffix-min-prob", type=float, default=0.1,
                    help="suffix drafter: stop a draft where the product of its frequencies falls below this")
