@@ -270,10 +270,6 @@ class SuffixDrafter(CommittedContext):
             self.synced.append(context[i])
             self._learn(i)
 
-    def close(self) -> None:
-        """Stop writing to the cache (the output stays there until evicted). Optional: nothing needs it."""
-        self.publishing = False
-
     # ------------------------------------------------------------------------------------------ drafting
     def _sources(self) -> list[SuffixIndex]:
         if self.publishing and self.entry_id is not None and not self._published():
