@@ -177,13 +177,15 @@ class NgramDrafter(CommittedContext):
 class DrafterSpec:
     """What to draft with: the same spec builds the same drafter in the CLI, a Ray worker or a script."""
 
-    kind: str = "lm"  # "lm" | "ngram"
+    kind: str = "lm"  # "lm" | "ngram" | "suffix"
     model: str | None = None  # lm: Hub id, folder, .gguf file or offline: alias
     backend: str = "transformers"  # lm: "transformers" | "llama.cpp" (a .gguf file or offline: alias)
     dtype: str = "auto"  # transformers only, as is device: bf16 where the CPU runs it natively, else fp32
     device: str = "cpu"
     dense_dtype: str = "fp16"  # wire dtype of full-vocabulary q under sampling: fp16 | fp32
     ngram_max: int = 3
+    suffix_cache_tokens: int = 16384  # suffix: tokens of earlier outputs the process keeps (draft_worker/suffix.py)
+    suffix_min_prob: float = 0.1  # suffix: stop a draft when its frequencies' product falls below this
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,16 @@ class DraftModels:
 
     def __init__(self) -> None:
         self._loaded: dict[tuple[str, str, str, str], LoadedDraft] = {}
+        self._suffix_caches: dict[tuple[str, int, int], object] = {}  # suffix drafter: one cache per tokenizer
+
+    def suffix_cache(self, fingerprint: str, max_tokens: int, depth: int):
+        """The process's draft_worker.suffix.SuffixCache for prompts of this tokenizer, shared by its sessions."""
+        from draft_worker.suffix import SuffixCache
+
+        key = (fingerprint, max_tokens, depth)
+        if key not in self._suffix_caches:
+            self._suffix_caches[key] = SuffixCache(max_tokens, depth)
+        return self._suffix_caches[key]
 
     def load(self, spec: DrafterSpec) -> LoadedDraft:
         from specdec import models
@@ -222,11 +234,18 @@ class DraftModels:
 
 
 def build_drafter(spec: DrafterSpec, draft_models: DraftModels | None = None, prompt_fingerprint: str = "") -> Drafter:
-    """A fresh drafter for one request. An LM drafter reports its own tokenizer's fingerprint; the n-gram
-    drafter drafts the prompt's own ids, so it reports the prompt tokenizer's (`prompt_fingerprint`)."""
+    """A fresh drafter for one request. An LM drafter reports its own tokenizer's fingerprint; the n-gram and
+    suffix drafters draft the prompt's own ids, so they report the prompt tokenizer's (`prompt_fingerprint`).
+    Suffix drafters built with the same `draft_models` share one cache of outputs."""
     if spec.kind == "ngram":
         return NgramDrafter(max_ngram=spec.ngram_max, fingerprint=prompt_fingerprint)
+    if spec.kind == "suffix":  # like ngram, it drafts the prompt's own ids
+        from draft_worker.suffix import SuffixConfig, SuffixDrafter
+
+        config = SuffixConfig(min_prob=spec.suffix_min_prob, cache_tokens=spec.suffix_cache_tokens)
+        cache = (draft_models or DraftModels()).suffix_cache(prompt_fingerprint, config.cache_tokens, config.depth)
+        return SuffixDrafter(cache, config, fingerprint=prompt_fingerprint, dense_dtype=spec.dense_dtype)
     if spec.kind != "lm" or not spec.model:
-        raise ValueError(f"a drafter is kind 'lm' with a model, or kind 'ngram'; got {spec}")
+        raise ValueError(f"a drafter is kind 'lm' with a model, or kind 'ngram' or 'suffix'; got {spec}")
     loaded = (draft_models or DraftModels()).load(spec)
     return LMDrafter(loaded.model, spec.model, spec.dense_dtype, loaded.fingerprint)

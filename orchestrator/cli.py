@@ -28,7 +28,8 @@ def _add_drafting(p, baseline: bool) -> None:
     p.add_argument("--verifier", required=True, metavar="HOST:PORT")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--draft", metavar="MODEL", help="LM drafter: Hub id, folder, .gguf or offline: alias")
-    mode.add_argument("--drafter", choices=["ngram"], help="a drafter that needs no model")
+    mode.add_argument("--drafter", choices=["ngram", "suffix"], help="a drafter that needs no model: ngram (prompt "
+                      "lookup) or suffix (suffix decoding over the prompt, the output and earlier outputs)")
     if baseline:
         mode.add_argument("--baseline", action="store_true", help="verifier-only generation")
     p.add_argument("--tokenizer", help="tokenizer source for --drafter ngram/--baseline (default: the verifier's model id)")
@@ -39,6 +40,10 @@ def _add_drafting(p, baseline: bool) -> None:
                         "step and verifies whatever draft has arrived; lockstep (least verifier compute): one block in "
                         "flight; ahead: lock-step, drafting the next block while a verdict is in flight")
     p.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches")
+    p.add_argument("--suffix-cache-tokens", type=int, default=16384,
+                   help="suffix drafter: tokens of earlier outputs this process keeps for matching (0 = none)")
+    p.add_argument("--suffix-min-prob", type=float, default=0.1,
+                   help="suffix drafter: stop a draft where the product of its frequencies falls below this")
     p.add_argument("--draft-backend", choices=["transformers", "llama.cpp"], default="transformers",
                    help="run the --draft model in transformers, or in llama.cpp (a .gguf file or offline: alias)")
     p.add_argument("--draft-dtype", default="auto",
@@ -159,7 +164,7 @@ def client_config(args, timeout_s: float = 600.0):
 
 
 def _drafter_spec(args):
-    """The DrafterSpec of --draft / --drafter ngram, or None for --baseline (a bad dtype/device is one line)."""
+    """The DrafterSpec of --draft / --drafter ngram|suffix, or None for --baseline (a bad dtype/device is one line)."""
     from draft_worker.drafters import DrafterSpec
     from verifier_worker.serve import load_dtype_device
 
@@ -167,9 +172,10 @@ def _drafter_spec(args):
         return None
     if args.draft:
         load_dtype_device(args.draft_dtype, args.draft_device)  # a bad name is a one-line error, not a load failure
-    return DrafterSpec(kind="lm" if args.draft else "ngram", model=args.draft, backend=args.draft_backend,
+    return DrafterSpec(kind="lm" if args.draft else args.drafter, model=args.draft, backend=args.draft_backend,
                        dtype=args.draft_dtype, device=args.draft_device, dense_dtype=args.dense_dtype,
-                       ngram_max=args.ngram_max)
+                       ngram_max=args.ngram_max, suffix_cache_tokens=args.suffix_cache_tokens,
+                       suffix_min_prob=args.suffix_min_prob)
 
 
 async def connect_or_explain(channel, address: str, spec, config, args):

@@ -64,7 +64,7 @@ class VerifierConfig:
 @pydantic_dataclass(config=_STRICT)
 class DraftConfig:
     name: str
-    kind: Literal["lm", "ngram"] = "lm"
+    kind: Literal["lm", "ngram", "suffix"] = "lm"  # suffix: draft_worker/suffix.py, with its default settings
     model: str | None = None  # LM drafters: Hub id, folder, .gguf or offline: alias
     backend: Literal["transformers", "llama.cpp"] = "transformers"  # llama.cpp: GGUF drafts (dtype/device unused)
     dtype: str = "fp32"
@@ -201,7 +201,7 @@ class BenchConfig:
 class RunSpec:
     """One measured configuration: the baseline, or one drafter at one gamma, one mode and one emulated RTT."""
 
-    drafter: str  # "baseline" | "lm" | "ngram"
+    drafter: str  # "baseline" | "lm" | "ngram" | "suffix"
     draft_name: str = "verifier-only"
     model: str | None = None
     dtype: str = "fp32"
