@@ -126,6 +126,9 @@ def verify_block(
     return verify_sampling(draft_ids, q, p, generator)
 
 
+CPU_GROUP_BYTES = 4 << 20  # on a CPU, sampling rows go a few at a time: [tokens, vocab] fp32 stays in cache
+
+
 def verify_batch(
     draft_ids: torch.Tensor,
     num_draft_tokens: Sequence[int],
@@ -141,28 +144,38 @@ def verify_batch(
     order; q: per row its draft probs [gamma_b, vocab], or None (greedy rows, and sampling rows with gamma_b = 0);
     generators: per row, used by sampling rows only. -> (num_accepted [B], next_token [B]), long, on the
     logits' device, with no host sync: the caller reads them once for the whole batch.
+
+    Consecutive rows of one kind (greedy or sampling) are verified together, as slices of the flat tensors
+    (no copy); on a CPU, sampling rows in groups of about CPU_GROUP_BYTES of target probabilities, so the
+    group's [tokens, vocab] passes (softmax, residual, race) run in cache rather than over the whole step's.
     """
-    device = target_logits.device
-    rows = _Ragged(num_draft_tokens, device)
-    target_ids = target_logits.argmax(dim=-1)  # [num_draft + B]
-    num_accepted = rows.num_accepted(draft_ids == target_ids[rows.draft_token])  # [B], greedy rule for every row
-    next_token = target_ids[rows.first_token + num_accepted]  # [B]: recovered (argmax) or bonus
-    sampling = [b for b, row_params in enumerate(params) if not row_params.greedy]
-    if sampling:
-        gammas = rows.gammas
-        tokens = _index([rows.starts[b] + b + j for b in sampling for j in range(gammas[b] + 1)], device)
-        drafts = _index([rows.starts[b] + j for b in sampling for j in range(gammas[b])], device)
-        p = probs_per_row(target_logits[tokens], [params[b] for b in sampling for _ in range(gammas[b] + 1)])
-        q_rows = [q[b] for b in sampling if gammas[b]]
-        assert all(row is not None for row in q_rows), "sampling needs the draft probabilities"
-        q_sampling = torch.cat([row.to(device) for row in q_rows]) if q_rows else None  # [num_draft_s, vocab]
-        s_num_accepted, s_next_token = _verify_sampling_rows(
-            draft_ids[drafts], _Ragged([gammas[b] for b in sampling], device), p, q_sampling,
-            [generators[b] for b in sampling])
-        sampling_rows = _index(sampling, device)
-        num_accepted[sampling_rows] = s_num_accepted
-        next_token[sampling_rows] = s_next_token
-    return num_accepted, next_token
+    gammas, vocab = list(num_draft_tokens), target_logits.shape[-1]
+    starts = [0, *accumulate(gammas)]  # [B + 1] first draft index of each row, then num_draft
+    group_bytes = CPU_GROUP_BYTES if target_logits.device.type == "cpu" else float("inf")
+    num_accepted, next_token = [], []
+    first = 0
+    while first < len(gammas):
+        greedy, last, size = params[first].greedy, first + 1, (gammas[first] + 1) * vocab * 4
+        while last < len(gammas) and params[last].greedy == greedy:
+            size += (gammas[last] + 1) * vocab * 4
+            if not greedy and size > group_bytes:
+                break
+            last += 1
+        drafts = draft_ids[starts[first] : starts[last]]  # [num_draft of rows first..last-1]
+        logits = target_logits[starts[first] + first : starts[last] + last]  # [that + rows, vocab]
+        rows = _Ragged(gammas[first:last], target_logits.device)
+        if greedy:
+            outcome = _verify_greedy_rows(drafts, rows, logits)
+        else:
+            q_rows = [q[b] for b in range(first, last) if gammas[b]]
+            assert all(row is not None for row in q_rows), "sampling needs the draft probabilities"
+            p = probs_per_row(logits, [params[b] for b in range(first, last) for _ in range(gammas[b] + 1)])
+            outcome = _verify_sampling_rows(drafts, rows, p, torch.cat(q_rows).to(p.device) if q_rows else None,
+                                            generators[first:last])
+        num_accepted.append(outcome[0])
+        next_token.append(outcome[1])
+        first = last
+    return torch.cat(num_accepted), torch.cat(next_token)
 
 
 def _index(values, device) -> torch.Tensor:
@@ -189,6 +202,16 @@ class _Ragged:
         """accepted [num_draft] bool -> [B]: each row's leading accepted drafts (its first rejected position)."""
         first_rejected = torch.where(accepted, self.gamma[self.draft_row], self.draft_pos)  # [num_draft]
         return self.gamma.scatter_reduce(0, self.draft_row, first_rejected, reduce="amin")
+
+
+def _verify_greedy_rows(
+    x: torch.Tensor, rows: _Ragged, target_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`verify_greedy` over ragged rows: draft tokens x [num_draft], target_logits [num_draft + B, vocab].
+    -> (num_accepted [B], next_token [B]): the recovered token (the argmax after a mismatch) or the bonus."""
+    target_ids = target_logits.argmax(dim=-1)  # [num_draft + B]
+    num_accepted = rows.num_accepted(x == target_ids[rows.draft_token])  # [B]
+    return num_accepted, target_ids[rows.first_token + num_accepted]
 
 
 def _verify_sampling_rows(

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from specdec import sampling
 from specdec.config import SamplingParams
 from specdec.sampling import logits_to_probs, make_generator, sample, verify_batch, verify_block
 from tests.stubs import FakeLM
@@ -45,10 +46,13 @@ def random_batch(rng: random.Random, g: torch.Generator, greedy: bool | None):
     return rows
 
 
+@pytest.mark.parametrize("group_bytes", [sampling.CPU_GROUP_BYTES, 1], ids=["groups", "row-by-row"])
 @pytest.mark.parametrize("greedy", [True, False, None], ids=["greedy", "sampling", "mixed"])
-def test_batched_verification_equals_the_one_row_reference(greedy):
+def test_batched_verification_equals_the_one_row_reference(greedy, group_bytes, monkeypatch):
     """Random ragged batches: verify_batch gives each row what verify_block gives it alone with a generator in
-    the same state, and leaves every generator in the same state (the next draws agree too)."""
+    the same state, and leaves every generator in the same state (the next draws agree too); whether a CPU
+    verifies the sampling rows all together or one group each."""
+    monkeypatch.setattr(sampling, "CPU_GROUP_BYTES", group_bytes)
     rng, g = random.Random(1), torch.Generator().manual_seed(2)
     outcomes = set()
     for _ in range(60):

@@ -97,7 +97,7 @@ class _Work:
     future: asyncio.Future
     draft_ids: list[int] | None = None  # None for a prefill; a block's drafts, set when a step takes it
     q: torch.Tensor | None = None  # their draft probs [gamma, vocab], or None (greedy)
-    proposed: tuple[list[int], torch.Tensor | None] = ([], None)  # lock-step: the client's drafts and q
+    proposed: tuple[list[int], torch.Tensor | None] | None = None  # lock-step: the client's drafts and q
     decoding: bool = False  # Generate, async: queue the next decoding step after this one
     next: _Work | None = None  # that next step
     cost: StepCost = field(default_factory=StepCost)
@@ -277,7 +277,7 @@ class Engine:
         or the drafts that arrived up to now (decoding: the head of `ahead`), at most the session's `budget`.
         The one place a step's rows get their drafts (issue 18's controller sets `budget`)."""
         session = work.session
-        draft_ids, q = session.take_ahead() if work.decoding else work.proposed
+        draft_ids, q = session.take_ahead() if work.proposed is None else work.proposed
         if session.budget is not None and len(draft_ids) > session.budget:
             draft_ids, q = draft_ids[: session.budget], None if q is None else q[: session.budget]
         work.draft_ids, work.q, work.tokens = draft_ids, q, session.block(draft_ids)
