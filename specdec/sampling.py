@@ -149,33 +149,40 @@ def verify_batch(
     (no copy); on a CPU, sampling rows in groups of about CPU_GROUP_BYTES of target probabilities, so the
     group's [tokens, vocab] passes (softmax, residual, race) run in cache rather than over the whole step's.
     """
-    gammas, vocab = list(num_draft_tokens), target_logits.shape[-1]
+    gammas, device = list(num_draft_tokens), target_logits.device
     starts = [0, *accumulate(gammas)]  # [B + 1] first draft index of each row, then num_draft
-    group_bytes = CPU_GROUP_BYTES if target_logits.device.type == "cpu" else float("inf")
+    group_bytes = CPU_GROUP_BYTES if device.type == "cpu" else float("inf")
     num_accepted, next_token = [], []
-    first = 0
-    while first < len(gammas):
-        greedy, last, size = params[first].greedy, first + 1, (gammas[first] + 1) * vocab * 4
-        while last < len(gammas) and params[last].greedy == greedy:
-            size += (gammas[last] + 1) * vocab * 4
-            if not greedy and size > group_bytes:
-                break
-            last += 1
-        drafts = draft_ids[starts[first] : starts[last]]  # [num_draft of rows first..last-1]
-        logits = target_logits[starts[first] + first : starts[last] + last]  # [that + rows, vocab]
-        rows = _Ragged(gammas[first:last], target_logits.device)
-        if greedy:
+    for first, last in _groups(params, gammas, target_logits.shape[-1], group_bytes):  # rows first..last-1
+        drafts = draft_ids[starts[first] : starts[last]]  # [their num_draft]
+        logits = target_logits[starts[first] + first : starts[last] + last]  # [their num_draft + rows, vocab]
+        rows = _Ragged(gammas[first:last], device)
+        if params[first].greedy:
             outcome = _verify_greedy_rows(drafts, rows, logits)
         else:
             q_rows = [q[b] for b in range(first, last) if gammas[b]]
             assert all(row is not None for row in q_rows), "sampling needs the draft probabilities"
             p = probs_per_row(logits, [params[b] for b in range(first, last) for _ in range(gammas[b] + 1)])
-            outcome = _verify_sampling_rows(drafts, rows, p, torch.cat(q_rows).to(p.device) if q_rows else None,
-                                            generators[first:last])
+            q_flat = torch.cat(q_rows).to(device) if q_rows else None  # [their num_draft, vocab]
+            outcome = _verify_sampling_rows(drafts, rows, p, q_flat, generators[first:last])
         num_accepted.append(outcome[0])
         next_token.append(outcome[1])
-        first = last
     return torch.cat(num_accepted), torch.cat(next_token)
+
+
+def _groups(params: Sequence[SamplingParams], gammas: list[int], vocab: int, group_bytes: float):
+    """(first, last): runs of consecutive greedy rows, or of sampling rows cut where their fp32 target
+    probabilities [tokens, vocab] would pass group_bytes (a run holds at least one row)."""
+    first = 0
+    while first < len(gammas):
+        last, size = first + 1, (gammas[first] + 1) * vocab * 4
+        while last < len(gammas) and params[last].greedy == params[first].greedy:
+            size += (gammas[last] + 1) * vocab * 4
+            if not params[first].greedy and size > group_bytes:
+                break
+            last += 1
+        yield first, last
+        first = last
 
 
 def _index(values, device) -> torch.Tensor:
