@@ -166,7 +166,7 @@ def client_config(args, timeout_s: float = 600.0):
 def _drafter_spec(args):
     """The DrafterSpec of --draft / --drafter ngram|suffix, or None for --baseline (a bad dtype/device is one line)."""
     from draft_worker.drafters import DrafterSpec
-    from verifier_worker.serve import load_dtype_device
+    from specdec.models import load_dtype_device
 
     if getattr(args, "baseline", False):
         return None

@@ -124,6 +124,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def load_dtype_device(dtype_name: str, device_name: str) -> tuple[torch.dtype, torch.device]:
+    """(torch dtype, torch device) from a command line's names, for either worker; a UserError names what is wrong."""
+    from specdec.errors import user_errors
+
+    with user_errors("invalid --dtype/--device", ValueError):
+        device = resolve_device(device_name)
+        return parse_dtype(dtype_name, device), device
+
+
 def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("SPECDEC_CACHE") or "~/.cache/specdec").expanduser()
 

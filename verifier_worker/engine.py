@@ -9,12 +9,14 @@ step until the session ends. A decoding step's block is made when the step takes
 has arrived by then and decodes alone otherwise; it never waits for one.
 
 One step: take pending work in FIFO order up to `max_batch_tokens` (counted as the forward computes it,
-padding included: sessions x longest row), a prefill taking only the chunk that fits; run ONE forward
-over all of it (`kv.batched_forward`, pad-and-stack, see kv.py for the KV design and why); then per
-session verify its block with the exact math (`sampling.verify_block` with the session's own
-generator), commit, roll its KV back, and resolve that session's awaitable. Work taken from the front
-and put back at the end (an unfinished prefill, the next decoding step) makes it round-robin: every
-session gets a turn, and a long prompt delays the others by at most one step of the budget.
+padding included: sessions x longest row), a prefill taking only the chunk that fits, and a block taking
+its draft tokens (`_take_drafts`: the client's proposal, or the head of `ahead`, capped by the session's
+`budget`); run ONE forward over all of it (`kv.batched_forward`, pad-and-stack, see kv.py for the KV
+design and why) and verify every block in ONE call (`sampling.verify_batch`, each session's own
+generator); then, back on the event loop, apply each block's outcome to its session (`session.commit`:
+tokens, finish, `ahead`, KV rollback) and resolve its awaitable. Work taken from the front and put back
+at the end (an unfinished prefill, the next decoding step) makes it round-robin: every session gets a
+turn, and a long prompt delays the others by at most one step of the budget.
 
 Lock-step clients: a Speculate session sends its next block one round trip (plus its drafting) after its
 verdict, so sessions that shared a step arrive a little apart. Starting a step with whoever arrived first
@@ -23,9 +25,12 @@ work is pending, the engine waits for the sessions that rode in the last step an
 next block, at most min(batch_wait_s, a quarter of the last step's compute): a bounded tax on the others,
 none at all when everyone has arrived.
 
-Threads: scheduling, resolution and cancellation run on the event loop; only the forward and the
-verification run on the compute thread, and a session's KV is freed on the event loop once no step is
-using it, so a client that cancels mid-step disturbs nobody else.
+Threads (vLLM's `update_from_output`): one owner of session state, the event loop. The compute thread
+(`_step`) runs the forward, which appends each row's new keys to its session's KV, and the verification,
+and returns per-row outcomes (num_accepted, next_token); it changes nothing else. The event loop schedules,
+offers drafts, commits (`_finish`), truncates and frees KV, but never a session's KV while the step that
+uses it runs: steps run one at a time and `_finish` runs after the step, and `close` frees a session in
+the running batch only when that step is over, so a client that cancels mid-step disturbs nobody else.
 
 Cost accounting: every step's wall time (forward + verification) is the step's `compute_s`, and each work
 item's `share_s` is compute_s x its tokens / the step's tokens (padding excluded), so the shares of one
@@ -45,7 +50,8 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.config import SamplingParams
-from verifier_worker.kv import Row, batched_forward
+from specdec.sampling import verify_batch
+from verifier_worker.kv import Row, SessionKV, batched_forward
 from verifier_worker.session import RoundResult, VerifierSession
 
 log = logging.getLogger(__name__)
@@ -87,11 +93,12 @@ class EngineStats:
 @dataclass(eq=False)
 class _Work:
     session: VerifierSession
-    tokens: list[int]  # still to feed: the prompt's rest (prefill) or the block
+    tokens: list[int]  # still to feed: the prompt's rest (prefill), or the block (set when a step takes it)
     future: asyncio.Future
-    draft_ids: list[int] | None = None  # None for a prefill
-    q: torch.Tensor | None = None
-    decoding: bool = False  # Generate: queue the next decoding step after this one
+    draft_ids: list[int] | None = None  # None for a prefill; a block's drafts, set when a step takes it
+    q: torch.Tensor | None = None  # their draft probs [gamma, vocab], or None (greedy)
+    proposed: tuple[list[int], torch.Tensor | None] | None = None  # lock-step: the client's drafts and q
+    decoding: bool = False  # Generate, async: queue the next decoding step after this one
     next: _Work | None = None  # that next step
     cost: StepCost = field(default_factory=StepCost)
 
@@ -124,9 +131,9 @@ class Engine:
         self.batch_wait_s = batch_wait_s
         self.device = next(model.parameters()).device
         self._check_attention(model)
-        self._sessions: set[VerifierSession] = set()
+        self._sessions: set[VerifierSession] = set()  # open; a closed session is one no longer in it
         self._queue: deque[_Work] = deque()
-        self._in_flight: set[VerifierSession] = set()  # sessions in the running step
+        self._running: list[tuple[_Work, int]] = []  # the batch of the step in flight
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-compute")
         self._task: asyncio.Task | None = None
         self._expected: set[VerifierSession] = set()  # rode in the last step; their next block is on its way
@@ -135,28 +142,38 @@ class Engine:
         self.steps = 0
         self.busy_s = 0.0
 
+    # ------------------------------------------------------------------ the model side (one place each)
     @staticmethod
     def _check_attention(model: torch.nn.Module) -> None:
         layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
         if any(kind != "full_attention" for kind in layer_types):
             raise ValueError(f"the batching engine supports full-attention models only, this one has {set(layer_types)}")
 
+    def _new_kv(self) -> SessionKV:
+        """A new session's (empty) KV memory; the only place one is made."""
+        return SessionKV()
+
+    def _forward(self, rows: list[Row]) -> list[torch.Tensor | None]:
+        """Compute thread: one forward over the rows, caching each row's tokens in its KV; the only model call.
+        -> per row fp32 logits [len(token_ids), vocab] if it wants them, else None."""
+        return batched_forward(self.model, rows)
+
     # ------------------------------------------------------------------------------ sessions and work
     def open(self, prompt_ids: list[int], params: SamplingParams, client: str = "", max_block: int = 16) -> VerifierSession:
         """A new session; `max_block`: most `ahead` draft tokens one of its decoding steps verifies (async)."""
-        session = VerifierSession(prompt_ids, params, client, self.device, max_block)
+        session = VerifierSession(prompt_ids, params, self._new_kv(), client, self.device, max_block)
         self._sessions.add(session)
         return session
 
     def close(self, session: VerifierSession) -> None:
-        """End a session: drop its queued work and free its KV (after the running step, if it is in it)."""
-        session.closed = True
+        """End a session: drop its queued work and free its KV (after the running step, if it is in it:
+        `_finish` frees it then and drops that step's outcome for it)."""
         self._sessions.discard(session)
         self._expected.discard(session)
         for work in [w for w in self._queue if w.session is session]:
             self._queue.remove(work)
             work.future.cancel()
-        if session not in self._in_flight:
+        if not any(work.session is session for work, _ in self._running):
             session.kv.free()
 
     async def prefill(self, session: VerifierSession) -> StepCost:
@@ -168,7 +185,7 @@ class Engine:
 
     async def verify(self, session: VerifierSession, draft_ids: list[int], q: torch.Tensor | None) -> tuple[RoundResult, StepCost]:
         """Verify one block (gamma = len(draft_ids), 0 allowed) in the next step with room for it."""
-        return await self._submit(_Work(session, session.block(draft_ids), self._future(), draft_ids, q)).future
+        return await self._submit(_Work(session, [], self._future(), [], proposed=(draft_ids, q))).future
 
     def decode(self, session: VerifierSession) -> Decoding:
         """Decode (or verify the session's `ahead` drafts) in every step from now on until the session
@@ -176,7 +193,7 @@ class Engine:
         return Decoding(self._submit(self._decode_work(session)))
 
     def stats(self) -> EngineStats:
-        sessions = self._sessions | self._in_flight
+        sessions = self._sessions | {work.session for work, _ in self._running}
         return EngineStats(
             sessions=len(sessions),
             kv_tokens=sum(s.kv.length for s in sessions),
@@ -190,10 +207,10 @@ class Engine:
         return asyncio.get_running_loop().create_future()
 
     def _decode_work(self, session: VerifierSession) -> _Work:
-        return _Work(session, session.block([]), self._future(), [], None, decoding=True)
+        return _Work(session, [], self._future(), [], decoding=True)
 
     def _submit(self, work: _Work) -> _Work:
-        assert not work.session.closed, "work for a closed session"
+        assert work.session in self._sessions, "work for a closed session"
         self._queue.append(work)
         self._arrived.set()
         if self._task is None or self._task.done():
@@ -206,7 +223,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         while (await self._gather()) and (batch := self._take_batch()):
             self._expected = set()  # refilled by _finish with the sessions that answer from this step
-            self._in_flight = {work.session for work, _ in batch}
+            self._running = batch
             started = time.perf_counter()
             try:
                 outcomes = await loop.run_in_executor(self._compute, self._step, batch)
@@ -241,9 +258,8 @@ class Engine:
         longest = 0
         while self._queue:
             work = self._queue[0]
-            if work.decoding:  # the drafts that arrived up to now
-                work.draft_ids, work.q = work.session.take_ahead()
-                work.tokens = work.session.block(work.draft_ids)
+            if not work.is_prefill:
+                self._take_drafts(work)
             n = len(work.tokens)
             if work.is_prefill:  # a prefill takes the chunk that fits beside the rows already taken
                 n = min(n, self.max_batch_tokens // (len(batch) + 1))
@@ -256,30 +272,49 @@ class Engine:
             longest = max(longest, n)
         return batch
 
-    def _step(self, batch: list[tuple[_Work, int]]) -> list[RoundResult | Exception | None]:
-        """Compute thread: one forward over the batch, then each block's verification."""
+    def _take_drafts(self, work: _Work) -> None:
+        """Choose the draft tokens a block verifies, each time a step takes it: the client's proposal (lock-step)
+        or the drafts that arrived up to now (decoding: the head of `ahead`), at most the session's `budget`.
+        The one place a step's rows get their drafts (issue 18's controller sets `budget`)."""
+        session = work.session
+        draft_ids, q = session.take_ahead() if work.proposed is None else work.proposed
+        if session.budget is not None and len(draft_ids) > session.budget:
+            draft_ids, q = draft_ids[: session.budget], None if q is None else q[: session.budget]
+        work.draft_ids, work.q, work.tokens = draft_ids, q, session.block(draft_ids)
+
+    def _step(self, batch: list[tuple[_Work, int]]) -> list[tuple[int, int] | None]:
+        """Compute thread: one forward over the batch, then every block's verification in one call.
+
+        -> per work item its outcome (num_accepted, next_token), None for a prefill chunk. Reads the work items
+        and the sessions' KV, params and generators, which the event loop leaves alone while a step runs;
+        changes nothing but the KV the forward appends to and the generators' states.
+        """
         rows = [Row(work.session.kv, work.tokens[:n], not work.is_prefill) for work, n in batch]
-        logits = batched_forward(self.model, rows)
-        outcomes: list[RoundResult | Exception | None] = []
-        for (work, _), row_logits in zip(batch, logits):
-            if work.is_prefill or work.session.closed:
-                outcomes.append(None)
-                continue
-            try:
-                outcomes.append(work.session.verify(row_logits, work.draft_ids, work.q))
-            except Exception as exc:  # noqa: BLE001 - only this session fails
-                log.exception("verification failed")
-                outcomes.append(exc)
-        return outcomes
+        logits = self._forward(rows)
+        blocks = [(work, row_logits) for (work, _), row_logits in zip(batch, logits) if not work.is_prefill]
+        if not blocks:
+            return [None] * len(batch)
+        num_accepted, next_token = verify_batch(
+            torch.tensor([t for work, _ in blocks for t in work.draft_ids], dtype=torch.long, device=self.device),
+            [len(work.draft_ids) for work, _ in blocks],
+            torch.cat([row_logits for _, row_logits in blocks]),  # [num_draft + blocks, vocab]
+            [work.q for work, _ in blocks],
+            [work.session.params for work, _ in blocks],
+            [work.session.generator for work, _ in blocks],
+        )
+        outcomes = iter(zip(num_accepted.tolist(), next_token.tolist()))  # the step's one host sync
+        return [None if work.is_prefill else next(outcomes) for work, _ in batch]
 
     def _finish(self, batch: list[tuple[_Work, int]], outcomes: list, compute_s: float) -> None:
-        """Event loop: account the step, resolve or requeue each work item, free what closed meanwhile."""
+        """Event loop: account the step, commit each block's outcome to its session (the one place a session's
+        tokens and KV length change), resolve or requeue each work item, free what closed meanwhile."""
         batch_tokens = sum(n for _, n in batch)
+        self._running = []
         for (work, n), outcome in zip(batch, outcomes):
             work.cost.add(compute_s, n, len(batch), batch_tokens)
             session = work.session
             session.steps += 1
-            if session.closed:
+            if session not in self._sessions:  # closed while the step ran: drop its outcome
                 session.kv.free()
                 work.future.cancel()
             elif isinstance(outcome, Exception):
@@ -288,12 +323,12 @@ class Engine:
                 work.tokens = work.tokens[n:]
                 self._queue.append(work)  # the rest of the prompt, after everyone already waiting
             else:
-                if work.decoding and outcome.finish_reason is None:
+                result = None if work.is_prefill else session.commit(work.draft_ids, *outcome)
+                if work.decoding and result.finish_reason is None:
                     work.next = self._submit(self._decode_work(session))
-                elif not work.decoding and (outcome is None or outcome.finish_reason is None):
+                elif not work.decoding and (result is None or result.finish_reason is None):
                     self._expected.add(session)  # a Speculate session: its next block follows this answer
-                _resolve(work.future, (outcome, work.cost))
-        self._in_flight = set()
+                _resolve(work.future, (result, work.cost))
 
 
 def _resolve(future: asyncio.Future, result=None, exception: Exception | None = None) -> None:

@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hub id, local folder, .gguf file, or an offline: alias")
-    p.add_argument("--dtype", default="bf16", help="fp32 | bf16 | fp16 | auto (default bf16)")
+    p.add_argument("--dtype", default="auto",
+                   help="fp32 | bf16 | fp16 | auto (default auto: bf16 where the hardware runs it natively, CUDA or a "
+                        "CPU with AMX/AVX512-bf16; fp32 elsewhere; the choice is printed)")
     p.add_argument("--device", default="auto", help="cpu | cuda[:N] | mps | auto (default auto)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="0 binds a free port (the real one is printed)")
@@ -51,15 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sec.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS and a token")
 
 
-def load_dtype_device(dtype_name: str, device_name: str):
-    """(torch dtype, torch device) from their names; a UserError names what is wrong."""
-    from specdec import models
-
-    with user_errors("invalid --dtype/--device", ValueError):
-        device = models.resolve_device(device_name)
-        return models.parse_dtype(dtype_name, device), device
-
-
 async def serve(args: argparse.Namespace) -> None:
     from specdec import models
     from verifier_worker.server import ModelInfo, VerifierServicer, drain, start_server
@@ -78,7 +71,9 @@ async def serve(args: argparse.Namespace) -> None:
     with user_errors("invalid limits", ValueError):
         limits.validate()
     credentials, token = _server_security(args)
-    dtype, device = load_dtype_device(args.dtype, args.device)
+    dtype, device = models.load_dtype_device(args.dtype, args.device)
+    print(f"dtype {str(dtype).removeprefix('torch.')} on {device}" + (" (--dtype auto)" if args.dtype.strip().lower() == "auto" else ""),
+          flush=True)
     with user_errors(f"cannot load {args.model!r}"):
         tokenizer = models.load_tokenizer(args.model)
         model = models.load_model(args.model, dtype=dtype, device=device)

@@ -334,11 +334,10 @@ def server_options(limits: VerifierLimits, vocab_size: int) -> list[tuple[str, i
     """gRPC receives no message over what the model needs (`VerifierLimits.message_bytes`), and each stream's
     HTTP/2 window is fixed at one such message instead of grown by BDP probing.
 
-    With BDP probing a flood of oversized calls made the server buffer several MiB per stream before refusing
-    them (RSS +50..180 MiB under test_load's attack on a loaded CPU); a fixed window of one legal message bounds
-    that at streams x message_bytes and still carries the largest proposal in a round trip or so
-    (scripts/measure_window.py: 9.7 MB over a 50 ms link, 66-87 ms per call, against 176 ms for BDP's first
-    calls and 66-81 ms once it has grown, and 545 ms with the default 64 KiB window).
+    With BDP probing the window grows with the traffic, so a flood of oversized calls makes the server buffer
+    far more than one message per stream before refusing them; a fixed window of one legal message bounds that
+    at streams x message_bytes and still carries the largest proposal in about a round trip (the comparison
+    with BDP probing and with gRPC's default 64 KiB window: scripts/measure_window.py).
     """
     message_bytes = limits.message_bytes(vocab_size)
     return [

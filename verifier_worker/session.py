@@ -1,9 +1,12 @@
 """One verifier session as the engine holds it: its KV memory, the committed tokens, its own generator,
-the draft tokens proposed beyond its commit, and the verification of one block given the logits the
-engine's batched forward produced for it.
+the draft tokens proposed beyond its commit, and the commit of one verified block.
 
-No gRPC and no model here: the engine batches the forwards and calls `verify` on its compute thread. The
-verifier-only baseline is the same path with empty blocks (gamma = 0).
+No gRPC and no model here. The engine's compute thread runs the batched forward (which appends each block
+to its session's KV) and the verification (`sampling.verify_batch`, with this session's generator), and
+returns each block's outcome, (num_accepted, next_token); `commit` applies it on the event loop: tokens,
+finish, `ahead`, and the KV rollback. So every field here changes on the event loop only, and the compute
+thread never reads one that the loop changes while a step runs (see engine.py). The verifier-only
+baseline is the same path with empty blocks (gamma = 0).
 
 Claims. A proposal may say which committed length it extends (`Claim.base_len`) and which tokens it assumes
 before its draft (`assumed`, no q). Lock-step (`remainder`): it is usable when the assumed tokens are exactly
@@ -30,13 +33,12 @@ verifier alone. The one assumption: when a proposal arrives does not depend on t
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
 
 from specdec.config import FINISH_LENGTH, FINISH_STOP, SamplingParams
-from specdec.sampling import make_generator, verify_block
+from specdec.sampling import make_generator
 from verifier_worker.kv import SessionKV
 
 
@@ -63,25 +65,24 @@ class Claim:
 class VerifierSession:
     """Invariant: the KV cache holds every committed token but the last, which opens the next block."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, client: str = "", device: torch.device | str = "cpu",
-                 max_block: int = 16):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, kv: SessionKV, client: str = "",
+                 device: torch.device | str = "cpu", max_block: int = 16):
         assert prompt_ids, "a session needs a prompt"
         self.client = client  # the peer address that opened it, for the server's per-client limit
-        self.kv = SessionKV()
+        self.kv = kv  # empty; the engine's model side made it
         self.device = torch.device(device)
         self.params = params
         self.tokens = list(prompt_ids)
         self.prompt_len = len(prompt_ids)
         self.num_generated = 0
         self.finish_reason: str | None = None
-        self.closed = False  # set by the engine when the session ends; its work is dropped
         self.generator = make_generator(params.seed, self.device)
         self._stop = set(params.stop_token_ids)
         self.max_block = max_block  # async: most draft tokens one step verifies
+        self.budget: int | None = None  # most draft tokens one step verifies, any mode (None: no cap; issue 18)
         self.ahead: list[tuple[int, torch.Tensor | None]] = []  # async: (token, q row [vocab]) after the commit
         self.stale = 0  # claims dropped because their prefix was not committed
         self.steps = 0  # engine steps this session rode in (counted by the engine)
-        self._lock = threading.Lock()  # `ahead` and the commit: offers come from the event loop, commits from compute
 
     def generated(self, start: int = 0) -> list[int]:
         return self.tokens[self.prompt_len + start :]
@@ -105,26 +106,24 @@ class VerifierSession:
         return claim.draft_ids[skip:], None if claim.q is None else claim.q[skip:]
 
     def offer(self, claim: Claim, max_ahead: int) -> bool:
-        """Async: merge a claim into `ahead` (event loop). False when it is stale (dropped)."""
-        with self._lock:
-            base = self.num_generated if claim.base_len is None else claim.base_len
-            start = base + len(claim.assumed)  # position of the first draft token
-            ahead_ids = [token for token, _ in self.ahead]
-            known = [*self.generated(base), *ahead_ids] if base <= self.num_generated else []
-            if not self._agrees(claim, base) or known[: len(claim.assumed)] != list(claim.assumed):
-                self.stale += 1
-                return False
-            first = max(start, self.num_generated)  # the first draft position past the commit
-            skip = first - start
-            rows = [None] * len(claim.draft_ids) if claim.q is None else list(claim.q)
-            new = list(zip(claim.draft_ids[skip:], rows[skip:]))
-            self.ahead = (self.ahead[: first - self.num_generated] + new)[:max_ahead]
-            return True
+        """Async: merge a claim into `ahead`. False when it is stale (dropped)."""
+        base = self.num_generated if claim.base_len is None else claim.base_len
+        start = base + len(claim.assumed)  # position of the first draft token
+        ahead_ids = [token for token, _ in self.ahead]
+        known = [*self.generated(base), *ahead_ids] if base <= self.num_generated else []
+        if not self._agrees(claim, base) or known[: len(claim.assumed)] != list(claim.assumed):
+            self.stale += 1
+            return False
+        first = max(start, self.num_generated)  # the first draft position past the commit
+        skip = first - start
+        rows = [None] * len(claim.draft_ids) if claim.q is None else list(claim.q)
+        new = list(zip(claim.draft_ids[skip:], rows[skip:]))
+        self.ahead = (self.ahead[: first - self.num_generated] + new)[:max_ahead]
+        return True
 
     def take_ahead(self) -> tuple[list[int], torch.Tensor | None]:
-        """Async: the draft tokens the next step verifies (event loop): the head of `ahead`, within max_new_tokens."""
-        with self._lock:
-            head = self.ahead[: max(0, min(self.max_block, self.remaining - 1))]
+        """Async: the draft tokens the next step verifies: the head of `ahead`, within max_new_tokens."""
+        head = self.ahead[: max(0, min(self.max_block, self.remaining - 1))]
         draft_ids = [token for token, _ in head]
         if not head or head[0][1] is None:
             return draft_ids, None
@@ -148,16 +147,14 @@ class VerifierSession:
         """The tokens one verification feeds: [last committed token] + draft."""
         return [self.tokens[-1], *draft_ids]
 
-    def verify(self, target_logits: torch.Tensor, draft_ids: list[int], q: torch.Tensor | None) -> RoundResult:
-        """Accept a prefix of the draft, commit, and roll the KV cache back to the committed tokens.
+    def commit(self, draft_ids: list[int], num_accepted: int, next_token: int) -> RoundResult:
+        """Apply one verified block's outcome: commit the accepted drafts and the next token (up to a stop token
+        or max_new_tokens), drop what `ahead` no longer extends, and roll the KV back to the committed tokens.
 
-        target_logits: [gamma + 1, vocab] for `block(draft_ids)`, already cached by the engine's forward;
-        draft_ids: gamma tokens (0 = one plain decoding step); q: draft probs [gamma, vocab] or None (greedy).
+        draft_ids: the gamma tokens the block verified (the engine's forward cached all of `block(draft_ids)`);
+        num_accepted, next_token: `verify_batch`'s outcome for them (the recovered or the bonus token).
         """
         assert self.finish_reason is None, "session already finished"
-        draft = torch.tensor(draft_ids, dtype=torch.long, device=self.device)  # [gamma]
-        q = None if q is None else q.to(self.device)
-        num_accepted, next_token = verify_block(draft, q, target_logits, self.params, self.generator)
         committed = [*draft_ids[:num_accepted], next_token]
         # generation ends at the first stop token or at max_new_tokens, even inside the block
         for i, token in enumerate(committed[: self.remaining]):
@@ -167,11 +164,10 @@ class VerifierSession:
         if self.finish_reason is None and len(committed) >= self.remaining:
             committed, self.finish_reason = committed[: self.remaining], FINISH_LENGTH
         base_len = self.num_generated
-        with self._lock:
-            self.tokens.extend(committed)
-            self.num_generated += len(committed)
-            self._drop_committed(committed)
-        self.kv.truncate(len(self.tokens) - 1)
+        self.tokens.extend(committed)
+        self.num_generated += len(committed)
+        self._drop_committed(committed)
+        self.kv.truncate(len(self.tokens) - 1)  # a length decrement: the rejected keys are overwritten later
         accepted = min(num_accepted, len(committed))
         return RoundResult(
             num_accepted=accepted,
