@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.config import SamplingParams
-from verifier_worker.kv import Row, batched_forward
+from verifier_worker.backends import Backend, as_backend
+from verifier_worker.kv import Row
 from verifier_worker.session import RoundResult, VerifierSession
 
 log = logging.getLogger(__name__)
@@ -114,16 +115,16 @@ class Decoding:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, max_batch_tokens: int = 512, batch_wait_s: float = 0.025,
+    def __init__(self, model: torch.nn.Module | Backend, max_batch_tokens: int = 512, batch_wait_s: float = 0.025,
                  on_step: Callable[[float, int, int], None] | None = None):
-        """`on_step(compute_s, sessions, tokens)` is called on the event loop after every step (metrics)."""
+        """`model`: a transformers module or a backend (backends.py: the model side, forward and KV memory).
+        `on_step(compute_s, sessions, tokens)` is called on the event loop after every step (metrics)."""
         assert max_batch_tokens >= 1 and batch_wait_s >= 0
-        self.model = model
+        self.backend = as_backend(model)  # issue 20: the one seam between the engine and the model
         self.on_step = on_step
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait_s = batch_wait_s
-        self.device = next(model.parameters()).device
-        self._check_attention(model)
+        self.device = self.backend.device
         self._sessions: set[VerifierSession] = set()
         self._queue: deque[_Work] = deque()
         self._in_flight: set[VerifierSession] = set()  # sessions in the running step
@@ -135,16 +136,11 @@ class Engine:
         self.steps = 0
         self.busy_s = 0.0
 
-    @staticmethod
-    def _check_attention(model: torch.nn.Module) -> None:
-        layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
-        if any(kind != "full_attention" for kind in layer_types):
-            raise ValueError(f"the batching engine supports full-attention models only, this one has {set(layer_types)}")
-
     # ------------------------------------------------------------------------------ sessions and work
     def open(self, prompt_ids: list[int], params: SamplingParams, client: str = "", max_block: int = 16) -> VerifierSession:
         """A new session; `max_block`: most `ahead` draft tokens one of its decoding steps verifies (async)."""
         session = VerifierSession(prompt_ids, params, client, self.device, max_block)
+        session.kv = self.backend.new_kv()  # the backend's KV handle (backends.py)
         self._sessions.add(session)
         return session
 
@@ -259,7 +255,7 @@ class Engine:
     def _step(self, batch: list[tuple[_Work, int]]) -> list[RoundResult | Exception | None]:
         """Compute thread: one forward over the batch, then each block's verification."""
         rows = [Row(work.session.kv, work.tokens[:n], not work.is_prefill) for work, n in batch]
-        logits = batched_forward(self.model, rows)
+        logits = self.backend.forward(rows)
         outcomes: list[RoundResult | Exception | None] = []
         for (work, _), row_logits in zip(batch, logits):
             if work.is_prefill or work.session.closed:
