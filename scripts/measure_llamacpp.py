@@ -2,7 +2,8 @@
 llama.cpp's plain greedy decoding (llama-cpp-python's `Llama`), our llama.cpp-backed verifier-only
 `Generate`, n-gram speculation on it, and the verifier-only aggregate at --sessions concurrent sessions.
 
-    flock /tmp/specdec-bench.lock python scripts/measure_llamacpp.py --prompts 3 --max-new-tokens 48 --threads 1
+    flock /tmp/specdec-bench.lock python scripts/measure_llamacpp.py --prompts 3 --max-new-tokens 48 --threads 1 \
+        --pubmedqa /path/to/pubmedqa_pqal.jsonl
 
 The verifier is served in this process over loopback gRPC (its llama.cpp decode releases the GIL); a
 warm-up prompt precedes each mode. Times include the prompt's prefill for every system. Prints a markdown
@@ -31,13 +32,16 @@ from verifier_worker.server import ModelInfo, VerifierServicer, start_server
 
 
 def plain_llamacpp(llm, prompt: list[int], n: int) -> tuple[list[int], float]:
-    """llama.cpp decoding one token per step, greedy (argmax of its logits), as a CPU user runs it."""
+    """llama.cpp decoding one token per step, greedy (argmax of the last token's logits, the only ones it
+    computes), as a CPU user runs it."""
+    from llama_cpp import llama_get_logits_ith
+
     start = time.perf_counter()
     llm.reset()
     llm.eval(prompt)
     out: list[int] = []
     for _ in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        out.append(int(np.argmax(np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)))))
         llm.eval(out[-1:])
     return out, time.perf_counter() - start
 
@@ -53,12 +57,12 @@ async def measure(args) -> dict:
     params = SamplingParams(max_new_tokens=n)  # no stop tokens: exactly n tokens, as plain decoding
     rows: dict[str, dict] = {}
 
-    def record(name: str, tokens: int, wall: float, outputs=None) -> None:
-        rows[name] = {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall, "outputs": outputs}
-        print(f"{name}: {tokens / wall:.2f} tok/s ({tokens} tokens, {wall:.1f} s)", file=sys.stderr, flush=True)
+    def record(name: str, tokens: int, wall: float, outputs=None, **extra) -> None:
+        rows[name] = {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall, "outputs": outputs, **extra}
+        print(f"{name}: {tokens / wall:.2f} tok/s ({tokens} tokens, {wall:.1f} s) {extra}", file=sys.stderr, flush=True)
 
     llm = Llama(model_path=str(path), n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
-                logits_all=True, verbose=False)
+                verbose=False)
     plain_llamacpp(llm, prompts[0], 4)  # warm-up
     outs, wall = [], 0.0
     for prompt in prompts[1:]:
@@ -96,8 +100,12 @@ async def measure(args) -> dict:
                 start = time.perf_counter()
                 results = await asyncio.gather(*(client.generate_baseline(stub, p, params) for p in batch))
                 wall = time.perf_counter() - start
+                # decoding alone: tokens after each first one, over the span from the first first token to
+                # the last token (conservative: other sessions' prefill chunks still ride in that span)
+                span = max(r.chunk_times_s[-1] for r in results) - min(r.chunk_times_s[0] for r in results)
+                decode_tok_s = sum(len(r.token_ids) - 1 for r in results) / span
                 record(f"specdec llama.cpp verifier-only, {sessions} concurrent session(s), aggregate",
-                       sum(len(r.token_ids) for r in results), wall)
+                       sum(len(r.token_ids) for r in results), wall, decode_tok_s=decode_tok_s)
     finally:
         await server.stop(grace=None)
         backend.close()
@@ -114,6 +122,8 @@ def main() -> None:
     p.add_argument("--sessions", type=int, default=4, help="concurrent verifier-only sessions for the aggregate")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    if args.pubmedqa is None:
+        p.error("pass --pubmedqa or set SPECDEC_PUBMEDQA")
     rows = asyncio.run(measure(args))
     base_name = "llama.cpp plain decoding (Llama, greedy)"
     base = rows[base_name]
@@ -122,7 +132,8 @@ def main() -> None:
     print("| system | tok/s | vs llama.cpp plain | output = verifier-only |\n|---|---|---|---|")
     for name, row in rows.items():
         same = "" if row["outputs"] is None else str(row["outputs"] == verifier_only)
-        print(f"| {name} | {row['tok_s']:.2f} | {row['tok_s'] / base['tok_s']:.2f}x | {same} |")
+        decode = f" (decoding alone {row['decode_tok_s']:.2f})" if "decode_tok_s" in row else ""
+        print(f"| {name} | {row['tok_s']:.2f}{decode} | {row['tok_s'] / base['tok_s']:.2f}x | {same} |")
     agree = [sum(a == b for a, b in zip(x, y)) / len(x) for x, y in zip(base["outputs"], verifier_only)]
     summary = {name: {k: v for k, v in row.items() if k != "outputs"} for name, row in rows.items()}
     summary["plain_vs_verifier_only_token_agreement"] = agree

@@ -169,6 +169,30 @@ async def test_sampling_through_the_llamacpp_engine_keeps_the_verifiers_distribu
     assert chi_square_p_value(counts, q_joint) < 1e-6  # the test can tell the two apart
 
 
+@needs_llamacpp
+def test_serve_loads_a_gguf_with_its_own_tokenizers_fingerprint(backend, tmp_path, monkeypatch):
+    """Info for --backend llama.cpp: the GGUF's vocabulary width and the fingerprint of the tokenizer
+    transformers reads from the same file (what a draft loaded from it sends), so the pair check passes."""
+    import argparse
+
+    from transformers import AutoTokenizer
+
+    from specdec.config import VerifierLimits
+    from verifier_worker.serve import _load_llamacpp
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    gguf = backend.path
+    args = argparse.Namespace(model=str(gguf), n_ctx=256, threads=1)
+    served, info = _load_llamacpp(args, VerifierLimits(max_sessions=4, max_batch_tokens=64))
+    try:
+        direct = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        assert info.tokenizer_fingerprint == models.tokenizer_fingerprint(direct)
+        assert info.vocab_size == served.vocab_size == VOCAB and info.dtype.startswith("gguf qwen2")
+        assert (served.config.n_seq_max, served.config.n_batch, served.config.n_ctx) == (4, 512, 256)
+    finally:
+        served.close()
+
+
 def test_backend_llamacpp_without_the_extra_fails_with_an_install_line(monkeypatch, capsys):
     """llama_cpp made unimportable: serve-verifier exits 1 with one line naming the extra and CMAKE_ARGS."""
     from verifier_worker.serve import main

@@ -35,9 +35,9 @@ from verifier_worker.kv import Row
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
-    "the llama.cpp backend needs llama-cpp-python: pip install 'specdec[llamacpp]' with CMAKE_ARGS for your "
-    "machine (see the README: CMAKE_ARGS=\"-DGGML_NATIVE=ON\" for this CPU, \"-DGGML_CUDA=on\" for NVIDIA GPUs, "
-    "\"-DGGML_METAL=on\" on Apple silicon)"
+    "the llama.cpp backend needs llama-cpp-python: pip install 'specdec[llamacpp]' with CMAKE_ARGS for your machine "
+    "(README: x86 CPUs CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON\", NVIDIA GPUs "
+    "\"-DGGML_CUDA=on\", Apple silicon \"-DGGML_METAL=on\")"
 )
 
 
@@ -94,7 +94,7 @@ class LlamaCppBackend:
             raise ValueError(f"n_seq_max must be 1..256 (llama.cpp's limit), got {config.n_seq_max}")
         self.lc = lc
         self.config = config
-        path = models.gguf_path(source)
+        self.path = path = models.gguf_path(source)
         lc.llama_backend_init()
         model_params = lc.llama_model_default_params()
         model_params.n_gpu_layers = config.n_gpu_layers
