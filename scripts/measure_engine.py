@@ -4,6 +4,7 @@ same prompts, one run.
 
     python scripts/measure_engine.py --prompts 10 --max-new-tokens 64 --gamma 2 4 \
         --draft-backend transformers llama.cpp --out results/engine.json
+    python scripts/measure_engine.py --verifier-backend llama.cpp ...   # the verifier on llama.cpp (issue 20)
 
 The verifier runs as a separate `specdec serve-verifier` process; the drafts and the HF runs live in this
 one, pinned to other cores (--verifier-cpus, --draft-cpus: `taskset`'s affinity), so the two do not fight
@@ -71,7 +72,8 @@ def cpus(text: str) -> list[int] | None:
 
 
 async def run(args) -> tuple[list[dict], dict[str, dict]]:
-    verifier = start_verifier(args.verifier_model, args.verifier_dtype, "cpu", cpus=cpus(args.verifier_cpus))
+    backend_args = ("--backend", args.verifier_backend, *(("--threads", str(args.verifier_threads)) if args.verifier_threads else ()))
+    verifier = start_verifier(args.verifier_model, args.verifier_dtype, "cpu", backend_args, cpus=cpus(args.verifier_cpus))
     if args.draft_cpus:
         os.sched_setaffinity(0, cpus(args.draft_cpus))
     args.threads = args.threads or len(os.sched_getaffinity(0))
@@ -172,6 +174,10 @@ def main() -> None:
     p.add_argument("--draft-backend", nargs="+", choices=["transformers", "llama.cpp"], default=["transformers"],
                    help="LM draft backends, side by side (llama.cpp: a .gguf file or offline: alias)")
     p.add_argument("--threads", type=int, help="draft and HF threads (default: the draft cpus)")
+    p.add_argument("--verifier-backend", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="serve-verifier --backend (llama.cpp: --verifier-model is a .gguf file or offline: alias); "
+                        "llama.cpp's own plain decoding beside it: scripts/measure_llamacpp.py")
+    p.add_argument("--verifier-threads", type=int, help="llama.cpp verifier threads (default: its cpus)")
     p.add_argument("--verifier-cpus", default="0", help='cores of the verifier process, e.g. "0" or "0,1"; "" = any')
     p.add_argument("--draft-cpus", default="1", help='cores of the drafts and HF runs; "" = any')
     p.add_argument("--out", type=pathlib.Path)

@@ -51,7 +51,8 @@ import torch
 
 from specdec.config import SamplingParams
 from specdec.sampling import verify_batch
-from verifier_worker.kv import Row, SessionKV, batched_forward
+from verifier_worker.backends import Backend, as_backend
+from verifier_worker.kv import Row
 from verifier_worker.session import RoundResult, VerifierSession
 
 log = logging.getLogger(__name__)
@@ -121,16 +122,16 @@ class Decoding:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, max_batch_tokens: int = 512, batch_wait_s: float = 0.025,
+    def __init__(self, model: torch.nn.Module | Backend, max_batch_tokens: int = 512, batch_wait_s: float = 0.025,
                  on_step: Callable[[float, int, int], None] | None = None):
-        """`on_step(compute_s, sessions, tokens)` is called on the event loop after every step (metrics)."""
+        """`model`: a transformers module or a backend (backends.py: the model side, forward and KV memory).
+        `on_step(compute_s, sessions, tokens)` is called on the event loop after every step (metrics)."""
         assert max_batch_tokens >= 1 and batch_wait_s >= 0
-        self.model = model
+        self.backend = as_backend(model)  # issue 20: the one seam between the engine and the model
         self.on_step = on_step
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait_s = batch_wait_s
-        self.device = next(model.parameters()).device
-        self._check_attention(model)
+        self.device = self.backend.device
         self._sessions: set[VerifierSession] = set()  # open; a closed session is one no longer in it
         self._queue: deque[_Work] = deque()
         self._running: list[tuple[_Work, int]] = []  # the batch of the step in flight
@@ -142,26 +143,11 @@ class Engine:
         self.steps = 0
         self.busy_s = 0.0
 
-    # ------------------------------------------------------------------ the model side (one place each)
-    @staticmethod
-    def _check_attention(model: torch.nn.Module) -> None:
-        layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
-        if any(kind != "full_attention" for kind in layer_types):
-            raise ValueError(f"the batching engine supports full-attention models only, this one has {set(layer_types)}")
-
-    def _new_kv(self) -> SessionKV:
-        """A new session's (empty) KV memory; the only place one is made."""
-        return SessionKV()
-
-    def _forward(self, rows: list[Row]) -> list[torch.Tensor | None]:
-        """Compute thread: one forward over the rows, caching each row's tokens in its KV; the only model call.
-        -> per row fp32 logits [len(token_ids), vocab] if it wants them, else None."""
-        return batched_forward(self.model, rows)
-
     # ------------------------------------------------------------------------------ sessions and work
     def open(self, prompt_ids: list[int], params: SamplingParams, client: str = "", max_block: int = 16) -> VerifierSession:
-        """A new session; `max_block`: most `ahead` draft tokens one of its decoding steps verifies (async)."""
-        session = VerifierSession(prompt_ids, params, self._new_kv(), client, self.device, max_block)
+        """A new session; `max_block`: most `ahead` draft tokens one of its decoding steps verifies (async).
+        Its KV handle comes from the backend (backends.py), the only place one is made."""
+        session = VerifierSession(prompt_ids, params, self.backend.new_kv(), client, self.device, max_block)
         self._sessions.add(session)
         return session
 
@@ -290,7 +276,7 @@ class Engine:
         changes nothing but the KV the forward appends to and the generators' states.
         """
         rows = [Row(work.session.kv, work.tokens[:n], not work.is_prefill) for work, n in batch]
-        logits = self._forward(rows)
+        logits = self.backend.forward(rows)  # the only model call (backends.py)
         blocks = [(work, row_logits) for (work, _), row_logits in zip(batch, logits) if not work.is_prefill]
         if not blocks:
             return [None] * len(batch)

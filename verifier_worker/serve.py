@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hub id, local folder, .gguf file, or an offline: alias")
+    p.add_argument("--backend", default="transformers", choices=("transformers", "llama.cpp"),
+                   help="the model runtime: transformers (torch, --dtype/--device) or llama.cpp (a .gguf file or "
+                        "offline: alias, run as quantized; needs the llamacpp extra)")
+    p.add_argument("--threads", type=int, help="llama.cpp: decoding threads (default: the cores this process may use)")
+    p.add_argument("--n-ctx", type=int, default=8192,
+                   help="llama.cpp: KV cells shared by all open sessions, prompts and outputs (default 8192)")
     p.add_argument("--dtype", default="auto",
                    help="fp32 | bf16 | fp16 | auto (default auto: bf16 where the hardware runs it natively, CUDA or a "
                         "CPU with AMX/AVX512-bf16; fp32 elsewhere; the choice is printed)")
@@ -71,19 +77,22 @@ async def serve(args: argparse.Namespace) -> None:
     with user_errors("invalid limits", ValueError):
         limits.validate()
     credentials, token = _server_security(args)
-    dtype, device = models.load_dtype_device(args.dtype, args.device)
-    print(f"dtype {str(dtype).removeprefix('torch.')} on {device}" + (" (--dtype auto)" if args.dtype.strip().lower() == "auto" else ""),
-          flush=True)
-    with user_errors(f"cannot load {args.model!r}"):
-        tokenizer = models.load_tokenizer(args.model)
-        model = models.load_model(args.model, dtype=dtype, device=device)
-    info = ModelInfo(
-        model_id=args.model,
-        vocab_size=models.model_vocab_size(model),
-        tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
-        dtype=str(dtype).removeprefix("torch."),
-        device=str(device),
-    )
+    if args.backend == "llama.cpp":
+        model, info = _load_llamacpp(args, limits)
+    else:
+        dtype, device = models.load_dtype_device(args.dtype, args.device)
+        print(f"dtype {str(dtype).removeprefix('torch.')} on {device}" + (" (--dtype auto)" if args.dtype.strip().lower() == "auto" else ""),
+              flush=True)
+        with user_errors(f"cannot load {args.model!r}"):
+            tokenizer = models.load_tokenizer(args.model)
+            model = models.load_model(args.model, dtype=dtype, device=device)
+        info = ModelInfo(
+            model_id=args.model,
+            vocab_size=models.model_vocab_size(model),
+            tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
+            dtype=str(dtype).removeprefix("torch."),
+            device=str(device),
+        )
     with user_errors(f"cannot serve {args.model!r}", ValueError):  # e.g. attention the engine cannot batch
         servicer = VerifierServicer(model, info, limits)
     with user_errors(f"cannot listen on {args.host}:{args.port}", OSError, RuntimeError):
@@ -103,6 +112,29 @@ async def serve(args: argparse.Namespace) -> None:
         loop.remove_signal_handler(sig)  # a second signal ends the process at once
     cut = await drain(server, servicer, args.drain_timeout)
     print(f"stopped ({cut} session(s) cut at the drain timeout)", flush=True)
+
+
+def _load_llamacpp(args: argparse.Namespace, limits: VerifierLimits):
+    """(LlamaCppBackend, ModelInfo) for a GGUF; the tokenizer fingerprint is the GGUF's own tokenizer's."""
+    from specdec import models
+    from verifier_worker.llamacpp_backend import LlamaCppBackend, LlamaCppConfig, import_llama_cpp
+    from verifier_worker.server import ModelInfo
+
+    with user_errors("--backend llama.cpp", ImportError):
+        lc = import_llama_cpp()
+    config = LlamaCppConfig(n_ctx=args.n_ctx, n_seq_max=min(256, limits.max_sessions),
+                            n_batch=max(512, limits.max_batch_tokens), n_threads=args.threads)
+    with user_errors(f"cannot load {args.model!r} into llama.cpp"):
+        backend = LlamaCppBackend(args.model, config)
+        tokenizer = models.load_tokenizer(str(models.gguf_path(args.model)))  # the tokenizer inside the GGUF
+    info = ModelInfo(
+        model_id=args.model,
+        vocab_size=backend.vocab_size,
+        tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
+        dtype=f"gguf {backend.description}",  # e.g. "qwen2 1.5B Q4_K - Medium"
+        device="llama.cpp " + ("gpu" if lc.llama_supports_gpu_offload() else "cpu"),
+    )
+    return backend, info
 
 
 def _serve_metrics(servicer, host: str, port: int) -> int:

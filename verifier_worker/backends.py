@@ -1,0 +1,66 @@
+"""The engine's model side: what a backend must do, and the transformers backend.
+
+A backend owns the model and every session's KV memory; the engine owns scheduling, budgets and the
+verification math, which are the same code for every backend. Two operations:
+- `new_kv()`: an empty KV handle for a new session (`KVHandle`: its cached length, `truncate(n)` to roll
+  back to n tokens, `free()` when the session ends, `nbytes` it holds);
+- `forward(rows)`: ONE forward over a batch of ragged rows (`kv.Row`: a session's KV handle, the tokens to
+  append at positions kv.length.., whether their logits are wanted); each row's tokens are cached in its
+  handle, and the answer per row is fp32 logits [len(token_ids), vocab] (on `device`) or None.
+
+Backends: `TransformersBackend` (any transformers causal LM, `kv.batched_forward`) and
+`verifier_worker.llamacpp_backend.LlamaCppBackend` (a GGUF through llama.cpp). `as_backend` keeps the
+engine's callers that pass a torch module working unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from specdec.models import model_vocab_size
+from verifier_worker.kv import Row, SessionKV, batched_forward
+
+
+class KVHandle(Protocol):
+    length: int  # tokens cached
+
+    @property
+    def nbytes(self) -> int: ...  # memory this session's KV holds
+
+    def truncate(self, length: int) -> None: ...  # keep the first `length` tokens (rollback)
+
+    def free(self) -> None: ...  # the session ended: release its memory
+
+
+class Backend(Protocol):
+    device: torch.device  # where the logits are (and verification runs)
+    vocab_size: int  # width of the logits
+
+    def new_kv(self) -> KVHandle: ...
+
+    def forward(self, rows: list[Row]) -> list[torch.Tensor | None]: ...
+
+
+class TransformersBackend:
+    """A transformers causal LM with full attention, batched by padding (kv.py)."""
+
+    def __init__(self, model: torch.nn.Module):
+        layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
+        if any(kind != "full_attention" for kind in layer_types):
+            raise ValueError(f"the batching engine supports full-attention models only, this one has {set(layer_types)}")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.vocab_size = model_vocab_size(model)
+
+    def new_kv(self) -> SessionKV:
+        return SessionKV()
+
+    def forward(self, rows: list[Row]) -> list[torch.Tensor | None]:
+        return batched_forward(self.model, rows)
+
+
+def as_backend(model: torch.nn.Module | Backend) -> Backend:
+    """A torch module gets the transformers backend; a backend is used as it is."""
+    return TransformersBackend(model) if isinstance(model, torch.nn.Module) else model
