@@ -135,6 +135,7 @@ class ClientSession:
         self.reading: asyncio.Future | None = None
         self.link = Link(0.0)
         self.draft_s_per_token = 0.0  # of the last job after the opening's (async's schedule updates)
+        self.opening_job: _Job | None = None
         self.finished = False
         self.start = time.perf_counter()
 
@@ -244,6 +245,7 @@ class ClientSession:
         sent_at = time.perf_counter()
         self.drafter.start(self.prompt_ids, self.params, self.vocab_size)
         self._draft(min(self.schedule.gamma, self._left - 1), guess=[])
+        self.opening_job = self.drafting
         reply = await self.stream.read()
         record_opened(self.result, reply)
         self.link = Link(max(0.0, time.perf_counter() - sent_at - reply.opened.service_s))
@@ -259,8 +261,8 @@ class ClientSession:
         """Send what the job drafted as a claim from the commit, if it still holds and is wanted."""
         self.result.draft_s += draft_s
         drafted = candidates.draft_ids
-        if job.base or job.guess:  # the opening's block also paid the draft model's prefill of the prompt
-            self.draft_s_per_token = draft_s / len(drafted) if drafted else self.draft_s_per_token
+        if drafted and job is not self.opening_job:  # whose time includes the draft model's prefill of the prompt
+            self.draft_s_per_token = draft_s / len(drafted)
         claim = [*job.guess, *drafted]
         assumed = len(job.guess) + job.assumes_first
         done = len(self.committed) - job.base  # claimed positions committed meanwhile
