@@ -154,6 +154,12 @@ class ClientSession:
     # --- what to start next ---------------------------------------------------------------------------------
 
     @property
+    def gamma(self) -> int:
+        """The draft tokens of the next block or chunk: the schedule's current gamma (the one place a verifier's
+        draft budget would cap it)."""
+        return self.schedule.gamma
+
+    @property
     def _left(self) -> int:
         """Tokens still to generate on this stream."""
         return self.params.max_new_tokens - len(self.committed)
@@ -173,11 +179,11 @@ class ClientSession:
                 and self._on_guess_size() >= 2)
 
     def _on_guess_size(self) -> int:
-        return min(self.schedule.gamma + 1, self._left - len(self.guess) - 1)
+        return min(self.gamma + 1, self._left - len(self.guess) - 1)
 
     def _chunk_size(self) -> int:
         """Async: draft tokens the next chunk may carry past the guess (0: none)."""
-        gamma = self.schedule.gamma
+        gamma = self.gamma
         return min(lookahead(gamma) - len(self.guess), self._left - len(self.guess) - 1, gamma)
 
     def _arrives_in_time(self, end: int) -> bool:
@@ -197,7 +203,7 @@ class ClientSession:
         if self.drafting is not None:
             return
         if self._needs_block_from_commit():
-            self._draft(min(self.schedule.gamma, self._left - 1), guess=[])
+            self._draft(min(self.gamma, self._left - 1), guess=[])
         elif self._may_draft_on_guess():
             self._draft(self._on_guess_size(), guess=list(self.guess), assumes_first=True)
         elif self.mode.streams_commits and (n := self._chunk_size()) > 0:
@@ -217,7 +223,7 @@ class ClientSession:
         else:
             work = (self.drafter.propose, [*self.prompt_ids, *self.committed, *guess], n)
         task = asyncio.ensure_future(asyncio.to_thread(timed, *work))
-        self.drafting = _Job(task, len(self.committed), guess, self.schedule.gamma, assumes_first)
+        self.drafting = _Job(task, len(self.committed), guess, self.gamma, assumes_first)
 
     async def _next_event(self) -> None:
         waiting = {t for t in (self.reading, self.drafting and self.drafting.task) if t is not None}
@@ -244,7 +250,7 @@ class ClientSession:
                                             self.mode.wire, max_block))
         sent_at = time.perf_counter()
         self.drafter.start(self.prompt_ids, self.params, self.vocab_size)
-        self._draft(min(self.schedule.gamma, self._left - 1), guess=[])
+        self._draft(min(self.gamma, self._left - 1), guess=[])
         self.opening_job = self.drafting
         reply = await self.stream.read()
         record_opened(self.result, reply)
