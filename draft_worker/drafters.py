@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from specdec import codec
-from specdec.config import SamplingParams
+from specdec.config import MAX_GAMMA, SamplingParams
 from specdec.lm import CachedLM
 from specdec.sampling import logits_to_probs, make_generator, sample
 
@@ -65,7 +65,7 @@ class AdaptiveGamma:
     """HF's "heuristic" schedule for gamma: +2 after a fully accepted block, -1 (not below 1) otherwise."""
 
     gamma: int = 4
-    max_gamma: int = 16
+    max_gamma: int = MAX_GAMMA
 
     def update(self, proposed: int, accepted: int, **_) -> None:
         if proposed == 0:  # nothing was drafted (block capped by max_new_tokens, or no n-gram match)

@@ -1,30 +1,32 @@
-"""RttGamma: a per-request gamma schedule that learns the costs of a lock-step round and picks the best gamma.
+"""RttGamma: a per-request gamma schedule that learns the costs of a round and picks the best gamma.
 
-After every verdict it updates four estimates and sets `gamma = specdec.gamma.choose_gamma(...)`:
+After every verdict (or async commit) it updates four estimates and sets `gamma = specdec.gamma.choose_gamma(...)`:
 - acceptance by position: decayed counts of blocks that reached / accepted each draft position, shrunk
   toward the pooled per-token rate (itself shrunk toward `prior_alpha`), so a position never reached
   gets the pooled rate and the first rounds pick a sane gamma;
 - draft seconds per token (EMA), skipping the first drafted block: it was drafted while the verifier
-  prefilled, and its time includes the draft model's own prefill of the prompt (a PubMedQA abstract made
-  one token look 10x dearer, and the schedule fell to gamma 0 for the whole request); until a sample
-  arrives the gamma stays where it is; the network round trip, service excluded (EMA);
+  prefilled, and its time includes the draft model's own prefill of the prompt, which would make a token
+  look many times dearer than it is; until a sample arrives the gamma stays where it is;
+- the network round trip, service excluded (EMA; an async session passes 0: its verifier never waits on
+  the link);
 - the verifier's service time as fixed_s + gamma * per_token_s: an EMA of the service time per block
   size, and a least-squares line through the sizes seen (so a size visited long ago still anchors it).
 
 min_gamma defaults to 0: a drafter that is never accepted (an n-gram table with no match, a mismatched
 draft model) makes speculation a loss, and plain decoding rounds are the best it can do. It can come back:
 now and then it drafts one position past the gamma it chose (gamma 1 from plain decoding), after 1, 2,
-4, ... rounds, then every `probe_every` rounds (and from 1 again whenever it falls to plain decoding: the
-real pair often rejects the first two blocks of an answer, then accepts most of the rest). A probe re-measures a position it would otherwise never reach again (a few unlucky early rejections there
-would pin the estimate low for good) and gives the verifier's cost model another block size. Same interface as
-`draft_worker.drafters.AdaptiveGamma`: `gamma`, `max_gamma` (the client lowers it to the verifier's
-limit), `update(...)`.
+4, ... rounds, then every `probe_every` rounds, and from 1 again whenever it falls to plain decoding (an
+answer whose first blocks are rejected may be accepted later). A probe re-measures a position it would
+otherwise never reach again (a few unlucky early rejections there would pin the estimate low for good) and
+gives the verifier's cost model another block size. Same interface as `draft_worker.drafters.AdaptiveGamma`:
+`gamma`, `max_gamma` (the client lowers it to the verifier's limit), `update(...)`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from specdec.config import MAX_GAMMA
 from specdec.gamma import VerifyCost, choose_gamma
 
 
@@ -35,10 +37,10 @@ def ema(old: float | None, new: float, weight: float) -> float:
 
 @dataclass
 class RttGamma:
-    """Per request: after each verdict, the gamma that maximises expected committed tokens per second."""
+    """Per request: after each verdict or commit, the gamma that maximises expected committed tokens per second."""
 
     gamma: int = 4  # the next block's gamma
-    max_gamma: int = 16
+    max_gamma: int = MAX_GAMMA
     min_gamma: int = 0
     probe_every: int = 16  # rounds between two probes one position past the chosen gamma
     prior: float = 4.0  # pseudo-blocks pulling each position's rate toward the pooled rate
@@ -90,9 +92,8 @@ class RttGamma:
         """(fixed_s, per_token_s) of the verifier's service time, fitted to the block sizes seen.
 
         With one block size seen the split is unknown: assume it is all fixed cost, as when decoding is
-        memory-bound (one pass over the weights scores gamma + 1 positions about as fast as one: 0.46 s at
-        gamma 0 and 0.50 s at gamma 3 for the 1.5B verifier on this CPU, alike on a GPU); the next block of
-        another size fixes it.
+        memory-bound (one pass over the weights scores gamma + 1 positions about as fast as one); the next
+        block of another size fixes it.
         """
         if not self._service:
             return (0.0, 0.0)

@@ -3,7 +3,7 @@ model, loaded once and shared by every request (`specdec generate` makes one; `s
 all its HTTP requests).
 
 `connect` checks the pair (a shared tokenizer) before any request; `run` is one request through the single
-session loop in client.py, speculative or verifier-only.
+session loop (draft_worker/loop.py), speculative or verifier-only.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from draft_worker.drafters import AdaptiveGamma, DrafterSpec, DraftModels, build
 from draft_worker.transport import ClientConfig, check_pair, fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
-from specdec.config import SamplingParams
+from specdec.config import DEFAULT_MODE, SamplingParams
 from specdec.metrics import GenerationResult
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class DraftService:
     gamma: int | str  # draft tokens per block, "adaptive" or "rtt"
     config: ClientConfig
     draft_models: DraftModels
-    mode: str = "lockstep"  # how sessions overlap drafting and verifying (specdec.config.SPEC_MODES)
+    mode: str = DEFAULT_MODE  # how sessions overlap drafting and verifying (specdec.config.SPEC_MODES)
 
     @property
     def model_name(self) -> str:
@@ -72,7 +72,7 @@ def gamma_schedule(gamma: int | str):
 
 
 async def connect(channel, spec: DrafterSpec | None, config: ClientConfig, gamma: int | str = 4,
-                  tokenizer_source: str | None = None, mode: str = "lockstep") -> DraftService:
+                  tokenizer_source: str | None = None, mode: str = DEFAULT_MODE) -> DraftService:
     """Fetch the verifier's Info, load the draft model (off the event loop) and the prompt tokenizer, and check
     they share the verifier's tokenizer. Raises VerifierError (unreachable, mismatch) or a load error."""
     from specdec import models

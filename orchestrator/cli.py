@@ -13,7 +13,7 @@ import logging
 import pathlib
 import sys
 
-from specdec.config import SPEC_MODES
+from specdec.config import DEFAULT_MODE, SPEC_MODES
 from specdec.errors import LOAD_ERRORS, UserError, run_command, user_errors
 
 
@@ -35,10 +35,11 @@ def _add_drafting(p, baseline: bool) -> None:
     p.add_argument("--tokenizer", help="tokenizer source for --drafter ngram/--baseline (default: the verifier's model id)")
     p.add_argument("--gamma", type=_gamma, default=4, help="draft tokens per block, 'adaptive' (HF's +2/-1) or "
                    "'rtt' (chosen per round from the measured round trip and step times)")
-    p.add_argument("--mode", choices=SPEC_MODES, default="async",
-                   help="async (default; stays near verifier-only speed over any link): the verifier decodes every "
-                        "step and verifies whatever draft has arrived; lockstep (least verifier compute): one block in "
-                        "flight; ahead: lock-step, drafting the next block while a verdict is in flight")
+    p.add_argument("--mode", choices=SPEC_MODES, default=DEFAULT_MODE,
+                   help=f"{DEFAULT_MODE} is the default. lockstep (least verifier compute): one block in flight; "
+                        "ahead: lock-step, drafting the next block while a verdict is in flight; async (for a fast "
+                        "verifier behind a long link: stays near verifier-only speed over any link): the verifier "
+                        "decodes every step and verifies whatever draft has arrived. --gamma applies in every mode")
     p.add_argument("--ngram-max", type=int, default=3, help="longest n-gram the ngram drafter matches")
     p.add_argument("--suffix-cache-tokens", type=int, default=16384,
                    help="suffix drafter: tokens of earlier outputs this process keeps for matching (0 = none)")

@@ -18,7 +18,7 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from specdec.config import SPEC_MODES, SamplingParams
+from specdec.config import DEFAULT_MODE, SPEC_MODES, SamplingParams
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 Gamma = int | Literal["adaptive", "rtt"]
@@ -170,7 +170,7 @@ class BenchConfig:
     concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig)
     # emulated round trip of every draft without its own rtt_ms (--emulate-rtt-ms); a list sweeps it
     rtt_ms: float | list[float] = 0.0
-    mode: str | list[str] = "lockstep"  # session mode of every draft without its own; a list sweeps it (--mode)
+    mode: str | list[str] = DEFAULT_MODE  # session mode of every draft without its own; a list sweeps it (--mode)
     prices: PricesConfig = Field(default_factory=PricesConfig)
     output_dir: str = "runs/pubmedqa"
     timeout_s: float = Field(600.0, gt=0)  # deadline of one request
@@ -212,7 +212,7 @@ class RunSpec:
     dense_dtype: str = "fp16"
     sessions: int | None = None  # requests in flight, when the run sweeps concurrency
     backend: str = "transformers"  # LM drafters: transformers | llama.cpp
-    mode: str = "lockstep"  # how the session overlaps drafting and verifying (specdec.config.SPEC_MODES)
+    mode: str = DEFAULT_MODE  # how the session overlaps drafting and verifying (specdec.config.SPEC_MODES)
 
     @property
     def drafter_spec(self):
@@ -225,7 +225,7 @@ class RunSpec:
     @property
     def name(self) -> str:
         name = "baseline" if self.drafter == "baseline" else f"{self.draft_name} g={self.gamma}"
-        name += f" {self.mode}" if self.mode != "lockstep" else ""
+        name += f" {self.mode}" if self.mode != DEFAULT_MODE else ""  # the default mode goes unnamed
         return name + (f" rtt={self.rtt_ms:g}ms" if self.rtt_ms else "") + (f" x{self.sessions}" if self.sessions else "")
 
 

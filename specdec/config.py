@@ -16,6 +16,22 @@ MAX_STOP_TOKEN_IDS = 64  # stop_token_ids a request may carry
 # lockstep: one block in flight; ahead: lock-step, drafting block k+1 while block k's verdict is in flight;
 # async: the verifier decodes every step and verifies whatever usable draft has arrived by then
 SPEC_MODES = ("lockstep", "ahead", "async")
+# the default of the library (draft_worker.client.speculate, DraftService), the CLI (generate, serve-draft) and
+# the benchmark: lock-step verifies only what the client proposed, so it costs the verifier the least per
+# committed token; async is the mode for a fast verifier behind a long link (README, "Over a network")
+DEFAULT_MODE = "lockstep"
+
+# The one size limit every block derives from: the most draft tokens one verification takes. It is the
+# verifier's default limit (VerifierLimits.max_gamma, sent to clients in Info) and the ceiling of every gamma
+# schedule (a client lowers it to its verifier's limit); an async session's per-step block defaults to it.
+MAX_GAMMA = 16
+
+
+def lookahead(gamma: int) -> int:
+    """Async: the most draft tokens a session keeps past its commit, for blocks of `gamma`: this block, the
+    bonus position after it, and the next block, so the next block is on the verifier before it finishes this
+    one. The verifier keeps as many per session (lookahead(max_gamma))."""
+    return 2 * gamma + 1
 
 
 @dataclass(frozen=True)
@@ -58,7 +74,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class VerifierLimits:
-    max_gamma: int = 16
+    max_gamma: int = MAX_GAMMA
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 1024
     max_sessions: int = 64

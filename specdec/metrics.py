@@ -18,7 +18,7 @@ class GenerationResult:
     ttft_s: float = 0.0  # time to the first committed token
     finish_reason: str = ""
     rounds: int = 0
-    proposed_per_round: list[int] = field(default_factory=list)
+    proposed_per_round: list[int] = field(default_factory=list)  # draft tokens verified per verdict or async commit
     accepted_per_round: list[int] = field(default_factory=list)
     rtt_s: list[float] = field(default_factory=list)  # client round trip per round
     service_s: list[float] = field(default_factory=list)  # verifier queue + compute per round
@@ -37,7 +37,9 @@ class GenerationResult:
     bytes_received: int = 0
     reconnects: int = 0  # times the client re-opened the request after the verifier went away
     mode: str = "lockstep"  # specdec.config.SPEC_MODES; async rounds are engine steps, one commit each
-    gamma_per_round: list[int] = field(default_factory=list)  # the gamma each block was drafted with
+    # one entry per proposal sent, in every mode: the schedule's gamma it was drafted at (its draft may be shorter:
+    # cut by max_new_tokens or async's look-ahead, a drafter that found fewer, positions committed meanwhile)
+    gamma_per_round: list[int] = field(default_factory=list)
     stale: int = 0  # proposals the verifier dropped: the prefix they assumed was not committed
     unsent: int = 0  # async: claims withheld (not sent, or not even drafted), the verifier being past them on arrival
     # when each reply that committed tokens arrived, seconds since the request started, and how many it

@@ -15,7 +15,7 @@ from orchestrator import cli, report
 from orchestrator import config as bench_config
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import tiny
-from specdec.config import SamplingParams
+from specdec.config import DEFAULT_MODE, SamplingParams
 from specdec.metrics import GenerationResult
 
 TOKENS = 4
@@ -109,9 +109,10 @@ def test_generate_and_bench_take_mode_and_gamma_rtt():
     args = parser.parse_args(["generate", "--verifier", "h:1", "--drafter", "ngram", "--prompt", "x",
                               "--mode", "async", "--gamma", "rtt"])
     assert (args.mode, args.gamma) == ("async", "rtt")
-    # async is the interactive default (README: the only mode that does not fall with the RTT against a fast verifier)
-    assert parser.parse_args(["serve-draft", "--verifier", "h:1", "--drafter", "ngram"]).mode == "async"
-    assert parser.parse_args(["generate", "--verifier", "h:1", "--drafter", "ngram", "--prompt", "x"]).mode == "async"
+    # one default mode for the library, the CLI and the bench (specdec.config.DEFAULT_MODE; issue 17)
+    assert parser.parse_args(["serve-draft", "--verifier", "h:1", "--drafter", "ngram"]).mode == DEFAULT_MODE
+    assert parser.parse_args(["generate", "--verifier", "h:1", "--drafter", "ngram", "--prompt", "x"]).mode == DEFAULT_MODE
+    assert bench_config.RunSpec("ngram").mode == bench_config.BenchConfig().mode == DEFAULT_MODE
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", "--verifier", "h:1", "--drafter", "ngram", "--prompt", "x", "--mode", "eager"])
     bench = parser.parse_args(["bench", "--mode", "lockstep", "async", "--emulate-rtt-ms", "0", "25"])

@@ -34,8 +34,8 @@ def test_generate_modes_agree(served):
     address, draft, verifier, _ = served
     outputs = {}
     for name, args in {"baseline": ["--baseline", "--tokenizer", str(verifier)],
-                       "lm": ["--draft", str(draft), "--gamma", "3", "--mode", "lockstep"],
-                       "lm async": ["--draft", str(draft), "--gamma", "3"],  # the default mode
+                       "lm": ["--draft", str(draft), "--gamma", "3"],  # the default mode (lockstep)
+                       "lm async": ["--draft", str(draft), "--gamma", "3", "--mode", "async"],
                        "ngram": ["--drafter", "ngram", "--tokenizer", str(verifier)]}.items():
         done = generate(address, *args)
         assert done.returncode == 0, done.stderr

@@ -1,4 +1,4 @@
-"""Issue 10: speculating without waiting on the network (draft_worker/overlap.py, verifier_worker/session.py).
+"""Issue 10: speculating without waiting on the network (draft_worker/loop.py, verifier_worker/session.py).
 
 Drafting ahead and async mode keep greedy output token-identical to verifier-only, with the tiny seeded pair
 at emulated round trips of 0 and 30 ms; sampling through either mode keeps the verifier's distribution (a
@@ -21,7 +21,7 @@ import torch
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.delay import DelayProxy
 from draft_worker.drafters import Candidates, LMDrafter, NgramDrafter
-from draft_worker.overlap import _Link
+from draft_worker.loop import Link as _Link
 from draft_worker.transport import fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
@@ -73,7 +73,7 @@ async def test_greedy_is_token_identical_to_verifier_only(tiny, start_verifier, 
     verifier = await start_verifier(target, vocab_size=models.model_vocab_size(target))
     params = SamplingParams(max_new_tokens=32)
     prompts = [tokenizer(text)["input_ids"] for text in [*DEFAULT_TEXTS[:2], "The"]]
-    stale = used = unsent = 0
+    stale = used = 0
     async with link(verifier, rtt_ms) as stub:
         info = await fetch_info(stub)
         for prompt in prompts:
@@ -82,17 +82,18 @@ async def test_greedy_is_token_identical_to_verifier_only(tiny, start_verifier, 
                 spec = await speculate(stub, drafter, prompt, params, 3, info, mode=mode)
                 assert spec.token_ids == baseline.token_ids, (mode, rtt_ms, drafter.name)
                 assert spec.finish_reason == "length" and spec.mode == mode
-                stale, used, unsent = stale + spec.stale, used + spec.proposed, unsent + spec.unsent
-    # drafts were verified, not only decoded around; except that async over a link to this fast in-process
-    # verifier (~1-3 ms a step, 10+ steps per round trip) may rightly withhold every claim as too late
-    assert used > 0 or (mode == "async" and rtt_ms and unsent > 0)
-    if mode == "ahead":
+                stale, used = stale + spec.stale, used + spec.proposed
+    if mode == "ahead":  # drafts were verified, not only decoded around, at any machine speed
+        assert used > 0
         assert stale > 0  # blocks were drafted ahead, and the ones whose guess failed were answered stale
+    # async verifies only the drafts that arrive before the verifier's step, which no machine speed
+    # guarantees (over a link to this fast in-process verifier it may rightly withhold every claim as too
+    # late): that it uses drafts at all is tests/test_client_loop.py's deterministic stub test
 
 
 @pytest.mark.parametrize("mode", ["ahead", "async"])
 async def test_a_perfect_draft_is_used_in_every_mode(start_verifier, mode):
-    """Draft = verifier: drafting ahead never goes stale, and async verifies (and accepts) most tokens."""
+    """Draft = verifier: drafting ahead never goes stale, and every mode accepts every token it verifies."""
     target = SlowLM(32, seed=5, delay_s=0.01)
     verifier = await start_verifier(target, vocab_size=32)
     info = await fetch_info(verifier.stub)
@@ -100,24 +101,25 @@ async def test_a_perfect_draft_is_used_in_every_mode(start_verifier, mode):
     baseline = await generate_baseline(verifier.stub, [1, 2], params)
     spec = await speculate(verifier.stub, LMDrafter(FakeLM(32, seed=5), "same"), [1, 2], params, 4, info, mode=mode)
     assert spec.token_ids == baseline.token_ids
-    assert spec.accepted == spec.proposed > 20
-    if mode == "async":  # and over a 30 ms link (3 verifier steps): the claims that are sent arrive in time
+    # every draft token verified is accepted; how many async verifies depends on the machine's speed (drafts
+    # arriving before the verifier's steps), so only lock-step with drafting ahead guarantees a count
+    assert spec.accepted == spec.proposed
+    if mode == "async":  # and over a 30 ms link (3 verifier steps)
         async with link(verifier, 30) as stub:
             spec = await speculate(stub, LMDrafter(FakeLM(32, seed=5), "same"), [1, 2], params, 4, info, mode=mode)
         assert spec.token_ids == baseline.token_ids
-        assert spec.accepted == spec.proposed > 0
+        assert spec.accepted == spec.proposed
     if mode == "ahead":
+        assert spec.accepted > 20
         assert spec.stale == 0 and spec.rounds == 8  # 8 blocks of 4 + bonus, each guessed right
-    else:
-        assert spec.rounds < 25  # many steps verified several drafted tokens at once
 
 
 @pytest.mark.slow  # 2,000 sessions per mode
 @pytest.mark.parametrize("mode", ["ahead", "async"])
 async def test_sampling_keeps_the_verifiers_distribution(start_verifier, mode):
     """The joint law of the first three tokens, 2,000 sessions (50 at a time) through the mode, equals the
-    verifier's and clearly differs from the draft's. The verifier is slowed so that drafts are used: async
-    then verifies the remainders of proposals whose first tokens matched the verifier's own decodes."""
+    verifier's and clearly differs from the draft's. The verifier is slowed so that drafts are likely used:
+    async then verifies the remainders of proposals whose first tokens matched the verifier's own decodes."""
     vocab, prompt, n = 4, [1, 2], 3
     target = SlowLM(vocab, seed=0, scale=1.0, delay_s=0.004)
     draft = FakeLM(vocab, seed=0, scale=1.0, noise=2.0)
@@ -142,7 +144,13 @@ async def test_sampling_keeps_the_verifiers_distribution(start_verifier, mode):
         for cell, p, a in await asyncio.gather(*(one(batch * 50 + i) for i in range(50))):
             cells.append(cell)
             proposed, accepted = proposed + p, accepted + a
-    assert proposed > 300 and 0 < accepted < proposed  # drafts were verified, both ways
+    # only what the mode guarantees at any machine speed: drafting ahead verifies every session's first block,
+    # so drafts were verified, both ways; async verifies only the drafts that arrive before the verifier's
+    # step, and how many do depends on the machine's speed (a slow one verified 164, not > 300)
+    if mode == "ahead":
+        assert proposed > 300 and 0 < accepted < proposed
+    else:
+        assert accepted <= proposed
     counts = torch.bincount(torch.tensor(cells), minlength=vocab**n)
     assert chi_square_p_value(counts, joint(target, prompt, n)) > 1e-4
     assert chi_square_p_value(counts, joint(draft, prompt, n)) < 1e-6

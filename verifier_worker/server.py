@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
-from specdec.config import SamplingParams, VerifierLimits
+from specdec.config import SamplingParams, VerifierLimits, lookahead
 from verifier_worker.auth import TokenAuthInterceptor
 from verifier_worker.engine import Engine, StepCost
 from verifier_worker.metrics import VerifierMetrics, tracked
@@ -239,7 +239,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         """The engine decodes (or verifies the drafts that arrived) in every step and each step's commit is
         streamed at once; proposals only feed the session's `ahead` drafts. No step waits for the client."""
         decoding = self.engine.decode(session)
-        max_ahead = 2 * self.limits.max_gamma
+        max_ahead = lookahead(self.limits.max_gamma)  # as far as any client drafts ahead (specdec.config)
         stepped = asyncio.ensure_future(self._run(context, decoding.next()))
         received = asyncio.ensure_future(inbox.get())
         last = time.perf_counter()

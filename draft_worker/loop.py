@@ -1,0 +1,360 @@
+"""One client session of speculative decoding, whatever the mode: a state machine over one Speculate stream.
+
+The mode (specdec.config.SPEC_MODES) is a setting of the same machine (`Mode`), exact in every mode (see
+verifier_worker/session.py for the argument):
+
+- **lockstep**: one block in flight. Draft a block from the commit, send it, wait a round trip for its verdict.
+- **ahead**: up to two blocks in flight. While block k's verdict is in flight, draft block k+1 on the guess
+  that block k is accepted whole and that the bonus token is the draft's own next token; send it at once,
+  claiming that prefix (`assumed_ids`), so the verifier has it the moment it answers block k. A block whose
+  guess turns out false is answered `stale` without compute, and the next block is drafted from the commit.
+- **async**: the verifier decodes every engine step on its own and streams each commit; the client drafts
+  continuously ahead of the committed stream, on top of its own earlier guesses (up to `lookahead(gamma)`
+  tokens past what it knows is committed), sends every chunk as a claim, and resyncs on every commit that
+  diverges from its guess. The verifier verifies whatever usable draft has arrived when a step starts and
+  never waits for one. A chunk the verifier will have committed past by the time it arrives (`Link`) is kept
+  as a guess but not sent, and one that could not land whatever it drafts is not drafted.
+
+Events: the opening's reply, "draft finished", "verdict arrived" (lockstep, ahead) and "commit arrived"
+(async). After each, named predicates decide what starts next: a block from the commit, a block on the
+guess, an async chunk; a read when a reply is due. The gamma schedule is read for every block or chunk
+drafted and updated from every verdict or commit, in every mode. One drafting job runs at a time.
+
+Positions count generated tokens of this stream (the prompt it was opened with excluded). A claim is the
+tokens from position `base`: first ones assumed (already proposed, or a guessed bonus token: no q), then
+draft tokens. The stream plumbing is draft_worker/stream.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from draft_worker.drafters import Candidates, Drafter
+from draft_worker.gamma import ema
+from draft_worker.stream import CALL_ERRORS, SpeculateStream, open_request, proposal_request, record_cost, \
+    record_opened, timed
+from draft_worker.transport import VerifierError
+from protos.specdec.v1 import specdec_pb2 as pb
+from specdec import codec
+from specdec.config import FINISH_STOP, SamplingParams, lookahead
+from specdec.metrics import GenerationResult
+
+# called with the ids each verdict (or commit) commits; returning True ends the request there, as a stop
+OnCommit = Callable[[list[int]], bool | None]
+
+
+@dataclass(frozen=True)
+class Mode:
+    wire: int  # the pb.SpeculationMode the verifier runs the session in
+    max_in_flight: int  # blocks awaiting a verdict at once; 0: the verifier streams commits instead (async)
+
+    @property
+    def streams_commits(self) -> bool:
+        return self.max_in_flight == 0
+
+    @property
+    def drafter_tracks_commits(self) -> bool:
+        """Lock-step drafts through the drafter's own committed context (`get_candidates` / `commit`)."""
+        return self.max_in_flight == 1
+
+
+MODES = {"lockstep": Mode(pb.SPECULATION_MODE_LOCKSTEP, 1), "ahead": Mode(pb.SPECULATION_MODE_LOCKSTEP, 2),
+         "async": Mode(pb.SPECULATION_MODE_ASYNC, 0)}
+
+
+@dataclass
+class FixedGamma:
+    """A fixed block size, behind the schedules' interface (`gamma`, `max_gamma`, `update`)."""
+
+    gamma: int
+    max_gamma: int
+
+    def update(self, *_, **__) -> None:
+        pass
+
+
+@dataclass
+class _Job:
+    """A drafting job: propose on prompt + committed[:base] + guess, at the schedule's `gamma`."""
+
+    task: asyncio.Future
+    base: int
+    guess: list[int]
+    gamma: int
+    assumes_first: bool  # ahead: the first drafted token is the guessed bonus token, claimed without q
+
+
+@dataclass
+class _Block:
+    """A proposal awaiting its verdict: it claims positions base.. with `claim` (`assumed` tokens, then draft)."""
+
+    base: int
+    claim: list[int]
+    assumed: int
+    sent_at: float
+    draft_s: float
+
+
+class Link:
+    """Where the verifier will be when a claim sent now arrives: the commits seen are half a round trip old,
+    and the claim takes another half, so it is about one round trip of commits past the last one seen.
+
+    rtt_s: the opening's round trip minus the verifier's prefill; s_per_token: an EMA of the verifier's time
+    between two commits (its own clock, so replies that arrive bunched do not skew it) per committed token.
+    A claim that ends before that point would only be checked and dropped.
+    """
+
+    def __init__(self, rtt_s: float):
+        self.rtt_s, self.s_per_token = rtt_s, None
+
+    def on_commit(self, tokens: int, service_s: float) -> None:
+        if tokens:
+            self.s_per_token = ema(self.s_per_token, service_s / tokens, 0.2)
+
+    def verifier_position(self, committed: int) -> float:
+        return committed if not self.s_per_token else committed + self.rtt_s / self.s_per_token
+
+
+class ClientSession:
+    """One Speculate stream, extending `result` with every token committed before it ends."""
+
+    def __init__(self, stream: SpeculateStream, drafter: Drafter, prompt_ids: list[int], params: SamplingParams,
+                 schedule, mode: str, vocab_size: int, fingerprint: str, on_commit: OnCommit | None):
+        self.stream, self.result = stream, stream.result
+        self.drafter, self.prompt_ids, self.params = drafter, prompt_ids, params
+        self.schedule, self.mode = schedule, MODES[mode]
+        self.vocab_size, self.fingerprint, self.on_commit = vocab_size, fingerprint, on_commit
+        self.committed: list[int] = []
+        self.guess: list[int] = []  # tokens past the commit this client proposed (or drafted) and still believes
+        self.in_flight: deque[_Block] = deque()
+        self.drafting: _Job | None = None
+        self.reading: asyncio.Future | None = None
+        self.link = Link(0.0)
+        self.draft_s_per_token = 0.0  # of the last job after the opening's (async's schedule updates)
+        self.opening_job: _Job | None = None
+        self.finished = False
+        self.start = time.perf_counter()
+
+    async def run(self) -> None:
+        try:
+            await self._open()
+            while not self.finished:
+                self._start_drafting()
+                self._start_reading()
+                await self._next_event()
+        except CALL_ERRORS as exc:
+            raise await self.stream.refusal(exc) from None
+        finally:
+            await self._stop()
+
+    # --- what to start next ---------------------------------------------------------------------------------
+
+    @property
+    def gamma(self) -> int:
+        """The draft tokens of the next block or chunk: the schedule's current gamma (the one place a verifier's
+        draft budget would cap it)."""
+        return self.schedule.gamma
+
+    @property
+    def _left(self) -> int:
+        """Tokens still to generate on this stream."""
+        return self.params.max_new_tokens - len(self.committed)
+
+    def _live(self, block: _Block) -> bool:
+        """The block's claim still agrees with the commit, and its assumed part is not yet all committed past."""
+        done = len(self.committed) - block.base
+        return 0 <= done <= block.assumed and self.committed[block.base :] == block.claim[:done]
+
+    def _needs_block_from_commit(self) -> bool:
+        """Lockstep/ahead: no block in flight can still be verified, so the session waits for a new one."""
+        return not self.mode.streams_commits and not any(self._live(block) for block in self.in_flight)
+
+    def _may_draft_on_guess(self) -> bool:
+        """Ahead: the one block in flight is live and there is room for a guessed bonus token and a draft."""
+        return (self.mode.max_in_flight > 1 and len(self.in_flight) == 1 and self._live(self.in_flight[0])
+                and self._on_guess_size() >= 2)
+
+    def _on_guess_size(self) -> int:
+        return min(self.gamma + 1, self._left - len(self.guess) - 1)
+
+    def _chunk_size(self) -> int:
+        """Async: draft tokens the next chunk may carry past the guess (0: none)."""
+        gamma = self.gamma
+        return min(lookahead(gamma) - len(self.guess), self._left - len(self.guess) - 1, gamma)
+
+    def _arrives_in_time(self, end: int) -> bool:
+        """A claim ending at position `end` reaches the verifier before it commits past it (lockstep/ahead:
+        always, the verifier waits for proposals)."""
+        return not self.mode.streams_commits or end > self.link.verifier_position(len(self.committed))
+
+    def _awaited(self, job: _Job) -> bool:
+        """Lockstep/ahead: a block drafted from the commit is the one the session waits for, even if empty (a
+        plain decoding round)."""
+        return not self.mode.streams_commits and not job.guess and not job.assumes_first
+
+    def _room_in_flight(self) -> bool:
+        return self.mode.streams_commits or sum(map(self._live, self.in_flight)) < self.mode.max_in_flight
+
+    def _start_drafting(self) -> None:
+        if self.drafting is not None:
+            return
+        if self._needs_block_from_commit():
+            self._draft(min(self.gamma, self._left - 1), guess=[])
+        elif self._may_draft_on_guess():
+            self._draft(self._on_guess_size(), guess=list(self.guess), assumes_first=True)
+        elif self.mode.streams_commits and (n := self._chunk_size()) > 0:
+            if self._arrives_in_time(len(self.committed) + len(self.guess) + n):
+                self._draft(n, guess=list(self.guess))
+            elif self.reading is None:  # too late on arrival whatever it drafts: save the compute, wait for a commit
+                self.result.unsent += 1
+
+    def _start_reading(self) -> None:
+        if self.reading is None and (self.mode.streams_commits or self.in_flight):
+            self.reading = asyncio.ensure_future(self.stream.read())
+
+    def _draft(self, n: int, guess: list[int], assumes_first: bool = False) -> None:
+        # drafting is compute: off the event loop, so replies keep being read while it runs
+        if self.mode.drafter_tracks_commits:
+            work = (self.drafter.get_candidates, n)
+        else:
+            work = (self.drafter.propose, [*self.prompt_ids, *self.committed, *guess], n)
+        task = asyncio.ensure_future(asyncio.to_thread(timed, *work))
+        self.drafting = _Job(task, len(self.committed), guess, self.gamma, assumes_first)
+
+    async def _next_event(self) -> None:
+        waiting = {t for t in (self.reading, self.drafting and self.drafting.task) if t is not None}
+        assert waiting, "a session always drafts or awaits a reply"
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if self.drafting is not None and self.drafting.task in done:
+            job, self.drafting = self.drafting, None
+            await self._draft_finished(job, *job.task.result())
+        if self.reading is not None and self.reading in done:
+            reply, self.reading = self.reading.result(), None
+            if self.mode.streams_commits:
+                self._commit_arrived(reply)
+            else:
+                self._verdict_arrived(reply)
+
+    # --- events ---------------------------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        """Write the opening, draft the first block while the verifier prefills, read `opened`. Nothing more is
+        written until `opened` arrives: a refusal then reaches us as the verifier's own status, whereas a write
+        that races the server's abort makes grpcio report INTERNAL "Internal error from Core"."""
+        max_block = self.schedule.max_gamma if self.mode.streams_commits else 0
+        await self.stream.open(open_request(self.drafter.name, self.prompt_ids, self.params, self.fingerprint,
+                                            self.mode.wire, max_block))
+        sent_at = time.perf_counter()
+        self.drafter.start(self.prompt_ids, self.params, self.vocab_size)
+        self._draft(min(self.gamma, self._left - 1), guess=[])
+        self.opening_job = self.drafting
+        reply = await self.stream.read()
+        record_opened(self.result, reply)
+        self.link = Link(max(0.0, time.perf_counter() - sent_at - reply.opened.service_s))
+
+    def _claim_holds(self, base: int, claim: list[int], guessed: int) -> bool:
+        """The claim's committed positions hold its tokens, and its first `guessed` tokens are committed or
+        still guessed."""
+        covered = self.committed[base:]
+        known = [*self.committed, *self.guess]
+        return claim[: len(covered)] == covered and known[base : base + guessed] == claim[:guessed]
+
+    async def _draft_finished(self, job: _Job, candidates: Candidates, draft_s: float) -> None:
+        """Send what the job drafted as a claim from the commit, if it still holds and is wanted."""
+        self.result.draft_s += draft_s
+        drafted = candidates.draft_ids
+        if drafted and job is not self.opening_job:  # whose time includes the draft model's prefill of the prompt
+            self.draft_s_per_token = draft_s / len(drafted)
+        claim = [*job.guess, *drafted]
+        assumed = len(job.guess) + job.assumes_first
+        done = len(self.committed) - job.base  # claimed positions committed meanwhile
+        if not self._claim_holds(job.base, claim, len(job.guess)):
+            return  # a commit diverged from the guess it was drafted on: the next draft starts from the new state
+        if not (self._awaited(job) or len(claim) > max(assumed, done) and self._room_in_flight()):
+            return
+        self.guess = claim[done:]
+        if not self._arrives_in_time(job.base + len(claim)):
+            self.result.unsent += 1  # all of it committed by the time it would arrive: kept as a guess, not sent
+            return
+        skip = max(done, assumed) - len(job.guess)  # the first draft token to send
+        q = None if candidates.q is None else candidates.q[skip:]
+        request = proposal_request(drafted[skip:], q, self.params, candidates.dense_dtype, len(self.committed),
+                                   claim[done:assumed])
+        sent_at = time.perf_counter()
+        await self.stream.send(request)  # a failed write: the verifier ended the stream, and reading tells why
+        self.result.gamma_per_round.append(job.gamma)
+        if not self.mode.streams_commits:
+            self.in_flight.append(_Block(len(self.committed), claim[done:], max(0, assumed - done), sent_at, draft_s))
+
+    def _verdict_arrived(self, reply: pb.SpeculateReply) -> None:
+        _expect(reply, "verdict")
+        verdict, sent = reply.verdict, self.in_flight.popleft()
+        if verdict.stale:
+            self.result.stale += 1
+            return
+        rtt_s = time.perf_counter() - sent.sent_at
+        verified = sent.claim[len(self.committed) - sent.base :]  # its draft tokens past the commit
+        next_token = verdict.next_token if verdict.HasField("next_token") else None
+        self.result.rtt_s.append(rtt_s)
+        self._record_round(len(verified), verdict.num_accepted, verdict.service_s, verdict.cost)
+        self.schedule.update(len(verified), verdict.num_accepted, draft_s=sent.draft_s, service_s=verdict.service_s,
+                             rtt_s=max(0.0, rtt_s - verdict.service_s))
+        if self.mode.drafter_tracks_commits:
+            self.drafter.commit(verdict.num_accepted, next_token)
+        new = [*verified[: verdict.num_accepted], *([] if next_token is None else [next_token])]
+        self._committed(new, verdict.finished, verdict.finish_reason)
+
+    def _commit_arrived(self, reply: pb.SpeculateReply) -> None:
+        commit = reply.commit
+        if reply.WhichOneof("kind") != "commit" or commit.base_len != len(self.committed):
+            raise VerifierError(f"async session out of step: expected a commit at {len(self.committed)}, got "
+                                f"{reply.WhichOneof('kind')} at {commit.base_len}", "INTERNAL")
+        new = list(commit.token_ids)
+        self.link.on_commit(len(new), commit.service_s)
+        self.result.stale = commit.stale
+        self._record_round(commit.verified, commit.num_accepted, commit.service_s, commit.cost)
+        # the verifier never waits on the link in async mode: the round trip is not part of a step's cost
+        self.schedule.update(commit.verified, commit.num_accepted, draft_s=commit.verified * self.draft_s_per_token,
+                             service_s=commit.service_s, rtt_s=0.0)
+        self._committed(new, commit.finished, commit.finish_reason)
+
+    # --- records --------------------------------------------------------------------------------------------
+
+    def _record_round(self, verified: int, accepted: int, service_s: float, cost: pb.StepCost) -> None:
+        self.result.proposed_per_round.append(verified)
+        self.result.accepted_per_round.append(accepted)
+        record_cost(self.result, service_s, cost)
+
+    def _committed(self, new: list[int], finished: bool, reason: int) -> None:
+        """Record committed tokens; the session ends when the verifier finished it or on_commit asks to stop."""
+        self.committed.extend(new)
+        self.guess = self.guess[len(new) :] if self.guess[: len(new)] == new else []  # resync on a divergent commit
+        result = self.result
+        result.token_ids.extend(new)
+        result.record_chunk(time.perf_counter(), len(new))
+        if result.rounds == 0:
+            result.ttft_s = time.perf_counter() - self.start
+        result.rounds += 1
+        if finished:
+            result.finish_reason = codec.finish_from_proto(reason)
+        if self.on_commit is not None and self.on_commit(new) and not finished:
+            result.finish_reason = FINISH_STOP
+        self.finished = bool(result.finish_reason)
+
+    async def _stop(self) -> None:
+        """End the stream; a drafting job still running is waited for (a thread cannot be cancelled, and the
+        draft model must be free for the next request)."""
+        if self.reading is not None:
+            self.reading.cancel()
+        await self.stream.end()
+        if self.drafting is not None:
+            await asyncio.wait({self.drafting.task})
+
+
+def _expect(reply: pb.SpeculateReply, kind: str) -> None:
+    if reply.WhichOneof("kind") != kind:
+        raise VerifierError(f"session out of step: expected a {kind}, got {reply.WhichOneof('kind')}", "INTERNAL")

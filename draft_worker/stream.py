@@ -1,0 +1,119 @@
+"""The draft side's gRPC plumbing: one Speculate stream (open, send, read, end) and what each reply cost.
+
+Every session mode (draft_worker/loop.py) and verifier-only generation (client.py) go through here: the
+messages a client writes, the bytes they moved, the verifier's refusal mapped to a VerifierError that carries
+the verifier's own status code and message, and the cost records of every reply. Imports nothing else from
+draft_worker but transport, so nothing here can import back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from draft_worker.transport import ClientConfig, VerifierError
+from protos.specdec.v1 import specdec_pb2 as pb
+from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec import codec
+from specdec.config import SamplingParams
+from specdec.metrics import GenerationResult
+
+# a stream's call failed: a refusal, or the verifier ended the stream while this side was still writing
+CALL_ERRORS = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
+
+
+def open_request(client_model_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer_fingerprint: str,
+                 mode: int = pb.SPECULATION_MODE_LOCKSTEP, max_block: int = 0) -> pb.SpeculateRequest:
+    return pb.SpeculateRequest(
+        open=pb.OpenSession(prompt_ids=prompt_ids, params=codec.params_to_proto(params),
+                            tokenizer_fingerprint=tokenizer_fingerprint, client_model_id=client_model_id, mode=mode,
+                            max_block=max_block))
+
+
+def proposal_request(draft_ids: list[int], q, params: SamplingParams, dense_dtype: str, base_len: int | None = None,
+                     assumed_ids: list[int] = ()) -> pb.SpeculateRequest:
+    """A claim: `assumed_ids` (no q), then `draft_ids` with their q rows [len(draft_ids), vocab] when sampling."""
+    probs = codec.encode_probs(q, params, dense_dtype) if q is not None and len(draft_ids) else {}
+    return pb.SpeculateRequest(proposal=pb.Proposal(draft_ids=draft_ids, base_len=base_len, assumed_ids=assumed_ids,
+                                                    **probs))
+
+
+def record_opened(result: GenerationResult, reply: pb.SpeculateReply) -> None:
+    result.prefill_service_s += reply.opened.service_s
+    result.prefill_compute_s += reply.opened.cost.compute_s
+    result.verifier_compute_s += reply.opened.cost.share_s
+
+
+def record_cost(result: GenerationResult, service_s: float, cost: pb.StepCost) -> None:
+    """One reply's verifier time: service (queue + compute), the step's compute and batch, this request's share."""
+    result.service_s.append(service_s)
+    result.compute_s.append(cost.compute_s)
+    result.queue_s.append(cost.queue_s)
+    result.batch_size.append(cost.batch_sessions)
+    result.batch_tokens.append(cost.batch_tokens)
+    result.verifier_compute_s += cost.share_s
+
+
+async def refusal(call, exc: BaseException, what: str) -> VerifierError:
+    """The verifier's own status for a call that failed: the call's final status when it has one, which is
+    what the server sent even when the failure surfaced on a write, else the error's."""
+    code, details = (exc.code(), exc.details()) if isinstance(exc, grpc.aio.AioRpcError) else (None, str(exc))
+    try:
+        code, details = await asyncio.wait_for(call.code(), 5.0), await call.details()
+    except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+        pass
+    name = code.name if code is not None else "UNKNOWN"
+    return VerifierError(f"verifier refused the {what}: {name}: {details}", name)
+
+
+def timed(fn, *args):
+    """(fn(*args), seconds it took): drafting time measured in the drafting thread itself."""
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
+
+
+class SpeculateStream:
+    """One Speculate call, counting the bytes it moves into `result`."""
+
+    def __init__(self, stub: pb_grpc.VerifierStub, config: ClientConfig, result: GenerationResult):
+        self.call = stub.Speculate(timeout=config.timeout_s, metadata=config.metadata)
+        self.result = result
+
+    async def open(self, opening: pb.SpeculateRequest) -> None:
+        await self.call.write(opening)
+        self.result.bytes_sent += opening.ByteSize()
+
+    async def send(self, request: pb.SpeculateRequest) -> bool:
+        """Write a proposal; False when the verifier ended the stream meanwhile (its last reply, or a refusal:
+        reading tells which)."""
+        try:
+            await self.call.write(request)
+        except CALL_ERRORS:
+            return False
+        self.result.bytes_sent += request.ByteSize()
+        return True
+
+    async def read(self) -> pb.SpeculateReply:
+        reply = await self.call.read()
+        if reply is grpc.aio.EOF:
+            code = await self.call.code()
+            raise VerifierError(f"verifier ended the session early: {code.name}: {await self.call.details()}",
+                                code.name)
+        self.result.bytes_received += reply.ByteSize()
+        return reply
+
+    async def refusal(self, exc: BaseException) -> VerifierError:
+        return await refusal(self.call, exc, "session")
+
+    async def end(self) -> None:
+        """Half-close the stream once its result is in (or abandoned): the verifier, which keeps the stream
+        open until then, ends it with OK. Not waited for; a write that raced the verifier's end is harmless,
+        since the verifier never ends a stream before the client says it is done writing (or a short bound
+        passes)."""
+        if not self.call.done():
+            try:
+                await self.call.done_writing()
+            except CALL_ERRORS:
+                self.call.cancel()
