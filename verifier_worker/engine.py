@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.config import SamplingParams
+from specdec.config import MAX_GAMMA, SamplingParams
 from specdec.sampling import verify_batch
 from verifier_worker.backends import Backend, as_backend
 from verifier_worker.kv import Row
@@ -144,7 +144,7 @@ class Engine:
         self.busy_s = 0.0
 
     # ------------------------------------------------------------------------------ sessions and work
-    def open(self, prompt_ids: list[int], params: SamplingParams, client: str = "", max_block: int = 16) -> VerifierSession:
+    def open(self, prompt_ids: list[int], params: SamplingParams, client: str = "", max_block: int = MAX_GAMMA) -> VerifierSession:
         """A new session; `max_block`: most `ahead` draft tokens one of its decoding steps verifies (async).
         Its KV handle comes from the backend (backends.py), the only place one is made."""
         session = VerifierSession(prompt_ids, params, self.backend.new_kv(), client, self.device, max_block)

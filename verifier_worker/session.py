@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.config import FINISH_LENGTH, FINISH_STOP, SamplingParams
+from specdec.config import FINISH_LENGTH, FINISH_STOP, MAX_GAMMA, SamplingParams
 from specdec.sampling import make_generator
 from verifier_worker.kv import SessionKV
 
@@ -66,7 +66,7 @@ class VerifierSession:
     """Invariant: the KV cache holds every committed token but the last, which opens the next block."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, kv: SessionKV, client: str = "",
-                 device: torch.device | str = "cpu", max_block: int = 16):
+                 device: torch.device | str = "cpu", max_block: int = MAX_GAMMA):
         assert prompt_ids, "a session needs a prompt"
         self.client = client  # the peer address that opened it, for the server's per-client limit
         self.kv = kv  # empty; the engine's model side made it

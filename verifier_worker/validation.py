@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
-from specdec.config import SamplingParams, VerifierLimits
+from specdec.config import SamplingParams, VerifierLimits, lookahead
 from verifier_worker.session import Claim
 
 SPARE_RPCS = 16  # calls beyond max_sessions (Info, health, refusals) the server takes at once
@@ -96,7 +96,7 @@ def check_open(prompt_ids, params_msg: pb.SamplingParams, limits: VerifierLimits
 
 def max_assumed(limits: VerifierLimits) -> int:
     """Most `assumed_ids` a proposal may carry: the drafts of the blocks it follows, plus a guessed bonus token."""
-    return 2 * limits.max_gamma + 1
+    return lookahead(limits.max_gamma)
 
 
 def check_proposal(proposal: pb.Proposal, params: SamplingParams, limits: VerifierLimits, vocab_size: int) -> Claim:
