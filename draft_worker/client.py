@@ -68,7 +68,7 @@ async def speculate(
         await once(stub, drafter, prompt_ids, params, gamma, schedule, info, config, tokenizer_fingerprint, result,
                    on_commit)
 
-    return await with_recovery(attempt, prompt_ids, params, config)
+    return await with_recovery(attempt, prompt_ids, params, config, route=stub)  # a router.Route: one replica per attempt
 
 
 def open_request(drafter: Drafter, prompt_ids: list[int], params: SamplingParams, tokenizer_fingerprint: str,
@@ -216,7 +216,7 @@ async def generate_baseline(
     async def attempt(prompt_ids, params, config, result):
         await _generate_once(stub, prompt_ids, params, config, result, on_commit)
 
-    return await with_recovery(attempt, prompt_ids, params, config)
+    return await with_recovery(attempt, prompt_ids, params, config, route=stub)  # as in speculate
 
 
 async def _generate_once(stub, prompt_ids: list[int], params: SamplingParams, config: ClientConfig,
