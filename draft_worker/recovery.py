@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from draft_worker.router import Route
+from draft_worker.router import NoReplica, Route
 from draft_worker.transport import ClientConfig, VerifierError
 from specdec.config import SamplingParams
 from specdec.metrics import GenerationResult
@@ -43,6 +43,7 @@ async def with_recovery(attempt: Attempt, prompt_ids: list[int], params: Samplin
     deadline = start + config.timeout_s
     delays = config.backoff.delays()
     gone_since = None  # when the verifier first went away
+    went_away = None  # the last error from a replica itself (not "none is serving")
     while True:
         left = params.max_new_tokens - result.new_tokens
         if left <= 0:  # everything was committed before the verifier went away
@@ -57,12 +58,13 @@ async def with_recovery(attempt: Attempt, prompt_ids: list[int], params: Samplin
         except VerifierError as exc:
             if route is not None:
                 route.release(failed=exc.code in RETRYABLE)
+            went_away = went_away if isinstance(exc, NoReplica) else exc
             delay, now = next(delays), time.perf_counter()
             gone_since = gone_since or now
             give_up = deadline if config.reconnect_s is None else min(deadline, gone_since + config.reconnect_s)
             if exc.code not in RETRYABLE or now + delay >= give_up:
                 if route is not None and exc.code in RETRYABLE:
-                    raise VerifierError(f"{exc} (gave up after {now - start:.1f} s; verifier replicas tried: "
+                    raise VerifierError(f"{went_away or exc} (gave up after {now - start:.1f} s; verifier replicas tried: "
                                         f"{', '.join(dict.fromkeys(route.tried)) or 'none'} of "
                                         f"{', '.join(route.router.addresses)})", exc.code) from None
                 raise

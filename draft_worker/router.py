@@ -31,6 +31,10 @@ from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
+class NoReplica(VerifierError):
+    """Every replica of the pool is down or draining (code UNAVAILABLE: a later try may find one)."""
+
+
 def parse_addresses(values: str | list[str] | tuple[str, ...] | None) -> list[str]:
     """HOST:PORT list from 'a:1,b:2', a list of such strings (a flag given several times), or None -> [].
     ValueError for an entry that is not HOST:PORT or a repeated one."""
@@ -202,8 +206,8 @@ class Route:
         if self.replica is None or self._failed is self.replica:
             replica = self.router.pick(avoid=self._failed)
             if replica is None:
-                raise VerifierError(f"no verifier replica is serving (addresses: {', '.join(self.router.addresses)})",
-                                    "UNAVAILABLE")
+                raise NoReplica(f"UNAVAILABLE: no verifier replica is serving (addresses: "
+                                f"{', '.join(self.router.addresses)})", "UNAVAILABLE")
             self.replica = replica
             replica.routed += 1
         self.replica.open += 1
