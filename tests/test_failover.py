@@ -29,13 +29,23 @@ CONFIG = ClientConfig(timeout_s=60, backoff=Backoff(initial_s=0.05, max_s=0.5), 
 PROMPT = "Insulin is a peptide hormone produced by the beta cells"
 
 
-@pytest.fixture
-def pair(tiny_dirs):
-    """Two tiny verifier processes -> {address: VerifierProcess}; stopped at teardown."""
-    procs = [start_verifier(str(tiny_dirs[1]), "fp32", "cpu", env={**ENV, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
-    yield {p.address: p for p in procs}
+@pytest.fixture(scope="module")
+def processes(tiny_dirs):
+    """The module's two verifier slots; a test that kills one gets it replaced before the next test."""
+    procs: list = [None, None]
+    yield procs
     for p in procs:
-        p.stop()
+        if p is not None:
+            p.stop()
+
+
+@pytest.fixture
+def pair(processes, tiny_dirs):
+    """Two live tiny verifier processes -> {address: VerifierProcess}."""
+    for i, p in enumerate(processes):
+        if p is None or p.proc.poll() is not None:
+            processes[i] = start_verifier(str(tiny_dirs[1]), "fp32", "cpu", env={**ENV, "OMP_NUM_THREADS": "1"})
+    return {p.address: p for p in processes}
 
 
 def kill_busy(router: Router, procs: dict, everything: bool = False) -> list[str]:
@@ -123,7 +133,7 @@ def test_a_ray_pool_of_two_serves_a_bench_run(tiny_dirs, pubmedqa_path, tmp_path
         "verifier": {"model": str(verifier), "dtype": "fp32", "device": "cpu", "threads": 1, "replicas": 2},
         "drafts": [{"name": "ngram", "kind": "ngram", "gamma": 3}],
         "max_new_tokens": 8,
-        "dataset": {"source": str(pubmedqa_path), "num_prompts": 4, "max_prompt_tokens": 100},
+        "dataset": {"source": str(pubmedqa_path), "num_prompts": 4, "max_prompt_tokens": 200},
         "concurrency": {"draft_workers": 1, "sessions_per_worker": 2, "draft_threads": 1},
         "ray": {"num_cpus": 2},
     }
