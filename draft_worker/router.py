@@ -233,6 +233,3 @@ class Route:
 
     def Generate(self, *args, **kwargs):  # noqa: N802
         return self.replica.stub.Generate(*args, **kwargs)
-
-    def Info(self, *args, **kwargs):  # noqa: N802
-        return (self.replica or self.router.replicas[0]).stub.Info(*args, **kwargs)
