@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import signal
 import statistics
@@ -65,6 +66,8 @@ async def main(args) -> None:
                         if repeat:  # the first round warms up
                             arm = f"{'ngram' if spec else 'verifier-only'} {name}"
                             rates.setdefault(arm, []).append(sum(len(r.token_ids) for r in results) / wall)
+                            spread = collections.Counter(r.replicas[-1] for r in results)
+                            print(f"sessions={sessions} {arm}: sessions per replica {dict(spread)}", flush=True)
             for arm, values in rates.items():
                 print(f"sessions={sessions} {arm}: {statistics.median(values):.2f} tok/s (runs: "
                       f"{', '.join(f'{v:.2f}' for v in values)})", flush=True)
@@ -81,17 +84,21 @@ async def main(args) -> None:
 async def kill_run(verifiers, prompts: list[list[int]], params: SamplingParams) -> None:
     pool = [v.address for v in verifiers]
     wall, expected = await run_arm(pool, prompts, params, spec=False)
-    committed, victim = [0], verifiers[-1]
+    _, again = await run_arm(pool, prompts, params, spec=False)  # how deterministic is the pool without a kill?
+    committed, at_kill, victim = [0], [0], verifiers[-1]
 
     def on_commit(ids):
         committed[0] += len(ids)
         if committed[0] >= len(prompts) * params.max_new_tokens // 4 and victim.proc.poll() is None:
             os.kill(victim.proc.pid, signal.SIGKILL)
+            at_kill[0] = committed[0]
 
     killed_wall, results = await run_arm(pool, prompts, params, spec=False, on_commit=on_commit)
     same = sum(r.token_ids == e.token_ids for r, e in zip(results, expected))
     moved = sum(len(set(r.replicas)) > 1 for r in results)
-    print(f"kill -9 {victim.address} after {committed[0]} tokens committed... {len(results)}/{len(prompts)} "
+    repeatable = sum(a.token_ids == e.token_ids for a, e in zip(again, expected))
+    print(f"without a kill, a second run repeats {repeatable}/{len(prompts)} outputs exactly", flush=True)
+    print(f"kill -9 {victim.address} after {at_kill[0]} tokens committed: {len(results)}/{len(prompts)} "
           f"requests finished, {same} identical to the run without the kill, {moved} moved replica, "
           f"{sum(r.new_tokens for r in results)} tokens (expected {sum(e.new_tokens for e in expected)}); "
           f"wall {killed_wall:.1f} s vs {wall:.1f} s: {killed_wall - wall:+.1f} s lost", flush=True)
