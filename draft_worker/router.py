@@ -66,6 +66,8 @@ class Replica:
     open: int = 0  # sessions of this router on it now
     total: int = 0  # sessions this router ever sent it (opens and re-opens)
     info: pb.InfoReply | None = None
+    error: str = ""  # why the last check failed ("" when it answered)
+    code: str = ""  # that failure's gRPC status name
 
     @property
     def load(self) -> tuple[int, int]:
@@ -132,7 +134,8 @@ class Router:
             await self.poll()
             answered = [r for r in self.replicas if r.info is not None]
         if not answered:
-            raise VerifierError(f"no verifier replica answers: tried {', '.join(self.addresses)}", "UNAVAILABLE")
+            why = "; ".join(f"{r.address}: {r.error}" for r in self.replicas)
+            raise VerifierError(f"no verifier replica answers: {why}", self.replicas[0].code or "UNAVAILABLE")
         first = answered[0].info
         for replica in answered[1:]:
             if replica.info.tokenizer_fingerprint != first.tokenizer_fingerprint:
@@ -157,14 +160,16 @@ class Router:
             status = await replica.health.Check(health_pb2.HealthCheckRequest(), timeout=self.config.info_timeout_s)
             info = await fetch_info(replica.stub, self.config)
         except (grpc.aio.AioRpcError, VerifierError) as exc:
+            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else exc.code
+            error = f"{code}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             if replica.serving:
-                log.warning("verifier replica %s is down: %s", replica.address, exc)
-            replica.serving = False
+                log.warning("verifier replica %s is down: %s", replica.address, error)
+            replica.serving, replica.error, replica.code = False, error, code
             return
         serving = status.status == health_pb2.HealthCheckResponse.SERVING and not info.load.draining
         if serving != replica.serving:
             log.info("verifier replica %s %s", replica.address, "is serving" if serving else "drains")
-        replica.serving, replica.info = serving, info
+        replica.serving, replica.info, replica.error, replica.code = serving, info, "", ""
         replica.sessions, replica.queued_tokens = info.load.sessions, info.load.queued_tokens
         replica.routed = max(0, replica.routed - routed_before)
 
