@@ -193,7 +193,8 @@ class Router:
 
 @dataclass(eq=False)
 class Route:
-    """One request's place in the pool; a stand-in for its stub. Sticky: it changes replica only after `fail`."""
+    """One request's place in the pool; a stand-in for its stub. Sticky: it changes replica only after an
+    attempt ended with `release(failed=True)`."""
 
     router: Router
     replica: Replica | None = None
