@@ -64,7 +64,7 @@ async def speculate(
                                 info.vocab_size, tokenizer_fingerprint, on_commit)
         await session.run()
 
-    return await with_recovery(attempt, prompt_ids, params, config)
+    return await with_recovery(attempt, prompt_ids, params, config, route=stub)  # a router.Route: one replica per attempt
 
 
 async def generate_baseline(
@@ -77,7 +77,7 @@ async def generate_baseline(
     async def attempt(prompt_ids, params, config, result):
         await _generate_once(stub, prompt_ids, params, config, result, on_commit)
 
-    return await with_recovery(attempt, prompt_ids, params, config)
+    return await with_recovery(attempt, prompt_ids, params, config, route=stub)  # as in speculate
 
 
 async def _generate_once(stub, prompt_ids: list[int], params: SamplingParams, config: ClientConfig,

@@ -82,6 +82,7 @@ class ChatRequest(_Sampling):
 def create_app(service: DraftService, metrics: DraftMetrics | None = None) -> FastAPI:
     """The FastAPI app over one connected DraftService."""
     metrics = metrics or DraftMetrics()
+    metrics.watch_replicas(service.router)  # per-replica health, load and sessions (H5, issue 22)
     app = FastAPI(title="specdec draft endpoint")
     app.state.service, app.state.metrics = service, metrics
 

@@ -2,6 +2,8 @@
 
 Names follow Prometheus conventions (`specdec_draft_<what>_<unit>`, counters end in `_total`); the README
 lists them. Tokens are counted when a request ends, from the same GenerationResult its response reports.
+Per verifier replica (label `replica`, HOST:PORT): its health, its load as it last reported it, and the
+sessions this endpoint has open on it and ever sent it, read from the router when scraped.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -40,6 +43,12 @@ class DraftMetrics:
         self.request_seconds = Histogram("specdec_draft_request_seconds", "Generation time of a finished request",
                                          registry=r)
 
+    def watch_replicas(self, router) -> None:
+        """Report `router`'s replicas (draft_worker.router.Router) on every scrape."""
+        if not getattr(self, "_watching", False):
+            self.registry.register(_ReplicaCollector(router))
+            self._watching = True
+
     @contextlib.contextmanager
     def in_flight(self) -> Iterator[None]:
         self.requests_open.inc()
@@ -63,3 +72,28 @@ class DraftMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _ReplicaCollector:
+    """The router's view of each replica, read at scrape time (a prometheus_client custom collector)."""
+
+    def __init__(self, router):
+        self.router = router
+
+    def collect(self):
+        families = {
+            "serving": GaugeMetricFamily("specdec_draft_replica_up", "1 while the replica serves new sessions "
+                                         "(healthy, not draining)", labels=["replica"]),
+            "sessions": GaugeMetricFamily("specdec_draft_replica_load_sessions", "Open sessions the replica last reported "
+                                          "(all clients)", labels=["replica"]),
+            "queued_tokens": GaugeMetricFamily("specdec_draft_replica_load_queued_tokens", "Tokens waiting in the replica's "
+                                               "engine queue, as it last reported", labels=["replica"]),
+            "open": GaugeMetricFamily("specdec_draft_replica_sessions_open", "This endpoint's sessions open on the "
+                                      "replica", labels=["replica"]),
+            "total": CounterMetricFamily("specdec_draft_replica_sessions_routed", "Sessions this endpoint sent the replica "
+                                         "(opens and failover re-opens)", labels=["replica"]),
+        }
+        for replica in self.router.snapshot():
+            for key, family in families.items():
+                family.add_metric([replica["address"]], float(replica[key]))
+        yield from families.values()

@@ -1,9 +1,9 @@
-"""One draft side bound to one verifier: its channel, the verifier's Info, the prompt tokenizer and the draft
-model, loaded once and shared by every request (`specdec generate` makes one; `serve-draft` makes one for
-all its HTTP requests).
+"""One draft side bound to a verifier pool (one replica or several, through one router.Router): the pool's
+Info, the prompt tokenizer and the draft model, loaded once and shared by every request (`specdec generate`
+makes one; `serve-draft` makes one for all its HTTP requests).
 
 `connect` checks the pair (a shared tokenizer) before any request; `run` is one request through the single
-session loop (draft_worker/loop.py), speculative or verifier-only.
+session loop (draft_worker/loop.py), speculative or verifier-only, on the replica the router picks for it.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from draft_worker import client
 from draft_worker.drafters import AdaptiveGamma, DrafterSpec, DraftModels, build_drafter
-from draft_worker.transport import ClientConfig, check_pair, fetch_info
+from draft_worker.router import Router
+from draft_worker.transport import ClientConfig
 from protos.specdec.v1 import specdec_pb2 as pb
-from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec.config import DEFAULT_MODE, SamplingParams
 from specdec.metrics import GenerationResult
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DraftService:
-    stub: pb_grpc.VerifierStub
+    router: Router  # the verifier replicas; each request gets a route (a sticky replica) from it
     info: pb.InfoReply
     tokenizer: object  # encodes prompts and decodes output (the draft's, or the verifier's for ngram/baseline)
     fingerprint: str  # of that tokenizer
@@ -52,10 +52,11 @@ class DraftService:
     async def run(self, prompt_ids: list[int], params: SamplingParams,
                   on_commit: client.OnCommit | None = None) -> GenerationResult:
         """One request (VerifierError on a refusal, ValueError on a bad gamma)."""
+        route = self.router.route()
         if self.spec is None:
-            return await client.generate_baseline(self.stub, prompt_ids, params, self.config, on_commit)
+            return await client.generate_baseline(route, prompt_ids, params, self.config, on_commit)
         drafter = build_drafter(self.spec, self.draft_models, prompt_fingerprint=self.fingerprint)
-        return await client.speculate(self.stub, drafter, prompt_ids, params, gamma_schedule(self.gamma), self.info,
+        return await client.speculate(route, drafter, prompt_ids, params, gamma_schedule(self.gamma), self.info,
                                       self.config, drafter.fingerprint, on_commit, mode=self.mode)
 
 
@@ -71,14 +72,14 @@ def gamma_schedule(gamma: int | str):
     return int(gamma)
 
 
-async def connect(channel, spec: DrafterSpec | None, config: ClientConfig, gamma: int | str = 4,
+async def connect(router: Router, spec: DrafterSpec | None, config: ClientConfig, gamma: int | str = 4,
                   tokenizer_source: str | None = None, mode: str = DEFAULT_MODE) -> DraftService:
-    """Fetch the verifier's Info, load the draft model (off the event loop) and the prompt tokenizer, and check
-    they share the verifier's tokenizer. Raises VerifierError (unreachable, mismatch) or a load error."""
+    """Fetch the pool's Info, load the draft model (off the event loop) and the prompt tokenizer, and check
+    they share the verifier's tokenizer (every replica's). Raises VerifierError (unreachable, mismatch) or a
+    load error."""
     from specdec import models
 
-    stub = pb_grpc.VerifierStub(channel)
-    info = await fetch_info(stub, config)
+    info = await router.info()
     draft_models = DraftModels()
     if spec is not None and spec.kind == "lm":
         source = spec.model
@@ -87,5 +88,5 @@ async def connect(channel, spec: DrafterSpec | None, config: ClientConfig, gamma
         source = tokenizer_source or info.model_id
         tokenizer = await asyncio.to_thread(models.load_tokenizer, source)
     fingerprint = models.tokenizer_fingerprint(tokenizer)
-    check_pair(info, source, fingerprint)
-    return DraftService(stub, info, tokenizer, fingerprint, spec, gamma, config, draft_models, mode)
+    await router.info(source, fingerprint)
+    return DraftService(router, info, tokenizer, fingerprint, spec, gamma, config, draft_models, mode)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from orchestrator.checks import BenchError, check_limits, check_resume
 from orchestrator.config import BenchConfig, RunSpec, expand
+from orchestrator import pool
 from orchestrator.placement import pin_cores
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ def _init_ray(config: BenchConfig) -> bool:
             ray.init(address=config.ray.address, log_to_driver=False)
         else:
             ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=False,
-                     resources={"draft": config.concurrency.draft_workers, "verifier": 1})
+                     resources={"draft": config.concurrency.draft_workers, "verifier": config.verifier.replicas})
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise BenchError(f"cannot start or join Ray ({config.ray.address or 'local'}): {exc}") from None
     return True
@@ -255,7 +256,6 @@ async def _start_verifier(config: BenchConfig, client_config, cpus: list[int] | 
     """A VerifierActor on the node with the `verifier` resource; -> (actor, its HOST:PORT)."""
     from orchestrator.workers import VerifierActor
 
-    _need("verifier", 1, "start the verifier's Ray node with --resources '{\"verifier\": 1}' or pass --verifier HOST:PORT")
     v = config.verifier
     actor = VerifierActor.options(resources={"verifier": 1}, num_gpus=v.num_gpus).remote(
         v.model, v.dtype, v.device, local=config.ray.address is None, threads=v.threads,
@@ -264,17 +264,6 @@ async def _start_verifier(config: BenchConfig, client_config, cpus: list[int] | 
         return actor, await actor.address.remote()
     except Exception as exc:  # noqa: BLE001 - the model failed to load, or the port to bind
         raise BenchError(f"cannot start the verifier: {_error_text(exc)}") from None
-
-
-async def _fetch_info(address: str, client_config):
-    from draft_worker.transport import VerifierError, fetch_info, open_channel
-    from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
-
-    async with open_channel(address, client_config) as channel:
-        try:
-            return await fetch_info(pb_grpc.VerifierStub(channel), dataclasses.replace(client_config, info_timeout_s=15))
-        except VerifierError as exc:
-            raise BenchError(f"cannot reach the verifier at {address}: {exc}") from None
 
 
 def _prompt_tokenizer(config: BenchConfig, info) -> tuple:
@@ -337,7 +326,7 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
     items = load_items(config)
     client_config = _client_config(config)
     owns_ray = _init_ray(config)
-    verifier_actor, workers, writer = None, [], None
+    verifier_actors, workers, writer = [], [], None
     try:
         _need("draft", config.concurrency.draft_workers,
               "give draft nodes the resource (ray start --resources '{\"draft\": N}') or lower concurrency.draft_workers")
@@ -347,10 +336,11 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
             raise BenchError(str(exc)) from None
         if verifier_cpus:
             log.warning("cores: verifier %s, draft workers %s (cpus: shared turns pinning off)", verifier_cpus, draft_cpus)
-        address = config.verifier.address
-        if address is None:
-            verifier_actor, address = await _start_verifier(config, client_config, verifier_cpus)
-        info = await _fetch_info(address, client_config)
+        addresses = pool.configured(config)  # running replicas, or a pool of verifier.replicas started here
+        if not addresses:
+            verifier_actors, addresses = await pool.start(
+                config, lambda cpus: _start_verifier(config, client_config, cpus), verifier_cpus)
+        info = await pool.info(addresses, client_config)
         check_limits(config, specs, info.limits)
         tokenizer, fingerprint = _prompt_tokenizer(config, info)
         limit = min(info.limits.max_prompt_tokens, config.dataset.max_prompt_tokens or info.limits.max_prompt_tokens)
@@ -358,12 +348,12 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
         stop_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
 
         n = config.concurrency.draft_workers
-        workers = [DraftWorker.options(resources={"draft": 1}).remote(address, client_config, config.concurrency.draft_threads,
+        workers = [DraftWorker.options(resources={"draft": 1}).remote(addresses, client_config, config.concurrency.draft_threads,
                                                                       draft_cpus) for _ in range(n)]
         await _prepare_drafts(specs, workers)
         out.mkdir(parents=True, exist_ok=True)
         run_info = {
-            "config": dataclasses.asdict(config), "configurations": [s.name for s in specs], "verifier_address": address,
+            "config": dataclasses.asdict(config), "configurations": [s.name for s in specs], "verifier_addresses": addresses,
             "verifier": {"model_id": info.model_id, "dtype": info.dtype, "device": info.device},
             "prompts": len(prompts), "prompts_truncated": sum(p.truncated for p in prompts),
             "cpus": {"verifier": verifier_cpus, "draft": draft_cpus},
@@ -386,10 +376,6 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
                 await asyncio.wait_for(w.close.remote(), 10)
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 pass
-        if verifier_actor is not None:
-            try:
-                await asyncio.wait_for(verifier_actor.stop.remote(), 60)
-            except Exception:  # noqa: BLE001
-                pass
+        await pool.stop(verifier_actors)
         if owns_ray:
             ray.shutdown()

@@ -25,7 +25,9 @@ def _add_serve(sub) -> None:
 
 def _add_drafting(p, baseline: bool) -> None:
     """The flags `generate` and `serve-draft` share: which verifier, which drafter, how it drafts, security."""
-    p.add_argument("--verifier", required=True, metavar="HOST:PORT")
+    p.add_argument("--verifier", required=True, action="append", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the verifier, or several replicas (comma-separated or the flag repeated): each request goes "
+                        "to the least-loaded healthy one and moves to another only if its replica goes away")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--draft", metavar="MODEL", help="LM drafter: Hub id, folder, .gguf or offline: alias")
     mode.add_argument("--drafter", choices=["ngram", "suffix"], help="a drafter that needs no model: ngram (prompt "
@@ -117,7 +119,8 @@ def _add_make_certs(sub) -> None:
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the baseline and speculative configurations on PubMedQA over Ray")
     p.add_argument("--config", type=pathlib.Path, help="run config YAML (default: the embedded one; see configs/)")
-    p.add_argument("--verifier", metavar="HOST:PORT", help="use a running verifier instead of starting one")
+    p.add_argument("--verifier", action="append", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="use running verifier replicas (comma-separated or repeated) instead of starting them")
     p.add_argument("--ray-address", help="join a Ray cluster ('auto', HOST:PORT or ray://...) instead of a local Ray")
     p.add_argument("--dataset", metavar="SOURCE", help="'hub', 'env' ($SPECDEC_PUBMEDQA) or a PubMedQA file path")
     p.add_argument("--prompts", type=int, help="number of PubMedQA prompts")
@@ -179,15 +182,24 @@ def _drafter_spec(args):
                        suffix_min_prob=args.suffix_min_prob)
 
 
-async def connect_or_explain(channel, address: str, spec, config, args):
+def verifier_router(args, config):
+    """A router.Router over the --verifier replicas (enter it with `async with`); a bad address is one line."""
+    from draft_worker.router import Router, parse_addresses
+
+    with user_errors("--verifier", ValueError):
+        return Router(parse_addresses(args.verifier), config)
+
+
+async def connect_or_explain(router, spec, config, args):
     """draft_worker.service.connect with the drafting flags in args, its failures as one line: unreachable, a model
     that does not load, a mismatch."""
     from draft_worker.service import connect
     from draft_worker.transport import VerifierError
 
     try:
-        return await connect(channel, spec, config, args.gamma, args.tokenizer, args.mode)
+        return await connect(router, spec, config, args.gamma, args.tokenizer, args.mode)
     except VerifierError as exc:
+        address = ",".join(router.addresses)
         raise UserError(f"cannot reach the verifier at {address}: {exc}" if exc.code else str(exc)) from exc
     except LOAD_ERRORS as exc:
         raise UserError(f"cannot load {(spec and spec.model) or args.tokenizer or 'the verifier tokenizer'!r}: {exc}") from exc
@@ -200,8 +212,8 @@ async def _generate(args) -> dict:
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
     config = client_config(args, args.timeout)
     spec = _drafter_spec(args)
-    async with transport.open_channel(args.verifier, config) as channel:
-        service = await connect_or_explain(channel, args.verifier, spec, config, args)
+    async with verifier_router(args, config) as router:
+        service = await connect_or_explain(router, spec, config, args)
         with user_errors("invalid request", ValueError):
             params = service.params(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                                     args.ignore_eos)
@@ -221,15 +233,15 @@ async def _generate(args) -> dict:
 
 
 async def _serve_draft(args) -> None:
-    from draft_worker import http, transport
+    from draft_worker import http
     from specdec.tls import is_loopback
 
     if not is_loopback(args.host):
         logging.getLogger("specdec").warning("serve-draft on %s: the HTTP endpoint has no authentication; anyone who "
                                              "can reach it can generate through your verifier", args.host)
     config = client_config(args, args.timeout)
-    async with transport.open_channel(args.verifier, config) as channel:
-        service = await connect_or_explain(channel, args.verifier, _drafter_spec(args), config, args)
+    async with verifier_router(args, config) as router:
+        service = await connect_or_explain(router, _drafter_spec(args), config, args)
         with user_errors(f"cannot listen on {args.host}:{args.port}", OSError):
             await http.serve(service, args.host, args.port)
 
@@ -251,7 +263,7 @@ def _bench(args) -> dict:
     try:
         cfg = bench_config.load(args.config)
         cfg = bench_config.override(cfg, **{
-            "verifier.address": args.verifier, "ray.address": args.ray_address, "dataset.source": args.dataset,
+            "verifier.address": _sweep(args.verifier), "ray.address": args.ray_address, "dataset.source": args.dataset,
             "dataset.num_prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "rtt_ms": _sweep(args.emulate_rtt_ms),
             "mode": _sweep(args.mode),
             "concurrency.draft_workers": args.draft_workers, "concurrency.sessions_per_worker": args.sessions_per_worker,

@@ -56,8 +56,10 @@ class VerifierConfig:
     model: str = "offline:qwen2.5-coder-1.5b-instruct"  # Hub id, folder, .gguf or offline: alias
     dtype: str = "bf16"
     device: str = "auto"  # cpu | cuda[:N] | mps | auto
-    address: str | None = None  # HOST:PORT of a running verifier; None = start one as a Ray actor
-    num_gpus: float = 0  # GPUs the verifier actor asks Ray for (its node needs the `verifier` resource too)
+    # HOST:PORT of a running verifier, or several replicas ("a:1,b:2" or a list); None = start them as Ray actors
+    address: str | list[str] | None = None
+    replicas: int = Field(1, ge=1)  # Ray-started verifiers: each an actor with its own num_gpus and `verifier` resource
+    num_gpus: float = 0  # GPUs each verifier actor asks Ray for (its node needs the `verifier` resource too)
     threads: int | None = Field(None, ge=1)  # CPU threads for torch; None = all of its node's cores
 
 
@@ -284,6 +286,15 @@ def from_dict(data: dict) -> BenchConfig:
         raise ConfigError("security: server_cert and server_key go together")
     if sec.server_cert and not (sec.tls or sec.tls_ca):
         raise ConfigError("security.server_cert makes the verifier speak TLS: set security.tls_ca (or tls: true) for the clients")
+    if config.verifier.address is not None:
+        from draft_worker.router import parse_addresses
+
+        try:
+            parse_addresses(config.verifier.address)
+        except ValueError as exc:
+            raise ConfigError(f"verifier.address: {exc}") from None
+        if config.verifier.replicas > 1:
+            raise ConfigError("verifier.replicas starts a Ray pool; with verifier.address list the running replicas instead")
     expand(config)  # names must be unique
     return config
 

@@ -333,7 +333,7 @@ def compact(summary: pd.DataFrame, run_dir: pathlib.Path) -> dict:
 def render(run_dir: str | pathlib.Path) -> tuple[str, dict]:
     """Write summary.csv/.json/.md, mode_winners.csv (when modes were swept) and the plots into run_dir;
     returns (markdown tables, compact summary)."""
-    from orchestrator import plots
+    from orchestrator import plots, pool
 
     run_dir = pathlib.Path(run_dir)
     run = json.loads((run_dir / "run.json").read_text())
@@ -352,4 +352,9 @@ def render(run_dir: str | pathlib.Path) -> tuple[str, dict]:
         tables += "\n\nWhich mode won, per RTT (tok/s p50):\n\n" + markdown_table(winners, WINNER_COLUMNS)
     (run_dir / "summary.md").write_text(tables + "\n")
     plots.render_all(summary, run_dir)
-    return tables, compact(summary, run_dir)
+    out = compact(summary, run_dir)
+    replicas = pool.replica_rows(read_records(run_dir / "requests.jsonl"))  # where each session ran (pool.py)
+    if len({r["replica"] for r in replicas}) > 1:
+        out["replicas"] = replicas
+        tables += "\n\nVerifier replicas:\n\n" + markdown_table(pd.DataFrame(replicas), {k: k for k in replicas[0]})
+    return tables, out

@@ -1,17 +1,17 @@
 """Ray actors of the benchmark: draft workers (placed by the custom resource `draft`) and the verifier.
 
-A DraftWorker holds its draft models (loaded on its own node, never on the driver) and one gRPC channel
-per emulated RTT (through a DelayProxy when the RTT is > 0), and runs one request per `run` call: the
-verifier-only baseline or a speculative session. It gets the client config (deadline, token, TLS bytes)
-once, when it is created.
+A DraftWorker holds its draft models (loaded on its own node, never on the driver) and, per emulated RTT,
+one router over the verifier replicas (each dialled through a DelayProxy when the RTT is > 0), and runs one
+request per `run` call, on the replica its router picks: the verifier-only baseline or a speculative
+session. It gets the client config (deadline, token, TLS bytes) once, when it is created.
 The VerifierActor starts `specdec serve-verifier` on its node (the `verifier` resource, plus GPUs when
-asked) and hands back the address. The same code runs on one machine and on a `ray up` cluster.
+asked) and hands back the address; a pool is several of them (orchestrator/pool.py). The same code runs
+on one machine and on a `ray up` cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import socket
 import time
@@ -34,7 +34,7 @@ class Job:
 
 @ray.remote(num_cpus=0, max_restarts=2)
 class DraftWorker:
-    def __init__(self, verifier_address: str, config: ClientConfig, threads: int | None = None,
+    def __init__(self, verifier_addresses: list[str], config: ClientConfig, threads: int | None = None,
                  cpus: list[int] | None = None):
         import torch
 
@@ -43,40 +43,38 @@ class DraftWorker:
         if cpus:  # a local run emulating two machines: this worker gets its own cores
             os.sched_setaffinity(0, cpus)
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))  # Ray sets OMP_NUM_THREADS=1 in its workers
-        self.verifier_address = verifier_address
+        self.verifier_addresses = verifier_addresses  # the replicas of the pool
         self.config = config  # deadline, token and TLS material (bytes, so no file needs to exist on this node)
         self._draft_models = DraftModels()
-        self._channels: dict[float, tuple] = {}  # rtt_ms -> (proxy | None, channel, stub)
+        self._routers: dict[float, tuple] = {}  # rtt_ms -> (proxies, router)
         self._info = None  # the verifier's InfoReply, fetched once
         self._lock = asyncio.Lock()
 
     def where(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
-    async def _stub(self, rtt_ms: float):
-        async with self._lock:  # concurrent first calls must not each open a proxy and a channel
-            if rtt_ms not in self._channels:
-                self._channels[rtt_ms] = await self._open(rtt_ms)
-        return self._channels[rtt_ms][2]
+    async def _router(self, rtt_ms: float):
+        async with self._lock:  # concurrent first calls must not each open proxies and channels
+            if rtt_ms not in self._routers:
+                self._routers[rtt_ms] = await self._open(rtt_ms)
+        return self._routers[rtt_ms][1]
 
     async def _open(self, rtt_ms: float) -> tuple:
-        """(delay proxy or None, channel, stub) for one emulated RTT."""
+        """(delay proxies, started router over the replicas) for one emulated RTT."""
         from draft_worker.delay import DelayProxy
-        from draft_worker.transport import open_channel
-        from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
+        from draft_worker.router import Router
 
-        config = self.config
-        proxy = await DelayProxy(self.verifier_address, rtt_ms).start() if rtt_ms > 0 else None
-        if proxy and config.secure and not config.tls_server_name:  # the cert names the verifier, not the proxy
-            config = dataclasses.replace(config, tls_server_name=self.verifier_address.rpartition(":")[0].strip("[]"))
-        channel = open_channel(proxy.address if proxy else self.verifier_address, config)
-        return proxy, channel, pb_grpc.VerifierStub(channel)
+        proxies = {a: await DelayProxy(a, rtt_ms).start() for a in self.verifier_addresses} if rtt_ms > 0 else {}
+        router = Router(self.verifier_addresses, self.config, dial={a: p.address for a, p in proxies.items()})
+        return list(proxies.values()), await router.__aenter__()
 
-    async def _verifier_info(self, stub):
-        from draft_worker.transport import fetch_info
-
-        self._info = self._info or await fetch_info(stub, self.config)
+    async def _verifier_info(self, router):
+        self._info = self._info or await router.info()
         return self._info
+
+    def replicas(self) -> list[dict]:
+        """Each replica's health and load and this worker's sessions on it (router.Router.snapshot), per RTT."""
+        return [{"rtt_ms": rtt, **r} for rtt, (_, router) in self._routers.items() for r in router.snapshot()]
 
     async def prepare(self, spec: RunSpec) -> str:
         """Load spec's draft model on this node and check it shares the verifier's tokenizer (VerifierError if
@@ -84,7 +82,7 @@ class DraftWorker:
         from draft_worker.transport import check_pair
 
         loaded = await asyncio.to_thread(self._draft_models.load, spec.drafter_spec)
-        check_pair(await self._verifier_info(await self._stub(0.0)), spec.model, loaded.fingerprint)
+        check_pair(await self._verifier_info(await self._router(0.0)), spec.model, loaded.fingerprint)
         return loaded.fingerprint
 
     async def run(self, job: Job) -> dict:
@@ -93,23 +91,23 @@ class DraftWorker:
         from draft_worker.drafters import build_drafter
         from draft_worker.service import gamma_schedule
 
-        stub = await self._stub(job.spec.rtt_ms)
+        router = await self._router(job.spec.rtt_ms)
         started_at = time.time()
         if job.spec.drafter == "baseline":
-            result = await client.generate_baseline(stub, job.prompt_ids, job.params, self.config)
+            result = await client.generate_baseline(router.route(), job.prompt_ids, job.params, self.config)
         else:
-            info = await self._verifier_info(stub)
+            info = await self._verifier_info(router)
             drafter = build_drafter(job.spec.drafter_spec, self._draft_models, job.prompt_fingerprint)
-            result = await client.speculate(stub, drafter, job.prompt_ids, job.params, gamma_schedule(job.spec.gamma),
+            result = await client.speculate(router.route(), drafter, job.prompt_ids, job.params, gamma_schedule(job.spec.gamma),
                                             info, self.config, drafter.fingerprint, mode=job.spec.mode)
         return {**result.to_dict(), "started_at": started_at, "finished_at": time.time(), "worker": self.where()}
 
     async def close(self) -> None:
-        for proxy, channel, _ in self._channels.values():
-            await channel.close()
-            if proxy:
+        for proxies, router in self._routers.values():
+            await router.close()
+            for proxy in proxies:
                 await proxy.close()
-        self._channels.clear()
+        self._routers.clear()
 
 
 @ray.remote(num_cpus=0)

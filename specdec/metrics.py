@@ -36,6 +36,7 @@ class GenerationResult:
     bytes_sent: int = 0  # protobuf payload bytes, client -> verifier
     bytes_received: int = 0
     reconnects: int = 0  # times the client re-opened the request after the verifier went away
+    replicas: list[str] = field(default_factory=list)  # the verifier replica (HOST:PORT) of each attempt, in order
     mode: str = "lockstep"  # specdec.config.SPEC_MODES; async rounds are engine steps, one commit each
     # one entry per proposal sent, in every mode: the schedule's gamma it was drafted at (its draft may be shorter:
     # cut by max_new_tokens or async's look-ahead, a drafter that found fewer, positions committed meanwhile)

@@ -10,6 +10,7 @@ import pytest
 
 from draft_worker import client
 from draft_worker.drafters import AdaptiveGamma, DrafterSpec, DraftModels
+from draft_worker.router import Router
 from draft_worker.service import DraftService, gamma_schedule
 from orchestrator import cli, report
 from orchestrator import config as bench_config
@@ -131,7 +132,7 @@ async def test_the_draft_service_passes_its_mode_and_a_fresh_gamma_schedule(monk
         return GenerationResult(token_ids=[])
 
     monkeypatch.setattr(client, "speculate", speculate)
-    service = DraftService(None, pb.InfoReply(), None, "fp", DrafterSpec(kind="ngram"), "adaptive",
+    service = DraftService(Router(["127.0.0.1:1"]), pb.InfoReply(), None, "fp", DrafterSpec(kind="ngram"), "adaptive",
                            client.ClientConfig(), DraftModels(), mode="ahead")
     await service.run([1, 2], SamplingParams())
     await service.run([1, 2], SamplingParams())

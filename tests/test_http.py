@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from draft_worker import http, transport
 from draft_worker.drafters import DrafterSpec
+from draft_worker.router import Router
 from draft_worker.service import connect
 from orchestrator import cli
 from specdec import models
@@ -40,7 +41,7 @@ async def endpoint(start_verifier, tiny_dirs, target):
         fingerprint = models.tokenizer_fingerprint(models.load_tokenizer(str(verifier_dir)))
         verifier = await start_verifier(target, vocab_size=models.model_vocab_size(target), fingerprint=fingerprint,
                                         limits=limits)
-        channel = transport.open_channel(verifier.address)
+        channel = Router([verifier.address])  # a pool of one (closed like the channel it replaced)
         spec = DrafterSpec(kind="lm", model=str(draft), dtype="fp32")
         service = await connect(channel, spec, transport.ClientConfig(timeout_s=60, reconnect_s=0.5), 3, str(verifier_dir))
         server, task, port = await http.start(service, "127.0.0.1", 0)

@@ -189,6 +189,10 @@ class Engine:
             busy_s=self.busy_s,
         )
 
+    def queued_tokens(self) -> int:
+        """Tokens waiting for a step (prefill rests and blocks): the load a router balances on (InfoReply.load)."""
+        return sum(len(work.tokens) for work in self._queue)
+
     def _future(self) -> asyncio.Future:
         return asyncio.get_running_loop().create_future()
 

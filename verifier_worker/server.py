@@ -103,6 +103,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 max_batch_tokens=lim.max_batch_tokens,
             ),
             server_version=SERVER_VERSION,
+            load=pb.Load(sessions=self.active_sessions, queued_tokens=self.engine.queued_tokens(),
+                         draining=self.draining),  # what a router over replicas balances on (draft_worker/router.py)
         )
 
     async def _new_session(self, context, prompt_ids, params_msg, max_block: int = 0) -> VerifierSession:
