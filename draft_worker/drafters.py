@@ -13,10 +13,12 @@ benchmark's Ray workers and the scripts alike; `DraftModels` loads each draft mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
+from draft_worker.proposer import Candidates, CommittedContext, Drafter, common_prefix  # noqa: F401 - re-exported
+from draft_worker.suffix import SuffixCache, SuffixConfig, SuffixDrafter
 from specdec import codec
 from specdec.config import MAX_GAMMA, SamplingParams
 from specdec.lm import CachedLM
@@ -24,40 +26,6 @@ from specdec.sampling import logits_to_probs, make_generator, sample
 
 if TYPE_CHECKING:
     from draft_worker.llamacpp import LlamaCppDraft
-
-
-@dataclass(frozen=True)
-class Candidates:
-    draft_ids: list[int]  # [gamma]
-    q: torch.Tensor | None  # [gamma, vocab] draft probs as the verifier decodes them; None when greedy
-    dense_dtype: str = "fp16"  # the wire dtype q was rounded to, so encoding it is exact
-
-
-class Drafter(Protocol):
-    name: str
-    fingerprint: str  # of the tokenizer whose ids it drafts; sent to the verifier, which refuses a mismatch
-
-    def start(self, prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None: ...
-
-    def propose(self, context: list[int], gamma: int) -> Candidates: ...
-
-    def get_candidates(self, gamma: int) -> Candidates: ...
-
-    def commit(self, num_accepted: int, next_token: int | None) -> None: ...
-
-
-class CommittedContext:
-    """Lock-step on top of `propose`: the context is the committed tokens, and a verdict extends them."""
-
-    def get_candidates(self, gamma: int) -> Candidates:
-        candidates = self.propose(self.tokens, gamma)
-        self._block = candidates.draft_ids
-        return candidates
-
-    def commit(self, num_accepted: int, next_token: int | None) -> None:
-        self.tokens.extend(self._block[:num_accepted])
-        if next_token is not None:
-            self.tokens.append(next_token)
 
 
 @dataclass
@@ -71,15 +39,6 @@ class AdaptiveGamma:
         if proposed == 0:  # nothing was drafted (block capped by max_new_tokens, or no n-gram match)
             return
         self.gamma = min(self.gamma + 2, self.max_gamma) if accepted == proposed else max(1, self.gamma - 1)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class LMDrafter(CommittedContext):
@@ -205,8 +164,6 @@ class DraftModels:
 
     def suffix_cache(self, fingerprint: str, max_tokens: int, depth: int):
         """The process's draft_worker.suffix.SuffixCache for prompts of this tokenizer, shared by its sessions."""
-        from draft_worker.suffix import SuffixCache
-
         key = (fingerprint, max_tokens, depth)
         if key not in self._suffix_caches:
             self._suffix_caches[key] = SuffixCache(max_tokens, depth)
@@ -240,8 +197,6 @@ def build_drafter(spec: DrafterSpec, draft_models: DraftModels | None = None, pr
     if spec.kind == "ngram":
         return NgramDrafter(max_ngram=spec.ngram_max, fingerprint=prompt_fingerprint)
     if spec.kind == "suffix":  # like ngram, it drafts the prompt's own ids
-        from draft_worker.suffix import SuffixConfig, SuffixDrafter
-
         config = SuffixConfig(min_prob=spec.suffix_min_prob, cache_tokens=spec.suffix_cache_tokens)
         cache = (draft_models or DraftModels()).suffix_cache(prompt_fingerprint, config.cache_tokens, config.depth)
         return SuffixDrafter(cache, config, fingerprint=prompt_fingerprint, dense_dtype=spec.dense_dtype)

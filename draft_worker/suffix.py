@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from draft_worker.drafters import Candidates, CommittedContext
+from draft_worker.proposer import Candidates, CommittedContext
 from specdec import codec
 from specdec.config import SamplingParams
 from specdec.sampling import make_generator, sample
