@@ -42,6 +42,7 @@ async def speculate(
     tokenizer_fingerprint: str = "",
     on_commit: OnCommit | None = None,
     mode: str = "lockstep",
+    result: GenerationResult | None = None,  # H6 (logprobs): filled as it runs (recovery.with_recovery)
 ) -> GenerationResult:
     """Generate with speculative decoding over Speculate streams (one, unless the verifier goes away and the
     request is re-opened). Raises VerifierError on a refusal.
@@ -68,7 +69,7 @@ async def speculate(
         await once(stub, drafter, prompt_ids, params, gamma, schedule, info, config, tokenizer_fingerprint, result,
                    on_commit)
 
-    return await with_recovery(attempt, prompt_ids, params, config)
+    return await with_recovery(attempt, prompt_ids, params, config, result)
 
 
 def open_request(drafter: Drafter, prompt_ids: list[int], params: SamplingParams, tokenizer_fingerprint: str,
@@ -84,6 +85,13 @@ def record_opened(result: GenerationResult, reply: pb.SpeculateReply) -> None:
     result.prefill_compute_s += reply.opened.cost.compute_s
     result.verifier_compute_s += reply.opened.cost.share_s
     result.bytes_received += reply.ByteSize()
+    record_prompt_logprobs(result, reply.opened.prompt_logprobs)  # H6 (logprobs)
+
+
+def record_prompt_logprobs(result: GenerationResult, msg: pb.TokenLogprobs) -> None:
+    """H6 (logprobs): the prompt's logprobs, from the first opening only (a re-opened prompt has our tokens)."""
+    if not result.prompt_logprobs:
+        result.prompt_logprobs = codec.logprobs_from_proto(msg)
 
 
 def proposal_request(draft_ids: list[int], q, params: SamplingParams, dense_dtype: str, base_len: int | None = None,
@@ -138,6 +146,7 @@ async def _speculate_once(stub, drafter: Drafter, prompt_ids: list[int], params:
                                 service_s=verdict.service_s, rtt_s=max(0.0, result.rtt_s[-1] - verdict.service_s))
             committed = [*candidates.draft_ids[: verdict.num_accepted], *([] if next_token is None else [next_token])]
             result.token_ids.extend(committed)
+            result.logprobs.extend(codec.logprobs_from_proto(verdict.logprobs))  # H6 (logprobs)
             result.record_chunk(time.perf_counter(), len(committed))
             generated += len(committed)
             if result.rounds == 0:
@@ -208,7 +217,7 @@ async def _read(call) -> pb.SpeculateReply:
 
 async def generate_baseline(
     stub: pb_grpc.VerifierStub, prompt_ids: list[int], params: SamplingParams, config: ClientConfig = ClientConfig(),
-    on_commit: OnCommit | None = None,
+    on_commit: OnCommit | None = None, result: GenerationResult | None = None,  # H6 (logprobs): as in speculate
 ) -> GenerationResult:
     """Verifier-only generation (the baseline every speedup is measured against), re-opened like `speculate`
     when the verifier goes away; `on_commit` as in speculate."""
@@ -216,7 +225,7 @@ async def generate_baseline(
     async def attempt(prompt_ids, params, config, result):
         await _generate_once(stub, prompt_ids, params, config, result, on_commit)
 
-    return await with_recovery(attempt, prompt_ids, params, config)
+    return await with_recovery(attempt, prompt_ids, params, config, result)
 
 
 async def _generate_once(stub, prompt_ids: list[int], params: SamplingParams, config: ClientConfig,
@@ -230,6 +239,8 @@ async def _generate_once(stub, prompt_ids: list[int], params: SamplingParams, co
             if not result.token_ids:
                 result.ttft_s = time.perf_counter() - start
             result.token_ids.extend(reply.token_ids)
+            result.logprobs.extend(codec.logprobs_from_proto(reply.logprobs))  # H6 (logprobs)
+            record_prompt_logprobs(result, reply.prompt_logprobs)  # H6 (logprobs)
             result.record_chunk(time.perf_counter(), len(reply.token_ids))
             _record_cost(result, reply.service_s, reply.cost)
             result.bytes_received += reply.ByteSize()

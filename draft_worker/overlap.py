@@ -142,10 +142,13 @@ async def _send(call, result, params, candidates: Candidates, skip: int, base: i
     return draft_ids
 
 
-def _commit(result: GenerationResult, committed: list[int], new: list[int], finished: bool, reason, on_commit, start) -> bool:
+def _commit(result: GenerationResult, committed: list[int], new: list[int], finished: bool, reason, on_commit, start,
+            logprobs: pb.TokenLogprobs | None = None) -> bool:
     """Record committed tokens; True when the request ends here (finished, or on_commit asked to stop)."""
     committed.extend(new)
     result.token_ids.extend(new)
+    if logprobs is not None:
+        result.logprobs.extend(codec.logprobs_from_proto(logprobs))  # H6 (logprobs)
     result.record_chunk(time.perf_counter(), len(new))
     if result.rounds == 0:
         result.ttft_s = time.perf_counter() - start
@@ -224,7 +227,7 @@ async def speculate_ahead(stub, drafter: Drafter, prompt_ids: list[int], params:
                         schedule.update(len(verified), verdict.num_accepted, draft_s=sent.draft_s,
                                         service_s=verdict.service_s, rtt_s=max(0.0, result.rtt_s[-1] - verdict.service_s))
                     if _commit(result, committed, [*verified[: verdict.num_accepted], *next_token], verdict.finished,
-                               verdict.finish_reason, on_commit, start):
+                               verdict.finish_reason, on_commit, start, verdict.logprobs):
                         break
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
         raise await _refusal(call, exc, "session") from None
@@ -300,7 +303,8 @@ async def speculate_async(stub, drafter: Drafter, prompt_ids: list[int], params:
                 result.accepted_per_round.append(commit.num_accepted)
                 result.stale = commit.stale
                 _record_cost(result, commit.service_s, commit.cost)
-                if _commit(result, committed, new, commit.finished, commit.finish_reason, on_commit, start):
+                if _commit(result, committed, new, commit.finished, commit.finish_reason, on_commit, start,
+                           commit.logprobs):  # H6 (logprobs)
                     break
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
         raise await _refusal(call, exc, "session") from None

@@ -16,6 +16,7 @@ MAX_STOP_TOKEN_IDS = 64  # stop_token_ids a request may carry
 # lockstep: one block in flight; ahead: lock-step, drafting block k+1 while block k's verdict is in flight;
 # async: the verifier decodes every step and verifies whatever usable draft has arrived by then
 SPEC_MODES = ("lockstep", "ahead", "async")
+MAX_LOGPROBS = 20  # most top alternatives a request may ask for per token (OpenAI's and vLLM's limit)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class SamplingParams:
     seed: int | None = None
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] = ()
+    # log-probabilities from the verifier (specdec/sampling.py `token_logprobs`), as in vLLM's SamplingParams:
+    # None = off (nothing extra on the wire); k >= 0 = each committed token's, and k alternatives per token
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens, from the prefill (the first has none)
 
     @property
     def greedy(self) -> bool:
@@ -52,6 +57,10 @@ class SamplingParams:
             )
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} ids, over the limit of {MAX_STOP_TOKEN_IDS}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}] (alternatives per token), got {k}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 

@@ -258,10 +258,14 @@ class Engine:
 
     def _step(self, batch: list[tuple[_Work, int]]) -> list[RoundResult | Exception | None]:
         """Compute thread: one forward over the batch, then each block's verification."""
-        rows = [Row(work.session.kv, work.tokens[:n], not work.is_prefill) for work, n in batch]
+        # H6 (logprobs): a prefill chunk keeps its logits only when the session asked for prompt logprobs
+        rows = [Row(work.session.kv, work.tokens[:n], not work.is_prefill or work.session.prompt_logprobs.wanted)
+                for work, n in batch]
         logits = batched_forward(self.model, rows)
         outcomes: list[RoundResult | Exception | None] = []
         for (work, _), row_logits in zip(batch, logits):
+            if work.is_prefill and row_logits is not None:
+                work.session.prompt_logprobs.add(row_logits)  # H6 (logprobs)
             if work.is_prefill or work.session.closed:
                 outcomes.append(None)
                 continue

@@ -36,8 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from specdec.config import FINISH_LENGTH, FINISH_STOP, SamplingParams
-from specdec.sampling import make_generator, verify_block
+from specdec.sampling import make_generator, token_logprobs, verify_block
 from verifier_worker.kv import SessionKV
+from verifier_worker.logprobs import PromptLogprobs  # H6 (logprobs)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class RoundResult:
     committed: tuple[int, ...] = ()  # every token the round committed
     base_len: int = 0  # generated tokens before them
     gamma: int = 0  # draft tokens verified
+    logprobs: tuple | None = None  # H6 (logprobs): sampling.token_logprobs of `committed`, when the session asked
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class VerifierSession:
         self.stale = 0  # claims dropped because their prefix was not committed
         self.steps = 0  # engine steps this session rode in (counted by the engine)
         self._lock = threading.Lock()  # `ahead` and the commit: offers come from the event loop, commits from compute
+        self.prompt_logprobs = PromptLogprobs(self.tokens[:], params)  # H6 (logprobs): filled by the prefill
 
     def generated(self, start: int = 0) -> list[int]:
         return self.tokens[self.prompt_len + start :]
@@ -173,6 +176,9 @@ class VerifierSession:
             self._drop_committed(committed)
         self.kv.truncate(len(self.tokens) - 1)
         accepted = min(num_accepted, len(committed))
+        # H6 (logprobs): row i of target_logits scores committed[i] (accepted, then recovered or bonus)
+        logprobs = None if self.params.logprobs is None else token_logprobs(
+            target_logits[: len(committed)], torch.tensor(committed), self.params, self.params.logprobs)
         return RoundResult(
             num_accepted=accepted,
             next_token=committed[-1] if len(committed) > accepted else None,
@@ -180,4 +186,5 @@ class VerifierSession:
             committed=tuple(committed),
             base_len=base_len,
             gamma=len(draft_ids),
+            logprobs=logprobs,  # H6 (logprobs)
         )
