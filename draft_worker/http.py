@@ -42,14 +42,7 @@ from specdec.metrics import GenerationResult
 from specdec.text import TextStream, encode_prompt
 
 log = logging.getLogger(__name__)
-# the verifier's gRPC status -> the HTTP status a client of this endpoint sees
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "RESOURCE_EXHAUSTED": 429,
-               "UNAVAILABLE": 503, "CANCELLED": 503, "DEADLINE_EXCEEDED": 504}
 _END = object()  # the queue's last item: the request's task is done
-
-
-def _verifier_error(exc: VerifierError) -> APIError:
-    return APIError(HTTP_STATUS.get(exc.code or "", 502), str(exc), exc.code)  # 502: anything else is the upstream's
 
 
 def create_app(service: DraftService, metrics: DraftMetrics | None = None) -> FastAPI:
@@ -157,7 +150,7 @@ class _Request:
         try:
             return await self.task
         except VerifierError as exc:
-            raise _verifier_error(exc) from None
+            raise APIError.from_verifier(exc) from None
         except ValueError as exc:  # e.g. a gamma over the verifier's limit
             raise invalid(str(exc)) from None
 

@@ -21,12 +21,20 @@ from specdec.text import encode_prompt
 
 MAX_CHOICES = 16  # choices one request may ask for (prompts x n): each is a session on the verifier
 LOGPROB_FLOOR = -9999.0  # what -inf reads in JSON
+# the verifier's gRPC status -> the HTTP status a client of this endpoint sees
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "RESOURCE_EXHAUSTED": 429,
+               "UNAVAILABLE": 503, "CANCELLED": 503, "DEADLINE_EXCEEDED": 504}
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
+
+    @classmethod
+    def from_verifier(cls, exc) -> APIError:
+        """A transport.VerifierError as the HTTP status that follows the verifier's gRPC status."""
+        return cls(HTTP_STATUS.get(exc.code or "", 502), str(exc), exc.code)  # 502: anything else is the upstream's
 
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
