@@ -216,9 +216,10 @@ class _Shape:
     def choice(self, index: int, text: str, ids: list[int], entries: list, finish: str | None, delta: bool,
                role: bool = False) -> dict:
         block = None
-        if self.logprobs and self.chat:
+        wanted = self.logprobs and (ids or not delta)  # a streamed chunk without tokens (role, finish): null
+        if wanted and self.chat:
             block = chat_logprobs(self.piece, ids, entries)
-        elif self.logprobs:
+        elif wanted:
             block = completion_logprobs(self.piece, ids, entries, self.offsets.get(index, 0))
             self.offsets[index] = self.offsets.get(index, 0) + sum(len(t) for t in block["tokens"])
         if not self.chat:

@@ -14,6 +14,7 @@ log_softmax). JSON has no -inf, so a token outside top-k/top-p reads -9999.0, as
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from specdec.codec import TokenLogprob
 from specdec.config import MAX_LOGPROBS
@@ -128,14 +129,28 @@ def _floor(logprob: float) -> float:
     return max(logprob, LOGPROB_FLOOR)
 
 
+_BYTE_LEVEL = {ch: b for b, ch in bytes_to_unicode().items()}  # GPT-2's byte-level BPE alphabet -> the byte
+
+
 class Pieces:
-    """A token's name in a logprobs block: its decoded text, or "token_id:<id>" (return_tokens_as_token_ids)."""
+    """A token's name in a logprobs block: its decoded text, or "token_id:<id>" (return_tokens_as_token_ids),
+    and its bytes (chat's `bytes`): a token can hold part of a UTF-8 character, whose text decodes to U+FFFD;
+    its bytes are the real ones, so a client can join them (byte-level BPE tokenizers; others: the text's)."""
 
     def __init__(self, tokenizer, as_ids: bool = False):
         self.tokenizer, self.as_ids = tokenizer, as_ids
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_level = "ByteLevel" in repr(decoder)
 
     def __call__(self, token_id: int) -> str:
         return f"token_id:{token_id}" if self.as_ids else self.tokenizer.decode([token_id])
+
+    def bytes(self, token_id: int) -> list[int]:
+        if self.byte_level and token_id not in self.tokenizer.all_special_ids:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if all(ch in _BYTE_LEVEL for ch in piece):
+                return [_BYTE_LEVEL[ch] for ch in piece]
+        return list(self.tokenizer.decode([token_id]).encode())
 
 
 def completion_logprobs(piece: Pieces, ids: list[int], entries: list[TokenLogprob | None], offset: int = 0) -> dict:
@@ -157,8 +172,7 @@ def completion_logprobs(piece: Pieces, ids: list[int], entries: list[TokenLogpro
 def chat_logprobs(piece: Pieces, ids: list[int], entries: list[TokenLogprob]) -> dict:
     """OpenAI's chat block: content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
     def one(token_id: int, logprob: float) -> dict:
-        token = piece(token_id)
-        return {"token": token, "logprob": _floor(logprob), "bytes": list(token.encode())}
+        return {"token": piece(token_id), "logprob": _floor(logprob), "bytes": piece.bytes(token_id)}
 
     return {"content": [{**one(i, e[0]), "top_logprobs": [one(t, lp) for t, lp in e[1]]}
                         for i, e in zip(ids, entries)]}

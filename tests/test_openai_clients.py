@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from draft_worker import http, transport
+from draft_worker import http, openai_schema, transport
 from draft_worker.drafters import DrafterSpec
 from draft_worker.service import connect
 from protos.specdec.v1 import specdec_pb2 as pb
@@ -198,3 +198,25 @@ async def test_openai_sdk_chat_logprobs_batches_and_n(endpoint, tokenizer):
     chunks = [c async for c in await api.completions.create(stream=True, **args)]
     tokens = [t for c in chunks for ch in c.choices if ch.logprobs for t in ch.logprobs.tokens]
     assert tokens == plain.choices[0].logprobs.tokens and len(tokens) == 12
+
+
+async def test_chat_logprob_bytes_are_the_tokens_own(endpoint, tokenizer):
+    """OpenAI's chat `bytes` exist for tokens that hold part of a UTF-8 character (their text decodes to U+FFFD):
+    they are the token's real bytes, so the tokens' bytes join into the message; a streamed chunk without
+    tokens (the role, the finish) has logprobs null."""
+    piece = openai_schema.Pieces(tokenizer)
+    text = "é – 日本"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any(tokenizer.decode([i]) == "\ufffd" for i in ids)  # the tiny byte-level vocabulary splits characters
+    assert bytes(b for i in ids for b in piece.bytes(i)).decode() == text
+
+    api = openai.AsyncOpenAI(base_url=f"{await endpoint()}/v1", api_key="unused", max_retries=0, timeout=60)
+    args = dict(model="fake-verifier", messages=[{"role": "user", "content": text}], max_tokens=16, temperature=0,
+                logprobs=True, top_logprobs=1)
+    plain = await api.chat.completions.create(**args)
+    content = plain.choices[0].logprobs.content
+    assert bytes(b for t in content for b in t.bytes).decode(errors="replace") == plain.choices[0].message.content
+    assert all(t.top_logprobs[0].bytes == t.bytes for t in content)  # greedy: the best alternative is the token
+    chunks = [c async for c in await api.chat.completions.create(stream=True, **args)]
+    assert chunks[0].choices[0].logprobs is None and chunks[-1].choices[0].logprobs is None
+    assert [t.bytes for c in chunks[1:-1] for t in c.choices[0].logprobs.content] == [t.bytes for t in content]
