@@ -152,7 +152,9 @@ async def test_committed_logprobs_equal_a_direct_forward(endpoint, target, token
         out = await api.completions.create(logprobs=3, echo=True, **{
             **args, "extra_body": {**args["extra_body"], "return_tokens_as_token_ids": True}})
         spec = out.model_extra["speculation"]
-        assert spec["accepted"] > 0 and spec["rounds"] > 1
+        # lock-step modes always verify blocks; in async whether a draft arrives before a step is timing, so on
+        # a busy machine every token can be a decoding step's (logprobs must hold all the same)
+        assert spec["rounds"] > 1 and (spec["accepted"] > 0 or mode == "async")
         lp = out.choices[0].logprobs
         ids = [int(token.removeprefix("token_id:")) for token in lp.tokens]
         assert ids[: len(prompt_ids)] == prompt_ids and len(ids) == len(prompt_ids) + 24
