@@ -17,7 +17,7 @@ import grpc
 from draft_worker.drafters import AdaptiveGamma, Drafter
 from draft_worker.loop import ClientSession, FixedGamma, OnCommit
 from draft_worker.recovery import with_recovery
-from draft_worker.stream import SpeculateStream, record_cost, refusal
+from draft_worker.stream import SpeculateStream, record_cost, record_prompt_logprobs, refusal
 from draft_worker.transport import ClientConfig
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
@@ -41,6 +41,7 @@ async def speculate(
     tokenizer_fingerprint: str = "",
     on_commit: OnCommit | None = None,
     mode: str = DEFAULT_MODE,
+    result: GenerationResult | None = None,
 ) -> GenerationResult:
     """Generate with speculative decoding over Speculate streams (one, unless the verifier goes away and the
     request is re-opened). Raises VerifierError on a refusal.
@@ -64,12 +65,12 @@ async def speculate(
                                 info.vocab_size, tokenizer_fingerprint, on_commit)
         await session.run()
 
-    return await with_recovery(attempt, prompt_ids, params, config, route=stub)  # a router.Route: one replica per attempt
+    return await with_recovery(attempt, prompt_ids, params, config, result, route=stub)  # a router.Route: one replica per attempt
 
 
 async def generate_baseline(
     stub: pb_grpc.VerifierStub, prompt_ids: list[int], params: SamplingParams, config: ClientConfig = ClientConfig(),
-    on_commit: OnCommit | None = None,
+    on_commit: OnCommit | None = None, result: GenerationResult | None = None,  # filled as it runs, as in speculate
 ) -> GenerationResult:
     """Verifier-only generation (the baseline every speedup is measured against), re-opened like `speculate`
     when the verifier goes away; `on_commit` as in speculate."""
@@ -77,7 +78,7 @@ async def generate_baseline(
     async def attempt(prompt_ids, params, config, result):
         await _generate_once(stub, prompt_ids, params, config, result, on_commit)
 
-    return await with_recovery(attempt, prompt_ids, params, config, route=stub)  # as in speculate
+    return await with_recovery(attempt, prompt_ids, params, config, result, route=stub)  # as in speculate
 
 
 async def _generate_once(stub, prompt_ids: list[int], params: SamplingParams, config: ClientConfig,
@@ -91,6 +92,8 @@ async def _generate_once(stub, prompt_ids: list[int], params: SamplingParams, co
             if not result.token_ids:
                 result.ttft_s = time.perf_counter() - start
             result.token_ids.extend(reply.token_ids)
+            result.logprobs.extend(codec.logprobs_from_proto(reply.logprobs))
+            record_prompt_logprobs(result, reply.prompt_logprobs)
             result.record_chunk(time.perf_counter(), len(reply.token_ids))
             record_cost(result, reply.service_s, reply.cost)
             result.bytes_received += reply.ByteSize()

@@ -2,7 +2,10 @@
 
 Every request shares one draft model and one gRPC channel to the verifier (draft_worker/service.py) and runs
 the one session loop of client.py; streaming is that loop's per-verdict callback feeding server-sent events.
-Endpoints: /v1/models, /v1/completions, /v1/chat/completions (stream true or false), /metrics, /health.
+Endpoints: /v1/models, /v1/completions, /v1/chat/completions (stream true or false), /metrics, /health. Request
+shapes and logprob blocks: openai_schema.py. A request with several prompts, or n > 1, runs one session per choice,
+concurrently; `logprobs` ask the verifier for them (SamplingParams.logprobs), `echo` adds the prompt's from its
+prefill (max_tokens 0 runs a one-token session and returns only the prompt).
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with an HTTP status that follows
 the verifier's gRPC status (down: 503, refused as invalid: 400, at its session limit: 429, ...) and its reason
 in the message. Beyond OpenAI's fields every response carries `speculation` (documented in the README).
@@ -11,78 +14,41 @@ in the message. Beyond OpenAI's fields every response carries `speculation` (doc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
 import time
 import uuid
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from draft_worker.http_metrics import DraftMetrics
+from draft_worker.openai_schema import (
+    MAX_CHOICES,
+    APIError,
+    ChatRequest,
+    Pieces,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+    invalid,
+)
 from draft_worker.service import DraftService
 from draft_worker.transport import VerifierError
 from specdec.metrics import GenerationResult
 from specdec.text import TextStream, encode_prompt
 
 log = logging.getLogger(__name__)
-# the verifier's gRPC status -> the HTTP status a client of this endpoint sees
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "RESOURCE_EXHAUSTED": 429,
-               "UNAVAILABLE": 503, "CANCELLED": 503, "DEADLINE_EXCEEDED": 504}
 _END = object()  # the queue's last item: the request's task is done
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-    @classmethod
-    def from_verifier(cls, exc: VerifierError) -> APIError:
-        return cls(HTTP_STATUS.get(exc.code or "", 502), str(exc), exc.code)  # 502: anything else is the upstream's
-
-    def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": None, "code": self.code}}
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI fields this server does not use (user, logprobs: off)
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0)  # OpenAI's default; 0 = greedy
-    top_p: float = Field(1.0, ge=0, le=1)
-    top_k: int = Field(0, ge=0)  # not OpenAI's; vLLM's name
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: Literal[1] = 1
-    ignore_eos: bool = False
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
 
 
 def create_app(service: DraftService, metrics: DraftMetrics | None = None) -> FastAPI:
     """The FastAPI app over one connected DraftService."""
     metrics = metrics or DraftMetrics()
-    metrics.watch_replicas(service.router)  # per-replica health, load and sessions (H5, issue 22)
+    metrics.watch_replicas(service.router)  # per-replica health, load and sessions
     app = FastAPI(title="specdec draft endpoint")
     app.state.service, app.state.metrics = service, metrics
 
@@ -118,38 +84,67 @@ def create_app(service: DraftService, metrics: DraftMetrics | None = None) -> Fa
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise APIError(400, "this server takes one prompt per request", "invalid_request")
-        ids = encode_prompt(service.tokenizer, prompts[0])
-        return await _respond(service, metrics, request.url.path, body, ids, body.max_tokens or 16, chat=False)
+        if body.max_tokens == 0 and not body.echo:
+            raise invalid("max_tokens: 0 generates nothing; it is meant with echo (the prompt's logprobs)")
+        prompts = body.prompt_ids(service.tokenizer)
+        jobs = [_Job(ids, text if body.echo else None) for text, ids in prompts]
+        return await _respond(service, metrics, request.url.path, body, jobs, body.max_tokens, "completion",
+                              logprobs=body.logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         try:
-            ids = encode_prompt(service.tokenizer, messages=[m.model_dump() for m in body.messages])
+            ids = encode_prompt(service.tokenizer, messages=[m.to_template() for m in body.messages])
         except ValueError as exc:
-            raise APIError(400, str(exc), "invalid_request") from None
+            raise invalid(str(exc)) from None
+        if body.top_logprobs is not None and not body.logprobs:
+            raise invalid("top_logprobs: needs logprobs: true")
         max_tokens = body.max_completion_tokens or body.max_tokens or service.info.limits.max_new_tokens
-        return await _respond(service, metrics, request.url.path, body, ids, max_tokens, chat=True)
+        return await _respond(service, metrics, request.url.path, body, [_Job(ids)], max_tokens, "chat",
+                              logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
     return app
 
 
-class _Request:
-    """One request in flight: the session task and the text it has committed so far."""
+class _Job:
+    """One prompt of a request: its ids, and its text when echoed."""
 
-    def __init__(self, service: DraftService, ids: list[int], params, stop: list[str]):
+    def __init__(self, ids: list[int], echo: str | None = None):
+        self.ids, self.echo = ids, echo
+
+
+class _Request:
+    """One choice in flight: its session task, the text and logprobs it has committed so far. Every commit puts
+    (index, text piece, logprob entries) on the request's shared queue, and (index, _END) when the task is done."""
+
+    def __init__(self, service: DraftService, index: int, job: _Job, params, stop: list[str], queue: asyncio.Queue,
+                 keep_output: bool):
+        self.index, self.job, self.queue, self.keep_output = index, job, queue, keep_output
         self.text = TextStream(service.tokenizer, stop)
-        self.prompt_tokens = len(ids)
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.task = asyncio.create_task(service.run(ids, params, self._commit))
-        self.task.add_done_callback(lambda _: self.queue.put_nowait(_END))
+        self.prompt_tokens = len(job.ids)
+        self.logprobs: list = []  # entries of the ids pushed to `text`
+        self.echoed = job.echo is None  # the echoed prompt goes out with the first commit
+        self.result_sink = GenerationResult(token_ids=[])  # filled as it runs: its logprobs are read per commit
+        self.task = asyncio.create_task(service.run(job.ids, params, self._commit, self.result_sink))
+        self.task.add_done_callback(lambda _: self.queue.put_nowait((self.index, _END, None)))
+
+    def prefix(self) -> tuple[str, list[int], list]:
+        """The echoed prompt (text, ids, logprob entries: the first token's None), or nothing."""
+        if self.job.echo is None:
+            return "", [], []
+        return self.job.echo, self.job.ids, [None, *self.result_sink.prompt_logprobs]
 
     def _commit(self, ids: list[int]) -> bool:
-        piece = self.text.push(ids)
-        if piece:
-            self.queue.put_nowait(piece)
+        new = self.result_sink.logprobs[len(self.result_sink.token_ids) - len(ids) :]
+        piece, out_ids, entries = "", [], []
+        if not self.echoed:
+            self.echoed = True
+            piece, out_ids, entries = self.prefix()
+        if self.keep_output and not self.text.stopped:
+            piece += self.text.push(ids)
+            self.logprobs.extend(new)
+            out_ids, entries = [*out_ids, *ids], [*entries, *new]
+        self.queue.put_nowait((self.index, piece, (out_ids, entries)))
         return self.text.stopped  # a stop string ends the session
 
     async def result(self) -> GenerationResult:
@@ -158,62 +153,123 @@ class _Request:
         except VerifierError as exc:
             raise APIError.from_verifier(exc) from None
         except ValueError as exc:  # e.g. a gamma over the verifier's limit
-            raise APIError(400, str(exc), "invalid_request") from None
+            raise invalid(str(exc)) from None
 
     def cancel(self) -> None:
         if not self.task.done():
             self.task.cancel()
 
 
-async def _respond(service: DraftService, metrics: DraftMetrics, path: str, body: _Sampling, ids: list[int],
-                   max_tokens: int, chat: bool):
-    try:
-        params = service.params(max_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.ignore_eos)
-    except ValueError as exc:
-        raise APIError(400, str(exc), "invalid_request") from None
+def _start(service: DraftService, body, jobs: list[_Job], max_tokens: int | None, logprobs: int | None,
+           queue: asyncio.Queue) -> list[_Request]:
+    """A session per prompt and choice (choice index = prompt x n + i; with a seed, choice i uses seed + i)."""
+    if len(jobs) * body.n > MAX_CHOICES:
+        raise invalid(f"{len(jobs)} prompts x n={body.n} is over this server's limit of {MAX_CHOICES} choices")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    kind = "chat.completion" if chat else "text_completion"
+    echo = any(job.echo is not None for job in jobs)
+    try:
+        params = [dataclasses.replace(
+            service.params(1 if max_tokens == 0 else max_tokens or 16, body.temperature, body.top_k, body.top_p,
+                           None if body.seed is None else body.seed + i, body.ignore_eos),
+            logprobs=logprobs, prompt_logprobs=logprobs if echo else None) for i in range(body.n)]
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    return [_Request(service, j * body.n + i, job, params[i], stop, queue, keep_output=max_tokens != 0)
+            for j, job in enumerate(jobs) for i in range(body.n)]
+
+
+async def _respond(service: DraftService, metrics: DraftMetrics, path: str, body, jobs: list[_Job],
+                   max_tokens: int | None, kind: str, logprobs: int | None):
+    chat = kind == "chat"
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": service.model_name}
+            "model": service.model_name, "object": "chat.completion" if chat else "text_completion"}
+    shape = _Shape(Pieces(service.tokenizer, body.return_tokens_as_token_ids), chat, logprobs is not None)
     with metrics.in_flight():
-        request = _Request(service, ids, params, stop)
+        queue: asyncio.Queue = asyncio.Queue()
+        requests = _start(service, body, jobs, max_tokens, logprobs, queue)
         try:
             if not body.stream:
-                result = await request.result()
-                metrics.observe(result, request.prompt_tokens)
+                results = [await r.result() for r in requests]
+                for r, result in zip(requests, results):
+                    metrics.observe(result, r.prompt_tokens)
                 metrics.count(path, 200)
-                choice = _choice(chat, request.text.text, _finish(result, request.text), delta=False)
-                return {**meta, "object": kind, "choices": [choice], **_extras(result, request.prompt_tokens, service)}
-            first = await request.queue.get()
-            if first is _END:
-                await request.result()  # an error before any text is a proper HTTP error, not a 200 stream
+                choices = [shape.final(r, result) for r, result in zip(requests, results)]
+                return {**meta, "choices": choices, **_extras(results, requests, service)}
+            first = await queue.get()
+            if first[1] is _END:
+                await requests[first[0]].result()  # an error before any text is a proper HTTP error, not a 200 stream
         except BaseException:
-            request.cancel()
+            for r in requests:
+                r.cancel()
             raise
-    return StreamingResponse(_events(request, first, meta, f"{kind}.chunk", chat, service, metrics, path),
+    meta["object"] += ".chunk"
+    return StreamingResponse(_events(requests, queue, first, meta, shape, body.include_usage, service, metrics, path),
                              media_type="text/event-stream")
 
 
-async def _events(request: _Request, first, meta: dict, kind: str, chat: bool, service: DraftService,
-                  metrics: DraftMetrics, path: str):
-    """Server-sent events: a chunk per verdict with new text, a last chunk with finish_reason, usage and
-    speculation, then [DONE]. An error after the first chunk becomes an error event (the status is sent)."""
+class _Shape:
+    """Choices in OpenAI's shapes, for chat or completions, with logprobs when asked."""
+
+    def __init__(self, piece: Pieces, chat: bool, logprobs: bool):
+        self.piece, self.chat, self.logprobs = piece, chat, logprobs
+        self.offsets: dict[int, int] = {}  # completions: text_offset reached per choice (streaming)
+
+    def choice(self, index: int, text: str, ids: list[int], entries: list, finish: str | None, delta: bool,
+               role: bool = False) -> dict:
+        block = None
+        wanted = self.logprobs and (ids or not delta)  # a streamed chunk without tokens (role, finish): null
+        if wanted and self.chat:
+            block = chat_logprobs(self.piece, ids, entries)
+        elif wanted:
+            block = completion_logprobs(self.piece, ids, entries, self.offsets.get(index, 0))
+            self.offsets[index] = self.offsets.get(index, 0) + sum(len(t) for t in block["tokens"])
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": block, "finish_reason": finish}
+        message = {"role": "assistant", "content": text} if role or not delta else {"content": text}
+        return {"index": index, ("delta" if delta else "message"): message, "logprobs": block, "finish_reason": finish}
+
+    def final(self, r: _Request, result: GenerationResult) -> dict:
+        """A non-streamed choice: the echoed prompt, then the completion."""
+        text, ids, entries = r.prefix()
+        out_ids = r.text.token_ids if r.keep_output else []
+        return self.choice(r.index, text + (r.text.text if r.keep_output else ""), [*ids, *out_ids],
+                           [*entries, *(r.logprobs if r.keep_output else [])], _finish(result, r.text), delta=False)
+
+
+async def _events(requests: list[_Request], queue: asyncio.Queue, first, meta: dict, shape: _Shape,
+                  include_usage: bool, service: DraftService, metrics: DraftMetrics, path: str):
+    """Server-sent events: a chunk per verdict with new text (one choice each), a chunk per choice with its
+    finish_reason, usage and speculation on the last one (or, with stream_options.include_usage, on an extra
+    last chunk whose choices are empty, as OpenAI sends it), then [DONE]. An error after the first chunk
+    becomes an error event (the status is sent)."""
     def event(payload: dict) -> str:
         return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
     with metrics.in_flight():
         try:
-            if chat:
-                yield event({**meta, "object": kind, "choices": [_choice(True, "", None, delta=True, role=True)]})
-            item = first
-            while item is not _END:
-                yield event({**meta, "object": kind, "choices": [_choice(chat, item, None, delta=True)]})
-                item = await request.queue.get()
-            result = await request.result()
-            metrics.observe(result, request.prompt_tokens)
+            if shape.chat:
+                for r in requests:
+                    yield event({**meta, "choices": [shape.choice(r.index, "", [], [], None, True, role=True)]})
+            item, running, results = first, len(requests), [None] * len(requests)
+            while True:
+                index, piece, tokens = item
+                r = requests[index]
+                if piece is _END:
+                    results[index] = result = await r.result()
+                    metrics.observe(result, r.prompt_tokens)
+                    running -= 1
+                    last = shape.choice(index, r.text.finish() if r.keep_output else "", [], [],
+                                        _finish(result, r.text), True)
+                    extras = _extras(results, requests, service) if not running and not include_usage else {}
+                    yield event({**meta, "choices": [last], **extras})
+                    if not running:
+                        break
+                elif piece or (shape.logprobs and tokens[1]):
+                    yield event({**meta, "choices": [shape.choice(index, piece, *tokens, None, True)]})
+                item = await queue.get()
             metrics.count(path, 200)
-            last = _choice(chat, request.text.finish(), _finish(result, request.text), delta=True)
-            yield event({**meta, "object": kind, "choices": [last], **_extras(result, request.prompt_tokens, service)})
+            if include_usage:
+                yield event({**meta, "choices": [], **_extras(results, requests, service)})
         except APIError as exc:
             metrics.count(path, exc.status)
             yield event(exc.body())
@@ -222,38 +278,36 @@ async def _events(request: _Request, first, meta: dict, kind: str, chat: bool, s
             metrics.count(path, 500)
             yield event(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error").body())
         finally:
-            request.cancel()  # the client went away mid-stream: end the verifier session too
+            for r in requests:
+                r.cancel()  # the client went away mid-stream: end the verifier sessions too
         yield "data: [DONE]\n\n"
-
-
-def _choice(chat: bool, text: str, finish_reason: str | None, delta: bool, role: bool = False) -> dict:
-    if not chat:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    message = {"role": "assistant", "content": text} if role or not delta else {"content": text}
-    return {"index": 0, ("delta" if delta else "message"): message, "logprobs": None, "finish_reason": finish_reason}
 
 
 def _finish(result: GenerationResult, text: TextStream) -> str:
     return "stop" if text.stopped or result.finish_reason == "stop" else "length"
 
 
-def _extras(result: GenerationResult, prompt_tokens: int, service: DraftService) -> dict:
-    """OpenAI's usage block, and this server's `speculation` block."""
-    rtt = sorted(result.rtt_s)
+def _extras(results: list[GenerationResult], requests: list[_Request], service: DraftService) -> dict:
+    """OpenAI's usage block (each prompt counted once), and this server's `speculation` block over all choices."""
+    prompt_tokens = sum(len(job.ids) for job in {id(r.job): r.job for r in requests}.values())
+    completion = sum(len(r.text.token_ids) for r in requests if r.keep_output)
+    rtt = sorted(s for result in results for s in result.rtt_s)
+    proposed, accepted = sum(x.proposed for x in results), sum(x.accepted for x in results)
+    rounds = sum(x.rounds for x in results)
     return {
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": result.new_tokens,
-                  "total_tokens": prompt_tokens + result.new_tokens},
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                  "total_tokens": prompt_tokens + completion},
         "speculation": {
             "drafter": service.spec.model or service.spec.kind if service.spec else "verifier-only",
             "gamma": service.gamma if service.spec else 0,
-            "rounds": result.rounds, "proposed": result.proposed, "accepted": result.accepted,
-            "acceptance_rate": result.acceptance_rate, "tokens_per_round": result.mean_acceptance_length,
+            "rounds": rounds, "proposed": proposed, "accepted": accepted,
+            "acceptance_rate": accepted / proposed if proposed else 0.0,
+            "tokens_per_round": sum(x.new_tokens for x in results) / rounds if rounds else 0.0,
             "rtt_ms_p50": 1000 * rtt[len(rtt) // 2] if rtt else None,
             "rtt_ms_mean": 1000 * sum(rtt) / len(rtt) if rtt else None,
-            "ttft_s": result.ttft_s, "wall_s": result.wall_s,
+            "ttft_s": min(x.ttft_s for x in results), "wall_s": max(x.wall_s for x in results),
         },
     }
-
 
 async def start(service: DraftService, host: str, port: int, metrics: DraftMetrics | None = None):
     """Start serving on host:port (0 = a free port). -> (uvicorn server, its task, bound port); set

@@ -306,7 +306,7 @@ class ClientSession:
         if self.mode.drafter_tracks_commits:
             self.drafter.commit(verdict.num_accepted, next_token)
         new = [*verified[: verdict.num_accepted], *([] if next_token is None else [next_token])]
-        self._committed(new, verdict.finished, verdict.finish_reason)
+        self._committed(new, verdict.finished, verdict.finish_reason, verdict.logprobs)
 
     def _commit_arrived(self, reply: pb.SpeculateReply) -> None:
         commit = reply.commit
@@ -320,7 +320,7 @@ class ClientSession:
         # the verifier never waits on the link in async mode: the round trip is not part of a step's cost
         self.schedule.update(commit.verified, commit.num_accepted, draft_s=commit.verified * self.draft_s_per_token,
                              service_s=commit.service_s, rtt_s=0.0)
-        self._committed(new, commit.finished, commit.finish_reason)
+        self._committed(new, commit.finished, commit.finish_reason, commit.logprobs)
 
     # --- records --------------------------------------------------------------------------------------------
 
@@ -329,12 +329,14 @@ class ClientSession:
         self.result.accepted_per_round.append(accepted)
         record_cost(self.result, service_s, cost)
 
-    def _committed(self, new: list[int], finished: bool, reason: int) -> None:
-        """Record committed tokens; the session ends when the verifier finished it or on_commit asks to stop."""
+    def _committed(self, new: list[int], finished: bool, reason: int, logprobs: pb.TokenLogprobs) -> None:
+        """Record committed tokens (and their log-probabilities, when the request asked: before on_commit, which
+        may read them); the session ends when the verifier finished it or on_commit asks to stop."""
         self.committed.extend(new)
         self.guess = self.guess[len(new) :] if self.guess[: len(new)] == new else []  # resync on a divergent commit
         result = self.result
         result.token_ids.extend(new)
+        result.logprobs.extend(codec.logprobs_from_proto(logprobs))
         result.record_chunk(time.perf_counter(), len(new))
         if result.rounds == 0:
             result.ttft_s = time.perf_counter() - self.start

@@ -34,12 +34,15 @@ Attempt = Callable[[list[int], SamplingParams, ClientConfig, GenerationResult], 
 
 
 async def with_recovery(attempt: Attempt, prompt_ids: list[int], params: SamplingParams,
-                        config: ClientConfig, route: Route | None = None) -> GenerationResult:
+                        config: ClientConfig, result: GenerationResult | None = None,
+                        route: Route | None = None) -> GenerationResult:
     """Run `attempt` until the request finishes; re-open it after a retryable failure, within config.timeout_s.
+    `result`: an empty one to fill (a caller that reads it while it grows, e.g. its logprobs), else a new one.
     With a `route` (the stub the attempt uses, when it is one), each attempt holds a replica of the pool."""
     route = route if isinstance(route, Route) else None
     start = time.perf_counter()
-    result = GenerationResult(token_ids=[], started=start)
+    result = result or GenerationResult(token_ids=[])
+    result.started = start
     deadline = start + config.timeout_s
     delays = config.backoff.delays()
     gone_since = None  # when the verifier first went away

@@ -49,15 +49,15 @@ class DraftService:
         params.validate(self.info.limits.max_new_tokens)
         return params
 
-    async def run(self, prompt_ids: list[int], params: SamplingParams,
-                  on_commit: client.OnCommit | None = None) -> GenerationResult:
-        """One request (VerifierError on a refusal, ValueError on a bad gamma)."""
+    async def run(self, prompt_ids: list[int], params: SamplingParams, on_commit: client.OnCommit | None = None,
+                  result: GenerationResult | None = None) -> GenerationResult:
+        """One request (VerifierError on a refusal, ValueError on a bad gamma); `result`: an empty one to fill."""
         route = self.router.route()
         if self.spec is None:
-            return await client.generate_baseline(route, prompt_ids, params, self.config, on_commit)
+            return await client.generate_baseline(route, prompt_ids, params, self.config, on_commit, result)
         drafter = build_drafter(self.spec, self.draft_models, prompt_fingerprint=self.fingerprint)
         return await client.speculate(route, drafter, prompt_ids, params, gamma_schedule(self.gamma), self.info,
-                                      self.config, drafter.fingerprint, on_commit, mode=self.mode)
+                                      self.config, drafter.fingerprint, on_commit, mode=self.mode, result=result)
 
 
 def gamma_schedule(gamma: int | str):

@@ -44,6 +44,13 @@ def record_opened(result: GenerationResult, reply: pb.SpeculateReply) -> None:
     result.prefill_service_s += reply.opened.service_s
     result.prefill_compute_s += reply.opened.cost.compute_s
     result.verifier_compute_s += reply.opened.cost.share_s
+    record_prompt_logprobs(result, reply.opened.prompt_logprobs)
+
+
+def record_prompt_logprobs(result: GenerationResult, msg: pb.TokenLogprobs) -> None:
+    """The prompt's log-probabilities (echo), from the first opening only: a re-opened prompt holds our tokens."""
+    if not result.prompt_logprobs:
+        result.prompt_logprobs = codec.logprobs_from_proto(msg)
 
 
 def record_cost(result: GenerationResult, service_s: float, cost: pb.StepCost) -> None:

@@ -45,6 +45,8 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
         top_p=params.top_p,
         max_new_tokens=params.max_new_tokens,
         stop_token_ids=list(params.stop_token_ids),
+        logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
     )
     if params.seed is not None:
         msg.seed = params.seed
@@ -61,6 +63,8 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         seed=msg.seed if msg.HasField("seed") else None,
         max_new_tokens=msg.max_new_tokens,
         stop_token_ids=tuple(msg.stop_token_ids),
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
     )
 
 
@@ -173,3 +177,24 @@ def decode_probs(proposal: pb.Proposal, params: SamplingParams, vocab_size: int)
 def validate_params(params: SamplingParams, max_new_tokens_limit: int, vocab_size: int) -> None:
     params.validate(max_new_tokens_limit)  # bounds len(stop_token_ids) first
     check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
+
+
+# one token's log-probability from the verifier and its top alternatives [(id, logprob), ...], best first
+TokenLogprob = tuple[float, list[tuple[int, float]]]
+
+
+def logprobs_to_proto(logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> pb.TokenLogprobs | None:
+    """sampling.token_logprobs' (logprobs [n], top_ids [n, k], top_logprobs [n, k]) -> pb.TokenLogprobs; None
+    stays None, so a reply whose request did not ask carries nothing extra."""
+    if logprobs is None:
+        return None
+    chosen, top_ids, top_logprobs = logprobs
+    return pb.TokenLogprobs(logprobs=chosen.tolist(), top_k=top_ids.shape[-1], top_ids=top_ids.flatten().tolist(),
+                            top_logprobs=top_logprobs.flatten().tolist())
+
+
+def logprobs_from_proto(msg: pb.TokenLogprobs) -> list[TokenLogprob]:
+    """pb.TokenLogprobs -> one (logprob, top alternatives) per token."""
+    k = msg.top_k
+    return [(lp, list(zip(msg.top_ids[i * k : (i + 1) * k], msg.top_logprobs[i * k : (i + 1) * k])))
+            for i, lp in enumerate(msg.logprobs)]

@@ -32,6 +32,7 @@ def lookahead(gamma: int) -> int:
     bonus position after it, and the next block, so the next block is on the verifier before it finishes this
     one. The verifier keeps as many per session (lookahead(max_gamma))."""
     return 2 * gamma + 1
+MAX_LOGPROBS = 20  # most top alternatives a request may ask for per token (OpenAI's and vLLM's limit)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class SamplingParams:
     seed: int | None = None
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] = ()
+    # log-probabilities from the verifier (specdec/sampling.py `token_logprobs`), as in vLLM's SamplingParams:
+    # None = off (nothing extra on the wire); k >= 0 = each committed token's, and k alternatives per token
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens, from the prefill (the first has none)
 
     @property
     def greedy(self) -> bool:
@@ -68,6 +73,10 @@ class SamplingParams:
             )
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} ids, over the limit of {MAX_STOP_TOKEN_IDS}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}] (alternatives per token), got {k}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 

@@ -47,6 +47,10 @@ class GenerationResult:
     # committed: ITL is per chunk (several tokens arrive per verdict), TTFT the first entry
     chunk_times_s: list[float] = field(default_factory=list)
     chunk_tokens: list[int] = field(default_factory=list)
+    # the verifier's log-probabilities, when the request asked (SamplingParams.logprobs / prompt_logprobs):
+    # one (logprob, [(id, logprob), ...] top alternatives) per generated token, and per prompt token from the second
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
     started: float = field(default=0.0, repr=False)  # perf_counter() at the request's start (not reported)
 
     @property

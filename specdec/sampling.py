@@ -243,3 +243,24 @@ def _verify_sampling_rows(
     recover = (num_accepted < rows.gamma) & (residual > 0).any(dim=-1)  # [B]; else p, as verify_sampling falls back
     weights = torch.where(recover[:, None], residual, p_next)  # [B, vocab]
     return num_accepted, torch.argmax(weights / race, dim=-1)
+
+
+def token_logprobs(
+    target_logits: torch.Tensor, token_ids: torch.Tensor, params: SamplingParams, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The verifier's log-probabilities of tokens it committed (or of prompt tokens), and the top-k alternatives.
+
+    target_logits: [n, vocab], row i scores token_ids[i]; token_ids: [n]; k >= 0.
+    -> (logprobs [n], top_ids [n, k], top_logprobs [n, k]), fp32, best first.
+    The distribution is the one the verifier samples position i from: log p with p = logits_to_probs (after
+    temperature, top-k and top-p, so a token outside their support gets -inf); greedy: log_softmax of the raw
+    logits. A token committed by speculative verification (accepted, recovered or bonus) is distributed as
+    that same p, which is why it is the one reported, whatever the draft proposed.
+    """
+    if params.greedy:
+        logp = target_logits.float().log_softmax(dim=-1)  # [n, vocab]
+    else:
+        logp = logits_to_probs(target_logits, params).log()  # [n, vocab]
+    chosen = logp.gather(-1, token_ids.long().to(logp.device)[:, None])[:, 0]  # [n]
+    top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)  # values, indices: [n, k]
+    return chosen, top.indices, top.values

@@ -137,7 +137,7 @@ async def test_the_draft_service_passes_its_mode_and_a_fresh_gamma_schedule(monk
     await service.run([1, 2], SamplingParams())
     await service.run([1, 2], SamplingParams())
     (first, kw), (second, _) = calls
-    assert isinstance(first, AdaptiveGamma) and first is not second and kw == {"mode": "ahead"}
+    assert isinstance(first, AdaptiveGamma) and first is not second and kw == {"mode": "ahead", "result": None}
     assert gamma_schedule(3) == 3 and gamma_schedule("5") == 5
 
 

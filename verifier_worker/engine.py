@@ -53,6 +53,7 @@ from specdec.config import MAX_GAMMA, SamplingParams
 from specdec.sampling import verify_batch
 from verifier_worker.backends import Backend, as_backend
 from verifier_worker.kv import Row
+from verifier_worker.logprobs import block_logprobs
 from verifier_worker.session import RoundResult, VerifierSession
 
 log = logging.getLogger(__name__)
@@ -275,15 +276,20 @@ class Engine:
     def _step(self, batch: list[tuple[_Work, int]]) -> list[tuple[int, int] | None]:
         """Compute thread: one forward over the batch, then every block's verification in one call.
 
-        -> per work item its outcome (num_accepted, next_token), None for a prefill chunk. Reads the work items
+        -> per work item its outcome: (num_accepted, next_token, logprobs or None) for a block; for a prefill
+        chunk, the prompt logprobs it scores when the request asked for them, else None. Reads the work items
         and the sessions' KV, params and generators, which the event loop leaves alone while a step runs;
         changes nothing but the KV the forward appends to and the generators' states.
         """
-        rows = [Row(work.session.kv, work.tokens[:n], not work.is_prefill) for work, n in batch]
+        # a prefill chunk keeps its logits only when the session asked for the prompt's logprobs (echo)
+        rows = [Row(work.session.kv, work.tokens[:n], not work.is_prefill or work.session.prompt_logprobs.wanted)
+                for work, n in batch]
         logits = self.backend.forward(rows)  # the only model call (backends.py)
+        prompt_scores = [work.session.prompt_logprobs.score(row_logits) if work.is_prefill and row_logits is not None
+                         else None for (work, _), row_logits in zip(batch, logits)]
         blocks = [(work, row_logits) for (work, _), row_logits in zip(batch, logits) if not work.is_prefill]
         if not blocks:
-            return [None] * len(batch)
+            return prompt_scores
         num_accepted, next_token = verify_batch(
             torch.tensor([t for work, _ in blocks for t in work.draft_ids], dtype=torch.long, device=self.device),
             [len(work.draft_ids) for work, _ in blocks],
@@ -292,8 +298,10 @@ class Engine:
             [work.session.params for work, _ in blocks],
             [work.session.generator for work, _ in blocks],
         )
-        outcomes = iter(zip(num_accepted.tolist(), next_token.tolist()))  # the step's one host sync
-        return [None if work.is_prefill else next(outcomes) for work, _ in batch]
+        outcomes = iter([(accepted, token, block_logprobs(row_logits, work.draft_ids, accepted, token, work.session.params))
+                         for (work, row_logits), accepted, token
+                         in zip(blocks, num_accepted.tolist(), next_token.tolist())])  # the step's one host sync
+        return [score if work.is_prefill else next(outcomes) for (work, _), score in zip(batch, prompt_scores)]
 
     def _finish(self, batch: list[tuple[_Work, int]], outcomes: list, compute_s: float) -> None:
         """Event loop: account the step, commit each block's outcome to its session (the one place a session's
@@ -310,9 +318,13 @@ class Engine:
             elif isinstance(outcome, Exception):
                 _resolve(work.future, exception=outcome)
             elif work.is_prefill and len(work.tokens) > n:
+                if outcome is not None:
+                    session.prompt_logprobs.add(outcome)
                 work.tokens = work.tokens[n:]
                 self._queue.append(work)  # the rest of the prompt, after everyone already waiting
             else:
+                if work.is_prefill and outcome is not None:
+                    session.prompt_logprobs.add(outcome)
                 result = None if work.is_prefill else session.commit(work.draft_ids, *outcome)
                 if work.decoding and result.finish_reason is None:
                     work.next = self._submit(self._decode_work(session))

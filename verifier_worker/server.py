@@ -190,6 +190,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     prompt_tokens=prompt_tokens,
                     service_s=service_s,
                     cost=self._cost(cost, service_s),
+                    prompt_logprobs=codec.logprobs_to_proto(session.prompt_logprobs.joined()),
                 )
             )
             async_mode = opening.mode == pb.SPECULATION_MODE_ASYNC
@@ -226,6 +227,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 service_s=service_s,
                 round=round_index,
                 cost=self._cost(cost, service_s),
+                logprobs=codec.logprobs_to_proto(result.logprobs),
             )
             self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
             if result.next_token is not None:
@@ -266,7 +268,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                         base_len=result.base_len, token_ids=result.committed, verified=result.gamma,
                         num_accepted=result.num_accepted, finished=result.finish_reason is not None,
                         finish_reason=codec.finish_to_proto(result.finish_reason), service_s=now - last,
-                        cost=self._cost(cost, now - last), stale=session.stale))
+                        cost=self._cost(cost, now - last), stale=session.stale,
+                        logprobs=codec.logprobs_to_proto(result.logprobs)))
                     last = now
                     if result.finish_reason is not None:
                         received.cancel()
@@ -300,6 +303,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             prefill = await self._run(context, self.engine.prefill(session))
             decoding = self.engine.decode(session)  # one token in every engine step until it finishes
             result = None
+            prompt_logprobs = codec.logprobs_to_proto(session.prompt_logprobs.joined())
             while result is None or result.finish_reason is None:
                 result, cost = await self._run(context, decoding.next())
                 if prefill is not None:  # the first reply also carries the prefill
@@ -311,7 +315,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     finish_reason=codec.finish_to_proto(result.finish_reason),
                     service_s=now - arrived,
                     cost=self._cost(cost, now - arrived),
+                    logprobs=codec.logprobs_to_proto(result.logprobs),
+                    prompt_logprobs=prompt_logprobs,  # on the first reply only
                 )
+                prompt_logprobs = None
                 self.metrics.committed.inc()
                 arrived = now
         finally:

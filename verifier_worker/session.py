@@ -40,6 +40,7 @@ import torch
 from specdec.config import FINISH_LENGTH, FINISH_STOP, MAX_GAMMA, SamplingParams
 from specdec.sampling import make_generator
 from verifier_worker.kv import SessionKV
+from verifier_worker.logprobs import Logprobs, PromptLogprobs
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class RoundResult:
     committed: tuple[int, ...] = ()  # every token the round committed
     base_len: int = 0  # generated tokens before them
     gamma: int = 0  # draft tokens verified
+    logprobs: tuple | None = None  # sampling.token_logprobs of `committed`, when the session asked
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class VerifierSession:
         self.ahead: list[tuple[int, torch.Tensor | None]] = []  # async: (token, q row [vocab]) after the commit
         self.stale = 0  # claims dropped because their prefix was not committed
         self.steps = 0  # engine steps this session rode in (counted by the engine)
+        self.prompt_logprobs = PromptLogprobs(self.tokens[:], params)  # the prompt's, when asked (echo)
 
     def generated(self, start: int = 0) -> list[int]:
         return self.tokens[self.prompt_len + start :]
@@ -147,12 +150,14 @@ class VerifierSession:
         """The tokens one verification feeds: [last committed token] + draft."""
         return [self.tokens[-1], *draft_ids]
 
-    def commit(self, draft_ids: list[int], num_accepted: int, next_token: int) -> RoundResult:
+    def commit(self, draft_ids: list[int], num_accepted: int, next_token: int,
+               logprobs: Logprobs | None = None) -> RoundResult:
         """Apply one verified block's outcome: commit the accepted drafts and the next token (up to a stop token
         or max_new_tokens), drop what `ahead` no longer extends, and roll the KV back to the committed tokens.
 
         draft_ids: the gamma tokens the block verified (the engine's forward cached all of `block(draft_ids)`);
-        num_accepted, next_token: `verify_batch`'s outcome for them (the recovered or the bonus token).
+        num_accepted, next_token: `verify_batch`'s outcome for them (the recovered or the bonus token);
+        logprobs: those tokens' log-probabilities when the request asked (`token_logprobs`, accepted then next).
         """
         assert self.finish_reason is None, "session already finished"
         committed = [*draft_ids[:num_accepted], next_token]
@@ -169,6 +174,8 @@ class VerifierSession:
         self._drop_committed(committed)
         self.kv.truncate(len(self.tokens) - 1)  # a length decrement: the rejected keys are overwritten later
         accepted = min(num_accepted, len(committed))
+        if logprobs is not None:  # of the tokens committed (a stop or max_new_tokens may cut the block)
+            logprobs = tuple(part[: len(committed)] for part in logprobs)
         return RoundResult(
             num_accepted=accepted,
             next_token=committed[-1] if len(committed) > accepted else None,
@@ -176,4 +183,5 @@ class VerifierSession:
             committed=tuple(committed),
             base_len=base_len,
             gamma=len(draft_ids),
+            logprobs=logprobs,
         )
