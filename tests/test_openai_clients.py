@@ -12,6 +12,7 @@ import openai
 import pytest
 import torch
 
+from draft_worker.router import Router
 from draft_worker import http, openai_schema, transport
 from draft_worker.drafters import DrafterSpec
 from draft_worker.service import connect
@@ -42,7 +43,7 @@ async def endpoint(start_verifier, tiny_dirs, target, tokenizer):
     async def factory(mode: str = "lockstep", draft: bool = True):
         verifier = await start_verifier(target, vocab_size=models.model_vocab_size(target),
                                         fingerprint=models.tokenizer_fingerprint(tokenizer))
-        channel = transport.open_channel(verifier.address)
+        channel = Router([verifier.address])  # a pool of one
         spec = DrafterSpec(kind="lm", model=str(tiny_dirs[0]), dtype="fp32") if draft else None
         service = await connect(channel, spec, transport.ClientConfig(timeout_s=60, reconnect_s=0.5), 3,
                                 str(tiny_dirs[1]), mode=mode)
