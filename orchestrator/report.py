@@ -339,8 +339,8 @@ def render(run_dir: str | pathlib.Path) -> tuple[str, dict]:
 
     run_dir = pathlib.Path(run_dir)
     run = json.loads((run_dir / "run.json").read_text())
-    records = load_records(run_dir / "requests.jsonl")
-    summary = summarize(records, run)
+    requests = load_records(run_dir / "requests.jsonl")
+    summary = summarize(requests, run)
     records = [{k: json_value(v) for k, v in row.items()} for row in summary.to_dict("records")]
     (run_dir / "summary.json").write_text(json.dumps(records, indent=1, default=str))
     flat = summary.copy()
@@ -353,7 +353,7 @@ def render(run_dir: str | pathlib.Path) -> tuple[str, dict]:
     if not winners.empty:
         winners.to_csv(run_dir / "mode_winners.csv", index=False)
         tables += "\n\nWhich mode won, per RTT (tok/s p50):\n\n" + markdown_table(winners, WINNER_COLUMNS)
-    serving_text, capacities = capacity.render(records, run, run_dir)
+    serving_text, capacities = capacity.render(requests, run, run_dir)
     tables += "\n\n" + serving_text if serving_text else ""
     (run_dir / "summary.md").write_text(tables + "\n")
     plots.render_all(summary, run_dir)
