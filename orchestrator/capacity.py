@@ -34,7 +34,7 @@ CAPACITY_COLUMNS = {
 }
 
 
-def _clean(row: dict) -> dict:
+def clean_record(row: dict) -> dict:
     """A DataFrame row as a record again: NaN (a field this record never had) dropped."""
     return {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
 
@@ -47,7 +47,7 @@ def serving_table(records: pd.DataFrame, run: dict) -> pd.DataFrame:
     order = list(dict.fromkeys(run.get("configurations", []) + list(records["config"])))
     rows = []
     for name in order:
-        g = [_clean(r) for r in records[records["config"] == name].to_dict("records")]
+        g = [clean_record(r) for r in records[records["config"] == name].to_dict("records")]
         if not g:
             continue
         first = g[0]

@@ -103,11 +103,11 @@ def _file_prefill_s(path: pathlib.Path) -> float | None:
 def plan(run_dir: pathlib.Path, rtts_ms: list[float], slo: serving.Slo, step_costs: pathlib.Path | None = None,
          slots: int | None = None, requests: int = 200, seed: int = 0) -> tuple[str, dict]:
     """The predicted capacity of every configuration of the run at every RTT -> (markdown, JSON-able dict)."""
-    from orchestrator.capacity import _clean
+    from orchestrator.capacity import clean_record
     from orchestrator.report import load_records, markdown_table
 
     run = json.loads((run_dir / "run.json").read_text())
-    records = [_clean(r) for r in load_records(run_dir / "requests.jsonl").to_dict("records")]
+    records = [clean_record(r) for r in load_records(run_dir / "requests.jsonl").to_dict("records")]
     if slots is None:
         sessions = run["config"]["concurrency"].get("sessions")
         slots = (sessions[0] if isinstance(sessions, list) else sessions) or (
