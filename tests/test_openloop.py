@@ -64,6 +64,6 @@ def test_load_expands_to_one_configuration_per_rate_with_the_same_arrivals():
 def test_capacity_configs_load():
     configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
     tiny = bench_config.expand(bench_config.load(configs / "capacity-tiny.yaml"))
-    assert len(tiny) == 4 * 3 * 3 and {s.rate for s in tiny} == {2, 4, 8, 16}  # (baseline + 2 drafts) x 3 RTTs x 4 rates
+    assert len(tiny) == 4 * 3 * 3 and {s.rate for s in tiny} == {4, 8, 16, 32}  # (baseline + 2 drafts) x 3 RTTs x 4 rates
     real = bench_config.load(configs / "capacity.yaml")
     assert real.slo.tpot_ms and [s.name for s in bench_config.expand(real)][:2] == ["baseline @0.1/s", "ngram g=4 @0.1/s"]
