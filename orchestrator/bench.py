@@ -136,9 +136,10 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
             params = dataclasses.replace(params, max_new_tokens=min(max_new_tokens, params.max_new_tokens))
         return Job(spec, prompt.ids, params, fingerprint)
 
-    def record(prompt: Prompt, status: str, attempts: int, result: dict | None = None, error: str = "") -> None:
-        rec = {"config": spec.name, "drafter": spec.drafter, "draft_name": spec.draft_name, "draft_model": spec.model,
-               "gamma": spec.gamma, "mode": spec.mode, "rtt_ms": spec.rtt_ms, "sessions": sessions, "prompt_index": prompt.index, "pubid": prompt.pubid,
+    def record(prompt: Prompt, status: str, attempts: int, result: dict | None = None, error: str = "",
+               timing: dict | None = None) -> None:
+        rec = {**(timing or {}), "config": spec.name, "drafter": spec.drafter, "draft_name": spec.draft_name, "draft_model": spec.model,
+               "gamma": spec.gamma, "mode": spec.mode, "rtt_ms": spec.rtt_ms, "sessions": sessions, "rate": spec.rate, "prompt_index": prompt.index, "pubid": prompt.pubid,
                "prompt_tokens": len(prompt.ids), "prompt_truncated": prompt.truncated, "status": status,
                "attempts": attempts, "error": error}
         if result is not None:
@@ -160,6 +161,27 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
                 record(prompt, "failed", 0, error=f"warm-up failed: {_error_text(exc)}")
             return
 
+    async def call(worker, prompt: Prompt) -> dict:
+        ref = worker.run.remote(job(prompt))
+        try:
+            return await asyncio.wait_for(ref, deadline)
+        except asyncio.TimeoutError:
+            ray.cancel(ref)  # stop the hung request on the worker too
+            raise TimeoutError(f"no answer from the draft worker within {deadline:g} s") from None
+
+    slots = [workers[i % len(workers)] for i in range(sessions)]  # round-robin over workers
+    if spec.rate is not None:  # open loop: seeded Poisson arrivals share the slots; failures are not retried
+        from orchestrator import openloop
+
+        times = openloop.arrivals(config.load, spec.rate, len(prompts))
+        with tqdm(total=len(times), desc=spec.name, unit="req", file=sys.stderr, disable=not progress) as bar:
+            def done(i, prompt, result, error, timing) -> None:
+                record(prompt, "failed" if error else "ok", 1, result, _error_text(error) if error else "", timing)
+                bar.update(1)
+
+            await openloop.drive(times, prompts, slots, call, done)
+        return
+
     queue: asyncio.Queue = asyncio.Queue()
     for prompt in prompts:
         queue.put_nowait((prompt, 1))
@@ -169,13 +191,9 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
     async def slot(worker) -> None:
         while not queue.empty():
             prompt, attempt = queue.get_nowait()
-            ref = worker.run.remote(job(prompt))
             try:
-                result = await asyncio.wait_for(ref, deadline)
+                result = await call(worker, prompt)
             except Exception as exc:  # noqa: BLE001 - counted and recorded, never fatal
-                if isinstance(exc, asyncio.TimeoutError):
-                    ray.cancel(ref)  # stop the hung request on the worker too
-                    exc = TimeoutError(f"no answer from the draft worker within {deadline:g} s")
                 if attempt < MAX_ATTEMPTS:
                     delay = Backoff(initial_s=RETRY_BACKOFF_S, max_s=8 * RETRY_BACKOFF_S).delay(attempt - 1)
                     log.warning("%s: prompt %s failed (%s); retrying in %.1f s", spec.name, prompt.pubid,
@@ -198,7 +216,7 @@ async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list,
             bar.set_postfix(postfix)
 
     try:
-        await asyncio.gather(*(slot(workers[i % len(workers)]) for i in range(sessions)))  # round-robin over workers
+        await asyncio.gather(*(slot(worker) for worker in slots))
     finally:
         bar.close()
 
@@ -295,12 +313,13 @@ async def _prepare_drafts(specs: list[RunSpec], workers: list) -> None:
 
 
 def schedule(specs: list[RunSpec], prompts: list[Prompt], done: set, order: str):
-    """-> (configuration, its prompts still to run, warm up first?) in the run's order (BenchConfig.order)."""
-    if order == "grouped":
+    """-> (configuration, its prompts still to run, warm up first?) in the run's order (BenchConfig.order).
+    An open-loop configuration (a rate) runs grouped, whole: its arrivals cannot resume half-way."""
+    if order == "grouped" or any(s.rate is not None for s in specs):
         for spec in specs:
             todo = [p for p in prompts if (spec.name, p.pubid) not in done]
             if todo:
-                yield spec, todo, True
+                yield spec, prompts if spec.rate is not None else todo, True
         return
     warmed: set[str] = set()
     for prompt in prompts:
@@ -366,7 +385,7 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
         writer = _Writer(requests_path)
         for spec, todo, warm in schedule(specs, prompts, done, config.order):
             await run_configuration(spec, todo, workers, config, fingerprint, stop_ids, tokenizer, writer,
-                                    progress and config.order == "grouped", warm)
+                                    progress and (config.order == "grouped" or spec.rate is not None), warm)
         return out
     finally:
         if writer is not None:

@@ -143,6 +143,40 @@ def _add_report(sub) -> None:
     p.add_argument("run_dir", type=pathlib.Path)
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="predict capacity (users per verifier at an SLO) by simulation from a bench run's measurements")
+    p.add_argument("--from", dest="run_dir", type=pathlib.Path, required=True, metavar="RUN_DIR", help="a `specdec bench` run folder")
+    p.add_argument("--slo-tpot-ms", type=float, help="TPOT target (default: the run's slo)")
+    p.add_argument("--slo-ttft-ms", type=float, help="TTFT target (default: the run's slo)")
+    p.add_argument("--rtt-ms", type=_floats, default=[0.0], help="round trips to plan for, comma-separated (e.g. 10,50,100)")
+    p.add_argument("--step-costs", type=pathlib.Path, help="step times of another device: CSV tokens,step_ms or YAML "
+                   "{step_ms: {tokens: ms}, prefill_ms: ms} (default: fitted to the run's engine steps)")
+    p.add_argument("--slots", type=int, help="draft slots (default: the run's; 0 = each user drafts on their own machine)")
+    p.add_argument("--requests", type=int, default=200, help="simulated arrivals per rate tried")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _floats(value: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _plan(args) -> dict:
+    from orchestrator import plan
+    from orchestrator.serving import Slo
+
+    if not (args.run_dir / "requests.jsonl").exists() or not (args.run_dir / "run.json").exists():
+        raise UserError(f"{args.run_dir} is not a bench run folder (no requests.jsonl and run.json)")
+    run_slo = json.loads((args.run_dir / "run.json").read_text())["config"].get("slo") or {}
+    slo = Slo(ttft_ms=args.slo_ttft_ms or run_slo.get("ttft_ms"), tpot_ms=args.slo_tpot_ms or run_slo.get("tpot_ms"))
+    with user_errors(f"cannot plan from {args.run_dir}", ValueError, OSError, KeyError):
+        text, out = plan.plan(args.run_dir, args.rtt_ms, slo, args.step_costs, args.slots, args.requests, args.seed)
+    print(text)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdec", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -152,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_draft(sub)
     _add_bench(sub)
     _add_report(sub)
+    _add_plan(sub)
     _add_make_certs(sub)
     _add_health(sub)
     return parser
@@ -350,6 +385,8 @@ def _run(args) -> None:
         _make_certs(args)
     elif args.command == "health":
         asyncio.run(_health(args))
+    elif args.command == "plan":
+        print(json.dumps(_plan(args), separators=(",", ":")))
     elif args.command in ("bench", "report"):
         summary = _bench(args) if args.command == "bench" else _report(args.run_dir)
         print(json.dumps(summary, separators=(",", ":")))

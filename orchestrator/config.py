@@ -128,6 +128,32 @@ class ConcurrencyConfig:
 
 
 @pydantic_dataclass(config=_STRICT)
+class LoadConfig:
+    """Open-loop load (orchestrator/openloop.py): requests arrive by a seeded Poisson process at each rate."""
+
+    arrival: Literal["poisson"] = "poisson"
+    rates: float | list[float] = 1.0  # requests/s; a list sweeps it (every configuration at every rate)
+    requests: int | None = Field(None, ge=1)  # arrivals per rate; None (and no duration_s) = dataset.num_prompts
+    duration_s: float | None = Field(None, gt=0)  # or every arrival within this many seconds
+    warmup: int = Field(0, ge=0)  # the first arrivals, excluded from the figures
+    cooldown: int = Field(0, ge=0)  # the last arrivals, excluded from the figures
+    seed: int = 0  # the same arrival times for every configuration at a rate
+
+    _rates = _each("rates", lambda v: v > 0, "> 0 requests/s")
+
+    def levels(self) -> list[float]:
+        return [float(r) for r in _as_list(self.rates)]
+
+
+@pydantic_dataclass(config=_STRICT)
+class SloConfig:
+    """Latency targets a request must meet to count towards goodput and capacity (orchestrator/serving.py)."""
+
+    ttft_ms: float | None = Field(None, gt=0)
+    tpot_ms: float | None = Field(None, gt=0)
+
+
+@pydantic_dataclass(config=_STRICT)
 class CpusConfig:
     verifier: list[int]  # CPU ids the Ray-started verifier runs on (the baseline's too)
     draft: list[int]  # CPU ids every draft worker runs on
@@ -186,6 +212,10 @@ class BenchConfig:
     # local runs emulate two machines: "auto" pins the verifier to the first half of this machine's cores and the
     # draft workers to the rest; "shared" lets every role use every core; or {verifier: [ids], draft: [ids]}
     cpus: Literal["auto", "shared"] | CpusConfig = "auto"
+    # None: the closed loop (concurrency.sessions requests in flight); set: open-loop arrivals at load.rates,
+    # concurrency.sessions (one level) being the draft slots they share
+    load: LoadConfig | None = None
+    slo: SloConfig = Field(default_factory=SloConfig)  # targets for goodput and capacity (serving.md)
 
     _rtt_range = _each_at_least("rtt_ms", 0)
     _modes = _each_mode("mode")
@@ -215,6 +245,7 @@ class RunSpec:
     sessions: int | None = None  # requests in flight, when the run sweeps concurrency
     backend: str = "transformers"  # LM drafters: transformers | llama.cpp
     mode: str = DEFAULT_MODE  # how the session overlaps drafting and verifying (specdec.config.SPEC_MODES)
+    rate: float | None = None  # open-loop arrival rate (requests/s); None = the closed loop
 
     @property
     def drafter_spec(self):
@@ -228,7 +259,8 @@ class RunSpec:
     def name(self) -> str:
         name = "baseline" if self.drafter == "baseline" else f"{self.draft_name} g={self.gamma}"
         name += f" {self.mode}" if self.mode != DEFAULT_MODE else ""  # the default mode goes unnamed
-        return name + (f" rtt={self.rtt_ms:g}ms" if self.rtt_ms else "") + (f" x{self.sessions}" if self.sessions else "")
+        name += f" rtt={self.rtt_ms:g}ms" if self.rtt_ms else ""
+        return name + (f" x{self.sessions}" if self.sessions else "") + (f" @{self.rate:g}/s" if self.rate else "")
 
 
 def expand(config: BenchConfig) -> list[RunSpec]:
@@ -242,16 +274,19 @@ def expand(config: BenchConfig) -> list[RunSpec]:
     def rtts(d: DraftConfig) -> list[float]:
         return [float(r) for r in _as_list(d.rtt_ms if d.rtt_ms is not None else config.rtt_ms)]
 
+    if config.load is not None and len(config.concurrency.levels()) > 1:
+        raise ConfigError("load: an open-loop run sweeps arrival rates; give concurrency.sessions one value (its draft slots)")
+    levels = [(None, rate) for rate in config.load.levels()] if config.load else [
+        (sessions if swept else None, None) for sessions in config.concurrency.levels()]
     specs = []
-    for sessions in config.concurrency.levels():
-        level = sessions if swept else None
-        specs += [RunSpec("baseline", rtt_ms=rtt, sessions=level) for rtt in sorted({r for d in config.drafts for r in rtts(d)})]
+    for level, rate in levels:
+        specs += [RunSpec("baseline", rtt_ms=rtt, sessions=level, rate=rate) for rtt in sorted({r for d in config.drafts for r in rtts(d)})]
         for d in config.drafts:
             for rtt in rtts(d):
                 for gamma in _as_list(d.gamma):
                     for mode in _as_list(d.mode if d.mode is not None else config.mode):
                         specs.append(RunSpec(d.kind, d.name, d.model, d.dtype, d.device, gamma, rtt, d.ngram_max,
-                                             d.dense_dtype, level, d.backend, mode))
+                                             d.dense_dtype, level, d.backend, mode, rate))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two configurations share a name: {sorted(n for n in names if names.count(n) > 1)[0]}")

@@ -3,7 +3,8 @@
 latency.png, throughput.png (p50 bars with p95 markers), speedup.png, acceptance.png (rate per
 configuration and by draft position), gamma_sweep.png (tok/s and acceptance vs gamma per LM drafter),
 network_share.png, concurrency.png (aggregate tok/s vs concurrent sessions, per configuration), rtt.png
-(tok/s p50 vs emulated RTT, one line per configuration across RTTs: drafter, gamma, mode; and the baseline).
+(tok/s p50 vs emulated RTT, one line per configuration across RTTs: drafter, gamma, mode; and the baseline),
+capacity.png (goodput and p90 TPOT vs load, from orchestrator/capacity.py).
 A plot whose data is absent (e.g. no gamma sweep) is skipped.
 """
 
@@ -146,3 +147,29 @@ def render_all(summary: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
         _bars(ax, list(net["config"]), 100 * net["network_share_p50"], unit="% of wall time (p50)")
         _save(fig, written[-1])
     return written
+
+
+def capacity_plot(table: pd.DataFrame, slo_tpot_ms: float | None, unit: str, path: pathlib.Path) -> None:
+    """Goodput and p90 TPOT against the load (arrival rate or sessions), one line per configuration, the
+    TPOT target drawn in (orchestrator/capacity.py)."""
+    fig, (ax_good, ax_tpot) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for series, g in table.groupby("series", sort=False):
+        g = g.sort_values("load")
+        style = {"color": "black", "linestyle": "--"} if g["drafter"].iloc[0] == "baseline" else {}
+        ax_good.plot(g["load"], g["request_goodput"], marker="o", label=series, **style)
+        ax_tpot.plot(g["load"], g["p90_tpot_ms"], marker="o", label=series, **style)
+    if unit == "req/s":  # goodput cannot exceed the arrival rate
+        top = table["load"].max()
+        ax_good.plot([0, top], [0, top], color="grey", linewidth=0.6, label="every arrival served")
+    ax_good.set_title("Goodput (requests/s meeting the SLO)")
+    ax_good.set_ylabel("goodput (req/s)")
+    ax_tpot.set_title("TPOT p90")
+    ax_tpot.set_ylabel("ms per output token")
+    if slo_tpot_ms:
+        ax_tpot.axhline(slo_tpot_ms, color="tab:red", linewidth=1, label=f"SLO {slo_tpot_ms:g} ms")
+    for ax in (ax_good, ax_tpot):
+        ax.set_xlabel("arrival rate (req/s)" if unit == "req/s" else "concurrent sessions")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)

@@ -90,7 +90,9 @@ def load_records(path: pathlib.Path) -> pd.DataFrame:
     rows = read_records(path)
     if not rows:
         raise ValueError(f"{path} has no records")
-    return pd.DataFrame(rows).drop_duplicates(["config", "pubid"], keep="last").reset_index(drop=True)
+    frame = pd.DataFrame(rows)
+    keys = ["config", "pubid"] + (["request"] if "request" in frame else [])  # open loop: a prompt can recur
+    return frame.drop_duplicates(keys, keep="last").reset_index(drop=True)
 
 
 def acceptance_by_position(proposed: list[list[int]], accepted: list[list[int]]) -> list[float]:
@@ -331,13 +333,14 @@ def compact(summary: pd.DataFrame, run_dir: pathlib.Path) -> dict:
 
 
 def render(run_dir: str | pathlib.Path) -> tuple[str, dict]:
-    """Write summary.csv/.json/.md, mode_winners.csv (when modes were swept) and the plots into run_dir;
-    returns (markdown tables, compact summary)."""
-    from orchestrator import plots, pool
+    """Write summary.csv/.json/.md, mode_winners.csv (when modes were swept), the serving and capacity tables
+    (orchestrator/capacity.py) and the plots into run_dir; returns (markdown tables, compact summary)."""
+    from orchestrator import capacity, plots, pool
 
     run_dir = pathlib.Path(run_dir)
     run = json.loads((run_dir / "run.json").read_text())
-    summary = summarize(load_records(run_dir / "requests.jsonl"), run)
+    requests = load_records(run_dir / "requests.jsonl")
+    summary = summarize(requests, run)
     records = [{k: json_value(v) for k, v in row.items()} for row in summary.to_dict("records")]
     (run_dir / "summary.json").write_text(json.dumps(records, indent=1, default=str))
     flat = summary.copy()
@@ -350,9 +353,11 @@ def render(run_dir: str | pathlib.Path) -> tuple[str, dict]:
     if not winners.empty:
         winners.to_csv(run_dir / "mode_winners.csv", index=False)
         tables += "\n\nWhich mode won, per RTT (tok/s p50):\n\n" + markdown_table(winners, WINNER_COLUMNS)
+    serving_text, capacities = capacity.render(requests, run, run_dir)
+    tables += "\n\n" + serving_text if serving_text else ""
     (run_dir / "summary.md").write_text(tables + "\n")
     plots.render_all(summary, run_dir)
-    out = compact(summary, run_dir)
+    out = {**compact(summary, run_dir), "capacity": capacities}
     replicas = pool.replica_rows(read_records(run_dir / "requests.jsonl"))  # where each session ran (pool.py)
     if len({r["replica"] for r in replicas}) > 1:
         out["replicas"] = replicas

@@ -1,0 +1,154 @@
+"""`specdec plan`: the planner's inputs from a bench run, its capacity table, and the check against the run.
+
+Measured inputs (orchestrator/planner.py simulates with them):
+- the verifier's step-cost curve: a least-squares fit of compute_s = a + b x batch_tokens + c x batch_size over
+  every round the run recorded (each round records the engine step it rode in), or a file of step times for
+  another device (`--step-costs`): CSV `tokens,step_ms` or YAML `{step_ms: {tokens: ms}, prefill_ms: ms,
+  source: "where the figures come from"}`, piecewise linear in tokens, extended linearly past its ends;
+- per configuration (its name less load and RTT): the acceptance traces (accepted per round of every request),
+  draft seconds per drafted token, tokens per request; the prefill's verifier time (the run's median, or the
+  file's prefill_ms, or the curve at the median prompt length);
+- an RTT per scenario (`--rtt-ms 10,50,100`), the SLO, and the draft slots (the run's; 0 = every user drafts
+  on their own machine).
+When the run was open-loop, the capacity it measured is shown beside the prediction at the run's own RTT.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import pathlib
+import re
+
+import numpy as np
+import yaml
+
+from orchestrator import planner, serving
+
+RTT_SUFFIX = re.compile(r" rtt=[\d.]+ms")
+
+
+def series_name(config: str) -> str:
+    from orchestrator.capacity import LOAD_SUFFIX
+
+    return RTT_SUFFIX.sub("", LOAD_SUFFIX.sub("", config))
+
+
+def workloads(records: list[dict]) -> list[planner.Workload]:
+    """One Workload per configuration (across loads and RTTs) with completed requests, in run order."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    prefill_s = float(np.median([r.get("prefill_compute_s", 0.0) for r in ok])) if ok else 0.0
+    groups: dict[str, list[dict]] = {}
+    for r in ok:
+        groups.setdefault(series_name(r["config"]), []).append(r)
+    out = []
+    for name, g in groups.items():
+        spec = g[0]["drafter"] != "baseline"
+        gamma = g[0]["gamma"] if isinstance(g[0]["gamma"], int) else round(
+            np.mean([x for r in g for x in r.get("gamma_per_round") or r.get("proposed_per_round") or [0]]))
+        proposed = sum(r.get("proposed", 0) for r in g)
+        out.append(planner.Workload(
+            name, gamma=int(gamma) if spec else 0, traces=tuple(tuple(r.get("accepted_per_round") or ()) for r in g) if spec else (),
+            draft_s_per_token=sum(r.get("draft_s", 0.0) for r in g) / proposed if proposed else 0.0,
+            new_tokens=int(np.median([r["new_tokens"] for r in g])), prefill_s=prefill_s))
+    return out
+
+
+def fit_step_cost(records: list[dict]) -> planner.StepCostFn:
+    """compute_s = a + b x tokens + c x sessions, least squares over every recorded round (never below 0)."""
+    rows = [(c, t, n) for r in records if r.get("status") == "ok"
+            for c, t, n in zip(r.get("compute_s") or [], r.get("batch_tokens") or [], r.get("batch_size") or [])]
+    if len(rows) < 2:
+        raise ValueError("the run recorded no engine steps (compute_s, batch_tokens, batch_size) to fit a step cost to")
+    y, tokens, sessions = (np.asarray(col, float) for col in zip(*rows))
+    design = np.column_stack([np.ones_like(y), tokens, sessions])
+    if np.linalg.matrix_rank(design) < 3:
+        design = design[:, :2]  # one batch size throughout: the sessions term is not identifiable
+    coef = np.linalg.lstsq(design, y, rcond=None)[0].tolist() + [0.0]
+    a, b, c = coef[:3]
+    return lambda t, n: max(0.0, a + b * t + c * n)
+
+
+def load_step_costs(path: pathlib.Path) -> planner.StepCostFn:
+    """A step-cost file (CSV tokens,step_ms or YAML step_ms: {tokens: ms}) as a piecewise-linear curve."""
+    points = _step_table(path)
+    xs, ys = zip(*sorted(points.items()))
+    if len(xs) < 2:
+        raise ValueError(f"{path}: give step times at two or more token counts")
+
+    def cost(t: int, n: int) -> float:
+        if t > xs[-1]:  # linear past the ends, along the last segment
+            return ys[-1] + (t - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return float(np.interp(t, xs, ys))
+    return cost
+
+
+def _step_table(path: pathlib.Path) -> dict[float, float]:
+    text = pathlib.Path(path).read_text()
+    if pathlib.Path(path).suffix == ".csv":
+        return {float(row["tokens"]): float(row["step_ms"]) / 1000 for row in csv.DictReader(text.splitlines())}
+    data = yaml.safe_load(text) or {}
+    return {float(k): float(v) / 1000 for k, v in (data.get("step_ms") or {}).items()}
+
+
+def _file_prefill_s(path: pathlib.Path) -> float | None:
+    if pathlib.Path(path).suffix == ".csv":
+        return None
+    value = (yaml.safe_load(pathlib.Path(path).read_text()) or {}).get("prefill_ms")
+    return None if value is None else float(value) / 1000
+
+
+def plan(run_dir: pathlib.Path, rtts_ms: list[float], slo: serving.Slo, step_costs: pathlib.Path | None = None,
+         slots: int | None = None, requests: int = 200, seed: int = 0) -> tuple[str, dict]:
+    """The predicted capacity of every configuration of the run at every RTT -> (markdown, JSON-able dict)."""
+    from orchestrator.capacity import clean_record
+    from orchestrator.report import load_records, markdown_table
+
+    run = json.loads((run_dir / "run.json").read_text())
+    records = [clean_record(r) for r in load_records(run_dir / "requests.jsonl").to_dict("records")]
+    if slots is None:
+        sessions = run["config"]["concurrency"].get("sessions")
+        slots = (sessions[0] if isinstance(sessions, list) else sessions) or (
+            run["config"]["concurrency"]["draft_workers"] * run["config"]["concurrency"]["sessions_per_worker"])
+    works = workloads(records)
+    if step_costs is not None:
+        cost = load_step_costs(step_costs)
+        prompt = float(np.median([r["prompt_tokens"] for r in records if r.get("status") == "ok"]))
+        prefill = _file_prefill_s(step_costs)
+        works = [dataclasses.replace(w, prefill_s=cost(prompt, 1) if prefill is None else prefill) for w in works]
+    else:
+        cost = fit_step_cost(records)
+    measured = _measured(records, run)
+    rows = []
+    for rtt in rtts_ms:
+        caps = {w.name: planner.capacity(w, cost, rtt / 1000, slo, requests, seed, slots or None) for w in works}
+        base = caps.get("baseline", math.nan)
+        for w in works:
+            got = measured.get((w.name, rtt))
+            rows.append({"configuration": w.name, "rtt_ms": rtt, "predicted_capacity": caps[w.name],
+                         "x_verifier_only": caps[w.name] / base if base else math.nan, "measured_capacity": got,
+                         "error": caps[w.name] / got - 1 if got else None})
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    source = str(step_costs) if step_costs else f"fitted to {run_dir}'s engine steps"
+    target = " and ".join(f"{k.removesuffix('_ms').upper()} ≤ {v:g} ms" for k, v in dataclasses.asdict(slo).items() if v)
+    text = (f"Predicted capacity (req/s): {serving.CAPACITY_ATTAINMENT:.0%} meeting {target or 'no SLO'}; step costs {source}; "
+            f"draft slots {slots or 'unlimited'}:\n\n" + markdown_table(table, {c: c.replace('_', ' ') for c in table}))
+    return text, {"slo": dataclasses.asdict(slo), "step_costs": source, "slots": slots or None,
+                  "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]}
+
+
+def _measured(records: list[dict], run: dict) -> dict[tuple[str, float], float]:
+    """(configuration, RTT) -> the capacity an open-loop run measured there (bounded ones only)."""
+    import pandas as pd
+
+    from orchestrator.capacity import capacity_table, serving_table
+
+    if not any(r.get("rate") is not None for r in records):
+        return {}
+    caps = capacity_table(serving_table(pd.DataFrame(records), run))
+    return {(RTT_SUFFIX.sub("", s), rtt): v for s, rtt, v, bounded in
+            zip(caps["series"], caps["rtt_ms"], caps["capacity_value"], caps["bounded"]) if v is not None and bounded}

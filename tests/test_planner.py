@@ -1,0 +1,88 @@
+"""The capacity planner's simulator on cases computed by hand, and its inputs from a bench run's records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator import plan, planner, serving
+from orchestrator.serving import Slo, request_metrics
+
+R, S, D = 0.050, 0.010, 0.002  # round trip, step time, draft time per token (s)
+
+
+def constant(tokens: int, sessions: int) -> float:
+    return S
+
+
+def test_one_speculative_session_matches_the_hand_computation():
+    # 10 tokens, gamma 2, every draft accepted: the prefill brings token 1 (one round trip and a step), then
+    # 3 rounds of (draft 2 tokens, round trip, step) bring 3 tokens each
+    work = planner.Workload("spec", gamma=2, traces=((2,),), draft_s_per_token=D, new_tokens=10, prefill_s=0.0)
+    rec = planner.simulate(work, constant, [0.0], R)[0]
+    m = request_metrics(rec)
+    round_s = 2 * D + R + S
+    assert m.ttft_ms == pytest.approx(1000 * (R + S), abs=1e-9)
+    assert m.e2el_ms == pytest.approx(1000 * (R + S + 3 * round_s), abs=1e-9)
+    assert m.tpot_ms == pytest.approx(1000 * 3 * round_s / 9, abs=1e-9)
+    assert rec["chunk_tokens"] == [1, 3, 3, 3] and rec["rounds"] == 3 and rec["accepted"] == 6
+
+
+def test_verifier_only_streams_a_token_per_step_and_partial_acceptance_counts_rounds():
+    base = planner.Workload("base", gamma=0, traces=(), draft_s_per_token=0.0, new_tokens=10, prefill_s=0.03)
+    m = request_metrics(planner.simulate(base, constant, [0.0], R)[0])
+    assert m.ttft_ms == pytest.approx(1000 * (R + S + 0.03), abs=1e-9)  # the prefill adds its own time
+    assert m.tpot_ms == pytest.approx(1000 * S, abs=1e-9)  # Generate: no round trip between tokens
+    # gamma 3, accepting 1 then 3 (cycled): rounds commit 2, 4, then 2 (2 tokens left: a block of 1 draft token)
+    work = planner.Workload("spec", gamma=3, traces=((1, 3),), draft_s_per_token=D, new_tokens=9, prefill_s=0.0)
+    rec = planner.simulate(work, constant, [0.0], R)[0]
+    assert rec["chunk_tokens"] == [1, 2, 4, 2] and rec["proposed"] == 3 + 3 + 1  # 2 left: gamma = min(3, 2 - 1)
+    assert rec["wall_s"] == pytest.approx(R + S + 2 * (3 * D + R + S) + (D + R + S), abs=1e-12)
+
+
+def test_batching_shares_steps_and_slots_queue_requests():
+    def per_step(tokens: int, sessions: int) -> float:
+        return 0.001  # a step costs the same whatever it carries
+
+    base = planner.Workload("base", gamma=0, traces=(), draft_s_per_token=0.0, new_tokens=4, prefill_s=0.0)
+    # A's prefill starts alone (the verifier was idle); B's waits for it, then every step carries both
+    a, b = planner.simulate(base, per_step, [0.0, 0.0], 0.0)
+    assert (a["wall_s"], b["wall_s"]) == pytest.approx((0.004, 0.005)) and b["wait_s"] == 0.0
+    a, b = planner.simulate(base, per_step, [0.0, 0.0], 0.0, slots=1)  # one draft slot: B waits for A to finish
+    assert (a["wall_s"], b["wait_s"], b["wall_s"]) == pytest.approx((0.004, 0.004, 0.004))
+
+
+def test_capacity_search_brackets_the_slo():
+    base = planner.Workload("base", gamma=0, traces=(), draft_s_per_token=0.0, new_tokens=16, prefill_s=0.0)
+    slo = Slo(tpot_ms=5.0)
+    cap = planner.capacity(base, lambda t, n: 0.002 + 0.001 * t, 0.0, slo, requests=100)
+    at = planner.attainment(base, lambda t, n: 0.002 + 0.001 * t, cap, 0.0, slo, requests=100)
+    above = planner.attainment(base, lambda t, n: 0.002 + 0.001 * t, 1.5 * cap, 0.0, slo, requests=100)
+    assert cap > 0 and at["slo_attainment"] >= 0.9 and above["slo_attainment"] < 0.9
+    assert planner.capacity(base, constant, 0.0, Slo(tpot_ms=1.0)) == 0.0  # even one request misses
+
+
+def test_inputs_from_records_and_a_step_cost_file(tmp_path):
+    records = [{"config": "baseline @1/s", "drafter": "baseline", "draft_name": "verifier-only", "gamma": 0,
+                "mode": "lockstep", "status": "ok", "new_tokens": 8, "prefill_compute_s": 0.02, "proposed": 0,
+                "accepted_per_round": [], "draft_s": 0.0, "compute_s": [0.011, 0.013], "batch_tokens": [1, 3],
+                "batch_size": [1, 3]},
+               {"config": "ngram g=4 @1/s", "drafter": "ngram", "draft_name": "ngram", "gamma": 4, "mode": "lockstep",
+                "status": "ok", "new_tokens": 8, "prefill_compute_s": 0.04, "proposed": 8, "accepted_per_round": [2, 1],
+                "draft_s": 0.004, "compute_s": [0.015, 0.019], "batch_tokens": [5, 9], "batch_size": [1, 1]},
+               {"config": "ngram g=4 @2/s", "status": "failed", "drafter": "ngram"}]
+    works = {w.name: w for w in plan.workloads(records)}
+    assert set(works) == {"baseline", "ngram g=4"}
+    ngram = works["ngram g=4"]
+    assert ngram.gamma == 4 and ngram.traces == ((2, 1),) and ngram.draft_s_per_token == pytest.approx(0.0005)
+    assert ngram.new_tokens == 8 and ngram.prefill_s == pytest.approx(0.03)  # median over the run's prefills
+    fit = plan.fit_step_cost(records)
+    assert fit(5, 1) == pytest.approx(0.015) and fit(1, 1) == pytest.approx(0.011)  # 10 ms + 1 ms per token
+    table = tmp_path / "gpu.csv"
+    table.write_text("tokens,step_ms\n1,10\n9,14\n")
+    cost = plan.load_step_costs(table)
+    assert cost(5, 3) == pytest.approx(0.012) and cost(17, 1) == pytest.approx(0.018)  # interpolated, extrapolated
+    yaml_file = tmp_path / "gpu.yaml"
+    yaml_file.write_text(json.dumps({"step_ms": {"1": 10, "9": 14}}))
+    assert plan.load_step_costs(yaml_file)(5, 1) == pytest.approx(0.012)
