@@ -54,7 +54,7 @@ async def with_recovery(attempt: Attempt, prompt_ids: list[int], params: Samplin
             break
         try:
             if route is not None:
-                result.replicas.append(route.acquire())
+                result.replicas.append(await route.acquire())
             await attempt([*prompt_ids, *result.token_ids], dataclasses.replace(params, max_new_tokens=left),
                           dataclasses.replace(config, timeout_s=max(deadline - time.perf_counter(), 1e-3)), result)
             break

@@ -206,11 +206,16 @@ class Route:
     def address(self) -> str:
         return self.replica.address if self.replica else ""
 
-    def acquire(self) -> str:
+    async def acquire(self) -> str:
         """Hold a replica for the next attempt: the current one while it has not failed, else the least
-        loaded other healthy one. -> its address. VerifierError (UNAVAILABLE) naming every address when none serves."""
+        loaded other healthy one; when none looks healthy, every replica is checked again now (the one that
+        failed may be back: a restart, or a refusal that was not the replica's death) before giving up.
+        -> its address. VerifierError (UNAVAILABLE) naming every address when none serves."""
         if self.replica is None or self._failed is self.replica:
             replica = self.router.pick(avoid=self._failed)
+            if replica is None:
+                await self.router.poll()
+                replica = self.router.pick(avoid=self._failed)
             if replica is None:
                 raise NoReplica(f"UNAVAILABLE: no verifier replica is serving (addresses: "
                                 f"{', '.join(self.router.addresses)})", "UNAVAILABLE")

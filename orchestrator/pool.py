@@ -84,7 +84,8 @@ async def info(addresses: list[str], client_config):
                 raise VerifierError(f"no answer from {', '.join(down)}")
             return await router.info()
         except VerifierError as exc:
-            raise BenchError(f"cannot use the verifier pool {', '.join(addresses)}: {exc}") from None
+            what = f"reach the verifier at {addresses[0]}" if len(addresses) == 1 else f"use the verifier pool {', '.join(addresses)}"
+            raise BenchError(f"cannot {what}: {exc}") from None
 
 
 def replica_rows(records: list[dict]) -> list[dict]:

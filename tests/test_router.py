@@ -53,10 +53,10 @@ def pool(replicas) -> Router:
     return Router([address for *_, address in replicas], poll_s=3600)  # polled by hand
 
 
-def picks(router: Router, n: int) -> list[str]:
+async def picks(router: Router, n: int) -> list[str]:
     """Where n new sessions go (each held open, so it counts toward its replica's load)."""
     routes = [router.route() for _ in range(n)]
-    return [route.acquire() for route in routes]
+    return [await route.acquire() for route in routes]
 
 
 async def test_new_sessions_go_to_the_least_loaded_replica(replicas):
@@ -64,17 +64,17 @@ async def test_new_sessions_go_to_the_least_loaded_replica(replicas):
     a, b, c = (address for *_, address in running)
     async with pool(running) as router:
         # b reports 1 session; the router counts what it sends until the next report: b, b (3), then b or c
-        assert picks(router, 2) == [b, b]
-        assert set(picks(router, 2)) == {b, c}
+        assert await picks(router, 2) == [b, b]
+        assert set(await picks(router, 2)) == {b, c}
         running[0][0].load = pb.Load(sessions=0)  # a empties; the next poll sees it
         await router.poll()
-        assert picks(router, 1) == [a]
+        assert await picks(router, 1) == [a]
 
 
 async def test_queued_tokens_break_ties_in_sessions(replicas):
     running = await replicas((2, 900), (2, 40), (2, 300))
     async with pool(running) as router:
-        assert picks(router, 1) == [running[1][3]]
+        assert await picks(router, 1) == [running[1][3]]
 
 
 async def test_a_session_stays_on_its_replica_while_it_is_healthy(replicas):
@@ -82,14 +82,14 @@ async def test_a_session_stays_on_its_replica_while_it_is_healthy(replicas):
     a, b = (address for *_, address in running)
     async with pool(running) as router:
         route = router.route()
-        assert route.acquire() == a
+        assert await route.acquire() == a
         running[0][0].load = pb.Load(sessions=9)  # a is now the busier one
         await router.poll()
         route.release()  # an attempt that ended without its replica failing
-        assert route.acquire() == a  # the session does not move
-        assert picks(router, 1) == [b]  # but a new one goes to b
+        assert await route.acquire() == a  # the session does not move
+        assert await picks(router, 1) == [b]  # but a new one goes to b
         route.release(failed=True)  # a went away: the re-open goes elsewhere
-        assert route.acquire() == b and route.tried == [a, a, b]
+        assert await route.acquire() == b and route.tried == [a, a, b]
 
 
 @pytest.mark.parametrize("how", ["health", "load", "stopped"])
@@ -104,7 +104,7 @@ async def test_a_draining_or_dead_replica_gets_no_new_session(replicas, how):
         else:
             await server.stop(None)
         await router.poll()
-        assert picks(router, 3) == [b, b, b]  # though a reports the least load
+        assert await picks(router, 3) == [b, b, b]  # though a reports the least load
         assert router.snapshot()[0]["serving"] is False
 
 
@@ -115,7 +115,7 @@ async def test_no_serving_replica_is_an_error_naming_every_address(replicas):
             await health_servicer.enter_graceful_shutdown()
         await router.poll()
         with pytest.raises(VerifierError) as err:
-            router.route().acquire()
+            await router.route().acquire()
     assert err.value.code == "UNAVAILABLE" and all(address in str(err.value) for *_, address in running)
 
 
