@@ -78,10 +78,10 @@ async def info(addresses: list[str], client_config):
     from draft_worker.transport import VerifierError
 
     async with Router(addresses, dataclasses.replace(client_config, info_timeout_s=15)) as router:
-        down = [r.address for r in router.replicas if r.info is None]
+        down = [r for r in router.replicas if r.info is None]
         try:
-            if down:
-                raise VerifierError(f"no answer from {', '.join(down)}")
+            if down:  # each with its own refusal (unreachable, UNAUTHENTICATED, ...)
+                raise VerifierError("; ".join(f"{r.address}: {r.error or 'no answer'}" for r in down))
             return await router.info()
         except VerifierError as exc:
             what = f"reach the verifier at {addresses[0]}" if len(addresses) == 1 else f"use the verifier pool {', '.join(addresses)}"
