@@ -13,8 +13,12 @@ The model (every input measured, see orchestrator/plan.py):
   request taking the next trace.
 - Verifier-only (gamma 0) is Generate: after the prefill the session decodes one token per step at the
   verifier with no round trip between steps; each token reaches the user rtt/2 after its step.
-Not modelled: drafting while a verdict is in flight (ahead/async modes), a draft core shared by several
-sessions slowing each (slots bound how many draft at once), network jitter, reconnects.
+- Draft slots on shared draft cores: when a block is drafted while n requests hold slots on the draft
+  worker, drafting costs draft_s_per_token + draft_s_per_token_per_session x (n - 1) per token, both fitted
+  to the run's records (orchestrator/plan.py), as 8 LM sessions on one draft core slow each other. With
+  unlimited slots (every user drafts on their own machine) n is 1.
+Not modelled: drafting while a verdict is in flight (ahead/async modes), the draft worker's own client and
+link overhead, network jitter, reconnects.
 """
 
 from __future__ import annotations
@@ -35,9 +39,14 @@ class Workload:
     name: str
     gamma: int  # draft tokens per block; 0 = verifier-only generation
     traces: tuple[tuple[int, ...], ...]  # accepted draft tokens per round, one trace per measured request
-    draft_s_per_token: float
+    draft_s_per_token: float  # uncontended: one request on the draft worker
     new_tokens: int  # generated per request
     prefill_s: float  # verifier time a prompt adds to the step it rides in
+    draft_s_per_token_per_session: float = 0.0  # added per other request holding a draft slot meanwhile
+
+    def draft_s(self, tokens: int, sessions: int) -> float:
+        """Seconds to draft `tokens` while `sessions` requests (this one included) hold draft slots."""
+        return tokens * (self.draft_s_per_token + self.draft_s_per_token_per_session * max(0, sessions - 1))
 
 
 class _Verifier:
@@ -118,8 +127,9 @@ def simulate(work: Workload, cost: StepCostFn, arrivals: list[float], rtt_s: flo
             rec["rounds"] += 1
             rec["proposed"] += g
             rec["accepted"] += a
-            sim.at(g * work.draft_s_per_token + half, lambda: verifier.submit(
-                g + 1, 0.0, lambda: sim.at(half, lambda: commit(a + 1))))
+            drafting = work.draft_s(g, 1 if slots is None else slots - int(free[0]))  # free[0]: slots left
+            rec["draft_s"] = rec.get("draft_s", 0.0) + drafting
+            sim.at(drafting + half, lambda: verifier.submit(g + 1, 0.0, lambda: sim.at(half, lambda: commit(a + 1))))
 
         sim.at(half, lambda: verifier.submit(1, work.prefill_s, computed))
 
