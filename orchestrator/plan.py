@@ -31,6 +31,7 @@ import yaml
 from orchestrator import planner, serving, validate
 
 RTT_SUFFIX = re.compile(r" rtt=[\d.]+ms")
+MIN_CELL = 3  # recorded steps a (sessions, tokens) pair needs before its median stands for it
 
 
 def series_name(config: str) -> str:
@@ -85,9 +86,12 @@ def draft_contention(group: list[dict]) -> tuple[float, float]:
 
 
 def fit_step_cost(records: list[dict]) -> planner.StepCostFn:
-    """compute_s = a + b x tokens + c x sessions, least squares over the recorded decode steps (never below 0).
+    """The verifier's step time from the recorded decode steps: the median compute_s of each (sessions, tokens)
+    seen at least MIN_CELL times, interpolated in tokens at that many sessions (the engine's cost is far from
+    linear: rows of one token take a cheaper path, and extra tokens per row cost little); elsewhere, and for
+    the slope past a table's ends, the least-squares line a + b x tokens + c x sessions (never below 0).
     A step that also carried a prompt (more tokens than its sessions' largest blocks could hold) is left
-    out: a prompt's cost is the planner's prefill_s, and those few long steps would tilt the line."""
+    out: a prompt's cost is the planner's prefill_s."""
     ok = [r for r in records if r.get("status") == "ok"]
     block = 1 + max((p for r in ok for p in r.get("proposed_per_round") or []), default=0)  # largest gamma + 1
     every = [(c, t, n) for r in ok
@@ -100,9 +104,28 @@ def fit_step_cost(records: list[dict]) -> planner.StepCostFn:
     design = np.column_stack([np.ones_like(y), tokens, sessions])
     if np.linalg.matrix_rank(design) < 3:
         design = design[:, :2]  # one batch size throughout: the sessions term is not identifiable
-    coef = np.linalg.lstsq(design, y, rcond=None)[0].tolist() + [0.0]
-    a, b, c = coef[:3]
-    return lambda t, n: max(0.0, a + b * t + c * n)
+    a, b, c = (np.linalg.lstsq(design, y, rcond=None)[0].tolist() + [0.0])[:3]
+
+    def line(t: float, n: float) -> float:
+        return a + b * t + c * n
+
+    cells: dict[int, dict[int, list[float]]] = {}
+    for cost_s, t, n in rows:
+        cells.setdefault(int(n), {}).setdefault(int(t), []).append(cost_s)
+    table = {n: sorted((t, float(np.median(v))) for t, v in by_t.items() if len(v) >= MIN_CELL) for n, by_t in cells.items()}
+    table = {n: points for n, points in table.items() if points}
+
+    def cost(t: int, n: int) -> float:
+        points = table.get(n)
+        if not points:
+            return max(0.0, line(t, n))
+        ts, cs = zip(*points)
+        if t > ts[-1]:
+            return max(0.0, cs[-1] + line(t, n) - line(ts[-1], n))
+        if t < ts[0]:
+            return max(0.0, cs[0] + line(t, n) - line(ts[0], n))
+        return float(np.interp(t, ts, cs))
+    return cost
 
 
 def load_step_costs(path: pathlib.Path) -> planner.StepCostFn:
@@ -144,7 +167,7 @@ def plan(run_dir: pathlib.Path, rtts_ms: list[float], slo: serving.Slo, step_cos
     records = [clean_record(r) for r in load_records(run_dir / "requests.jsonl").to_dict("records")]
     if slots is None:
         sessions = run["config"]["concurrency"].get("sessions")
-        slots = (sessions[0] if isinstance(sessions, list) else sessions) or (
+        slots = (max(sessions) if isinstance(sessions, list) else sessions) or (
             run["config"]["concurrency"]["draft_workers"] * run["config"]["concurrency"]["sessions_per_worker"])
     works = workloads(records)
     if step_costs is not None:
@@ -172,6 +195,8 @@ def plan(run_dir: pathlib.Path, rtts_ms: list[float], slo: serving.Slo, step_cos
     text = (f"Predicted capacity (req/s): {serving.CAPACITY_ATTAINMENT:.0%} meeting {target or 'no SLO'}; step costs {source}; "
             f"draft slots {slots or 'unlimited'}; {requests} simulated arrivals per rate:\n\n"
             + markdown_table(table, {c: c.replace('_', ' ') for c in table}))
+    if slots and slo.ttft_ms is None:  # a queue for a draft slot only shows in TTFT: nothing would bound capacity
+        text += "\n\nWARNING: draft slots are limited but no TTFT target is set, so waiting for a slot counts against nothing; give --slo-ttft-ms"
     out = {"slo": dataclasses.asdict(slo), "step_costs": source, "slots": slots or None,
            "rows": _rows(table)}
     if any(r.get("rate") is not None for r in records) and step_costs is None:

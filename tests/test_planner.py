@@ -120,3 +120,14 @@ def test_capacity_on_a_grid_is_read_where_attainment_crosses_90_percent():
     assert crossing([(8, 0.95), (4, 1.0), (16, 0.5)]) == (pytest.approx(8 + 8 * 0.05 / 0.45), True)
     assert crossing([(4, 0.8), (8, 1.0)]) == (None, True)  # the lowest rate already misses
     assert crossing([(4, 1.0), (8, 0.92)]) == (8, False)  # none missed: at least the top rate
+
+
+def test_the_verifier_waits_a_quarter_step_for_the_last_steps_sessions_as_the_engine_does():
+    # A's prefill runs 0-10 ms; B's prompt arrives at 1 ms and waits. A's next block comes back 0.5 ms after the
+    # step (drafting, no link): the engine holds B's prefill for it (at most a quarter step), so both ride in
+    # the step 10.5-20.5 ms; without that wait B would run alone 10-20 ms and A's block 20-30 ms
+    work = planner.Workload("spec", gamma=1, traces=((1,),), draft_s_per_token=0.0005, new_tokens=3, prefill_s=0.0)
+    a, b = planner.simulate(work, constant, [0.0, 0.001], 0.0)
+    assert a["chunk_times_s"] == pytest.approx([0.010, 0.0205]) and a["chunk_tokens"] == [1, 2]
+    a, b = planner.simulate(work, constant, [0.0, 0.001], 0.0, batch_wait_s=0.0)
+    assert a["chunk_times_s"] == pytest.approx([0.010, 0.030])
