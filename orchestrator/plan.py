@@ -44,6 +44,8 @@ def workloads(records: list[dict]) -> list[planner.Workload]:
     """One Workload per configuration (across loads and RTTs) with completed requests, in run order."""
     ok = [r for r in records if r.get("status") == "ok"]
     prefill_s = float(np.median([r.get("prefill_compute_s", 0.0) for r in ok])) if ok else 0.0
+    if not prefill_s:  # not recorded: what a step that carried a prompt cost over the decode steps' median
+        prefill_s = prompt_step_excess_s(ok)
     groups: dict[str, list[dict]] = {}
     for r in ok:
         groups.setdefault(series_name(r["config"]), []).append(r)
@@ -68,6 +70,17 @@ def in_flight(r: dict, group: list[dict]) -> float:
     overlap = sum(max(0.0, min(end, o["finished_at"]) - max(start, o["started_at"])) for o in group
                   if o is not r and o["config"] == r["config"] and o.get("started_at") is not None and o.get("finished_at") is not None)
     return 1.0 + overlap / (end - start)
+
+
+def prompt_step_excess_s(ok: list[dict]) -> float:
+    """Median compute_s of the recorded steps that carried a prompt (more tokens than sessions x the largest
+    block) less the median decode step's: the stall a prompt puts on every session of its step (the engine
+    pads every row of a step to its longest, so a prompt beside 7 decoding rows costs 8 prompts' compute)."""
+    block = 1 + max((p for r in ok for p in r.get("proposed_per_round") or []), default=0)
+    steps = [(c, t > n * block) for r in ok for c, t, n in zip(r.get("compute_s") or [], r.get("batch_tokens") or [],
+                                                                  r.get("batch_size") or [])]
+    prompt, decode = [c for c, p in steps if p], [c for c, p in steps if not p]
+    return max(0.0, float(np.median(prompt) - np.median(decode))) if prompt and decode else 0.0
 
 
 def draft_contention(group: list[dict]) -> tuple[float, float]:

@@ -131,3 +131,11 @@ def test_the_verifier_waits_a_quarter_step_for_the_last_steps_sessions_as_the_en
     assert a["chunk_times_s"] == pytest.approx([0.010, 0.0205]) and a["chunk_tokens"] == [1, 2]
     a, b = planner.simulate(work, constant, [0.0, 0.001], 0.0, batch_wait_s=0.0)
     assert a["chunk_times_s"] == pytest.approx([0.010, 0.030])
+
+
+def test_a_prompts_stall_is_read_from_the_steps_that_carried_one_when_the_prefill_was_not_timed():
+    rec = {"config": "baseline @1/s", "drafter": "baseline", "gamma": 0, "status": "ok", "new_tokens": 8,
+           "prefill_compute_s": 0.0, "compute_s": [0.01, 0.01, 0.51, 0.01], "batch_tokens": [2, 2, 258, 2],
+           "batch_size": [2, 2, 2, 2]}  # the third step also prefilled a 256-token prompt
+    (work,) = plan.workloads([rec])
+    assert work.prefill_s == pytest.approx(0.5)
