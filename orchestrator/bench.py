@@ -312,14 +312,20 @@ async def _prepare_drafts(specs: list[RunSpec], workers: list) -> None:
         raise BenchError(f"draft model check failed: {_error_text(exc)}") from None
 
 
-def schedule(specs: list[RunSpec], prompts: list[Prompt], done: set, order: str):
+def schedule(specs: list[RunSpec], prompts: list[Prompt], done: set, order: str, complete: set = frozenset()):
     """-> (configuration, its prompts still to run, warm up first?) in the run's order (BenchConfig.order).
-    An open-loop configuration (a rate) runs grouped, whole: its arrivals cannot resume half-way."""
+    An open-loop configuration (a rate) runs grouped, whole: its arrivals cannot resume half-way, so it is
+    skipped only when it is in `complete` (openloop.complete_passes), never by its prompts: with more
+    requests than prompts every prompt can have succeeded in a pass that stopped half-way."""
     if order == "grouped" or any(s.rate is not None for s in specs):
         for spec in specs:
+            if spec.rate is not None:
+                if spec.name not in complete:
+                    yield spec, prompts, True
+                continue
             todo = [p for p in prompts if (spec.name, p.pubid) not in done]
             if todo:
-                yield spec, prompts if spec.rate is not None else todo, True
+                yield spec, todo, True
         return
     warmed: set[str] = set()
     for prompt in prompts:
@@ -333,6 +339,8 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
     """Run every configuration; returns the output folder (requests.jsonl and run.json in it)."""
     import ray
 
+    from orchestrator.openloop import complete_passes
+    from orchestrator.report import read_records
     from orchestrator.workers import DraftWorker
 
     out = pathlib.Path(config.output_dir)
@@ -382,8 +390,9 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
         run_json = out / "run.json" if not (out / "run.json").exists() else out / f"run.resume-{int(time.time())}.json"
         run_json.write_text(json.dumps(run_info, indent=1))
         done = finished_keys(requests_path) if resume else set()
+        complete = complete_passes(read_records(requests_path)) if resume and requests_path.exists() else set()
         writer = _Writer(requests_path)
-        for spec, todo, warm in schedule(specs, prompts, done, config.order):
+        for spec, todo, warm in schedule(specs, prompts, done, config.order, complete):
             await run_configuration(spec, todo, workers, config, fingerprint, stop_ids, tokenizer, writer,
                                     progress and (config.order == "grouped" or spec.rate is not None), warm)
         return out

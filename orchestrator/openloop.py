@@ -4,9 +4,11 @@ At one arrival rate, request i arrives at its scheduled time (orchestrator.servi
 same times for every configuration at that rate), takes prompt i (cycling through the prompts) and waits
 for a free draft slot (a session place on a draft worker actor), then runs. Each record carries when it
 was scheduled, how late the load generator issued it (`dispatch_lag_s`: the generator's own lateness, which
-must stay ~0 for the figures to be honest; a warning names the count above serving.LATE_ARRIVAL_S), and how
-long it waited for a slot (`wait_s`, counted in its TTFT and E2E). A failed request is recorded, not
-retried: under open load it counts against goodput.
+must stay ~0 for the figures to be honest; a warning names the count above serving.LATE_ARRIVAL_S), how
+long it waited for a slot (`wait_s`, counted in its TTFT and E2E), and which pass of the rate it belongs to
+(`pass_started_at`, `pass_requests`). A failed request is recorded, not retried: under open load it counts
+against goodput. A rate's arrivals cannot resume half-way, so `--resume` reruns a rate whole unless one pass
+recorded every one of its requests (complete_passes); the report keeps the latest record per request.
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ def arrivals(load, rate: float, num_prompts: int) -> list[float]:
     return poisson_arrivals(rate, load.seed, count=load.requests or num_prompts)
 
 
+def complete_passes(records: list[dict]) -> set[str]:
+    """The open-loop configurations one of whose passes recorded every request it scheduled (ok or failed):
+    only these are done on --resume. Records from before passes were recorded count as no pass."""
+    seen: dict[tuple[str, float], set[int]] = {}
+    wanted: dict[tuple[str, float], int] = {}
+    for r in records:
+        if r.get("rate") is not None and r.get("pass_started_at") is not None and r.get("request") is not None:
+            key = (r["config"], r["pass_started_at"])
+            seen.setdefault(key, set()).add(int(r["request"]))
+            wanted[key] = int(r["pass_requests"])
+    return {config for (config, at), got in seen.items() if got >= set(range(wanted[(config, at)]))}
+
+
 async def drive(times: list[float], prompts: list, slots: list, call: Callable[[object, object], Awaitable[dict]],
                 done: Callable[[int, object, dict | None, BaseException | None, dict], None]) -> int:
     """Issue request i at times[i] (s from now) with prompts[i % len(prompts)] on the first free slot:
@@ -45,7 +60,8 @@ async def drive(times: list[float], prompts: list, slots: list, call: Callable[[
         lag = time.perf_counter() - t0 - scheduled
         late += lag > LATE_ARRIVAL_S
         slot = await free.get()
-        timing = {"request": i, "scheduled_s": scheduled, "scheduled_at": t0_wall + scheduled,
+        timing = {"request": i, "pass_started_at": t0_wall, "pass_requests": len(times),
+                  "scheduled_s": scheduled, "scheduled_at": t0_wall + scheduled,
                   "dispatch_lag_s": lag, "wait_s": time.perf_counter() - t0 - scheduled}
         try:
             result, error = await call(slot, prompt), None

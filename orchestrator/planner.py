@@ -5,7 +5,8 @@ The model (every input measured, see orchestrator/plan.py):
   slots (None: every user drafts on their own machine, no wait).
 - The verifier runs one step at a time. A step takes every block waiting at its start (continuous batching)
   and lasts cost(tokens, sessions) seconds (the step-cost curve) plus `prefill_s` per prompt in it; blocks
-  arriving meanwhile wait for the next step (the verifier's queue).
+  arriving meanwhile wait for the next step (the verifier's queue), which, as the engine's, waits a little
+  (batch_wait_s, at most a quarter step) for the sessions of the last step to send their next block.
 - A speculative session, lock-step: its prompt goes to the verifier (rtt/2), is prefilled and the first token
   comes back (rtt/2). Then each round drafts g = min(gamma, tokens left - 1) tokens (g x draft_s_per_token),
   sends the block (rtt/2), is verified as g + 1 tokens, and commits min(a, g) + 1 tokens when the verdict
@@ -13,8 +14,12 @@ The model (every input measured, see orchestrator/plan.py):
   request taking the next trace.
 - Verifier-only (gamma 0) is Generate: after the prefill the session decodes one token per step at the
   verifier with no round trip between steps; each token reaches the user rtt/2 after its step.
-Not modelled: drafting while a verdict is in flight (ahead/async modes), a draft core shared by several
-sessions slowing each (slots bound how many draft at once), network jitter, reconnects.
+- Draft slots on shared draft cores: when a block is drafted while n requests hold slots on the draft
+  worker, drafting costs draft_s_per_token + draft_s_per_token_per_session x (n - 1) per token, both fitted
+  to the run's records (orchestrator/plan.py), as 8 LM sessions on one draft core slow each other. With
+  unlimited slots (every user drafts on their own machine) n is 1.
+Not modelled: drafting while a verdict is in flight (ahead/async modes), the draft worker's own client and
+link overhead, network jitter, reconnects.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from orchestrator import serving
 
 StepCostFn = Callable[[int, int], float]  # (tokens in the step, sessions in it) -> seconds
+BATCH_WAIT_S = 0.025  # verifier_worker/engine.py's default batch_wait_s (serve-verifier --batch-wait-ms)
 
 
 @dataclass(frozen=True)
@@ -35,33 +41,52 @@ class Workload:
     name: str
     gamma: int  # draft tokens per block; 0 = verifier-only generation
     traces: tuple[tuple[int, ...], ...]  # accepted draft tokens per round, one trace per measured request
-    draft_s_per_token: float
+    draft_s_per_token: float  # uncontended: one request on the draft worker
     new_tokens: int  # generated per request
     prefill_s: float  # verifier time a prompt adds to the step it rides in
+    draft_s_per_token_per_session: float = 0.0  # added per other request holding a draft slot meanwhile
+
+    def draft_s(self, tokens: int, sessions: int) -> float:
+        """Seconds to draft `tokens` while `sessions` requests (this one included) hold draft slots."""
+        return tokens * (self.draft_s_per_token + self.draft_s_per_token_per_session * max(0, sessions - 1))
 
 
 class _Verifier:
-    """Continuous batching: each step takes every waiting block; done(item) is called at the step's end."""
+    """Continuous batching as verifier_worker/engine.py does it: a step takes every waiting block; after a step,
+    while blocks wait but a session of that step has not sent its next one yet, the next step waits for it,
+    at most min(batch_wait_s, a quarter of the last step's time), so lock-step sessions stay in one step.
+    done() is called at the step's end."""
 
-    def __init__(self, sim: _Sim, cost: StepCostFn):
-        self.sim, self.cost, self.waiting, self.busy = sim, cost, [], False
+    def __init__(self, sim: _Sim, cost: StepCostFn, batch_wait_s: float):
+        self.sim, self.cost, self.batch_wait_s = sim, cost, batch_wait_s
+        self.waiting: list[tuple] = []  # (tokens, prefill_s, done, session, comes back after this step)
+        self.busy, self.gathering, self.expected, self.last_s = False, None, set(), 0.0
 
-    def submit(self, tokens: int, prefill_s: float, done: Callable[[], None]) -> None:
-        self.waiting.append((tokens, prefill_s, done))
-        if not self.busy:
+    def submit(self, tokens: int, prefill_s: float, done: Callable[[], None], session: int = -1, more: bool = False) -> None:
+        self.waiting.append((tokens, prefill_s, done, session, more))
+        if not self.busy or (self.gathering is not None and self._all_back()):
             self._step()
 
+    def _all_back(self) -> bool:
+        return self.expected <= {w[3] for w in self.waiting}
+
     def _step(self) -> None:
+        self.gathering = None
         batch, self.waiting = self.waiting, []
         self.busy = bool(batch)
         if batch:
-            dt = self.cost(sum(t for t, _, _ in batch), len(batch)) + sum(p for _, p, _ in batch)
-            self.sim.at(dt, lambda: self._end(batch))
+            self.last_s = self.cost(sum(w[0] for w in batch), len(batch)) + sum(w[1] for w in batch)
+            self.sim.at(self.last_s, lambda: self._end(batch))
 
     def _end(self, batch: list) -> None:
-        for _, _, done in batch:
-            done()
-        self._step()
+        self.expected = {w[3] for w in batch if w[4]}
+        for w in batch:
+            w[2]()
+        if not self.waiting or self._all_back():
+            self._step()
+            return
+        self.gathering = token = object()
+        self.sim.at(min(self.batch_wait_s, self.last_s / 4), lambda: self.gathering is token and self._step())
 
 
 class _Sim:
@@ -77,10 +102,11 @@ class _Sim:
             fn()
 
 
-def simulate(work: Workload, cost: StepCostFn, arrivals: list[float], rtt_s: float, slots: int | None = None) -> list[dict]:
+def simulate(work: Workload, cost: StepCostFn, arrivals: list[float], rtt_s: float, slots: int | None = None,
+             batch_wait_s: float = BATCH_WAIT_S) -> list[dict]:
     """One record per request, in the fields serving.request_metrics reads (times in s)."""
     sim = _Sim()
-    verifier = _Verifier(sim, cost)
+    verifier = _Verifier(sim, cost, batch_wait_s)
     records: list[dict] = [{} for _ in arrivals]
     free = [slots if slots is not None else math.inf]
     queue: list[int] = []
@@ -110,7 +136,7 @@ def simulate(work: Workload, cost: StepCostFn, arrivals: list[float], rtt_s: flo
             state["computed"] += 1
             sim.at(half, lambda: commit(1))
             if not work.gamma and state["computed"] < work.new_tokens:  # Generate: decode on, no round trip
-                verifier.submit(1, 0.0, computed)
+                verifier.submit(1, 0.0, computed, i, state["computed"] + 1 < work.new_tokens)
 
         def draft() -> None:
             g = min(work.gamma, work.new_tokens - state["committed"] - 1)
@@ -118,10 +144,12 @@ def simulate(work: Workload, cost: StepCostFn, arrivals: list[float], rtt_s: flo
             rec["rounds"] += 1
             rec["proposed"] += g
             rec["accepted"] += a
-            sim.at(g * work.draft_s_per_token + half, lambda: verifier.submit(
-                g + 1, 0.0, lambda: sim.at(half, lambda: commit(a + 1))))
+            drafting = work.draft_s(g, 1 if slots is None else slots - int(free[0]))  # free[0]: slots left
+            rec["draft_s"] = rec.get("draft_s", 0.0) + drafting
+            more = state["committed"] + a + 1 < work.new_tokens
+            sim.at(drafting + half, lambda: verifier.submit(g + 1, 0.0, lambda: sim.at(half, lambda: commit(a + 1)), i, more))
 
-        sim.at(half, lambda: verifier.submit(1, work.prefill_s, computed))
+        sim.at(half, lambda: verifier.submit(1, work.prefill_s, computed, i, work.new_tokens > 1))
 
     def arrive(i: int) -> None:
         if free[0] > 0:

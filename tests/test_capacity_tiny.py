@@ -41,3 +41,9 @@ def test_open_loop_run_at_two_rates_records_every_request_and_reports_capacity(t
     rows = json.loads(planned.stdout.strip().splitlines()[-1])["rows"]
     assert {(r["configuration"], r["rtt_ms"]) for r in rows} == {(c, t) for c in ("baseline", "ngram g=3") for t in (0, 50)}
     assert all(r["predicted_capacity"] > 0 for r in rows)
+    # the validation replays the run's own arrivals: one row per configuration x rate, both measured and predicted
+    out = json.loads(planned.stdout.strip().splitlines()[-1])
+    assert {(r["configuration"], r["rate"]) for r in out["validation_per_rate"]} == {
+        (c, rate) for c in ("baseline", "ngram g=3") for rate in (2.0, 8.0)}
+    assert all(r["measured_attainment"] >= 0 and r["predicted_attainment"] >= 0 for r in out["validation_per_rate"])
+    assert "Validation: the run's own arrivals replayed" in planned.stdout

@@ -44,6 +44,7 @@ def test_every_arrival_runs_on_a_free_slot_in_order_and_failures_are_recorded():
     assert [by_i[i][0] for i in range(5)] == ["p0", "p1", "p2", "p0", "p1"]  # prompts cycle in arrival order
     assert isinstance(by_i[1][2], RuntimeError) and by_i[1][1] is None and "finished_at" in by_i[1][3]
     assert all(t["scheduled_s"] == 0.0 and t["wait_s"] >= t["dispatch_lag_s"] >= 0 for _, _, _, t in by_i.values())
+    assert len({t["pass_started_at"] for *_, t in by_i.values()}) == 1 and by_i[0][3]["pass_requests"] == 5
 
 
 def test_load_expands_to_one_configuration_per_rate_with_the_same_arrivals():
@@ -65,5 +66,29 @@ def test_capacity_configs_load():
     configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
     tiny = bench_config.expand(bench_config.load(configs / "capacity-tiny.yaml"))
     assert len(tiny) == 4 * 3 * 3 and {s.rate for s in tiny} == {4, 8, 16, 32}  # (baseline + 2 drafts) x 3 RTTs x 4 rates
+    fine = bench_config.expand(bench_config.load(configs / "capacity-tiny-fine.yaml"))
+    assert len(fine) == 6 * 3 * 2 and max(s.rate for s in fine) == 45
     real = bench_config.load(configs / "capacity.yaml")
-    assert real.slo.tpot_ms and [s.name for s in bench_config.expand(real)][:2] == ["baseline @0.1/s", "ngram g=4 @0.1/s"]
+    assert real.slo.tpot_ms and [s.name for s in bench_config.expand(real)][:2] == ["baseline @0.15/s", "ngram g=4 @0.15/s"]
+
+
+def test_resume_reruns_a_rate_that_stopped_half_way_even_if_every_prompt_succeeded():
+    from orchestrator.bench import Prompt, schedule
+
+    cfg = bench_config.from_dict({"drafts": [{"name": "ng", "kind": "ngram"}],
+                                  "load": {"rates": [1, 2], "requests": 6, "seed": 0}})
+    specs = bench_config.expand(cfg)  # baseline and ng at 1/s and 2/s
+    prompts = [Prompt(i, f"p{i}", [1, 2], False, "yes") for i in range(2)]  # 6 requests cycle 2 prompts
+
+    def rec(config: str, i: int, at: float, status: str = "ok") -> dict:
+        return {"config": config, "rate": 1.0, "request": i, "pubid": f"p{i % 2}", "status": status,
+                "pass_started_at": at, "pass_requests": 6}
+
+    half = [rec("ng g=4 @1/s", i, 100.0) for i in range(4)]  # crashed after 4 of 6: both prompts succeeded
+    whole = [rec("baseline @1/s", i, 100.0, "failed" if i == 3 else "ok") for i in range(6)]  # a failure is recorded
+    mixed = [rec("baseline @2/s", i, 100.0) for i in range(3)] + [rec("baseline @2/s", i, 200.0) for i in range(3, 6)]
+    legacy = [{k: v for k, v in r.items() if not k.startswith("pass")} for r in whole]
+    assert openloop.complete_passes(half + whole + mixed + legacy) == {"baseline @1/s"}  # one pass must hold them all
+    done = {(r["config"], r["pubid"]) for r in half + whole + mixed if r["status"] == "ok"}
+    todo = [(s.name, len(p)) for s, p, _ in schedule(specs, prompts, done, "grouped", {"baseline @1/s"})]
+    assert todo == [("ng g=4 @1/s", 2), ("baseline @2/s", 2), ("ng g=4 @2/s", 2)]  # rerun whole, all prompts

@@ -86,3 +86,56 @@ def test_inputs_from_records_and_a_step_cost_file(tmp_path):
     yaml_file = tmp_path / "gpu.yaml"
     yaml_file.write_text(json.dumps({"step_ms": {"1": 10, "9": 14}}))
     assert plan.load_step_costs(yaml_file)(5, 1) == pytest.approx(0.012)
+
+
+def test_draft_slots_held_at_once_slow_each_draft_by_the_fitted_slope():
+    work = planner.Workload("spec", gamma=2, traces=((2,),), draft_s_per_token=D, new_tokens=4, prefill_s=0.0,
+                            draft_s_per_token_per_session=0.001)
+    both = planner.simulate(work, constant, [0.0, 0.0], R, slots=2)  # one round each, drafted while both hold slots
+    assert [r["draft_s"] for r in both] == pytest.approx([2 * (D + 0.001)] * 2)
+    own = planner.simulate(work, constant, [0.0, 0.0], R)  # every user drafts on their own machine: no contention
+    assert [r["draft_s"] for r in own] == pytest.approx([2 * D] * 2)
+
+
+def test_draft_contention_is_fitted_to_requests_in_flight_and_prefill_steps_are_left_out_of_the_step_cost():
+    def req(start: float, end: float, per_token_s: float, **steps) -> dict:
+        return {"config": "ng g=4 @1/s", "drafter": "ngram", "gamma": 4, "status": "ok", "started_at": start,
+                "finished_at": end, "proposed": 10, "draft_s": 10 * per_token_s, "new_tokens": 8,
+                "accepted_per_round": [1], "proposed_per_round": [4, 4], **steps}
+
+    # alone: 1 ms per token; two fully overlapping (2 in flight): 3 ms -> 1 ms uncontended + 2 ms per other request
+    records = [req(0, 1, 0.001), req(2, 3, 0.003), req(2, 3, 0.003), req(5, 6, 0.001)]
+    assert plan.draft_contention(records) == pytest.approx((0.001, 0.002))
+    (work,) = plan.workloads(records)
+    assert (work.draft_s_per_token, work.draft_s_per_token_per_session) == pytest.approx((0.001, 0.002))
+    # decode steps on a line (10 ms + 1 ms per token), and one step that also carried a 200-token prompt
+    records[0].update(compute_s=[0.011, 0.015, 0.5], batch_tokens=[1, 5, 205], batch_size=[1, 1, 1])
+    records[1].update(compute_s=[0.019], batch_tokens=[9], batch_size=[2])
+    assert plan.fit_step_cost(records)(5, 1) == pytest.approx(0.015)
+
+
+def test_capacity_on_a_grid_is_read_where_attainment_crosses_90_percent():
+    from orchestrator.validate import crossing
+
+    assert crossing([(8, 0.95), (4, 1.0), (16, 0.5)]) == (pytest.approx(8 + 8 * 0.05 / 0.45), True)
+    assert crossing([(4, 0.8), (8, 1.0)]) == (None, True)  # the lowest rate already misses
+    assert crossing([(4, 1.0), (8, 0.92)]) == (8, False)  # none missed: at least the top rate
+
+
+def test_the_verifier_waits_a_quarter_step_for_the_last_steps_sessions_as_the_engine_does():
+    # A's prefill runs 0-10 ms; B's prompt arrives at 1 ms and waits. A's next block comes back 0.5 ms after the
+    # step (drafting, no link): the engine holds B's prefill for it (at most a quarter step), so both ride in
+    # the step 10.5-20.5 ms; without that wait B would run alone 10-20 ms and A's block 20-30 ms
+    work = planner.Workload("spec", gamma=1, traces=((1,),), draft_s_per_token=0.0005, new_tokens=3, prefill_s=0.0)
+    a, b = planner.simulate(work, constant, [0.0, 0.001], 0.0)
+    assert a["chunk_times_s"] == pytest.approx([0.010, 0.0205]) and a["chunk_tokens"] == [1, 2]
+    a, b = planner.simulate(work, constant, [0.0, 0.001], 0.0, batch_wait_s=0.0)
+    assert a["chunk_times_s"] == pytest.approx([0.010, 0.030])
+
+
+def test_a_prompts_stall_is_read_from_the_steps_that_carried_one_when_the_prefill_was_not_timed():
+    rec = {"config": "baseline @1/s", "drafter": "baseline", "gamma": 0, "status": "ok", "new_tokens": 8,
+           "prefill_compute_s": 0.0, "compute_s": [0.01, 0.01, 0.51, 0.01], "batch_tokens": [2, 2, 258, 2],
+           "batch_size": [2, 2, 2, 2]}  # the third step also prefilled a 256-token prompt
+    (work,) = plan.workloads([rec])
+    assert work.prefill_s == pytest.approx(0.5)
