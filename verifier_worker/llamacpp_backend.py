@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from specdec import models
+from verifier_worker.backends import NoRoom
 from verifier_worker.kv import Row
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class LlamaCppBackend:
         kv_width = lc.llama_model_n_embd(self._model) // n_head * lc.llama_model_n_head_kv(self._model)
         self.bytes_per_token = n_layer * 2 * kv_width * 2
         self.reserved_bytes = config.n_ctx * self.bytes_per_token  # allocated up front by llama.cpp
+        self.kv_capacity_tokens = config.n_ctx  # the engine admits sessions while their longest KVs fit
         self._lock = threading.Lock()  # guards the two lists below; never held during a decode
         self._free_ids = list(range(config.n_seq_max - 1, -1, -1))
         self._to_clear: list[int] = []
@@ -137,7 +139,7 @@ class LlamaCppBackend:
     def new_kv(self) -> LlamaSeqKV:
         with self._lock:
             if not self._free_ids:
-                raise RuntimeError(f"all {self.config.n_seq_max} llama.cpp sequences are in use; raise n_seq_max")
+                raise NoRoom(f"all {self.config.n_seq_max} llama.cpp sequences are in use (--max-sessions, at most 256)")
             return LlamaSeqKV(self, self._free_ids.pop())
 
     def _release(self, seq_id: int) -> None:
