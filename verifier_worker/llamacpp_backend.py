@@ -59,6 +59,7 @@ class LlamaCppConfig:
     n_threads: int | None = None  # decoding threads; None: the cores this process may run on
     n_threads_batch: int | None = None  # threads for multi-token batches; None: n_threads
     n_gpu_layers: int = -1  # layers offloaded where the build has a GPU backend (CUDA, Metal); ignored on CPU
+    flash_attn: str = "auto"  # "auto" | "on" | "off": llama.cpp's fused attention (auto: where the backend has it)
 
 
 class LlamaSeqKV:
@@ -112,6 +113,8 @@ class LlamaCppBackend:
         params.n_threads = threads
         params.n_threads_batch = config.n_threads_batch or threads
         params.no_perf = True
+        params.flash_attn_type = {"auto": lc.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                  "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED}[config.flash_attn]
         self._ctx = lc.llama_init_from_model(self._model, params)
         if self._ctx is None:
             lc.llama_model_free(self._model)
