@@ -2,7 +2,10 @@
 interface (backends.py), so scheduling, budgets and the verification math stay the engine's.
 
 One llama.cpp context holds every session. A session is a sequence id with its own cells in one KV cache
-of n_ctx cells shared by all sequences (`kv_unified`): memory goes to whoever needs it. One engine step is
+of n_ctx cells shared by all sequences (`kv_unified`): memory goes to whoever needs it. The cache cannot
+grow, so `kv_capacity_tokens` = n_ctx and the engine admits a session only while every open session's
+longest KV fits (Engine.open -> NoRoom -> RESOURCE_EXHAUSTED naming --n-ctx): no step runs out of cells,
+and llama_decode's "no slot" (1) stays an internal error that should not happen. One engine step is
 ONE `llama_decode` of a `llama_batch` holding every row's tokens, each with its session's sequence id and
 its position (kv.length + j), logits asked for every token of a verification row (all its verified
 positions) and for none of a prefill chunk. Those logits go to the shared `specdec.sampling` functions
