@@ -9,13 +9,15 @@ import asyncio
 import importlib.util
 import sys
 
+import grpc
 import pytest
 import torch
 
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import LMDrafter
 from draft_worker.transport import fetch_info
-from specdec import models
+from protos.specdec.v1 import specdec_pb2 as pb
+from specdec import codec, models
 from specdec.config import SamplingParams
 from specdec.sampling import logits_to_probs
 from specdec.tiny import DEFAULT_TEXTS, write_gguf
@@ -167,6 +169,42 @@ async def test_sampling_through_the_llamacpp_engine_keeps_the_verifiers_distribu
     assert chi_square_p_value(counts, joint.flatten()) > 1e-4
     q_joint = (q[:, None] * q[None, :]).flatten()
     assert chi_square_p_value(counts, q_joint) < 1e-6  # the test can tell the two apart
+
+
+async def generate_status(stub, prompt: list[int], params: SamplingParams) -> tuple[grpc.StatusCode, str, int]:
+    """(status, details, tokens) of one raw Generate call (no client retries)."""
+    tokens = 0
+    call = stub.Generate(pb.GenerateRequest(prompt_ids=prompt, params=codec.params_to_proto(params)), timeout=120)
+    try:
+        async for reply in call:
+            tokens += len(reply.token_ids)
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error.details(), tokens
+    return grpc.StatusCode.OK, "", tokens
+
+
+@needs_llamacpp
+async def test_a_full_kv_cache_refuses_new_sessions_and_never_fails_a_step(backend, start_verifier):
+    """n_ctx 256 cells; four concurrent Generates that may each need 20 + 64 + 16 = 100 cells: two are
+    admitted and finish, two are refused with RESOURCE_EXHAUSTED naming --n-ctx (without admission control
+    all four run and llama_decode runs out of cells, failing every session of the step). A session that could
+    never fit is refused too; once the cache is free again, a session is admitted."""
+    from verifier_worker.llamacpp_backend import LlamaCppBackend, LlamaCppConfig
+
+    small = LlamaCppBackend(str(backend.path), LlamaCppConfig(n_ctx=256, n_seq_max=8, n_threads=1))
+    try:
+        verifier = await start_verifier(small, vocab_size=VOCAB)
+        params = SamplingParams(max_new_tokens=64)
+        results = await asyncio.gather(*(generate_status(verifier.stub, random_ids(20, seed), params) for seed in range(4)))
+        codes = sorted((code.name, tokens) for code, _, tokens in results)
+        assert codes == [("OK", 64), ("OK", 64), ("RESOURCE_EXHAUSTED", 0), ("RESOURCE_EXHAUSTED", 0)], results
+        assert all("--n-ctx" in details and "retry later" in details for code, details, _ in results if code.name != "OK")
+        code, details, _ = await generate_status(verifier.stub, random_ids(20, 9), SamplingParams(max_new_tokens=300))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "more than all of it" in details, details
+        await assert_idle(verifier)
+        assert (await generate_status(verifier.stub, random_ids(20, 10), params))[0] == grpc.StatusCode.OK
+    finally:
+        small.close()
 
 
 @needs_llamacpp

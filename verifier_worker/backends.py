@@ -4,6 +4,10 @@ A backend owns the model and every session's KV memory; the engine owns scheduli
 verification math, which are the same code for every backend. Two operations:
 - `new_kv()`: an empty KV handle for a new session (`KVHandle`: its cached length, `truncate(n)` to roll
   back to n tokens, `free()` when the session ends, `nbytes` it holds);
+- `kv_capacity_tokens`: the most tokens all sessions' KV may hold at once (a fixed cache, e.g. llama.cpp's
+  n_ctx cells), or None when memory grows on demand; the engine admits a session only while every open
+  session's longest possible KV still fits (`Engine.open` raises `NoRoom`, the server answers RESOURCE_EXHAUSTED),
+  so a step never runs out of cells midway;
 - `forward(rows)`: ONE forward over a batch of ragged rows (`kv.Row`: a session's KV handle, the tokens to
   append at positions kv.length.., whether their logits are wanted); each row's tokens are cached in its
   handle, and the answer per row is fp32 logits [len(token_ids), vocab] (on `device`) or None.
@@ -23,6 +27,10 @@ from specdec.models import model_vocab_size
 from verifier_worker.kv import Row, SessionKV, batched_forward
 
 
+class NoRoom(RuntimeError):
+    """The backend cannot take another session now (KV cells or sequence ids); a later retry may succeed."""
+
+
 class KVHandle(Protocol):
     length: int  # tokens cached
 
@@ -37,6 +45,7 @@ class KVHandle(Protocol):
 class Backend(Protocol):
     device: torch.device  # where the logits are (and verification runs)
     vocab_size: int  # width of the logits
+    kv_capacity_tokens: int | None  # tokens all sessions' KV may hold at once; None: unbounded
 
     def new_kv(self) -> KVHandle: ...
 
@@ -45,6 +54,8 @@ class Backend(Protocol):
 
 class TransformersBackend:
     """A transformers causal LM with full attention, batched by padding (kv.py)."""
+
+    kv_capacity_tokens = None  # the KV grows with the sessions (torch tensors)
 
     def __init__(self, model: torch.nn.Module):
         layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []

@@ -51,7 +51,7 @@ import torch
 
 from specdec.config import MAX_GAMMA, SamplingParams
 from specdec.sampling import verify_batch
-from verifier_worker.backends import Backend, as_backend
+from verifier_worker.backends import Backend, NoRoom, as_backend
 from verifier_worker.kv import Row
 from verifier_worker.logprobs import block_logprobs
 from verifier_worker.session import RoundResult, VerifierSession
@@ -134,6 +134,7 @@ class Engine:
         self.batch_wait_s = batch_wait_s
         self.device = self.backend.device
         self._sessions: set[VerifierSession] = set()  # open; a closed session is one no longer in it
+        self._kv_reserved: dict[VerifierSession, int] = {}  # longest KV each open session may reach (bounded backends)
         self._queue: deque[_Work] = deque()
         self._running: list[tuple[_Work, int]] = []  # the batch of the step in flight
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-compute")
@@ -147,15 +148,27 @@ class Engine:
     # ------------------------------------------------------------------------------ sessions and work
     def open(self, prompt_ids: list[int], params: SamplingParams, client: str = "", max_block: int = MAX_GAMMA) -> VerifierSession:
         """A new session; `max_block`: most `ahead` draft tokens one of its decoding steps verifies (async).
-        Its KV handle comes from the backend (backends.py), the only place one is made."""
+        Its KV handle comes from the backend (backends.py), the only place one is made.
+        Raises NoRoom when the backend's fixed KV cache cannot hold this session's longest KV beside every
+        open session's (admission control: a step never runs out of cells, so no step fails for it)."""
+        need = len(prompt_ids) + params.max_new_tokens + max(max_block, MAX_GAMMA)  # prompt, output, one block
+        capacity = getattr(self.backend, "kv_capacity_tokens", None)
+        if capacity is not None and need > capacity - sum(self._kv_reserved.values()):
+            free = capacity - sum(self._kv_reserved.values())
+            room = ", more than all of it" if need > capacity else f", and {free} are free beside the open sessions; retry later"
+            raise NoRoom(f"the verifier's KV cache holds {capacity} tokens; this session may need {need} (prompt + "
+                         f"max_new_tokens + a block of {max(max_block, MAX_GAMMA)}){room}, or raise the verifier's --n-ctx")
         session = VerifierSession(prompt_ids, params, self.backend.new_kv(), client, self.device, max_block)
         self._sessions.add(session)
+        if capacity is not None:
+            self._kv_reserved[session] = need
         return session
 
     def close(self, session: VerifierSession) -> None:
         """End a session: drop its queued work and free its KV (after the running step, if it is in it:
         `_finish` frees it then and drops that step's outcome for it)."""
         self._sessions.discard(session)
+        self._kv_reserved.pop(session, None)  # its cells are cleared before the next step decodes (backend)
         self._expected.discard(session)
         for work in [w for w in self._queue if w.session is session]:
             self._queue.remove(work)

@@ -2,7 +2,10 @@
 interface (backends.py), so scheduling, budgets and the verification math stay the engine's.
 
 One llama.cpp context holds every session. A session is a sequence id with its own cells in one KV cache
-of n_ctx cells shared by all sequences (`kv_unified`): memory goes to whoever needs it. One engine step is
+of n_ctx cells shared by all sequences (`kv_unified`): memory goes to whoever needs it. The cache cannot
+grow, so `kv_capacity_tokens` = n_ctx and the engine admits a session only while every open session's
+longest KV fits (Engine.open -> NoRoom -> RESOURCE_EXHAUSTED naming --n-ctx): no step runs out of cells,
+and llama_decode's "no slot" (1) stays an internal error that should not happen. One engine step is
 ONE `llama_decode` of a `llama_batch` holding every row's tokens, each with its session's sequence id and
 its position (kv.length + j), logits asked for every token of a verification row (all its verified
 positions) and for none of a prefill chunk. Those logits go to the shared `specdec.sampling` functions
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 
 from specdec import models
+from verifier_worker.backends import NoRoom
 from verifier_worker.kv import Row
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,7 @@ class LlamaCppConfig:
     n_threads: int | None = None  # decoding threads; None: the cores this process may run on
     n_threads_batch: int | None = None  # threads for multi-token batches; None: n_threads
     n_gpu_layers: int = -1  # layers offloaded where the build has a GPU backend (CUDA, Metal); ignored on CPU
+    flash_attn: str = "auto"  # "auto" | "on" | "off": llama.cpp's fused attention (auto: where the backend has it)
 
 
 class LlamaSeqKV:
@@ -111,6 +116,8 @@ class LlamaCppBackend:
         params.n_threads = threads
         params.n_threads_batch = config.n_threads_batch or threads
         params.no_perf = True
+        params.flash_attn_type = {"auto": lc.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                  "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED}[config.flash_attn]
         self._ctx = lc.llama_init_from_model(self._model, params)
         if self._ctx is None:
             lc.llama_model_free(self._model)
@@ -126,6 +133,7 @@ class LlamaCppBackend:
         kv_width = lc.llama_model_n_embd(self._model) // n_head * lc.llama_model_n_head_kv(self._model)
         self.bytes_per_token = n_layer * 2 * kv_width * 2
         self.reserved_bytes = config.n_ctx * self.bytes_per_token  # allocated up front by llama.cpp
+        self.kv_capacity_tokens = config.n_ctx  # the engine admits sessions while their longest KVs fit
         self._lock = threading.Lock()  # guards the two lists below; never held during a decode
         self._free_ids = list(range(config.n_seq_max - 1, -1, -1))
         self._to_clear: list[int] = []
@@ -137,7 +145,7 @@ class LlamaCppBackend:
     def new_kv(self) -> LlamaSeqKV:
         with self._lock:
             if not self._free_ids:
-                raise RuntimeError(f"all {self.config.n_seq_max} llama.cpp sequences are in use; raise n_seq_max")
+                raise NoRoom(f"all {self.config.n_seq_max} llama.cpp sequences are in use (--max-sessions, at most 256)")
             return LlamaSeqKV(self, self._free_ids.pop())
 
     def _release(self, seq_id: int) -> None:

@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="llama.cpp: decoding threads (default: the cores this process may use)")
     p.add_argument("--n-ctx", type=int, default=8192,
                    help="llama.cpp: KV cells shared by all open sessions, prompts and outputs (default 8192)")
+    p.add_argument("--flash-attn", default="auto", choices=("auto", "on", "off"),
+                   help="llama.cpp: fused attention (default auto: on where the build supports it)")
     p.add_argument("--dtype", default="auto",
                    help="fp32 | bf16 | fp16 | auto (default auto: bf16 where the hardware runs it natively, CUDA or a "
                         "CPU with AMX/AVX512-bf16; fp32 elsewhere; the choice is printed)")
@@ -123,7 +125,8 @@ def _load_llamacpp(args: argparse.Namespace, limits: VerifierLimits):
     with user_errors("--backend llama.cpp", ImportError):
         lc = import_llama_cpp()
     config = LlamaCppConfig(n_ctx=args.n_ctx, n_seq_max=min(256, limits.max_sessions),
-                            n_batch=max(512, limits.max_batch_tokens), n_threads=args.threads)
+                            n_batch=max(512, limits.max_batch_tokens), n_threads=args.threads,
+                            flash_attn=getattr(args, "flash_attn", "auto"))
     with user_errors(f"cannot load {args.model!r} into llama.cpp"):
         backend = LlamaCppBackend(args.model, config)
         tokenizer = models.load_tokenizer(str(models.gguf_path(args.model)))  # the tokenizer inside the GGUF

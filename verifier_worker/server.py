@@ -26,6 +26,7 @@ from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
 from specdec.config import SamplingParams, VerifierLimits, lookahead
 from verifier_worker.auth import TokenAuthInterceptor
+from verifier_worker.backends import NoRoom
 from verifier_worker.engine import Engine, StepCost
 from verifier_worker.metrics import VerifierMetrics, tracked
 from verifier_worker.session import VerifierSession
@@ -126,7 +127,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{client} already has {self.limits.max_sessions_per_client} sessions open, this verifier's limit per client",
             )
-        session = self.engine.open(prompt_ids, params, client, max_block)
+        try:
+            session = self.engine.open(prompt_ids, params, client, max_block)
+        except NoRoom as exc:  # a backend with a fixed KV cache (llama.cpp's n_ctx) is full: admission control
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         self.sessions_by_client[client] = self.sessions_by_client.get(client, 0) + 1  # freed by the caller's _release
         return session
 
