@@ -61,6 +61,9 @@ class VerifierConfig:
     replicas: int = Field(1, ge=1)  # Ray-started verifiers: each an actor with its own num_gpus and `verifier` resource
     num_gpus: float = 0  # GPUs each verifier actor asks Ray for (its node needs the `verifier` resource too)
     threads: int | None = Field(None, ge=1)  # CPU threads for torch; None = all of its node's cores
+    # issue 18: grant draft budgets (every client, whatever its gamma, drafts at most the budget); false: verify
+    # every draft token sent, to measure fixed gammas as they are (serve-verifier --no-draft-budget)
+    draft_budget: bool = True
 
 
 @pydantic_dataclass(config=_STRICT)

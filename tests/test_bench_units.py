@@ -62,7 +62,7 @@ def test_mode_and_rtt_sweeps_expand_with_a_baseline_at_every_rtt():
 @pytest.mark.parametrize("data, message", [
     ({"drafts": [{"name": "n", "kind": "ngram"}], "max_new_token": 3}, "max_new_token: unknown key"),
     ({"drafts": [{"name": "n", "kind": "ngram", "gama": 3}]}, "drafts.0.gama: unknown key"),
-    ({"drafts": [{"name": "n", "kind": "ngram", "gamma": 0}]}, "gamma must be an integer in [1, 64], 'adaptive' or 'rtt'"),
+    ({"drafts": [{"name": "n", "kind": "ngram", "gamma": 0}]}, "gamma must be an integer in [1, 64], 'adaptive', 'rtt' or 'auto'"),
     ({"drafts": [{"name": "n", "kind": "ngram", "mode": ["lockstep", "asnyc"]}]},
      "drafts.0.mode: Value error, mode must be one of lockstep, ahead, async, got 'asnyc'"),
     ({"drafts": [{"name": "n", "kind": "ngram"}], "mode": "pipelined"}, "mode: Value error, mode must be one of"),
