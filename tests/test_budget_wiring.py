@@ -14,6 +14,7 @@ obeys it, and the engine never verifies more draft tokens than it granted.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 
 import grpc
@@ -218,3 +219,37 @@ async def test_sampling_with_auto_under_random_budgets_keeps_the_verifiers_distr
     counts = torch.bincount(torch.tensor(cells), minlength=vocab * vocab)
     assert chi_square_p_value(counts, joint(target)) > 1e-4
     assert chi_square_p_value(counts, joint(draft)) < 1e-6
+
+
+class RecordingBudgeter(DraftBudgeter):
+    """Records what every session opened with."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.opened: list[tuple[int | None, float | None]] = []
+
+    def open(self, key, max_gamma=None, tpot_slo_s=None):
+        self.opened.append((max_gamma, tpot_slo_s))
+        super().open(key, max_gamma, tpot_slo_s)
+
+
+async def test_a_requests_latency_target_and_limit_reach_the_budgeter(start_verifier):
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32)
+    budgeter = _use(verifier, RecordingBudgeter(max_gamma=16))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=4)
+    await speculate(verifier.stub, LMDrafter(FakeLM(32, seed=5), "same"), [1, 2], params,
+                    AutoGamma(2, max_gamma=6, tpot_slo_ms=5.0), info)
+    await generate_baseline(verifier.stub, [1, 2], params)
+    assert budgeter.opened[0] == (6, pytest.approx(0.005)) and budgeter.opened[1] == (0, None)  # Generate: decode only
+
+
+def test_the_bench_reports_the_mean_granted_budget():
+    import pandas as pd
+
+    from orchestrator.cli import _gamma
+    from orchestrator.report import _mean_budget
+
+    assert _mean_budget(pd.DataFrame({"budget_per_round": [[0, 2], [4]]})) == 2.0
+    assert math.isnan(_mean_budget(pd.DataFrame({"budget_per_round": [[], []]})))  # a verifier that grants none
+    assert _gamma("auto") == "auto"
