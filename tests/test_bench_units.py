@@ -27,10 +27,11 @@ def test_example_and_default_configs_load_and_expand():
                      "qwen-0.5b-wan g=3 rtt=50ms"]
     default = bench_config.load(None)
     assert [s.drafter for s in bench_config.expand(default)][:2] == ["baseline", "lm"]
-    # 2 drafts x 3 modes x 5 RTTs, the baseline at each RTT, and 1 (real pair) or 2 (tiny) gamma-rtt drafts in lock-step
-    for name, rtt_drafts in (("rtt.yaml", 1), ("rtt-tiny.yaml", 2)):
+    # 2 drafts x 3 modes x 5 RTTs, the baseline at each RTT, and 1 (real pair) or 2 (tiny) gamma-rtt drafts in
+    # lock-step; the tiny run also has 2 gamma-auto drafts in every mode (issue 18)
+    for name, rtt_drafts, auto_drafts in (("rtt.yaml", 1, 0), ("rtt-tiny.yaml", 2, 2)):
         specs = bench_config.expand(bench_config.load(REPO / "configs" / name))
-        assert len(specs) == 5 + 2 * 3 * 5 + rtt_drafts * 5, name
+        assert len(specs) == 5 + 2 * 3 * 5 + rtt_drafts * 5 + auto_drafts * 3 * 5, name
         assert {s.mode for s in specs if s.gamma == "rtt"} == {"lockstep"}
         assert [s.rtt_ms for s in specs if s.drafter == "baseline"] == [0, 10, 25, 50, 100]
         swept = {s.draft_name for s in specs if s.drafter != "baseline" and s.gamma != "rtt"}
