@@ -4,7 +4,7 @@ and the batched verifier-only `Generate`, at several numbers of concurrent sessi
     flock /tmp/specdec-bench.lock python scripts/measure_budget.py --sessions 1 4 16 --prompts 4 --max-new-tokens 32
 
 Two verifier processes in turn (`specdec serve-verifier`, the real pair's 1.5B by default): one granting draft
-budgets (arms: Generate, n-gram auto, n-gram gamma 4 capped by the budget) and one with --no-draft-budget
+budgets (arms: Generate, n-gram auto, n-gram at --budget-gammas capped by the budget) and one with --no-draft-budget
 (arms: Generate, n-gram at each fixed gamma as it is). Each process runs its own Generate, so every ratio is
 taken within one process. At each level N: max(N, prompts) requests, N at a time, prompts in turn.
 Prints per (verifier, level, arm): aggregate tok/s (tokens / wall of the level), its ratio to that process's
@@ -75,7 +75,8 @@ def main() -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--gammas", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--gammas", type=int, nargs="+", default=[2, 4], help="fixed gammas on the verifier without budget")
+    p.add_argument("--budget-gammas", type=int, nargs="*", default=[4], help="fixed gammas under the budget")
     p.add_argument("--mode", default="lockstep")
     p.add_argument("--skip-fixed", action="store_true", help="only the budgeted verifier")
     args = p.parse_args()
@@ -84,7 +85,7 @@ def main() -> None:
     print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, mode {args.mode}, verifier {args.verifier} {args.dtype}")
     print("| verifier | sessions | arm | aggregate tok/s | x Generate | verifier compute ms/token | mean budget |")
     print("|---|---|---|---|---|---|---|")
-    runs = [("budget", (), ["generate", "auto", "g4"])]
+    runs = [("budget", (), ["generate", "auto", *(f"g{g}" for g in args.budget_gammas)])]
     if not args.skip_fixed:
         runs.append(("no budget", ("--no-draft-budget",), ["generate", *(f"g{g}" for g in args.gammas)]))
     limits = VerifierLimits()
