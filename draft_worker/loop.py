@@ -20,6 +20,13 @@ Events: the opening's reply, "draft finished", "verdict arrived" (lockstep, ahea
 guess, an async chunk; a read when a reply is due. The gamma schedule is read for every block or chunk
 drafted and updated from every verdict or commit, in every mode. One drafting job runs at a time.
 
+The verifier's draft budget (issue 18): every opening, verdict and commit may carry the most draft tokens the
+next block may hold (`draft_budget`; unset from an older verifier). Whatever the schedule, a block or chunk
+carries at most min(budget, the schedule's gamma) draft tokens (`gamma`), and a draft that finishes after the
+budget fell is cut to it before it is sent; with `--gamma auto` (draft_worker/gamma.py: AutoGamma) the
+schedule's gamma is the client's own best one, so the block is `specdec.budget.budgeted_gamma`. Budget 0:
+lock-step sends empty proposals (one decoded token a round); async sends nothing and the verifier decodes.
+
 Positions count generated tokens of this stream (the prompt it was opened with excluded). A claim is the
 tokens from position `base`: first ones assumed (already proposed, or a guessed bonus token: no q), then
 draft tokens. The stream plumbing is draft_worker/stream.py.
@@ -134,6 +141,7 @@ class ClientSession:
         self.drafting: _Job | None = None
         self.reading: asyncio.Future | None = None
         self.link = Link(0.0)
+        self.budget: int | None = None  # the verifier's latest draft budget; None: it grants none
         self.draft_s_per_token = 0.0  # of the last job after the opening's (async's schedule updates)
         self.opening_job: _Job | None = None
         self.finished = False
@@ -155,9 +163,8 @@ class ClientSession:
 
     @property
     def gamma(self) -> int:
-        """The draft tokens of the next block or chunk: the schedule's current gamma (the one place a verifier's
-        draft budget would cap it)."""
-        return self.schedule.gamma
+        """The draft tokens of the next block or chunk: the schedule's gamma within the verifier's budget."""
+        return self.schedule.gamma if self.budget is None else min(self.schedule.gamma, self.budget)
 
     @property
     def _left(self) -> int:
@@ -245,15 +252,17 @@ class ClientSession:
         """Write the opening, draft the first block while the verifier prefills, read `opened`. Nothing more is
         written until `opened` arrives: a refusal then reaches us as the verifier's own status, whereas a write
         that races the server's abort makes grpcio report INTERNAL "Internal error from Core"."""
-        max_block = self.schedule.max_gamma if self.mode.streams_commits else 0
+        # the most draft tokens a block or chunk of this session carries: the verifier's budget never exceeds it
         await self.stream.open(open_request(self.drafter.name, self.prompt_ids, self.params, self.fingerprint,
-                                            self.mode.wire, max_block))
+                                            self.mode.wire, self.schedule.max_gamma,
+                                            getattr(self.schedule, "tpot_slo_ms", 0.0)))
         sent_at = time.perf_counter()
         self.drafter.start(self.prompt_ids, self.params, self.vocab_size)
         self._draft(min(self.gamma, self._left - 1), guess=[])
         self.opening_job = self.drafting
         reply = await self.stream.read()
         record_opened(self.result, reply)
+        self._budget_arrived(reply.opened)
         self.link = Link(max(0.0, time.perf_counter() - sent_at - reply.opened.service_s))
 
     def _claim_holds(self, base: int, claim: list[int], guessed: int) -> bool:
@@ -267,6 +276,8 @@ class ClientSession:
         """Send what the job drafted as a claim from the commit, if it still holds and is wanted."""
         self.result.draft_s += draft_s
         drafted = candidates.draft_ids
+        if self.budget is not None:  # the budget fell while it drafted (the first block: drafted before it was known)
+            drafted = drafted[: self.budget + job.assumes_first]  # ahead: the guessed bonus token is no draft token
         if drafted and job is not self.opening_job:  # whose time includes the draft model's prefill of the prompt
             self.draft_s_per_token = draft_s / len(drafted)
         claim = [*job.guess, *drafted]
@@ -281,7 +292,7 @@ class ClientSession:
             self.result.unsent += 1  # all of it committed by the time it would arrive: kept as a guess, not sent
             return
         skip = max(done, assumed) - len(job.guess)  # the first draft token to send
-        q = None if candidates.q is None else candidates.q[skip:]
+        q = None if candidates.q is None else candidates.q[skip : len(drafted)]
         request = proposal_request(drafted[skip:], q, self.params, candidates.dense_dtype, len(self.committed),
                                    claim[done:assumed])
         sent_at = time.perf_counter()
@@ -293,6 +304,7 @@ class ClientSession:
     def _verdict_arrived(self, reply: pb.SpeculateReply) -> None:
         _expect(reply, "verdict")
         verdict, sent = reply.verdict, self.in_flight.popleft()
+        self._budget_arrived(verdict)
         if verdict.stale:
             self.result.stale += 1
             return
@@ -314,6 +326,7 @@ class ClientSession:
             raise VerifierError(f"async session out of step: expected a commit at {len(self.committed)}, got "
                                 f"{reply.WhichOneof('kind')} at {commit.base_len}", "INTERNAL")
         new = list(commit.token_ids)
+        self._budget_arrived(commit)
         self.link.on_commit(len(new), commit.service_s)
         self.result.stale = commit.stale
         self._record_round(commit.verified, commit.num_accepted, commit.service_s, commit.cost)
@@ -321,6 +334,11 @@ class ClientSession:
         self.schedule.update(commit.verified, commit.num_accepted, draft_s=commit.verified * self.draft_s_per_token,
                              service_s=commit.service_s, rtt_s=0.0)
         self._committed(new, commit.finished, commit.finish_reason, commit.logprobs)
+
+    def _budget_arrived(self, reply: pb.SessionOpened | pb.Verdict | pb.Commit) -> None:
+        if reply.HasField("draft_budget"):
+            self.budget = reply.draft_budget
+            self.result.budget_per_round.append(reply.draft_budget)
 
     # --- records --------------------------------------------------------------------------------------------
 

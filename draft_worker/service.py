@@ -30,10 +30,11 @@ class DraftService:
     tokenizer: object  # encodes prompts and decodes output (the draft's, or the verifier's for ngram/baseline)
     fingerprint: str  # of that tokenizer
     spec: DrafterSpec | None  # None: verifier-only
-    gamma: int | str  # draft tokens per block, "adaptive" or "rtt"
+    gamma: int | str  # draft tokens per block, "adaptive", "rtt" or "auto"
     config: ClientConfig
     draft_models: DraftModels
     mode: str = DEFAULT_MODE  # how sessions overlap drafting and verifying (specdec.config.SPEC_MODES)
+    tpot_slo_ms: float = 0.0  # gamma "auto": each request's latency target for the verifier's budget (0: none)
 
     @property
     def model_name(self) -> str:
@@ -56,24 +57,29 @@ class DraftService:
         if self.spec is None:
             return await client.generate_baseline(route, prompt_ids, params, self.config, on_commit, result)
         drafter = build_drafter(self.spec, self.draft_models, prompt_fingerprint=self.fingerprint)
-        return await client.speculate(route, drafter, prompt_ids, params, gamma_schedule(self.gamma), self.info,
+        return await client.speculate(route, drafter, prompt_ids, params, gamma_schedule(self.gamma, self.tpot_slo_ms), self.info,
                                       self.config, drafter.fingerprint, on_commit, mode=self.mode, result=result)
 
 
-def gamma_schedule(gamma: int | str):
+def gamma_schedule(gamma: int | str, tpot_slo_ms: float = 0.0):
     """What client.speculate takes for a configured gamma: a fixed block size, or a fresh schedule per request
-    ("adaptive": HF's +2/-1 heuristic; "rtt": chosen per round from the measured link and step times)."""
+    ("adaptive": HF's +2/-1 heuristic; "rtt": chosen per round from the measured link and step times; "auto":
+    rtt's choice within the verifier's draft budget, with an optional per-request latency target)."""
     if gamma == "adaptive":
         return AdaptiveGamma()
     if gamma == "rtt":
         from draft_worker.gamma import RttGamma
 
         return RttGamma()
+    if gamma == "auto":
+        from draft_worker.gamma import AutoGamma
+
+        return AutoGamma(tpot_slo_ms=tpot_slo_ms)
     return int(gamma)
 
 
 async def connect(router: Router, spec: DrafterSpec | None, config: ClientConfig, gamma: int | str = 4,
-                  tokenizer_source: str | None = None, mode: str = DEFAULT_MODE) -> DraftService:
+                  tokenizer_source: str | None = None, mode: str = DEFAULT_MODE, tpot_slo_ms: float = 0.0) -> DraftService:
     """Fetch the pool's Info, load the draft model (off the event loop) and the prompt tokenizer, and check
     they share the verifier's tokenizer (every replica's). Raises VerifierError (unreachable, mismatch) or a
     load error."""
@@ -89,4 +95,4 @@ async def connect(router: Router, spec: DrafterSpec | None, config: ClientConfig
         tokenizer = await asyncio.to_thread(models.load_tokenizer, source)
     fingerprint = models.tokenizer_fingerprint(tokenizer)
     await router.info(source, fingerprint)
-    return DraftService(router, info, tokenizer, fingerprint, spec, gamma, config, draft_models, mode)
+    return DraftService(router, info, tokenizer, fingerprint, spec, gamma, config, draft_models, mode, tpot_slo_ms)

@@ -259,6 +259,8 @@ def _server_args(config: BenchConfig) -> tuple[str, ...]:
     for flag, value in (("--tls-cert", sec.server_cert), ("--tls-key", sec.server_key), ("--tls-client-ca", sec.client_ca)):
         if value:
             args += [flag, value]
+    if not config.verifier.draft_budget:
+        args.append("--no-draft-budget")
     return (*args, "--insecure") if sec.insecure else tuple(args)
 
 

@@ -35,8 +35,11 @@ def _add_drafting(p, baseline: bool) -> None:
     if baseline:
         mode.add_argument("--baseline", action="store_true", help="verifier-only generation")
     p.add_argument("--tokenizer", help="tokenizer source for --drafter ngram/--baseline (default: the verifier's model id)")
-    p.add_argument("--gamma", type=_gamma, default=4, help="draft tokens per block, 'adaptive' (HF's +2/-1) or "
-                   "'rtt' (chosen per round from the measured round trip and step times)")
+    p.add_argument("--gamma", type=_gamma, default=4, help="draft tokens per block, 'adaptive' (HF's +2/-1), "
+                   "'rtt' (chosen per round from the measured round trip and step times) or 'auto' (rtt's choice "
+                   "within the draft budget the verifier grants from its load; every gamma obeys that budget)")
+    p.add_argument("--tpot-slo-ms", type=float, default=0.0, help="with --gamma auto: ask the verifier to keep this "
+                   "request's verifier ms per token under this target when a smaller draft budget can (0: none)")
     p.add_argument("--mode", choices=SPEC_MODES, default=DEFAULT_MODE,
                    help=f"{DEFAULT_MODE} is the default. lockstep (least verifier compute): one block in flight; "
                         "ahead: lock-step, drafting the next block while a verdict is in flight; async (for a fast "
@@ -81,12 +84,12 @@ def _add_serve_draft(sub) -> None:
 
 
 def _gamma(value: str) -> int | str:
-    if value in ("adaptive", "rtt"):
+    if value in ("adaptive", "rtt", "auto"):
         return value
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"gamma is an integer, 'adaptive' or 'rtt', got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"gamma is an integer, 'adaptive', 'rtt' or 'auto', got {value!r}") from None
 
 
 def _add_client_security(p) -> None:
@@ -232,7 +235,7 @@ async def connect_or_explain(router, spec, config, args):
     from draft_worker.transport import VerifierError
 
     try:
-        return await connect(router, spec, config, args.gamma, args.tokenizer, args.mode)
+        return await connect(router, spec, config, args.gamma, args.tokenizer, args.mode, args.tpot_slo_ms)
     except VerifierError as exc:
         address = ",".join(router.addresses)
         raise UserError(f"cannot reach the verifier at {address}: {exc}" if exc.code else str(exc)) from exc

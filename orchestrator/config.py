@@ -21,7 +21,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from specdec.config import DEFAULT_MODE, SPEC_MODES, SamplingParams
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
-Gamma = int | Literal["adaptive", "rtt"]
+Gamma = int | Literal["adaptive", "rtt", "auto"]
 
 
 class ConfigError(ValueError):
@@ -61,6 +61,9 @@ class VerifierConfig:
     replicas: int = Field(1, ge=1)  # Ray-started verifiers: each an actor with its own num_gpus and `verifier` resource
     num_gpus: float = 0  # GPUs each verifier actor asks Ray for (its node needs the `verifier` resource too)
     threads: int | None = Field(None, ge=1)  # CPU threads for torch; None = all of its node's cores
+    # issue 18: grant draft budgets (every client, whatever its gamma, drafts at most the budget); false: verify
+    # every draft token sent, to measure fixed gammas as they are (serve-verifier --no-draft-budget)
+    draft_budget: bool = True
 
 
 @pydantic_dataclass(config=_STRICT)
@@ -71,7 +74,8 @@ class DraftConfig:
     backend: Literal["transformers", "llama.cpp"] = "transformers"  # llama.cpp: GGUF drafts (dtype/device unused)
     dtype: str = "fp32"
     device: str = "cpu"
-    # a list is a sweep; "adaptive" = HF's +2/-1 heuristic; "rtt" = chosen per round from the measured link and steps
+    # a list is a sweep; "adaptive" = HF's +2/-1 heuristic; "rtt" = chosen per round from the measured link and steps;
+    # "auto" = rtt's choice within the verifier's draft budget (issue 18)
     gamma: int | str | list[int | str] = 4
     rtt_ms: float | list[float] | None = None  # emulated RTT; None = the run's rtt_ms; a list is a sweep
     mode: str | list[str] | None = None  # lockstep | ahead | async (specdec.config.SPEC_MODES); None = the run's mode
@@ -85,8 +89,8 @@ class DraftConfig:
     @classmethod
     def _gamma_range(cls, value):
         for g in value if isinstance(value, list) else [value]:
-            if g not in ("adaptive", "rtt") and not (isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= 64):
-                raise ValueError(f"gamma must be an integer in [1, 64], 'adaptive' or 'rtt', got {g!r}")
+            if g not in ("adaptive", "rtt", "auto") and not (isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= 64):
+                raise ValueError(f"gamma must be an integer in [1, 64], 'adaptive', 'rtt' or 'auto', got {g!r}")
         return value
 
 

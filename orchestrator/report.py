@@ -35,6 +35,7 @@ DETAIL_COLUMNS = {
     "speedup_p50_vs_p50": "speedup (p50 vs p50)",
     "mean_acceptance_length": "tokens/round",
     "mean_gamma": "mean γ",
+    "mean_budget": "mean budget",  # issue 18: the verifier's mean granted draft budget (blank: none granted)
     "disagree_requests": "requests ≠ baseline",
     "differing_token_share": "tokens ≠ baseline",
     "rouge_l_vs_baseline": "ROUGE-L vs baseline",
@@ -157,6 +158,12 @@ def mean_gamma(ok: pd.DataFrame) -> float:
     return float(np.mean(gammas)) if gammas else 0.0
 
 
+def _mean_budget(ok: pd.DataFrame) -> float:
+    """The mean draft budget the verifier granted over every reply (issue 18); NaN when it granted none."""
+    budgets = [b for per_request in ok.get("budget_per_round", []) if isinstance(per_request, list) for b in per_request]
+    return float(np.mean(budgets)) if budgets else float("nan")
+
+
 def _pooled(per_request) -> np.ndarray:
     """Every request's per-round values in one array, NaN-padded so percentiles of none are NaN, not an error."""
     return np.concatenate([np.asarray(v, float) for v in per_request] + [np.array([np.nan])])
@@ -204,6 +211,7 @@ def _config_row(g: pd.DataFrame, base: pd.DataFrame | None, prices: dict, sessio
             "alpha": per_token_alpha(list(ok["proposed_per_round"]), list(ok["accepted_per_round"])),
             "mean_acceptance_length": tokens.sum() / rounds,
             "mean_gamma": mean_gamma(ok),
+            "mean_budget": _mean_budget(ok),
             "mean_drafted": proposed / drafting_rounds if drafting_rounds else 0.0,  # tokens per round that drafted
             "stale_per_request": ok["stale"].mean() if "stale" in ok else float("nan"),  # claims dropped (ahead, async)
             "acceptance_by_position": acceptance_by_position(list(ok["proposed_per_round"]), list(ok["accepted_per_round"])),

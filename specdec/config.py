@@ -92,6 +92,8 @@ class VerifierLimits:
     idle_timeout_s: float = 120.0  # a session that receives nothing for this long is closed
     max_batch_tokens: int = 512  # token budget of one engine step: sessions x longest row, padding included
     batch_wait_s: float = 0.025  # most a step waits for lock-step sessions of the last step (also <= 1/4 of a step)
+    draft_budget: bool = True  # issue 18: grant every session a draft budget per step (verifier_worker/budgeting.py)
+    tpot_slo_ms: float = 0.0  # issue 18: default per-session target of verifier ms per token for the budget (0: none)
 
     def message_bytes(self, vocab_size: int) -> int:
         """The largest request this verifier accepts: max_message_bytes, or by default what the model needs.
@@ -107,6 +109,8 @@ class VerifierLimits:
 
     def validate(self) -> None:
         """Raise ValueError with a user-facing message if the limits cannot work together."""
+        if self.tpot_slo_ms < 0:
+            raise ValueError(f"tpot_slo_ms must be >= 0 (0: no target), got {self.tpot_slo_ms}")
         if not 0 <= self.batch_wait_s <= 10:
             raise ValueError(f"batch wait must be in [0, 10] s, got {self.batch_wait_s}")
         if self.max_batch_tokens < self.max_gamma + 1:

@@ -41,6 +41,9 @@ class GenerationResult:
     # one entry per proposal sent, in every mode: the schedule's gamma it was drafted at (its draft may be shorter:
     # cut by max_new_tokens or async's look-ahead, a drafter that found fewer, positions committed meanwhile)
     gamma_per_round: list[int] = field(default_factory=list)
+    # issue 18: the verifier's draft budget that came with each verdict or commit (and the opening), in order
+    # (empty from a verifier that grants none)
+    budget_per_round: list[int] = field(default_factory=list)
     stale: int = 0  # proposals the verifier dropped: the prefix they assumed was not committed
     unsent: int = 0  # async: claims withheld (not sent, or not even drafted), the verifier being past them on arrival
     # when each reply that committed tokens arrived, seconds since the request started, and how many it

@@ -27,13 +27,14 @@ def test_example_and_default_configs_load_and_expand():
                      "qwen-0.5b-wan g=3 rtt=50ms"]
     default = bench_config.load(None)
     assert [s.drafter for s in bench_config.expand(default)][:2] == ["baseline", "lm"]
-    # 2 drafts x 3 modes x 5 RTTs, the baseline at each RTT, and 1 (real pair) or 2 (tiny) gamma-rtt drafts in lock-step
-    for name, rtt_drafts in (("rtt.yaml", 1), ("rtt-tiny.yaml", 2)):
+    # 2 drafts x 3 modes x 5 RTTs, the baseline at each RTT, and 1 (real pair) or 2 (tiny) gamma-rtt drafts in
+    # lock-step; the tiny run also has 2 gamma-auto drafts in every mode (issue 18)
+    for name, rtt_drafts, auto_drafts in (("rtt.yaml", 1, 0), ("rtt-tiny.yaml", 2, 2)):
         specs = bench_config.expand(bench_config.load(REPO / "configs" / name))
-        assert len(specs) == 5 + 2 * 3 * 5 + rtt_drafts * 5, name
+        assert len(specs) == 5 + 2 * 3 * 5 + rtt_drafts * 5 + auto_drafts * 3 * 5, name
         assert {s.mode for s in specs if s.gamma == "rtt"} == {"lockstep"}
         assert [s.rtt_ms for s in specs if s.drafter == "baseline"] == [0, 10, 25, 50, 100]
-        swept = {s.draft_name for s in specs if s.drafter != "baseline" and s.gamma != "rtt"}
+        swept = {s.draft_name for s in specs if s.drafter != "baseline" and s.gamma not in ("rtt", "auto")}
         assert len(swept) == 2
         assert {(s.draft_name, s.mode, s.rtt_ms) for s in specs if s.draft_name in swept} == {
             (d, m, r) for d in swept for m in SPEC_MODES for r in (0, 10, 25, 50, 100)}
@@ -62,7 +63,7 @@ def test_mode_and_rtt_sweeps_expand_with_a_baseline_at_every_rtt():
 @pytest.mark.parametrize("data, message", [
     ({"drafts": [{"name": "n", "kind": "ngram"}], "max_new_token": 3}, "max_new_token: unknown key"),
     ({"drafts": [{"name": "n", "kind": "ngram", "gama": 3}]}, "drafts.0.gama: unknown key"),
-    ({"drafts": [{"name": "n", "kind": "ngram", "gamma": 0}]}, "gamma must be an integer in [1, 64], 'adaptive' or 'rtt'"),
+    ({"drafts": [{"name": "n", "kind": "ngram", "gamma": 0}]}, "gamma must be an integer in [1, 64], 'adaptive', 'rtt' or 'auto'"),
     ({"drafts": [{"name": "n", "kind": "ngram", "mode": ["lockstep", "asnyc"]}]},
      "drafts.0.mode: Value error, mode must be one of lockstep, ahead, async, got 'asnyc'"),
     ({"drafts": [{"name": "n", "kind": "ngram"}], "mode": "pipelined"}, "mode: Value error, mode must be one of"),

@@ -10,6 +10,7 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
 - `budget_for(key, queued_sessions, queued_tokens)` when answering a session: the most draft tokens its
   next block may carry. queued_* = the prefill work waiting for the next step (sessions still
   prefilling, and their chunk tokens), which commits nothing but shares the step;
+- `dropped(tokens)` for draft tokens a block carried beyond its budget (counted, never verified);
 - `close(key)` when the session ends.
 
 The grant is made once per step, for every open session together (`specdec.budget.grant_budgets`): the
@@ -113,9 +114,14 @@ class DraftBudgeter:
         if self._grants is None or key not in self._grants:
             self._grants = self.grants(Load(queued_tokens, queued_sessions))
         budget = self._grants[key]
-        if self.metrics is not None:
+        if self.metrics is not None and self._sessions[key].max_gamma:  # a decode-only session is never granted drafts
             self.metrics.granted.observe(budget)
         return budget
+
+    def dropped(self, tokens: int) -> None:
+        """Draft tokens a block carried beyond its budget, dropped unverified (an older client: not an error)."""
+        if tokens > 0 and self.metrics is not None:
+            self.metrics.over_budget.inc(tokens)
 
     def grants(self, load: Load = Load()) -> dict[Hashable, int]:
         """A fresh grant for every open session, given the other work riding the next step."""

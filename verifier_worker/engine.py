@@ -32,6 +32,12 @@ offers drafts, commits (`_finish`), truncates and frees KV, but never a session'
 uses it runs: steps run one at a time and `_finish` runs after the step, and `close` frees a session in
 the running batch only when that step is over, so a client that cancels mid-step disturbs nobody else.
 
+Draft budget (issue 18): with a `DraftBudgeter` (budgeting.py), the event loop feeds it every step's cost and
+every block's outcome, and after applying a step's outcomes grants each answered session the most draft tokens
+its next block may carry (`session.budget`, one grant for the whole step, made before any of them is
+resolved; the servicer sends it in the reply). `_take_drafts` verifies no more: a lock-step proposal's extra
+drafts are dropped and counted (`budgeter.dropped`), an async session's stay in `ahead` for a later step.
+
 Cost accounting: every step's wall time (forward + verification) is the step's `compute_s`, and each work
 item's `share_s` is compute_s x its tokens / the step's tokens (padding excluded), so the shares of one
 step add up to its compute time and a request's verifier cost stays honest at any concurrency.
@@ -52,6 +58,7 @@ import torch
 from specdec.config import MAX_GAMMA, SamplingParams
 from specdec.sampling import verify_batch
 from verifier_worker.backends import Backend, NoRoom, as_backend
+from verifier_worker.budgeting import DraftBudgeter
 from verifier_worker.kv import Row
 from verifier_worker.logprobs import block_logprobs
 from verifier_worker.session import RoundResult, VerifierSession
@@ -124,12 +131,14 @@ class Decoding:
 
 class Engine:
     def __init__(self, model: torch.nn.Module | Backend, max_batch_tokens: int = 512, batch_wait_s: float = 0.025,
-                 on_step: Callable[[float, int, int], None] | None = None):
+                 on_step: Callable[[float, int, int], None] | None = None, budgeter: DraftBudgeter | None = None):
         """`model`: a transformers module or a backend (backends.py: the model side, forward and KV memory).
-        `on_step(compute_s, sessions, tokens)` is called on the event loop after every step (metrics)."""
+        `on_step(compute_s, sessions, tokens)` is called on the event loop after every step (metrics).
+        `budgeter`: grants each session's draft budget after every step (None: no cap, as before issue 18)."""
         assert max_batch_tokens >= 1 and batch_wait_s >= 0
         self.backend = as_backend(model)  # issue 20: the one seam between the engine and the model
         self.on_step = on_step
+        self.budgeter = budgeter
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait_s = batch_wait_s
         self.device = self.backend.device
@@ -146,9 +155,12 @@ class Engine:
         self.busy_s = 0.0
 
     # ------------------------------------------------------------------------------ sessions and work
-    def open(self, prompt_ids: list[int], params: SamplingParams, client: str = "", max_block: int = MAX_GAMMA) -> VerifierSession:
+    def open(self, prompt_ids: list[int], params: SamplingParams, client: str = "", max_block: int = MAX_GAMMA,
+             max_gamma: int | None = None, tpot_slo_s: float | None = None) -> VerifierSession:
         """A new session; `max_block`: most `ahead` draft tokens one of its decoding steps verifies (async).
-        Its KV handle comes from the backend (backends.py), the only place one is made.
+        Its KV handle comes from the backend (backends.py), the only place one is made. For the budgeter:
+        `max_gamma` the most its blocks may ever carry (None: the budgeter's limit; 0: Generate, decode only),
+        `tpot_slo_s` its latency target (None: the budgeter's default).
         Raises NoRoom when the backend's fixed KV cache cannot hold this session's longest KV beside every
         open session's (admission control: a step never runs out of cells, so no step fails for it)."""
         need = len(prompt_ids) + params.max_new_tokens + max(max_block, MAX_GAMMA)  # prompt, output, one block
@@ -162,6 +174,8 @@ class Engine:
         self._sessions.add(session)
         if capacity is not None:
             self._kv_reserved[session] = need
+        if self.budgeter is not None:
+            self.budgeter.open(session, max_gamma, tpot_slo_s)
         return session
 
     def close(self, session: VerifierSession) -> None:
@@ -170,6 +184,8 @@ class Engine:
         self._sessions.discard(session)
         self._kv_reserved.pop(session, None)  # its cells are cleared before the next step decodes (backend)
         self._expected.discard(session)
+        if self.budgeter is not None:
+            self.budgeter.close(session)
         for work in [w for w in self._queue if w.session is session]:
             self._queue.remove(work)
             work.future.cancel()
@@ -240,6 +256,8 @@ class Engine:
             self._last_compute_s = compute_s
             if self.on_step is not None:
                 self.on_step(compute_s, len(batch), sum(n for _, n in batch))
+            if self.budgeter is not None:
+                self.budgeter.on_step(compute_s, len(batch), sum(n for _, n in batch))
             self._finish(batch, outcomes, compute_s)
 
     async def _gather(self) -> bool:
@@ -283,6 +301,8 @@ class Engine:
         session = work.session
         draft_ids, q = session.take_ahead() if work.proposed is None else work.proposed
         if session.budget is not None and len(draft_ids) > session.budget:
+            if work.proposed is not None and self.budgeter is not None:  # lock-step: the extras are dropped
+                self.budgeter.dropped(len(draft_ids) - session.budget)
             draft_ids, q = draft_ids[: session.budget], None if q is None else q[: session.budget]
         work.draft_ids, work.q, work.tokens = draft_ids, q, session.block(draft_ids)
 
@@ -321,6 +341,7 @@ class Engine:
         tokens and KV length change), resolve or requeue each work item, free what closed meanwhile."""
         batch_tokens = sum(n for _, n in batch)
         self._running = []
+        answered: list[tuple[_Work, RoundResult | None]] = []  # resolved after the step's budget grant
         for (work, n), outcome in zip(batch, outcomes):
             work.cost.add(compute_s, n, len(batch), batch_tokens)
             session = work.session
@@ -339,11 +360,26 @@ class Engine:
                 if work.is_prefill and outcome is not None:
                     session.prompt_logprobs.add(outcome)
                 result = None if work.is_prefill else session.commit(work.draft_ids, *outcome)
+                if result is not None and self.budgeter is not None:
+                    self.budgeter.on_verdict(session, len(work.draft_ids), result.num_accepted)
                 if work.decoding and result.finish_reason is None:
                     work.next = self._submit(self._decode_work(session))
                 elif not work.decoding and (result is None or result.finish_reason is None):
                     self._expected.add(session)  # a Speculate session: its next block follows this answer
-                _resolve(work.future, (result, work.cost))
+                answered.append((work, result))
+        self._grant([work.session for work, _ in answered])
+        for work, result in answered:
+            _resolve(work.future, (result, work.cost))
+
+    def _grant(self, sessions: list[VerifierSession]) -> None:
+        """Event loop, after a step's outcomes are applied and before any is resolved: each answered session's
+        budget for its next block, from one grant for the whole step. The load beside it: the prefills queued."""
+        if self.budgeter is None:
+            return
+        prefills = [work for work in self._queue if work.is_prefill]
+        queued_tokens = sum(min(len(work.tokens), self.max_batch_tokens) for work in prefills)
+        for session in sessions:
+            session.budget = self.budgeter.budget_for(session, len(prefills), queued_tokens)
 
 
 def _resolve(future: asyncio.Future, result=None, exception: Exception | None = None) -> None:

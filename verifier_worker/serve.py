@@ -51,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_s * 1000,
                    help="most a step waits for the last step's lock-step sessions to send their next block "
                         "(never more than a quarter of a step; 0 = never wait)")
+    p.add_argument("--tpot-slo-ms", type=float, default=defaults.tpot_slo_ms,
+                   help="draft budget: keep each session's expected verifier ms per token under this when a smaller "
+                        "budget can (0 = no target; a client may send its own)")
+    p.add_argument("--no-draft-budget", dest="draft_budget", action="store_false",
+                   help="grant no draft budgets: verify every draft token a client sends (fixed-gamma experiments)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds the sessions in flight get to finish before they are cut (default 30)")
     sec = p.add_argument_group("security (required to listen on anything but loopback)")
@@ -75,6 +80,8 @@ async def serve(args: argparse.Namespace) -> None:
         idle_timeout_s=args.idle_timeout,
         max_batch_tokens=args.max_batch_tokens,
         batch_wait_s=args.batch_wait_ms / 1000,
+        draft_budget=args.draft_budget,
+        tpot_slo_ms=args.tpot_slo_ms,
     )
     with user_errors("invalid limits", ValueError):
         limits.validate()

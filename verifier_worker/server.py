@@ -27,6 +27,7 @@ from specdec import codec
 from specdec.config import SamplingParams, VerifierLimits, lookahead
 from verifier_worker.auth import TokenAuthInterceptor
 from verifier_worker.backends import NoRoom
+from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter
 from verifier_worker.engine import Engine, StepCost
 from verifier_worker.metrics import VerifierMetrics, tracked
 from verifier_worker.session import VerifierSession
@@ -63,7 +64,11 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         self.sessions_by_client: dict[str, int] = {}  # open sessions per client host
         self.metrics = metrics or VerifierMetrics()
         self.metrics.sessions_open.set_function(lambda: self.active_sessions)
-        self.engine = Engine(model, limits.max_batch_tokens, limits.batch_wait_s, on_step=self.metrics.step)
+        # issue 18: every session's draft budget, granted by the engine after each step and sent in each reply
+        self.budgeter = DraftBudgeter(limits.max_gamma, tpot_slo_s=limits.tpot_slo_ms / 1e3 or None,
+                                      metrics=BudgetMetrics(self.metrics.registry)) if limits.draft_budget else None
+        self.engine = Engine(model, limits.max_batch_tokens, limits.batch_wait_s, on_step=self.metrics.step,
+                             budgeter=self.budgeter)
         self.draining = False  # set on shutdown: new sessions are refused with UNAVAILABLE
         self.health: health.aio.HealthServicer | None = None  # set by start_server
 
@@ -108,8 +113,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                          draining=self.draining),  # what a router over replicas balances on (draft_worker/router.py)
         )
 
-    async def _new_session(self, context, prompt_ids, params_msg, max_block: int = 0) -> VerifierSession:
-        """Validate a session's opening request and take a session slot (released by the caller)."""
+    async def _new_session(self, context, prompt_ids, params_msg, max_block: int = 0,
+                           tpot_slo_ms: float = 0.0) -> VerifierSession:
+        """Validate a session's opening request and take a session slot (released by the caller). max_block: the
+        most draft tokens its blocks may carry (0: Generate, decode only); tpot_slo_ms: its latency target."""
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "verifier is shutting down; retry on another or after its restart")
         try:
@@ -128,7 +135,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 f"{client} already has {self.limits.max_sessions_per_client} sessions open, this verifier's limit per client",
             )
         try:
-            session = self.engine.open(prompt_ids, params, client, max_block)
+            session = self.engine.open(prompt_ids, params, client, max_block, max_gamma=max_block,
+                                       tpot_slo_s=tpot_slo_ms / 1e3 if tpot_slo_ms > 0 else None)
         except NoRoom as exc:  # a backend with a fixed KV cache (llama.cpp's n_ctx) is full: admission control
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         self.sessions_by_client[client] = self.sessions_by_client.get(client, 0) + 1  # freed by the caller's _release
@@ -183,7 +191,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     f"{self.info.model_id} do not share a tokenizer; speculative decoding needs the same vocabulary",
                 )
             session = await self._new_session(context, opening.prompt_ids, opening.params,
-                                              min(opening.max_block or self.limits.max_gamma, self.limits.max_gamma))
+                                              min(opening.max_block or self.limits.max_gamma, self.limits.max_gamma),
+                                              opening.tpot_slo_ms)
             prompt_tokens = len(session.tokens)
             self.metrics.prompt_tokens.inc(prompt_tokens)
             cost = await self._run(context, self.engine.prefill(session))
@@ -195,6 +204,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     service_s=service_s,
                     cost=self._cost(cost, service_s),
                     prompt_logprobs=codec.logprobs_to_proto(session.prompt_logprobs.joined()),
+                    draft_budget=session.budget,  # None (unset) without a budgeter
                 )
             )
             async_mode = opening.mode == pb.SPECULATION_MODE_ASYNC
@@ -219,7 +229,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             rest = session.remainder(claim)
             if rest is None:  # its assumed prefix was not committed: the client knows, from the verdict before
                 self.metrics.stale.inc()
-                yield pb.SpeculateReply(verdict=pb.Verdict(stale=True, round=round_index,
+                yield pb.SpeculateReply(verdict=pb.Verdict(stale=True, round=round_index, draft_budget=session.budget,
                                                            service_s=time.perf_counter() - arrived))
                 continue
             result, cost = await self._run(context, self.engine.verify(session, *rest))
@@ -232,6 +242,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 round=round_index,
                 cost=self._cost(cost, service_s),
                 logprobs=codec.logprobs_to_proto(result.logprobs),
+                draft_budget=session.budget,
             )
             self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
             if result.next_token is not None:
@@ -273,7 +284,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                         num_accepted=result.num_accepted, finished=result.finish_reason is not None,
                         finish_reason=codec.finish_to_proto(result.finish_reason), service_s=now - last,
                         cost=self._cost(cost, now - last), stale=session.stale,
-                        logprobs=codec.logprobs_to_proto(result.logprobs)))
+                        logprobs=codec.logprobs_to_proto(result.logprobs), draft_budget=session.budget))
                     last = now
                     if result.finish_reason is not None:
                         received.cancel()

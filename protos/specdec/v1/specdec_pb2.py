@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/specdec/v1/specdec.proto\x12\nspecdec.v1\"\r\n\x0bInfoRequest\"\xd2\x01\n\x06Limits\x12\x11\n\tmax_gamma\x18\x01 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x1f\n\x17max_sessions_per_client\x18\x06 \x01(\r\x12\x16\n\x0eidle_timeout_s\x18\x07 \x01(\x01\x12\x18\n\x10max_batch_tokens\x18\x08 \x01(\r\"\xcb\x01\n\tInfoReply\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\"\n\x06limits\x18\x06 \x01(\x0b\x32\x12.specdec.v1.Limits\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\x12\x1e\n\x04load\x18\x08 \x01(\x0b\x32\x10.specdec.v1.Load\"A\n\x04Load\x12\x10\n\x08sessions\x18\x01 \x01(\r\x12\x15\n\rqueued_tokens\x18\x02 \x01(\x04\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\xe5\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x15\n\x08logprobs\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x08 \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"W\n\rTokenLogprobs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x0f\n\x07top_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\xc3\x01\n\x0bOpenSession\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12*\n\x06params\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x17\n\x0f\x63lient_model_id\x18\x04 \x01(\t\x12)\n\x04mode\x18\x05 \x01(\x0e\x32\x1b.specdec.v1.SpeculationMode\x12\x11\n\tmax_block\x18\x06 \x01(\r\"\'\n\tSparseRow\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"2\n\x0bSparseProbs\x12#\n\x04rows\x18\x01 \x03(\x0b\x32\x15.specdec.v1.SparseRow\"T\n\nDenseProbs\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.specdec.v1.ProbDType\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xb3\x01\n\x08Proposal\x12\x11\n\tdraft_ids\x18\x01 \x03(\x05\x12)\n\x06sparse\x18\x02 \x01(\x0b\x32\x17.specdec.v1.SparseProbsH\x00\x12\'\n\x05\x64\x65nse\x18\x03 \x01(\x0b\x32\x16.specdec.v1.DenseProbsH\x00\x12\x15\n\x08\x62\x61se_len\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x0b\x61ssumed_ids\x18\x05 \x03(\x05\x42\x07\n\x05probsB\x0b\n\t_base_len\"m\n\x10SpeculateRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specdec.v1.OpenSessionH\x00\x12(\n\x08proposal\x18\x02 \x01(\x0b\x32\x14.specdec.v1.ProposalH\x00\x42\x06\n\x04kind\"|\n\x08StepCost\x12\x11\n\tcompute_s\x18\x01 \x01(\x01\x12\x0f\n\x07queue_s\x18\x02 \x01(\x01\x12\x16\n\x0e\x62\x61tch_sessions\x18\x03 \x01(\r\x12\x14\n\x0c\x62\x61tch_tokens\x18\x04 \x01(\r\x12\x0f\n\x07share_s\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\r\"\xa5\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x11\n\tservice_s\x18\x03 \x01(\x01\x12\"\n\x04\x63ost\x18\x04 \x01(\x0b\x32\x14.specdec.v1.StepCost\x12\x32\n\x0fprompt_logprobs\x18\x05 \x01(\x0b\x32\x19.specdec.v1.TokenLogprobs\"\x8c\x02\n\x07Verdict\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\r\x12\x17\n\nnext_token\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12\x11\n\tservice_s\x18\x05 \x01(\x01\x12\r\n\x05round\x18\x06 \x01(\r\x12\"\n\x04\x63ost\x18\x07 \x01(\x0b\x32\x14.specdec.v1.StepCost\x12\r\n\x05stale\x18\x08 \x01(\x08\x12+\n\x08logprobs\x18\t \x01(\x0b\x32\x19.specdec.v1.TokenLogprobsB\r\n\x0b_next_token\"\x8b\x02\n\x06\x43ommit\x12\x10\n\x08\x62\x61se_len\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08verified\x18\x03 \x01(\r\x12\x14\n\x0cnum_accepted\x18\x04 \x01(\r\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12\x11\n\tservice_s\x18\x07 \x01(\x01\x12\"\n\x04\x63ost\x18\x08 \x01(\x0b\x32\x14.specdec.v1.StepCost\x12\r\n\x05stale\x18\t \x01(\r\x12+\n\x08logprobs\x18\n \x01(\x0b\x32\x19.specdec.v1.TokenLogprobs\"\x93\x01\n\x0eSpeculateReply\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.specdec.v1.SessionOpenedH\x00\x12&\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.specdec.v1.VerdictH\x00\x12$\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x12.specdec.v1.CommitH\x00\x42\x06\n\x04kind\"Q\n\x0fGenerateRequest\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12*\n\x06params\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\"\xfd\x01\n\rGenerateReply\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12\x11\n\tservice_s\x18\x04 \x01(\x01\x12\"\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x14.specdec.v1.StepCost\x12+\n\x08logprobs\x18\x06 \x01(\x0b\x32\x19.specdec.v1.TokenLogprobs\x12\x32\n\x0fprompt_logprobs\x18\x07 \x01(\x0b\x32\x19.specdec.v1.TokenLogprobs*L\n\x0fSpeculationMode\x12\x1d\n\x19SPECULATION_MODE_LOCKSTEP\x10\x00\x12\x1a\n\x16SPECULATION_MODE_ASYNC\x10\x01*W\n\tProbDType\x12\x1a\n\x16PROB_DTYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12PROB_DTYPE_FLOAT16\x10\x01\x12\x16\n\x12PROB_DTYPE_FLOAT32\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xd3\x01\n\x08Verifier\x12\x36\n\x04Info\x12\x17.specdec.v1.InfoRequest\x1a\x15.specdec.v1.InfoReply\x12I\n\tSpeculate\x12\x1c.specdec.v1.SpeculateRequest\x1a\x1a.specdec.v1.SpeculateReply(\x01\x30\x01\x12\x44\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x19.specdec.v1.GenerateReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/specdec/v1/specdec.proto\x12\nspecdec.v1\"\r\n\x0bInfoRequest\"\xd2\x01\n\x06Limits\x12\x11\n\tmax_gamma\x18\x01 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x1f\n\x17max_sessions_per_client\x18\x06 \x01(\r\x12\x16\n\x0eidle_timeout_s\x18\x07 \x01(\x01\x12\x18\n\x10max_batch_tokens\x18\x08 \x01(\r\"\xcb\x01\n\tInfoReply\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\"\n\x06limits\x18\x06 \x01(\x0b\x32\x12.specdec.v1.Limits\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\x12\x1e\n\x04load\x18\x08 \x01(\x0b\x32\x10.specdec.v1.Load\"A\n\x04Load\x12\x10\n\x08sessions\x18\x01 \x01(\r\x12\x15\n\rqueued_tokens\x18\x02 \x01(\x04\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\xe5\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x15\n\x08logprobs\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x08 \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"W\n\rTokenLogprobs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x0f\n\x07top_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\xd8\x01\n\x0bOpenSession\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12*\n\x06params\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x17\n\x0f\x63lient_model_id\x18\x04 \x01(\t\x12)\n\x04mode\x18\x05 \x01(\x0e\x32\x1b.specdec.v1.SpeculationMode\x12\x11\n\tmax_block\x18\x06 \x01(\r\x12\x13\n\x0btpot_slo_ms\x18\x12 \x01(\x02\"\'\n\tSparseRow\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"2\n\x0bSparseProbs\x12#\n\x04rows\x18\x01 \x03(\x0b\x32\x15.specdec.v1.SparseRow\"T\n\nDenseProbs\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.specdec.v1.ProbDType\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xb3\x01\n\x08Proposal\x12\x11\n\tdraft_ids\x18\x01 \x03(\x05\x12)\n\x06sparse\x18\x02 \x01(\x0b\x32\x17.specdec.v1.SparseProbsH\x00\x12\'\n\x05\x64\x65nse\x18\x03 \x01(\x0b\x32\x16.specdec.v1.DenseProbsH\x00\x12\x15\n\x08\x62\x61se_len\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x0b\x61ssumed_ids\x18\x05 \x03(\x05\x42\x07\n\x05probsB\x0b\n\t_base_len\"m\n\x10SpeculateRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specdec.v1.OpenSessionH\x00\x12(\n\x08proposal\x18\x02 \x01(\x0b\x32\x14.specdec.v1.ProposalH\x00\x42\x06\n\x04kind\"|\n\x08StepCost\x12\x11\n\tcompute_s\x18\x01 \x01(\x01\x12\x0f\n\x07queue_s\x18\x02 \x01(\x01\x12\x16\n\x0e\x62\x61tch_sessions\x18\x03 \x01(\r\x12\x14\n\x0c\x62\x61tch_tokens\x18\x04 \x01(\r\x12\x0f\n\x07share_s\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\r\"\xd1\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x11\n\tservice_s\x18\x03 \x01(\x01\x12\"\n\x04\x63ost\x18\x04 \x01(\x0b\x32\x14.specdec.v1.StepCost\x12\x32\n\x0fprompt_logprobs\x18\x05 \x01(\x0b\x32\x19.specdec.v1.TokenLogprobs\x12\x19\n\x0c\x64raft_budget\x18\x12 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_draft_budget\"\xb8\x02\n\x07Verdict\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\r\x12\x17\n\nnext_token\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12\x11\n\tservice_s\x18\x05 \x01(\x01\x12\r\n\x05round\x18\x06 \x01(\r\x12\"\n\x04\x63ost\x18\x07 \x01(\x0b\x32\x14.specdec.v1.StepCost\x12\r\n\x05stale\x18\x08 \x01(\x08\x12+\n\x08logprobs\x18\t \x01(\x0b\x32\x19.specdec.v1.TokenLogprobs\x12\x19\n\x0c\x64raft_budget\x18\x12 \x01(\rH\x01\x88\x01\x01\x42\r\n\x0b_next_tokenB\x0f\n\r_draft_budget\"\xb7\x02\n\x06\x43ommit\x12\x10\n\x08\x62\x61se_len\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08verified\x18\x03 \x01(\r\x12\x14\n\x0cnum_accepted\x18\x04 \x01(\r\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12\x11\n\tservice_s\x18\x07 \x01(\x01\x12\"\n\x04\x63ost\x18\x08 \x01(\x0b\x32\x14.specdec.v1.StepCost\x12\r\n\x05stale\x18\t \x01(\r\x12+\n\x08logprobs\x18\n \x01(\x0b\x32\x19.specdec.v1.TokenLogprobs\x12\x19\n\x0c\x64raft_budget\x18\x12 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_draft_budget\"\x93\x01\n\x0eSpeculateReply\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.specdec.v1.SessionOpenedH\x00\x12&\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.specdec.v1.VerdictH\x00\x12$\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x12.specdec.v1.CommitH\x00\x42\x06\n\x04kind\"Q\n\x0fGenerateRequest\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12*\n\x06params\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\"\xfd\x01\n\rGenerateReply\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.specdec.v1.FinishReason\x12\x11\n\tservice_s\x18\x04 \x01(\x01\x12\"\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x14.specdec.v1.StepCost\x12+\n\x08logprobs\x18\x06 \x01(\x0b\x32\x19.specdec.v1.TokenLogprobs\x12\x32\n\x0fprompt_logprobs\x18\x07 \x01(\x0b\x32\x19.specdec.v1.TokenLogprobs*L\n\x0fSpeculationMode\x12\x1d\n\x19SPECULATION_MODE_LOCKSTEP\x10\x00\x12\x1a\n\x16SPECULATION_MODE_ASYNC\x10\x01*W\n\tProbDType\x12\x1a\n\x16PROB_DTYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12PROB_DTYPE_FLOAT16\x10\x01\x12\x16\n\x12PROB_DTYPE_FLOAT32\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xd3\x01\n\x08Verifier\x12\x36\n\x04Info\x12\x17.specdec.v1.InfoRequest\x1a\x15.specdec.v1.InfoReply\x12I\n\tSpeculate\x12\x1c.specdec.v1.SpeculateRequest\x1a\x1a.specdec.v1.SpeculateReply(\x01\x30\x01\x12\x44\n\x08Generate\x12\x1b.specdec.v1.GenerateRequest\x1a\x19.specdec.v1.GenerateReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.specdec.v1.specdec_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SPECULATIONMODE']._serialized_start=2863
-  _globals['_SPECULATIONMODE']._serialized_end=2939
-  _globals['_PROBDTYPE']._serialized_start=2941
-  _globals['_PROBDTYPE']._serialized_end=3028
-  _globals['_FINISHREASON']._serialized_start=3030
-  _globals['_FINISHREASON']._serialized_end=3125
+  _globals['_SPECULATIONMODE']._serialized_start=3016
+  _globals['_SPECULATIONMODE']._serialized_end=3092
+  _globals['_PROBDTYPE']._serialized_start=3094
+  _globals['_PROBDTYPE']._serialized_end=3181
+  _globals['_FINISHREASON']._serialized_start=3183
+  _globals['_FINISHREASON']._serialized_end=3278
   _globals['_INFOREQUEST']._serialized_start=47
   _globals['_INFOREQUEST']._serialized_end=60
   _globals['_LIMITS']._serialized_start=63
@@ -50,31 +50,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROBS']._serialized_start=780
   _globals['_TOKENLOGPROBS']._serialized_end=867
   _globals['_OPENSESSION']._serialized_start=870
-  _globals['_OPENSESSION']._serialized_end=1065
-  _globals['_SPARSEROW']._serialized_start=1067
-  _globals['_SPARSEROW']._serialized_end=1106
-  _globals['_SPARSEPROBS']._serialized_start=1108
-  _globals['_SPARSEPROBS']._serialized_end=1158
-  _globals['_DENSEPROBS']._serialized_start=1160
-  _globals['_DENSEPROBS']._serialized_end=1244
-  _globals['_PROPOSAL']._serialized_start=1247
-  _globals['_PROPOSAL']._serialized_end=1426
-  _globals['_SPECULATEREQUEST']._serialized_start=1428
-  _globals['_SPECULATEREQUEST']._serialized_end=1537
-  _globals['_STEPCOST']._serialized_start=1539
-  _globals['_STEPCOST']._serialized_end=1663
-  _globals['_SESSIONOPENED']._serialized_start=1666
-  _globals['_SESSIONOPENED']._serialized_end=1831
-  _globals['_VERDICT']._serialized_start=1834
-  _globals['_VERDICT']._serialized_end=2102
-  _globals['_COMMIT']._serialized_start=2105
-  _globals['_COMMIT']._serialized_end=2372
-  _globals['_SPECULATEREPLY']._serialized_start=2375
-  _globals['_SPECULATEREPLY']._serialized_end=2522
-  _globals['_GENERATEREQUEST']._serialized_start=2524
-  _globals['_GENERATEREQUEST']._serialized_end=2605
-  _globals['_GENERATEREPLY']._serialized_start=2608
-  _globals['_GENERATEREPLY']._serialized_end=2861
-  _globals['_VERIFIER']._serialized_start=3128
-  _globals['_VERIFIER']._serialized_end=3339
+  _globals['_OPENSESSION']._serialized_end=1086
+  _globals['_SPARSEROW']._serialized_start=1088
+  _globals['_SPARSEROW']._serialized_end=1127
+  _globals['_SPARSEPROBS']._serialized_start=1129
+  _globals['_SPARSEPROBS']._serialized_end=1179
+  _globals['_DENSEPROBS']._serialized_start=1181
+  _globals['_DENSEPROBS']._serialized_end=1265
+  _globals['_PROPOSAL']._serialized_start=1268
+  _globals['_PROPOSAL']._serialized_end=1447
+  _globals['_SPECULATEREQUEST']._serialized_start=1449
+  _globals['_SPECULATEREQUEST']._serialized_end=1558
+  _globals['_STEPCOST']._serialized_start=1560
+  _globals['_STEPCOST']._serialized_end=1684
+  _globals['_SESSIONOPENED']._serialized_start=1687
+  _globals['_SESSIONOPENED']._serialized_end=1896
+  _globals['_VERDICT']._serialized_start=1899
+  _globals['_VERDICT']._serialized_end=2211
+  _globals['_COMMIT']._serialized_start=2214
+  _globals['_COMMIT']._serialized_end=2525
+  _globals['_SPECULATEREPLY']._serialized_start=2528
+  _globals['_SPECULATEREPLY']._serialized_end=2675
+  _globals['_GENERATEREQUEST']._serialized_start=2677
+  _globals['_GENERATEREQUEST']._serialized_end=2758
+  _globals['_GENERATEREPLY']._serialized_start=2761
+  _globals['_GENERATEREPLY']._serialized_end=3014
+  _globals['_VERIFIER']._serialized_start=3281
+  _globals['_VERIFIER']._serialized_end=3492
 # @@protoc_insertion_point(module_scope)

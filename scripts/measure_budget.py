@@ -1,0 +1,102 @@
+"""Issue 18's reduced concurrency sweep: `--gamma auto` under the verifier's draft budget against fixed gammas
+and the batched verifier-only `Generate`, at several numbers of concurrent sessions, on one box.
+
+    flock /tmp/specdec-bench.lock python scripts/measure_budget.py --sessions 1 4 16 --prompts 4 --max-new-tokens 32
+
+Two verifier processes in turn (`specdec serve-verifier`, the real pair's 1.5B by default): one granting draft
+budgets (arms: Generate, n-gram auto, n-gram at --budget-gammas capped by the budget) and one with --no-draft-budget
+(arms: Generate, n-gram at each fixed gamma as it is). Each process runs its own Generate, so every ratio is
+taken within one process. At each level N: max(N, prompts) requests, N at a time, prompts in turn.
+Prints per (verifier, level, arm): aggregate tok/s (tokens / wall of the level), its ratio to that process's
+Generate at the level, verifier compute per committed token (the requests' shares) and the mean granted budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+from draft_worker.client import generate_baseline, speculate
+from draft_worker.drafters import NgramDrafter
+from draft_worker.gamma import AutoGamma
+from draft_worker.transport import fetch_info, open_channel
+from orchestrator.bench import encode_prompts
+from orchestrator.launch import start_verifier
+from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
+from specdec import models
+from specdec.config import SamplingParams, VerifierLimits
+from specdec.pubmedqa import default_path, load_items
+
+
+async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, params: SamplingParams, mode: str):
+    """-> (aggregate tok/s, verifier compute s per token, mean budget or nan) of max(sessions, prompts) requests."""
+    jobs = [prompts[i % len(prompts)] for i in range(max(sessions, len(prompts)))]
+    gate = asyncio.Semaphore(sessions)
+
+    async def one(prompt):
+        async with gate:
+            if arm == "generate":
+                return await generate_baseline(stub, prompt, params)
+            gamma = AutoGamma() if arm == "auto" else int(arm.removeprefix("g"))
+            return await speculate(stub, NgramDrafter(), prompt, params, gamma, info, mode=mode)
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in jobs))
+    wall = time.perf_counter() - started
+    tokens = sum(len(r.token_ids) for r in results)
+    budgets = [b for r in results for b in r.budget_per_round]
+    return tokens / wall, sum(r.verifier_compute_s for r in results) / tokens, (
+        statistics.mean(budgets) if budgets else float("nan"))
+
+
+async def sweep(address: str, prompts, args, arms: list[str], label: str) -> None:
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    async with open_channel(address) as channel:
+        stub = pb_grpc.VerifierStub(channel)
+        info = await fetch_info(stub)
+        await generate_baseline(stub, prompts[0], SamplingParams(max_new_tokens=4))  # warm-up
+        for n in args.sessions:
+            base = None
+            for arm in arms:
+                rate, compute, budget = await level(stub, info, prompts, n, arm, params, args.mode)
+                base = base or rate
+                print(f"| {label} | {n} | {arm} | {rate:.2f} | {rate / base:.2f} | {1000 * compute:.0f} | {budget:.2f} |",
+                      flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--verifier", default="offline:qwen2.5-coder-1.5b-instruct")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--pubmedqa", default=str(default_path()))
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--gammas", type=int, nargs="+", default=[2, 4], help="fixed gammas on the verifier without budget")
+    p.add_argument("--budget-gammas", type=int, nargs="*", default=[4], help="fixed gammas under the budget")
+    p.add_argument("--mode", default="lockstep")
+    p.add_argument("--skip-fixed", action="store_true", help="only the budgeted verifier")
+    args = p.parse_args()
+    tokenizer = models.load_tokenizer(args.verifier)
+    prompts = [x.ids for x in encode_prompts(load_items(args.pubmedqa)[: args.prompts], tokenizer, args.max_prompt_tokens)]
+    print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, mode {args.mode}, verifier {args.verifier} {args.dtype}")
+    print("| verifier | sessions | arm | aggregate tok/s | x Generate | verifier compute ms/token | mean budget |")
+    print("|---|---|---|---|---|---|---|")
+    runs = [("budget", (), ["generate", "auto", *(f"g{g}" for g in args.budget_gammas)])]
+    if not args.skip_fixed:
+        runs.append(("no budget", ("--no-draft-budget",), ["generate", *(f"g{g}" for g in args.gammas)]))
+    limits = VerifierLimits()
+    for label, extra, arms in runs:
+        verifier = start_verifier(args.verifier, args.dtype, "cpu",
+                                  extra_args=(*extra, "--max-sessions-per-client", str(limits.max_sessions)))
+        try:
+            asyncio.run(sweep(verifier.address, prompts, args, arms, label))
+        finally:
+            verifier.stop()
+
+
+if __name__ == "__main__":
+    main()
