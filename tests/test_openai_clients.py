@@ -184,7 +184,9 @@ async def test_openai_sdk_chat_logprobs_batches_and_n(endpoint, tokenizer):
     chunks = [c async for c in await api.chat.completions.create(
         stream=True, stream_options={"include_usage": True}, **args)]
     streamed = [t for c in chunks for ch in c.choices if ch.logprobs for t in ch.logprobs.content]
-    assert [t.logprob for t in streamed] == [t.logprob for t in content]
+    # equal up to fp32 rounding: the blocks (and so the forwards) that scored a position may differ between calls
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=TOL)
+    assert [t.token for t in streamed] == [t.token for t in content]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
     batch = await api.completions.create(model="fake-verifier", prompt=[PROMPT, "Aspirin"], max_tokens=6,
