@@ -31,12 +31,15 @@ class KVHandle(Protocol):
 
     def truncate(self, length: int) -> None: ...  # keep the first `length` tokens (rollback)
 
+    def keep(self, start: int, rows: list[int]) -> None: ...  # after a token tree: only the accepted path's tokens
+
     def free(self) -> None: ...  # the session ended: release its memory
 
 
 class Backend(Protocol):
     device: torch.device  # where the logits are (and verification runs)
     vocab_size: int  # width of the logits
+    supports_trees: bool  # whether forward honours `Row.parents` (token trees, issue 21)
 
     def new_kv(self) -> KVHandle: ...
 
@@ -45,6 +48,8 @@ class Backend(Protocol):
 
 class TransformersBackend:
     """A transformers causal LM with full attention, batched by padding (kv.py)."""
+
+    supports_trees = True  # kv.py's per-row tree masks
 
     def __init__(self, model: torch.nn.Module):
         layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
