@@ -90,3 +90,15 @@ async def test_a_malformed_tree_is_refused_and_other_work_goes_on(start_verifier
         await call.read()
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and match in refused.value.details()
     assert (await other).token_ids == baseline.token_ids
+
+
+def test_the_bench_and_the_drafter_spec_carry_the_tree_setting():
+    from draft_worker.drafters import DrafterSpec, build_drafter
+    from orchestrator.config import expand, from_dict
+
+    config = from_dict({"drafts": [{"name": "sfx", "kind": "suffix", "tree": {"max_nodes": 6}, "mode": "lockstep"}]})
+    spec = [s for s in expand(config) if s.drafter == "suffix"][0]
+    assert spec.tree_nodes == 6 and spec.drafter_spec.tree_nodes == 6 and "tree=6" in spec.name
+    assert build_drafter(spec.drafter_spec).tree_nodes == 6
+    with pytest.raises(ValueError, match="n-gram drafter proposes chains"):
+        build_drafter(DrafterSpec(kind="ngram", tree_nodes=4))
