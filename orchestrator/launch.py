@@ -58,10 +58,16 @@ def start_verifier(model: str, dtype: str = "bf16", device: str = "auto", host: 
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env or os.environ.copy(),
                                 preexec_fn=(lambda: _child_setup(cpus)) if _LIBC or cpus else None)
         lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline().strip()), daemon=True)
+        def read_until_listening():  # serve prints its dtype line first (H10: that broke this reader)
+            for raw in proc.stdout:
+                lines.append(raw.strip())
+                if lines[-1].startswith("listening on "):
+                    return
+
+        reader = threading.Thread(target=read_until_listening, daemon=True)
         reader.start()
-        reader.join(timeout_s)  # the first stdout line comes once the model is loaded
-        line = lines[0] if lines else ""
+        reader.join(timeout_s)  # "listening on" comes once the model is loaded
+        line = lines[-1] if lines else ""
         if line.startswith("listening on "):
             return VerifierProcess(proc, line.removeprefix("listening on "), log.name)
         proc.kill()
