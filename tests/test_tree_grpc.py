@@ -102,3 +102,22 @@ def test_the_bench_and_the_drafter_spec_carry_the_tree_setting():
     assert build_drafter(spec.drafter_spec).tree_nodes == 6
     with pytest.raises(ValueError, match="n-gram drafter proposes chains"):
         build_drafter(DrafterSpec(kind="ngram", tree_nodes=4))
+
+
+async def test_trees_are_lockstep_only(start_verifier):
+    """An async session's tree gets INVALID_ARGUMENT from the verifier; the client refuses trees in other modes."""
+    _, target = fake_pair()
+    verifier = await start_verifier(target, vocab_size=32)
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=1000)  # the session cannot finish before the proposal is read
+    call = verifier.stub.Speculate(timeout=30)
+    await call.write(pb.SpeculateRequest(open=pb.OpenSession(prompt_ids=[1, 2], params=codec.params_to_proto(params),
+                                                             mode=pb.SPECULATION_MODE_ASYNC)))
+    assert (await call.read()).WhichOneof("kind") == "opened"
+    await call.write(pb.SpeculateRequest(proposal=pb.Proposal(draft_ids=[7, 8], parents=[-1, -1])))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        for _ in range(params.max_new_tokens + 1):  # commits stream until the proposal is read
+            await call.read()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "token trees" in refused.value.details()
+    with pytest.raises(ValueError, match="lockstep mode only"):
+        await speculate(verifier.stub, tree_drafter(SuffixDrafter(None), 4), [1, 2], params, 4, info, mode="ahead")
