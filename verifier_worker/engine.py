@@ -349,7 +349,8 @@ def _verify_tree(work: _Work, target_logits: torch.Tensor) -> tuple[int, int, Lo
     session = work.session
     tokens = torch.tensor(work.draft_ids, dtype=torch.long, device=target_logits.device)  # [n]
     parents = torch.tensor(work.parents, dtype=torch.long, device=target_logits.device)  # [n]
-    path, next_token = verify_tree(tokens, parents, work.q, target_logits, session.params, session.generator)
+    q = None if work.q is None else work.q.to(target_logits.device)  # [n, vocab], decoded on the host
+    path, next_token = verify_tree(tokens, parents, q, target_logits, session.params, session.generator)
     logprobs = block_logprobs(target_logits[kept_block_rows(path)], [work.draft_ids[i] for i in path], len(path),
                               next_token, session.params)  # row d of the kept rows scores the path's token d
     return len(path), next_token, logprobs, path
