@@ -121,3 +121,19 @@ async def test_trees_are_lockstep_only(start_verifier):
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "token trees" in refused.value.details()
     with pytest.raises(ValueError, match="lockstep mode only"):
         await speculate(verifier.stub, tree_drafter(SuffixDrafter(None), 4), [1, 2], params, 4, info, mode="ahead")
+
+
+async def test_greedy_lm_trees_with_the_tiny_pair(start_verifier, tiny_dirs):
+    """The tiny seeded Qwen2 pair: the LM drafter's trees commit the verifier-only tokens, accepting some nodes."""
+    from specdec import models
+
+    draft = models.load_model(str(tiny_dirs[0]), dtype=torch.float32, device=torch.device("cpu"))
+    target = models.load_model(str(tiny_dirs[1]), dtype=torch.float32, device=torch.device("cpu"))
+    verifier = await start_verifier(target, vocab_size=models.model_vocab_size(target))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=32)
+    prompt = [5, 17, 42, 8, 99, 3, 17, 42]
+    baseline = await generate_baseline(verifier.stub, prompt, params)
+    spec = await speculate(verifier.stub, tree_drafter(LMDrafter(draft, "tiny-draft"), 6), prompt, params, 4, info,
+                           mode="lockstep")
+    assert spec.token_ids == baseline.token_ids and spec.accepted > 0
