@@ -74,17 +74,20 @@ class LMDrafter(CommittedContext):
         self.generator = make_generator(None if params.seed is None else (params.seed + 1) % 2**64, "cpu")
         self._block: list[int] = []
 
-    def propose(self, context: list[int], gamma: int) -> Candidates:
+    def next_logits(self, context: list[int]) -> torch.Tensor:
+        """logits [vocab] for the token after `context`, after cropping the cache to the prefix it shares with it."""
         keep = min(common_prefix(self.cached, context), len(context) - 1)  # the last token is fed, for its logits
         if keep < self.lm.length:
             self.lm.crop(keep)
-        self.cached = self.cached[:keep]
+        logits = self.lm.forward(context[keep:], num_logits=1)[0]  # [vocab]
+        self.cached = list(context)
+        return logits
+
+    def propose(self, context: list[int], gamma: int) -> Candidates:
         draft_ids: list[int] = []
         rows: list[torch.Tensor] = []
-        pending = context[keep:]
         for _ in range(gamma):
-            logits = self.lm.forward(pending, num_logits=1)[0]  # [vocab]
-            self.cached += pending
+            logits = self.next_logits([*context, *draft_ids])  # feeds only what the cache lacks
             if self.params.greedy:
                 token = int(logits.argmax())
             else:
@@ -92,7 +95,6 @@ class LMDrafter(CommittedContext):
                 token = int(sample(q, self.generator))
                 rows.append(q)
             draft_ids.append(token)
-            pending = [token]
         q_block = torch.stack(rows) if rows else None  # [gamma, vocab]
         return Candidates(draft_ids, q_block, self.dense_dtype)
 
@@ -145,6 +147,7 @@ class DrafterSpec:
     ngram_max: int = 3
     suffix_cache_tokens: int = 16384  # suffix: tokens of earlier outputs the process keeps (draft_worker/suffix.py)
     suffix_min_prob: float = 0.1  # suffix: stop a draft when its frequencies' product falls below this
+    tree_nodes: int = 0  # lm, suffix: propose token trees of at most this many nodes (draft_worker/trees.py); 0 = chains
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,17 @@ class DraftModels:
 def build_drafter(spec: DrafterSpec, draft_models: DraftModels | None = None, prompt_fingerprint: str = "") -> Drafter:
     """A fresh drafter for one request. An LM drafter reports its own tokenizer's fingerprint; the n-gram and
     suffix drafters draft the prompt's own ids, so they report the prompt tokenizer's (`prompt_fingerprint`).
-    Suffix drafters built with the same `draft_models` share one cache of outputs."""
+    Suffix drafters built with the same `draft_models` share one cache of outputs. With `tree_nodes` the drafter
+    proposes token trees (its `tree_nodes` attribute, read by the client loop)."""
+    drafter = _build(spec, draft_models, prompt_fingerprint)
+    if spec.tree_nodes:
+        if spec.kind == "ngram":
+            raise ValueError("token trees come from the lm and suffix drafters; the n-gram drafter proposes chains")
+        drafter.tree_nodes = spec.tree_nodes
+    return drafter
+
+
+def _build(spec: DrafterSpec, draft_models: DraftModels | None, prompt_fingerprint: str) -> Drafter:
     if spec.kind == "ngram":
         return NgramDrafter(max_ngram=spec.ngram_max, fingerprint=prompt_fingerprint)
     if spec.kind == "suffix":  # like ngram, it drafts the prompt's own ids

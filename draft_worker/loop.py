@@ -45,6 +45,7 @@ from draft_worker.gamma import ema
 from draft_worker.stream import CALL_ERRORS, SpeculateStream, open_request, proposal_request, record_cost, \
     record_opened, timed
 from draft_worker.transport import VerifierError
+from draft_worker.trees import propose_tree
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
 from specdec.config import FINISH_STOP, SamplingParams, lookahead
@@ -135,6 +136,9 @@ class ClientSession:
         self.drafter, self.prompt_ids, self.params = drafter, prompt_ids, params
         self.schedule, self.mode = schedule, MODES[mode]
         self.vocab_size, self.fingerprint, self.on_commit = vocab_size, fingerprint, on_commit
+        self.tree_nodes = getattr(drafter, "tree_nodes", 0)  # > 0: every block is a token tree (draft_worker/trees.py)
+        if self.tree_nodes and mode != "lockstep":
+            raise ValueError(f"token trees (tree_nodes = {self.tree_nodes}) run in lockstep mode only, not {mode!r}")
         self.committed: list[int] = []
         self.guess: list[int] = []  # tokens past the commit this client proposed (or drafted) and still believes
         self.in_flight: deque[_Block] = deque()
@@ -225,7 +229,10 @@ class ClientSession:
 
     def _draft(self, n: int, guess: list[int], assumes_first: bool = False) -> None:
         # drafting is compute: off the event loop, so replies keep being read while it runs
-        if self.mode.drafter_tracks_commits:
+        if self.tree_nodes:  # lock-step: a tree from the commit, at most max_gamma nodes (the verifier's limit)
+            nodes = min(self.tree_nodes, self.schedule.max_gamma) if n > 0 else 0
+            work = (propose_tree, self.drafter, [*self.prompt_ids, *self.committed], nodes)
+        elif self.mode.drafter_tracks_commits:
             work = (self.drafter.get_candidates, n)
         else:
             work = (self.drafter.propose, [*self.prompt_ids, *self.committed, *guess], n)
@@ -293,8 +300,10 @@ class ClientSession:
             return
         skip = max(done, assumed) - len(job.guess)  # the first draft token to send
         q = None if candidates.q is None else candidates.q[skip : len(drafted)]
+        assert candidates.parents is None or skip == 0, "a tree is sent whole (lock-step)"
         request = proposal_request(drafted[skip:], q, self.params, candidates.dense_dtype, len(self.committed),
-                                   claim[done:assumed])
+                                   claim[done:assumed],
+                                   None if candidates.parents is None else candidates.parents[: len(drafted)])
         sent_at = time.perf_counter()
         await self.stream.send(request)  # a failed write: the verifier ended the stream, and reading tells why
         self.result.gamma_per_round.append(job.gamma)
@@ -315,9 +324,13 @@ class ClientSession:
         self._record_round(len(verified), verdict.num_accepted, verdict.service_s, verdict.cost)
         self.schedule.update(len(verified), verdict.num_accepted, draft_s=sent.draft_s, service_s=verdict.service_s,
                              rtt_s=max(0.0, rtt_s - verdict.service_s))
-        if self.mode.drafter_tracks_commits:
-            self.drafter.commit(verdict.num_accepted, next_token)
-        new = [*verified[: verdict.num_accepted], *([] if next_token is None else [next_token])]
+        if verdict.accepted_nodes:  # a tree's accepted path (trees: the drafter syncs to the context it is given)
+            accepted = [verified[i] for i in verdict.accepted_nodes]
+        else:
+            accepted = verified[: verdict.num_accepted]
+            if self.mode.drafter_tracks_commits and not self.tree_nodes:
+                self.drafter.commit(verdict.num_accepted, next_token)
+        new = [*accepted, *([] if next_token is None else [next_token])]
         self._committed(new, verdict.finished, verdict.finish_reason, verdict.logprobs)
 
     def _commit_arrived(self, reply: pb.SpeculateReply) -> None:

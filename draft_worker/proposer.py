@@ -17,6 +17,7 @@ class Candidates:
     draft_ids: list[int]  # [gamma]
     q: torch.Tensor | None  # [gamma, vocab] draft probs as the verifier decodes them; None when greedy
     dense_dtype: str = "fp16"  # the wire dtype q was rounded to, so encoding it is exact
+    parents: list[int] | None = None  # a token tree (specdec/tree.py, draft_worker/trees.py): q is then per node
 
 
 class Drafter(Protocol):

@@ -34,11 +34,12 @@ def open_request(client_model_id: str, prompt_ids: list[int], params: SamplingPa
 
 
 def proposal_request(draft_ids: list[int], q, params: SamplingParams, dense_dtype: str, base_len: int | None = None,
-                     assumed_ids: list[int] = ()) -> pb.SpeculateRequest:
-    """A claim: `assumed_ids` (no q), then `draft_ids` with their q rows [len(draft_ids), vocab] when sampling."""
+                     assumed_ids: list[int] = (), parents: list[int] | None = None) -> pb.SpeculateRequest:
+    """A claim: `assumed_ids` (no q), then `draft_ids` with their q rows [len(draft_ids), vocab] when sampling;
+    with `parents`, draft_ids are a token tree's nodes (specdec/tree.py)."""
     probs = codec.encode_probs(q, params, dense_dtype) if q is not None and len(draft_ids) else {}
     return pb.SpeculateRequest(proposal=pb.Proposal(draft_ids=draft_ids, base_len=base_len, assumed_ids=assumed_ids,
-                                                    **probs))
+                                                    parents=parents or (), **probs))
 
 
 def record_opened(result: GenerationResult, reply: pb.SpeculateReply) -> None:

@@ -50,6 +50,8 @@ def _add_drafting(p, baseline: bool) -> None:
                    help="suffix drafter: tokens of earlier outputs this process keeps for matching (0 = none)")
     p.add_argument("--suffix-min-prob", type=float, default=0.1,
                    help="suffix drafter: stop a draft where the product of its frequencies falls below this")
+    p.add_argument("--tree-nodes", type=int, default=0,
+                   help="lm and suffix drafters: propose token trees of at most N nodes (lockstep mode only; 0 = chains)")
     p.add_argument("--draft-backend", choices=["transformers", "llama.cpp"], default="transformers",
                    help="run the --draft model in transformers, or in llama.cpp (a .gguf file or offline: alias)")
     p.add_argument("--draft-dtype", default="auto",
@@ -217,7 +219,7 @@ def _drafter_spec(args):
     return DrafterSpec(kind="lm" if args.draft else args.drafter, model=args.draft, backend=args.draft_backend,
                        dtype=args.draft_dtype, device=args.draft_device, dense_dtype=args.dense_dtype,
                        ngram_max=args.ngram_max, suffix_cache_tokens=args.suffix_cache_tokens,
-                       suffix_min_prob=args.suffix_min_prob)
+                       suffix_min_prob=args.suffix_min_prob, tree_nodes=args.tree_nodes)
 
 
 def verifier_router(args, config):

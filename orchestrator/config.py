@@ -67,6 +67,11 @@ class VerifierConfig:
 
 
 @pydantic_dataclass(config=_STRICT)
+class TreeConfig:
+    max_nodes: int = Field(ge=1, le=64)  # nodes of each token tree (issue 21); they count against max_gamma
+
+
+@pydantic_dataclass(config=_STRICT)
 class DraftConfig:
     name: str
     kind: Literal["lm", "ngram", "suffix"] = "lm"  # suffix: draft_worker/suffix.py, with its default settings
@@ -81,6 +86,7 @@ class DraftConfig:
     mode: str | list[str] | None = None  # lockstep | ahead | async (specdec.config.SPEC_MODES); None = the run's mode
     ngram_max: int = Field(3, ge=1)
     dense_dtype: Literal["fp16", "fp32"] = "fp16"  # wire dtype of full-vocabulary draft probabilities (sampling)
+    tree: TreeConfig | None = None  # lm, suffix: propose token trees of tree.max_nodes nodes (lockstep mode only)
 
     _rtt_range = _each_at_least("rtt_ms", 0)
     _modes = _each_mode("mode")
@@ -250,6 +256,7 @@ class RunSpec:
     backend: str = "transformers"  # LM drafters: transformers | llama.cpp
     mode: str = DEFAULT_MODE  # how the session overlaps drafting and verifying (specdec.config.SPEC_MODES)
     rate: float | None = None  # open-loop arrival rate (requests/s); None = the closed loop
+    tree_nodes: int = 0  # token trees of this many nodes (DraftConfig.tree); 0 = chains
 
     @property
     def drafter_spec(self):
@@ -257,11 +264,13 @@ class RunSpec:
         from draft_worker.drafters import DrafterSpec
 
         return DrafterSpec(kind=self.drafter, model=self.model, backend=self.backend, dtype=self.dtype,
-                           device=self.device, dense_dtype=self.dense_dtype, ngram_max=self.ngram_max)
+                           device=self.device, dense_dtype=self.dense_dtype, ngram_max=self.ngram_max,
+                           tree_nodes=self.tree_nodes)
 
     @property
     def name(self) -> str:
         name = "baseline" if self.drafter == "baseline" else f"{self.draft_name} g={self.gamma}"
+        name += f" tree={self.tree_nodes}" if self.tree_nodes else ""
         name += f" {self.mode}" if self.mode != DEFAULT_MODE else ""  # the default mode goes unnamed
         name += f" rtt={self.rtt_ms:g}ms" if self.rtt_ms else ""
         return name + (f" x{self.sessions}" if self.sessions else "") + (f" @{self.rate:g}/s" if self.rate else "")
@@ -290,7 +299,8 @@ def expand(config: BenchConfig) -> list[RunSpec]:
                 for gamma in _as_list(d.gamma):
                     for mode in _as_list(d.mode if d.mode is not None else config.mode):
                         specs.append(RunSpec(d.kind, d.name, d.model, d.dtype, d.device, gamma, rtt, d.ngram_max,
-                                             d.dense_dtype, level, d.backend, mode, rate))
+                                             d.dense_dtype, level, d.backend, mode, rate,
+                                             d.tree.max_nodes if d.tree else 0))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two configurations share a name: {sorted(n for n in names if names.count(n) > 1)[0]}")

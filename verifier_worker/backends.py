@@ -39,6 +39,8 @@ class KVHandle(Protocol):
 
     def truncate(self, length: int) -> None: ...  # keep the first `length` tokens (rollback)
 
+    def keep(self, start: int, rows: list[int]) -> None: ...  # after a token tree: only the accepted path's tokens
+
     def free(self) -> None: ...  # the session ended: release its memory
 
 
@@ -46,6 +48,7 @@ class Backend(Protocol):
     device: torch.device  # where the logits are (and verification runs)
     vocab_size: int  # width of the logits
     kv_capacity_tokens: int | None  # tokens all sessions' KV may hold at once; None: unbounded
+    supports_trees: bool  # whether forward honours `Row.parents` (token trees, issue 21)
 
     def new_kv(self) -> KVHandle: ...
 
@@ -56,6 +59,7 @@ class TransformersBackend:
     """A transformers causal LM with full attention, batched by padding (kv.py)."""
 
     kv_capacity_tokens = None  # the KV grows with the sessions (torch tensors)
+    supports_trees = True  # kv.py's per-row tree masks
 
     def __init__(self, model: torch.nn.Module):
         layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []

@@ -60,7 +60,8 @@ from specdec.sampling import verify_batch
 from verifier_worker.backends import Backend, NoRoom, as_backend
 from verifier_worker.budgeting import DraftBudgeter
 from verifier_worker.kv import Row
-from verifier_worker.logprobs import block_logprobs
+from specdec.tree import kept_block_rows, verify_tree
+from verifier_worker.logprobs import Logprobs, block_logprobs
 from verifier_worker.session import RoundResult, VerifierSession
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ class _Work:
     future: asyncio.Future
     draft_ids: list[int] | None = None  # None for a prefill; a block's drafts, set when a step takes it
     q: torch.Tensor | None = None  # their draft probs [gamma, vocab], or None (greedy)
-    proposed: tuple[list[int], torch.Tensor | None] | None = None  # lock-step: the client's drafts and q
+    parents: list[int] | None = None  # a token tree's parents (specdec/tree.py), set with draft_ids; None: a chain
+    proposed: tuple[list[int], torch.Tensor | None, list[int] | None] | None = None  # lock-step: drafts, q, parents
     decoding: bool = False  # Generate, async: queue the next decoding step after this one
     next: _Work | None = None  # that next step
     cost: StepCost = field(default_factory=StepCost)
@@ -199,9 +201,11 @@ class Engine:
         _, cost = await self._submit(_Work(session, session.prompt_to_cache, self._future())).future
         return cost
 
-    async def verify(self, session: VerifierSession, draft_ids: list[int], q: torch.Tensor | None) -> tuple[RoundResult, StepCost]:
-        """Verify one block (gamma = len(draft_ids), 0 allowed) in the next step with room for it."""
-        return await self._submit(_Work(session, [], self._future(), [], proposed=(draft_ids, q))).future
+    async def verify(self, session: VerifierSession, draft_ids: list[int], q: torch.Tensor | None,
+                     parents: list[int] | None = None) -> tuple[RoundResult, StepCost]:
+        """Verify one block (gamma = len(draft_ids), 0 allowed) in the next step with room for it; with `parents`,
+        draft_ids are a token tree's nodes (specdec/tree.py, validated by the caller)."""
+        return await self._submit(_Work(session, [], self._future(), [], proposed=(draft_ids, q, parents))).future
 
     def decode(self, session: VerifierSession) -> Decoding:
         """Decode (or verify the session's `ahead` drafts) in every step from now on until the session
@@ -297,32 +301,38 @@ class Engine:
     def _take_drafts(self, work: _Work) -> None:
         """Choose the draft tokens a block verifies, each time a step takes it: the client's proposal (lock-step)
         or the drafts that arrived up to now (decoding: the head of `ahead`), at most the session's `budget`.
-        The one place a step's rows get their drafts (issue 18's controller sets `budget`)."""
+        The one place a step's rows get their drafts (issue 18's controller sets `budget`). A tree counts by its
+        nodes; over budget it keeps its first `budget` nodes, still a tree since parents come before children."""
         session = work.session
-        draft_ids, q = session.take_ahead() if work.proposed is None else work.proposed
+        draft_ids, q, parents = (*session.take_ahead(), None) if work.proposed is None else work.proposed
         if session.budget is not None and len(draft_ids) > session.budget:
             if work.proposed is not None and self.budgeter is not None:  # lock-step: the extras are dropped
                 self.budgeter.dropped(len(draft_ids) - session.budget)
             draft_ids, q = draft_ids[: session.budget], None if q is None else q[: session.budget]
-        work.draft_ids, work.q, work.tokens = draft_ids, q, session.block(draft_ids)
+            parents = None if parents is None else parents[: session.budget]
+        work.draft_ids, work.q, work.parents, work.tokens = draft_ids, q, parents, session.block(draft_ids)
 
     def _step(self, batch: list[tuple[_Work, int]]) -> list[tuple[int, int] | None]:
         """Compute thread: one forward over the batch, then every block's verification in one call.
 
-        -> per work item its outcome: (num_accepted, next_token, logprobs or None) for a block; for a prefill
+        -> per work item its outcome: (num_accepted, next_token, logprobs or None) for a chain's block, plus the
+        accepted path for a tree's (verified one row at a time with `tree.verify_tree`); for a prefill
         chunk, the prompt logprobs it scores when the request asked for them, else None. Reads the work items
         and the sessions' KV, params and generators, which the event loop leaves alone while a step runs;
         changes nothing but the KV the forward appends to and the generators' states.
         """
         # a prefill chunk keeps its logits only when the session asked for the prompt's logprobs (echo)
-        rows = [Row(work.session.kv, work.tokens[:n], not work.is_prefill or work.session.prompt_logprobs.wanted)
-                for work, n in batch]
+        rows = [Row(work.session.kv, work.tokens[:n], not work.is_prefill or work.session.prompt_logprobs.wanted,
+                    work.parents) for work, n in batch]
         logits = self.backend.forward(rows)  # the only model call (backends.py)
         prompt_scores = [work.session.prompt_logprobs.score(row_logits) if work.is_prefill and row_logits is not None
                          else None for (work, _), row_logits in zip(batch, logits)]
-        blocks = [(work, row_logits) for (work, _), row_logits in zip(batch, logits) if not work.is_prefill]
+        trees = {id(work): _verify_tree(work, row_logits) for (work, _), row_logits in zip(batch, logits)
+                 if work.parents is not None}
+        blocks = [(work, row_logits) for (work, _), row_logits in zip(batch, logits)
+                  if not work.is_prefill and work.parents is None]
         if not blocks:
-            return prompt_scores
+            return [trees.get(id(work), score) for (work, _), score in zip(batch, prompt_scores)]
         num_accepted, next_token = verify_batch(
             torch.tensor([t for work, _ in blocks for t in work.draft_ids], dtype=torch.long, device=self.device),
             [len(work.draft_ids) for work, _ in blocks],
@@ -334,7 +344,8 @@ class Engine:
         outcomes = iter([(accepted, token, block_logprobs(row_logits, work.draft_ids, accepted, token, work.session.params))
                          for (work, row_logits), accepted, token
                          in zip(blocks, num_accepted.tolist(), next_token.tolist())])  # the step's one host sync
-        return [score if work.is_prefill else next(outcomes) for (work, _), score in zip(batch, prompt_scores)]
+        return [score if work.is_prefill else trees[id(work)] if id(work) in trees else next(outcomes)
+                for (work, _), score in zip(batch, prompt_scores)]
 
     def _finish(self, batch: list[tuple[_Work, int]], outcomes: list, compute_s: float) -> None:
         """Event loop: account the step, commit each block's outcome to its session (the one place a session's
@@ -380,6 +391,18 @@ class Engine:
         queued_tokens = sum(min(len(work.tokens), self.max_batch_tokens) for work in prefills)
         for session in sessions:
             session.budget = self.budgeter.budget_for(session, len(prefills), queued_tokens)
+
+
+def _verify_tree(work: _Work, target_logits: torch.Tensor) -> tuple[int, int, Logprobs | None, list[int]]:
+    """Compute thread: one tree block's outcome, (len(path), next_token, logprobs or None, path)."""
+    session = work.session
+    tokens = torch.tensor(work.draft_ids, dtype=torch.long, device=target_logits.device)  # [n]
+    parents = torch.tensor(work.parents, dtype=torch.long, device=target_logits.device)  # [n]
+    q = None if work.q is None else work.q.to(target_logits.device)  # [n, vocab], decoded on the host
+    path, next_token = verify_tree(tokens, parents, q, target_logits, session.params, session.generator)
+    logprobs = block_logprobs(target_logits[kept_block_rows(path)], [work.draft_ids[i] for i in path], len(path),
+                              next_token, session.params)  # row d of the kept rows scores the path's token d
+    return len(path), next_token, logprobs, path
 
 
 def _resolve(future: asyncio.Future, result=None, exception: Exception | None = None) -> None:

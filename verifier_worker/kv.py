@@ -10,6 +10,10 @@ A step runs one forward over the sessions' pending tokens, padded into one batch
 - a boolean 4D mask [B, 1, T_max, L_max + T_max]: query j of row b sees row b's L_b past keys and its own
   new keys 0..j. A padded key is masked, never merely zero. Padded queries see the same causal pattern,
   so nothing is NaN; their outputs are dropped;
+- a token tree's row (issue 21, `Row.parents`: the block is [root, nodes], specdec/tree.py) instead sees, among
+  its new keys, the root and its own ancestors (`tree.block_mask`), at positions L_b + depth
+  (`tree.block_positions`); a chain's parents give exactly the causal pattern above. After verification the
+  session keeps the accepted path's keys only (`SessionKV.keep`);
 - keys/values [B, kv_heads, L_max + T_max, head_dim], stacked layer by layer: when layer l asks the cache
   to append the step's keys (`_StepCache.update`), it gathers layer l of every session's buffer (row b's
   L_b keys first, zeros up to L_max: finite, so a masked key times a zero weight stays zero) and the new
@@ -34,6 +38,7 @@ import torch
 from transformers import Cache, DynamicLayer
 
 from specdec.lm import cache_argument
+from specdec.tree import block_mask, block_positions
 
 
 class SessionKV:
@@ -65,6 +70,14 @@ class SessionKV:
         self.buffer[:, :, :, self.length : needed] = new
         self.length = needed
 
+    @torch.inference_mode()  # the buffer is an inference tensor (made in batched_forward)
+    def keep(self, start: int, rows: list[int]) -> None:
+        """After a tree step: keep, from `start` on, the tokens at start + rows[d] (increasing) as start + d; drop the rest."""
+        assert self.buffer is not None and start + len(rows) <= self.length, (start, rows, self.length)
+        index = torch.tensor(rows, device=self.buffer.device) + start  # [len(rows)]
+        self.buffer[:, :, :, start : start + len(rows)] = self.buffer.index_select(3, index)
+        self.length = start + len(rows)
+
     def truncate(self, length: int) -> None:
         """Keep the first `length` tokens (rollback after a rejection)."""
         assert 0 <= length <= self.length, (length, self.length)
@@ -79,10 +92,14 @@ class Row:
     kv: SessionKV
     token_ids: list[int]  # new tokens, cached after the forward
     want_logits: bool  # a verification block needs logits for every new token; a prefill chunk none
+    parents: list[int] | None = None  # a token tree's block [root, nodes]: each node's parent (-1 = root); None = chain
 
 
-def padded_inputs(lengths: list[int], new: list[list[int]], device: torch.device):
-    """-> input_ids [B, T_max], position_ids [B, T_max], bool mask [B, 1, T_max, L_max + T_max] (True = attend)."""
+def padded_inputs(lengths: list[int], new: list[list[int]], device: torch.device,
+                  parents: list[list[int] | None] | None = None):
+    """-> input_ids [B, T_max], position_ids [B, T_max], bool mask [B, 1, T_max, L_max + T_max] (True = attend).
+
+    parents[b] (optional): row b is a token tree's block [root, nodes] with these parents (tree.py); None: causal."""
     batch, l_max, t_max = len(new), max(lengths), max(map(len, new))
     input_ids = torch.zeros(batch, t_max, dtype=torch.long)
     for b, ids in enumerate(new):
@@ -93,8 +110,14 @@ def padded_inputs(lengths: list[int], new: list[list[int]], device: torch.device
     k = torch.arange(l_max + t_max)  # [K]
     sees_past = (k[None, None, :] < past[:, None, None]).expand(batch, t_max, -1)  # [B, T_max, K]
     sees_new = (k[None, :] >= l_max) & (k[None, :] - l_max <= j[:, None])  # [T_max, K], causal among new tokens
-    mask = (sees_past | sees_new[None]).unsqueeze(1)  # [B, 1, T_max, K]
-    return input_ids.to(device), position_ids.to(device), mask.to(device)
+    mask = sees_past | sees_new[None]  # [B, T_max, K]
+    for b, row_parents in enumerate(parents or []):
+        if row_parents is not None:  # a tree: its ancestors among the new keys, positions by depth
+            n = len(row_parents) + 1  # root + nodes
+            row_parents = torch.tensor(row_parents, dtype=torch.long)
+            mask[b, :n, l_max : l_max + n] = block_mask(row_parents)
+            position_ids[b, :n] = lengths[b] + block_positions(row_parents)
+    return input_ids.to(device), position_ids.to(device), mask.unsqueeze(1).to(device)
 
 
 class _StepCache(Cache):
@@ -133,7 +156,8 @@ def batched_forward(model: torch.nn.Module, rows: list[Row]) -> list[torch.Tenso
     assert rows and all(row.token_ids for row in rows)
     device = next(model.parameters()).device
     lengths = [row.kv.length for row in rows]
-    input_ids, position_ids, mask = padded_inputs(lengths, [row.token_ids for row in rows], device)
+    input_ids, position_ids, mask = padded_inputs(lengths, [row.token_ids for row in rows], device,
+                                                 [row.parents for row in rows])
     cache = _StepCache(rows, max(lengths))
     # logits only for the first t_logits positions of every row: a verification block is short (1 + gamma),
     # and a prefill chunk riding in the same step must not cost a [T_max, vocab] LM-head product

@@ -82,6 +82,9 @@ class LlamaSeqKV:
         assert 0 <= length <= self.length, (length, self.length)
         self.length = length  # llama.cpp drops positions >= length before the next decode
 
+    def keep(self, start: int, rows: list[int]) -> None:
+        raise NotImplementedError("the llama.cpp backend verifies chains only (supports_trees = False)")
+
     def free(self) -> None:
         if self.seq_id is not None:
             self.backend._release(self.seq_id)
@@ -92,6 +95,7 @@ class LlamaCppBackend:
     """A GGUF verifier in one llama.cpp context; `forward` runs on the engine's compute thread."""
 
     device = torch.device("cpu")  # logits come back in host memory; verification runs there
+    supports_trees = False  # one sequence per session: no tree attention mask (the server refuses trees)
 
     def __init__(self, source: str, config: LlamaCppConfig = LlamaCppConfig()):
         lc = import_llama_cpp()

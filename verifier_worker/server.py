@@ -225,7 +225,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 return
             if request.WhichOneof("kind") != "proposal":
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
-            claim = await self._check_proposal(context, request.proposal, session.params)
+            claim = await self._check_proposal(context, request.proposal, session.params,
+                                               trees=getattr(self.engine.backend, "supports_trees", False))
             rest = session.remainder(claim)
             if rest is None:  # its assumed prefix was not committed: the client knows, from the verdict before
                 self.metrics.stale.inc()
@@ -247,6 +248,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
             if result.next_token is not None:
                 verdict.next_token = result.next_token
+            if result.path is not None:
+                verdict.accepted_nodes.extend(result.path)
             yield pb.SpeculateReply(verdict=verdict)
             if result.finish_reason is not None:
                 await _until_half_closed(inbox)
@@ -272,7 +275,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     request = await self._intact(context, request)
                     if request.WhichOneof("kind") != "proposal":
                         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
-                    if not session.offer(await self._check_proposal(context, request.proposal, session.params), max_ahead):
+                    claim = await self._check_proposal(context, request.proposal, session.params, trees=False)
+                    if not session.offer(claim, max_ahead):
                         self.metrics.stale.inc()
                     received = asyncio.ensure_future(inbox.get())
                 if stepped in done:
@@ -302,9 +306,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         return pb.StepCost(compute_s=cost.compute_s, queue_s=queue_s, batch_sessions=cost.batch_sessions,
                            batch_tokens=cost.batch_tokens, share_s=cost.share_s, steps=cost.steps)
 
-    async def _check_proposal(self, context, proposal: pb.Proposal, params: SamplingParams):
+    async def _check_proposal(self, context, proposal: pb.Proposal, params: SamplingParams, trees: bool):
+        """The proposal's claim; a malformed one (a malformed tree included) ends the stream with INVALID_ARGUMENT."""
         try:
-            return await check_proposal_off_loop(proposal, params, self.limits, self.info.vocab_size)
+            return await check_proposal_off_loop(proposal, params, self.limits, self.info.vocab_size, trees)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 

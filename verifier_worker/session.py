@@ -39,6 +39,7 @@ import torch
 
 from specdec.config import FINISH_LENGTH, FINISH_STOP, MAX_GAMMA, SamplingParams
 from specdec.sampling import make_generator
+from specdec.tree import kept_block_rows
 from verifier_worker.kv import SessionKV
 from verifier_worker.logprobs import Logprobs, PromptLogprobs
 
@@ -52,6 +53,7 @@ class RoundResult:
     base_len: int = 0  # generated tokens before them
     gamma: int = 0  # draft tokens verified
     logprobs: tuple | None = None  # sampling.token_logprobs of `committed`, when the session asked
+    path: tuple[int, ...] | None = None  # a tree block's accepted nodes, root down (None: a chain)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Claim:
     q: torch.Tensor | None  # [gamma, vocab] or None (greedy)
     base_len: int | None = None  # None: extends the commit as it is when the claim is used
     assumed: tuple[int, ...] = ()
+    parents: list[int] | None = None  # a token tree (specdec/tree.py): each draft node's parent; None = chain
 
 
 class VerifierSession:
@@ -96,17 +99,21 @@ class VerifierSession:
         covered = self.generated(base)[: len(full)]
         return base <= self.num_generated and full[: len(covered)] == covered
 
-    def remainder(self, claim: Claim) -> tuple[list[int], torch.Tensor | None] | None:
-        """Lock-step: the draft tokens past the commit (and their q rows), or None when the claim is stale."""
+    def remainder(self, claim: Claim) -> tuple[list[int], torch.Tensor | None, list[int] | None] | None:
+        """Lock-step: the draft tokens past the commit (their q rows, a tree's parents), or None when the claim is
+        stale."""
         if claim.base_len is None:
-            return claim.draft_ids, claim.q
+            return claim.draft_ids, claim.q, claim.parents
         done = self.num_generated - claim.base_len  # claimed positions already committed
         assumed, full = len(claim.assumed), len(claim.assumed) + len(claim.draft_ids)
         if not self._agrees(claim, claim.base_len) or not (done == assumed or assumed < done < full):
             self.stale += 1
             return None
         skip = done - len(claim.assumed)
-        return claim.draft_ids[skip:], None if claim.q is None else claim.q[skip:]
+        if claim.parents is not None and skip:  # a tree cannot be cut at a committed position: verify it whole or not
+            self.stale += 1
+            return None
+        return claim.draft_ids[skip:], None if claim.q is None else claim.q[skip:], claim.parents
 
     def offer(self, claim: Claim, max_ahead: int) -> bool:
         """Async: merge a claim into `ahead`. False when it is stale (dropped)."""
@@ -151,16 +158,22 @@ class VerifierSession:
         return [self.tokens[-1], *draft_ids]
 
     def commit(self, draft_ids: list[int], num_accepted: int, next_token: int,
-               logprobs: Logprobs | None = None) -> RoundResult:
+               logprobs: Logprobs | None = None, path: list[int] | None = None) -> RoundResult:
         """Apply one verified block's outcome: commit the accepted drafts and the next token (up to a stop token
         or max_new_tokens), drop what `ahead` no longer extends, and roll the KV back to the committed tokens.
 
         draft_ids: the gamma tokens the block verified (the engine's forward cached all of `block(draft_ids)`);
         num_accepted, next_token: `verify_batch`'s outcome for them (the recovered or the bonus token);
-        logprobs: those tokens' log-probabilities when the request asked (`token_logprobs`, accepted then next).
+        logprobs: those tokens' log-probabilities when the request asked (`token_logprobs`, accepted then next);
+        path: for a token tree, the accepted nodes (num_accepted of them, `tree.verify_tree`): the KV keeps the
+        root's and the path's keys only (`kept_block_rows`), so it holds exactly the committed tokens.
         """
         assert self.finish_reason is None, "session already finished"
-        committed = [*draft_ids[:num_accepted], next_token]
+        if path is not None:
+            assert len(path) == num_accepted
+            self.kv.keep(len(self.tokens) - 1, kept_block_rows(path))  # the block began at the last committed token
+        accepted_ids = draft_ids[:num_accepted] if path is None else [draft_ids[i] for i in path]
+        committed = [*accepted_ids, next_token]
         # generation ends at the first stop token or at max_new_tokens, even inside the block
         for i, token in enumerate(committed[: self.remaining]):
             if token in self._stop:
@@ -184,4 +197,5 @@ class VerifierSession:
             base_len=base_len,
             gamma=len(draft_ids),
             logprobs=logprobs,
+            path=None if path is None else tuple(path[:accepted]),
         )

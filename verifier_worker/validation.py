@@ -20,7 +20,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from protos.specdec.v1 import specdec_pb2 as pb
-from specdec import codec
+import torch
+
+from specdec import codec, tree
 from specdec.config import SamplingParams, VerifierLimits, lookahead
 from verifier_worker.session import Claim
 
@@ -99,9 +101,11 @@ def max_assumed(limits: VerifierLimits) -> int:
     return lookahead(limits.max_gamma)
 
 
-def check_proposal(proposal: pb.Proposal, params: SamplingParams, limits: VerifierLimits, vocab_size: int) -> Claim:
-    """The claim a proposal makes (draft ids, q [gamma, vocab] or None, base and assumed ids); ValueError if
-    malformed. Run it in a thread."""
+def check_proposal(proposal: pb.Proposal, params: SamplingParams, limits: VerifierLimits, vocab_size: int,
+                   trees: bool = True) -> Claim:
+    """The claim a proposal makes (draft ids, q [gamma, vocab] or None, base and assumed ids, a tree's parents);
+    ValueError if malformed, or if it is a tree and `trees` is False (this backend or mode cannot verify one). A
+    tree's nodes count against max_gamma. Run it in a thread."""
     if len(proposal.draft_ids) > limits.max_gamma:
         raise ValueError(f"proposal has {len(proposal.draft_ids)} draft tokens, over this verifier's max_gamma of "
                          f"{limits.max_gamma}")
@@ -111,14 +115,24 @@ def check_proposal(proposal: pb.Proposal, params: SamplingParams, limits: Verifi
     draft_ids = codec.check_token_ids(proposal.draft_ids, vocab_size, "draft_ids").tolist()
     assumed = codec.check_token_ids(proposal.assumed_ids, vocab_size, "assumed_ids").tolist()
     base_len = proposal.base_len if proposal.HasField("base_len") else None
-    return Claim(draft_ids, codec.decode_probs(proposal, params, vocab_size), base_len, tuple(assumed))
+    q = codec.decode_probs(proposal, params, vocab_size)
+    parents = None
+    if proposal.parents:
+        if not trees:
+            raise ValueError("this verifier cannot verify token trees here (its backend has no tree attention, or the "
+                             "session is async): send chains (no `parents`), or use lock-step with the transformers "
+                             "backend")
+        parents_t = torch.tensor(list(proposal.parents[: len(draft_ids) + 1]), dtype=torch.long)
+        tree.validate_tree(torch.tensor(draft_ids, dtype=torch.long), parents_t, limits.max_gamma, vocab_size)
+        parents = parents_t.tolist()
+    return Claim(draft_ids, q, base_len, tuple(assumed), parents)
 
 
-async def check_proposal_off_loop(proposal, params, limits, vocab_size):
+async def check_proposal_off_loop(proposal, params, limits, vocab_size, trees: bool = True):
     """check_proposal, in a worker thread when the proposal carries probabilities (large), inline otherwise."""
     if proposal.WhichOneof("probs") is None:
-        return check_proposal(proposal, params, limits, vocab_size)
-    return await asyncio.to_thread(check_proposal, proposal, params, limits, vocab_size)
+        return check_proposal(proposal, params, limits, vocab_size, trees)
+    return await asyncio.to_thread(check_proposal, proposal, params, limits, vocab_size, trees)
 
 
 def client_host(peer: str) -> str:

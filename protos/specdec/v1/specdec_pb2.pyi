@@ -161,18 +161,20 @@ class DenseProbs(_message.Message):
     def __init__(self, dtype: _Optional[_Union[ProbDType, str]] = ..., vocab_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Proposal(_message.Message):
-    __slots__ = ("draft_ids", "sparse", "dense", "base_len", "assumed_ids")
+    __slots__ = ("draft_ids", "sparse", "dense", "base_len", "assumed_ids", "parents")
     DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
     BASE_LEN_FIELD_NUMBER: _ClassVar[int]
     ASSUMED_IDS_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
     draft_ids: _containers.RepeatedScalarFieldContainer[int]
     sparse: SparseProbs
     dense: DenseProbs
     base_len: int
     assumed_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, draft_ids: _Optional[_Iterable[int]] = ..., sparse: _Optional[_Union[SparseProbs, _Mapping]] = ..., dense: _Optional[_Union[DenseProbs, _Mapping]] = ..., base_len: _Optional[int] = ..., assumed_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, draft_ids: _Optional[_Iterable[int]] = ..., sparse: _Optional[_Union[SparseProbs, _Mapping]] = ..., dense: _Optional[_Union[DenseProbs, _Mapping]] = ..., base_len: _Optional[int] = ..., assumed_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SpeculateRequest(_message.Message):
     __slots__ = ("open", "proposal")
@@ -215,7 +217,7 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., service_s: _Optional[float] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., draft_budget: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("num_accepted", "next_token", "finished", "finish_reason", "service_s", "round", "cost", "stale", "logprobs", "draft_budget")
+    __slots__ = ("num_accepted", "next_token", "finished", "finish_reason", "service_s", "round", "cost", "stale", "logprobs", "draft_budget", "accepted_nodes")
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +228,7 @@ class Verdict(_message.Message):
     STALE_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_NODES_FIELD_NUMBER: _ClassVar[int]
     num_accepted: int
     next_token: int
     finished: bool
@@ -236,7 +239,8 @@ class Verdict(_message.Message):
     stale: bool
     logprobs: TokenLogprobs
     draft_budget: int
-    def __init__(self, num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., service_s: _Optional[float] = ..., round: _Optional[int] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ..., stale: _Optional[bool] = ..., logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., draft_budget: _Optional[int] = ...) -> None: ...
+    accepted_nodes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., service_s: _Optional[float] = ..., round: _Optional[int] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ..., stale: _Optional[bool] = ..., logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., draft_budget: _Optional[int] = ..., accepted_nodes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Commit(_message.Message):
     __slots__ = ("base_len", "token_ids", "verified", "num_accepted", "finished", "finish_reason", "service_s", "cost", "stale", "logprobs", "draft_budget")
