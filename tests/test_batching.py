@@ -133,3 +133,32 @@ async def test_generate_stream_cancelled_mid_way_frees_its_session(start_verifie
         await call.read()
     assert (await call.code()) == grpc.StatusCode.CANCELLED
     await assert_idle(verifier)
+
+
+def test_a_long_prefill_chunk_does_not_pad_the_blocks_beside_it(tiny):
+    """The transformers backend runs long rows (prefill chunks) and short rows (verification blocks) as two
+    forwards of one step, so a block is never padded to a chunk's length; each row's logits and KV are those
+    of the row computed alone."""
+    from verifier_worker.backends import SHORT_ROW, TransformersBackend
+    from verifier_worker.kv import Row, batched_forward
+
+    _, target, tokenizer = tiny
+    ids = tokenizer(DEFAULT_TEXTS[0])["input_ids"] * 3
+    backend = TransformersBackend(target)
+    shapes = []
+    hook = target.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                            with_kwargs=True)
+    try:
+        kvs = [backend.new_kv() for _ in range(3)]
+        backend.forward([Row(kvs[1], ids[:8], False), Row(kvs[2], ids[:5], False)])  # cached prefixes
+        shapes.clear()
+        rows = [Row(kvs[0], ids[: SHORT_ROW + 20], False), Row(kvs[1], ids[8:12], True), Row(kvs[2], ids[5:7], True)]
+        logits = backend.forward(rows)
+    finally:
+        hook.remove()
+    assert sorted(shapes) == sorted([(1, SHORT_ROW + 20), (2, 4)])  # the blocks padded to 4, not to the chunk
+    assert logits[0] is None and [kv.length for kv in kvs] == [SHORT_ROW + 20, 12, 7]
+    alone = [backend.new_kv(), backend.new_kv()]
+    batched_forward(target, [Row(alone[0], ids[:8], False), Row(alone[1], ids[:5], False)])
+    for kv, new, row_logits in zip(alone, (ids[8:12], ids[5:7]), logits[1:]):
+        torch.testing.assert_close(batched_forward(target, [Row(kv, new, True)])[0], row_logits, rtol=1e-4, atol=1e-4)
