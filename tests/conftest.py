@@ -3,6 +3,7 @@ torch thread for the fast tier."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 
@@ -37,7 +38,11 @@ async def start_verifier():
     """async factory: await start_verifier(model, vocab_size=..., limits=...) -> RunningVerifier"""
     running: list[RunningVerifier] = []
 
-    async def factory(model, vocab_size: int, fingerprint: str = "fp-test", limits: VerifierLimits = VerifierLimits()):
+    async def factory(model, vocab_size: int, fingerprint: str = "fp-test", limits: VerifierLimits = VerifierLimits(),
+                      budget: bool = False):
+        # the draft budget follows the step times it measures, so on a busy machine it may grant fewer drafts:
+        # tests that count drafts run without it; the budget's own tests (test_budget_wiring.py) pass budget=True
+        limits = dataclasses.replace(limits, draft_budget=budget)
         info = ModelInfo(model_id="fake-verifier", vocab_size=vocab_size, tokenizer_fingerprint=fingerprint,
                          dtype="float32", device="cpu")
         servicer = VerifierServicer(model, info, limits)

@@ -149,7 +149,7 @@ def _use(verifier, budgeter: DraftBudgeter) -> DraftBudgeter:
 
 async def test_the_verifier_verifies_no_more_than_it_granted(start_verifier):
     target = FakeLM(32, seed=5)
-    verifier = await start_verifier(target, vocab_size=32)
+    verifier = await start_verifier(target, vocab_size=32, budget=True)
     budgeter = _use(verifier, FixedBudgeter(2, max_gamma=16))
     params = SamplingParams(max_new_tokens=12)
     expected = (await generate_baseline(verifier.stub, [1, 2], params)).token_ids
@@ -176,7 +176,7 @@ async def test_an_older_client_is_still_served_and_no_budget_means_none_sent(sta
 @pytest.mark.parametrize("mode", SPEC_MODES)
 async def test_greedy_auto_at_several_sessions_is_verifier_only(start_verifier, mode):
     draft, target = fake_pair(vocab_size=32, noise=1.0)
-    verifier = await start_verifier(target, vocab_size=32)
+    verifier = await start_verifier(target, vocab_size=32, budget=True)
     info = await fetch_info(verifier.stub)
     params = SamplingParams(max_new_tokens=24)
     prompts = [[1, 2, 3, 4, 5], [7], [3, 3, 3, 9, 3, 3], list(range(20))]
@@ -195,7 +195,7 @@ async def test_sampling_with_auto_under_random_budgets_keeps_the_verifiers_distr
     the first two tokens equals the verifier's and differs from the draft's."""
     vocab, prompt = 6, [1, 2]
     target, draft = FakeLM(vocab, seed=0, scale=1.0), FakeLM(vocab, seed=0, scale=1.0, noise=2.0)
-    verifier = await start_verifier(target, vocab_size=vocab, limits=VerifierLimits(max_sessions_per_client=64))
+    verifier = await start_verifier(target, vocab_size=vocab, limits=VerifierLimits(max_sessions_per_client=64), budget=True)
     _use(verifier, RandomBudgeter(max_gamma=16))
     info = await fetch_info(verifier.stub)
 
@@ -234,7 +234,7 @@ class RecordingBudgeter(DraftBudgeter):
 
 
 async def test_a_requests_latency_target_and_limit_reach_the_budgeter(start_verifier):
-    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32)
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
     budgeter = _use(verifier, RecordingBudgeter(max_gamma=16))
     info = await fetch_info(verifier.stub)
     params = SamplingParams(max_new_tokens=4)
