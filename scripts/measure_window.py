@@ -1,5 +1,5 @@
 """How long a proposal of the largest legal size takes over an emulated link, under the verifier's HTTP/2
-window settings (`verifier_worker.server.server_options`) and under gRPC's defaults: the check behind fixing
+window settings (`verifier_worker.listen.server_options`) and under gRPC's defaults: the check behind fixing
 each stream's window at one message instead of growing it by BDP probing.
 
     python scripts/measure_window.py --rtt-ms 50 --vocab 151936
@@ -19,7 +19,7 @@ import grpc
 
 from draft_worker.delay import DelayProxy
 from specdec.config import VerifierLimits
-from verifier_worker.server import server_options
+from verifier_worker.listen import server_options
 
 
 async def per_call_ms(options: list[tuple[str, int]], size: int, rtt_ms: float, calls: int = 6) -> list[float]:

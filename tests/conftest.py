@@ -14,7 +14,8 @@ import torch
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec.config import VerifierLimits
 from specdec.tiny import build_tiny_pair
-from verifier_worker.server import ModelInfo, VerifierServicer, start_server
+from verifier_worker.listen import start_server
+from verifier_worker.server import ModelInfo, VerifierServicer
 
 PUBMEDQA = pathlib.Path(
     os.environ.get("SPECDEC_PUBMEDQA", pathlib.Path(__file__).resolve().parents[2] / "shared/data/pubmedqa/pubmedqa_pqal.jsonl")

@@ -23,7 +23,7 @@ from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import models
 from specdec.config import VerifierLimits
-from verifier_worker.server import start_server
+from verifier_worker.listen import start_server
 
 pytestmark = pytest.mark.slow  # a local Ray cluster
 

@@ -22,7 +22,8 @@ from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import models
 from specdec.config import SamplingParams, VerifierLimits
-from verifier_worker.server import ModelInfo, VerifierServicer, start_server
+from verifier_worker.listen import start_server
+from verifier_worker.server import ModelInfo, VerifierServicer
 
 LIMITS = VerifierLimits(max_gamma=4, max_prompt_tokens=16, max_new_tokens=8, max_sessions=8, idle_timeout_s=5)
 DELIBERATE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,

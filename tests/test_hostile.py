@@ -33,7 +33,8 @@ from tests.test_errors import (
     wait_for_no_sessions,
 )
 from verifier_worker.auth import ThrottledWarning
-from verifier_worker.server import ModelInfo, VerifierServicer, start_server
+from verifier_worker.listen import start_server
+from verifier_worker.server import ModelInfo, VerifierServicer
 from verifier_worker.validation import LOOPBACK, client_host
 
 CORRUPT = b"\x0a\xff\xff\xff\xff\xff"  # field 1, length-delimited, with a broken length varint

@@ -26,7 +26,8 @@ from specdec import models
 from specdec.config import SamplingParams, VerifierLimits
 from tests.stubs import ENV
 from tests.test_errors import open_request, proposal_request
-from verifier_worker.server import ModelInfo, VerifierServicer, start_server
+from verifier_worker.listen import start_server
+from verifier_worker.server import ModelInfo, VerifierServicer
 
 pytestmark = pytest.mark.slow
 MiB = 2**20

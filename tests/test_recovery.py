@@ -23,7 +23,8 @@ from draft_worker.transport import (
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec.config import SamplingParams, VerifierLimits
 from tests.stubs import fake_pair
-from verifier_worker.server import ModelInfo, VerifierServicer, start_server
+from verifier_worker.listen import start_server
+from verifier_worker.server import ModelInfo, VerifierServicer
 
 VOCAB = 32
 PARAMS = SamplingParams(max_new_tokens=60)

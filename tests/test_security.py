@@ -22,7 +22,8 @@ from specdec.config import SamplingParams, VerifierLimits
 from specdec.tls import is_loopback, make_certs, read_token
 from tests.stubs import CLI, ENV, fake_pair
 from verifier_worker.auth import server_credentials
-from verifier_worker.server import ModelInfo, VerifierServicer, start_server
+from verifier_worker.listen import start_server
+from verifier_worker.server import ModelInfo, VerifierServicer
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 PARAMS = SamplingParams(max_new_tokens=12)

@@ -17,7 +17,8 @@ from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec.config import SamplingParams
 from tests.stubs import ENV, FakeLM
 from tests.test_errors import LIMITS, TIMEOUT_S, VOCAB, open_request, proposal_request
-from verifier_worker.server import ModelInfo, VerifierServicer, drain, start_server
+from verifier_worker.listen import drain, start_server
+from verifier_worker.server import ModelInfo, VerifierServicer
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -68,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     from specdec import models
-    from verifier_worker.server import ModelInfo, VerifierServicer, drain, start_server
+    from verifier_worker.listen import drain, start_server
+    from verifier_worker.server import ModelInfo, VerifierServicer
 
     limits = VerifierLimits(
         max_gamma=args.max_gamma,
