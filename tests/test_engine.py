@@ -270,3 +270,22 @@ async def test_lock_step_sessions_that_arrive_apart_still_share_every_step():
     for session in sessions:
         assert session.tokens == await run_alone(FakeLM(32), session.tokens[:3], [[]] * 4)
         engine.close(session)
+
+
+async def test_a_session_whose_outcome_cannot_be_applied_fails_alone():
+    """An exception while the event loop applies one session's outcome fails that session's work only: the
+    engine goes on, and the other sessions of the step get their verdicts and later steps."""
+    model = FakeLM(32)
+    engine = Engine(model, max_batch_tokens=64)
+    broken, fine = engine.open([1, 2, 3], GREEDY), engine.open([4, 5], GREEDY)
+    await asyncio.gather(engine.prefill(broken), engine.prefill(fine))
+
+    def commit(*_):
+        raise RuntimeError("cannot apply")
+
+    broken.commit = commit
+    replies = await asyncio.wait_for(asyncio.gather(engine.verify(broken, [7], None), engine.verify(fine, [7], None),
+                                                    return_exceptions=True), 30)  # without the guard: a hang
+    assert isinstance(replies[0], RuntimeError) and replies[1][0].next_token is not None
+    result, _ = await asyncio.wait_for(engine.verify(fine, [], None), 30)  # the engine still steps
+    assert len(fine.generated()) == len(replies[1][0].committed) + len(result.committed)

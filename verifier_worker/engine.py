@@ -58,6 +58,7 @@ import torch
 from specdec.config import MAX_GAMMA, SamplingParams
 from specdec.sampling import verify_batch
 from verifier_worker.backends import Backend, NoRoom, as_backend
+from verifier_worker.accounting import EngineStats, StepCost
 from verifier_worker.budgeting import DraftBudgeter
 from verifier_worker.kv import Row
 from specdec.tree import kept_block_rows, verify_tree
@@ -65,39 +66,6 @@ from verifier_worker.logprobs import Logprobs, block_logprobs
 from verifier_worker.session import RoundResult, VerifierSession
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepCost:
-    """What the step(s) one work item rode in cost; summed over the steps of a chunked prefill."""
-
-    compute_s: float = 0.0  # wall time of the step(s): the whole batch's forward + verification
-    share_s: float = 0.0  # this work's part of compute_s, by its share of each step's tokens
-    batch_sessions: int = 0  # sessions in the step (the largest, over several steps)
-    batch_tokens: int = 0  # tokens the step(s) computed for all sessions, padding excluded
-    steps: int = 0
-
-    def add(self, compute_s: float, tokens: int, batch_sessions: int, batch_tokens: int) -> None:
-        self.compute_s += compute_s
-        self.share_s += compute_s * tokens / batch_tokens
-        self.batch_sessions = max(self.batch_sessions, batch_sessions)
-        self.batch_tokens += batch_tokens
-        self.steps += 1
-
-    def plus(self, other: StepCost) -> StepCost:
-        return StepCost(self.compute_s + other.compute_s, self.share_s + other.share_s,
-                        max(self.batch_sessions, other.batch_sessions), self.batch_tokens + other.batch_tokens,
-                        self.steps + other.steps)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    sessions: int  # open sessions, plus closed ones a running step still uses
-    kv_tokens: int  # tokens cached over all sessions
-    kv_bytes: int  # bytes of KV buffers allocated over all sessions
-    queued: int  # work items waiting for a step
-    steps: int  # steps run since the engine started
-    busy_s: float  # their total compute time
 
 
 @dataclass(eq=False)
@@ -370,7 +338,12 @@ class Engine:
             else:
                 if work.is_prefill and outcome is not None:
                     session.prompt_logprobs.add(outcome)
-                result = None if work.is_prefill else session.commit(work.draft_ids, *outcome)
+                try:
+                    result = None if work.is_prefill else session.commit(work.draft_ids, *outcome)
+                except Exception as exc:  # noqa: BLE001 - only this session fails; the engine runs on
+                    log.exception("applying a step's outcome failed")
+                    _resolve(work.future, exception=exc)
+                    continue
                 if result is not None and self.budgeter is not None:
                     self.budgeter.on_verdict(session, len(work.draft_ids), result.num_accepted)
                 if work.decoding and result.finish_reason is None:

@@ -26,7 +26,8 @@ from specdec import codec
 from specdec.config import SamplingParams, VerifierLimits, lookahead
 from verifier_worker.backends import NoRoom
 from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter
-from verifier_worker.engine import Engine, StepCost
+from verifier_worker.accounting import StepCost
+from verifier_worker.engine import Engine
 from verifier_worker.metrics import VerifierMetrics, tracked
 from verifier_worker.session import VerifierSession
 from verifier_worker.validation import (
