@@ -168,20 +168,6 @@ def _floats(value: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
 
 
-def _plan(args) -> dict:
-    from orchestrator import plan
-    from orchestrator.serving import Slo
-
-    if not (args.run_dir / "requests.jsonl").exists() or not (args.run_dir / "run.json").exists():
-        raise UserError(f"{args.run_dir} is not a bench run folder (no requests.jsonl and run.json)")
-    run_slo = json.loads((args.run_dir / "run.json").read_text())["config"].get("slo") or {}
-    slo = Slo(ttft_ms=args.slo_ttft_ms or run_slo.get("ttft_ms"), tpot_ms=args.slo_tpot_ms or run_slo.get("tpot_ms"))
-    with user_errors(f"cannot plan from {args.run_dir}", ValueError, OSError, KeyError):
-        text, out = plan.plan(args.run_dir, args.rtt_ms, slo, args.step_costs, args.slots, args.requests, args.seed)
-    print(text)
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdec", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -391,7 +377,9 @@ def _run(args) -> None:
     elif args.command == "health":
         asyncio.run(_health(args))
     elif args.command == "plan":
-        print(json.dumps(_plan(args), separators=(",", ":")))
+        from orchestrator import plan
+
+        print(json.dumps(plan.command(args), separators=(",", ":")))
     elif args.command in ("bench", "report"):
         summary = _bench(args) if args.command == "bench" else _report(args.run_dir)
         print(json.dumps(summary, separators=(",", ":")))

@@ -237,3 +237,18 @@ def _measured(records: list[dict], run: dict) -> dict[tuple[str, float], float]:
     caps = capacity_table(serving_table(pd.DataFrame(records), run))
     return {(RTT_SUFFIX.sub("", s), rtt): v for s, rtt, v, bounded in
             zip(caps["series"], caps["rtt_ms"], caps["capacity_value"], caps["bounded"]) if v is not None and bounded}
+
+
+def command(args) -> dict:
+    """`specdec plan` (orchestrator/cli.py parses its arguments): print the plan, return its compact summary."""
+    from orchestrator.serving import Slo
+    from specdec.errors import UserError, user_errors
+
+    if not (args.run_dir / "requests.jsonl").exists() or not (args.run_dir / "run.json").exists():
+        raise UserError(f"{args.run_dir} is not a bench run folder (no requests.jsonl and run.json)")
+    run_slo = json.loads((args.run_dir / "run.json").read_text())["config"].get("slo") or {}
+    slo = Slo(ttft_ms=args.slo_ttft_ms or run_slo.get("ttft_ms"), tpot_ms=args.slo_tpot_ms or run_slo.get("tpot_ms"))
+    with user_errors(f"cannot plan from {args.run_dir}", ValueError, OSError, KeyError):
+        text, out = plan(args.run_dir, args.rtt_ms, slo, args.step_costs, args.slots, args.requests, args.seed)
+    print(text)
+    return out
