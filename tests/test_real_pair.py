@@ -60,7 +60,7 @@ async def test_real_pair_greedy_is_lossless(real_pair, start_verifier, pubmedqa_
     check_pair(info, DRAFT, fingerprint)
     params = SamplingParams(max_new_tokens=32)
     accepted = proposed = 0
-    async for item, prompt_ids, baseline in _baselines(verifier, tokenizer, pubmedqa_path, 5, params):
+    async for item, prompt_ids, baseline in _baselines(verifier, tokenizer, pubmedqa_path, 3, params):
         lm = await speculate(verifier.stub, LMDrafter(draft, DRAFT), prompt_ids, params, 4, info, tokenizer_fingerprint=fingerprint)
         ngram = await speculate(verifier.stub, NgramDrafter(), prompt_ids, params, 4, info, tokenizer_fingerprint=fingerprint)
         assert len(baseline.token_ids) == 32
