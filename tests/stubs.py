@@ -9,6 +9,7 @@ from the same seed with `noise > 0` agrees with the target often but not always.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import sys
@@ -88,3 +89,14 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     if dof == 0:  # a single possible token, and only it was drawn
         return 1.0
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))
+
+
+def stream_inbox(request_iterator) -> tuple[asyncio.Queue, asyncio.Task]:
+    """A stub servicer's inbox: every request of a stream, queued as it arrives (cancel the task when done)."""
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    async def read():
+        async for request in request_iterator:
+            await inbox.put(request)
+
+    return inbox, asyncio.ensure_future(read())

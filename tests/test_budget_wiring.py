@@ -30,7 +30,7 @@ from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
 from specdec.config import SPEC_MODES, SamplingParams, VerifierLimits
 from specdec.sampling import logits_to_probs
-from tests.stubs import FakeLM, chi_square_p_value, fake_pair
+from tests.stubs import FakeLM, chi_square_p_value, fake_pair, stream_inbox
 from tests.test_client_loop import VOCAB, PerfectDrafter, token_at
 from verifier_worker.budgeting import DraftBudgeter
 
@@ -46,13 +46,7 @@ class BudgetVerifier(pb_grpc.VerifierServicer):
         self.sizes: list[int] = []  # draft tokens of every proposal received
 
     async def Speculate(self, request_iterator, context):
-        inbox: asyncio.Queue = asyncio.Queue()
-
-        async def read():
-            async for request in request_iterator:
-                await inbox.put(request)
-
-        reader = asyncio.ensure_future(read())
+        inbox, reader = stream_inbox(request_iterator)
         try:
             async_mode = (await inbox.get()).open.mode == pb.SPECULATION_MODE_ASYNC
             yield pb.SpeculateReply(opened=pb.SessionOpened(session_id="s", draft_budget=self.budget))

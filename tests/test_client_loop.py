@@ -23,6 +23,7 @@ from draft_worker.gamma import RttGamma
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec.config import SPEC_MODES, SamplingParams
+from tests.stubs import stream_inbox
 
 VOCAB, MAX_NEW, FIRST_GAMMA = 32, 60, 4
 STEP_S = 1.0  # the service time the stub reports for every round (it does not wait)
@@ -51,13 +52,7 @@ class RecordingVerifier(pb_grpc.VerifierServicer):
         self.sizes: list[int] = []  # draft tokens of every proposal received
 
     async def Speculate(self, request_iterator, context):
-        inbox: asyncio.Queue = asyncio.Queue()
-
-        async def read():
-            async for request in request_iterator:
-                await inbox.put(request)
-
-        reader = asyncio.ensure_future(read())
+        inbox, reader = stream_inbox(request_iterator)
         try:
             opening = (await inbox.get()).open
             async_mode, max_block = opening.mode == pb.SPECULATION_MODE_ASYNC, opening.max_block or 16
