@@ -81,7 +81,8 @@ class TransformersBackend:
         decoding step); long rows and short rows run as two forwards of the one step instead. Each row's
         result is its own either way (padding is masked)."""
         short = [i for i, row in enumerate(rows) if len(row.token_ids) <= SHORT_ROW]
-        groups = [group for group in (short, [i for i in range(len(rows)) if i not in set(short)]) if group]
+        long = [i for i, row in enumerate(rows) if len(row.token_ids) > SHORT_ROW]
+        groups = [group for group in (short, long) if group]
         logits: list[torch.Tensor | None] = [None] * len(rows)
         for group in groups:
             for i, row_logits in zip(group, batched_forward(self.model, [rows[i] for i in group])):
