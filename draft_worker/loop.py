@@ -258,16 +258,24 @@ class ClientSession:
     async def _open(self) -> None:
         """Write the opening, draft the first block while the verifier prefills, read `opened`. Nothing more is
         written until `opened` arrives: a refusal then reaches us as the verifier's own status, whereas a write
-        that races the server's abort makes grpcio report INTERNAL "Internal error from Core"."""
+        that races the server's abort makes grpcio report INTERNAL "Internal error from Core". A verifier on this
+        machine's cores (ClientConfig.shared_cores) prefills alone: the first block is drafted after `opened`
+        (one box, 2 cores, real pair: time to first token 2.8 s instead of 3.5-5.1 s, against 2.1 s without a draft).
+        """
         # the most draft tokens a block or chunk of this session carries: the verifier's budget never exceeds it
         await self.stream.open(open_request(self.drafter.name, self.prompt_ids, self.params, self.fingerprint,
                                             self.mode.wire, self.schedule.max_gamma,
                                             getattr(self.schedule, "tpot_slo_ms", 0.0)))
         sent_at = time.perf_counter()
+        if self.stream.shared_cores:
+            self._opened(await self.stream.read(), sent_at)
         self.drafter.start(self.prompt_ids, self.params, self.vocab_size)
         self._draft(min(self.gamma, self._left - 1), guess=[])
         self.opening_job = self.drafting
-        reply = await self.stream.read()
+        if not self.stream.shared_cores:
+            self._opened(await self.stream.read(), sent_at)
+
+    def _opened(self, reply: pb.SpeculateReply, sent_at: float) -> None:
         record_opened(self.result, reply)
         self._budget_arrived(reply.opened)
         self.link = Link(max(0.0, time.perf_counter() - sent_at - reply.opened.service_s))

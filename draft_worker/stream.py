@@ -89,6 +89,7 @@ class SpeculateStream:
     def __init__(self, stub: pb_grpc.VerifierStub, config: ClientConfig, result: GenerationResult):
         self.call = stub.Speculate(timeout=config.timeout_s, metadata=config.metadata)
         self.result = result
+        self.shared_cores = config.shared_cores
 
     async def open(self, opening: pb.SpeculateRequest) -> None:
         await self.call.write(opening)

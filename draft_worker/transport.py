@@ -57,6 +57,9 @@ class ClientConfig:
     tls_server_name: str | None = None  # check the cert against this name instead of the dialled host
     backoff: Backoff = field(default_factory=Backoff)  # between reconnections to a verifier that went away
     reconnect_s: float | None = None  # how long a request keeps trying to reach it again; None = until its deadline
+    # the verifier computes on this machine's cores (a loopback address): the draft model's prefill of a prompt
+    # waits for the verifier's instead of running beside it, as two prefills on the same cores only slow each other
+    shared_cores: bool = False
 
     @property
     def secure(self) -> bool:

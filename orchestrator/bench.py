@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from orchestrator.checks import BenchError, check_limits, check_resume
 from orchestrator.config import BenchConfig, RunSpec, expand
 from orchestrator import pool
-from orchestrator.placement import pin_cores
+from orchestrator.placement import pin_cores, shares_cores
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2  # the first try and one retry
@@ -369,6 +369,7 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
         if not addresses:
             verifier_actors, addresses = await pool.start(
                 config, lambda cpus: _start_verifier(config, client_config, cpus), verifier_cpus)
+        client_config = dataclasses.replace(client_config, shared_cores=shares_cores(config, verifier_cpus, addresses))
         info = await pool.info(addresses, client_config)
         check_limits(config, specs, info.limits)
         tokenizer, fingerprint = _prompt_tokenizer(config, info)

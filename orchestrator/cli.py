@@ -184,13 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def client_config(args, timeout_s: float = 600.0):
-    """ClientConfig from the client security flags; the files are read here."""
+    """ClientConfig from the client security flags (the files are read here); a verifier on a loopback address
+    shares this machine's cores (ClientConfig.shared_cores)."""
+    import dataclasses
+
+    from draft_worker.router import parse_addresses
     from draft_worker.transport import load_client_config
+    from specdec.tls import is_loopback
 
     with user_errors("cannot read the TLS/token files", OSError, ValueError):
-        return load_client_config(timeout_s=timeout_s, auth_token_file=args.auth_token_file, tls=args.tls,
-                                  tls_ca=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key,
-                                  tls_server_name=args.tls_server_name, reconnect_s=args.reconnect_timeout)
+        config = load_client_config(timeout_s=timeout_s, auth_token_file=args.auth_token_file, tls=args.tls,
+                                    tls_ca=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key,
+                                    tls_server_name=args.tls_server_name, reconnect_s=args.reconnect_timeout)
+    with user_errors("--verifier", ValueError):
+        addresses = parse_addresses(args.verifier)
+    local = bool(addresses) and all(is_loopback(a.rpartition(":")[0]) for a in addresses)
+    return dataclasses.replace(config, shared_cores=local)
 
 
 def _drafter_spec(args):

@@ -30,3 +30,12 @@ def pin_cores(config: BenchConfig) -> tuple[list[int] | None, list[int] | None]:
     if unknown or not config.cpus.verifier or not config.cpus.draft:
         raise ValueError(f"cpus: give non-empty lists of this machine's cores {available}; not available: {unknown}")
     return list(config.cpus.verifier), list(config.cpus.draft)
+
+
+def shares_cores(config: BenchConfig, verifier_cpus: list[int] | None, addresses: list[str]) -> bool:
+    """The draft workers compute on the verifiers' cores: a local run without pinning (ClientConfig.shared_cores:
+    the draft's prefill then waits for the verifier's)."""
+    from specdec.tls import is_loopback
+
+    return (verifier_cpus is None and config.ray.address is None
+            and all(is_loopback(a.rpartition(":")[0]) for a in addresses))

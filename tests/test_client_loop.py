@@ -20,6 +20,7 @@ import pytest
 from draft_worker.client import speculate
 from draft_worker.drafters import AdaptiveGamma, Candidates, CommittedContext
 from draft_worker.gamma import RttGamma
+from draft_worker.transport import ClientConfig
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec.config import SPEC_MODES, SamplingParams
@@ -50,12 +51,17 @@ class RecordingVerifier(pb_grpc.VerifierServicer):
 
     def __init__(self):
         self.sizes: list[int] = []  # draft tokens of every proposal received
+        self.before_opened = None  # an async callable awaited before `opened` is written
+        self.opened_sent = False
 
     async def Speculate(self, request_iterator, context):
         inbox, reader = stream_inbox(request_iterator)
         try:
             opening = (await inbox.get()).open
             async_mode, max_block = opening.mode == pb.SPECULATION_MODE_ASYNC, opening.max_block or 16
+            if self.before_opened is not None:
+                await self.before_opened()
+            self.opened_sent = True
             yield pb.SpeculateReply(opened=pb.SessionOpened(session_id="s"))
             committed = 0
             while committed < MAX_NEW:
@@ -115,6 +121,46 @@ async def test_every_mode_sends_the_block_sizes_its_gamma_schedule_chooses(recor
         assert max(sent) <= FIRST_GAMMA and set(result.gamma_per_round) == {FIRST_GAMMA}
     else:  # every verified block was accepted whole: the schedule grew, and longer blocks went out
         assert max(sent) > FIRST_GAMMA + 1, sent
+
+
+@pytest.mark.parametrize("shared_cores", [False, True])
+async def test_a_verifier_on_the_same_cores_prefills_before_the_first_block_is_drafted(recording, shared_cores):
+    """Remote verifier: the first block is drafted while it prefills (the stub holds `opened` until the drafter
+    ran). Same machine (ClientConfig.shared_cores): drafting waits for `opened`, so the two prefills never share
+    the cores."""
+    servicer, stub = recording
+    drafted = asyncio.Event()
+    seen_opened: list[bool] = []
+
+    class Watching(PerfectDrafter):
+        def propose(self, context, gamma):
+            seen_opened.append(servicer.opened_sent)
+            drafted.set()  # set from the drafting thread: the stub only polls it
+            return super().propose(context, gamma)
+
+    async def until_drafted():
+        for _ in range(3000):  # bounded: at most ~30 s
+            if drafted.is_set():
+                return
+            await asyncio.sleep(0.01)
+
+    if not shared_cores:
+        servicer.before_opened = until_drafted
+    info = pb.InfoReply(vocab_size=VOCAB, limits=pb.Limits(max_gamma=16, max_new_tokens=1024))
+    result = await asyncio.wait_for(speculate(stub, Watching(), [1, 2, 3], SamplingParams(max_new_tokens=MAX_NEW),
+                                              FIRST_GAMMA, info, ClientConfig(shared_cores=shared_cores)), 60)
+    assert result.token_ids == [token_at(i) for i in range(MAX_NEW)]
+    assert seen_opened[0] is shared_cores
+
+
+def test_the_cli_treats_a_loopback_verifier_as_sharing_its_cores():
+    from orchestrator.cli import build_parser, client_config
+
+    parse = build_parser().parse_args
+    for address, local in [("127.0.0.1:50051", True), ("localhost:1,[::1]:2", True), ("10.0.0.5:50051", False),
+                           ("127.0.0.1:1,gpu.example.org:2", False)]:
+        args = parse(["generate", "--verifier", address, "--drafter", "ngram", "--prompt", "x"])
+        assert client_config(args).shared_cores is local, address
 
 
 def test_draft_worker_has_no_import_cycle():
