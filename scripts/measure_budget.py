@@ -1,25 +1,30 @@
-"""Issue 18's reduced concurrency sweep: `--gamma auto` under the verifier's draft budget against fixed gammas
-and the batched verifier-only `Generate`, at several numbers of concurrent sessions, on one box.
+"""Issue 18's concurrency sweep: `--gamma auto` under the verifier's draft budget against fixed gammas and the
+batched verifier-only `Generate`, at several numbers of concurrent sessions, on one box.
 
-    flock /tmp/specdec-bench.lock python scripts/measure_budget.py --sessions 1 4 16 --prompts 4 --max-new-tokens 32
+    flock /tmp/specdec-bench.lock python scripts/measure_budget.py --sessions 1 2 4 8 16 --prompts 4 \
+        --max-new-tokens 32 --max-prompt-tokens 192 --drafters ngram lm --gammas 2 4 --lm-gammas 2 3 --pin
 
 Two verifier processes in turn (`specdec serve-verifier`, the real pair's 1.5B by default): one granting draft
-budgets (arms: Generate, n-gram auto, n-gram at --budget-gammas capped by the budget) and one with --no-draft-budget
-(arms: Generate, n-gram at each fixed gamma as it is). Each process runs its own Generate, so every ratio is
-taken within one process. At each level N: max(N, prompts) requests, N at a time, prompts in turn.
-Prints per (verifier, level, arm): aggregate tok/s (tokens / wall of the level), its ratio to that process's
-Generate at the level, verifier compute per committed token (the requests' shares) and the mean granted budget.
+budgets (arms: Generate, auto per drafter, n-gram at --budget-gammas capped by the budget) and one with
+--no-draft-budget (arms: Generate, each drafter at each fixed gamma as it is). Each process runs its own Generate,
+so every ratio is taken within one process. At each level N: max(N, prompts) requests, N at a time, prompts in
+turn. --pin plays two machines: the verifier on core 0, this process (every session's drafting) on core 1, one
+torch thread. Prints per (verifier, level, arm): aggregate tok/s (tokens / wall of the level), its ratio to that
+process's Generate at the level, verifier compute per committed token (the requests' shares) and the mean budget.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 
+import torch
+
 from draft_worker.client import generate_baseline, speculate
-from draft_worker.drafters import NgramDrafter
+from draft_worker.drafters import DraftModels, DrafterSpec, NgramDrafter, build_drafter
 from draft_worker.gamma import AutoGamma
 from draft_worker.transport import fetch_info, open_channel
 from orchestrator.bench import encode_prompts
@@ -30,7 +35,17 @@ from specdec.config import SamplingParams, VerifierLimits
 from specdec.pubmedqa import default_path, load_items
 
 
-async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, params: SamplingParams, mode: str):
+DRAFTS = DraftModels()
+
+
+def drafter(name: str, args):
+    """'ngram' or 'lm' (args.draft at args.draft_dtype): a fresh drafter for one request."""
+    if name == "ngram":
+        return NgramDrafter()
+    return build_drafter(DrafterSpec(kind="lm", model=args.draft, dtype=args.draft_dtype), DRAFTS)
+
+
+async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, params: SamplingParams, args):
     """-> (aggregate tok/s, verifier compute s per token, mean budget or nan) of max(sessions, prompts) requests."""
     jobs = [prompts[i % len(prompts)] for i in range(max(sessions, len(prompts)))]
     gate = asyncio.Semaphore(sessions)
@@ -39,8 +54,9 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
         async with gate:
             if arm == "generate":
                 return await generate_baseline(stub, prompt, params)
-            gamma = AutoGamma() if arm == "auto" else int(arm.removeprefix("g"))
-            return await speculate(stub, NgramDrafter(), prompt, params, gamma, info, mode=mode)
+            name, _, gamma = arm.partition("-")  # e.g. "ngram-auto", "lm-g3"
+            gamma = AutoGamma() if gamma == "auto" else int(gamma.removeprefix("g"))
+            return await speculate(stub, drafter(name, args), prompt, params, gamma, info, mode=args.mode)
 
     started = time.perf_counter()
     results = await asyncio.gather(*(one(p) for p in jobs))
@@ -56,11 +72,13 @@ async def sweep(address: str, prompts, args, arms: list[str], label: str) -> Non
     async with open_channel(address) as channel:
         stub = pb_grpc.VerifierStub(channel)
         info = await fetch_info(stub)
-        await generate_baseline(stub, prompts[0], SamplingParams(max_new_tokens=4))  # warm-up
+        await generate_baseline(stub, prompts[0], SamplingParams(max_new_tokens=4))  # warm-up, and each drafter's
+        for name in args.drafters:
+            await speculate(stub, drafter(name, args), prompts[0], SamplingParams(max_new_tokens=4), 2, info)
         for n in args.sessions:
             base = None
             for arm in arms:
-                rate, compute, budget = await level(stub, info, prompts, n, arm, params, args.mode)
+                rate, compute, budget = await level(stub, info, prompts, n, arm, params, args)
                 base = base or rate
                 print(f"| {label} | {n} | {arm} | {rate:.2f} | {rate / base:.2f} | {1000 * compute:.0f} | {budget:.2f} |",
                       flush=True)
@@ -78,6 +96,11 @@ def main() -> None:
     p.add_argument("--gammas", type=int, nargs="+", default=[2, 4], help="fixed gammas on the verifier without budget")
     p.add_argument("--budget-gammas", type=int, nargs="*", default=[4], help="fixed gammas under the budget")
     p.add_argument("--mode", default="lockstep")
+    p.add_argument("--drafters", nargs="+", choices=["ngram", "lm"], default=["ngram"])
+    p.add_argument("--draft", default="offline:qwen2.5-coder-0.5b-instruct", help="the LM drafter's model")
+    p.add_argument("--draft-dtype", default="bf16")
+    p.add_argument("--lm-gammas", type=int, nargs="+", default=[2, 3], help="fixed gammas of the LM drafter")
+    p.add_argument("--pin", action="store_true", help="verifier on core 0, drafting on core 1 (one torch thread)")
     p.add_argument("--skip-fixed", action="store_true", help="only the budgeted verifier")
     args = p.parse_args()
     tokenizer = models.load_tokenizer(args.verifier)
@@ -85,12 +108,18 @@ def main() -> None:
     print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, mode {args.mode}, verifier {args.verifier} {args.dtype}")
     print("| verifier | sessions | arm | aggregate tok/s | x Generate | verifier compute ms/token | mean budget |")
     print("|---|---|---|---|---|---|---|")
-    runs = [("budget", (), ["generate", "auto", *(f"g{g}" for g in args.budget_gammas)])]
+    fixed = {"ngram": args.gammas, "lm": args.lm_gammas}
+    runs = [("budget", (), ["generate", *(f"{d}-auto" for d in args.drafters),
+                            *(f"ngram-g{g}" for g in args.budget_gammas if "ngram" in args.drafters)])]
     if not args.skip_fixed:
-        runs.append(("no budget", ("--no-draft-budget",), ["generate", *(f"g{g}" for g in args.gammas)]))
+        runs.append(("no budget", ("--no-draft-budget",),
+                     ["generate", *(f"{d}-g{g}" for d in args.drafters for g in fixed[d])]))
     limits = VerifierLimits()
+    if args.pin:
+        os.sched_setaffinity(0, {1})
+        torch.set_num_threads(1)
     for label, extra, arms in runs:
-        verifier = start_verifier(args.verifier, args.dtype, "cpu",
+        verifier = start_verifier(args.verifier, args.dtype, "cpu", cpus=[0] if args.pin else None,
                                   extra_args=(*extra, "--max-sessions-per-client", str(limits.max_sessions)))
         try:
             asyncio.run(sweep(verifier.address, prompts, args, arms, label))

@@ -148,7 +148,7 @@ def test_fit_recovers_a_and_b_from_noisy_steps():
     for _ in range(300):
         tokens, sessions = rng.randint(1, 64), rng.randint(1, 8)
         model.observe(0.05 + 0.003 * tokens + 0.001 * sessions + rng.gauss(0, 0.002), tokens, sessions)
-    a, b, c = model.coefficients
+    a, b, c, _ = model.coefficients
     assert a == pytest.approx(0.05, rel=0.1) and b == pytest.approx(0.003, rel=0.05) and c == pytest.approx(0.001, abs=5e-4)
     assert model.marginal(10) == pytest.approx(b)
     assert model.cost(10, 2) == pytest.approx(a + 10 * b + 2 * c)
@@ -249,6 +249,35 @@ def test_budgeter_grants_by_measured_cost_and_acceptance():
     # a decode-only (Generate) session is never granted drafts, so its 0 is not a grant the histogram counts
     assert registry.get_sample_value("specdec_verifier_draft_budget_tokens_count") == 3
     assert registry.get_sample_value("specdec_verifier_draft_budget_tokens_bucket", {"le": "0.0"}) == 1
+
+
+def test_budgeter_prices_prefill_tokens_apart_from_draft_tokens():
+    """A prompt chunk's tokens cost a CPU a quarter of a verify block's (one long row, one efficient matrix
+    product): a single slope would learn the cheap one and over-grant. The budgeter fits both and grants what
+    the true curve's brute force grants."""
+    fixed_s, block_token_s, prefill_token_s = 0.1, 0.02, 0.005
+    budgeter = DraftBudgeter(max_gamma=8)
+    for key in ("a", "b", "c", "d"):
+        budgeter.open(key)
+        for _ in range(50):
+            budgeter.on_verdict(key, 4, 3)  # acceptance ~0.75 per position
+    rng = random.Random(0)
+    for _ in range(200):
+        sessions, tokens = rng.randint(1, 4), rng.randint(1, 20)
+        prefill = rng.choice([0, 0, 0, 256])  # now and then a chunk rides the step
+        budgeter.on_step(fixed_s + block_token_s * tokens + prefill_token_s * prefill, sessions + (prefill > 0),
+                         tokens + prefill, prefill)
+    _, b, _, d = budgeter.cost.coefficients
+    assert b == pytest.approx(block_token_s, rel=0.05) and d == pytest.approx(prefill_token_s, rel=0.05)
+    demands = [Demand(k, budgeter._sessions[k].tracker.rates(budgeter.population.pooled()), 8) for k in "abcd"]
+    for load in (Load(), Load(256, 1)):
+        truth = grant_budgets(demands, lambda t, s: fixed_s + block_token_s * (t - load.tokens) + prefill_token_s * load.tokens, load)
+        assert budgeter.grants(load) == truth
+    one_slope = StepCostModel(prior=(0.0, 0.0, 0.0, 0.0))  # the same steps, prefill tokens counted as block tokens
+    for _ in range(200):
+        tokens, prefill = rng.randint(4, 20), rng.choice([0, 0, 0, 256])
+        one_slope.observe(fixed_s + block_token_s * tokens + prefill_token_s * prefill, tokens + prefill, 4)
+    assert one_slope.coefficients[1] < block_token_s / 2  # what the old fit believed a draft token cost
 
 
 def test_budgeter_grants_once_per_step_and_respects_the_clients_limit():

@@ -4,8 +4,8 @@ budget for its next block.
 The engine (or whoever applies a step's outcomes) calls, all on the event loop:
 - `open(key, max_gamma=..., tpot_slo_s=...)` when a session opens (`max_gamma=0` for `Generate`, which
   decodes one token a step: it adds to the step's cost and goodput, it is never granted drafts);
-- `on_step(compute_s, sessions, tokens)` after every step: the engine's `on_step` hook, in its argument
-  order (as `VerifierMetrics.step`); it fits the step-cost curve;
+- `on_step(compute_s, sessions, tokens, prefill_tokens)` after every step (tokens: all of the step's,
+  prefill_tokens: its prompt chunks'); it fits the step-cost curve;
 - `on_verdict(key, proposed, accepted)` for every verified block (a plain decoding step: proposed = 0);
 - `budget_for(key, queued_sessions, queued_tokens)` when answering a session: the most draft tokens its
   next block may carry. queued_* = the prefill work waiting for the next step (sessions still
@@ -88,12 +88,13 @@ class DraftBudgeter:
         if self._sessions.pop(key, None) is not None:
             self._grants = None
 
-    def on_step(self, compute_s: float, sessions: int, tokens: int) -> None:
-        """After every engine step (the engine's hook): fit the cost curve; the next `budget_for` grants anew."""
-        self.cost.observe(compute_s, tokens, sessions)
+    def on_step(self, compute_s: float, sessions: int, tokens: int, prefill_tokens: int = 0) -> None:
+        """After every engine step: fit the cost curve (specdec.budget.StepCostModel: prefill tokens priced
+        apart); the next `budget_for` grants anew."""
+        self.cost.observe(compute_s, tokens - prefill_tokens, sessions, prefill_tokens)
         self._grants = None
         if self.metrics is not None:
-            a, b, _ = self.cost.coefficients
+            a, b, _, _ = self.cost.coefficients
             self.metrics.cost_fixed.set(a)
             self.metrics.cost_per_token.set(b)
 
@@ -127,4 +128,8 @@ class DraftBudgeter:
         """A fresh grant for every open session, given the other work riding the next step."""
         prior = self.population.pooled()
         demands = [Demand(key, s.tracker.rates(prior), s.max_gamma, s.tpot_slo_s) for key, s in self._sessions.items()]
-        return grant_budgets(demands, self.cost.cost, load)
+
+        def step_seconds(tokens: int, sessions: int) -> float:  # grant_budgets counts the load's tokens in `tokens`
+            return self.cost.cost(tokens - load.tokens, sessions, load.tokens)
+
+        return grant_budgets(demands, step_seconds, load)

@@ -229,7 +229,8 @@ class Engine:
             if self.on_step is not None:
                 self.on_step(compute_s, len(batch), sum(n for _, n in batch))
             if self.budgeter is not None:
-                self.budgeter.on_step(compute_s, len(batch), sum(n for _, n in batch))
+                self.budgeter.on_step(compute_s, len(batch), sum(n for _, n in batch),
+                                      sum(n for work, n in batch if work.is_prefill))
             self._finish(batch, outcomes, compute_s)
 
     async def _gather(self) -> bool:
