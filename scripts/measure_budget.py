@@ -10,7 +10,8 @@ budgets (arms: Generate, auto per drafter, n-gram at --budget-gammas capped by t
 so every ratio is taken within one process. At each level N: max(N, prompts) requests, N at a time, prompts in
 turn. --pin plays two machines: the verifier on core 0, this process (every session's drafting) on core 1, one
 torch thread. Prints per (verifier, level, arm): aggregate tok/s (tokens / wall of the level), its ratio to that
-process's Generate at the level, verifier compute per committed token (the requests' shares) and the mean budget.
+process's Generate at the level, verifier compute per committed token (the requests' shares), the mean budget and the mean
+number of sessions in the step each round rode in (below the level: lock-step sessions missed steps).
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
     wall = time.perf_counter() - started
     tokens = sum(len(r.token_ids) for r in results)
     budgets = [b for r in results for b in r.budget_per_round]
+    batch = [b for r in results for b in r.batch_size]  # sessions in the step each round rode in
     return tokens / wall, sum(r.verifier_compute_s for r in results) / tokens, (
-        statistics.mean(budgets) if budgets else float("nan"))
+        statistics.mean(budgets) if budgets else float("nan")), statistics.mean(batch) if batch else float("nan")
 
 
 async def sweep(address: str, prompts, args, arms: list[str], label: str) -> None:
@@ -78,10 +80,10 @@ async def sweep(address: str, prompts, args, arms: list[str], label: str) -> Non
         for n in args.sessions:
             base = None
             for arm in arms:
-                rate, compute, budget = await level(stub, info, prompts, n, arm, params, args)
+                rate, compute, budget, batch = await level(stub, info, prompts, n, arm, params, args)
                 base = base or rate
-                print(f"| {label} | {n} | {arm} | {rate:.2f} | {rate / base:.2f} | {1000 * compute:.0f} | {budget:.2f} |",
-                      flush=True)
+                print(f"| {label} | {n} | {arm} | {rate:.2f} | {rate / base:.2f} | {1000 * compute:.0f} | {budget:.2f} | "
+                      f"{batch:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -106,8 +108,9 @@ def main() -> None:
     tokenizer = models.load_tokenizer(args.verifier)
     prompts = [x.ids for x in encode_prompts(load_items(args.pubmedqa)[: args.prompts], tokenizer, args.max_prompt_tokens)]
     print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, mode {args.mode}, verifier {args.verifier} {args.dtype}")
-    print("| verifier | sessions | arm | aggregate tok/s | x Generate | verifier compute ms/token | mean budget |")
-    print("|---|---|---|---|---|---|---|")
+    print("| verifier | sessions | arm | aggregate tok/s | x Generate | verifier compute ms/token | mean budget | "
+          "mean batch |")
+    print("|---|---|---|---|---|---|---|---|")
     fixed = {"ngram": args.gammas, "lm": args.lm_gammas}
     runs = [("budget", (), ["generate", *(f"{d}-auto" for d in args.drafters),
                             *(f"ngram-g{g}" for g in args.budget_gammas if "ngram" in args.drafters)])]
