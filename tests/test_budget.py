@@ -314,3 +314,16 @@ def test_a_session_denied_drafts_gets_another_try():
         budgeter.on_verdict("s", 0, 0)
     budgeter.on_step(0.03, 2, 2)
     assert budgeter.budget_for("s") > 0
+
+
+def test_a_session_still_prefilling_is_priced_as_load_not_as_a_block():
+    budgeter = DraftBudgeter(max_gamma=4)
+    _feed_steps(budgeter, 0.02, 0.004)
+    for key in ("a", "b"):
+        budgeter.open(key)
+    for _ in range(20):
+        budgeter.on_verdict("a", 4, 4)
+    grant = budgeter.grants(Load(tokens=64, sessions=1), exclude={"b"})
+    assert set(grant) == {"a"}  # b rides the step as its prompt chunk only
+    assert budgeter.budget_for("a", 1, 64, prefilling={"b"}) == grant["a"]
+    assert budgeter.budget_for("b", 1, 64, prefilling={"b"}) >= 0  # once answered, b asks for itself

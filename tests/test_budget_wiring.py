@@ -119,7 +119,7 @@ class FixedBudgeter(DraftBudgeter):
         super().__init__(**kwargs)
         self.budget = budget
 
-    def grants(self, load=None):
+    def grants(self, load=None, exclude=()):
         return {key: min(self.budget, s.max_gamma) for key, s in self._sessions.items()}
 
 
@@ -130,7 +130,7 @@ class RandomBudgeter(DraftBudgeter):
         super().__init__(**kwargs)
         self.rng = random.Random(seed)
 
-    def grants(self, load=None):
+    def grants(self, load=None, exclude=()):
         return {key: min(self.rng.randrange(4), s.max_gamma) for key, s in self._sessions.items()}
 
 

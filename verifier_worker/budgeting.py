@@ -7,9 +7,10 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
 - `on_step(compute_s, sessions, tokens, prefill_tokens)` after every step (tokens: all of the step's,
   prefill_tokens: its prompt chunks'); it fits the step-cost curve;
 - `on_verdict(key, proposed, accepted)` for every verified block (a plain decoding step: proposed = 0);
-- `budget_for(key, queued_sessions, queued_tokens)` when answering a session: the most draft tokens its
-  next block may carry. queued_* = the prefill work waiting for the next step (sessions still
-  prefilling, and their chunk tokens), which commits nothing but shares the step;
+- `budget_for(key, queued_sessions, queued_tokens, prefilling)` when answering a session: the most draft
+  tokens its next block may carry. queued_* = the prefill work waiting for the next step (sessions still
+  prefilling, and their chunk tokens), which commits nothing but shares the step; prefilling = the keys of
+  those sessions, which are priced as that load and not also as sessions sending a block;
 - `dropped(tokens)` for draft tokens a block carried beyond its budget (counted, never verified);
 - `close(key)` when the session ends.
 
@@ -23,7 +24,7 @@ first steps (the prefills, hundreds of tokens each) fit the curve.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -108,12 +109,13 @@ class DraftBudgeter:
         if proposed:  # a plain decoding step says nothing about acceptance
             self.population.update(proposed, accepted)
 
-    def budget_for(self, key: Hashable, queued_sessions: int = 0, queued_tokens: int = 0) -> int:
+    def budget_for(self, key: Hashable, queued_sessions: int = 0, queued_tokens: int = 0,
+                   prefilling: Collection[Hashable] = ()) -> int:
         """The most draft tokens this session's next block may carry (0: decode one token, like Generate)."""
         if key not in self._sessions:
             self.open(key)
         if self._grants is None or key not in self._grants:
-            self._grants = self.grants(Load(queued_tokens, queued_sessions))
+            self._grants = self.grants(Load(queued_tokens, queued_sessions), exclude=set(prefilling) - {key})
         budget = self._grants[key]
         if self.metrics is not None and self._sessions[key].max_gamma:  # a decode-only session is never granted drafts
             self.metrics.granted.observe(budget)
@@ -124,10 +126,12 @@ class DraftBudgeter:
         if tokens > 0 and self.metrics is not None:
             self.metrics.over_budget.inc(tokens)
 
-    def grants(self, load: Load = Load()) -> dict[Hashable, int]:
-        """A fresh grant for every open session, given the other work riding the next step."""
+    def grants(self, load: Load = Load(), exclude: Collection[Hashable] = ()) -> dict[Hashable, int]:
+        """A fresh grant for every open session but `exclude` (still prefilling: in `load`, not sending a block
+        next step), given the other work riding the next step."""
         prior = self.population.pooled()
-        demands = [Demand(key, s.tracker.rates(prior), s.max_gamma, s.tpot_slo_s) for key, s in self._sessions.items()]
+        demands = [Demand(key, s.tracker.rates(prior), s.max_gamma, s.tpot_slo_s) for key, s in self._sessions.items()
+                   if key not in exclude]
 
         def step_seconds(tokens: int, sessions: int) -> float:  # grant_budgets counts the load's tokens in `tokens`
             return self.cost.cost(tokens - load.tokens, sessions, load.tokens)

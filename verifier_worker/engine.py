@@ -363,8 +363,9 @@ class Engine:
             return
         prefills = [work for work in self._queue if work.is_prefill]
         queued_tokens = sum(min(len(work.tokens), self.max_batch_tokens) for work in prefills)
+        prefilling = {work.session for work in prefills}
         for session in sessions:
-            session.budget = self.budgeter.budget_for(session, len(prefills), queued_tokens)
+            session.budget = self.budgeter.budget_for(session, len(prefills), queued_tokens, prefilling)
 
 
 def _verify_tree(work: _Work, target_logits: torch.Tensor) -> tuple[int, int, Logprobs | None, list[int]]:
