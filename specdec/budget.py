@@ -36,8 +36,14 @@ Assumptions and limits:
   count follows a session whose text turns easy or hard; new sessions start from the server-wide rate.
 - Every budgeted session rides the next step (lock-step clients send right after their verdict; async
   sessions decode every step). Sessions the batch cannot hold (`max_batch_tokens`) are not modelled.
-- T is affine in tokens and sessions. A pad-and-stack forward really costs sessions x longest row; feed
-  the padded count to the fit if that is what the device pays, but the grant still prices the sum.
+- T is affine in tokens and sessions, and the tokens are what the backend computes. A pad-and-stack forward
+  (the transformers backend) computes every row at the longest row's length, so there one session's
+  5-token block makes each 1-token row of the step cost 5: the engine fits T on rows x longest row, and
+  `grant_budgets(padded=True)` prices a grant as n x (1 + max gamma). Then for each ceiling g every session
+  drafts min(g, cap_i) (fewer would cost the same), and the best g wins, again scanned whole. On a CPU,
+  where T is steep in tokens, this is what keeps drafts from losing at load: priced as the sum, one good
+  session's drafts looked cheap while the step paid them 16 times over (measured: 0.92-0.95x `Generate` at
+  4-16 sessions). A backend that packs tokens without padding (llama.cpp) is priced by the sum.
 - Goodput counts verifier time only: a slow draft is the client's to notice (`budgeted_gamma`: the
   smaller of the budget and the client's own best gamma, so a draft too slow for its verifier falls to 0).
 - Cost: O(K n) numpy work for K = sum of caps (a few ms at 64 sessions x 16); with SLOs O(K n log K).
@@ -223,20 +229,28 @@ class Load:
     sessions: int = 0
 
 
-def goodput(demands: Sequence[Demand], budgets: Sequence[int], step_seconds: StepSeconds, load: Load = Load()) -> float:
-    """Expected committed tokens per second of the next step if session i drafts budgets[i] tokens."""
+def goodput(demands: Sequence[Demand], budgets: Sequence[int], step_seconds: StepSeconds, load: Load = Load(),
+            padded: bool = False) -> float:
+    """Expected committed tokens per second of the next step if session i drafts budgets[i] tokens (padded:
+    every session's row costs the longest row's tokens)."""
     expected = sum(expected_tokens_table(d.accept, g)[g] for d, g in zip(demands, budgets))
-    return expected / _step_seconds(step_seconds, demands, sum(budgets), load)
+    drafts = len(budgets) * max(budgets, default=0) if padded else sum(budgets)
+    return expected / _step_seconds(step_seconds, demands, drafts, load)
 
 
-def grant_budgets(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load = Load()) -> dict[Hashable, int]:
-    """{key: draft tokens its next block may carry}, maximising goodput (see the module docstring)."""
+def grant_budgets(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load = Load(),
+                  padded: bool = False) -> dict[Hashable, int]:
+    """{key: draft tokens its next block may carry}, maximising goodput (see the module docstring). padded: the
+    step computes every session's row at the longest row's length (pad-and-stack), so it costs n x (1 + max
+    gamma) tokens whoever drafts them."""
     if not demands:
         return {}
     caps = np.array([d.cap for d in demands])  # [n]
     table = np.full((len(demands), caps.max() + 1), np.inf)  # [n, max cap + 1] E_i(gamma), +inf past cap_i
     for i, d in enumerate(demands):
         table[i, : d.cap + 1] = expected_tokens_table(d.accept, d.cap)
+    if padded:
+        return _grant_padded(demands, table, caps, step_seconds, load)
     counts = _greedy_counts(table, caps)  # [K + 1, n]
     seconds = np.array([_step_seconds(step_seconds, demands, k, load) for k in range(len(counts))])  # [K + 1] T(K)
     slos = np.array([np.inf if d.tpot_slo_s is None else d.tpot_slo_s for d in demands])  # [n]
@@ -264,6 +278,27 @@ def _step_seconds(step_seconds: StepSeconds, demands: Sequence[Demand], drafts: 
     """T(K): the step with every session's [last committed token] + K draft tokens in all, plus the load."""
     tokens = len(demands) + drafts + load.tokens
     return max(step_seconds(tokens, len(demands) + load.sessions), MIN_STEP_S)
+
+
+def _grant_padded(demands: Sequence[Demand], table: np.ndarray, caps: np.ndarray, step_seconds: StepSeconds,
+                  load: Load) -> dict[Hashable, int]:
+    """The grant when a step costs n x (1 + max gamma) tokens: for a ceiling g every session drafting
+    min(g, cap_i) costs the same as any fewer, and E_i never falls with gamma, so the best vector for g is
+    that one, and the best g (ties to the smaller) among those meeting every SLO wins; none meeting them,
+    each SLO is stretched by the least common factor some g meets."""
+    n = len(demands)
+    g = np.arange(caps.max() + 1)  # [G + 1] ceilings
+    budgets = np.minimum(g[:, None], caps[None, :])  # [G + 1, n]
+    expected = table[np.arange(n)[None, :], budgets]  # [G + 1, n] E_i(min(g, cap_i))
+    seconds = np.array([_step_seconds(step_seconds, demands, n * int(c), load) for c in g])  # [G + 1]
+    slos = np.array([np.inf if d.tpot_slo_s is None else d.tpot_slo_s for d in demands])  # [n]
+    stretch = (seconds[:, None] / (slos[None, :] * expected)).max(axis=1)  # [G + 1] worst T / (slo_i E_i)
+    feasible = stretch <= 1 + 1e-12
+    if not feasible.any():
+        feasible = stretch <= stretch.min() * (1 + 1e-9)
+    rate = np.where(feasible, expected.sum(axis=1) / seconds, -np.inf)
+    best = int(np.argmax(rate >= rate.max() * (1 - 1e-12)))
+    return {d.key: int(b) for d, b in zip(demands, budgets[best])}
 
 
 def _greedy_counts(table: np.ndarray, caps: np.ndarray) -> np.ndarray:

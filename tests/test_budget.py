@@ -24,23 +24,24 @@ COSTS = {  # (batch tokens, batch sessions) -> step seconds
 }
 
 
-def _brute_force(demands, cost, load=Load()):
+def _brute_force(demands, cost, load=Load(), padded=False):
     """(best goodput, its budgets) over every budget vector, meeting every SLO if any vector can."""
     vectors = list(itertools.product(*(range(d.cap + 1) for d in demands)))
-    feasible = [v for v in vectors if _meets_slos(demands, v, cost, load)] or vectors
-    best = max(feasible, key=lambda v: goodput(demands, v, cost, load))
-    return goodput(demands, best, cost, load), best
+    feasible = [v for v in vectors if _meets_slos(demands, v, cost, load, padded=padded)] or vectors
+    best = max(feasible, key=lambda v: goodput(demands, v, cost, load, padded))
+    return goodput(demands, best, cost, load, padded), best
 
 
-def _tpot(demands, budgets, cost, load):
+def _tpot(demands, budgets, cost, load, padded=False):
     """[n] each session's expected verifier seconds per committed token."""
-    step_s = cost(len(demands) + sum(budgets) + load.tokens, len(demands) + load.sessions)
+    drafts = len(budgets) * max(budgets) if padded else sum(budgets)  # pad-and-stack: every row the longest
+    step_s = cost(len(demands) + drafts + load.tokens, len(demands) + load.sessions)
     return [step_s / expected_tokens(d.accept, g) for d, g in zip(demands, budgets)]
 
 
-def _meets_slos(demands, budgets, cost, load, stretch=1.0):
+def _meets_slos(demands, budgets, cost, load, stretch=1.0, padded=False):
     return all(d.tpot_slo_s is None or t <= d.tpot_slo_s * stretch * (1 + 1e-9)
-               for d, t in zip(demands, _tpot(demands, budgets, cost, load)))
+               for d, t in zip(demands, _tpot(demands, budgets, cost, load, padded)))
 
 
 def _random_demands(rng: random.Random, n: int, slo: bool = False) -> list[Demand]:
@@ -55,17 +56,31 @@ def _random_demands(rng: random.Random, n: int, slo: bool = False) -> list[Deman
     return demands
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["summed", "padded"])
 @pytest.mark.parametrize("curve", sorted(COSTS))
-def test_grant_matches_brute_force(curve):
+def test_grant_matches_brute_force(curve, padded):
     cost, rng = COSTS[curve], random.Random(curve)
     for _ in range(40):
         demands = _random_demands(rng, rng.randint(1, 3))
         load = Load(tokens=rng.choice([0, 0, 16]), sessions=rng.choice([0, 1]))
-        granted = grant_budgets(demands, cost, load)
+        granted = grant_budgets(demands, cost, load, padded=padded)
         budgets = [granted[d.key] for d in demands]
         assert all(0 <= g <= d.cap for d, g in zip(demands, budgets))
-        best, _ = _brute_force(demands, cost, load)
-        assert goodput(demands, budgets, cost, load) == pytest.approx(best, rel=1e-9), (demands, budgets)
+        best, _ = _brute_force(demands, cost, load, padded)
+        assert goodput(demands, budgets, cost, load, padded) == pytest.approx(best, rel=1e-9), (demands, budgets)
+
+
+def test_padded_steps_make_one_sessions_drafts_cost_every_row():
+    """Pad-and-stack (the transformers backend): one session's 5-token block makes all 16 rows of the step
+    cost 5 tokens, so on a CPU curve the drafts a summed price would grant a lone good session lose."""
+    cost = lambda n, s: 0.38 + 0.098 * n  # noqa: E731 - the 1.5B verifier on one core of this CPU, bf16
+    demands = [Demand("good", [0.9] * 4, 4), *(Demand(i, [0.1] * 4, 4) for i in range(15))]
+    summed, padded = grant_budgets(demands, cost), grant_budgets(demands, cost, padded=True)
+    assert summed["good"] > 0 and set(padded.values()) == {0}
+    assert goodput(demands, list(padded.values()), cost, padded=True) > goodput(demands, list(summed.values()),
+                                                                                   cost, padded=True)
+    # a step of one session pays only its own row: the good session drafts either way
+    assert grant_budgets(demands[:1], cost, padded=True)["good"] > 0
 
 
 def test_grant_matches_brute_force_on_a_fitted_model():
@@ -113,22 +128,24 @@ def test_slo_is_respected_when_it_can_be_met():
     assert goodput(demands, budgets, cost) == pytest.approx(_brute_force(demands, cost)[0])
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["summed", "padded"])
 @pytest.mark.parametrize("curve", ["linear_cpu", "step", "linear_steep"])
-def test_slos_match_brute_force(curve):
+def test_slos_match_brute_force(curve, padded):
     cost, rng = COSTS[curve], random.Random(curve + "slo")
     stretched = 0
     for _ in range(40):
         demands = _random_demands(rng, rng.randint(1, 3), slo=True)
-        granted = grant_budgets(demands, cost)
+        granted = grant_budgets(demands, cost, padded=padded)
         budgets = [granted[d.key] for d in demands]
         vectors = list(itertools.product(*(range(d.cap + 1) for d in demands)))
-        if any(_meets_slos(demands, v, cost, Load()) for v in vectors):
-            assert _meets_slos(demands, budgets, cost, Load())
-            assert goodput(demands, budgets, cost) == pytest.approx(_brute_force(demands, cost)[0], rel=1e-9)
+        if any(_meets_slos(demands, v, cost, Load(), padded=padded) for v in vectors):
+            assert _meets_slos(demands, budgets, cost, Load(), padded=padded)
+            assert goodput(demands, budgets, cost, padded=padded) == pytest.approx(
+                _brute_force(demands, cost, padded=padded)[0], rel=1e-9)
         else:  # no vector meets every SLO: the grant misses them by the least common factor
             stretched += 1
-            worst = lambda v: max(t / d.tpot_slo_s for d, t in zip(demands, _tpot(demands, v, cost, Load()))  # noqa: E731
-                                  if d.tpot_slo_s is not None)
+            worst = lambda v: max(t / d.tpot_slo_s for d, t in  # noqa: E731
+                                  zip(demands, _tpot(demands, v, cost, Load(), padded)) if d.tpot_slo_s is not None)
             assert worst(budgets) == pytest.approx(min(worst(v) for v in vectors), rel=1e-6)
     assert stretched  # the fallback was exercised
 

@@ -247,3 +247,34 @@ def test_the_bench_reports_the_mean_granted_budget():
     assert _mean_budget(pd.DataFrame({"budget_per_round": [[0, 2], [4]]})) == 2.0
     assert math.isnan(_mean_budget(pd.DataFrame({"budget_per_round": [[], []]})))  # a verifier that grants none
     assert _gamma("auto") == "auto"
+
+
+class RecordingBudgeter(DraftBudgeter):
+    """Records what the engine feeds the cost fit."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.steps: list[tuple[int, int, int]] = []  # (sessions, tokens, prefill tokens)
+
+    def on_step(self, compute_s, sessions, tokens, prefill_tokens=0):
+        self.steps.append((sessions, tokens, prefill_tokens))
+        super().on_step(compute_s, sessions, tokens, prefill_tokens)
+
+
+@pytest.mark.parametrize("pads", [True, False])
+async def test_the_cost_fit_sees_the_tokens_the_backend_computes(pads):
+    """A padding backend (transformers) computes a step of a 5-token block and three 1-token rows as 4 x 5
+    tokens: the fit and the grant are told so; a packing backend's (llama.cpp) cost is the sum."""
+    from verifier_worker.backends import TransformersBackend
+    from verifier_worker.engine import Engine
+
+    backend = TransformersBackend(FakeLM(32))
+    backend.pads_rows = pads
+    budgeter = RecordingBudgeter(max_gamma=8)
+    engine = Engine(backend, max_batch_tokens=64, budgeter=budgeter)
+    assert budgeter.padded is pads
+    sessions = [engine.open([1, 2, 3], SamplingParams(max_new_tokens=8)) for _ in range(4)]
+    await asyncio.gather(*(engine.prefill(s) for s in sessions))
+    budgeter.steps.clear()
+    await asyncio.gather(*(engine.verify(s, d, None) for s, d in zip(sessions, [[5, 6, 7, 8], [], [], []])))
+    assert budgeter.steps == [(4, 4 * 5 if pads else 5 + 3, 0)]

@@ -52,6 +52,7 @@ class Backend(Protocol):
     vocab_size: int  # width of the logits
     kv_capacity_tokens: int | None  # tokens all sessions' KV may hold at once; None: unbounded
     supports_trees: bool  # whether forward honours `Row.parents` (token trees, issue 21)
+    pads_rows: bool  # whether a forward's short rows cost rows x longest (pad-and-stack), not the sum of their tokens
 
     def new_kv(self) -> KVHandle: ...
 
@@ -63,6 +64,7 @@ class TransformersBackend:
 
     kv_capacity_tokens = None  # the KV grows with the sessions (torch tensors)
     supports_trees = True  # kv.py's per-row tree masks
+    pads_rows = True  # pad-and-stack: one session's 5-token block makes every 1-token row of the step cost 5
 
     def __init__(self, model: torch.nn.Module):
         layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []

@@ -4,8 +4,9 @@ budget for its next block.
 The engine (or whoever applies a step's outcomes) calls, all on the event loop:
 - `open(key, max_gamma=..., tpot_slo_s=...)` when a session opens (`max_gamma=0` for `Generate`, which
   decodes one token a step: it adds to the step's cost and goodput, it is never granted drafts);
-- `on_step(compute_s, sessions, tokens, prefill_tokens)` after every step (tokens: all of the step's,
-  prefill_tokens: its prompt chunks'); it fits the step-cost curve;
+- `on_step(compute_s, sessions, tokens, prefill_tokens)` after every step (tokens: all of the step's as the
+  backend computed them, i.e. rows x longest row for a padding backend; prefill_tokens: its prompt chunks');
+  it fits the step-cost curve;
 - `on_verdict(key, proposed, accepted)` for every verified block (a plain decoding step: proposed = 0);
 - `budget_for(key, queued_sessions, queued_tokens, prefilling)` when answering a session: the most draft
   tokens its next block may carry. queued_* = the prefill work waiting for the next step (sessions still
@@ -63,9 +64,11 @@ class DraftBudgeter:
     """Per verifier: the step-cost fit, every session's acceptance, and the grant of the current step."""
 
     def __init__(self, max_gamma: int = 16, *, tpot_slo_s: float | None = None, cost: StepCostModel | None = None,
-                 metrics: BudgetMetrics | None = None, forget: float = 0.95, prior_alpha: float = 0.5):
+                 metrics: BudgetMetrics | None = None, forget: float = 0.95, prior_alpha: float = 0.5,
+                 padded: bool = False):
         """max_gamma: the server's limit; tpot_slo_s: the default per-session latency target (None: none);
-        forget: per-verdict decay of each session's acceptance counts."""
+        forget: per-verdict decay of each session's acceptance counts; padded: the backend computes every row
+        of a step at the longest row's length (the engine sets it from its backend's `pads_rows`)."""
         if max_gamma < 0:
             raise ValueError(f"max_gamma must be >= 0, got {max_gamma}")
         self.max_gamma = max_gamma
@@ -73,6 +76,7 @@ class DraftBudgeter:
         self.cost = cost or StepCostModel()
         self.metrics = metrics
         self.forget = forget
+        self.padded = padded
         # every verdict of every session, with a long memory: the prior of a new session's acceptance
         self.population = AcceptanceTracker(max_gamma=max(max_gamma, 1), prior_alpha=prior_alpha, forget=0.999)
         self._sessions: dict[Hashable, _Session] = {}
@@ -136,4 +140,4 @@ class DraftBudgeter:
         def step_seconds(tokens: int, sessions: int) -> float:  # grant_budgets counts the load's tokens in `tokens`
             return self.cost.cost(tokens - load.tokens, sessions, load.tokens)
 
-        return grant_budgets(demands, step_seconds, load)
+        return grant_budgets(demands, step_seconds, load, padded=self.padded)

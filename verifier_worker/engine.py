@@ -32,8 +32,8 @@ offers drafts, commits (`_finish`), truncates and frees KV, but never a session'
 uses it runs: steps run one at a time and `_finish` runs after the step, and `close` frees a session in
 the running batch only when that step is over, so a client that cancels mid-step disturbs nobody else.
 
-Draft budget (issue 18): with a `DraftBudgeter` (budgeting.py), the event loop feeds it every step's cost and
-every block's outcome, and after applying a step's outcomes grants each answered session the most draft tokens
+Draft budget (issue 18): with a `DraftBudgeter` (budgeting.py), the event loop feeds it every step's cost (its
+tokens as the backend computed them: rows x longest row when it pads, `pads_rows`) and every block's outcome, and after applying a step's outcomes grants each answered session the most draft tokens
 its next block may carry (`session.budget`, one grant for the whole step, made before any of them is
 resolved; the servicer sends it in the reply). `_take_drafts` verifies no more: a lock-step proposal's extra
 drafts are dropped and counted (`budgeter.dropped`), an async session's stay in `ahead` for a later step.
@@ -109,6 +109,9 @@ class Engine:
         self.backend = as_backend(model)  # issue 20: the one seam between the engine and the model
         self.on_step = on_step
         self.budgeter = budgeter
+        self.pads_rows = getattr(self.backend, "pads_rows", False)
+        if budgeter is not None:  # the grant prices what this backend computes
+            budgeter.padded = self.pads_rows
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait_s = batch_wait_s
         self.device = self.backend.device
@@ -229,8 +232,11 @@ class Engine:
             if self.on_step is not None:
                 self.on_step(compute_s, len(batch), sum(n for _, n in batch))
             if self.budgeter is not None:
-                self.budgeter.on_step(compute_s, len(batch), sum(n for _, n in batch),
-                                      sum(n for work, n in batch if work.is_prefill))
+                prefill = sum(n for work, n in batch if work.is_prefill)
+                rows = [n for work, n in batch if not work.is_prefill]  # verify and decode rows' tokens
+                # a padding backend computes every row at the longest row's length: fit what it computes
+                computed = len(rows) * max(rows, default=0) if self.pads_rows else sum(rows)
+                self.budgeter.on_step(compute_s, len(batch), computed + prefill, prefill)
             self._finish(batch, outcomes, compute_s)
 
     async def _gather(self) -> bool:

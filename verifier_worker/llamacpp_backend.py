@@ -96,6 +96,7 @@ class LlamaCppBackend:
 
     device = torch.device("cpu")  # logits come back in host memory; verification runs there
     supports_trees = False  # one sequence per session: no tree attention mask (the server refuses trees)
+    pads_rows = False  # llama.cpp packs every sequence's tokens into one batch, no padding
 
     def __init__(self, source: str, config: LlamaCppConfig = LlamaCppConfig()):
         lc = import_llama_cpp()
