@@ -249,7 +249,7 @@ def test_the_bench_reports_the_mean_granted_budget():
     assert _gamma("auto") == "auto"
 
 
-class RecordingBudgeter(DraftBudgeter):
+class StepRecordingBudgeter(DraftBudgeter):
     """Records what the engine feeds the cost fit."""
 
     def __init__(self, **kwargs):
@@ -270,7 +270,7 @@ async def test_the_cost_fit_sees_the_tokens_the_backend_computes(pads):
 
     backend = TransformersBackend(FakeLM(32))
     backend.pads_rows = pads
-    budgeter = RecordingBudgeter(max_gamma=8)
+    budgeter = StepRecordingBudgeter(max_gamma=8)
     engine = Engine(backend, max_batch_tokens=64, budgeter=budgeter)
     assert budgeter.padded is pads
     sessions = [engine.open([1, 2, 3], SamplingParams(max_new_tokens=8)) for _ in range(4)]
