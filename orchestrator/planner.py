@@ -31,9 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator import serving
+from specdec.config import VerifierLimits
 
 StepCostFn = Callable[[int, int], float]  # (tokens in the step, sessions in it) -> seconds
-BATCH_WAIT_S = 0.025  # verifier_worker/engine.py's default batch_wait_s (serve-verifier --batch-wait-ms)
+BATCH_WAIT_S = VerifierLimits().batch_wait_s  # the engine's default (serve-verifier --batch-wait-ms)
 
 
 @dataclass(frozen=True)

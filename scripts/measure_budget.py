@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--lm-gammas", type=int, nargs="+", default=[2, 3], help="fixed gammas of the LM drafter")
     p.add_argument("--pin", action="store_true", help="verifier on core 0, drafting on core 1 (one torch thread)")
     p.add_argument("--skip-fixed", action="store_true", help="only the budgeted verifier")
+    p.add_argument("--verifier-args", default="", help="more `serve-verifier` flags, e.g. '--batch-wait-ms 150'")
     args = p.parse_args()
     tokenizer = models.load_tokenizer(args.verifier)
     prompts = [x.ids for x in encode_prompts(load_items(args.pubmedqa)[: args.prompts], tokenizer, args.max_prompt_tokens)]
@@ -123,7 +124,8 @@ def main() -> None:
         torch.set_num_threads(1)
     for label, extra, arms in runs:
         verifier = start_verifier(args.verifier, args.dtype, "cpu", cpus=[0] if args.pin else None,
-                                  extra_args=(*extra, "--max-sessions-per-client", str(limits.max_sessions)))
+                                  extra_args=(*extra, "--max-sessions-per-client", str(limits.max_sessions),
+                                              *args.verifier_args.split()))
         try:
             asyncio.run(sweep(verifier.address, prompts, args, arms, label))
         finally:

@@ -170,13 +170,17 @@ class AcceptanceTracker:
     _accepted: list[float] = field(default_factory=list, init=False)  # [positions] blocks accepting j
     _reached: list[float] = field(default_factory=list, init=False)  # [positions] blocks that reached j
 
-    def update(self, proposed: int, accepted: int) -> None:
-        """One verdict: the first `accepted` of `proposed` draft tokens were accepted."""
+    def update(self, proposed: int, accepted: int, offered: int = 0) -> None:
+        """One verdict: the first `accepted` of `proposed` draft tokens were accepted. offered: the budget the
+        block could have used; a client that drafted fewer (an n-gram with no match, its own smaller gamma)
+        failed at position proposed + 1 as far as a grant is concerned: what a grant buys is what the client
+        then sends, so E(gamma) counts the budget it leaves unused."""
         if not 0 <= accepted <= proposed:
             raise ValueError(f"need 0 <= accepted <= proposed, got {accepted}, {proposed}")
         self._accepted = [n * self.forget for n in self._accepted]
         self._reached = [n * self.forget for n in self._reached]
-        reached = min(accepted + 1, proposed, self.max_gamma)  # the first rejected position was reached too
+        # the first rejected (or offered but not drafted) position was reached too
+        reached = min(accepted + 1, max(proposed, offered), self.max_gamma)
         grow = reached - len(self._reached)
         if grow > 0:
             self._accepted += [0.0] * grow

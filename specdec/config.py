@@ -91,7 +91,10 @@ class VerifierLimits:
     max_sessions_per_client: int = 32  # sessions open at once from one client address (half of max_sessions)
     idle_timeout_s: float = 120.0  # a session that receives nothing for this long is closed
     max_batch_tokens: int = 512  # token budget of one engine step: sessions x longest row, padding included
-    batch_wait_s: float = 0.025  # most a step waits for lock-step sessions of the last step (also <= 1/4 of a step)
+    # most a step waits for lock-step sessions of the last step (also <= 1/4 of a step, so a GPU's 20 ms steps wait
+    # <= 5 ms): a session that misses a step waits a whole one, so on a CPU's 0.5 s steps 25 ms cost 4-8% of 4-8
+    # n-gram sessions' rounds (issue 18's sweep: mean 3.7 of 4 sessions per step at 25 ms, 3.9 at 200 ms)
+    batch_wait_s: float = 0.1
     draft_budget: bool = True  # issue 18: grant every session a draft budget per step (verifier_worker/budgeting.py)
     tpot_slo_ms: float = 0.0  # issue 18: default per-session target of verifier ms per token for the budget (0: none)
 

@@ -344,3 +344,24 @@ def test_a_session_still_prefilling_is_priced_as_load_not_as_a_block():
     assert set(grant) == {"a"}  # b rides the step as its prompt chunk only
     assert budgeter.budget_for("a", 1, 64, prefilling={"b"}) == grant["a"]
     assert budgeter.budget_for("b", 1, 64, prefilling={"b"}) >= 0  # once answered, b asks for itself
+
+
+def test_budget_a_lock_step_client_leaves_unused_counts_as_buying_nothing():
+    """An n-gram client granted 4 that finds no match half the time: what a grant of 4 buys is 1 + 0.5 x its
+    drafts' worth, and the tracker says so; a session denied drafts (offered 0) only decays."""
+    matched, offered = AcceptanceTracker(max_gamma=4), AcceptanceTracker(max_gamma=4)
+    for i in range(200):
+        if i % 2:
+            matched.update(4, 4)
+            offered.update(4, 4, offered=4)
+        else:  # nothing proposed
+            matched.update(0, 0)
+            offered.update(0, 0, offered=4)
+    assert matched.expected_tokens(4) > 4.5  # blind to the empty rounds: every grant looks whole
+    assert offered.expected_tokens(4) == pytest.approx(3.0, abs=0.15)  # 1 + half of 4
+    denied = AcceptanceTracker(max_gamma=4)
+    for _ in range(50):
+        denied.update(4, 4)
+    before = denied.expected_tokens(4)
+    denied.update(0, 0, offered=0)
+    assert denied.expected_tokens(4) == pytest.approx(before, rel=0.05)

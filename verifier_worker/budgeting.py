@@ -7,7 +7,8 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
 - `on_step(compute_s, sessions, tokens, prefill_tokens)` after every step (tokens: all of the step's as the
   backend computed them, i.e. rows x longest row for a padding backend; prefill_tokens: its prompt chunks');
   it fits the step-cost curve;
-- `on_verdict(key, proposed, accepted)` for every verified block (a plain decoding step: proposed = 0);
+- `on_verdict(key, proposed, accepted, offered)` for every verified block (a plain decoding step: proposed =
+  0; offered: a lock-step block's budget, so budget its client left unused counts as buying nothing);
 - `budget_for(key, queued_sessions, queued_tokens, prefilling)` when answering a session: the most draft
   tokens its next block may carry. queued_* = the prefill work waiting for the next step (sessions still
   prefilling, and their chunk tokens), which commits nothing but shares the step; prefilling = the keys of
@@ -103,14 +104,16 @@ class DraftBudgeter:
             self.metrics.cost_fixed.set(a)
             self.metrics.cost_per_token.set(b)
 
-    def on_verdict(self, key: Hashable, proposed: int, accepted: int) -> None:
-        """A verified block of `proposed` draft tokens whose first `accepted` were accepted."""
+    def on_verdict(self, key: Hashable, proposed: int, accepted: int, offered: int = 0) -> None:
+        """A verified block of `proposed` draft tokens whose first `accepted` were accepted; `offered`: the
+        budget a lock-step block was granted (drafting fewer counts as a failure at the next position: the
+        grant bought nothing there; 0 for async steps, whose drafts may just be late)."""
         if key not in self._sessions:
             self.open(key)
         proposed = min(proposed, self.population.max_gamma)
         accepted = min(accepted, proposed)
-        self._sessions[key].tracker.update(proposed, accepted)
-        if proposed:  # a plain decoding step says nothing about acceptance
+        self._sessions[key].tracker.update(proposed, accepted, offered)
+        if proposed:  # a plain decoding step says nothing about the drafts' acceptance
             self.population.update(proposed, accepted)
 
     def budget_for(self, key: Hashable, queued_sessions: int = 0, queued_tokens: int = 0,

@@ -100,7 +100,7 @@ class Decoding:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module | Backend, max_batch_tokens: int = 512, batch_wait_s: float = 0.025,
+    def __init__(self, model: torch.nn.Module | Backend, max_batch_tokens: int = 512, batch_wait_s: float = 0.1,
                  on_step: Callable[[float, int, int], None] | None = None, budgeter: DraftBudgeter | None = None):
         """`model`: a transformers module or a backend (backends.py: the model side, forward and KV memory).
         `on_step(compute_s, sessions, tokens)` is called on the event loop after every step (metrics).
@@ -352,7 +352,8 @@ class Engine:
                     _resolve(work.future, exception=exc)
                     continue
                 if result is not None and self.budgeter is not None:
-                    self.budgeter.on_verdict(session, len(work.draft_ids), result.num_accepted)
+                    offered = (session.budget or 0) if work.proposed is not None else 0  # lock-step: its grant
+                    self.budgeter.on_verdict(session, len(work.draft_ids), result.num_accepted, offered)
                 if work.decoding and result.finish_reason is None:
                     work.next = self._submit(self._decode_work(session))
                 elif not work.decoding and (result is None or result.finish_reason is None):
