@@ -278,3 +278,22 @@ async def test_the_cost_fit_sees_the_tokens_the_backend_computes(pads):
     budgeter.steps.clear()
     await asyncio.gather(*(engine.verify(s, d, None) for s, d in zip(sessions, [[5, 6, 7, 8], [], [], []])))
     assert budgeter.steps == [(4, 4 * 5 if pads else 5 + 3, 0)]
+
+
+async def test_a_session_whose_drafts_miss_the_step_is_granted_fewer():
+    """Two lock-step sessions granted drafts; one sends its next block at once, the other only after the
+    engine's batch wait ran out: the engine tells the budgeter it was late, and its expected tokens fall."""
+    from verifier_worker.engine import Engine
+
+    budgeter = DraftBudgeter(max_gamma=4)
+    engine = Engine(FakeLM(32), max_batch_tokens=64, batch_wait_s=0.0, budgeter=budgeter)
+    prompt_tokens = [1, 2, 3]
+    on_time, slow = (engine.open(prompt_tokens, SamplingParams(max_new_tokens=16)) for _ in range(2))
+    await asyncio.gather(engine.prefill(on_time), engine.prefill(slow))
+    await asyncio.gather(engine.verify(on_time, [], None), engine.verify(slow, [], None))
+    assert on_time.budget > 0 and slow.budget > 0  # the prior's grant on a fresh fit
+    before = budgeter._sessions[slow].tracker.expected_tokens(4)
+    await engine.verify(on_time, [], None)  # a step starts without `slow` (no wait): it was late
+    assert budgeter._sessions[slow].tracker.expected_tokens(4) < before
+    assert budgeter._sessions[on_time].tracker.expected_tokens(4) <= before  # its own empty block: offered, unused
+    await engine.verify(slow, [], None)

@@ -14,6 +14,7 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
   prefilling, and their chunk tokens), which commits nothing but shares the step; prefilling = the keys of
   those sessions, which are priced as that load and not also as sessions sending a block;
 - `dropped(tokens)` for draft tokens a block carried beyond its budget (counted, never verified);
+- `late(key, offered)` when a step starts without a lock-step session that was granted drafts (it missed it);
 - `close(key)` when the session ends.
 
 The grant is made once per step, for every open session together (`specdec.budget.grant_budgets`): the
@@ -115,6 +116,15 @@ class DraftBudgeter:
         self._sessions[key].tracker.update(proposed, accepted, offered)
         if proposed:  # a plain decoding step says nothing about the drafts' acceptance
             self.population.update(proposed, accepted)
+
+    def late(self, key: Hashable, offered: int) -> None:
+        """A lock-step session granted `offered` draft tokens whose block missed the next step (the engine's
+        batch wait ran out while it drafted): the grant cost it a whole step, so it counts as a block that
+        bought nothing (a failure at position 1). A draft too slow for its share of the verifier (one CPU
+        core drafting for many LM sessions) is so granted less until it arrives in time; a plain decoding
+        round is never late and decays the count away again."""
+        if key in self._sessions and offered > 0:
+            self._sessions[key].tracker.update(0, 0, offered)
 
     def budget_for(self, key: Hashable, queued_sessions: int = 0, queued_tokens: int = 0,
                    prefilling: Collection[Hashable] = ()) -> int:

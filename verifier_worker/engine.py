@@ -23,7 +23,8 @@ verdict, so sessions that shared a step arrive a little apart. Starting a step w
 would split them into alternating steps of one session each, and batching would never happen. So once
 work is pending, the engine waits for the sessions that rode in the last step and have not yet sent their
 next block, at most min(batch_wait_s, a quarter of the last step's compute): a bounded tax on the others,
-none at all when everyone has arrived.
+none at all when everyone has arrived. A session granted drafts that still misses the step is told to the
+budgeter (`late`): its drafting cost it a step, and the grant learns to give it fewer.
 
 Threads (vLLM's `update_from_output`): one owner of session state, the event loop. The compute thread
 (`_step`) runs the forward, which appends each row's new keys to its session's KV, and the verification,
@@ -122,6 +123,7 @@ class Engine:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-compute")
         self._task: asyncio.Task | None = None
         self._expected: set[VerifierSession] = set()  # rode in the last step; their next block is on its way
+        self._drafting: set[VerifierSession] = set()  # of those, answered a verdict with a draft budget > 0
         self._arrived = asyncio.Event()  # set by every submission
         self._last_compute_s = 0.0
         self.steps = 0
@@ -157,6 +159,7 @@ class Engine:
         self._sessions.discard(session)
         self._kv_reserved.pop(session, None)  # its cells are cleared before the next step decodes (backend)
         self._expected.discard(session)
+        self._drafting.discard(session)
         if self.budgeter is not None:
             self.budgeter.close(session)
         for work in [w for w in self._queue if w.session is session]:
@@ -217,7 +220,10 @@ class Engine:
         """Run steps while there is work; a later submission starts a new run."""
         loop = asyncio.get_running_loop()
         while (await self._gather()) and (batch := self._take_batch()):
-            self._expected = set()  # refilled by _finish with the sessions that answer from this step
+            if self.budgeter is not None:  # drafted past the wait: the grant cost the session a step
+                for session in self._drafting - {work.session for work, _ in batch}:
+                    self.budgeter.late(session, session.budget or 0)
+            self._expected, self._drafting = set(), set()  # refilled by _finish from this step's answers
             self._running = batch
             started = time.perf_counter()
             try:
@@ -358,6 +364,8 @@ class Engine:
                     work.next = self._submit(self._decode_work(session))
                 elif not work.decoding and (result is None or result.finish_reason is None):
                     self._expected.add(session)  # a Speculate session: its next block follows this answer
+                    if result is not None and session.budget:
+                        self._drafting.add(session)  # and is drafting it within its budget
                 answered.append((work, result))
         self._grant([work.session for work, _ in answered])
         for work, result in answered:
