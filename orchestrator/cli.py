@@ -35,9 +35,10 @@ def _add_drafting(p, baseline: bool) -> None:
     if baseline:
         mode.add_argument("--baseline", action="store_true", help="verifier-only generation")
     p.add_argument("--tokenizer", help="tokenizer source for --drafter ngram/--baseline (default: the verifier's model id)")
-    p.add_argument("--gamma", type=_gamma, default=4, help="draft tokens per block, 'adaptive' (HF's +2/-1), "
-                   "'rtt' (chosen per round from the measured round trip and step times) or 'auto' (rtt's choice "
-                   "within the draft budget the verifier grants from its load; every gamma obeys that budget)")
+    p.add_argument("--gamma", type=_gamma, default="auto", help="'auto' (the default: rtt's choice within the "
+                   "draft budget the verifier grants from its load), draft tokens per block (an integer, for "
+                   "experiments), 'adaptive' (HF's +2/-1) or 'rtt' (chosen per round from the measured round trip "
+                   "and step times); every gamma obeys the verifier's budget")
     p.add_argument("--tpot-slo-ms", type=float, default=0.0, help="with --gamma auto: ask the verifier to keep this "
                    "request's verifier ms per token under this target when a smaller draft budget can (0: none)")
     p.add_argument("--mode", choices=SPEC_MODES, default=DEFAULT_MODE,
