@@ -35,15 +35,18 @@ Assumptions and limits:
   and positions are independent given the prefix (the standard speculative-decoding analysis). A decayed
   count follows a session whose text turns easy or hard; new sessions start from the server-wide rate.
 - Every budgeted session rides the next step (lock-step clients send right after their verdict; async
-  sessions decode every step). Sessions the batch cannot hold (`max_batch_tokens`) are not modelled.
-- T is affine in tokens and sessions, and the tokens are what the backend computes. A pad-and-stack forward
+  sessions decode every step). One whose drafting makes it miss the step is not modelled here; the
+  verifier feeds it back as a block that bought nothing (`DraftBudgeter.late`), and a grant a lock-step
+  client leaves unused as a failure at the next position, so E_i is what a grant buys, not what a full
+  block would. Sessions the batch cannot hold (`max_batch_tokens`) are not modelled.
+- T is affine in tokens and sessions (the measured CPU curve is not quite: a line through it misprices
+  small steps by ~6%, README), and the tokens are what the backend computes. A pad-and-stack forward
   (the transformers backend) computes every row at the longest row's length, so there one session's
   5-token block makes each 1-token row of the step cost 5: the engine fits T on rows x longest row, and
   `grant_budgets(padded=True)` prices a grant as n x (1 + max gamma). Then for each ceiling g every session
-  drafts min(g, cap_i) (fewer would cost the same), and the best g wins, again scanned whole. On a CPU,
-  where T is steep in tokens, this is what keeps drafts from losing at load: priced as the sum, one good
-  session's drafts looked cheap while the step paid them 16 times over (measured: 0.92-0.95x `Generate` at
-  4-16 sessions). A backend that packs tokens without padding (llama.cpp) is priced by the sum.
+  drafts min(g, cap_i) (fewer would cost the same), and the best g wins, again scanned whole. Priced as the
+  sum, one good session's drafts looked cheap on a CPU while the step paid them once per row. A backend
+  that packs tokens without padding (llama.cpp) is priced by the sum.
 - Goodput counts verifier time only: a slow draft is the client's to notice (`budgeted_gamma`: the
   smaller of the budget and the client's own best gamma, so a draft too slow for its verifier falls to 0).
 - Cost: O(K n) numpy work for K = sum of caps (a few ms at 64 sessions x 16); with SLOs O(K n log K).

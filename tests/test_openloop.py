@@ -69,7 +69,7 @@ def test_capacity_configs_load():
     fine = bench_config.expand(bench_config.load(configs / "capacity-tiny-fine.yaml"))
     assert len(fine) == 6 * 3 * 2 and max(s.rate for s in fine) == 45
     real = bench_config.load(configs / "capacity.yaml")
-    assert real.slo.tpot_ms and [s.name for s in bench_config.expand(real)][:2] == ["baseline @0.15/s", "ngram g=4 @0.15/s"]
+    assert real.slo.tpot_ms and [s.name for s in bench_config.expand(real)][:2] == ["baseline @0.05/s", "ngram-auto g=auto @0.05/s"]
 
 
 def test_resume_reruns_a_rate_that_stopped_half_way_even_if_every_prompt_succeeded():
