@@ -191,7 +191,7 @@ def client_config(args, timeout_s: float = 600.0):
 
     from draft_worker.router import parse_addresses
     from draft_worker.transport import load_client_config
-    from specdec.tls import is_loopback
+    from specdec.tls import all_loopback
 
     with user_errors("cannot read the TLS/token files", OSError, ValueError):
         config = load_client_config(timeout_s=timeout_s, auth_token_file=args.auth_token_file, tls=args.tls,
@@ -199,8 +199,7 @@ def client_config(args, timeout_s: float = 600.0):
                                     tls_server_name=args.tls_server_name, reconnect_s=args.reconnect_timeout)
     with user_errors("--verifier", ValueError):
         addresses = parse_addresses(args.verifier)
-    local = bool(addresses) and all(is_loopback(a.rpartition(":")[0]) for a in addresses)
-    return dataclasses.replace(config, shared_cores=local)
+    return dataclasses.replace(config, shared_cores=all_loopback(addresses))
 
 
 def _drafter_spec(args):

@@ -35,7 +35,6 @@ def pin_cores(config: BenchConfig) -> tuple[list[int] | None, list[int] | None]:
 def shares_cores(config: BenchConfig, verifier_cpus: list[int] | None, addresses: list[str]) -> bool:
     """The draft workers compute on the verifiers' cores: a local run without pinning (ClientConfig.shared_cores:
     the draft's prefill then waits for the verifier's)."""
-    from specdec.tls import is_loopback
+    from specdec.tls import all_loopback
 
-    return (verifier_cpus is None and config.ray.address is None
-            and all(is_loopback(a.rpartition(":")[0]) for a in addresses))
+    return verifier_cpus is None and config.ray.address is None and all_loopback(addresses)

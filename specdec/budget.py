@@ -123,7 +123,7 @@ class StepCostModel:
         """Seconds one more batch token adds to a step of `tokens` tokens (constant in this affine model)."""
         return self.cost(tokens + 1, sessions) - self.cost(tokens, sessions)
 
-    def _fit(self) -> tuple[float, float, float]:
+    def _fit(self) -> tuple[float, ...]:
         """Ridge solution; the slopes (features 1..) are dropped, i.e. fixed at 0, while negative."""
         free = list(range(self.FEATURES))
         while True:

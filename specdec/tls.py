@@ -49,6 +49,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def all_loopback(addresses: list[str]) -> bool:
+    """Every HOST:PORT address is on this machine (and there is at least one)."""
+    return bool(addresses) and all(is_loopback(address.rpartition(":")[0]) for address in addresses)
+
+
 def _write(path: pathlib.Path, data: bytes, private: bool = False) -> None:
     """Private files are created mode 600 (never readable by others, not even briefly)."""
     path.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from orchestrator.launch import start_verifier as launch_verifier
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec.config import SamplingParams, VerifierLimits
-from specdec.tls import is_loopback, make_certs, read_token
+from specdec.tls import all_loopback, is_loopback, make_certs, read_token
 from tests.stubs import CLI, ENV, fake_pair
 from verifier_worker.auth import server_credentials
 from verifier_worker.listen import start_server
@@ -161,6 +161,8 @@ def test_tokens_certs_and_loopback(certs, tmp_path, monkeypatch):
         read_token(tmp_path / "short")
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("gpu-box.example.com")
+    assert all_loopback(["127.0.0.1:50051", "[::1]:7", "localhost:8"])
+    assert not all_loopback(["127.0.0.1:50051", "10.0.0.5:50051"]) and not all_loopback([])
     with pytest.raises(ValueError, match="go together"):
         load_client_config(client_cert=str(certs["client"]))
     assert "s3cret" not in repr(dataclasses.replace(ClientConfig(), auth_token=TOKEN))

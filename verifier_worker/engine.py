@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.config import MAX_GAMMA, SamplingParams
+from specdec.config import MAX_GAMMA, SamplingParams, VerifierLimits
 from specdec.sampling import verify_batch
 from verifier_worker.backends import Backend, NoRoom, as_backend
 from verifier_worker.accounting import EngineStats, StepCost
@@ -101,7 +101,8 @@ class Decoding:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module | Backend, max_batch_tokens: int = 512, batch_wait_s: float = 0.1,
+    def __init__(self, model: torch.nn.Module | Backend, max_batch_tokens: int = 512,
+                 batch_wait_s: float = VerifierLimits.batch_wait_s,
                  on_step: Callable[[float, int, int], None] | None = None, budgeter: DraftBudgeter | None = None):
         """`model`: a transformers module or a backend (backends.py: the model side, forward and KV memory).
         `on_step(compute_s, sessions, tokens)` is called on the event loop after every step (metrics).
