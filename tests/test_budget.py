@@ -343,6 +343,7 @@ def test_a_session_still_prefilling_is_priced_as_load_not_as_a_block():
     grant = budgeter.grants(Load(tokens=64, sessions=1), exclude={"b"})
     assert set(grant) == {"a"}  # b rides the step as its prompt chunk only
     assert budgeter.budget_for("a", 1, 64, prefilling={"b"}) == grant["a"]
+    assert set(budgeter._grants) == {"a"}  # the step's grant left b out
     assert budgeter.budget_for("b", 1, 64, prefilling={"b"}) >= 0  # once answered, b asks for itself
 
 

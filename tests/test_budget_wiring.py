@@ -28,6 +28,7 @@ from draft_worker.transport import fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
+from specdec.budget import StepCostModel
 from specdec.config import SPEC_MODES, SamplingParams, VerifierLimits
 from specdec.sampling import logits_to_probs
 from tests.stubs import FakeLM, chi_square_p_value, fake_pair, stream_inbox
@@ -285,7 +286,8 @@ async def test_a_session_whose_drafts_miss_the_step_is_granted_fewer():
     engine's batch wait ran out: the engine tells the budgeter it was late, and its expected tokens fall."""
     from verifier_worker.engine import Engine
 
-    budgeter = DraftBudgeter(max_gamma=4)
+    # a flat step cost (slopes pinned by the prior), so the grant depends on acceptance alone, not on timings
+    budgeter = DraftBudgeter(max_gamma=4, cost=StepCostModel(prior_steps=1e9))
     engine = Engine(FakeLM(32), max_batch_tokens=64, batch_wait_s=0.0, budgeter=budgeter)
     prompt_tokens = [1, 2, 3]
     on_time, slow = (engine.open(prompt_tokens, SamplingParams(max_new_tokens=16)) for _ in range(2))
