@@ -25,7 +25,10 @@ next block may hold (`draft_budget`; unset from an older verifier). Whatever the
 carries at most min(budget, the schedule's gamma) draft tokens (`gamma`), and a draft that finishes after the
 budget fell is cut to it before it is sent; with `--gamma auto` (draft_worker/gamma.py: AutoGamma) the
 schedule's gamma is the client's own best one, so the block is `specdec.budget.budgeted_gamma`. Budget 0:
-lock-step sends empty proposals (one decoded token a round); async sends nothing and the verifier decodes.
+async sends nothing and the verifier decodes; lock-step asks the verifier to decode on its own too
+(OpenSession.server_decodes): after a verdict or commit granting 0 it is the verifier's turn (`server_turn`),
+it streams a Commit per step, and the client sends its next block after the first reply granting more. A
+verifier that does not say it honours it (an older one) gets empty proposals, one decoded token a round.
 
 Positions count generated tokens of this stream (the prompt it was opened with excluded). A claim is the
 tokens from position `base`: first ones assumed (already proposed, or a guessed bonus token: no q), then
@@ -146,6 +149,8 @@ class ClientSession:
         self.reading: asyncio.Future | None = None
         self.link = Link(0.0)
         self.budget: int | None = None  # the verifier's latest draft budget; None: it grants none
+        self.server_decodes = False  # lock-step: the verifier decodes on its own at budget 0 (said in `opened`)
+        self.server_turn = False  # it is doing so now: the client reads its commits and sends nothing
         self.draft_s_per_token = 0.0  # of the last job after the opening's (async's schedule updates)
         self.opening_job: _Job | None = None
         self.finished = False
@@ -182,7 +187,8 @@ class ClientSession:
 
     def _needs_block_from_commit(self) -> bool:
         """Lockstep/ahead: no block in flight can still be verified, so the session waits for a new one."""
-        return not self.mode.streams_commits and not any(self._live(block) for block in self.in_flight)
+        return (not self.mode.streams_commits and not self.server_turn
+                and not any(self._live(block) for block in self.in_flight))
 
     def _may_draft_on_guess(self) -> bool:
         """Ahead: the one block in flight is live and there is room for a guessed bonus token and a draft."""
@@ -224,7 +230,7 @@ class ClientSession:
                 self.result.unsent += 1
 
     def _start_reading(self) -> None:
-        if self.reading is None and (self.mode.streams_commits or self.in_flight):
+        if self.reading is None and (self.mode.streams_commits or self.in_flight or self.server_turn):
             self.reading = asyncio.ensure_future(self.stream.read())
 
     def _draft(self, n: int, guess: list[int], assumes_first: bool = False) -> None:
@@ -248,10 +254,12 @@ class ClientSession:
             await self._draft_finished(job, *job.task.result())
         if self.reading is not None and self.reading in done:
             reply, self.reading = self.reading.result(), None
-            if self.mode.streams_commits:
+            if self.mode.streams_commits or self.server_turn:
                 self._commit_arrived(reply)
             else:
                 self._verdict_arrived(reply)
+            stale = reply.WhichOneof("kind") == "verdict" and reply.verdict.stale  # the verifier keeps waiting then
+            self.server_turn = self.server_decodes and not stale and not self.finished and self.budget == 0
 
     # --- events ---------------------------------------------------------------------------------------------
 
@@ -265,7 +273,8 @@ class ClientSession:
         # the most draft tokens a block or chunk of this session carries: the verifier's budget never exceeds it
         await self.stream.open(open_request(self.drafter.name, self.prompt_ids, self.params, self.fingerprint,
                                             self.mode.wire, self.schedule.max_gamma,
-                                            getattr(self.schedule, "tpot_slo_ms", 0.0)))
+                                            getattr(self.schedule, "tpot_slo_ms", 0.0),
+                                            server_decodes=self.mode.max_in_flight == 1))
         sent_at = time.perf_counter()
         if self.stream.shared_cores:
             self._opened(await self.stream.read(), sent_at)
@@ -278,6 +287,7 @@ class ClientSession:
     def _opened(self, reply: pb.SpeculateReply, sent_at: float) -> None:
         record_opened(self.result, reply)
         self._budget_arrived(reply.opened)
+        self.server_decodes = self.mode.max_in_flight == 1 and reply.opened.server_decodes
         self.link = Link(max(0.0, time.perf_counter() - sent_at - reply.opened.service_s))
 
     def _claim_holds(self, base: int, claim: list[int], guessed: int) -> bool:
@@ -351,9 +361,14 @@ class ClientSession:
         self.link.on_commit(len(new), commit.service_s)
         self.result.stale = commit.stale
         self._record_round(commit.verified, commit.num_accepted, commit.service_s, commit.cost)
-        # the verifier never waits on the link in async mode: the round trip is not part of a step's cost
+        # the verifier never waits on the link in async mode: the round trip is not part of a step's cost (lock-step's
+        # own decoding steps leave its round-trip estimate as it is)
+        rtt_s = 0.0 if self.mode.streams_commits else getattr(self.schedule, "rtt_s", None) or 0.0
         self.schedule.update(commit.verified, commit.num_accepted, draft_s=commit.verified * self.draft_s_per_token,
-                             service_s=commit.service_s, rtt_s=0.0)
+                             service_s=commit.service_s, rtt_s=rtt_s)
+        if self.mode.drafter_tracks_commits and not self.tree_nodes:  # lock-step: the verifier decoded on its own
+            for token in new:
+                self.drafter.commit(0, token)
         self._committed(new, commit.finished, commit.finish_reason, commit.logprobs)
 
     def _budget_arrived(self, reply: pb.SessionOpened | pb.Verdict | pb.Commit) -> None:

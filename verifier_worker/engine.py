@@ -180,7 +180,13 @@ class Engine:
                      parents: list[int] | None = None) -> tuple[RoundResult, StepCost]:
         """Verify one block (gamma = len(draft_ids), 0 allowed) in the next step with room for it; with `parents`,
         draft_ids are a token tree's nodes (specdec/tree.py, validated by the caller)."""
-        return await self._submit(_Work(session, [], self._future(), [], proposed=(draft_ids, q, parents))).future
+        return await self.submit(session, draft_ids, q, parents)
+
+    def submit(self, session: VerifierSession, draft_ids: list[int], q: torch.Tensor | None,
+               parents: list[int] | None = None) -> asyncio.Future:
+        """`verify`, queued now (not when awaited): a lock-step session the server decodes on its own is queued
+        before its last reply is written, so the next step never waits for it."""
+        return self._submit(_Work(session, [], self._future(), [], proposed=(draft_ids, q, parents))).future
 
     def decode(self, session: VerifierSession) -> Decoding:
         """Decode (or verify the session's `ahead` drafts) in every step from now on until the session
@@ -365,10 +371,11 @@ class Engine:
                     work.next = self._submit(self._decode_work(session))
                 elif not work.decoding and (result is None or result.finish_reason is None):
                     self._expected.add(session)  # a Speculate session: its next block follows this answer
-                    if result is not None and session.budget:
-                        self._drafting.add(session)  # and is drafting it within its budget
                 answered.append((work, result))
         self._grant([work.session for work, _ in answered])
+        # of those, the ones that answer a verdict granting drafts: drafting their next block within it
+        self._drafting = {work.session for work, result in answered if result is not None and work.session.budget
+                          and work.session in self._expected}
         for work, result in answered:
             _resolve(work.future, (result, work.cost))
 

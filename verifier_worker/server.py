@@ -192,6 +192,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                                               opening.tpot_slo_ms)
             prompt_tokens = len(session.tokens)
             self.metrics.prompt_tokens.inc(prompt_tokens)
+            async_mode = opening.mode == pb.SPECULATION_MODE_ASYNC
+            server_decodes = opening.server_decodes and not async_mode and self.budgeter is not None
             cost = await self._run(context, self.engine.prefill(session))
             service_s = time.perf_counter() - arrived
             yield pb.SpeculateReply(
@@ -202,10 +204,11 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     cost=self._cost(cost, service_s),
                     prompt_logprobs=codec.logprobs_to_proto(session.prompt_logprobs.joined()),
                     draft_budget=session.budget,  # None (unset) without a budgeter
+                    server_decodes=server_decodes,
                 )
             )
-            async_mode = opening.mode == pb.SPECULATION_MODE_ASYNC
-            rounds = self._async(context, inbox, session) if async_mode else self._lockstep(context, inbox, session)
+            rounds = (self._async(context, inbox, session) if async_mode
+                      else self._lockstep(context, inbox, session, server_decodes))
             async with contextlib.aclosing(rounds):
                 async for reply in rounds:
                     yield reply
@@ -214,45 +217,87 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             if session is not None:
                 self._release(session)
 
-    async def _lockstep(self, context, inbox: asyncio.Queue, session: VerifierSession):
-        """One verdict per proposal: verify what lies past the commit, or answer `stale` without compute."""
+    async def _lockstep(self, context, inbox: asyncio.Queue, session: VerifierSession, server_decodes: bool = False):
+        """One verdict per proposal: verify what lies past the commit, or answer `stale` without compute.
+
+        server_decodes (the client asked, OpenSession.server_decodes): while the session's draft budget is 0, the
+        verifier decodes it on its own as it does Generate, one Commit per step, with no round trip between two
+        tokens; the turn goes back to the client with the first reply that grants a budget above 0. Each such
+        step is queued before the reply that hands the turn over is written, so it rides the very next step."""
+        pending: asyncio.Future | None = None  # the verifier's own next decoding step, when it is its turn
+        last = time.perf_counter()
         for round_index in range(1, 2 * self.limits.max_new_tokens + 1):  # stale answers take rounds too
-            request, arrived = await self._next(context, inbox)
-            if request is None:  # the client closed its side before the session finished
-                return
-            if request.WhichOneof("kind") != "proposal":
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
-            claim = await self._check_proposal(context, request.proposal, session.params,
-                                               trees=getattr(self.engine.backend, "supports_trees", False))
-            rest = session.remainder(claim)
-            if rest is None:  # its assumed prefix was not committed: the client knows, from the verdict before
-                self.metrics.stale.inc()
-                yield pb.SpeculateReply(verdict=pb.Verdict(stale=True, round=round_index, draft_budget=session.budget,
-                                                           service_s=time.perf_counter() - arrived))
-                continue
-            result, cost = await self._run(context, self.engine.verify(session, *rest))
-            service_s = time.perf_counter() - arrived
-            verdict = pb.Verdict(
-                num_accepted=result.num_accepted,
-                finished=result.finish_reason is not None,
-                finish_reason=codec.finish_to_proto(result.finish_reason),
-                service_s=service_s,
-                round=round_index,
-                cost=self._cost(cost, service_s),
-                logprobs=codec.logprobs_to_proto(result.logprobs),
-                draft_budget=session.budget,
-            )
+            if pending is not None:
+                if await self._client_left(context, inbox):
+                    return
+                result, cost = await self._run(context, pending)
+                now = time.perf_counter()
+                reply = pb.SpeculateReply(commit=self._commit(result, cost, now - last, session))
+            else:
+                request, arrived = await self._next(context, inbox)
+                if request is None:  # the client closed its side before the session finished
+                    return
+                if request.WhichOneof("kind") != "proposal":
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
+                claim = await self._check_proposal(context, request.proposal, session.params,
+                                                   trees=getattr(self.engine.backend, "supports_trees", False))
+                rest = session.remainder(claim)
+                if rest is None:  # its assumed prefix was not committed: the client knows, from the verdict before
+                    self.metrics.stale.inc()
+                    yield pb.SpeculateReply(verdict=pb.Verdict(stale=True, round=round_index, draft_budget=session.budget,
+                                                               service_s=time.perf_counter() - arrived))
+                    continue
+                result, cost = await self._run(context, self.engine.submit(session, *rest))
+                now = time.perf_counter()
+                reply = pb.SpeculateReply(verdict=self._verdict(result, cost, now - arrived, round_index, session.budget))
+            last = now
             self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
-            if result.next_token is not None:
-                verdict.next_token = result.next_token
-            if result.path is not None:
-                verdict.accepted_nodes.extend(result.path)
-            yield pb.SpeculateReply(verdict=verdict)
+            turn = server_decodes and result.finish_reason is None and session.budget == 0
+            pending = self.engine.submit(session, [], None) if turn else None  # queued before the reply is written
+            yield reply
             if result.finish_reason is not None:
                 await _until_half_closed(inbox)
                 return
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                             f"session sent {2 * self.limits.max_new_tokens} proposals without finishing; closed")
+
+    def _verdict(self, result, cost: StepCost, service_s: float, round_index: int, budget: int | None) -> pb.Verdict:
+        verdict = pb.Verdict(
+            num_accepted=result.num_accepted,
+            finished=result.finish_reason is not None,
+            finish_reason=codec.finish_to_proto(result.finish_reason),
+            service_s=service_s,
+            round=round_index,
+            cost=self._cost(cost, service_s),
+            logprobs=codec.logprobs_to_proto(result.logprobs),
+            draft_budget=budget,
+        )
+        if result.next_token is not None:
+            verdict.next_token = result.next_token
+        if result.path is not None:
+            verdict.accepted_nodes.extend(result.path)
+        return verdict
+
+    def _commit(self, result, cost: StepCost, service_s: float, session: VerifierSession) -> pb.Commit:
+        """What one step the verifier ran on its own committed (async; lock-step while it decodes alone)."""
+        return pb.Commit(base_len=result.base_len, token_ids=result.committed, verified=result.gamma,
+                         num_accepted=result.num_accepted, finished=result.finish_reason is not None,
+                         finish_reason=codec.finish_to_proto(result.finish_reason), service_s=service_s,
+                         cost=self._cost(cost, service_s), stale=session.stale,
+                         logprobs=codec.logprobs_to_proto(result.logprobs), draft_budget=session.budget)
+
+    async def _client_left(self, context, inbox: asyncio.Queue) -> bool:
+        """While the verifier decodes a lock-step session on its own: True when the client closed its side (the
+        session ends, its queued step is dropped); a proposal now is a protocol error (it is not its turn)."""
+        if inbox.empty():
+            return False
+        request, _ = inbox.get_nowait()
+        if request is None:
+            return True
+        request = await self._intact(context, request)
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            "a proposal while the verifier decodes this session on its own (its last reply granted a "
+                            "draft budget of 0, with server_decodes): send the next one after a reply grants a budget above 0")
 
     async def _async(self, context, inbox: asyncio.Queue, session: VerifierSession):
         """The engine decodes (or verifies the drafts that arrived) in every step and each step's commit is
@@ -280,12 +325,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     result, cost = stepped.result()
                     now = time.perf_counter()
                     self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
-                    yield pb.SpeculateReply(commit=pb.Commit(
-                        base_len=result.base_len, token_ids=result.committed, verified=result.gamma,
-                        num_accepted=result.num_accepted, finished=result.finish_reason is not None,
-                        finish_reason=codec.finish_to_proto(result.finish_reason), service_s=now - last,
-                        cost=self._cost(cost, now - last), stale=session.stale,
-                        logprobs=codec.logprobs_to_proto(result.logprobs), draft_budget=session.budget))
+                    yield pb.SpeculateReply(commit=self._commit(result, cost, now - last, session))
                     last = now
                     if result.finish_reason is not None:
                         received.cancel()

@@ -119,7 +119,7 @@ class TokenLogprobs(_message.Message):
     def __init__(self, logprobs: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("prompt_ids", "params", "tokenizer_fingerprint", "client_model_id", "mode", "max_block", "tpot_slo_ms")
+    __slots__ = ("prompt_ids", "params", "tokenizer_fingerprint", "client_model_id", "mode", "max_block", "tpot_slo_ms", "server_decodes")
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class OpenSession(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCK_FIELD_NUMBER: _ClassVar[int]
     TPOT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_DECODES_FIELD_NUMBER: _ClassVar[int]
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     params: SamplingParams
     tokenizer_fingerprint: str
@@ -134,7 +135,8 @@ class OpenSession(_message.Message):
     mode: SpeculationMode
     max_block: int
     tpot_slo_ms: float
-    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., tokenizer_fingerprint: _Optional[str] = ..., client_model_id: _Optional[str] = ..., mode: _Optional[_Union[SpeculationMode, str]] = ..., max_block: _Optional[int] = ..., tpot_slo_ms: _Optional[float] = ...) -> None: ...
+    server_decodes: bool
+    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., tokenizer_fingerprint: _Optional[str] = ..., client_model_id: _Optional[str] = ..., mode: _Optional[_Union[SpeculationMode, str]] = ..., max_block: _Optional[int] = ..., tpot_slo_ms: _Optional[float] = ..., server_decodes: _Optional[bool] = ...) -> None: ...
 
 class SparseRow(_message.Message):
     __slots__ = ("ids", "probs")
@@ -201,20 +203,22 @@ class StepCost(_message.Message):
     def __init__(self, compute_s: _Optional[float] = ..., queue_s: _Optional[float] = ..., batch_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., share_s: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "prompt_tokens", "service_s", "cost", "prompt_logprobs", "draft_budget")
+    __slots__ = ("session_id", "prompt_tokens", "service_s", "cost", "prompt_logprobs", "draft_budget", "server_decodes")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SERVICE_S_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SERVER_DECODES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_tokens: int
     service_s: float
     cost: StepCost
     prompt_logprobs: TokenLogprobs
     draft_budget: int
-    def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., service_s: _Optional[float] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., draft_budget: _Optional[int] = ...) -> None: ...
+    server_decodes: bool
+    def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., service_s: _Optional[float] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., draft_budget: _Optional[int] = ..., server_decodes: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("num_accepted", "next_token", "finished", "finish_reason", "service_s", "round", "cost", "stale", "logprobs", "draft_budget", "accepted_nodes")

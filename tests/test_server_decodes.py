@@ -1,0 +1,114 @@
+"""Issue 18: a lock-step session at draft budget 0 is decoded by the verifier on its own (OpenSession.server_decodes),
+one Commit per engine step and no round trip between two tokens, until a reply grants a budget again.
+
+- The CLI's client in lock-step under a budget of 0: greedy equals verifier-only, and it sends one proposal in
+  all (the first block, drafted before any budget was known); every other token arrives in a commit.
+- Under budgets that switch between 0 and 3 at random every step (the turn passes back and forth): greedy equals
+  verifier-only, and the client sends fewer proposals than it gets replies. The chi-square test of
+  test_budget_wiring.py runs lock-step under the same random budgets, so sampling is covered there.
+- Raw streams: the verifier says it honours the request; a proposal during its turn ends the stream with
+  FAILED_PRECONDITION; a client that half-closes during its turn ends the session (nothing left open).
+- A verifier that does not echo it (an older one) gets empty proposals: test_budget_wiring's stub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from draft_worker.client import generate_baseline, speculate
+from draft_worker.drafters import LMDrafter
+from draft_worker.gamma import AutoGamma
+from draft_worker.transport import fetch_info
+from protos.specdec.v1 import specdec_pb2 as pb
+from specdec import codec
+from specdec.config import SamplingParams, VerifierLimits
+from tests.stubs import FakeLM, fake_pair
+from tests.test_budget_wiring import FixedBudgeter, RandomBudgeter, _use
+
+LONG = VerifierLimits().max_new_tokens  # a session long enough never to finish while a test acts on it
+
+
+async def test_at_budget_zero_lockstep_sends_one_proposal_and_equals_verifier_only(start_verifier):
+    draft, target = fake_pair(vocab_size=32, noise=1.0)
+    verifier = await start_verifier(target, vocab_size=32, budget=True)
+    _use(verifier, FixedBudgeter(0, max_gamma=16))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=20)
+    baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
+    spec = await speculate(verifier.stub, LMDrafter(draft, "d"), [1, 2, 3], params, AutoGamma(), info, mode="lockstep")
+    assert spec.token_ids == baseline.token_ids
+    assert len(spec.gamma_per_round) == 1  # the first block; then the verifier decoded on its own
+    assert spec.rounds == 20 and spec.proposed == 0 and len(spec.rtt_s) == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+async def test_the_turn_passes_back_and_forth_and_greedy_stays_verifier_only(start_verifier, seed):
+    draft, target = fake_pair(vocab_size=32, noise=0.5)
+    verifier = await start_verifier(target, vocab_size=32, budget=True)
+    _use(verifier, RandomBudgeter(seed, max_gamma=16))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=40)
+    prompts = [[1, 2, 3], [7, 7, 7, 7], list(range(12))]
+    baselines = [await generate_baseline(verifier.stub, p, params) for p in prompts]
+    results = await asyncio.gather(*(speculate(verifier.stub, LMDrafter(draft, "d"), p, params, AutoGamma(2), info,
+                                               mode="lockstep") for p in prompts))
+    for spec, baseline in zip(results, baselines):
+        assert spec.token_ids == baseline.token_ids
+        assert 1 <= len(spec.gamma_per_round) < spec.rounds  # some tokens came without a proposal
+    assert sum(r.proposed for r in results) > 0  # and some blocks carried drafts
+
+
+async def _opened_in_the_verifiers_turn(verifier, max_new_tokens: int = LONG):
+    """A raw lock-step stream asking for server_decodes under a budget of 0, after its first (empty) block."""
+    call = verifier.stub.Speculate()
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    await call.write(pb.SpeculateRequest(open=pb.OpenSession(prompt_ids=[1, 2], params=codec.params_to_proto(params),
+                                                             server_decodes=True)))
+    opened = (await call.read()).opened
+    assert opened.server_decodes and opened.draft_budget == 0
+    await call.write(pb.SpeculateRequest(proposal=pb.Proposal(base_len=0)))
+    verdict = (await call.read()).verdict
+    assert verdict.draft_budget == 0 and not verdict.finished
+    commit = (await call.read()).commit  # the verifier's turn: it decodes without a proposal
+    assert commit.base_len == 1 and len(commit.token_ids) == 1 and commit.verified == 0
+    return call
+
+
+async def test_a_proposal_during_the_verifiers_turn_is_a_clear_error(start_verifier):
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
+    _use(verifier, FixedBudgeter(0, max_gamma=16))
+    call = await _opened_in_the_verifiers_turn(verifier)
+    await call.write(pb.SpeculateRequest(proposal=pb.Proposal(base_len=2)))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        for _ in range(LONG):
+            assert (await call.read()).WhichOneof("kind") == "commit"
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "budget of 0" in err.value.details()
+
+
+async def test_a_client_that_leaves_during_the_verifiers_turn_ends_its_session(start_verifier):
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
+    _use(verifier, FixedBudgeter(0, max_gamma=16))
+    call = await _opened_in_the_verifiers_turn(verifier)
+    await call.done_writing()
+    commits = 0
+    while (reply := await call.read()) is not grpc.aio.EOF:
+        assert not reply.commit.finished  # ended by the client, long before max_new_tokens
+        commits += 1
+    assert commits < LONG - 2
+    assert verifier.servicer.active_sessions == 0 and verifier.servicer.engine.stats().queued == 0  # its step dropped
+
+
+async def test_the_request_is_honoured_only_in_lockstep_with_a_budget(start_verifier):
+    """Async already decodes on its own; without a budgeter the budget is never 0."""
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, limits=VerifierLimits(draft_budget=False))
+    params = codec.params_to_proto(SamplingParams(max_new_tokens=4))
+    for mode in (pb.SPECULATION_MODE_LOCKSTEP, pb.SPECULATION_MODE_ASYNC):
+        call = verifier.stub.Speculate()
+        await call.write(pb.SpeculateRequest(open=pb.OpenSession(prompt_ids=[1, 2], params=params, mode=mode,
+                                                                 server_decodes=True)))
+        assert not (await call.read()).opened.server_decodes
+        call.cancel()
