@@ -15,7 +15,8 @@ import time
 import grpc
 
 from draft_worker.drafters import AdaptiveGamma, Drafter
-from draft_worker.loop import ClientSession, FixedGamma, OnCommit
+from draft_worker.gamma import FixedGamma
+from draft_worker.loop import ClientSession, OnCommit
 from draft_worker.recovery import with_recovery
 from draft_worker.stream import SpeculateStream, record_cost, record_prompt_logprobs, refusal
 from draft_worker.transport import ClientConfig

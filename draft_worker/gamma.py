@@ -19,7 +19,11 @@ now and then it drafts one position past the gamma it chose (gamma 1 from plain 
 answer whose first blocks are rejected may be accepted later). A probe re-measures a position it would
 otherwise never reach again (a few unlucky early rejections there would pin the estimate low for good) and
 gives the verifier's cost model another block size. Same interface as `draft_worker.drafters.AdaptiveGamma`:
-`gamma`, `max_gamma` (the client lowers it to the verifier's limit), `update(...)`.
+`gamma`, `max_gamma` (the client lowers it to the verifier's limit), `update(...)`. With `decode_alone` (lock-step
+against a verifier that decodes on its own while the client does not draft) gamma 0 pays no round trip.
+
+Also here: `FixedGamma` (a fixed block size behind the same interface) and `Link` (async: where the verifier
+will be when a claim sent now arrives).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class RttGamma:
     smoothing: float = 0.2  # EMA weight of the newest draft, service and round-trip sample
     draft_s: float | None = field(default=None, init=False)  # seconds per draft token; None before any draft
     rtt_s: float | None = field(default=None, init=False)  # network round trip, service excluded
+    decode_alone: bool = field(default=False, init=False)  # gamma 0: the verifier decodes on its own (no round trip)
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_gamma <= self.gamma <= self.max_gamma:
@@ -111,7 +116,7 @@ class RttGamma:
         if self.draft_s is None:  # no draft time measured yet (see the module docstring)
             return min(max(self.gamma, self.min_gamma), self.max_gamma)
         chosen = choose_gamma(self.accept_rates(), self.draft_s, self.verify_cost(), self.rtt_s or 0.0,
-                              self.max_gamma)
+                              self.max_gamma, self.decode_alone)
         chosen = min(max(chosen, self.min_gamma), self.max_gamma)
         if chosen == 0 < self._chosen:  # just fell to plain decoding: look again soon
             self._rounds_since_probe, self._probe_interval = 0, 1
@@ -122,6 +127,10 @@ class RttGamma:
             self._probe_interval = min(2 * self._probe_interval, self.probe_every)
             return chosen + 1
         return chosen
+
+    def rounds_to_probe(self) -> int:
+        """Updates until the schedule next probes a gamma above the one it chose (at least 1)."""
+        return max(1, self._probe_interval - self._rounds_since_probe + 1)
 
 
 @dataclass
@@ -134,3 +143,34 @@ class AutoGamma(RttGamma):
     the opening (OpenSession.tpot_slo_ms; 0: the verifier's default)."""
 
     tpot_slo_ms: float = 0.0
+
+
+@dataclass
+class FixedGamma:
+    """A fixed block size, behind the schedules' interface (`gamma`, `max_gamma`, `update`)."""
+
+    gamma: int
+    max_gamma: int
+
+    def update(self, *_, **__) -> None:
+        pass
+
+
+class Link:
+    """Where the verifier will be when a claim sent now arrives: the commits seen are half a round trip old,
+    and the claim takes another half, so it is about one round trip of commits past the last one seen.
+
+    rtt_s: the opening's round trip minus the verifier's prefill; s_per_token: an EMA of the verifier's time
+    between two commits (its own clock, so replies that arrive bunched do not skew it) per committed token.
+    A claim that ends before that point would only be checked and dropped.
+    """
+
+    def __init__(self, rtt_s: float):
+        self.rtt_s, self.s_per_token = rtt_s, None
+
+    def on_commit(self, tokens: int, service_s: float) -> None:
+        if tokens:
+            self.s_per_token = ema(self.s_per_token, service_s / tokens, 0.2)
+
+    def verifier_position(self, committed: int) -> float:
+        return committed if not self.s_per_token else committed + self.rtt_s / self.s_per_token

@@ -27,8 +27,11 @@ budget fell is cut to it before it is sent; with `--gamma auto` (draft_worker/ga
 schedule's gamma is the client's own best one, so the block is `specdec.budget.budgeted_gamma`. Budget 0:
 async sends nothing and the verifier decodes; lock-step asks the verifier to decode on its own too
 (OpenSession.server_decodes): after a verdict or commit granting 0 it is the verifier's turn (`server_turn`),
-it streams a Commit per step, and the client sends its next block after the first reply granting more. A
-verifier that does not say it honours it (an older one) gets empty proposals, one decoded token a round.
+it streams a Commit per step, and the client sends its next block after the first reply granting more. A client
+whose own best gamma is 0 (its schedule prices that at one verifier step, no round trip) hands the turn over
+itself: its empty block asks the verifier to decode `decode_alone` steps on its own, until its schedule next
+probes a gamma. A verifier that does not say it honours it (an older one) gets empty proposals, one decoded
+token a round.
 
 Positions count generated tokens of this stream (the prompt it was opened with excluded). A claim is the
 tokens from position `base`: first ones assumed (already proposed, or a guessed bonus token: no q), then
@@ -44,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from draft_worker.drafters import Candidates, Drafter
-from draft_worker.gamma import ema
+from draft_worker.gamma import Link
 from draft_worker.stream import CALL_ERRORS, SpeculateStream, open_request, proposal_request, record_cost, \
     record_opened, timed
 from draft_worker.transport import VerifierError
@@ -78,17 +81,6 @@ MODES = {"lockstep": Mode(pb.SPECULATION_MODE_LOCKSTEP, 1), "ahead": Mode(pb.SPE
 
 
 @dataclass
-class FixedGamma:
-    """A fixed block size, behind the schedules' interface (`gamma`, `max_gamma`, `update`)."""
-
-    gamma: int
-    max_gamma: int
-
-    def update(self, *_, **__) -> None:
-        pass
-
-
-@dataclass
 class _Job:
     """A drafting job: propose on prompt + committed[:base] + guess, at the schedule's `gamma`."""
 
@@ -108,26 +100,6 @@ class _Block:
     assumed: int
     sent_at: float
     draft_s: float
-
-
-class Link:
-    """Where the verifier will be when a claim sent now arrives: the commits seen are half a round trip old,
-    and the claim takes another half, so it is about one round trip of commits past the last one seen.
-
-    rtt_s: the opening's round trip minus the verifier's prefill; s_per_token: an EMA of the verifier's time
-    between two commits (its own clock, so replies that arrive bunched do not skew it) per committed token.
-    A claim that ends before that point would only be checked and dropped.
-    """
-
-    def __init__(self, rtt_s: float):
-        self.rtt_s, self.s_per_token = rtt_s, None
-
-    def on_commit(self, tokens: int, service_s: float) -> None:
-        if tokens:
-            self.s_per_token = ema(self.s_per_token, service_s / tokens, 0.2)
-
-    def verifier_position(self, committed: int) -> float:
-        return committed if not self.s_per_token else committed + self.rtt_s / self.s_per_token
 
 
 class ClientSession:
@@ -151,6 +123,7 @@ class ClientSession:
         self.budget: int | None = None  # the verifier's latest draft budget; None: it grants none
         self.server_decodes = False  # lock-step: the verifier decodes on its own at budget 0 (said in `opened`)
         self.server_turn = False  # it is doing so now: the client reads its commits and sends nothing
+        self.alone = 0  # steps the verifier still decodes on its own because the last block asked it (decode_alone)
         self.draft_s_per_token = 0.0  # of the last job after the opening's (async's schedule updates)
         self.opening_job: _Job | None = None
         self.finished = False
@@ -256,10 +229,12 @@ class ClientSession:
             reply, self.reading = self.reading.result(), None
             if self.mode.streams_commits or self.server_turn:
                 self._commit_arrived(reply)
+                self.alone = max(0, self.alone - 1)
             else:
                 self._verdict_arrived(reply)
             stale = reply.WhichOneof("kind") == "verdict" and reply.verdict.stale  # the verifier keeps waiting then
-            self.server_turn = self.server_decodes and not stale and not self.finished and self.budget == 0
+            self.server_turn = (self.server_decodes and not stale and not self.finished
+                                and (self.budget == 0 or self.alone > 0))  # the verifier's rule, on the same replies
 
     # --- events ---------------------------------------------------------------------------------------------
 
@@ -288,6 +263,8 @@ class ClientSession:
         record_opened(self.result, reply)
         self._budget_arrived(reply.opened)
         self.server_decodes = self.mode.max_in_flight == 1 and reply.opened.server_decodes
+        if self.server_decodes and hasattr(self.schedule, "decode_alone"):  # gamma 0 now costs no round trip
+            self.schedule.decode_alone = True
         self.link = Link(max(0.0, time.perf_counter() - sent_at - reply.opened.service_s))
 
     def _claim_holds(self, base: int, claim: list[int], guessed: int) -> bool:
@@ -319,14 +296,24 @@ class ClientSession:
         skip = max(done, assumed) - len(job.guess)  # the first draft token to send
         q = None if candidates.q is None else candidates.q[skip : len(drafted)]
         assert candidates.parents is None or skip == 0, "a tree is sent whole (lock-step)"
+        self.alone = self._decode_alone(job)
         request = proposal_request(drafted[skip:], q, self.params, candidates.dense_dtype, len(self.committed),
                                    claim[done:assumed],
-                                   None if candidates.parents is None else candidates.parents[: len(drafted)])
+                                   None if candidates.parents is None else candidates.parents[: len(drafted)],
+                                   self.alone)
         sent_at = time.perf_counter()
         await self.stream.send(request)  # a failed write: the verifier ended the stream, and reading tells why
         self.result.gamma_per_round.append(job.gamma)
         if not self.mode.streams_commits:
             self.in_flight.append(_Block(len(self.committed), claim[done:], max(0, assumed - done), sent_at, draft_s))
+
+    def _decode_alone(self, job: _Job) -> int:
+        """Steps the verifier should decode on its own after this block: when the client's own gamma is 0 under a
+        budget above 0, until its schedule next probes a gamma (a fixed gamma 0: the rest of the request)."""
+        if not self.server_decodes or job.gamma > 0 or self.budget == 0:  # budget 0: the verifier decodes anyway
+            return 0
+        rounds_to_probe = getattr(self.schedule, "rounds_to_probe", None)
+        return min(rounds_to_probe() if rounds_to_probe else self._left, self._left)
 
     def _verdict_arrived(self, reply: pb.SpeculateReply) -> None:
         _expect(reply, "verdict")

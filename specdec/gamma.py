@@ -5,7 +5,9 @@ verifier's service time for the block plus the network round trip. It commits th
 block and one more token (recovered on a rejection, bonus after a full accept). The best gamma maximises
 expected committed tokens per second of a round; a longer round trip makes every round dearer, so the
 best gamma grows with the delay (delay-adaptive speculation, arXiv 2606.20591). gamma = 0 is a plain
-decoding round: one token per verify + round trip. `draft_worker.gamma.RttGamma` estimates the inputs.
+decoding round: one token per verify + round trip, unless the verifier decodes on its own while the client
+does not draft (lock-step with server_decodes, `decode_alone`): then one token per verifier step, no round trip,
+and a block must beat that. `draft_worker.gamma.RttGamma` estimates the inputs.
 """
 
 from __future__ import annotations
@@ -48,19 +50,22 @@ def expected_tokens(accept: Sequence[float], gamma: int) -> float:
     return expected_tokens_table(accept, gamma)[gamma]
 
 
-def choose_gamma(accept: Sequence[float], draft_s: float, verify_s: VerifyCost, rtt_s: float, max_gamma: int) -> int:
+def choose_gamma(accept: Sequence[float], draft_s: float, verify_s: VerifyCost, rtt_s: float, max_gamma: int,
+                 decode_alone: bool = False) -> int:
     """The gamma in [0, max_gamma] maximising expected_tokens(gamma) / (gamma*draft_s + verify_s(gamma) + rtt_s).
 
     draft_s: seconds per draft token; verify_s: (fixed_s, per_token_s) of the verifier's service time;
     rtt_s: the network round trip, service excluded. accept: as in `expected_tokens`, at least max_gamma
-    positions. Ties go to the smaller gamma (less work for the same rate).
+    positions. decode_alone: gamma 0 means the verifier decodes on its own, so it pays no round trip. Ties go
+    to the smaller gamma (less work for the same rate).
     """
     if not 0 <= max_gamma <= len(accept):
         raise ValueError(f"max_gamma must be in [0, {len(accept)}] (the positions with an acceptance rate), "
                          f"got {max_gamma}")
     best_gamma, best_rate = 0, 0.0
     for gamma, expected in enumerate(expected_tokens_table(accept, max_gamma)):
-        seconds = max(gamma * draft_s + verify_seconds(verify_s, gamma) + rtt_s, 1e-12)  # [s] of one round
+        link_s = 0.0 if decode_alone and gamma == 0 else rtt_s
+        seconds = max(gamma * draft_s + verify_seconds(verify_s, gamma) + link_s, 1e-12)  # [s] of one round
         rate = expected / seconds  # committed tokens per second
         if rate > best_rate * (1 + 1e-12):
             best_gamma, best_rate = gamma, rate

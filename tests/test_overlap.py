@@ -21,7 +21,7 @@ import torch
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.delay import DelayProxy
 from draft_worker.drafters import Candidates, LMDrafter, NgramDrafter
-from draft_worker.loop import Link as _Link
+from draft_worker.gamma import Link as _Link
 from draft_worker.transport import fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc

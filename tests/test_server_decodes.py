@@ -8,6 +8,8 @@ one Commit per engine step and no round trip between two tokens, until a reply g
   test_budget_wiring.py runs lock-step under the same random budgets, so sampling is covered there.
 - Raw streams: the verifier says it honours the request; a proposal during its turn ends the stream with
   FAILED_PRECONDITION; a client that half-closes during its turn ends the session (nothing left open).
+- A client whose own gamma is 0 under a budget above 0 hands the turn over itself (Proposal.decode_alone): the
+  verifier decodes that many steps and then waits; the client's schedule prices gamma 0 without the round trip.
 - A verifier that does not echo it (an older one) gets empty proposals: test_budget_wiring's stub.
 """
 
@@ -20,11 +22,12 @@ import pytest
 
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import LMDrafter
-from draft_worker.gamma import AutoGamma
+from draft_worker.gamma import AutoGamma, RttGamma
 from draft_worker.transport import fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
 from specdec.config import SamplingParams, VerifierLimits
+from specdec.gamma import choose_gamma
 from tests.stubs import FakeLM, fake_pair
 from tests.test_budget_wiring import FixedBudgeter, RandomBudgeter, _use
 
@@ -112,3 +115,55 @@ async def test_the_request_is_honoured_only_in_lockstep_with_a_budget(start_veri
                                                                  server_decodes=True)))
         assert not (await call.read()).opened.server_decodes
         call.cancel()
+
+
+async def test_a_proposal_asking_decode_alone_gets_that_many_commits_then_the_turn_back(start_verifier):
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
+    _use(verifier, FixedBudgeter(2, max_gamma=16))
+    params = SamplingParams(max_new_tokens=20)
+    expected = (await generate_baseline(verifier.stub, [1, 2], params)).token_ids
+    call = verifier.stub.Speculate()
+    await call.write(pb.SpeculateRequest(open=pb.OpenSession(prompt_ids=[1, 2], params=codec.params_to_proto(params),
+                                                             server_decodes=True)))
+    assert (await call.read()).opened.server_decodes
+    await call.write(pb.SpeculateRequest(proposal=pb.Proposal(base_len=0, decode_alone=3)))
+    assert (await call.read()).verdict.next_token == expected[0]
+    commits = [(await call.read()).commit for _ in range(3)]
+    assert [c.token_ids[0] for c in commits] == expected[1:4] and commits[-1].draft_budget == 2
+    await call.write(pb.SpeculateRequest(proposal=pb.Proposal(base_len=4, draft_ids=expected[4:6])))  # its turn again
+    verdict = (await call.read()).verdict
+    assert verdict.num_accepted == 2 and verdict.next_token == expected[6]
+    call.cancel()
+
+
+async def test_a_client_that_never_drafts_hands_the_whole_request_over(start_verifier):
+    """Fixed gamma 0 under a budget of 2: one (empty) proposal asks the verifier to decode the rest alone."""
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
+    _use(verifier, FixedBudgeter(2, max_gamma=16))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=16)
+    baseline = await generate_baseline(verifier.stub, [4, 5], params)
+    spec = await speculate(verifier.stub, LMDrafter(FakeLM(32, seed=5), "d"), [4, 5], params, 0, info, mode="lockstep")
+    assert spec.token_ids == baseline.token_ids and len(spec.gamma_per_round) == 1 and spec.rounds == 16
+
+
+def test_decoding_alone_prices_gamma_zero_without_the_round_trip():
+    """A fast verifier (3 ms a step) 100 ms away, acceptance 0.8, a 0.5 ms draft token: a block beats a lock-step
+    decoding round trip (~4.3 tokens per ~0.11 s against 1 per 0.103 s), but not the verifier decoding alone (1
+    per 3 ms); with no link a block beats that too (1.8 tokens per 4 ms)."""
+    accept, verify_s = [0.8] * 16, (0.003, 0.0005)
+    assert choose_gamma(accept, 0.0005, verify_s, 0.100, 16) > 0
+    assert choose_gamma(accept, 0.0005, verify_s, 0.100, 16, decode_alone=True) == 0
+    assert choose_gamma(accept, 0.0005, verify_s, 0.0, 16, decode_alone=True) > 0
+
+
+def test_the_schedule_says_when_it_next_probes():
+    schedule = RttGamma(gamma=4, probe_every=8)
+    schedule.update(4, 0, draft_s=1.0, service_s=0.01, rtt_s=0.0)  # its first draft time is the prefill's: skipped
+    seen = []
+    for _ in range(40):
+        before = schedule.rounds_to_probe()
+        schedule.update(1, 0, draft_s=1.0, service_s=0.01, rtt_s=0.0)  # a draft far too slow: it chooses 0
+        seen.append((before, schedule.gamma))
+    assert sum(gamma > 0 for _, gamma in seen) >= 4 and max(before for before, _ in seen) > 1
+    assert all((before == 1) == (gamma > 0) for before, gamma in seen)  # each probe came when it said it would

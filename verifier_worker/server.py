@@ -220,11 +220,13 @@ class VerifierServicer(pb_grpc.VerifierServicer):
     async def _lockstep(self, context, inbox: asyncio.Queue, session: VerifierSession, server_decodes: bool = False):
         """One verdict per proposal: verify what lies past the commit, or answer `stale` without compute.
 
-        server_decodes (the client asked, OpenSession.server_decodes): while the session's draft budget is 0, the
-        verifier decodes it on its own as it does Generate, one Commit per step, with no round trip between two
-        tokens; the turn goes back to the client with the first reply that grants a budget above 0. Each such
-        step is queued before the reply that hands the turn over is written, so it rides the very next step."""
+        server_decodes (the client asked, OpenSession.server_decodes): while the session's draft budget is 0, and
+        for the `decode_alone` steps its last proposal asked, the verifier decodes it on its own as it does
+        Generate, one Commit per step, with no round trip between two tokens; the turn goes back to the client
+        with the first reply that grants a budget above 0 once decode_alone is spent. Each such step is queued
+        before the reply that hands the turn over is written, so it rides the very next step."""
         pending: asyncio.Future | None = None  # the verifier's own next decoding step, when it is its turn
+        alone = 0  # steps the client's last proposal asked the verifier to decode on its own, still to run
         last = time.perf_counter()
         for round_index in range(1, 2 * self.limits.max_new_tokens + 1):  # stale answers take rounds too
             if pending is not None:
@@ -233,6 +235,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 result, cost = await self._run(context, pending)
                 now = time.perf_counter()
                 reply = pb.SpeculateReply(commit=self._commit(result, cost, now - last, session))
+                alone = max(0, alone - 1)
             else:
                 request, arrived = await self._next(context, inbox)
                 if request is None:  # the client closed its side before the session finished
@@ -241,6 +244,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
                 claim = await self._check_proposal(context, request.proposal, session.params,
                                                    trees=getattr(self.engine.backend, "supports_trees", False))
+                alone = request.proposal.decode_alone
                 rest = session.remainder(claim)
                 if rest is None:  # its assumed prefix was not committed: the client knows, from the verdict before
                     self.metrics.stale.inc()
@@ -252,7 +256,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 reply = pb.SpeculateReply(verdict=self._verdict(result, cost, now - arrived, round_index, session.budget))
             last = now
             self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
-            turn = server_decodes and result.finish_reason is None and session.budget == 0
+            turn = server_decodes and result.finish_reason is None and (session.budget == 0 or alone > 0)
             pending = self.engine.submit(session, [], None) if turn else None  # queued before the reply is written
             yield reply
             if result.finish_reason is not None:
@@ -296,8 +300,9 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             return True
         request = await self._intact(context, request)
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                            "a proposal while the verifier decodes this session on its own (its last reply granted a "
-                            "draft budget of 0, with server_decodes): send the next one after a reply grants a budget above 0")
+                            "a proposal while the verifier decodes this session on its own (server_decodes: its last "
+                            "reply granted a draft budget of 0, or decode_alone steps remain): send the next one after a "
+                            "reply grants a budget above 0 with decode_alone spent")
 
     async def _async(self, context, inbox: asyncio.Queue, session: VerifierSession):
         """The engine decodes (or verifies the drafts that arrived) in every step and each step's commit is
