@@ -7,9 +7,10 @@ The model (SmartSpec's goodput, WISP's predicted verification time; vLLM RFC #45
   (`specdec.gamma.expected_tokens_table`; (1 - alpha^(gamma+1)) / (1 - alpha) for a constant alpha), where
   alpha_ij = P(position j accepted | positions before it accepted), from `AcceptanceTracker`.
 - The step costs T(N, S) compute seconds for N batch tokens over S sessions: N = sum_i (1 + gamma_i) plus
-  the tokens of other work in the step (prefill chunks, `Load`), S = the sessions. `StepCostModel` fits
-  T = a + b*N + c*S online from the engine's own steps, so it holds on any device: b is large on a CPU
-  (a block of gamma+1 tokens costs far more than one token) and ~0 on a GPU (memory-bound decoding).
+  the tokens of other work in the step (prefill chunks, `Load`), S = the sessions. T is measured online from
+  the engine's own steps (`specdec.stepcost`: the median step time per token count seen, an affine fit
+  beyond), so it holds on any device: steep on a CPU (a block of gamma+1 tokens costs far more than one
+  token) and nearly flat on a GPU (memory-bound decoding).
 - Goodput G = sum_i E_i(gamma_i) / T(N, S): committed tokens per second of verifier time. `grant_budgets`
   picks the gamma vector maximising G, each gamma_i in [0, cap_i], cap_i = min(max_gamma, the client's
   request). 0 is allowed: the session then decodes one token per step, like `Generate`.
@@ -39,8 +40,8 @@ Assumptions and limits:
   verifier feeds it back as a block that bought nothing (`DraftBudgeter.late`), and a grant a lock-step
   client leaves unused as a failure at the next position, so E_i is what a grant buys, not what a full
   block would. Sessions the batch cannot hold (`max_batch_tokens`) are not modelled.
-- T is affine in tokens and sessions (the measured CPU curve is not quite: a line through it misprices
-  small steps by ~6%, README), and the tokens are what the backend computes. A pad-and-stack forward
+- T depends on the step's tokens (as measured, `specdec.stepcost.StepCostTable`; the affine fit only where no
+  count has been seen), and the tokens are what the backend computes. A pad-and-stack forward
   (the transformers backend) computes every row at the longest row's length, so there one session's
   5-token block makes each 1-token row of the step cost 5: the engine fits T on rows x longest row, and
   `grant_budgets(padded=True)` prices a grant as n x (1 + max gamma). Then for each ceiling g every session
@@ -61,96 +62,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from specdec.gamma import VerifyCost, choose_gamma, expected_tokens_table
+from specdec.stepcost import StepCostModel, StepCostTable  # noqa: F401 - re-exported: the fits of T
 
 StepSeconds = Callable[[int, int], float]  # (batch tokens, batch sessions) -> compute seconds of one step
 MIN_STEP_S = 1e-9  # a fitted cost is never taken as free (goodput would be infinite)
-
-
-# ------------------------------------------------------------------------------------------ step cost
-class StepCostModel:
-    """Online fit of one engine step's compute seconds: t = a + b * tokens + c * sessions + d * prefill_tokens.
-
-    tokens: the step's verify and decode rows' tokens (what a budget adds to); prefill_tokens: its prompt
-    chunks', priced apart because they cost a different amount: a chunk is one long row, which a CPU runs as
-    one efficient matrix product, so on the real pair (1.5B, bf16, one core) a prefill token cost ~12 ms and a
-    verify block's ~28 ms. One slope over both read the prefills' and told the grant drafts cost half what
-    they do (at 4 sessions it granted ~3 tokens a block and ran 0.9x verifier-only).
-
-    Exponentially weighted least squares (each step's weight decays by `forget` per later step, so the fit
-    follows drift: thermal throttling, another tenant, a KV that grew) with a ridge prior on the slopes
-    toward (b0, c0, d0), worth `prior_steps` steps spread over `scales` tokens / sessions / prompt tokens (weak:
-    a strong pull toward a slope of 0 would make drafts look cheap and over-grant), which keeps the first
-    few steps, or steps that all had the same size, from swinging the slope (after one step, or steps of
-    one size: all fixed cost, as `RttGamma.verify_cost` assumes). The intercept's prior is nearly flat: the
-    first step sets the level. The prior does not decay: a direction the data never varies (one token count
-    for a long time) keeps the prior's slope instead of winding up. Slopes are never negative: a negative
-    one is fixed at 0 and the rest refitted.
-    """
-
-    FEATURES = 4  # intercept, tokens, sessions, prefill tokens
-
-    def __init__(self, prior: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0), prior_steps: float = 1.0,
-                 forget: float = 0.98, scales: tuple[float, float, float] = (4.0, 2.0, 64.0)):
-        if not 0 < forget <= 1 or prior_steps <= 0:
-            raise ValueError(f"need 0 < forget <= 1 and prior_steps > 0, got {forget}, {prior_steps}")
-        self.forget = forget
-        self._prior = list(prior)  # theta0 = (a0, b0, c0, d0)
-        # the level is pinned by the first step (a near-flat prior); the prior holds the slopes
-        self._prior_precision = [1e-3, *(prior_steps * scale ** 2 for scale in scales)]
-        self._xx = [[0.0] * self.FEATURES for _ in range(self.FEATURES)]  # [4, 4] decayed sum of x x^T
-        self._xy = [0.0] * self.FEATURES  # [4] decayed sum of x * t
-        self.steps = 0
-        self.coefficients = tuple(self._prior)  # (a, b, c, d) after the latest step
-
-    def observe(self, compute_s: float, tokens: int, sessions: int, prefill_tokens: int = 0) -> None:
-        """One engine step: `compute_s` seconds for `tokens` verify/decode tokens and `prefill_tokens` prompt
-        tokens over `sessions` sessions."""
-        x = (1.0, float(tokens), float(sessions), float(prefill_tokens))
-        for i in range(self.FEATURES):
-            self._xy[i] = self.forget * self._xy[i] + x[i] * compute_s
-            for j in range(self.FEATURES):
-                self._xx[i][j] = self.forget * self._xx[i][j] + x[i] * x[j]
-        self.steps += 1
-        self.coefficients = self._fit()
-
-    def cost(self, tokens: int, sessions: int, prefill_tokens: int = 0) -> float:
-        """Predicted compute seconds of a step of `tokens` verify/decode tokens and `prefill_tokens` prompt
-        tokens over `sessions` sessions (>= 0)."""
-        a, b, c, d = self.coefficients
-        return max(a + b * tokens + c * sessions + d * prefill_tokens, 0.0)
-
-    def marginal(self, tokens: int = 0, sessions: int = 1) -> float:
-        """Seconds one more batch token adds to a step of `tokens` tokens (constant in this affine model)."""
-        return self.cost(tokens + 1, sessions) - self.cost(tokens, sessions)
-
-    def _fit(self) -> tuple[float, ...]:
-        """Ridge solution; the slopes (features 1..) are dropped, i.e. fixed at 0, while negative."""
-        free = list(range(self.FEATURES))
-        while True:
-            a = [[self._xx[i][j] + (self._prior_precision[i] if i == j else 0.0) for j in free] for i in free]
-            y = [self._xy[i] + self._prior_precision[i] * self._prior[i] for i in free]
-            theta = dict(zip(free, _solve(a, y)))
-            negative = [i for i in free if i > 0 and theta[i] < 0]
-            if not negative:
-                return tuple(theta.get(i, 0.0) for i in range(self.FEATURES))
-            free.remove(min(negative, key=lambda i: theta[i] * (self._xx[i][i] ** 0.5)))
-
-
-def _solve(a: list[list[float]], y: list[float]) -> list[float]:
-    """x with a x = y for a small symmetric positive-definite a (Gaussian elimination, partial pivoting)."""
-    n = len(y)
-    m = [row[:] + [y[i]] for i, row in enumerate(a)]  # [n, n+1]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
-        m[col], m[pivot] = m[pivot], m[col]
-        for r in range(col + 1, n):
-            f = m[r][col] / m[col][col]
-            for k in range(col, n + 1):
-                m[r][k] -= f * m[col][k]
-    x = [0.0] * n
-    for r in reversed(range(n)):
-        x[r] = (m[r][n] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
-    return x
 
 
 # ------------------------------------------------------------------------------------------ acceptance

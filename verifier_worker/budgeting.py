@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from specdec.budget import AcceptanceTracker, Demand, Load, StepCostModel, grant_budgets
+from specdec.budget import AcceptanceTracker, Demand, Load, StepCostTable, grant_budgets
 
 BUDGETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
 
@@ -65,7 +65,7 @@ class _Session:
 class DraftBudgeter:
     """Per verifier: the step-cost fit, every session's acceptance, and the grant of the current step."""
 
-    def __init__(self, max_gamma: int = 16, *, tpot_slo_s: float | None = None, cost: StepCostModel | None = None,
+    def __init__(self, max_gamma: int = 16, *, tpot_slo_s: float | None = None, cost: StepCostTable | None = None,
                  metrics: BudgetMetrics | None = None, forget: float = 0.95, prior_alpha: float = 0.5,
                  padded: bool = False):
         """max_gamma: the server's limit; tpot_slo_s: the default per-session latency target (None: none);
@@ -75,7 +75,7 @@ class DraftBudgeter:
             raise ValueError(f"max_gamma must be >= 0, got {max_gamma}")
         self.max_gamma = max_gamma
         self.tpot_slo_s = tpot_slo_s
-        self.cost = cost or StepCostModel()
+        self.cost = cost or StepCostTable()  # or a bare StepCostModel (the affine fit alone)
         self.metrics = metrics
         self.forget = forget
         self.padded = padded
@@ -96,8 +96,8 @@ class DraftBudgeter:
             self._grants = None
 
     def on_step(self, compute_s: float, sessions: int, tokens: int, prefill_tokens: int = 0) -> None:
-        """After every engine step: fit the cost curve (specdec.budget.StepCostModel: prefill tokens priced
-        apart); the next `budget_for` grants anew."""
+        """After every engine step: measure the cost curve (specdec.stepcost: the median per token count, an affine
+        fit beyond, prefill tokens priced apart); the next `budget_for` grants anew."""
         self.cost.observe(compute_s, tokens - prefill_tokens, sessions, prefill_tokens)
         self._grants = None
         if self.metrics is not None:
