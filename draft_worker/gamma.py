@@ -28,6 +28,7 @@ will be when a claim sent now arrives).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from specdec.config import MAX_GAMMA
@@ -47,6 +48,7 @@ class RttGamma:
     max_gamma: int = MAX_GAMMA
     min_gamma: int = 0
     probe_every: int = 16  # rounds between two probes one position past the chosen gamma
+    probe_share: float = 0.05  # decode_alone: the most of a session's time its probes may cost
     prior: float = 4.0  # pseudo-blocks pulling each position's rate toward the pooled rate
     prior_alpha: float = 0.5  # the pooled rate before any verdict
     forget: float = 0.99  # per-round decay of the acceptance counts (~1 / (1 - forget) rounds of memory)
@@ -122,15 +124,29 @@ class RttGamma:
             self._rounds_since_probe, self._probe_interval = 0, 1
         self._chosen = chosen
         self._rounds_since_probe += 1
-        if self._rounds_since_probe > self._probe_interval and chosen < self.max_gamma:
+        if self._rounds_since_probe > self._interval() and chosen < self.max_gamma:
             self._rounds_since_probe = 0
             self._probe_interval = min(2 * self._probe_interval, self.probe_every)
             return chosen + 1
         return chosen
 
-    def rounds_to_probe(self) -> int:
-        """Updates until the schedule next probes a gamma above the one it chose (at least 1)."""
-        return max(1, self._probe_interval - self._rounds_since_probe + 1)
+    def _interval(self) -> float:
+        """Rounds between probes. With decode_alone at gamma 0 a probe costs a round trip and a draft where the
+        verifier alone would take one step: probes come at most `probe_share` of the time (a fast verifier far
+        away: rarely), and never when even a draft accepted always could not beat the verifier alone."""
+        if not (self.decode_alone and self._chosen == 0 and self.draft_s is not None):
+            return self._probe_interval
+        verify = self.verify_cost()
+        if not verify[0] or not choose_gamma([1.0] * self.max_gamma, self.draft_s, verify, self.rtt_s or 0.0,
+                                             self.max_gamma, True):
+            return math.inf
+        probe_s = (self.rtt_s or 0.0) + self.draft_s + verify[1]  # what a 1-token probe adds to a step
+        return max(self._probe_interval, probe_s / (self.probe_share * verify[0]))
+
+    def rounds_to_probe(self) -> int | None:
+        """Updates until the schedule next probes a gamma above the one it chose (at least 1; None: never)."""
+        interval = self._interval()
+        return None if interval == math.inf else max(1, math.ceil(interval - self._rounds_since_probe + 1))
 
 
 @dataclass

@@ -312,8 +312,8 @@ class ClientSession:
         budget above 0, until its schedule next probes a gamma (a fixed gamma 0: the rest of the request)."""
         if not self.server_decodes or job.gamma > 0 or self.budget == 0:  # budget 0: the verifier decodes anyway
             return 0
-        rounds_to_probe = getattr(self.schedule, "rounds_to_probe", None)
-        return min(rounds_to_probe() if rounds_to_probe else self._left, self._left)
+        rounds_to_probe = getattr(self.schedule, "rounds_to_probe", lambda: None)()  # None: never, as a fixed gamma 0
+        return min(self._left if rounds_to_probe is None else rounds_to_probe, self._left)
 
     def _verdict_arrived(self, reply: pb.SpeculateReply) -> None:
         _expect(reply, "verdict")

@@ -167,3 +167,23 @@ def test_the_schedule_says_when_it_next_probes():
         seen.append((before, schedule.gamma))
     assert sum(gamma > 0 for _, gamma in seen) >= 4 and max(before for before, _ in seen) > 1
     assert all((before == 1) == (gamma > 0) for before, gamma in seen)  # each probe came when it said it would
+
+
+def _fell_to_zero(rtt_s: float, draft_s: float, decode_alone: bool = True) -> RttGamma:
+    """A schedule that measured a 3 ms verifier step, `rtt_s` away, and poor acceptance: it chose gamma 0."""
+    schedule = RttGamma(gamma=2)
+    schedule.decode_alone = decode_alone
+    schedule.update(2, 0, draft_s=2 * draft_s, service_s=0.003, rtt_s=rtt_s)  # the prefill's draft time: skipped
+    for _ in range(6):
+        schedule.update(2, 0, draft_s=2 * draft_s, service_s=0.0035, rtt_s=rtt_s)
+    for _ in range(3):
+        schedule.update(0, 0, draft_s=0.0, service_s=0.003, rtt_s=rtt_s)
+    return schedule
+
+
+def test_probes_cost_at_most_their_share_when_the_verifier_decodes_alone():
+    assert _fell_to_zero(0.0, 0.0005, decode_alone=False).rounds_to_probe() <= 16  # the usual 1, 2, 4 ... 16 rounds
+    near = _fell_to_zero(0.010, 0.0005)  # a probe costs ~11 ms where a step takes 3: one in ~70 rounds at most
+    assert near.gamma == 0 and 16 < near.rounds_to_probe() <= 80
+    # 100 ms away even a draft accepted always (17 tokens a block) cannot beat 3 ms a token: never probe
+    assert _fell_to_zero(0.100, 0.0005).rounds_to_probe() is None
