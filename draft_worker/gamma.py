@@ -115,9 +115,12 @@ class RttGamma:
         return (max(mean_y - per_token_s * mean_x, 0.0), per_token_s)
 
     def _next_gamma(self) -> int:
-        if self.draft_s is None:  # no draft time measured yet (see the module docstring)
-            return min(max(self.gamma, self.min_gamma), self.max_gamma)
-        chosen = choose_gamma(self.accept_rates(), self.draft_s, self.verify_cost(), self.rtt_s or 0.0,
+        draft_s = self.draft_s
+        if draft_s is None:  # no draft time measured yet (see the module docstring)
+            if not self._hopeless(0.0):  # unless even free drafts could not pay: then choose 0 already
+                return min(max(self.gamma, self.min_gamma), self.max_gamma)
+            draft_s = 0.0
+        chosen = choose_gamma(self.accept_rates(), draft_s, self.verify_cost(), self.rtt_s or 0.0,
                               self.max_gamma, self.decode_alone)
         chosen = min(max(chosen, self.min_gamma), self.max_gamma)
         if chosen == 0 < self._chosen:  # just fell to plain decoding: look again soon
@@ -134,14 +137,19 @@ class RttGamma:
         """Rounds between probes. With decode_alone at gamma 0 a probe costs a round trip and a draft where the
         verifier alone would take one step: probes come at most `probe_share` of the time (a fast verifier far
         away: rarely), and never when even a draft accepted always could not beat the verifier alone."""
-        if not (self.decode_alone and self._chosen == 0 and self.draft_s is not None):
+        if not (self.decode_alone and self._chosen == 0):
             return self._probe_interval
-        verify = self.verify_cost()
-        if not verify[0] or not choose_gamma([1.0] * self.max_gamma, self.draft_s, verify, self.rtt_s or 0.0,
-                                             self.max_gamma, True):
+        draft_s, verify = self.draft_s or 0.0, self.verify_cost()
+        if self._hopeless(draft_s):
             return math.inf
-        probe_s = (self.rtt_s or 0.0) + self.draft_s + verify[1]  # what a 1-token probe adds to a step
-        return max(self._probe_interval, probe_s / (self.probe_share * verify[0]))
+        probe_s = (self.rtt_s or 0.0) + draft_s + verify[1]  # what a 1-token probe adds to a step
+        return max(self._probe_interval, probe_s / (self.probe_share * max(verify[0], 1e-9)))
+
+    def _hopeless(self, draft_s: float) -> bool:
+        """decode_alone: even a draft accepted always, at `draft_s` a token, could not beat the verifier alone."""
+        return (self.decode_alone and bool(self._service)
+                and not choose_gamma([1.0] * self.max_gamma, draft_s, self.verify_cost(), self.rtt_s or 0.0,
+                                     self.max_gamma, True))
 
     def rounds_to_probe(self) -> int | None:
         """Updates until the schedule next probes a gamma above the one it chose (at least 1; None: never)."""

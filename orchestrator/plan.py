@@ -43,7 +43,9 @@ def series_name(config: str) -> str:
 def workloads(records: list[dict]) -> list[planner.Workload]:
     """One Workload per configuration (across loads and RTTs) with completed requests, in run order."""
     ok = [r for r in records if r.get("status") == "ok"]
-    prefill_s = float(np.median([r.get("prefill_compute_s", 0.0) for r in ok])) if ok else 0.0
+    # Generate's records carry no prefill time (0): a median over them too read half the run as free prompts
+    recorded = [r["prefill_compute_s"] for r in ok if r.get("prefill_compute_s")]
+    prefill_s = float(np.median(recorded)) if recorded else 0.0
     if not prefill_s:  # not recorded: what a step that carried a prompt cost over the decode steps' median
         prefill_s = prompt_step_excess_s(ok)
     groups: dict[str, list[dict]] = {}

@@ -77,6 +77,8 @@ def test_inputs_from_records_and_a_step_cost_file(tmp_path):
     ngram = works["ngram g=4"]
     assert ngram.gamma == 4 and ngram.traces == ((2, 1),) and ngram.draft_s_per_token == pytest.approx(0.0005)
     assert ngram.new_tokens == 8 and ngram.prefill_s == pytest.approx(0.03)  # median over the run's prefills
+    generate_records = [dict(records[0], prefill_compute_s=0.0), *records[1:]]  # as Generate records it: none
+    assert plan.workloads(generate_records)[0].prefill_s == pytest.approx(0.04)  # not a free prompt in the median
     fit = plan.fit_step_cost(records)
     assert fit(5, 1) == pytest.approx(0.015) and fit(1, 1) == pytest.approx(0.011)  # 10 ms + 1 ms per token
     table = tmp_path / "gpu.csv"

@@ -187,3 +187,16 @@ def test_probes_cost_at_most_their_share_when_the_verifier_decodes_alone():
     assert near.gamma == 0 and 16 < near.rounds_to_probe() <= 80
     # 100 ms away even a draft accepted always (17 tokens a block) cannot beat 3 ms a token: never probe
     assert _fell_to_zero(0.100, 0.0005).rounds_to_probe() is None
+
+
+def test_before_any_draft_time_it_stops_when_even_free_drafts_could_not_pay():
+    """An n-gram with no match sends empty blocks, so its draft time stays unknown; 100 ms from a 3 ms verifier,
+    even free drafts accepted always lose to the verifier alone: gamma 0 after the first verdict, never probed."""
+    far = RttGamma(gamma=4)
+    far.decode_alone = True
+    far.update(0, 0, draft_s=0.0, service_s=0.003, rtt_s=0.100)
+    assert far.draft_s is None and far.gamma == 0 and far.rounds_to_probe() is None
+    near = RttGamma(gamma=4)  # one box: drafting may pay, so it keeps its gamma until it has measured a draft
+    near.decode_alone = True
+    near.update(0, 0, draft_s=0.0, service_s=0.003, rtt_s=0.0005)
+    assert near.gamma == 4
