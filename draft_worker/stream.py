@@ -22,6 +22,9 @@ from specdec.metrics import GenerationResult
 
 # a stream's call failed: a refusal, or the verifier ended the stream while this side was still writing
 CALL_ERRORS = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
+# grpcio's own status for an operation that failed under the call (a write as the peer died): not the verifier's
+# answer, which always carries its message, so it counts as the verifier going away (UNAVAILABLE: retried)
+CORE_ERROR = "Internal error from Core"
 
 
 def open_request(client_model_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer_fingerprint: str,
@@ -69,12 +72,15 @@ def record_cost(result: GenerationResult, service_s: float, cost: pb.StepCost) -
 
 async def refusal(call, exc: BaseException, what: str) -> VerifierError:
     """The verifier's own status for a call that failed: the call's final status when it has one, which is
-    what the server sent even when the failure surfaced on a write, else the error's."""
+    what the server sent even when the failure surfaced on a write, else the error's. grpcio's INTERNAL
+    "Internal error from Core" is no verifier's answer (a write failed as the connection went): UNAVAILABLE."""
     code, details = (exc.code(), exc.details()) if isinstance(exc, grpc.aio.AioRpcError) else (None, str(exc))
     try:
         code, details = await asyncio.wait_for(call.code(), 5.0), await call.details()
     except (asyncio.TimeoutError, grpc.aio.AioRpcError):
         pass
+    if code == grpc.StatusCode.INTERNAL and details == CORE_ERROR:  # no server sends this: the transport broke
+        return VerifierError(f"the {what}'s stream to the verifier broke (grpc: {details})", "UNAVAILABLE")
     name = code.name if code is not None else "UNKNOWN"
     return VerifierError(f"verifier refused the {what}: {name}: {details}", name)
 

@@ -6,18 +6,14 @@ same command a user runs, binds port 0, and parses the `listening on HOST:PORT` 
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 from dataclasses import dataclass
 
-# loaded here, in the parent: dlopen() between fork and exec in a threaded parent (a Ray worker) can deadlock
-_LIBC = ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform == "linux" else None
-_PR_SET_PDEATHSIG = 1
+from verifier_worker.launched import CPUS_ENV, PARENT_PID_ENV
 
 
 @dataclass
@@ -36,15 +32,6 @@ class VerifierProcess:
                 self.proc.wait()
 
 
-def _child_setup(cpus: list[int] | None) -> None:
-    """In the child before exec. Linux: SIGTERM the verifier when its parent (e.g. a Ray actor) dies, so no
-    server is orphaned; and run it on `cpus` only, when given."""
-    if _LIBC:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-
-
 def start_verifier(model: str, dtype: str = "bf16", device: str = "auto", host: str = "127.0.0.1",
                    extra_args: tuple[str, ...] = (), env: dict | None = None, timeout_s: float = 1800.0,
                    cpus: list[int] | None = None) -> VerifierProcess:
@@ -55,8 +42,12 @@ def start_verifier(model: str, dtype: str = "bf16", device: str = "auto", host: 
     cmd = [sys.executable, "-m", "verifier_worker.serve", "--model", model, "--dtype", dtype,
            "--device", device, "--host", host, "--port", "0", *extra_args]
     with tempfile.NamedTemporaryFile("w+", prefix="specdec-verifier-", suffix=".log", delete=False) as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env or os.environ.copy(),
-                                preexec_fn=(lambda: _child_setup(cpus)) if _LIBC or cpus else None)
+        # no preexec_fn: a fork running Python in the child of a parent with gRPC threads (a test, a Ray actor)
+        # revives gRPC's poller there, which can die as the fds close before exec. The child sets itself up.
+        child_env = {**(env or os.environ), PARENT_PID_ENV: str(os.getpid())}
+        if cpus:
+            child_env[CPUS_ENV] = ",".join(map(str, cpus))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=child_env)
         lines: list[str] = []
 
         def read_until_listening():  # "listening on" comes once the model is loaded (after e.g. its dtype line)
@@ -71,10 +62,19 @@ def start_verifier(model: str, dtype: str = "bf16", device: str = "auto", host: 
         line = lines[-1] if lines else ""
         if line.startswith("listening on "):
             return VerifierProcess(proc, line.removeprefix("listening on "), log.name)
+        try:  # its stdout ended: it exited (or is exiting); else it was still loading at the deadline
+            exited = None if reader.is_alive() else proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            exited = None
         proc.kill()
         proc.wait()
         log.seek(0)
         stderr = log.read()
     last = next((x for x in reversed(stderr.splitlines()) if x.strip()), "no output")
-    why = last if lines else f"not listening after {timeout_s:g} s; last output: {last}"
+    if lines:
+        why = last
+    elif exited is not None:
+        why = f"it exited with status {exited} before listening; last output: {last}"
+    else:
+        why = f"not listening after {timeout_s:g} s; last output: {last}"
     raise RuntimeError(f"the verifier did not start: {why}\ncommand: {' '.join(cmd)}\n{stderr[-2000:]}")

@@ -9,10 +9,13 @@ import random
 import threading
 import time
 
+import grpc
 import pytest
 
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import LMDrafter
+from draft_worker.recovery import with_recovery
+from draft_worker.stream import refusal
 from draft_worker.transport import (
     Backoff,
     ClientConfig,
@@ -106,6 +109,45 @@ async def test_reconnect_window_gives_up_before_the_deadline():
         with pytest.raises(VerifierError, match="UNAVAILABLE"):
             await generate_baseline(pb_grpc.VerifierStub(channel), PROMPT, PARAMS, config)
     assert time.perf_counter() - started < 5.0  # far from the 60 s deadline
+
+
+class _FailedCall:
+    """A call whose final status is given: what refusal() reads after a write or a read failed."""
+
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    async def code(self):
+        return self._code
+
+    async def details(self):
+        return self._details
+
+
+@pytest.mark.parametrize("code, details, expected", [
+    ("INTERNAL", "Internal error from Core", "UNAVAILABLE"),  # grpcio's, as a write failed under a killed verifier
+    ("INTERNAL", "the engine failed: CUDA error", "INTERNAL"),  # a verifier's own INTERNAL is its answer
+    ("INVALID_ARGUMENT", "prompt has 9 tokens", "INVALID_ARGUMENT"),
+])
+async def test_a_broken_transport_is_retried_and_a_refusal_is_not(code, details, expected):
+    error = await refusal(_FailedCall(getattr(grpc.StatusCode, code), details), RuntimeError("write failed"), "session")
+    assert error.code == expected and details in str(error)
+    attempts = []
+
+    async def attempt(prompt_ids, params, config, result):
+        attempts.append(prompt_ids)
+        if len(attempts) == 1:
+            raise error
+        result.token_ids.extend([7] * params.max_new_tokens)
+
+    config = ClientConfig(timeout_s=5, backoff=Backoff(initial_s=0.01, max_s=0.01))
+    if expected == "UNAVAILABLE":
+        result = await with_recovery(attempt, PROMPT, SamplingParams(max_new_tokens=3), config)
+        assert len(attempts) == 2 and result.token_ids == [7, 7, 7] and result.reconnects == 1
+    else:
+        with pytest.raises(VerifierError, match=expected):
+            await with_recovery(attempt, PROMPT, SamplingParams(max_new_tokens=3), config)
+        assert len(attempts) == 1
 
 
 def test_backoff_is_exponential_capped_and_jittered():

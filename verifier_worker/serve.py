@@ -16,6 +16,7 @@ import sys
 
 from specdec.config import VerifierLimits
 from specdec.errors import UserError, run_command, user_errors
+from verifier_worker.launched import apply_launcher_env
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ def _server_security(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_launcher_env()  # started by orchestrator/launch.py: its cores, and exit with it
     parser = argparse.ArgumentParser(prog="specdec serve-verifier", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     add_arguments(parser)
