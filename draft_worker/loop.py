@@ -26,12 +26,11 @@ carries at most min(budget, the schedule's gamma) draft tokens (`gamma`), and a 
 budget fell is cut to it before it is sent; with `--gamma auto` (draft_worker/gamma.py: AutoGamma) the
 schedule's gamma is the client's own best one, so the block is `specdec.budget.budgeted_gamma`. Budget 0:
 async sends nothing and the verifier decodes; lock-step asks the verifier to decode on its own too
-(OpenSession.server_decodes): after a verdict or commit granting 0 it is the verifier's turn (`server_turn`),
+(OpenSession.server_decodes): after any reply granting 0, `opened` too, it is the verifier's turn (`server_turn`),
 it streams a Commit per step, and the client sends its next block after the first reply granting more. A client
 whose own best gamma is 0 (its schedule prices that at one verifier step, no round trip) hands the turn over
 itself: its empty block asks the verifier to decode `decode_alone` steps on its own, until its schedule next
-probes a gamma. A verifier that does not say it honours it (an older one) gets empty proposals, one decoded
-token a round.
+probes a gamma. An older verifier gets empty proposals, one decoded token a round.
 
 Positions count generated tokens of this stream (the prompt it was opened with excluded). A claim is the
 tokens from position `base`: first ones assumed (already proposed, or a guessed bonus token: no q), then
@@ -83,7 +82,6 @@ MODES = {"lockstep": Mode(pb.SPECULATION_MODE_LOCKSTEP, 1), "ahead": Mode(pb.SPE
 @dataclass
 class _Job:
     """A drafting job: propose on prompt + committed[:base] + guess, at the schedule's `gamma`."""
-
     task: asyncio.Future
     base: int
     guess: list[int]
@@ -94,7 +92,6 @@ class _Job:
 @dataclass
 class _Block:
     """A proposal awaiting its verdict: it claims positions base.. with `claim` (`assumed` tokens, then draft)."""
-
     base: int
     claim: list[int]
     assumed: int
@@ -254,7 +251,8 @@ class ClientSession:
         if self.stream.shared_cores:
             self._opened(await self.stream.read(), sent_at)
         self.drafter.start(self.prompt_ids, self.params, self.vocab_size)
-        self._draft(min(self.gamma, self._left - 1), guess=[])
+        if not self.server_turn:  # granted 0 from the start: the verifier decodes the first tokens on its own
+            self._draft(min(self.gamma, self._left - 1), guess=[])
         self.opening_job = self.drafting
         if not self.stream.shared_cores:
             self._opened(await self.stream.read(), sent_at)
@@ -263,6 +261,7 @@ class ClientSession:
         record_opened(self.result, reply)
         self._budget_arrived(reply.opened)
         self.server_decodes = self.mode.max_in_flight == 1 and reply.opened.server_decodes
+        self.server_turn = self.server_decodes and self.budget == 0  # the verifier's rule for `opened`
         if self.server_decodes and hasattr(self.schedule, "decode_alone"):  # gamma 0 now costs no round trip
             self.schedule.decode_alone = True
         self.link = Link(max(0.0, time.perf_counter() - sent_at - reply.opened.service_s))
@@ -277,6 +276,8 @@ class ClientSession:
     async def _draft_finished(self, job: _Job, candidates: Candidates, draft_s: float) -> None:
         """Send what the job drafted as a claim from the commit, if it still holds and is wanted."""
         self.result.draft_s += draft_s
+        if self.server_decodes and (self.server_turn or job.base != len(self.committed)):
+            return  # the opening's block when `opened` granted 0: the verifier decodes on its own meanwhile
         drafted = candidates.draft_ids
         if self.budget is not None:  # the budget fell while it drafted (the first block: drafted before it was known)
             drafted = drafted[: self.budget + job.assumes_first]  # ahead: the guessed bonus token is no draft token

@@ -1,8 +1,8 @@
 """Issue 18: a lock-step session at draft budget 0 is decoded by the verifier on its own (OpenSession.server_decodes),
 one Commit per engine step and no round trip between two tokens, until a reply grants a budget again.
 
-- The CLI's client in lock-step under a budget of 0: greedy equals verifier-only, and it sends one proposal in
-  all (the first block, drafted before any budget was known); every other token arrives in a commit.
+- The CLI's client in lock-step under a budget of 0: greedy equals verifier-only, and it sends no proposal at all
+  (`opened` granted 0: the verifier's turn starts with the first token); every token arrives in a commit.
 - Under budgets that switch between 0 and 3 at random every step (the turn passes back and forth): greedy equals
   verifier-only, and the client sends fewer proposals than it gets replies. The chi-square test of
   test_budget_wiring.py runs lock-step under the same random budgets, so sampling is covered there.
@@ -34,7 +34,7 @@ from tests.test_budget_wiring import FixedBudgeter, RandomBudgeter, _use
 LONG = VerifierLimits().max_new_tokens  # a session long enough never to finish while a test acts on it
 
 
-async def test_at_budget_zero_lockstep_sends_one_proposal_and_equals_verifier_only(start_verifier):
+async def test_at_budget_zero_lockstep_sends_no_proposal_and_equals_verifier_only(start_verifier):
     draft, target = fake_pair(vocab_size=32, noise=1.0)
     verifier = await start_verifier(target, vocab_size=32, budget=True)
     _use(verifier, FixedBudgeter(0, max_gamma=16))
@@ -43,8 +43,8 @@ async def test_at_budget_zero_lockstep_sends_one_proposal_and_equals_verifier_on
     baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
     spec = await speculate(verifier.stub, LMDrafter(draft, "d"), [1, 2, 3], params, AutoGamma(), info, mode="lockstep")
     assert spec.token_ids == baseline.token_ids
-    assert len(spec.gamma_per_round) == 1  # the first block; then the verifier decoded on its own
-    assert spec.rounds == 20 and spec.proposed == 0 and len(spec.rtt_s) == 1
+    assert spec.gamma_per_round == []  # the block drafted during the prefill was dropped: `opened` granted 0
+    assert spec.rounds == 20 and spec.proposed == 0 and spec.rtt_s == []
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -65,18 +65,17 @@ async def test_the_turn_passes_back_and_forth_and_greedy_stays_verifier_only(sta
 
 
 async def _opened_in_the_verifiers_turn(verifier, max_new_tokens: int = LONG):
-    """A raw lock-step stream asking for server_decodes under a budget of 0, after its first (empty) block."""
+    """A raw lock-step stream asking for server_decodes under a budget of 0: its turn starts after the prefill."""
     call = verifier.stub.Speculate()
     params = SamplingParams(max_new_tokens=max_new_tokens)
     await call.write(pb.SpeculateRequest(open=pb.OpenSession(prompt_ids=[1, 2], params=codec.params_to_proto(params),
                                                              server_decodes=True)))
     opened = (await call.read()).opened
     assert opened.server_decodes and opened.draft_budget == 0
-    await call.write(pb.SpeculateRequest(proposal=pb.Proposal(base_len=0)))
-    verdict = (await call.read()).verdict
-    assert verdict.draft_budget == 0 and not verdict.finished
-    commit = (await call.read()).commit  # the verifier's turn: it decodes without a proposal
-    assert commit.base_len == 1 and len(commit.token_ids) == 1 and commit.verified == 0
+    for base_len in (0, 1):  # the verifier's turn from the first token: it decodes without a proposal
+        commit = (await call.read()).commit
+        assert commit.base_len == base_len and len(commit.token_ids) == 1 and commit.verified == 0
+        assert commit.draft_budget == 0 and not commit.finished
     return call
 
 

@@ -196,6 +196,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             server_decodes = opening.server_decodes and not async_mode and self.budgeter is not None
             cost = await self._run(context, self.engine.prefill(session))
             service_s = time.perf_counter() - arrived
+            # granted 0 from the start: the verifier's turn begins with the first token, queued before `opened` is out
+            first = self.engine.submit(session, [], None) if server_decodes and session.budget == 0 else None
             yield pb.SpeculateReply(
                 opened=pb.SessionOpened(
                     session_id=uuid.uuid4().hex,
@@ -208,7 +210,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 )
             )
             rounds = (self._async(context, inbox, session) if async_mode
-                      else self._lockstep(context, inbox, session, server_decodes))
+                      else self._lockstep(context, inbox, session, server_decodes, first))
             async with contextlib.aclosing(rounds):
                 async for reply in rounds:
                     yield reply
@@ -217,15 +219,16 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             if session is not None:
                 self._release(session)
 
-    async def _lockstep(self, context, inbox: asyncio.Queue, session: VerifierSession, server_decodes: bool = False):
+    async def _lockstep(self, context, inbox: asyncio.Queue, session: VerifierSession, server_decodes: bool = False,
+                        pending: asyncio.Future | None = None):
         """One verdict per proposal: verify what lies past the commit, or answer `stale` without compute.
 
         server_decodes (the client asked, OpenSession.server_decodes): while the session's draft budget is 0, and
         for the `decode_alone` steps its last proposal asked, the verifier decodes it on its own as it does
         Generate, one Commit per step, with no round trip between two tokens; the turn goes back to the client
         with the first reply that grants a budget above 0 once decode_alone is spent. Each such step is queued
-        before the reply that hands the turn over is written, so it rides the very next step."""
-        pending: asyncio.Future | None = None  # the verifier's own next decoding step, when it is its turn
+        before the reply that hands the turn over is written, so it rides the very next step; `pending` is the first
+        such step when `opened` granted 0 already (a client gone meanwhile: Engine.close drops it)."""
         alone = 0  # steps the client's last proposal asked the verifier to decode on its own, still to run
         last = time.perf_counter()
         for round_index in range(1, 2 * self.limits.max_new_tokens + 1):  # stale answers take rounds too
