@@ -53,6 +53,7 @@ from draft_worker.transport import VerifierError
 from draft_worker.trees import propose_tree
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
+from specdec.budget import verifiers_turn
 from specdec.config import FINISH_STOP, SamplingParams, lookahead
 from specdec.metrics import GenerationResult
 
@@ -231,7 +232,7 @@ class ClientSession:
                 self._verdict_arrived(reply)
             stale = reply.WhichOneof("kind") == "verdict" and reply.verdict.stale  # the verifier keeps waiting then
             self.server_turn = (self.server_decodes and not stale and not self.finished
-                                and (self.budget == 0 or self.alone > 0))  # the verifier's rule, on the same replies
+                                and verifiers_turn(self.budget, self.alone))  # the verifier's rule, same replies
 
     # --- events ---------------------------------------------------------------------------------------------
 
@@ -261,7 +262,7 @@ class ClientSession:
         record_opened(self.result, reply)
         self._budget_arrived(reply.opened)
         self.server_decodes = self.mode.max_in_flight == 1 and reply.opened.server_decodes
-        self.server_turn = self.server_decodes and self.budget == 0  # the verifier's rule for `opened`
+        self.server_turn = self.server_decodes and verifiers_turn(self.budget, 0)  # the rule, for `opened`
         if self.server_decodes and hasattr(self.schedule, "decode_alone"):  # gamma 0 now costs no round trip
             self.schedule.decode_alone = True
         self.link = Link(max(0.0, time.perf_counter() - sent_at - reply.opened.service_s))

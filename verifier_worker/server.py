@@ -23,6 +23,7 @@ from grpc_health.v1 import health
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
+from specdec.budget import verifiers_turn
 from specdec.config import SamplingParams, VerifierLimits, lookahead
 from verifier_worker.backends import NoRoom
 from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter
@@ -197,7 +198,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             cost = await self._run(context, self.engine.prefill(session))
             service_s = time.perf_counter() - arrived
             # granted 0 from the start: the verifier's turn begins with the first token, queued before `opened` is out
-            first = self.engine.submit(session, [], None) if server_decodes and session.budget == 0 else None
+            turn = server_decodes and verifiers_turn(session.budget, 0)
+            first = self.engine.submit(session, [], None) if turn else None
             yield pb.SpeculateReply(
                 opened=pb.SessionOpened(
                     session_id=uuid.uuid4().hex,
@@ -259,7 +261,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 reply = pb.SpeculateReply(verdict=self._verdict(result, cost, now - arrived, round_index, session.budget))
             last = now
             self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
-            turn = server_decodes and result.finish_reason is None and (session.budget == 0 or alone > 0)
+            turn = server_decodes and result.finish_reason is None and verifiers_turn(session.budget, alone)
             pending = self.engine.submit(session, [], None) if turn else None  # queued before the reply is written
             yield reply
             if result.finish_reason is not None:
