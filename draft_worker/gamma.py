@@ -69,9 +69,26 @@ class RttGamma:
         self._chosen = self.gamma
         self._skipped_prefill = False
 
-    def update(self, proposed: int, accepted: int, *, draft_s: float, service_s: float, rtt_s: float) -> None:
+    def update(self, proposed: int, accepted: int, *, draft_s: float, service_s: float | None, rtt_s: float) -> None:
         """Learn from one verdict: `accepted` leading tokens of `proposed` drafted in `draft_s` seconds,
-        verified in `service_s` (queue + compute), `rtt_s` the round trip minus service_s."""
+        verified in `service_s` (queue + compute; None: not a sample of a block's cost, e.g. its step carried another
+        session's prefill, whose one outlier would price that block size for good if it is never chosen again),
+        `rtt_s` the round trip minus service_s."""
+        self.observe(proposed, accepted, draft_s)
+        if service_s is not None:
+            self._service[proposed] = ema(self._service.get(proposed), service_s, self.smoothing)
+        self.rtt_s = ema(self.rtt_s, max(rtt_s, 0.0), self.smoothing)
+        self.gamma = self._next_gamma()
+
+    def observe(self, proposed: int, accepted: int, draft_s: float | None = None) -> None:
+        """Learn acceptance and draft time alone: `accepted` leading tokens of `proposed` drafted in `draft_s` (a
+        verdict's, or a shadow block's, checked against what the verifier committed on its own:
+        draft_worker/shadow.py); gamma is chosen anew at the next `update`. A schedule at gamma 0 before any draft
+        time was measured keeps its gamma until one is (see the module docstring), so shadow blocks measure it."""
+        if draft_s is not None and proposed:
+            if self._skipped_prefill:
+                self.draft_s = ema(self.draft_s, draft_s / proposed, self.smoothing)
+            self._skipped_prefill = True
         self._accepted = [n * self.forget for n in self._accepted]
         self._reached = [n * self.forget for n in self._reached]
         reached = min(accepted + 1, proposed)  # the first rejected position was reached too
@@ -81,12 +98,6 @@ class RttGamma:
         for i in range(reached):
             self._reached[i] += 1
             self._accepted[i] += float(i < accepted)
-        if proposed and self._skipped_prefill:
-            self.draft_s = ema(self.draft_s, draft_s / proposed, self.smoothing)
-        self._skipped_prefill |= proposed > 0
-        self._service[proposed] = ema(self._service.get(proposed), service_s, self.smoothing)
-        self.rtt_s = ema(self.rtt_s, max(rtt_s, 0.0), self.smoothing)
-        self.gamma = self._next_gamma()
 
     def accept_rates(self) -> list[float]:
         """[max_gamma] estimated P(position i+1 accepted | positions 1..i accepted)."""

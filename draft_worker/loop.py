@@ -43,10 +43,11 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from draft_worker.drafters import Candidates, Drafter
 from draft_worker.gamma import Link
+from draft_worker.modes import MODES, Block, Job
+from draft_worker.shadow import ShadowBlock, worth_shadowing
 from draft_worker.stream import CALL_ERRORS, SpeculateStream, open_request, proposal_request, record_cost, \
     record_opened, timed
 from draft_worker.transport import VerifierError
@@ -55,49 +56,9 @@ from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
 from specdec.budget import verifiers_turn
 from specdec.config import FINISH_STOP, SamplingParams, lookahead
-from specdec.metrics import GenerationResult
 
 # called with the ids each verdict (or commit) commits; returning True ends the request there, as a stop
 OnCommit = Callable[[list[int]], bool | None]
-
-
-@dataclass(frozen=True)
-class Mode:
-    wire: int  # the pb.SpeculationMode the verifier runs the session in
-    max_in_flight: int  # blocks awaiting a verdict at once; 0: the verifier streams commits instead (async)
-
-    @property
-    def streams_commits(self) -> bool:
-        return self.max_in_flight == 0
-
-    @property
-    def drafter_tracks_commits(self) -> bool:
-        """Lock-step drafts through the drafter's own committed context (`get_candidates` / `commit`)."""
-        return self.max_in_flight == 1
-
-
-MODES = {"lockstep": Mode(pb.SPECULATION_MODE_LOCKSTEP, 1), "ahead": Mode(pb.SPECULATION_MODE_LOCKSTEP, 2),
-         "async": Mode(pb.SPECULATION_MODE_ASYNC, 0)}
-
-
-@dataclass
-class _Job:
-    """A drafting job: propose on prompt + committed[:base] + guess, at the schedule's `gamma`."""
-    task: asyncio.Future
-    base: int
-    guess: list[int]
-    gamma: int
-    assumes_first: bool  # ahead: the first drafted token is the guessed bonus token, claimed without q
-
-
-@dataclass
-class _Block:
-    """A proposal awaiting its verdict: it claims positions base.. with `claim` (`assumed` tokens, then draft)."""
-    base: int
-    claim: list[int]
-    assumed: int
-    sent_at: float
-    draft_s: float
 
 
 class ClientSession:
@@ -114,16 +75,19 @@ class ClientSession:
             raise ValueError(f"token trees (tree_nodes = {self.tree_nodes}) run in lockstep mode only, not {mode!r}")
         self.committed: list[int] = []
         self.guess: list[int] = []  # tokens past the commit this client proposed (or drafted) and still believes
-        self.in_flight: deque[_Block] = deque()
-        self.drafting: _Job | None = None
+        self.in_flight: deque[Block] = deque()
+        self.drafting: Job | None = None
         self.reading: asyncio.Future | None = None
         self.link = Link(0.0)
         self.budget: int | None = None  # the verifier's latest draft budget; None: it grants none
         self.server_decodes = False  # lock-step: the verifier decodes on its own at budget 0 (said in `opened`)
         self.server_turn = False  # it is doing so now: the client reads its commits and sends nothing
         self.alone = 0  # steps the verifier still decodes on its own because the last block asked it (decode_alone)
+        self.takes_shadows = False  # the verifier counts shadow verdicts (said in `opened`)
+        self.shadow: ShadowBlock | None = None  # drafted while the verifier decodes alone, awaiting the commits
+        self.shadowed = -1  # the commit the last shadow block was drafted from (one per commit at most)
         self.draft_s_per_token = 0.0  # of the last job after the opening's (async's schedule updates)
-        self.opening_job: _Job | None = None
+        self.opening_job: Job | None = None
         self.finished = False
         self.start = time.perf_counter()
 
@@ -151,7 +115,7 @@ class ClientSession:
         """Tokens still to generate on this stream."""
         return self.params.max_new_tokens - len(self.committed)
 
-    def _live(self, block: _Block) -> bool:
+    def _live(self, block: Block) -> bool:
         """The block's claim still agrees with the commit, and its assumed part is not yet all committed past."""
         done = len(self.committed) - block.base
         return 0 <= done <= block.assumed and self.committed[block.base :] == block.claim[:done]
@@ -179,7 +143,7 @@ class ClientSession:
         always, the verifier waits for proposals)."""
         return not self.mode.streams_commits or end > self.link.verifier_position(len(self.committed))
 
-    def _awaited(self, job: _Job) -> bool:
+    def _awaited(self, job: Job) -> bool:
         """Lockstep/ahead: a block drafted from the commit is the one the session waits for, even if empty (a
         plain decoding round)."""
         return not self.mode.streams_commits and not job.guess and not job.assumes_first
@@ -199,14 +163,29 @@ class ClientSession:
                 self._draft(n, guess=list(self.guess))
             elif self.reading is None:  # too late on arrival whatever it drafts: save the compute, wait for a commit
                 self.result.unsent += 1
+        elif self._may_shadow():
+            self._draft(self._shadow_size(), guess=[], shadow=True)
+
+    def _shadow_size(self) -> int:
+        return min(max(1, self.schedule.gamma), self.schedule.max_gamma, self._left - 1)
+
+    def _may_shadow(self) -> bool:
+        """The verifier decodes on its own (lock-step in its turn; async at budget 0) and a shadow block is cheap."""
+        alone = self.server_turn or (self.mode.streams_commits and self.budget == 0)
+        return (self.takes_shadows and alone and self.shadow is None and len(self.committed) > self.shadowed
+                and not self.tree_nodes and self._left > 1
+                and worth_shadowing(self._shadow_size(), self.draft_s_per_token, self.link.s_per_token or 0.0))
 
     def _start_reading(self) -> None:
         if self.reading is None and (self.mode.streams_commits or self.in_flight or self.server_turn):
             self.reading = asyncio.ensure_future(self.stream.read())
 
-    def _draft(self, n: int, guess: list[int], assumes_first: bool = False) -> None:
+    def _draft(self, n: int, guess: list[int], assumes_first: bool = False, shadow: bool = False) -> None:
         # drafting is compute: off the event loop, so replies keep being read while it runs
-        if self.tree_nodes:  # lock-step: a tree from the commit, at most max_gamma nodes (the verifier's limit)
+        if shadow:  # on a copy of the commit: commits arriving meanwhile do not move it
+            self.shadowed = len(self.committed)
+            work = (self.drafter.propose, [*self.prompt_ids, *self.committed], n)
+        elif self.tree_nodes:  # lock-step: a tree from the commit, at most max_gamma nodes (the verifier's limit)
             nodes = min(self.tree_nodes, self.schedule.max_gamma) if n > 0 else 0
             work = (propose_tree, self.drafter, [*self.prompt_ids, *self.committed], nodes)
         elif self.mode.drafter_tracks_commits:
@@ -214,7 +193,7 @@ class ClientSession:
         else:
             work = (self.drafter.propose, [*self.prompt_ids, *self.committed, *guess], n)
         task = asyncio.ensure_future(asyncio.to_thread(timed, *work))
-        self.drafting = _Job(task, len(self.committed), guess, self.gamma, assumes_first)
+        self.drafting = Job(task, len(self.committed), guess, n if shadow else self.gamma, assumes_first, shadow)
 
     async def _next_event(self) -> None:
         waiting = {t for t in (self.reading, self.drafting and self.drafting.task) if t is not None}
@@ -233,6 +212,7 @@ class ClientSession:
             stale = reply.WhichOneof("kind") == "verdict" and reply.verdict.stale  # the verifier keeps waiting then
             self.server_turn = (self.server_decodes and not stale and not self.finished
                                 and verifiers_turn(self.budget, self.alone))  # the verifier's rule, same replies
+        await self._shadow_decided()
 
     # --- events ---------------------------------------------------------------------------------------------
 
@@ -262,6 +242,7 @@ class ClientSession:
         record_opened(self.result, reply)
         self._budget_arrived(reply.opened)
         self.server_decodes = self.mode.max_in_flight == 1 and reply.opened.server_decodes
+        self.takes_shadows = reply.opened.takes_shadows
         self.server_turn = self.server_decodes and verifiers_turn(self.budget, 0)  # the rule, for `opened`
         if self.server_decodes and hasattr(self.schedule, "decode_alone"):  # gamma 0 now costs no round trip
             self.schedule.decode_alone = True
@@ -274,9 +255,14 @@ class ClientSession:
         known = [*self.committed, *self.guess]
         return claim[: len(covered)] == covered and known[base : base + guessed] == claim[:guessed]
 
-    async def _draft_finished(self, job: _Job, candidates: Candidates, draft_s: float) -> None:
+    async def _draft_finished(self, job: Job, candidates: Candidates, draft_s: float) -> None:
         """Send what the job drafted as a claim from the commit, if it still holds and is wanted."""
         self.result.draft_s += draft_s
+        if job.shadow:
+            if candidates.draft_ids:
+                self.draft_s_per_token = draft_s / len(candidates.draft_ids)
+            self.shadow = ShadowBlock(job.base, tuple(candidates.draft_ids[: job.gamma]), job.gamma, draft_s)
+            return await self._shadow_decided()
         if self.server_decodes and (self.server_turn or job.base != len(self.committed)):
             return  # the opening's block when `opened` granted 0: the verifier decodes on its own meanwhile
         drafted = candidates.draft_ids
@@ -307,9 +293,20 @@ class ClientSession:
         await self.stream.send(request)  # a failed write: the verifier ended the stream, and reading tells why
         self.result.gamma_per_round.append(job.gamma)
         if not self.mode.streams_commits:
-            self.in_flight.append(_Block(len(self.committed), claim[done:], max(0, assumed - done), sent_at, draft_s))
+            self.in_flight.append(Block(len(self.committed), claim[done:], max(0, assumed - done), sent_at, draft_s))
 
-    def _decode_alone(self, job: _Job) -> int:
+    async def _shadow_decided(self) -> None:
+        """Report the shadow block once the commits decide it, to the verifier and to the schedule."""
+        accepted = None if self.shadow is None or self.finished else self.shadow.outcome(self.committed)
+        if accepted is None:
+            return
+        shadow, self.shadow = self.shadow, None
+        if hasattr(self.schedule, "observe"):
+            self.schedule.observe(len(shadow.draft_ids), accepted, shadow.draft_s)
+        await self.stream.send(shadow.request(accepted))
+        self.result.shadows += 1
+
+    def _decode_alone(self, job: Job) -> int:
         """Steps the verifier should decode on its own after this block: when the client's own gamma is 0 under a
         budget above 0, until its schedule next probes a gamma (a fixed gamma 0: the rest of the request)."""
         if not self.server_decodes or job.gamma > 0 or self.budget == 0:  # budget 0: the verifier decodes anyway
@@ -329,7 +326,7 @@ class ClientSession:
         next_token = verdict.next_token if verdict.HasField("next_token") else None
         self.result.rtt_s.append(rtt_s)
         self._record_round(len(verified), verdict.num_accepted, verdict.service_s, verdict.cost)
-        self.schedule.update(len(verified), verdict.num_accepted, draft_s=sent.draft_s, service_s=verdict.service_s,
+        self.schedule.update(len(verified), verdict.num_accepted, draft_s=sent.draft_s, service_s=_block_s(verdict),
                              rtt_s=max(0.0, rtt_s - verdict.service_s))
         if verdict.accepted_nodes:  # a tree's accepted path (trees: the drafter syncs to the context it is given)
             accepted = [verified[i] for i in verdict.accepted_nodes]
@@ -354,7 +351,7 @@ class ClientSession:
         # own decoding steps leave its round-trip estimate as it is)
         rtt_s = 0.0 if self.mode.streams_commits else getattr(self.schedule, "rtt_s", None) or 0.0
         self.schedule.update(commit.verified, commit.num_accepted, draft_s=commit.verified * self.draft_s_per_token,
-                             service_s=commit.service_s, rtt_s=rtt_s)
+                             service_s=_block_s(commit), rtt_s=rtt_s)
         if self.mode.drafter_tracks_commits and not self.tree_nodes:  # lock-step: the verifier decoded on its own
             for token in new:
                 self.drafter.commit(0, token)
@@ -398,6 +395,12 @@ class ClientSession:
         await self.stream.end()
         if self.drafting is not None:
             await asyncio.wait({self.drafting.task})
+
+
+def _block_s(reply: pb.Verdict | pb.Commit) -> float | None:
+    """The reply's service time as a sample of what a block of its size costs; None when its step carried a prompt
+    chunk (another session's prefill: a 5-token block riding with 200 prompt tokens takes the prefill's time)."""
+    return None if reply.cost.prefill_tokens else reply.service_s
 
 
 def _expect(reply: pb.SpeculateReply, kind: str) -> None:

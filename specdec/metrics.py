@@ -45,6 +45,7 @@ class GenerationResult:
     # (empty from a verifier that grants none)
     budget_per_round: list[int] = field(default_factory=list)
     stale: int = 0  # proposals the verifier dropped: the prefix they assumed was not committed
+    shadows: int = 0  # shadow blocks reported (draft_worker/shadow.py): drafted while the verifier decoded alone
     unsent: int = 0  # async: claims withheld (not sent, or not even drafted), the verifier being past them on arrival
     # when each reply that committed tokens arrived, seconds since the request started, and how many it
     # committed: ITL is per chunk (several tokens arrive per verdict), TTFT the first entry

@@ -15,18 +15,20 @@ class StepCost:
     batch_sessions: int = 0  # sessions in the step (the largest, over several steps)
     batch_tokens: int = 0  # tokens the step(s) computed for all sessions, padding excluded
     steps: int = 0
+    prefill_tokens: int = 0  # of prompt chunks (any session's) in the step(s)
 
-    def add(self, compute_s: float, tokens: int, batch_sessions: int, batch_tokens: int) -> None:
+    def add(self, compute_s: float, tokens: int, batch_sessions: int, batch_tokens: int, prefill_tokens: int = 0) -> None:
         self.compute_s += compute_s
         self.share_s += compute_s * tokens / batch_tokens
         self.batch_sessions = max(self.batch_sessions, batch_sessions)
         self.batch_tokens += batch_tokens
         self.steps += 1
+        self.prefill_tokens += prefill_tokens
 
     def plus(self, other: StepCost) -> StepCost:
         return StepCost(self.compute_s + other.compute_s, self.share_s + other.share_s,
                         max(self.batch_sessions, other.batch_sessions), self.batch_tokens + other.batch_tokens,
-                        self.steps + other.steps)
+                        self.steps + other.steps, self.prefill_tokens + other.prefill_tokens)
 
 
 @dataclass(frozen=True)

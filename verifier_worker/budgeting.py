@@ -14,6 +14,8 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
   prefilling, and their chunk tokens), which commits nothing but shares the step; prefilling = the keys of
   those sessions, which are priced as that load and not also as sessions sending a block;
 - `dropped(tokens)` for draft tokens a block carried beyond its budget (counted, never verified);
+- `on_shadow(key, drafted, accepted, gamma)` for a block the client drafted but did not send while the verifier
+  decoded the session on its own (pb.ShadowVerdict: checked against the tokens committed since);
 - `late(key, offered)` when a step starts without a lock-step session that was granted drafts (it missed it);
 - `close(key)` when the session ends.
 
@@ -50,6 +52,9 @@ class BudgetMetrics:
         self.cost_fixed = Gauge("specdec_verifier_step_cost_fixed_seconds",
                                 "Fitted step compute seconds independent of the batch (the cost curve's intercept)",
                                 registry=r)
+        self.shadows = Counter("specdec_verifier_shadow_verdicts_total",
+                               "Shadow blocks counted into acceptance: drafted by a client while the verifier decoded "
+                               "its session alone, checked against what it committed", registry=r)
         self.over_budget = Counter("specdec_verifier_draft_tokens_over_budget_total",
                                    "Draft tokens dropped unverified because a block carried more than its budget",
                                    registry=r)
@@ -116,6 +121,21 @@ class DraftBudgeter:
         self._sessions[key].tracker.update(proposed, accepted, offered)
         if proposed:  # a plain decoding step says nothing about the drafts' acceptance
             self.population.update(proposed, accepted)
+
+    def on_shadow(self, key: Hashable, drafted: int, accepted: int, gamma: int) -> None:
+        """A block of `gamma` the client drafted (`drafted` tokens) but did not send while the verifier decoded the
+        session on its own, whose first `accepted` tokens were then committed: evidence of acceptance that cost no
+        verifier compute. Without it, a session granted 0 learns nothing new (it drafts nothing), and its estimate
+        only drifts back to the prior by decay, which on a CPU may take the rest of the answer (an n-gram draft's
+        acceptance comes in bursts: none while the answer says something new, most while it quotes its prompt).
+
+        It is the client's word. A client that overstates it gains at most a budget of drafts whose real verdicts
+        then pull its estimate back down, which a client could always get by drafting at the server's max_gamma."""
+        if key not in self._sessions or gamma <= 0:
+            return
+        self.on_verdict(key, drafted, accepted, gamma)
+        if self.metrics is not None:
+            self.metrics.shadows.inc()
 
     def late(self, key: Hashable, offered: int) -> None:
         """A lock-step session granted `offered` draft tokens whose block missed the next step (the engine's

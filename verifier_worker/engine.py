@@ -339,10 +339,11 @@ class Engine:
         """Event loop: account the step, commit each block's outcome to its session (the one place a session's
         tokens and KV length change), resolve or requeue each work item, free what closed meanwhile."""
         batch_tokens = sum(n for _, n in batch)
+        prefill_tokens = sum(n for work, n in batch if work.is_prefill)
         self._running = []
         answered: list[tuple[_Work, RoundResult | None]] = []  # resolved after the step's budget grant
         for (work, n), outcome in zip(batch, outcomes):
-            work.cost.add(compute_s, n, len(batch), batch_tokens)
+            work.cost.add(compute_s, n, len(batch), batch_tokens, prefill_tokens)
             session = work.session
             session.steps += 1
             if session not in self._sessions:  # closed while the step ran: drop its outcome

@@ -30,12 +30,14 @@ from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter
 from verifier_worker.accounting import StepCost
 from verifier_worker.engine import Engine
 from verifier_worker.metrics import VerifierMetrics, tracked
+from verifier_worker.replies import commit_reply, verdict_reply
 from verifier_worker.session import VerifierSession
 from verifier_worker.validation import (
     INBOX_SIZE,
     CorruptMessage,
     check_open,
     check_proposal_off_loop,
+    check_shadow,
     client_host,
 )
 
@@ -209,6 +211,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     prompt_logprobs=codec.logprobs_to_proto(session.prompt_logprobs.joined()),
                     draft_budget=session.budget,  # None (unset) without a budgeter
                     server_decodes=server_decodes,
+                    takes_shadows=self.budgeter is not None,
                 )
             )
             rounds = (self._async(context, inbox, session) if async_mode
@@ -235,14 +238,16 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         last = time.perf_counter()
         for round_index in range(1, 2 * self.limits.max_new_tokens + 1):  # stale answers take rounds too
             if pending is not None:
-                if await self._client_left(context, inbox):
+                if await self._client_left(context, inbox, session):
                     return
                 result, cost = await self._run(context, pending)
                 now = time.perf_counter()
-                reply = pb.SpeculateReply(commit=self._commit(result, cost, now - last, session))
+                reply = pb.SpeculateReply(commit=commit_reply(result, self._cost(cost, now - last), now - last, session))
                 alone = max(0, alone - 1)
             else:
                 request, arrived = await self._next(context, inbox)
+                while await self._shadow(context, session, request):  # counted; a proposal is still due
+                    request, arrived = await self._next(context, inbox)
                 if request is None:  # the client closed its side before the session finished
                     return
                 if request.WhichOneof("kind") != "proposal":
@@ -258,7 +263,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     continue
                 result, cost = await self._run(context, self.engine.submit(session, *rest))
                 now = time.perf_counter()
-                reply = pb.SpeculateReply(verdict=self._verdict(result, cost, now - arrived, round_index, session.budget))
+                reply = pb.SpeculateReply(verdict=verdict_reply(result, self._cost(cost, now - arrived), now - arrived, round_index,
+                                                                       session.budget))
             last = now
             self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
             turn = server_decodes and result.finish_reason is None and verifiers_turn(session.budget, alone)
@@ -270,40 +276,30 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                             f"session sent {2 * self.limits.max_new_tokens} proposals without finishing; closed")
 
-    def _verdict(self, result, cost: StepCost, service_s: float, round_index: int, budget: int | None) -> pb.Verdict:
-        verdict = pb.Verdict(
-            num_accepted=result.num_accepted,
-            finished=result.finish_reason is not None,
-            finish_reason=codec.finish_to_proto(result.finish_reason),
-            service_s=service_s,
-            round=round_index,
-            cost=self._cost(cost, service_s),
-            logprobs=codec.logprobs_to_proto(result.logprobs),
-            draft_budget=budget,
-        )
-        if result.next_token is not None:
-            verdict.next_token = result.next_token
-        if result.path is not None:
-            verdict.accepted_nodes.extend(result.path)
-        return verdict
+    async def _shadow(self, context, session: VerifierSession, request: pb.SpeculateRequest | None) -> bool:
+        """True if `request` is a shadow verdict (pb.ShadowVerdict), now counted into the session's acceptance; a
+        malformed one ends the stream with INVALID_ARGUMENT. Taken in any turn, in both modes."""
+        if request is None or request.WhichOneof("kind") != "shadow":
+            return False
+        try:
+            check_shadow(request.shadow, self.limits)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.budgeter is not None:
+            self.budgeter.on_shadow(session, request.shadow.drafted, request.shadow.accepted, request.shadow.gamma)
+        return True
 
-    def _commit(self, result, cost: StepCost, service_s: float, session: VerifierSession) -> pb.Commit:
-        """What one step the verifier ran on its own committed (async; lock-step while it decodes alone)."""
-        return pb.Commit(base_len=result.base_len, token_ids=result.committed, verified=result.gamma,
-                         num_accepted=result.num_accepted, finished=result.finish_reason is not None,
-                         finish_reason=codec.finish_to_proto(result.finish_reason), service_s=service_s,
-                         cost=self._cost(cost, service_s), stale=session.stale,
-                         logprobs=codec.logprobs_to_proto(result.logprobs), draft_budget=session.budget)
-
-    async def _client_left(self, context, inbox: asyncio.Queue) -> bool:
+    async def _client_left(self, context, inbox: asyncio.Queue, session: VerifierSession) -> bool:
         """While the verifier decodes a lock-step session on its own: True when the client closed its side (the
         session ends, its queued step is dropped); a proposal now is a protocol error (it is not its turn)."""
-        if inbox.empty():
+        while not inbox.empty():
+            request, _ = inbox.get_nowait()
+            if request is None:
+                return True
+            if not await self._shadow(context, session, await self._intact(context, request)):
+                break
+        else:
             return False
-        request, _ = inbox.get_nowait()
-        if request is None:
-            return True
-        request = await self._intact(context, request)
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                             "a proposal while the verifier decodes this session on its own (server_decodes: its last "
                             "reply granted a draft budget of 0, or decode_alone steps remain): send the next one after a "
@@ -325,17 +321,19 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     if request is None:  # the client closed its side before the session finished
                         return
                     request = await self._intact(context, request)
-                    if request.WhichOneof("kind") != "proposal":
+                    if await self._shadow(context, session, request):
+                        pass
+                    elif request.WhichOneof("kind") != "proposal":
                         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
-                    claim = await self._check_proposal(context, request.proposal, session.params, trees=False)
-                    if not session.offer(claim, max_ahead):
+                    elif not session.offer(await self._check_proposal(context, request.proposal, session.params,
+                                                                      trees=False), max_ahead):
                         self.metrics.stale.inc()
                     received = asyncio.ensure_future(inbox.get())
                 if stepped in done:
                     result, cost = stepped.result()
                     now = time.perf_counter()
                     self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
-                    yield pb.SpeculateReply(commit=self._commit(result, cost, now - last, session))
+                    yield pb.SpeculateReply(commit=commit_reply(result, self._cost(cost, now - last), now - last, session))
                     last = now
                     if result.finish_reason is not None:
                         received.cancel()
@@ -351,7 +349,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         queue_s = max(0.0, service_s - cost.compute_s)
         self.metrics.queue.observe(queue_s)
         return pb.StepCost(compute_s=cost.compute_s, queue_s=queue_s, batch_sessions=cost.batch_sessions,
-                           batch_tokens=cost.batch_tokens, share_s=cost.share_s, steps=cost.steps)
+                           batch_tokens=cost.batch_tokens, share_s=cost.share_s, steps=cost.steps,
+                           prefill_tokens=cost.prefill_tokens)
 
     async def _check_proposal(self, context, proposal: pb.Proposal, params: SamplingParams, trees: bool):
         """The proposal's claim; a malformed one (a malformed tree included) ends the stream with INVALID_ARGUMENT."""

@@ -135,6 +135,16 @@ async def check_proposal_off_loop(proposal, params, limits, vocab_size, trees: b
     return await asyncio.to_thread(check_proposal, proposal, params, limits, vocab_size, trees)
 
 
+def check_shadow(shadow: pb.ShadowVerdict, limits: VerifierLimits) -> None:
+    """A shadow verdict's counts must describe a block the session could have sent: 1 <= gamma <= max_gamma and
+    accepted <= drafted <= gamma."""
+    if not 1 <= shadow.gamma <= limits.max_gamma:
+        raise ValueError(f"shadow verdict: gamma must be in [1, {limits.max_gamma}] (max_gamma), got {shadow.gamma}")
+    if not shadow.accepted <= shadow.drafted <= shadow.gamma:
+        raise ValueError(f"shadow verdict: need accepted <= drafted <= gamma, got {shadow.accepted}, {shadow.drafted}, "
+                         f"{shadow.gamma}")
+
+
 def client_host(peer: str) -> str:
     """The host a peer string names, one key per machine for the per-client limit: the port is dropped,
     an IPv4-mapped IPv6 address is its IPv4 address, and every loopback address (127.x, ::1) is LOOPBACK.

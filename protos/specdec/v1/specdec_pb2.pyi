@@ -180,32 +180,46 @@ class Proposal(_message.Message):
     decode_alone: int
     def __init__(self, draft_ids: _Optional[_Iterable[int]] = ..., sparse: _Optional[_Union[SparseProbs, _Mapping]] = ..., dense: _Optional[_Union[DenseProbs, _Mapping]] = ..., base_len: _Optional[int] = ..., assumed_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., decode_alone: _Optional[int] = ...) -> None: ...
 
+class ShadowVerdict(_message.Message):
+    __slots__ = ("drafted", "accepted", "gamma")
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    drafted: int
+    accepted: int
+    gamma: int
+    def __init__(self, drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., gamma: _Optional[int] = ...) -> None: ...
+
 class SpeculateRequest(_message.Message):
-    __slots__ = ("open", "proposal")
+    __slots__ = ("open", "proposal", "shadow")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     PROPOSAL_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     proposal: Proposal
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., proposal: _Optional[_Union[Proposal, _Mapping]] = ...) -> None: ...
+    shadow: ShadowVerdict
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., proposal: _Optional[_Union[Proposal, _Mapping]] = ..., shadow: _Optional[_Union[ShadowVerdict, _Mapping]] = ...) -> None: ...
 
 class StepCost(_message.Message):
-    __slots__ = ("compute_s", "queue_s", "batch_sessions", "batch_tokens", "share_s", "steps")
+    __slots__ = ("compute_s", "queue_s", "batch_sessions", "batch_tokens", "share_s", "steps", "prefill_tokens")
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     BATCH_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SHARE_S_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     compute_s: float
     queue_s: float
     batch_sessions: int
     batch_tokens: int
     share_s: float
     steps: int
-    def __init__(self, compute_s: _Optional[float] = ..., queue_s: _Optional[float] = ..., batch_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., share_s: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
+    prefill_tokens: int
+    def __init__(self, compute_s: _Optional[float] = ..., queue_s: _Optional[float] = ..., batch_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., share_s: _Optional[float] = ..., steps: _Optional[int] = ..., prefill_tokens: _Optional[int] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "prompt_tokens", "service_s", "cost", "prompt_logprobs", "draft_budget", "server_decodes")
+    __slots__ = ("session_id", "prompt_tokens", "service_s", "cost", "prompt_logprobs", "draft_budget", "server_decodes", "takes_shadows")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SERVICE_S_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +227,7 @@ class SessionOpened(_message.Message):
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_BUDGET_FIELD_NUMBER: _ClassVar[int]
     SERVER_DECODES_FIELD_NUMBER: _ClassVar[int]
+    TAKES_SHADOWS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_tokens: int
     service_s: float
@@ -220,7 +235,8 @@ class SessionOpened(_message.Message):
     prompt_logprobs: TokenLogprobs
     draft_budget: int
     server_decodes: bool
-    def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., service_s: _Optional[float] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., draft_budget: _Optional[int] = ..., server_decodes: _Optional[bool] = ...) -> None: ...
+    takes_shadows: bool
+    def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., service_s: _Optional[float] = ..., cost: _Optional[_Union[StepCost, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., draft_budget: _Optional[int] = ..., server_decodes: _Optional[bool] = ..., takes_shadows: _Optional[bool] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("num_accepted", "next_token", "finished", "finish_reason", "service_s", "round", "cost", "stale", "logprobs", "draft_budget", "accepted_nodes")

@@ -1,0 +1,181 @@
+"""Shadow blocks (issue 18, draft_worker/shadow.py): while the verifier decodes a session on its own, a client whose
+drafting is cheap drafts blocks it does not send and reports how they fared against the commits (pb.ShadowVerdict),
+so a session denied drafts is granted them again when its drafts start to land, at no verifier compute.
+
+- The pure parts: when the commits decide a shadow block, and when one is worth drafting.
+- The budgeter: a session pinned at budget 0 by early rejections is granted drafts again after shadow blocks that
+  land (decay alone, the same number of rounds, does not), and not after shadow blocks that miss.
+- The client under a budget held at 0, lock-step and async: greedy equals verifier-only, no proposal is sent, and
+  every shadow verdict the verifier counted is exact (a draft equal to the target: all accepted).
+- Raw streams: the verifier says it takes them; one in the verifier's turn is counted and the stream goes on; a
+  malformed one ends the stream with INVALID_ARGUMENT.
+- A block's service time from a step that carried a prompt chunk is not taken as what the block costs.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from draft_worker.client import generate_baseline, speculate
+from draft_worker.drafters import LMDrafter
+from draft_worker.gamma import AutoGamma, RttGamma
+from draft_worker.shadow import SHADOW_SHARE, ShadowBlock, worth_shadowing
+from draft_worker.transport import fetch_info
+from protos.specdec.v1 import specdec_pb2 as pb
+from specdec import codec
+from specdec.config import SamplingParams, VerifierLimits
+from tests.stubs import FakeLM, fake_pair
+from tests.test_budget import _feed_steps
+from tests.test_budget_wiring import FixedBudgeter, _use
+from tests.test_server_decodes import LONG, _opened_in_the_verifiers_turn
+from verifier_worker.budgeting import DraftBudgeter
+
+
+# ---------------------------------------------------------------------------------------------------- pure parts
+@pytest.mark.parametrize("committed, expected", [
+    ([5, 6], None),  # its first two tokens landed, the third is not committed yet
+    ([5, 6, 7, 8, 9], 3),  # all of it committed
+    ([5, 9], 1),  # the second one missed
+    ([4], 0),  # the first one missed
+    ([], None),
+])
+def test_a_shadow_block_is_decided_by_the_commits(committed, expected):
+    block = ShadowBlock(base=2, draft_ids=(5, 6, 7), gamma=4)
+    assert block.outcome([1, 1, *committed]) == expected
+
+
+def test_an_empty_shadow_block_is_a_miss_at_once():
+    """A drafter that found nothing (an n-gram with no match) bought nothing with a grant of gamma."""
+    block = ShadowBlock(base=3, draft_ids=(), gamma=2)
+    assert block.outcome([1, 2, 3]) == 0
+    assert block.request(0).shadow == pb.ShadowVerdict(drafted=0, accepted=0, gamma=2)
+
+
+def test_a_shadow_block_is_drafted_only_when_it_is_cheap():
+    assert worth_shadowing(4, 0.0, 0.0)  # not measured yet: tried once
+    assert worth_shadowing(4, 1e-4, 0.3)  # an n-gram lookup against a CPU verifier step
+    assert not worth_shadowing(4, 0.05, 0.3)  # an LM on a CPU: 0.2 s of a 0.3 s step
+    assert worth_shadowing(2, SHADOW_SHARE * 0.3 / 2, 0.3) and not worth_shadowing(0, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- the budgeter
+def _pinned_at_zero() -> DraftBudgeter:
+    budgeter = DraftBudgeter(max_gamma=6)
+    _feed_steps(budgeter, 0.02, 0.006)  # a CPU-like curve: a draft token costs 30% of a one-token step
+    for _ in range(20):
+        budgeter.on_verdict("s", 4, 0)  # the answer's first blocks were all rejected
+    budgeter.on_step(0.03, 1, 1)
+    assert budgeter.budget_for("s") == 0
+    return budgeter
+
+
+def test_shadow_blocks_that_land_bring_the_budget_back_and_decay_alone_does_not():
+    landed, decayed = _pinned_at_zero(), _pinned_at_zero()
+    for _ in range(8):
+        landed.on_shadow("s", 4, 4, 4)  # the client's drafts now match what the verifier commits
+        decayed.on_verdict("s", 0, 0)  # a plain decoding round: counts decay, nothing is learnt
+    for budgeter in (landed, decayed):
+        budgeter.on_step(0.03, 1, 1)
+    assert landed.budget_for("s") >= 3
+    assert decayed.budget_for("s") == 0
+
+
+def test_shadow_blocks_that_miss_keep_the_budget_at_zero():
+    budgeter = _pinned_at_zero()
+    for _ in range(30):
+        budgeter.on_shadow("s", 4, 0, 4)
+        budgeter.on_shadow("s", 0, 0, 4)  # or found nothing to draft
+    budgeter.on_step(0.03, 1, 1)
+    assert budgeter.budget_for("s") == 0
+    budgeter.on_shadow("gone", 4, 4, 4)  # a session it does not know (closed meanwhile) is ignored
+    assert "gone" not in budgeter._sessions
+
+
+# ---------------------------------------------------------------------------------------------------- the client
+class RecordingBudgeter(FixedBudgeter):
+    def __init__(self, budget: int, **kwargs):
+        super().__init__(budget, **kwargs)
+        self.shadows: list[tuple[int, int, int]] = []
+
+    def on_shadow(self, key, drafted: int, accepted: int, gamma: int) -> None:
+        self.shadows.append((drafted, accepted, gamma))
+        super().on_shadow(key, drafted, accepted, gamma)
+
+
+@pytest.mark.parametrize("mode", ["lockstep", "async"])
+async def test_under_budget_zero_the_client_reports_exact_shadow_blocks_and_stays_lossless(start_verifier, mode):
+    target = FakeLM(32, seed=5)
+    verifier = await start_verifier(target, vocab_size=32, budget=True)
+    budgeter = _use(verifier, RecordingBudgeter(0, max_gamma=16))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=24)
+    baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
+    spec = await speculate(verifier.stub, LMDrafter(target, "same"), [1, 2, 3], params, AutoGamma(3), info, mode=mode)
+    assert spec.token_ids == baseline.token_ids
+    assert spec.proposed == 0 and spec.shadows > 0
+    assert len(budgeter.shadows) == spec.shadows  # every one reached the verifier, none was refused
+    assert all(drafted == accepted == gamma > 0 for drafted, accepted, gamma in budgeter.shadows)  # a perfect draft
+    assert verifier.servicer.budgeter.metrics.shadows._value.get() == spec.shadows
+
+
+async def test_a_draft_that_never_lands_reports_misses(start_verifier):
+    draft, target = fake_pair(vocab_size=32, noise=8.0)
+    verifier = await start_verifier(target, vocab_size=32, budget=True)
+    budgeter = _use(verifier, RecordingBudgeter(0, max_gamma=16))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=24)
+    baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
+    spec = await speculate(verifier.stub, LMDrafter(draft, "d"), [1, 2, 3], params, AutoGamma(2), info)
+    assert spec.token_ids == baseline.token_ids and spec.shadows > 0
+    assert sum(a for _, a, _ in budgeter.shadows) < sum(d for d, _, _ in budgeter.shadows)
+
+
+# ---------------------------------------------------------------------------------------------------- raw streams
+async def test_the_verifier_counts_a_shadow_verdict_in_its_turn_and_goes_on(start_verifier):
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
+    budgeter = _use(verifier, RecordingBudgeter(0, max_gamma=16))
+    call = await _opened_in_the_verifiers_turn(verifier, max_new_tokens=12)
+    await call.write(pb.SpeculateRequest(shadow=pb.ShadowVerdict(drafted=3, accepted=1, gamma=4)))
+    commits = [(await call.read()).commit for _ in range(10)]  # tokens 2..11: the session goes on to the end
+    assert commits[-1].finished and [c.base_len for c in commits] == list(range(2, 12))
+    assert budgeter.shadows == [(3, 1, 4)]
+
+
+@pytest.mark.parametrize("shadow, message", [
+    (pb.ShadowVerdict(drafted=3, accepted=4, gamma=4), "accepted <= drafted <= gamma"),
+    (pb.ShadowVerdict(drafted=5, accepted=0, gamma=4), "accepted <= drafted <= gamma"),
+    (pb.ShadowVerdict(drafted=0, accepted=0, gamma=0), "gamma must be in [1, 16]"),
+    (pb.ShadowVerdict(drafted=1, accepted=0, gamma=17), "gamma must be in [1, 16]"),
+])
+async def test_a_malformed_shadow_verdict_is_a_clear_error(start_verifier, shadow, message):
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
+    _use(verifier, FixedBudgeter(0, max_gamma=16))
+    call = await _opened_in_the_verifiers_turn(verifier)
+    await call.write(pb.SpeculateRequest(shadow=shadow))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        for _ in range(LONG):
+            assert (await call.read()).WhichOneof("kind") == "commit"
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
+async def test_only_a_verifier_with_a_budget_takes_them(start_verifier):
+    params = codec.params_to_proto(SamplingParams(max_new_tokens=2))
+    for budget, takes in ((True, True), (False, False)):
+        verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=budget,
+                                        limits=VerifierLimits(draft_budget=budget))
+        call = verifier.stub.Speculate()
+        await call.write(pb.SpeculateRequest(open=pb.OpenSession(prompt_ids=[1, 2], params=params)))
+        assert (await call.read()).opened.takes_shadows is takes
+        call.cancel()
+
+
+# ---------------------------------------------------------------------------------------------------- service samples
+def test_a_service_time_that_is_no_sample_of_a_block_is_left_out():
+    """The first block often rides with another session's prefill (2.9 s for a 0.3 s step on the CPU pair); taken as
+    the price of 4 draft tokens, it made gamma 0 look best for good (a size never chosen again is never re-measured)."""
+    schedule = RttGamma(gamma=4, max_gamma=8)
+    schedule.update(4, 0, draft_s=0.001, service_s=None, rtt_s=0.0)
+    for _ in range(3):
+        schedule.update(0, 0, draft_s=0.0, service_s=0.3, rtt_s=0.0)
+    assert schedule.verify_cost() == pytest.approx((0.3, 0.0))
