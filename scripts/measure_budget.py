@@ -11,7 +11,8 @@ so every ratio is taken within one process. At each level N: max(N, prompts) req
 turn. --pin plays two machines: the verifier on core 0, this process (every session's drafting) on core 1, one
 torch thread. Prints per (verifier, level, arm): aggregate tok/s (tokens / wall of the level), its ratio to that
 process's Generate at the level, verifier compute per committed token (the requests' shares), the mean budget and the mean
-number of sessions in the step each round rode in (below the level: lock-step sessions missed steps).
+number of sessions in the step each round rode in (below the level: lock-step sessions missed steps) and the shadow
+blocks each request reported (draft_worker/shadow.py).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def drafter(name: str, args):
 
 
 async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, params: SamplingParams, args):
-    """-> (aggregate tok/s, verifier compute s per token, mean budget or nan) of max(sessions, prompts) requests."""
+    """-> (aggregate tok/s, verifier compute s per token, mean budget or nan, mean batch, shadow blocks per request)
+    of max(sessions, prompts) requests."""
     jobs = [prompts[i % len(prompts)] for i in range(max(sessions, len(prompts)))]
     gate = asyncio.Semaphore(sessions)
 
@@ -66,7 +68,8 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
     budgets = [b for r in results for b in r.budget_per_round]
     batch = [b for r in results for b in r.batch_size]  # sessions in the step each round rode in
     return tokens / wall, sum(r.verifier_compute_s for r in results) / tokens, (
-        statistics.mean(budgets) if budgets else float("nan")), statistics.mean(batch) if batch else float("nan")
+        statistics.mean(budgets) if budgets else float("nan")), statistics.mean(batch) if batch else float("nan"), \
+        statistics.mean(r.shadows for r in results)
 
 
 async def sweep(address: str, prompts, args, arms: list[str], label: str) -> None:
@@ -80,10 +83,10 @@ async def sweep(address: str, prompts, args, arms: list[str], label: str) -> Non
         for n in args.sessions:
             base = None
             for arm in arms:
-                rate, compute, budget, batch = await level(stub, info, prompts, n, arm, params, args)
+                rate, compute, budget, batch, shadows = await level(stub, info, prompts, n, arm, params, args)
                 base = base or rate
                 print(f"| {label} | {n} | {arm} | {rate:.2f} | {rate / base:.2f} | {1000 * compute:.0f} | {budget:.2f} | "
-                      f"{batch:.1f} |", flush=True)
+                      f"{batch:.1f} | {shadows:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -110,8 +113,8 @@ def main() -> None:
     prompts = [x.ids for x in encode_prompts(load_items(args.pubmedqa)[: args.prompts], tokenizer, args.max_prompt_tokens)]
     print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, mode {args.mode}, verifier {args.verifier} {args.dtype}")
     print("| verifier | sessions | arm | aggregate tok/s | x Generate | verifier compute ms/token | mean budget | "
-          "mean batch |")
-    print("|---|---|---|---|---|---|---|---|")
+          "mean batch | shadow blocks per request |")
+    print("|---|---|---|---|---|---|---|---|---|")
     fixed = {"ngram": args.gammas, "lm": args.lm_gammas}
     runs = [("budget", (), ["generate", *(f"{d}-auto" for d in args.drafters),
                             *(f"ngram-g{g}" for g in args.budget_gammas if "ngram" in args.drafters)])]
