@@ -7,7 +7,7 @@ batched verifier-only `Generate`, at several numbers of concurrent sessions, on 
 Two verifier processes in turn (`specdec serve-verifier`, the real pair's 1.5B by default): one granting draft
 budgets (arms: Generate, auto per drafter, n-gram at --budget-gammas capped by the budget) and one with
 --no-draft-budget (arms: Generate, each drafter at each fixed gamma as it is). Each process runs its own Generate,
-so every ratio is taken within one process. At each level N: max(N, prompts) requests, N at a time, prompts in
+so every ratio is taken within one process. At each level N: max(R x N, prompts) requests (R: --requests-per-session), N at a time, prompts in
 turn. --pin plays two machines: the verifier on core 0, this process (every session's drafting) on core 1, one
 torch thread. Prints per (verifier, level, arm): aggregate tok/s (tokens / wall of the level), its ratio to that
 process's Generate at the level, verifier compute per committed token (the requests' shares), the mean budget and the mean
@@ -49,8 +49,8 @@ def drafter(name: str, args):
 
 async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, params: SamplingParams, args):
     """-> (aggregate tok/s, verifier compute s per token, mean budget or nan, mean batch, shadow blocks per request)
-    of max(sessions, prompts) requests."""
-    jobs = [prompts[i % len(prompts)] for i in range(max(sessions, len(prompts)))]
+    of max(R x sessions, prompts) requests."""
+    jobs = [prompts[i % len(prompts)] for i in range(max(args.requests_per_session * sessions, len(prompts)))]
     gate = asyncio.Semaphore(sessions)
 
     async def one(prompt):
@@ -98,6 +98,9 @@ def main() -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests-per-session", type=int, default=1,
+                   help="R: max(R x N, prompts) requests at level N, N at a time; above 1 the level's tail (requests "
+                        "finishing unevenly, the last ones running with fewer sessions) weighs 1/R as much")
     p.add_argument("--gammas", type=int, nargs="+", default=[2, 4], help="fixed gammas on the verifier without budget")
     p.add_argument("--budget-gammas", type=int, nargs="*", default=[4], help="fixed gammas under the budget")
     p.add_argument("--mode", default="lockstep")

@@ -79,6 +79,7 @@ def test_shadow_blocks_that_land_bring_the_budget_back_and_decay_alone_does_not(
         budgeter.on_step(0.03, 1, 1)
     assert landed.budget_for("s") >= 3
     assert decayed.budget_for("s") == 0
+    assert landed.population.pooled() == decayed.population.pooled()  # new sessions' prior: real verdicts only
 
 
 def test_shadow_blocks_that_miss_keep_the_budget_at_zero():

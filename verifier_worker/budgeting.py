@@ -130,10 +130,13 @@ class DraftBudgeter:
         acceptance comes in bursts: none while the answer says something new, most while it quotes its prompt).
 
         It is the client's word. A client that overstates it gains at most a budget of drafts whose real verdicts
-        then pull its estimate back down, which a client could always get by drafting at the server's max_gamma."""
+        then pull its estimate back down, which a client could always get by drafting at the server's max_gamma.
+        Only the session's own estimate learns from it, not the server-wide rate new sessions start from: shadow
+        blocks come from cheap drafters only (an n-gram's, not an LM's), so counting them there would hand their
+        acceptance to every new session, whatever it drafts with."""
         if key not in self._sessions or gamma <= 0:
             return
-        self.on_verdict(key, drafted, accepted, gamma)
+        self._sessions[key].tracker.update(min(drafted, gamma), min(accepted, drafted), gamma)
         if self.metrics is not None:
             self.metrics.shadows.inc()
 
