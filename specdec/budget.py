@@ -160,11 +160,33 @@ def goodput(demands: Sequence[Demand], budgets: Sequence[int], step_seconds: Ste
     return expected / _step_seconds(step_seconds, demands, drafts, load)
 
 
+def predicted_gain(demands: Sequence[Demand], budgets: Sequence[int], step_seconds: StepSeconds, load: Load = Load(),
+                   padded: bool = False) -> float:
+    """The goodput of `budgets` over the goodput of granting none: what the model expects the drafts to buy."""
+    return goodput(demands, budgets, step_seconds, load, padded) / goodput(demands, [0] * len(demands), step_seconds,
+                                                                           load, padded)
+
+
 def grant_budgets(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load = Load(),
-                  padded: bool = False) -> dict[Hashable, int]:
+                  padded: bool = False, min_gain: float = 0.0) -> dict[Hashable, int]:
     """{key: draft tokens its next block may carry}, maximising goodput (see the module docstring). padded: the
     step computes every session's row at the longest row's length (pad-and-stack), so it costs n x (1 + max
-    gamma) tokens whoever drafts them."""
+    gamma) tokens whoever drafts them. min_gain: grant nothing unless the best grant promises at least that
+    much more goodput than none (`predicted_gain` >= 1 + min_gain), when none meets every SLO too."""
+    grant = _grant(demands, step_seconds, load, padded)
+    if min_gain > 0 and any(grant.values()) and _zero_meets_slos(demands, step_seconds, load):
+        if predicted_gain(demands, [grant[d.key] for d in demands], step_seconds, load, padded) < 1 + min_gain:
+            return {d.key: 0 for d in demands}
+    return grant
+
+
+def _zero_meets_slos(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load) -> bool:
+    seconds = _step_seconds(step_seconds, demands, 0, load)  # one committed token each
+    return all(d.tpot_slo_s is None or seconds <= d.tpot_slo_s for d in demands)
+
+
+def _grant(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load, padded: bool) -> dict[Hashable, int]:
+    """grant_budgets without the margin."""
     if not demands:
         return {}
     caps = np.array([d.cap for d in demands])  # [n]

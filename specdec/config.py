@@ -97,6 +97,7 @@ class VerifierLimits:
     batch_wait_s: float = 0.1
     draft_budget: bool = True  # issue 18: grant every session a draft budget per step (verifier_worker/budgeting.py)
     tpot_slo_ms: float = 0.0  # issue 18: default per-session target of verifier ms per token for the budget (0: none)
+    draft_min_gain: float = 0.0  # issue 18: grant drafts only when they promise this much more goodput than none
 
     def message_bytes(self, vocab_size: int) -> int:
         """The largest request this verifier accepts: max_message_bytes, or by default what the model needs.
@@ -114,6 +115,8 @@ class VerifierLimits:
         """Raise ValueError with a user-facing message if the limits cannot work together."""
         if self.tpot_slo_ms < 0:
             raise ValueError(f"tpot_slo_ms must be >= 0 (0: no target), got {self.tpot_slo_ms}")
+        if not 0 <= self.draft_min_gain <= 1:
+            raise ValueError(f"draft_min_gain must be in [0, 1], got {self.draft_min_gain}")
         if not 0 <= self.batch_wait_s <= 10:
             raise ValueError(f"batch wait must be in [0, 10] s, got {self.batch_wait_s}")
         if self.max_batch_tokens < self.max_gamma + 1:

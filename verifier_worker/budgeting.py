@@ -34,9 +34,10 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from specdec.budget import AcceptanceTracker, Demand, Load, StepCostTable, grant_budgets
+from specdec.budget import AcceptanceTracker, Demand, Load, StepCostTable, grant_budgets, predicted_gain
 
 BUDGETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
+GAINS = (1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0)
 
 
 class BudgetMetrics:
@@ -52,6 +53,12 @@ class BudgetMetrics:
         self.cost_fixed = Gauge("specdec_verifier_step_cost_fixed_seconds",
                                 "Fitted step compute seconds independent of the batch (the cost curve's intercept)",
                                 registry=r)
+        self.gain = Histogram("specdec_verifier_draft_budget_predicted_gain",
+                              "Per step that grants drafts: the goodput the model expects of the grant over granting "
+                              "none", buckets=GAINS, registry=r)
+        self.late = Counter("specdec_verifier_late_blocks_total",
+                            "Lock-step sessions granted drafts whose block missed the next step (it started without "
+                            "them)", registry=r)
         self.shadows = Counter("specdec_verifier_shadow_verdicts_total",
                                "Shadow blocks counted into acceptance: drafted by a client while the verifier decoded "
                                "its session alone, checked against what it committed", registry=r)
@@ -65,6 +72,7 @@ class _Session:
     tracker: AcceptanceTracker
     max_gamma: int  # min(the server's max_gamma, the client's request)
     tpot_slo_s: float | None
+    held: int = 0  # grants still to come at which it drafts nothing whatever it is granted (decode_alone)
 
 
 class DraftBudgeter:
@@ -72,10 +80,11 @@ class DraftBudgeter:
 
     def __init__(self, max_gamma: int = 16, *, tpot_slo_s: float | None = None, cost: StepCostTable | None = None,
                  metrics: BudgetMetrics | None = None, forget: float = 0.95, prior_alpha: float = 0.5,
-                 padded: bool = False):
+                 padded: bool = False, min_gain: float = 0.0):
         """max_gamma: the server's limit; tpot_slo_s: the default per-session latency target (None: none);
         forget: per-verdict decay of each session's acceptance counts; padded: the backend computes every row
-        of a step at the longest row's length (the engine sets it from its backend's `pads_rows`)."""
+        of a step at the longest row's length (the engine sets it from its backend's `pads_rows`); min_gain: grant
+        drafts only when they promise at least that much more goodput than none (`grant_budgets`)."""
         if max_gamma < 0:
             raise ValueError(f"max_gamma must be >= 0, got {max_gamma}")
         self.max_gamma = max_gamma
@@ -84,6 +93,7 @@ class DraftBudgeter:
         self.metrics = metrics
         self.forget = forget
         self.padded = padded
+        self.min_gain = min_gain
         # every verdict of every session, with a long memory: the prior of a new session's acceptance
         self.population = AcceptanceTracker(max_gamma=max(max_gamma, 1), prior_alpha=prior_alpha, forget=0.999)
         self._sessions: dict[Hashable, _Session] = {}
@@ -119,8 +129,10 @@ class DraftBudgeter:
         proposed = min(proposed, self.population.max_gamma)
         accepted = min(accepted, proposed)
         self._sessions[key].tracker.update(proposed, accepted, offered)
-        if proposed:  # a plain decoding step says nothing about the drafts' acceptance
-            self.population.update(proposed, accepted)
+        if proposed or offered:  # a plain decoding step says nothing about the drafts' acceptance
+            # a grant left unused is a miss here too: counted only where a draft existed, the rate new sessions start
+            # from read 45% where an n-gram's grants bought far less (no match: nothing drafted)
+            self.population.update(proposed, accepted, offered)
 
     def on_shadow(self, key: Hashable, drafted: int, accepted: int, gamma: int) -> None:
         """A block of `gamma` the client drafted (`drafted` tokens) but did not send while the verifier decoded the
@@ -140,6 +152,14 @@ class DraftBudgeter:
         if self.metrics is not None:
             self.metrics.shadows.inc()
 
+    def hold(self, key: Hashable, grants: int) -> None:
+        """The session drafts nothing at its next `grants` grants whatever they say: its client asked the verifier
+        to decode that many steps on its own (Proposal.decode_alone). Priced as drafting, it made each of those steps'
+        grant count on tokens that never came (a padded step's ceiling chosen for drafts nobody sent)."""
+        if key in self._sessions:
+            self._sessions[key].held = max(0, grants)
+            self._grants = None
+
     def late(self, key: Hashable, offered: int) -> None:
         """A lock-step session granted `offered` draft tokens whose block missed the next step (the engine's
         batch wait ran out while it drafted): the grant cost it a whole step, so it counts as a block that
@@ -148,6 +168,8 @@ class DraftBudgeter:
         round is never late and decays the count away again."""
         if key in self._sessions and offered > 0:
             self._sessions[key].tracker.update(0, 0, offered)
+            if self.metrics is not None:
+                self.metrics.late.inc()
 
     def budget_for(self, key: Hashable, queued_sessions: int = 0, queued_tokens: int = 0,
                    prefilling: Collection[Hashable] = ()) -> int:
@@ -157,6 +179,8 @@ class DraftBudgeter:
         if self._grants is None or key not in self._grants:
             self._grants = self.grants(Load(queued_tokens, queued_sessions), exclude=set(prefilling) - {key})
         budget = self._grants[key]
+        session = self._sessions[key]
+        session.held = max(0, session.held - 1)
         if self.metrics is not None and self._sessions[key].max_gamma:  # a decode-only session is never granted drafts
             self.metrics.granted.observe(budget)
         return budget
@@ -170,10 +194,14 @@ class DraftBudgeter:
         """A fresh grant for every open session but `exclude` (still prefilling: in `load`, not sending a block
         next step), given the other work riding the next step."""
         prior = self.population.pooled()
-        demands = [Demand(key, s.tracker.rates(prior), s.max_gamma, s.tpot_slo_s) for key, s in self._sessions.items()
-                   if key not in exclude]
+        demands = [Demand(key, s.tracker.rates(prior), 0 if s.held else s.max_gamma, s.tpot_slo_s)
+                   for key, s in self._sessions.items() if key not in exclude]
 
         def step_seconds(tokens: int, sessions: int) -> float:  # grant_budgets counts the load's tokens in `tokens`
             return self.cost.cost(tokens - load.tokens, sessions, load.tokens)
 
-        return grant_budgets(demands, step_seconds, load, padded=self.padded)
+        grant = grant_budgets(demands, step_seconds, load, padded=self.padded, min_gain=self.min_gain)
+        if self.metrics is not None and any(grant.values()):
+            self.metrics.gain.observe(predicted_gain(demands, [grant[d.key] for d in demands], step_seconds, load,
+                                                     self.padded))
+        return grant

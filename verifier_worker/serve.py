@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpot-slo-ms", type=float, default=defaults.tpot_slo_ms,
                    help="draft budget: keep each session's expected verifier ms per token under this when a smaller "
                         "budget can (0 = no target; a client may send its own)")
+    p.add_argument("--draft-min-gain", type=float, default=defaults.draft_min_gain,
+                   help="draft budget: grant drafts only when the model expects them to raise goodput by at least this "
+                        "fraction over granting none (e.g. 0.05)")
     p.add_argument("--no-draft-budget", dest="draft_budget", action="store_false",
                    help="grant no draft budgets: verify every draft token a client sends (fixed-gamma experiments)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
@@ -84,6 +87,7 @@ async def serve(args: argparse.Namespace) -> None:
         batch_wait_s=args.batch_wait_ms / 1000,
         draft_budget=args.draft_budget,
         tpot_slo_ms=args.tpot_slo_ms,
+        draft_min_gain=args.draft_min_gain,
     )
     with user_errors("invalid limits", ValueError):
         limits.validate()

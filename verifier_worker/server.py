@@ -66,7 +66,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         self.metrics.sessions_open.set_function(lambda: self.active_sessions)
         # issue 18: every session's draft budget, granted by the engine after each step and sent in each reply
         self.budgeter = DraftBudgeter(limits.max_gamma, tpot_slo_s=limits.tpot_slo_ms / 1e3 or None,
-                                      metrics=BudgetMetrics(self.metrics.registry)) if limits.draft_budget else None
+                                      metrics=BudgetMetrics(self.metrics.registry),
+                                      min_gain=limits.draft_min_gain) if limits.draft_budget else None
         self.engine = Engine(model, limits.max_batch_tokens, limits.batch_wait_s, on_step=self.metrics.step,
                              budgeter=self.budgeter)
         self.draining = False  # set on shutdown: new sessions are refused with UNAVAILABLE
@@ -255,6 +256,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 claim = await self._check_proposal(context, request.proposal, session.params,
                                                    trees=getattr(self.engine.backend, "supports_trees", False))
                 alone = request.proposal.decode_alone
+                if alone and self.budgeter is not None:  # the grants until it has decoded alone: priced as no drafts
+                    self.budgeter.hold(session, alone)
                 rest = session.remainder(claim)
                 if rest is None:  # its assumed prefix was not committed: the client knows, from the verdict before
                     self.metrics.stale.inc()
