@@ -126,23 +126,31 @@ async def test_one_step_serves_every_session_and_splits_its_cost():
     assert {c.batch_sessions for c in costs} == {4} and {c.batch_tokens for c in costs} == {1 + 4 + 1 + 6 + 2 - 1}
     assert sum(c.share_s for c in costs) == pytest.approx(costs[0].compute_s)
     assert costs[2].share_s == pytest.approx(costs[0].compute_s * 6 / 13)  # 6 of the step's 13 tokens
+    assert {c.prefill_tokens for c in costs} == {0}  # no prompt chunk rode in it
     for session, prompt, draft in zip(sessions, prompts, drafts):
         assert session.tokens == await run_alone(model, prompt, [draft])
         engine.close(session)
     assert engine.stats().kv_bytes == 0 and engine.stats().sessions == 0
 
 
-async def test_long_prompt_is_chunked_and_does_not_stall_others():
+@pytest.mark.parametrize("pads", [True, False])
+async def test_long_prompt_is_chunked_and_does_not_stall_others(pads):
+    """A packing backend (llama.cpp) runs a prompt chunk beside other sessions' rows; a padding one (transformers)
+    runs them in steps of their own, in turn (each row would cost the chunk's length)."""
     model = FakeLM(32)
     engine = Engine(model, max_batch_tokens=8)
+    engine.pads_rows = pads  # the scheduling alone: FakeLM runs either way
     short = engine.open([1, 2], SamplingParams(max_new_tokens=6))
     await engine.prefill(short)
     long = engine.open(list(range(30)) * 2, GREEDY)  # 59 tokens to cache in chunks of at most 8
     prefill = asyncio.create_task(engine.prefill(long))
     decoding = engine.decode(short)
-    for _ in range(6):  # the short session decodes a token in every step, beside a chunk of the prompt
+    for _ in range(6):  # the short session decodes a token in every step (padding: every other one)
         result, cost = await decoding.next()
-        assert (cost.batch_sessions, cost.steps) == (2, 1) and cost.batch_tokens <= 8
+        if pads:
+            assert (cost.batch_sessions, cost.steps, cost.batch_tokens, cost.prefill_tokens) == (1, 1, 1, 0)
+        else:  # beside a chunk of the prompt
+            assert (cost.batch_sessions, cost.steps) == (2, 1) and cost.batch_tokens <= 8 and cost.prefill_tokens
     assert result.finish_reason == "length" and not prefill.done()  # the short session finished first
     cost = await prefill
     assert cost.steps >= 59 / 8 and long.kv.length == 59
@@ -289,3 +297,15 @@ async def test_a_session_whose_outcome_cannot_be_applied_fails_alone():
     assert isinstance(replies[0], RuntimeError) and replies[1][0].next_token is not None
     result, _ = await asyncio.wait_for(engine.verify(fine, [], None), 30)  # the engine still steps
     assert len(fine.generated()) == len(replies[1][0].committed) + len(result.committed)
+
+
+async def test_a_block_riding_with_a_prompt_chunk_says_so():
+    """StepCost.prefill_tokens: the client takes no block cost from such a step (draft_worker/loop.py `_block_s`)."""
+    model = FakeLM(32)
+    engine = Engine(model, max_batch_tokens=64)
+    engine.pads_rows = False  # a packing backend's scheduling: a padding one runs prompt chunks apart
+    old = engine.open([1, 2, 3], GREEDY)
+    await engine.prefill(old)
+    new = engine.open(list(range(20)), GREEDY)
+    (_, cost), _ = await asyncio.gather(engine.verify(old, [4, 5], None), engine.prefill(new))
+    assert cost.prefill_tokens == 19 and cost.batch_tokens == 3 + 19  # the prompt but its last token

@@ -180,3 +180,45 @@ def test_a_service_time_that_is_no_sample_of_a_block_is_left_out():
     for _ in range(3):
         schedule.update(0, 0, draft_s=0.0, service_s=0.3, rtt_s=0.0)
     assert schedule.verify_cost() == pytest.approx((0.3, 0.0))
+
+
+# ---------------------------------------------------------------------------------------------------- the grant's pricing
+def test_a_session_decoding_alone_is_priced_as_drafting_nothing_for_those_grants():
+    """Proposal.decode_alone = n: its next n grants cannot buy drafts from it; priced as drafting, it lifted a padded
+    step's ceiling for every session (n-gram auto at 4 sessions: 0.88x Generate, 0.98x once held)."""
+    budgeter = DraftBudgeter(max_gamma=6)
+    _feed_steps(budgeter, 0.02, 0.002)
+    for _ in range(20):
+        budgeter.on_verdict("s", 4, 4)
+    budgeter.on_step(0.03, 1, 1)
+    assert budgeter.budget_for("s") > 0
+    budgeter.hold("s", 2)
+    budgeter.on_step(0.03, 1, 1)
+    assert budgeter.budget_for("s") == 0  # after the block that asked
+    budgeter.on_step(0.03, 1, 1)
+    assert budgeter.budget_for("s") == 0  # after its first step alone
+    budgeter.on_step(0.03, 1, 1)
+    assert budgeter.budget_for("s") > 0  # after its last: its turn again
+
+
+def test_unused_grants_count_as_misses_in_the_rate_new_sessions_start_from():
+    budgeter = DraftBudgeter(max_gamma=6)
+    for _ in range(200):
+        budgeter.on_verdict("s", 0, 0, offered=3)  # granted 3, drafted nothing (an n-gram with no match)
+        budgeter.on_verdict("s", 0, 0)  # a plain decoding step: says nothing
+    assert budgeter.population.pooled() < 0.1
+
+
+def test_a_margin_grants_nothing_when_drafts_promise_less():
+    from specdec.budget import Demand, grant_budgets, predicted_gain
+    demands = [Demand("a", [0.3] * 4, 4), Demand("b", [0.0] * 4, 4)]
+
+    def step(tokens, sessions):
+        return 0.1 + 0.01 * tokens
+    grant = grant_budgets(demands, step)
+    gain = predicted_gain(demands, [grant["a"], grant["b"]], step)
+    assert grant["a"] > 0 and 1.0 < gain < 1.1
+    assert grant_budgets(demands, step, min_gain=0.1) == {"a": 0, "b": 0}
+    assert grant_budgets(demands, step, min_gain=(gain - 1) / 2) == grant
+    slo = [Demand("a", [0.3] * 4, 4, tpot_slo_s=0.1)]  # decoding alone would miss its target: the margin yields
+    assert grant_budgets(slo, step, min_gain=0.5)["a"] > 0

@@ -267,11 +267,18 @@ class Engine:
         return bool(self._queue)
 
     def _take_batch(self) -> list[tuple[_Work, int]]:
-        """(work, tokens it feeds this step), FIFO, while sessions x longest row fits the budget."""
+        """(work, tokens it feeds this step), FIFO, while sessions x longest row fits the budget. A padding backend
+        never mixes prompt chunks with blocks: each row would be computed at the chunk's length (three 1-token rows
+        beside a 128-token chunk cost 4 x 128 tokens, and a new session's 192-token prompt 4x its own cost while
+        others decode), so a step takes the kind at the head of the queue and the other kind waits a step."""
         batch: list[tuple[_Work, int]] = []
         longest = 0
+        kind, other = self._queue[0].is_prefill if self._queue else None, []
         while self._queue:
             work = self._queue[0]
+            if self.pads_rows and work.is_prefill != kind:
+                other.append(self._queue.popleft())
+                continue
             if not work.is_prefill:
                 self._take_drafts(work)
             n = len(work.tokens)
@@ -284,6 +291,7 @@ class Engine:
             self._queue.popleft()
             batch.append((work, n))
             longest = max(longest, n)
+        self._queue.extendleft(reversed(other))  # where they were, ahead of what did not fit
         return batch
 
     def _take_drafts(self, work: _Work) -> None:
