@@ -9,7 +9,8 @@ step until the session ends. A decoding step's block is made when the step takes
 has arrived by then and decodes alone otherwise; it never waits for one.
 
 One step: take pending work in FIFO order up to `max_batch_tokens` (counted as the forward computes it,
-padding included: sessions x longest row), a prefill taking only the chunk that fits, and a block taking
+padding included: sessions x longest row), a prefill taking only the chunk that fits (a padding backend
+runs prompt chunks and blocks in separate steps, the kind at the queue's head first), and a block taking
 its draft tokens (`_take_drafts`: the client's proposal, or the head of `ahead`, capped by the session's
 `budget`); run ONE forward over all of it (`kv.batched_forward`, pad-and-stack, see kv.py for the KV
 design and why) and verify every block in ONE call (`sampling.verify_batch`, each session's own
