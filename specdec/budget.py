@@ -217,12 +217,12 @@ def budgeted_gamma(budget: int, accept: Sequence[float], draft_s: float, verify_
     return choose_gamma(accept, draft_s, verify_s, rtt_s, max(0, min(budget, max_gamma)))
 
 
-
 def verifiers_turn(budget: int | None, alone: int) -> bool:
     """Lock-step with server_decodes: after a reply granting `budget` (`opened` included), with `alone` steps of
     the last proposal's decode_alone still to run, the verifier decodes the session on its own and the client
     sends nothing. Both sides apply this rule to the same replies, so they agree whose turn it is."""
     return budget == 0 or alone > 0
+
 
 # ------------------------------------------------------------------------------------------ internals
 def _step_seconds(step_seconds: StepSeconds, demands: Sequence[Demand], drafts: int, load: Load) -> float:

@@ -28,6 +28,7 @@ from specdec.config import SamplingParams, VerifierLimits
 from tests.stubs import FakeLM, fake_pair
 from tests.test_budget import _feed_steps
 from tests.test_budget_wiring import FixedBudgeter, _use
+from tests.test_errors import wait_for_no_sessions
 from tests.test_server_decodes import LONG, _opened_in_the_verifiers_turn
 from verifier_worker.budgeting import DraftBudgeter
 
@@ -115,7 +116,8 @@ async def test_under_budget_zero_the_client_reports_exact_shadow_blocks_and_stay
     spec = await speculate(verifier.stub, LMDrafter(target, "same"), [1, 2, 3], params, AutoGamma(3), info, mode=mode)
     assert spec.token_ids == baseline.token_ids
     assert spec.proposed == 0 and spec.shadows > 0
-    assert len(budgeter.shadows) == spec.shadows  # every one reached the verifier, none was refused
+    await wait_for_no_sessions(verifier)  # the client does not wait for the verifier to read its last writes
+    assert len(budgeter.shadows) == spec.shadows  # every one reached the verifier, none was refused or lost
     assert all(drafted == accepted == gamma > 0 for drafted, accepted, gamma in budgeter.shadows)  # a perfect draft
     assert verifier.servicer.budgeter.metrics.shadows._value.get() == spec.shadows
 
@@ -129,6 +131,8 @@ async def test_a_draft_that_never_lands_reports_misses(start_verifier):
     baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
     spec = await speculate(verifier.stub, LMDrafter(draft, "d"), [1, 2, 3], params, AutoGamma(2), info)
     assert spec.token_ids == baseline.token_ids and spec.shadows > 0
+    await wait_for_no_sessions(verifier)
+    assert len(budgeter.shadows) == spec.shadows
     assert sum(a for _, a, _ in budgeter.shadows) < sum(d for d, _, _ in budgeter.shadows)
 
 
@@ -140,6 +144,8 @@ async def test_the_verifier_counts_a_shadow_verdict_in_its_turn_and_goes_on(star
     await call.write(pb.SpeculateRequest(shadow=pb.ShadowVerdict(drafted=3, accepted=1, gamma=4)))
     commits = [(await call.read()).commit for _ in range(10)]  # tokens 2..11: the session goes on to the end
     assert commits[-1].finished and [c.base_len for c in commits] == list(range(2, 12))
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF and await call.code() == grpc.StatusCode.OK  # all it was sent is read
     assert budgeter.shadows == [(3, 1, 4)]
 
 

@@ -16,6 +16,7 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
 - `dropped(tokens)` for draft tokens a block carried beyond its budget (counted, never verified);
 - `on_shadow(key, drafted, accepted, gamma)` for a block the client drafted but did not send while the verifier
   decoded the session on its own (pb.ShadowVerdict: checked against the tokens committed since);
+- `hold(key, grants)` when a lock-step proposal asks the verifier to decode that many steps alone (decode_alone);
 - `late(key, offered)` when a step starts without a lock-step session that was granted drafts (it missed it);
 - `close(key)` when the session ends.
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -274,7 +275,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             pending = self.engine.submit(session, [], None) if turn else None  # queued before the reply is written
             yield reply
             if result.finish_reason is not None:
-                await _until_half_closed(inbox)
+                await _until_half_closed(inbox, lambda r: self._shadow(context, session, r))
                 return
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                             f"session sent {2 * self.limits.max_new_tokens} proposals without finishing; closed")
@@ -340,7 +341,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     last = now
                     if result.finish_reason is not None:
                         received.cancel()
-                        await _until_half_closed(inbox)
+                        await _until_half_closed(inbox, lambda r: self._shadow(context, session, r))
                         return
                     stepped = asyncio.ensure_future(self._run(context, decoding.next()))
         finally:
@@ -394,13 +395,16 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             self._release(session)
 
 
-async def _until_half_closed(inbox: asyncio.Queue) -> None:
+async def _until_half_closed(inbox: asyncio.Queue, take: Callable[[pb.SpeculateRequest], Awaitable]) -> None:
     """After a session's last reply, wait (at most CLOSE_WAIT_S) for the client to stop writing before the
     stream ends: a client that pipelines proposals may be writing one right now, and grpcio turns a write
-    that races the end of a stream into INTERNAL on the client's side, losing the replies it had not read."""
+    that races the end of a stream into INTERNAL on the client's side, losing the replies it had not read.
+    What arrives meanwhile goes to `take` (a shadow verdict written while the last step ran is still counted)."""
     deadline = time.perf_counter() + CLOSE_WAIT_S
     with contextlib.suppress(asyncio.TimeoutError):
         while (remaining := deadline - time.perf_counter()) > 0:
             request, _ = await asyncio.wait_for(inbox.get(), remaining)
             if request is None:
                 return
+            if not isinstance(request, CorruptMessage):
+                await take(request)
