@@ -18,9 +18,16 @@ now and then it drafts one position past the gamma it chose (gamma 1 from plain 
 4, ... rounds, then every `probe_every` rounds, and from 1 again whenever it falls to plain decoding (an
 answer whose first blocks are rejected may be accepted later). A probe re-measures a position it would
 otherwise never reach again (a few unlucky early rejections there would pin the estimate low for good) and
-gives the verifier's cost model another block size. Same interface as `draft_worker.drafters.AdaptiveGamma`:
+gives the verifier's cost model another block size. A probe stands until a block goes out: the turn to draft
+can come rounds after it fired (the verifier decoding alone, a budget of 0), and a probe that lasted one round
+was lost there every time. Same interface as `draft_worker.drafters.AdaptiveGamma`:
 `gamma`, `max_gamma` (the client lowers it to the verifier's limit), `update(...)`. With `decode_alone` (lock-step
 against a verifier that decodes on its own while the client does not draft) gamma 0 pays no round trip.
+
+The acceptance prior: 0.5 by default, or the pooled rate of the drafter's earlier blocks in this process (`history`,
+`new_history()`: every block of every request that shares it). The real pair's LM drafter is accepted ~75% of the
+time, yet an answer's first blocks are often rejected: from 0.5, two early rejections take a request to gamma 0 at
+a CPU verifier, where an LM draft only pays above ~60%, and it climbs back by probes and shadow blocks alone.
 
 Also here: `FixedGamma` (a fixed block size behind the same interface) and `Link` (async: where the verifier
 will be when a claim sent now arrives).
@@ -32,12 +39,20 @@ import math
 from dataclasses import dataclass, field
 
 from specdec.config import MAX_GAMMA
+from specdec.budget import AcceptanceTracker
 from specdec.gamma import VerifyCost, choose_gamma
 
 
 def ema(old: float | None, new: float, weight: float) -> float:
     """Exponential moving average; the first sample (old is None) is taken as is."""
     return new if old is None else (1 - weight) * old + weight * new
+
+
+def new_history(forget: float = 0.99) -> AcceptanceTracker:
+    """A drafter's acceptance over the requests of this process (a draft worker, `serve-draft`, a benchmark), for
+    their schedules to share (`RttGamma.history`): each real or shadow block of any of them counts, decayed over
+    ~1 / (1 - forget) blocks, and a new request's estimates start from its pooled rate instead of `prior_alpha`."""
+    return AcceptanceTracker(forget=forget)
 
 
 @dataclass
@@ -56,6 +71,9 @@ class RttGamma:
     draft_s: float | None = field(default=None, init=False)  # seconds per draft token; None before any draft
     rtt_s: float | None = field(default=None, init=False)  # network round trip, service excluded
     decode_alone: bool = field(default=False, init=False)  # gamma 0: the verifier decodes on its own (no round trip)
+    # this drafter's acceptance over the process's requests, shared by their schedules (new_history()): the pooled
+    # rate each one shrinks toward instead of prior_alpha; None: every request starts from prior_alpha
+    history: AcceptanceTracker | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_gamma <= self.gamma <= self.max_gamma:
@@ -66,6 +84,7 @@ class RttGamma:
         self._service: dict[int, float] = {}  # draft tokens of a block -> EMA of its service seconds
         self._rounds_since_probe = 0
         self._probe_interval = 1  # rounds to the next probe: 1, 2, 4, ... probe_every
+        self._probe_due = False  # a probe fired and no block was drafted since: it stands until one is
         self._chosen = self.gamma
         self._skipped_prefill = False
 
@@ -75,6 +94,8 @@ class RttGamma:
         session's prefill, whose one outlier would price that block size for good if it is never chosen again),
         `rtt_s` the round trip minus service_s."""
         self.observe(proposed, accepted, draft_s)
+        if proposed:  # a block went out: the probe standing, if any, was drafted
+            self._probe_due = False
         if service_s is not None:
             self._service[proposed] = ema(self._service.get(proposed), service_s, self.smoothing)
         self.rtt_s = ema(self.rtt_s, max(rtt_s, 0.0), self.smoothing)
@@ -91,6 +112,8 @@ class RttGamma:
             self._skipped_prefill = True
         self._accepted = [n * self.forget for n in self._accepted]
         self._reached = [n * self.forget for n in self._reached]
+        if self.history is not None and proposed:
+            self.history.update(proposed, accepted)
         reached = min(accepted + 1, proposed)  # the first rejected position was reached too
         if reached > len(self._reached):
             self._accepted += [0.0] * (reached - len(self._accepted))
@@ -101,7 +124,8 @@ class RttGamma:
 
     def accept_rates(self) -> list[float]:
         """[max_gamma] estimated P(position i+1 accepted | positions 1..i accepted)."""
-        pooled = (sum(self._accepted) + self.prior * self.prior_alpha) / (sum(self._reached) + self.prior)
+        prior_alpha = self.prior_alpha if self.history is None else self.history.pooled()
+        pooled = (sum(self._accepted) + self.prior * prior_alpha) / (sum(self._reached) + self.prior)
         pad = max(0, self.max_gamma - len(self._reached))
         return [(a + self.prior * pooled) / (r + self.prior)
                 for a, r in zip(self._accepted + [0.0] * pad, self._reached + [0.0] * pad)][: self.max_gamma]
@@ -137,10 +161,13 @@ class RttGamma:
         if chosen == 0 < self._chosen:  # just fell to plain decoding: look again soon
             self._rounds_since_probe, self._probe_interval = 0, 1
         self._chosen = chosen
+        if self._probe_due and chosen < self.max_gamma:
+            return chosen + 1
         self._rounds_since_probe += 1
         if self._rounds_since_probe > self._interval() and chosen < self.max_gamma:
             self._rounds_since_probe = 0
             self._probe_interval = min(2 * self._probe_interval, self.probe_every)
+            self._probe_due = True
             return chosen + 1
         return chosen
 

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from draft_worker.drafters import Candidates, Drafter
 from draft_worker.gamma import Link
 from draft_worker.modes import MODES, Block, Job
-from draft_worker.shadow import ShadowBlock, worth_shadowing
+from draft_worker.shadow import ShadowBlock, shadow_every
 from draft_worker.stream import CALL_ERRORS, SpeculateStream, open_request, proposal_request, record_cost, \
     record_opened, timed
 from draft_worker.transport import VerifierError
@@ -170,11 +170,13 @@ class ClientSession:
         return min(max(1, self.schedule.gamma), self.schedule.max_gamma, self._left - 1)
 
     def _may_shadow(self) -> bool:
-        """The verifier decodes on its own (lock-step in its turn; async at budget 0) and a shadow block is cheap."""
+        """The verifier decodes on its own (lock-step in its turn; async at budget 0), and enough commits passed since
+        the last shadow block for this one to take at most its share of the session's time (shadow.shadow_every)."""
         alone = self.server_turn or (self.mode.streams_commits and self.budget == 0)
-        return (self.takes_shadows and alone and self.shadow is None and len(self.committed) > self.shadowed
-                and not self.tree_nodes and self._left > 1
-                and worth_shadowing(self._shadow_size(), self.draft_s_per_token, self.link.s_per_token or 0.0))
+        if not (self.takes_shadows and alone and self.shadow is None and not self.tree_nodes and self._left > 1):
+            return False
+        every = shadow_every(self._shadow_size(), self.draft_s_per_token, self.link.s_per_token or 0.0)
+        return every is not None and len(self.committed) - self.shadowed >= every
 
     def _start_reading(self) -> None:
         if self.reading is None and (self.mode.streams_commits or self.in_flight or self.server_turn):

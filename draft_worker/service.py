@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from draft_worker import client
 from draft_worker.drafters import AdaptiveGamma, DrafterSpec, DraftModels, build_drafter
+from draft_worker.gamma import new_history
 from draft_worker.router import Router
 from draft_worker.transport import ClientConfig
 from protos.specdec.v1 import specdec_pb2 as pb
@@ -35,6 +36,7 @@ class DraftService:
     draft_models: DraftModels
     mode: str = DEFAULT_MODE  # how sessions overlap drafting and verifying (specdec.config.SPEC_MODES)
     tpot_slo_ms: float = 0.0  # gamma "auto": each request's latency target for the verifier's budget (0: none)
+    history: object = field(default_factory=new_history)  # gamma "rtt"/"auto": the drafter's acceptance so far
 
     @property
     def model_name(self) -> str:
@@ -57,24 +59,25 @@ class DraftService:
         if self.spec is None:
             return await client.generate_baseline(route, prompt_ids, params, self.config, on_commit, result)
         drafter = build_drafter(self.spec, self.draft_models, prompt_fingerprint=self.fingerprint)
-        return await client.speculate(route, drafter, prompt_ids, params, gamma_schedule(self.gamma, self.tpot_slo_ms), self.info,
+        return await client.speculate(route, drafter, prompt_ids, params, gamma_schedule(self.gamma, self.tpot_slo_ms, self.history), self.info,
                                       self.config, drafter.fingerprint, on_commit, mode=self.mode, result=result)
 
 
-def gamma_schedule(gamma: int | str, tpot_slo_ms: float = 0.0):
+def gamma_schedule(gamma: int | str, tpot_slo_ms: float = 0.0, history=None):
     """What client.speculate takes for a configured gamma: a fixed block size, or a fresh schedule per request
     ("adaptive": HF's +2/-1 heuristic; "rtt": chosen per round from the measured link and step times; "auto":
-    rtt's choice within the verifier's draft budget, with an optional per-request latency target)."""
+    rtt's choice within the verifier's draft budget, with an optional per-request latency target). history: the
+    drafter's acceptance over earlier requests (draft_worker.gamma.new_history), which rtt/auto start from."""
     if gamma == "adaptive":
         return AdaptiveGamma()
     if gamma == "rtt":
         from draft_worker.gamma import RttGamma
 
-        return RttGamma()
+        return RttGamma(history=history)
     if gamma == "auto":
         from draft_worker.gamma import AutoGamma
 
-        return AutoGamma(tpot_slo_ms=tpot_slo_ms)
+        return AutoGamma(tpot_slo_ms=tpot_slo_ms, history=history)
     return int(gamma)
 
 

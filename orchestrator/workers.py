@@ -46,6 +46,7 @@ class DraftWorker:
         self.verifier_addresses = verifier_addresses  # the replicas of the pool
         self.config = config  # deadline, token and TLS material (bytes, so no file needs to exist on this node)
         self._draft_models = DraftModels()
+        self._histories: dict = {}  # DrafterSpec -> its acceptance over this worker's requests (gamma rtt/auto)
         self._routers: dict[float, tuple] = {}  # rtt_ms -> (proxies, router)
         self._info = None  # the verifier's InfoReply, fetched once
         self._lock = asyncio.Lock()
@@ -89,6 +90,7 @@ class DraftWorker:
         """One request; returns GenerationResult.to_dict() plus when and where it ran. Raises on failure."""
         from draft_worker import client
         from draft_worker.drafters import build_drafter
+        from draft_worker.gamma import new_history
         from draft_worker.service import gamma_schedule
 
         router = await self._router(job.spec.rtt_ms)
@@ -98,7 +100,9 @@ class DraftWorker:
         else:
             info = await self._verifier_info(router)
             drafter = build_drafter(job.spec.drafter_spec, self._draft_models, job.prompt_fingerprint)
-            result = await client.speculate(router.route(), drafter, job.prompt_ids, job.params, gamma_schedule(job.spec.gamma),
+            history = self._histories.setdefault(job.spec.drafter_spec, new_history())  # what rtt/auto start from
+            result = await client.speculate(router.route(), drafter, job.prompt_ids, job.params,
+                                            gamma_schedule(job.spec.gamma, history=history),
                                             info, self.config, drafter.fingerprint, mode=job.spec.mode)
         return {**result.to_dict(), "started_at": started_at, "finished_at": time.time(), "worker": self.where()}
 

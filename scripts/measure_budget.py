@@ -7,7 +7,8 @@ batched verifier-only `Generate`, at several numbers of concurrent sessions, on 
 Two verifier processes in turn (`specdec serve-verifier`, the real pair's 1.5B by default): one granting draft
 budgets (arms: Generate, auto per drafter, n-gram at --budget-gammas capped by the budget) and one with
 --no-draft-budget (arms: Generate, each drafter at each fixed gamma as it is). Each process runs its own Generate,
-so every ratio is taken within one process. At each level N: max(R x N, prompts) requests (R: --requests-per-session), N at a time, prompts in
+so every ratio is taken within one process; with --repeats K the arms run K times in turn and the medians are
+reported (one pass over 4 prompts moves by a few percent between passes on this class of machine). At each level N: max(R x N, prompts) requests (R: --requests-per-session), N at a time, prompts in
 turn. --pin plays two machines: the verifier on core 0, this process (every session's drafting) on core 1, one
 torch thread. Prints per (verifier, level, arm): aggregate tok/s (tokens / wall of the level), its ratio to that
 process's Generate at the level, verifier compute per committed token (the requests' shares), the mean budget and the mean
@@ -27,7 +28,7 @@ import torch
 
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import DraftModels, DrafterSpec, NgramDrafter, build_drafter
-from draft_worker.gamma import AutoGamma
+from draft_worker.gamma import AutoGamma, new_history
 from draft_worker.transport import fetch_info, open_channel
 from orchestrator.bench import encode_prompts
 from orchestrator.launch import start_verifier
@@ -38,6 +39,7 @@ from specdec.pubmedqa import default_path, load_items
 
 
 DRAFTS = DraftModels()
+HISTORIES = {"ngram": new_history(), "lm": new_history()}  # each drafter's acceptance over the requests so far
 
 
 def drafter(name: str, args):
@@ -58,7 +60,7 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
             if arm == "generate":
                 return await generate_baseline(stub, prompt, params)
             name, _, gamma = arm.partition("-")  # e.g. "ngram-auto", "lm-g3"
-            gamma = AutoGamma() if gamma == "auto" else int(gamma.removeprefix("g"))
+            gamma = AutoGamma(history=HISTORIES[name]) if gamma == "auto" else int(gamma.removeprefix("g"))
             return await speculate(stub, drafter(name, args), prompt, params, gamma, info, mode=args.mode)
 
     started = time.perf_counter()
@@ -81,11 +83,17 @@ async def sweep(address: str, prompts, args, arms: list[str], label: str) -> Non
         for name in args.drafters:
             await speculate(stub, drafter(name, args), prompts[0], SamplingParams(max_new_tokens=4), 2, info)
         for n in args.sessions:
-            base = None
+            runs = {arm: [] for arm in arms}  # arm -> one row per repeat
+            for _ in range(args.repeats):  # interleaved: Generate, then each arm, then again
+                for arm in arms:
+                    runs[arm].append(await level(stub, info, prompts, n, arm, params, args))
             for arm in arms:
-                rate, compute, budget, batch, shadows = await level(stub, info, prompts, n, arm, params, args)
-                base = base or rate
-                print(f"| {label} | {n} | {arm} | {rate:.2f} | {rate / base:.2f} | {1000 * compute:.0f} | {budget:.2f} | "
+                rows = runs[arm]
+                ratio = statistics.median(row[0] / base[0] for row, base in zip(rows, runs["generate"]))
+                rate, compute, budget, batch, shadows = (statistics.median(column) for column in zip(*rows))
+                spread = f" ({min(r[0] / b[0] for r, b in zip(rows, runs['generate'])):.2f}-" \
+                         f"{max(r[0] / b[0] for r, b in zip(rows, runs['generate'])):.2f})" if len(rows) > 1 else ""
+                print(f"| {label} | {n} | {arm} | {rate:.2f} | {ratio:.2f}{spread} | {1000 * compute:.0f} | {budget:.2f} | "
                       f"{batch:.1f} | {shadows:.1f} |", flush=True)
 
 
@@ -101,6 +109,9 @@ def main() -> None:
     p.add_argument("--requests-per-session", type=int, default=1,
                    help="R: max(R x N, prompts) requests at level N, N at a time; above 1 the level's tail (requests "
                         "finishing unevenly, the last ones running with fewer sessions) weighs 1/R as much")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every level's arms this many times, interleaved, and report medians (the ratio: the "
+                        "median of each repeat's ratio to its own Generate, with its range)")
     p.add_argument("--gammas", type=int, nargs="+", default=[2, 4], help="fixed gammas on the verifier without budget")
     p.add_argument("--budget-gammas", type=int, nargs="*", default=[4], help="fixed gammas under the budget")
     p.add_argument("--mode", default="lockstep")

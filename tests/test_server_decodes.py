@@ -168,6 +168,19 @@ def test_the_schedule_says_when_it_next_probes():
     assert all((before == 1) == (gamma > 0) for before, gamma in seen)  # each probe came when it said it would
 
 
+def test_a_probe_stands_until_a_block_goes_out():
+    """Lock-step with decode_alone: the client asks the verifier to decode rounds_to_probe() steps alone, and its
+    turn comes a reply after the probe fires (the proposal's own verdict is one of the updates). A probe that
+    lasted one update was gone by then, every time: the session never drafted again (the real pair's LM drafter,
+    rejected on its first two blocks, decoded the remaining 30 tokens alone at 1 session)."""
+    schedule = _fell_to_zero(0.010, 0.0005)
+    for _ in range(schedule.rounds_to_probe() + 3):  # the verdict, the steps alone, and a turn that came late
+        schedule.update(0, 0, draft_s=0.0, service_s=0.003, rtt_s=0.010)
+    assert schedule.gamma == 1  # the probe still stands
+    schedule.update(1, 1, draft_s=0.0005, service_s=0.0035, rtt_s=0.010)  # it went out
+    assert schedule.gamma == 0 and schedule.rounds_to_probe() > 1
+
+
 def _fell_to_zero(rtt_s: float, draft_s: float, decode_alone: bool = True) -> RttGamma:
     """A schedule that measured a 3 ms verifier step, `rtt_s` away, and poor acceptance: it chose gamma 0."""
     schedule = RttGamma(gamma=2)

@@ -20,7 +20,7 @@ import pytest
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import LMDrafter
 from draft_worker.gamma import AutoGamma, RttGamma
-from draft_worker.shadow import SHADOW_SHARE, ShadowBlock, worth_shadowing
+from draft_worker.shadow import SHADOW_SHARE, ShadowBlock, shadow_every
 from draft_worker.transport import fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
@@ -53,11 +53,13 @@ def test_an_empty_shadow_block_is_a_miss_at_once():
     assert block.request(0).shadow == pb.ShadowVerdict(drafted=0, accepted=0, gamma=2)
 
 
-def test_a_shadow_block_is_drafted_only_when_it_is_cheap():
-    assert worth_shadowing(4, 0.0, 0.0)  # not measured yet: tried once
-    assert worth_shadowing(4, 1e-4, 0.3)  # an n-gram lookup against a CPU verifier step
-    assert not worth_shadowing(4, 0.05, 0.3)  # an LM on a CPU: 0.2 s of a 0.3 s step
-    assert worth_shadowing(2, SHADOW_SHARE * 0.3 / 2, 0.3) and not worth_shadowing(0, 0.0, 1.0)
+def test_shadow_blocks_take_at_most_their_share_of_the_session():
+    assert shadow_every(4, 0.0, 0.0) == 1  # not measured yet: tried at once
+    assert shadow_every(4, 1e-4, 0.3) == 1  # an n-gram lookup against a CPU verifier step: every commit
+    assert shadow_every(2, SHADOW_SHARE * 0.3 / 2, 0.3) == 1  # exactly its share
+    assert shadow_every(1, 0.08, 0.3) == 3  # an LM on a CPU: 80 ms a block, 30 ms its share of a step
+    assert shadow_every(4, 0.05, 0.3) == 7  # 0.2 s of drafting per 2.1 s of steps
+    assert shadow_every(0, 0.0, 1.0) is None and shadow_every(1, 0.08, 0.0) is None  # no block; no step measured
 
 
 # ---------------------------------------------------------------------------------------------------- the budgeter
