@@ -221,3 +221,13 @@ def test_a_history_shortens_a_bad_start(seed):
         return (used + process.run(schedule, 20)).count(0)
 
     assert zeros(RttGamma(history=history)) < zeros(RttGamma())
+
+
+def test_schedules_of_one_draft_side_share_its_history():
+    from draft_worker.service import gamma_schedule
+
+    history = new_history()
+    first, second = gamma_schedule("auto", history=history), gamma_schedule("rtt", history=history)
+    for _ in range(3):
+        first.observe(4, 4)
+    assert second.accept_rates()[0] > 0.6 and gamma_schedule("auto").accept_rates()[0] == 0.5
