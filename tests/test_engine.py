@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -278,6 +279,33 @@ async def test_lock_step_sessions_that_arrive_apart_still_share_every_step():
     for session in sessions:
         assert session.tokens == await run_alone(FakeLM(32), session.tokens[:3], [[]] * 4)
         engine.close(session)
+
+
+@pytest.mark.parametrize("turnaround_s, waited", [(1.0, True), (60.0, False)])
+async def test_the_engine_waits_only_for_sessions_due_within_the_wait(turnaround_s, waited):
+    """The last step's lock-step sessions are waited for (at most a quarter of a step, here 30 s), unless a session's
+    blocks usually come later than that (an LM drafting on a CPU): every grant to it then cost all the others the
+    whole wait, and it missed the step anyway."""
+    engine = Engine(FakeLM(32), batch_wait_s=30.0)
+    quick, other = engine.open([1, 2, 3], GREEDY), engine.open([4, 5, 6], GREEDY)
+    await asyncio.gather(engine.prefill(quick), engine.prefill(other))
+    engine._last_compute_s = 120.0  # as if the last step took 2 minutes: a quarter of it is the whole 30 s wait
+    now = time.perf_counter()
+    quick.answered_at, quick.turnaround_s = now, 0.0
+    other.answered_at, other.turnaround_s = now, turnaround_s  # its next block is due that long after its verdict
+    engine._expected = {quick, other}
+    step = asyncio.ensure_future(engine.verify(quick, [], None))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    if waited:  # `other` is due within the wait: the step waits for it, and takes both
+        assert not step.done()
+        (_, cost), _ = await asyncio.wait_for(asyncio.gather(step, engine.verify(other, [], None)), 30)
+        assert cost.batch_sessions == 2
+    else:  # due past it: the step runs without waiting
+        _, cost = await asyncio.wait_for(step, 10)
+        assert cost.batch_sessions == 1
+    engine.close(quick)
+    engine.close(other)
 
 
 async def test_a_session_whose_outcome_cannot_be_applied_fails_alone():

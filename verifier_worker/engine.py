@@ -24,7 +24,9 @@ verdict, so sessions that shared a step arrive a little apart. Starting a step w
 would split them into alternating steps of one session each, and batching would never happen. So once
 work is pending, the engine waits for the sessions that rode in the last step and have not yet sent their
 next block, at most min(batch_wait_s, a quarter of the last step's compute): a bounded tax on the others,
-none at all when everyone has arrived. A session granted drafts that still misses the step is told to the
+none at all when everyone has arrived, and none for a session whose blocks usually come later than that
+(`session.due`: an LM drafting on a CPU, ~0.15 s a token; every grant to one cost all others the whole wait,
+and it missed the step anyway). A session granted drafts that still misses the step is told to the
 budgeter (`late`): its drafting cost it a step, and the grant learns to give it fewer.
 
 Threads (vLLM's `update_from_output`): one owner of session state, the event loop. The compute thread
@@ -217,6 +219,7 @@ class Engine:
 
     def _submit(self, work: _Work) -> _Work:
         assert work.session in self._sessions, "work for a closed session"
+        work.session.block_arrived(time.perf_counter())
         self._queue.append(work)
         self._arrived.set()
         if self._task is None or self._task.done():
@@ -256,7 +259,8 @@ class Engine:
     async def _gather(self) -> bool:
         """Wait (bounded) for the last step's sessions to send their next block; False when nothing is pending."""
         deadline = time.perf_counter() + min(self.batch_wait_s, self._last_compute_s / 4)
-        while self._queue and self._expected - {work.session for work in self._queue}:
+        awaited = {session for session in self._expected if session.due() <= deadline}
+        while self._queue and awaited - {work.session for work in self._queue}:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
@@ -381,6 +385,7 @@ class Engine:
                     work.next = self._submit(self._decode_work(session))
                 elif not work.decoding and (result is None or result.finish_reason is None):
                     self._expected.add(session)  # a Speculate session: its next block follows this answer
+                    session.answered_at = time.perf_counter()
                 answered.append((work, result))
         self._grant([work.session for work, _ in answered])
         # of those, the ones that answer a verdict granting drafts: drafting their next block within it

@@ -88,7 +88,22 @@ class VerifierSession:
         self.ahead: list[tuple[int, torch.Tensor | None]] = []  # async: (token, q row [vocab]) after the commit
         self.stale = 0  # claims dropped because their prefix was not committed
         self.steps = 0  # engine steps this session rode in (counted by the engine)
+        # lock-step: when its last verdict was handed back (None: its next block is in), and an EMA of how long its
+        # next block then took to come (drafting and the round trip); the engine waits for it only if it is due in time
+        self.answered_at: float | None = None
+        self.turnaround_s: float | None = None
         self.prompt_logprobs = PromptLogprobs(self.tokens[:], params)  # the prompt's, when asked (echo)
+
+    def block_arrived(self, now: float) -> None:
+        """Its next block came, `now`: learn how long after its verdict."""
+        if self.answered_at is not None:
+            took = now - self.answered_at
+            self.turnaround_s = took if self.turnaround_s is None else 0.7 * self.turnaround_s + 0.3 * took
+            self.answered_at = None
+
+    def due(self) -> float:
+        """When its next block should come (perf_counter): verdict + its usual turnaround (none measured: at once)."""
+        return (self.answered_at or 0.0) + (self.turnaround_s or 0.0)
 
     def generated(self, start: int = 0) -> list[int]:
         return self.tokens[self.prompt_len + start :]
