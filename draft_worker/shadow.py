@@ -1,6 +1,6 @@
 """Shadow blocks (issue 18): while the verifier decodes a session on its own (lock-step in its turn, async at a draft
-budget of 0), a client whose drafting is cheap keeps drafting blocks it does not send, checks each against the
-tokens the verifier then commits, and reports how it fared (pb.ShadowVerdict). Greedy, that is exactly the verdict
+budget of 0), a client keeps drafting blocks it does not send (at most SHADOW_SHARE of its time), checks each against
+the tokens the verifier then commits, and reports how it fared (pb.ShadowVerdict). Greedy, that is exactly the verdict
 the block would have got; sampling, it is P(draft == sampled), at most the true acceptance.
 
 Why: a session granted a budget of 0 drafts nothing, so neither its verifier's acceptance estimate

@@ -291,19 +291,20 @@ async def test_the_engine_waits_only_for_sessions_due_within_the_wait(turnaround
     await asyncio.gather(engine.prefill(quick), engine.prefill(other))
     engine._last_compute_s = 120.0  # as if the last step took 2 minutes: a quarter of it is the whole 30 s wait
     now = time.perf_counter()
-    quick.answered_at, quick.turnaround_s = now, 0.0
+    quick.answered_at, quick.turnaround_s = now, None  # none measured yet: due at once
     other.answered_at, other.turnaround_s = now, turnaround_s  # its next block is due that long after its verdict
     engine._expected = {quick, other}
-    step = asyncio.ensure_future(engine.verify(quick, [], None))
+    step = asyncio.ensure_future(engine.verify(quick, [7], None))
     for _ in range(20):
         await asyncio.sleep(0)
     if waited:  # `other` is due within the wait: the step waits for it, and takes both
         assert not step.done()
-        (_, cost), _ = await asyncio.wait_for(asyncio.gather(step, engine.verify(other, [], None)), 30)
+        (_, cost), _ = await asyncio.wait_for(asyncio.gather(step, engine.verify(other, [7], None)), 30)
         assert cost.batch_sessions == 2
     else:  # due past it: the step runs without waiting
         _, cost = await asyncio.wait_for(step, 10)
         assert cost.batch_sessions == 1
+    assert quick.turnaround_s is not None and quick.turnaround_s < 10  # learnt from its block with drafts
     engine.close(quick)
     engine.close(other)
 

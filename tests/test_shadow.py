@@ -260,3 +260,22 @@ def test_a_margin_grants_nothing_when_drafts_promise_less():
     assert grant_budgets(demands, step, min_gain=(gain - 1) / 2) == grant
     slo = [Demand("a", [0.3] * 4, 4, tpot_slo_s=0.1)]  # decoding alone would miss its target: the margin yields
     assert grant_budgets(slo, step, min_gain=0.5)["a"] > 0
+
+
+@pytest.mark.parametrize("rate, sessions, granted", [
+    (0.4, 2, False),  # E(6) ~ 1.7 tokens: not the 2 that two steps of decoding commit
+    (0.9, 2, True),  # E(6) ~ 5: pays for the step it misses
+    (0.4, 1, True),  # alone, nobody's step is missed: the usual grant
+])
+def test_a_session_that_misses_steps_is_granted_only_a_block_that_pays_for_one(rate, sessions, granted):
+    budgeter = DraftBudgeter(max_gamma=6)
+    _feed_steps(budgeter, 0.02, 0.0005)  # drafts nearly free to verify: any acceptance pays, missing a step aside
+    keys = ["slow", "other"][:sessions]
+    for i in range(40):  # the first draft token accepted `rate` of the time; 0.4: only it, 0.9: the whole block
+        for key in keys:
+            landed = (i % 10) < 10 * rate
+            budgeter.on_verdict(key, 6, (1 if rate < 0.5 else 6) if landed else 0, offered=6)
+    budgeter.misses_steps("slow", False)
+    assert budgeter.budget_for("slow") > 0
+    budgeter.misses_steps("slow", True)  # its blocks come after the step starts (an LM on a shared CPU core)
+    assert (budgeter.budget_for("slow") > 0) == granted

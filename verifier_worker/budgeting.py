@@ -89,6 +89,7 @@ class _Session:
     tpot_slo_s: float | None
     held: int = 0  # grants still to come at which it drafts nothing whatever it is granted (decode_alone)
     promised: float = 0.0  # accepted draft tokens its last grant's block was expected to buy (uncalibrated)
+    slow: bool = False  # its blocks come after the next step has started (misses_steps): a block costs it a step
 
 
 class DraftBudgeter:
@@ -168,8 +169,8 @@ class DraftBudgeter:
         It is the client's word. A client that overstates it gains at most a budget of drafts whose real verdicts
         then pull its estimate back down, which a client could always get by drafting at the server's max_gamma.
         Only the session's own estimate learns from it, not the server-wide rate new sessions start from: shadow
-        blocks come from cheap drafters only (an n-gram's, not an LM's), so counting them there would hand their
-        acceptance to every new session, whatever it drafts with."""
+        blocks come mostly from cheap drafters (an n-gram's every commit, an LM's every few at most), so counting them
+        there would hand their acceptance to every new session, whatever it drafts with."""
         if key not in self._sessions or gamma <= 0:
             return
         self._sessions[key].tracker.update(min(drafted, gamma), min(accepted, drafted), gamma)
@@ -194,6 +195,16 @@ class DraftBudgeter:
             self._sessions[key].tracker.update(0, 0, offered)
             if self.metrics is not None:
                 self.metrics.late.inc()
+
+    def misses_steps(self, key: Hashable, slow: bool) -> None:
+        """Whether this lock-step session's blocks come after the next step starts (the engine stops waiting for it:
+        its drafting takes longer, e.g. an LM on a CPU core shared by several sessions). Beside other sessions such a
+        block rides a step later, so it commits E(gamma) tokens in two steps where decoding commits two: it is granted
+        drafts only if its full block is expected to commit at least 2. Its `late` marks alone kept it oscillating:
+        the estimate fell, shadow blocks lifted it, and the next grant cost a step again."""
+        if key in self._sessions and self._sessions[key].slow != slow:
+            self._sessions[key].slow = slow
+            self._grants = None
 
     def budget_for(self, key: Hashable, queued_sessions: int = 0, queued_tokens: int = 0,
                    prefilling: Collection[Hashable] = ()) -> int:
@@ -224,8 +235,11 @@ class DraftBudgeter:
         """A fresh grant for every open session but `exclude` (still prefilling: in `load`, not sending a block
         next step), given the other work riding the next step."""
         prior, scale = self.population.pooled(), self.calibration()
-        demands = [Demand(key, _scaled(s.tracker.rates(prior), scale), 0 if s.held else s.max_gamma, s.tpot_slo_s)
-                   for key, s in self._sessions.items() if key not in exclude]
+        sessions = [(key, s, _scaled(s.tracker.rates(prior), scale)) for key, s in self._sessions.items()
+                    if key not in exclude]
+        crowded = len(sessions) + load.sessions > 1  # others ride the step a slow session's block misses
+        demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.max_gamma))
+                          else s.max_gamma, s.tpot_slo_s) for key, s, accept in sessions]
 
         def step_seconds(tokens: int, sessions: int) -> float:  # grant_budgets counts the load's tokens in `tokens`
             return self.cost.cost(tokens - load.tokens, sessions, load.tokens)
@@ -240,3 +254,9 @@ class DraftBudgeter:
 def _scaled(accept: list[float], scale: float) -> list[float]:
     """accept with its first position's rate times `scale`: every block's expected accepted tokens times `scale`."""
     return [accept[0] * scale, *accept[1:]] if accept else accept
+
+
+def _pays_a_step(accept: list[float], cap: int) -> bool:
+    """A block of `cap` is expected to commit at least 2 tokens: the two a session decoding alone commits in the
+    two steps a late block takes."""
+    return cap > 0 and expected_tokens_table(accept, cap)[cap] >= 2

@@ -219,7 +219,7 @@ class Engine:
 
     def _submit(self, work: _Work) -> _Work:
         assert work.session in self._sessions, "work for a closed session"
-        work.session.block_arrived(time.perf_counter())
+        work.session.block_arrived(time.perf_counter(), bool(work.proposed and work.proposed[0]))
         self._queue.append(work)
         self._arrived.set()
         if self._task is None or self._task.done():
@@ -402,6 +402,9 @@ class Engine:
         prefills = [work for work in self._queue if work.is_prefill]
         queued_tokens = sum(min(len(work.tokens), self.max_batch_tokens) for work in prefills)
         prefilling = {work.session for work in prefills}
+        wait_s = min(self.batch_wait_s, self._last_compute_s / 4)
+        for session in sessions:  # one whose blocks come after the wait misses the next step (`_gather`)
+            self.budgeter.misses_steps(session, (session.turnaround_s or 0.0) > wait_s)
         for session in sessions:
             session.budget = self.budgeter.budget_for(session, len(prefills), queued_tokens, prefilling)
 
