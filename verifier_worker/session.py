@@ -89,10 +89,11 @@ class VerifierSession:
         self.stale = 0  # claims dropped because their prefix was not committed
         self.steps = 0  # engine steps this session rode in (counted by the engine)
         # lock-step: when its last verdict was handed back (None: its next block is in), and an EMA of how long its
-        # next block then took to come when it carried drafts (drafting and the round trip); the engine waits for it
-        # only if it is due within the wait, and the budgeter knows a slower one misses steps
+        # next block then took to come when it carried drafts (drafting and the round trip): one slower than the
+        # engine's wait for the last step's sessions misses steps when it drafts (DraftBudgeter.misses_steps)
         self.answered_at: float | None = None
         self.turnaround_s: float | None = None
+        self.drafted_blocks = 0
         self.prompt_logprobs = PromptLogprobs(self.tokens[:], params)  # the prompt's, when asked (echo)
 
     def block_arrived(self, now: float, drafted: bool) -> None:
@@ -100,12 +101,10 @@ class VerifierSession:
         decoding step, the client's or the verifier's own, comes at once and says nothing of its drafting)."""
         if self.answered_at is not None and drafted:
             took = now - self.answered_at
-            self.turnaround_s = took if self.turnaround_s is None else 0.7 * self.turnaround_s + 0.3 * took
+            if self.drafted_blocks:  # the first one's drafting may include the draft model's prefill of the prompt
+                self.turnaround_s = took if self.turnaround_s is None else 0.7 * self.turnaround_s + 0.3 * took
+            self.drafted_blocks += 1
         self.answered_at = None
-
-    def due(self) -> float:
-        """When its next block should come (perf_counter): verdict + its usual turnaround (none measured: at once)."""
-        return (self.answered_at or 0.0) + (self.turnaround_s or 0.0)
 
     def generated(self, start: int = 0) -> list[int]:
         return self.tokens[self.prompt_len + start :]
