@@ -37,9 +37,13 @@ Assumptions and limits:
   count follows a session whose text turns easy or hard; new sessions start from the server-wide rate.
 - Every budgeted session rides the next step (lock-step clients send right after their verdict; async
   sessions decode every step). One whose drafting makes it miss the step is not modelled here; the
-  verifier feeds it back as a block that bought nothing (`DraftBudgeter.late`), and a grant a lock-step
-  client leaves unused as a failure at the next position, so E_i is what a grant buys, not what a full
-  block would. Sessions the batch cannot hold (`max_batch_tokens`) are not modelled.
+  verifier feeds it back as a block that bought nothing (`DraftBudgeter.late`), caps a session that usually
+  misses steps at 0 unless its full block is expected to commit 2 tokens (`DraftBudgeter.misses_steps`), and
+  counts a grant a lock-step client leaves unused as a failure at the next position, so E_i is what a grant
+  buys, not what a full block would. Sessions the batch cannot hold (`max_batch_tokens`) are not modelled.
+- The estimates are taken at face value here. They are not unbiased where grants follow bursty evidence
+  (an n-gram's estimate peaks as a quoted passage ends): the verifier scales them by what its grants bought
+  against what they promised before it calls `grant_budgets` (`DraftBudgeter.calibration`).
 - T depends on the step's tokens (as measured, `specdec.stepcost.StepCostTable`; the affine fit only where no
   count has been seen), and the tokens are what the backend computes. A pad-and-stack forward
   (the transformers backend) computes every row at the longest row's length, so there one session's

@@ -200,7 +200,7 @@ class DraftBudgeter:
         """Whether this lock-step session's blocks come after the next step starts (the engine stops waiting for it:
         its drafting takes longer, e.g. an LM on a CPU core shared by several sessions). Beside other sessions such a
         block rides a step later, so it commits E(gamma) tokens in two steps where decoding commits two: it is granted
-        drafts only if its full block is expected to commit at least 2. Its `late` marks alone kept it oscillating:
+        drafts only if the block it is granted is expected to commit at least 2. Its `late` marks alone kept it oscillating:
         the estimate fell, shadow blocks lifted it, and the next grant cost a step again."""
         if key in self._sessions and self._sessions[key].slow != slow:
             self._sessions[key].slow = slow
@@ -245,6 +245,9 @@ class DraftBudgeter:
             return self.cost.cost(tokens - load.tokens, sessions, load.tokens)
 
         grant = grant_budgets(demands, step_seconds, load, padded=self.padded, min_gain=self.min_gain)
+        for key, s, accept in sessions:  # a slow session's granted block must pay for the step it will miss as well
+            if s.slow and crowded and grant[key] and not _pays_a_step(accept, grant[key]):
+                grant[key] = 0
         if self.metrics is not None and any(grant.values()):
             self.metrics.gain.observe(predicted_gain(demands, [grant[d.key] for d in demands], step_seconds, load,
                                                      self.padded))
