@@ -197,11 +197,12 @@ class DraftBudgeter:
                 self.metrics.late.inc()
 
     def misses_steps(self, key: Hashable, slow: bool) -> None:
-        """Whether this lock-step session's blocks come after the next step starts (the engine stops waiting for it:
-        its drafting takes longer, e.g. an LM on a CPU core shared by several sessions). Beside other sessions such a
-        block rides a step later, so it commits E(gamma) tokens in two steps where decoding commits two: it is granted
-        drafts only if the block it is granted is expected to commit at least 2. Its `late` marks alone kept it oscillating:
-        the estimate fell, shadow blocks lifted it, and the next grant cost a step again."""
+        """Whether this lock-step session's blocks come after the next step starts (its drafting takes longer than
+        the engine's wait for the last step's sessions, e.g. an LM on a CPU core shared by several sessions). Beside
+        other sessions such a block rides a step later, so it commits E(gamma) tokens in two steps where decoding
+        commits two: it is granted drafts only if the block it is granted is expected to commit at least 2. Its
+        `late` marks alone kept it oscillating: the estimate fell, shadow blocks lifted it, and the next grant cost a
+        step again."""
         if key in self._sessions and self._sessions[key].slow != slow:
             self._sessions[key].slow = slow
             self._grants = None
@@ -235,17 +236,17 @@ class DraftBudgeter:
         """A fresh grant for every open session but `exclude` (still prefilling: in `load`, not sending a block
         next step), given the other work riding the next step."""
         prior, scale = self.population.pooled(), self.calibration()
-        sessions = [(key, s, _scaled(s.tracker.rates(prior), scale)) for key, s in self._sessions.items()
-                    if key not in exclude]
-        crowded = len(sessions) + load.sessions > 1  # others ride the step a slow session's block misses
+        rows = [(key, s, _scaled(s.tracker.rates(prior), scale)) for key, s in self._sessions.items()
+                if key not in exclude]
+        crowded = len(rows) + load.sessions > 1  # others ride the step a slow session's block misses
         demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.max_gamma))
-                          else s.max_gamma, s.tpot_slo_s) for key, s, accept in sessions]
+                          else s.max_gamma, s.tpot_slo_s) for key, s, accept in rows]
 
         def step_seconds(tokens: int, sessions: int) -> float:  # grant_budgets counts the load's tokens in `tokens`
             return self.cost.cost(tokens - load.tokens, sessions, load.tokens)
 
         grant = grant_budgets(demands, step_seconds, load, padded=self.padded, min_gain=self.min_gain)
-        for key, s, accept in sessions:  # a slow session's granted block must pay for the step it will miss as well
+        for key, s, accept in rows:  # a slow session's granted block must pay for the step it will miss as well
             if s.slow and crowded and grant[key] and not _pays_a_step(accept, grant[key]):
                 grant[key] = 0
         if self.metrics is not None and any(grant.values()):
