@@ -259,7 +259,7 @@ class Engine:
 
     async def _gather(self) -> bool:
         """Wait (bounded) for the last step's sessions to send their next block; False when nothing is pending."""
-        deadline = time.perf_counter() + min(self.batch_wait_s, self._last_compute_s / 4)
+        deadline = time.perf_counter() + self._wait_s()
         while self._queue and self._expected - {work.session for work in self._queue}:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
@@ -270,6 +270,10 @@ class Engine:
             except asyncio.TimeoutError:
                 break
         return bool(self._queue)
+
+    def _wait_s(self) -> float:
+        """How long a step waits for the last step's lock-step sessions: min(batch_wait_s, a quarter of its compute)."""
+        return min(self.batch_wait_s, self._last_compute_s / 4)
 
     def _take_batch(self) -> list[tuple[_Work, int]]:
         """(work, tokens it feeds this step), FIFO, while sessions x longest row fits the budget. A padding backend
@@ -402,7 +406,7 @@ class Engine:
         prefills = [work for work in self._queue if work.is_prefill]
         queued_tokens = sum(min(len(work.tokens), self.max_batch_tokens) for work in prefills)
         prefilling = {work.session for work in prefills}
-        wait_s = min(self.batch_wait_s, self._last_compute_s / 4)
+        wait_s = self._wait_s()
         for session in sessions:  # one whose blocks come after the wait misses the next step (`_gather`)
             self.budgeter.misses_steps(session, (session.turnaround_s or 0.0) > wait_s)
         for session in sessions:
