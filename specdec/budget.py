@@ -11,7 +11,11 @@ The model (SmartSpec's goodput, WISP's predicted verification time; vLLM RFC #45
   the engine's own steps (`specdec.stepcost`: the median step time per token count seen, an affine fit
   beyond), so it holds on any device: steep on a CPU (a block of gamma+1 tokens costs far more than one
   token) and nearly flat on a GPU (memory-bound decoding).
-- Goodput G = sum_i E_i(gamma_i) / T(N, S): committed tokens per second of verifier time. `grant_budgets`
+- A lock-step session granted drafts sends its block a turnaround after its verdict (round trip and drafting),
+  and the engine holds the next step for it (at most its batch wait), idling meanwhile: W = the longest such wait
+  among the sessions granted drafts (`Demand.wait_s`, measured by the verifier; 0 for a session whose block comes
+  at once, and for one decoded by the verifier, which queues its step itself).
+- Goodput G = sum_i E_i(gamma_i) / (T(N, S) + W): committed tokens per second of verifier time. `grant_budgets`
   picks the gamma vector maximising G, each gamma_i in [0, cap_i], cap_i = min(max_gamma, the client's
   request). 0 is allowed: the session then decodes one token per step, like `Generate`.
 
@@ -19,8 +23,10 @@ The decision is exact, not a heuristic: E_i's steps E_i(g+1) - E_i(g) = prod_{j<
 with g, so for a fixed total of K draft tokens the greedy marginal allocation (the next draft token to the
 session where it buys the most expected committed tokens) maximises sum_i E_i. T depends on the vector only
 through K (S is fixed), so G's maximum is max_K E*(K) / T(K): one greedy pass records E*(K) for every K, and
-the best K wins, ties to the smaller K (less work for the same goodput). With an affine T the goodput
-rises while the next token's gain exceeds G * b and falls after, so this is the rule "grant until the next
+the best K wins, ties to the smaller K (less work for the same goodput). W depends on which sessions draft,
+so the search runs once per level t of the waits, over the sessions waiting at most t with every step priced
+T + t, and the best true goodput wins (`_grant_waiting`; the optimum is a candidate at its own W). With an
+affine T the goodput rises while the next token's gain exceeds G * b and falls after, so this is the rule "grant until the next
 token of budget costs more step time than it brings"; scanning every K also handles a step-shaped T (a
 jump to the next kernel tile, then flat), where stopping at the first loss would miss the flat part.
 
@@ -35,10 +41,10 @@ Assumptions and limits:
 - Acceptance is a per-session, per-position rate that does not depend on the batch or on gamma itself,
   and positions are independent given the prefix (the standard speculative-decoding analysis). A decayed
   count follows a session whose text turns easy or hard; new sessions start from the server-wide rate.
-- Every budgeted session rides the next step (lock-step clients send right after their verdict; async
-  sessions decode every step). One whose drafting makes it miss the step is not modelled here; the
-  verifier feeds it back as a block that bought nothing (`DraftBudgeter.late`), caps a session that usually
-  misses steps at 0 unless its full block is expected to commit 2 tokens (`DraftBudgeter.misses_steps`), and
+- Every budgeted session rides the next step, after W (async sessions decode every step). One whose
+  drafting makes it miss the step is not modelled here; the verifier feeds it back as a block that bought
+  nothing (`DraftBudgeter.late`), caps a session that usually misses steps at 0 unless the block it is granted
+  is expected to commit 2 tokens (`DraftBudgeter.arrives`), and
   counts a grant a lock-step client leaves unused as a failure at the next position, so E_i is what a grant
   buys, not what a full block would. Sessions the batch cannot hold (`max_batch_tokens`) are not modelled.
 - The estimates are taken at face value here. They are not unbiased where grants follow bursty evidence
@@ -52,7 +58,7 @@ Assumptions and limits:
   drafts min(g, cap_i) (fewer would cost the same), and the best g wins, again scanned whole. Priced as the
   sum, one good session's drafts looked cheap on a CPU while the step paid them once per row. A backend
   that packs tokens without padding (llama.cpp) is priced by the sum.
-- Goodput counts verifier time only: a slow draft is the client's to notice (`budgeted_gamma`: the
+- Goodput counts verifier time only (its idle W included): a slow draft is otherwise the client's to notice (`budgeted_gamma`: the
   smaller of the budget and the client's own best gamma, so a draft too slow for its verifier falls to 0).
 - Cost: O(K n) numpy work for K = sum of caps (a few ms at 64 sessions x 16); with SLOs O(K n log K).
 """
@@ -61,7 +67,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -70,6 +76,7 @@ from specdec.stepcost import StepCostModel, StepCostTable  # noqa: F401 - re-exp
 
 StepSeconds = Callable[[int, int], float]  # (batch tokens, batch sessions) -> compute seconds of one step
 MIN_STEP_S = 1e-9  # a fitted cost is never taken as free (goodput would be infinite)
+WAIT_LEVELS = 8  # most distinct waits the grant searches over (each a full grant)
 
 
 # ------------------------------------------------------------------------------------------ acceptance
@@ -137,6 +144,7 @@ class Demand:
     accept: Sequence[float]  # [>= cap] alpha_j by position (AcceptanceTracker.rates)
     cap: int  # most draft tokens: min(the verifier's max_gamma, the client's request); 0 = decode only
     tpot_slo_s: float | None = None  # expected verifier seconds per committed token not to exceed
+    wait_s: float = 0.0  # seconds the next step idles for this session's block if it is granted drafts
 
     def __post_init__(self) -> None:
         if not 0 <= self.cap <= len(self.accept):
@@ -145,6 +153,8 @@ class Demand:
             raise ValueError(f"session {self.key!r}: acceptance rates must be in [0, 1], got {list(self.accept)}")
         if self.tpot_slo_s is not None and not self.tpot_slo_s > 0:
             raise ValueError(f"session {self.key!r}: tpot_slo_s must be > 0, got {self.tpot_slo_s}")
+        if not self.wait_s >= 0:
+            raise ValueError(f"session {self.key!r}: wait_s must be >= 0, got {self.wait_s}")
 
 
 @dataclass(frozen=True)
@@ -161,7 +171,7 @@ def goodput(demands: Sequence[Demand], budgets: Sequence[int], step_seconds: Ste
     every session's row costs the longest row's tokens)."""
     expected = sum(expected_tokens_table(d.accept, g)[g] for d, g in zip(demands, budgets))
     drafts = len(budgets) * max(budgets, default=0) if padded else sum(budgets)
-    return expected / _step_seconds(step_seconds, demands, drafts, load)
+    return expected / (_step_seconds(step_seconds, demands, drafts, load) + _waited(demands, budgets))
 
 
 def predicted_gain(demands: Sequence[Demand], budgets: Sequence[int], step_seconds: StepSeconds, load: Load = Load(),
@@ -177,11 +187,44 @@ def grant_budgets(demands: Sequence[Demand], step_seconds: StepSeconds, load: Lo
     step computes every session's row at the longest row's length (pad-and-stack), so it costs n x (1 + max
     gamma) tokens whoever drafts them. min_gain: grant nothing unless the best grant promises at least that
     much more goodput than none (`predicted_gain` >= 1 + min_gain), when none meets every SLO too."""
-    grant = _grant(demands, step_seconds, load, padded)
+    grant = _grant_waiting(demands, step_seconds, load, padded)
     if min_gain > 0 and any(grant.values()) and _zero_meets_slos(demands, step_seconds, load):
         if predicted_gain(demands, [grant[d.key] for d in demands], step_seconds, load, padded) < 1 + min_gain:
             return {d.key: 0 for d in demands}
     return grant
+
+
+def _grant_waiting(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load,
+                   padded: bool) -> dict[Hashable, int]:
+    """The best grant when granting session i drafts makes the step idle d_i.wait_s for its block: the step then
+    takes T(K) + W, W = max wait_s over the sessions granted drafts. For each level t among the waits (at most
+    WAIT_LEVELS, each wait rounded up to its level), the best grant among the sessions waiting at most t is made
+    with every step priced T + t, and the level whose grant has the best true goodput wins, ties to the lower.
+    Exact up to the rounding: the optimal grant's own W is one of the levels, under which it is a candidate."""
+    levels = _wait_levels([d.wait_s for d in demands if d.cap and d.wait_s > 0])
+    if not levels:
+        return _grant(demands, step_seconds, load, padded)
+    best, best_rate = None, -np.inf
+    for t in [0.0, *levels]:
+        within = [d if d.wait_s <= t else replace(d, cap=0) for d in demands]
+        grant = _grant(within, lambda tokens, sessions: step_seconds(tokens, sessions) + t, load, padded)
+        rate = goodput(demands, [grant[d.key] for d in demands], step_seconds, load, padded)
+        if rate > best_rate * (1 + 1e-12):
+            best, best_rate = grant, rate
+    return best
+
+
+def _wait_levels(waits: list[float]) -> list[float]:
+    """At most WAIT_LEVELS thresholds covering every wait (the largest among each group of sorted waits)."""
+    waits = sorted(set(waits))
+    if len(waits) <= WAIT_LEVELS:
+        return waits
+    return [waits[-(-len(waits) * i // WAIT_LEVELS) - 1] for i in range(1, WAIT_LEVELS + 1)]
+
+
+def _waited(demands: Sequence[Demand], budgets: Sequence[int]) -> float:
+    """W: how long the step idles for the slowest session granted drafts."""
+    return max((d.wait_s for d, g in zip(demands, budgets) if g), default=0.0)
 
 
 def _zero_meets_slos(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load) -> bool:

@@ -44,7 +44,7 @@ def _meets_slos(demands, budgets, cost, load, stretch=1.0, padded=False):
                for d, t in zip(demands, _tpot(demands, budgets, cost, load, padded)))
 
 
-def _random_demands(rng: random.Random, n: int, slo: bool = False) -> list[Demand]:
+def _random_demands(rng: random.Random, n: int, slo: bool = False, waits: bool = False) -> list[Demand]:
     demands = []
     for i in range(n):
         cap = rng.randint(0, 6)
@@ -52,16 +52,20 @@ def _random_demands(rng: random.Random, n: int, slo: bool = False) -> list[Deman
             accept = [rng.choice([0.0, 0.2, 0.5, 0.8, 0.95])] * 6  # constant alpha
         else:
             accept = [rng.random() for _ in range(6)]  # by position
-        demands.append(Demand(f"s{i}", accept, cap, rng.choice([None, 0.005, 0.01, 0.02]) if slo else None))
+        demands.append(Demand(f"s{i}", accept, cap, rng.choice([None, 0.005, 0.01, 0.02]) if slo else None,
+                              rng.choice([0.0, 0.0, 0.002, 0.01, 0.03]) if waits else 0.0))
     return demands
 
 
+@pytest.mark.parametrize("waits", [False, True], ids=["at-once", "waited-for"])
 @pytest.mark.parametrize("padded", [False, True], ids=["summed", "padded"])
 @pytest.mark.parametrize("curve", sorted(COSTS))
-def test_grant_matches_brute_force(curve, padded):
+def test_grant_matches_brute_force(curve, padded, waits):
+    """waited-for: granting a session drafts makes the step idle for its block (`Demand.wait_s`), and the step
+    waits for the slowest session granted, so the brute force prices every vector T + that wait."""
     cost, rng = COSTS[curve], random.Random(curve)
     for _ in range(40):
-        demands = _random_demands(rng, rng.randint(1, 3))
+        demands = _random_demands(rng, rng.randint(1, 3), waits=waits)
         load = Load(tokens=rng.choice([0, 0, 16]), sessions=rng.choice([0, 1]))
         granted = grant_budgets(demands, cost, load, padded=padded)
         budgets = [granted[d.key] for d in demands]
@@ -81,6 +85,26 @@ def test_padded_steps_make_one_sessions_drafts_cost_every_row():
                                                                                    cost, padded=True)
     # a step of one session pays only its own row: the good session drafts either way
     assert grant_budgets(demands[:1], cost, padded=True)["good"] > 0
+
+
+def test_a_session_the_step_would_idle_for_is_granted_only_what_pays_for_the_wait():
+    """Two sessions at 80% acceptance on a CPU-like curve: drafts pay for both when their blocks come at once.
+    One whose block comes 0.1 s after its verdict (an LM drafting on a shared core) makes the step idle for it,
+    so it drafts only if its block buys more than the wait costs everyone; a wait of a whole step, never. With
+    many such sessions the grant searches levels of waits and stays within the brute force."""
+    cost = lambda n, s: 0.2 + 0.02 * n  # noqa: E731
+    quick = [Demand("a", [0.8] * 4, 4), Demand("b", [0.8] * 4, 4)]
+    assert all(grant_budgets(quick, cost).values())
+    waited = [quick[0], Demand("b", [0.8] * 4, 4, wait_s=0.1)]
+    grant = grant_budgets(waited, cost)
+    assert grant["a"] > 0 and grant["b"] == 0  # the lost tenth of a second is worth more than b's block
+    assert grant_budgets([quick[0], Demand("b", [0.8] * 4, 4, wait_s=0.5)], cost)["b"] == 0
+    assert goodput(waited, [grant["a"], 0], cost) > goodput(waited, [grant["a"], 4], cost)
+    rng = random.Random(7)  # more distinct waits than WAIT_LEVELS: rounded up to a level, still near the optimum
+    demands = [Demand(f"s{i}", [rng.choice([0.5, 0.9])] * 2, 2, wait_s=rng.random() * 0.2) for i in range(9)]
+    granted = grant_budgets(demands, cost)
+    best, _ = _brute_force(demands, cost)
+    assert goodput(demands, [granted[d.key] for d in demands], cost) >= 0.97 * best
 
 
 def test_grant_matches_brute_force_on_a_fitted_model():
@@ -157,6 +181,8 @@ def test_demand_validation():
         Demand("a", [0.5] * 3, 3, tpot_slo_s=0.0)
     with pytest.raises(ValueError):
         Demand("a", [0.5, 1.2], 2)
+    with pytest.raises(ValueError):
+        Demand("a", [0.5] * 2, 2, wait_s=-0.1)
 
 
 # ------------------------------------------------------------------------------------------ the fit

@@ -276,9 +276,9 @@ def test_a_session_that_misses_steps_is_granted_only_a_block_that_pays_for_one(r
         for key in keys:
             landed = (i % 10) < 10 * rate
             budgeter.on_verdict(key, 6, (1 if rate < 0.5 else 6) if landed else 0, offered=6)
-    budgeter.misses_steps("slow", False)
+    budgeter.arrives("slow", 0.0005, 0.001)
     assert budgeter.budget_for("slow") > 0
-    budgeter.misses_steps("slow", True)  # its blocks come after the step starts (an LM on a shared CPU core)
+    budgeter.arrives("slow", 0.002, 0.001)  # its blocks come after the step starts (an LM on a shared CPU core)
     budget = budgeter.budget_for("slow")
     assert (budget > 0) == granted
     accept = budgeter._sessions["slow"].tracker.rates(budgeter.population.pooled())

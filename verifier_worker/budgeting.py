@@ -18,6 +18,7 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
   decoded the session on its own (pb.ShadowVerdict: checked against the tokens committed since);
 - `hold(key, grants)` when a lock-step proposal asks the verifier to decode that many steps alone (decode_alone);
 - `late(key, offered)` when a step starts without a lock-step session that was granted drafts (it missed it);
+- `arrives(key, turnaround_s, wait_s)` with a lock-step session's measured turnaround and the engine's wait;
 - `close(key)` when the session ends.
 
 The grant is made once per step, for every open session together (`specdec.budget.grant_budgets`): the
@@ -89,7 +90,8 @@ class _Session:
     tpot_slo_s: float | None
     held: int = 0  # grants still to come at which it drafts nothing whatever it is granted (decode_alone)
     promised: float = 0.0  # accepted draft tokens its last grant's block was expected to buy (uncalibrated)
-    slow: bool = False  # its blocks come after the next step has started (misses_steps): a block costs it a step
+    wait_s: float = 0.0  # how long the next step idles for its block when it is granted drafts (arrives)
+    slow: bool = False  # its blocks come after the next step has started (arrives): a block costs it a step
 
 
 class DraftBudgeter:
@@ -196,15 +198,18 @@ class DraftBudgeter:
             if self.metrics is not None:
                 self.metrics.late.inc()
 
-    def misses_steps(self, key: Hashable, slow: bool) -> None:
-        """Whether this lock-step session's blocks come after the next step starts (its drafting takes longer than
-        the engine's wait for the last step's sessions, e.g. an LM on a CPU core shared by several sessions). Beside
-        other sessions such a block rides a step later, so it commits E(gamma) tokens in two steps where decoding
-        commits two: it is granted drafts only if the block it is granted is expected to commit at least 2. Its
-        `late` marks alone kept it oscillating: the estimate fell, shadow blocks lifted it, and the next grant cost a
-        step again."""
-        if key in self._sessions and self._sessions[key].slow != slow:
-            self._sessions[key].slow = slow
+    def arrives(self, key: Hashable, turnaround_s: float, wait_s: float) -> None:
+        """This lock-step session's blocks that carry drafts come `turnaround_s` after its verdict (its round trip
+        and drafting), and the engine holds a step at most `wait_s` for the last step's sessions. Granted drafts,
+        beside other sessions, it makes the next step idle min(turnaround_s, wait_s) (`Demand.wait_s`: an LM
+        drafting on a CPU core shared by several sessions, ~0.1 s against a 0.4 s step, idled the verifier 12% of
+        the time at 2 sessions). Slower than the wait, it misses the step too: its block rides a step later, so
+        it commits E(gamma) tokens in two steps where decoding commits two, and it is granted drafts only if the
+        block it is granted is expected to commit at least 2 (its `late` marks alone kept it oscillating: the
+        estimate fell, shadow blocks lifted it, and the next grant cost a step again)."""
+        session = self._sessions.get(key)
+        if session is not None and (session.wait_s, session.slow) != (min(turnaround_s, wait_s), turnaround_s > wait_s):
+            session.wait_s, session.slow = min(turnaround_s, wait_s), turnaround_s > wait_s
             self._grants = None
 
     def budget_for(self, key: Hashable, queued_sessions: int = 0, queued_tokens: int = 0,
@@ -240,7 +245,7 @@ class DraftBudgeter:
                 if key not in exclude]
         crowded = len(rows) + load.sessions > 1  # others ride the step a slow session's block misses
         demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.max_gamma))
-                          else s.max_gamma, s.tpot_slo_s) for key, s, accept in rows]
+                          else s.max_gamma, s.tpot_slo_s, s.wait_s if crowded else 0.0) for key, s, accept in rows]
 
         def step_seconds(tokens: int, sessions: int) -> float:  # grant_budgets counts the load's tokens in `tokens`
             return self.cost.cost(tokens - load.tokens, sessions, load.tokens)

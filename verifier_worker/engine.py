@@ -26,7 +26,7 @@ work is pending, the engine waits for the sessions that rode in the last step an
 next block, at most min(batch_wait_s, a quarter of the last step's compute): a bounded tax on the others,
 none at all when everyone has arrived. (Not waiting for a session whose drafted blocks usually come later,
 an LM drafting on a CPU, split the steps: its plain blocks, sent at once, missed them too; LM `auto` fell to
-0.79x `Generate` at 4 sessions.) Such a session is told to the budgeter instead (`misses_steps`, from
+0.79x `Generate` at 4 sessions.) Such a session is told to the budgeter instead (`arrives`, from
 `session.turnaround_s`): it is granted drafts only when a block pays for the step it will miss. A session granted drafts that still misses the step is told to the
 budgeter (`late`): its drafting cost it a step, and the grant learns to give it fewer.
 
@@ -407,8 +407,8 @@ class Engine:
         queued_tokens = sum(min(len(work.tokens), self.max_batch_tokens) for work in prefills)
         prefilling = {work.session for work in prefills}
         wait_s = self._wait_s()
-        for session in sessions:  # one whose blocks come after the wait misses the next step (`_gather`)
-            self.budgeter.misses_steps(session, (session.turnaround_s or 0.0) > wait_s)
+        for session in sessions:  # the next step idles for its block, and one slower than the wait misses it
+            self.budgeter.arrives(session, session.turnaround_s or 0.0, wait_s)
         for session in sessions:
             session.budget = self.budgeter.budget_for(session, len(prefills), queued_tokens, prefilling)
 

@@ -90,7 +90,7 @@ class VerifierSession:
         self.steps = 0  # engine steps this session rode in (counted by the engine)
         # lock-step: when its last verdict was handed back (None: its next block is in), and an EMA of how long its
         # next block then took to come when it carried drafts (drafting and the round trip): one slower than the
-        # engine's wait for the last step's sessions misses steps when it drafts (DraftBudgeter.misses_steps)
+        # engine's wait for the last step's sessions misses steps when it drafts (DraftBudgeter.arrives)
         self.answered_at: float | None = None
         self.turnaround_s: float | None = None
         self.drafted_blocks = 0
