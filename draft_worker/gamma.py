@@ -79,8 +79,8 @@ class RttGamma:
         if not 0 <= self.min_gamma <= self.gamma <= self.max_gamma:
             raise ValueError(f"need 0 <= min_gamma <= gamma <= max_gamma, "
                              f"got {self.min_gamma}, {self.gamma}, {self.max_gamma}")
-        self._accepted: list[float] = []  # [positions] decayed blocks that accepted position i+1
-        self._reached: list[float] = []  # [positions] decayed blocks that reached (proposed, all before accepted) i+1
+        # acceptance by draft position, decayed by `forget` per round (the verifier's own estimator)
+        self._counts = AcceptanceTracker(max(self.max_gamma, 1), self.prior, self.prior_alpha, self.forget)
         self._service: dict[int, float] = {}  # draft tokens of a block -> EMA of its service seconds
         self._rounds_since_probe = 0
         self._probe_interval = 1  # rounds to the next probe: 1, 2, 4, ... probe_every
@@ -110,25 +110,14 @@ class RttGamma:
             if self._skipped_prefill:
                 self.draft_s = ema(self.draft_s, draft_s / proposed, self.smoothing)
             self._skipped_prefill = True
-        self._accepted = [n * self.forget for n in self._accepted]
-        self._reached = [n * self.forget for n in self._reached]
+        accepted = min(accepted, proposed)
+        self._counts.update(proposed, accepted)
         if self.history is not None and proposed:
             self.history.update(proposed, accepted)
-        reached = min(accepted + 1, proposed)  # the first rejected position was reached too
-        if reached > len(self._reached):
-            self._accepted += [0.0] * (reached - len(self._accepted))
-            self._reached += [0.0] * (reached - len(self._reached))
-        for i in range(reached):
-            self._reached[i] += 1
-            self._accepted[i] += float(i < accepted)
 
     def accept_rates(self) -> list[float]:
         """[max_gamma] estimated P(position i+1 accepted | positions 1..i accepted)."""
-        prior_alpha = self.prior_alpha if self.history is None else self.history.pooled()
-        pooled = (sum(self._accepted) + self.prior * prior_alpha) / (sum(self._reached) + self.prior)
-        pad = max(0, self.max_gamma - len(self._reached))
-        return [(a + self.prior * pooled) / (r + self.prior)
-                for a, r in zip(self._accepted + [0.0] * pad, self._reached + [0.0] * pad)][: self.max_gamma]
+        return self._counts.rates(None if self.history is None else self.history.pooled())[: self.max_gamma]
 
     def verify_cost(self) -> VerifyCost:
         """(fixed_s, per_token_s) of the verifier's service time, fitted to the block sizes seen.

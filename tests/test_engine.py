@@ -300,6 +300,23 @@ async def test_the_engine_tells_the_budgeter_which_sessions_miss_steps():
     engine.close(plain)
 
 
+async def test_a_failing_grant_leaves_the_session_decoding_and_the_engine_running():
+    """A budgeter that raises (a bug in a grant) is logged and grants 0: the step's verdicts still arrive, and
+    the engine keeps stepping. Before, the error ended the engine's loop and every session waited forever."""
+    class Broken(DraftBudgeter):
+        def budget_for(self, *args, **kwargs):
+            raise KeyError("a grant's bug")
+
+    engine = Engine(FakeLM(32), budgeter=Broken(max_gamma=4))
+    session = engine.open([1, 2, 3], GREEDY)
+    await engine.prefill(session)
+    result, _ = await asyncio.wait_for(engine.verify(session, [7], None), 30)
+    assert session.budget == 0 and result.committed
+    result, _ = await asyncio.wait_for(engine.verify(session, [], None), 30)
+    assert len(result.committed) == 1
+    engine.close(session)
+
+
 async def test_a_session_whose_outcome_cannot_be_applied_fails_alone():
     """An exception while the event loop applies one session's outcome fails that session's work only: the
     engine goes on, and the other sessions of the step get their verdicts and later steps."""

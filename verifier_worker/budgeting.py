@@ -118,6 +118,7 @@ class DraftBudgeter:
         self._sessions: dict[Hashable, _Session] = {}
         self._bought, self._promised = 0.0, 0.0  # decayed sums over granted lock-step blocks (calibration())
         self._grants: dict[Hashable, int] | None = None  # this step's; None: not made yet
+        self._rates: dict[Hashable, list[float]] = {}  # the acceptance each of this step's grants read (uncalibrated)
 
     def open(self, key: Hashable, max_gamma: int | None = None, tpot_slo_s: float | None = None) -> None:
         """A new session; max_gamma: the client's limit (None: the server's; 0: decode only)."""
@@ -218,11 +219,13 @@ class DraftBudgeter:
         if key not in self._sessions:
             self.open(key)
         if self._grants is None or key not in self._grants:
+            self._rates = {}  # grants() fills it
             self._grants = self.grants(Load(queued_tokens, queued_sessions), exclude=set(prefilling) - {key})
         budget = self._grants[key]
         session = self._sessions[key]
         session.held = max(0, session.held - 1)
-        session.promised = expected_tokens_table(session.tracker.rates(self.population.pooled()), budget)[budget] - 1
+        rates = self._rates.get(key) or session.tracker.rates(self.population.pooled())
+        session.promised = expected_tokens_table(rates, budget)[budget] - 1
         if self.metrics is not None and self._sessions[key].max_gamma:  # a decode-only session is never granted drafts
             self.metrics.granted.observe(budget)
         return budget
@@ -241,8 +244,8 @@ class DraftBudgeter:
         """A fresh grant for every open session but `exclude` (still prefilling: in `load`, not sending a block
         next step), given the other work riding the next step."""
         prior, scale = self.population.pooled(), self.calibration()
-        rows = [(key, s, _scaled(s.tracker.rates(prior), scale)) for key, s in self._sessions.items()
-                if key not in exclude]
+        self._rates = {key: s.tracker.rates(prior) for key, s in self._sessions.items() if key not in exclude}
+        rows = [(key, self._sessions[key], _scaled(rates, scale)) for key, rates in self._rates.items()]
         crowded = len(rows) + load.sessions > 1  # others ride the step a slow session's block misses
         demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.max_gamma))
                           else s.max_gamma, s.tpot_slo_s, s.wait_s if crowded else 0.0) for key, s, accept in rows]

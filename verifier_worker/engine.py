@@ -410,7 +410,11 @@ class Engine:
         for session in sessions:  # the next step idles for its block, and one slower than the wait misses it
             self.budgeter.arrives(session, session.turnaround_s or 0.0, wait_s)
         for session in sessions:
-            session.budget = self.budgeter.budget_for(session, len(prefills), queued_tokens, prefilling)
+            try:
+                session.budget = self.budgeter.budget_for(session, len(prefills), queued_tokens, prefilling)
+            except Exception:  # noqa: BLE001 - a failing grant must not stop the engine: that session decodes
+                log.exception("draft budget failed")
+                session.budget = 0
 
 
 def _verify_tree(work: _Work, target_logits: torch.Tensor) -> tuple[int, int, Logprobs | None, list[int]]:
