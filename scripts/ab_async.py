@@ -25,12 +25,16 @@ from transformers import AutoTokenizer
 
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.delay import DelayProxy
-from draft_worker.drafters import Candidates, NgramDrafter
+from draft_worker.drafters import Candidates, DraftModels, DrafterSpec, NgramDrafter, build_drafter
+from draft_worker.gamma import AutoGamma, new_history
 from draft_worker.transport import fetch_info, open_channel
 from orchestrator.launch import start_verifier
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec.config import SamplingParams
 from specdec.pubmedqa import default_path, load_items
+
+
+DRAFTS = DraftModels()
 
 
 class SilentDrafter(NgramDrafter):
@@ -43,6 +47,10 @@ class SilentDrafter(NgramDrafter):
 async def measure(args, address: str, prompts: list[list[int]]) -> dict[str, list[tuple[float, float, float]]]:
     """-> {arm: [(tok/s, verifier compute ms per token, ratio to Generate's tok/s)]}"""
     arms = {"generate": None, "async ngram": NgramDrafter, "async silent": SilentDrafter}
+    if args.auto:  # `--gamma auto` under the verifier's draft budget, each drafter's history over the run
+        tiny = DrafterSpec(kind="lm", model=args.draft, dtype="fp32")
+        histories = {"async ngram auto": new_history(), "async tiny-lm auto": new_history()}
+        arms |= {"async ngram auto": NgramDrafter, "async tiny-lm auto": lambda: build_drafter(tiny, DRAFTS)}
     rows: dict[str, list[tuple[float, float, float]]] = {arm: [] for arm in arms}
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     async with DelayProxy(address, args.rtt_ms) as proxy, open_channel(proxy.address) as channel:
@@ -55,7 +63,8 @@ async def measure(args, address: str, prompts: list[list[int]]) -> dict[str, lis
                     if drafter is None:
                         result = await generate_baseline(stub, prompt, params)
                     else:
-                        result = await speculate(stub, drafter(), prompt, params, args.gamma, info, mode="async")
+                        gamma = AutoGamma(history=histories[arm]) if arm.endswith(" auto") else args.gamma
+                        result = await speculate(stub, drafter(), prompt, params, gamma, info, mode="async")
                     rate = len(result.token_ids) / result.wall_s
                     base_rate = base_rate or rate
                     if repeat:  # repetition 0 warms up
@@ -74,6 +83,8 @@ def main() -> None:
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--rtt-ms", type=float, default=25.0)
     p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--auto", action="store_true", help="also `--gamma auto` arms: the n-gram and the tiny LM draft")
+    p.add_argument("--draft", default="/tmp/specdec-tiny/draft", help="the tiny LM draft (with --auto)")
     p.add_argument("--verifier-cpus", default="0")
     p.add_argument("--client-cpus", default="1")
     args = p.parse_args()
