@@ -85,6 +85,7 @@ class ClientSession:
         self.alone = 0  # steps the verifier still decodes on its own because the last block asked it (decode_alone)
         self.takes_shadows = False  # the verifier counts shadow verdicts (said in `opened`)
         self.shadow: ShadowBlock | None = None  # drafted while the verifier decodes alone, awaiting the commits
+        self.shadowing: Job | None = None  # a shadow block's drafting, set aside while an empty block went out
         self.shadowed = -1  # the commit the last shadow block was drafted from (one per commit at most)
         self.draft_s_per_token = 0.0  # of the last job after the opening's (async's schedule updates)
         self.opening_job: Job | None = None
@@ -152,7 +153,9 @@ class ClientSession:
         return self.mode.streams_commits or sum(map(self._live, self.in_flight)) < self.mode.max_in_flight
 
     def _start_drafting(self) -> None:
-        if self.drafting is not None:
+        if self.drafting is not None and self.drafting.shadow and self.shadowing is None and self._empty_block_due():
+            self.shadowing, self.drafting = self.drafting, None  # an empty block needs no drafter: it goes at once
+        if self.drafting is not None or (self.shadowing is not None and not self._empty_block_due()):
             return
         if self._needs_block_from_commit():
             self._draft(min(self.gamma, self._left - 1), guess=[])
@@ -166,6 +169,12 @@ class ClientSession:
         elif self._may_shadow():
             self._draft(self._shadow_size(), guess=[], shadow=True)
 
+    def _empty_block_due(self) -> bool:
+        """Lockstep/ahead: the block the session waits for carries no draft (the client's own gamma is 0, or the
+        budget): it is sent at once, not after a shadow block the drafter is busy with (an LM's takes ~0.1 s a
+        token on a shared CPU core, and the verifier holds its next step for this block)."""
+        return self._needs_block_from_commit() and min(self.gamma, self._left - 1) <= 0 and not self.tree_nodes
+
     def _shadow_size(self) -> int:
         return min(max(1, self.schedule.gamma), self.schedule.max_gamma, self._left - 1)
 
@@ -173,7 +182,8 @@ class ClientSession:
         """The verifier decodes on its own (lock-step in its turn; async at budget 0), and enough commits passed since
         the last shadow block for this one to take at most its share of the session's time (shadow.shadow_every)."""
         alone = self.server_turn or (self.mode.streams_commits and self.budget == 0)
-        if not (self.takes_shadows and alone and self.shadow is None and not self.tree_nodes and self._left > 1):
+        if not (self.takes_shadows and alone and self.shadow is None and self.shadowing is None and not self.tree_nodes
+                and self._left > 1):
             return False
         every = shadow_every(self._shadow_size(), self.draft_s_per_token, self.link.s_per_token or 0.0)
         return every is not None and len(self.committed) - self.shadowed >= every
@@ -194,13 +204,21 @@ class ClientSession:
             work = (self.drafter.get_candidates, n)
         else:
             work = (self.drafter.propose, [*self.prompt_ids, *self.committed, *guess], n)
-        task = asyncio.ensure_future(asyncio.to_thread(timed, *work))
+        if n <= 0 and not shadow and not self.tree_nodes:  # an empty block: nothing to draft, no thread
+            task = asyncio.get_running_loop().create_future()
+            task.set_result((Candidates([], None), 0.0))
+        else:
+            task = asyncio.ensure_future(asyncio.to_thread(timed, *work))
         self.drafting = Job(task, len(self.committed), guess, n if shadow else self.gamma, assumes_first, shadow)
 
     async def _next_event(self) -> None:
-        waiting = {t for t in (self.reading, self.drafting and self.drafting.task) if t is not None}
+        jobs = (self.drafting, self.shadowing)
+        waiting = {t for t in (self.reading, *(job and job.task for job in jobs)) if t is not None}
         assert waiting, "a session always drafts or awaits a reply"
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if self.shadowing is not None and self.shadowing.task in done:
+            job, self.shadowing = self.shadowing, None
+            await self._draft_finished(job, *job.task.result())
         if self.drafting is not None and self.drafting.task in done:
             job, self.drafting = self.drafting, None
             await self._draft_finished(job, *job.task.result())
@@ -395,8 +413,9 @@ class ClientSession:
         if self.reading is not None:
             self.reading.cancel()
         await self.stream.end()
-        if self.drafting is not None:
-            await asyncio.wait({self.drafting.task})
+        jobs = {job.task for job in (self.drafting, self.shadowing) if job is not None}
+        if jobs:
+            await asyncio.wait(jobs)
 
 
 def _block_s(reply: pb.Verdict | pb.Commit) -> float | None:

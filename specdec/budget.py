@@ -11,10 +11,11 @@ The model (SmartSpec's goodput, WISP's predicted verification time; vLLM RFC #45
   the engine's own steps (`specdec.stepcost`: the median step time per token count seen, an affine fit
   beyond), so it holds on any device: steep on a CPU (a block of gamma+1 tokens costs far more than one
   token) and nearly flat on a GPU (memory-bound decoding).
-- A lock-step session granted drafts sends its block a turnaround after its verdict (round trip and drafting),
-  and the engine holds the next step for it (at most its batch wait), idling meanwhile: W = the longest such wait
-  among the sessions granted drafts (`Demand.wait_s`, measured by the verifier; 0 for a session whose block comes
-  at once, and for one decoded by the verifier, which queues its step itself).
+- A lock-step session granted drafts sends its block a turnaround after its verdict (round trip and drafting,
+  `Demand.wait_s`, measured by the verifier; 0 for one decoded by the verifier, which queues its step itself), and
+  the engine holds the next step for it, idling meanwhile: W (`waited`) = the longest turnaround among the
+  sessions granted drafts, at most the engine's wait (`hold_s`) once other work is ready; with every session
+  granted, nothing is ready until the first block comes.
 - Goodput G = sum_i E_i(gamma_i) / (T(N, S) + W): committed tokens per second of verifier time. `grant_budgets`
   picks the gamma vector maximising G, each gamma_i in [0, cap_i], cap_i = min(max_gamma, the client's
   request). 0 is allowed: the session then decodes one token per step, like `Generate`.
@@ -25,9 +26,9 @@ session where it buys the most expected committed tokens) maximises sum_i E_i. T
 through K (S is fixed), so G's maximum is max_K E*(K) / T(K): one greedy pass records E*(K) for every K, and
 the best K wins, ties to the smaller K (less work for the same goodput). W depends on which sessions draft,
 so the search runs once per level t of the waits, over the sessions waiting at most t with every step priced
-T + t, and the best true goodput wins (`_grant_waiting`; the optimum is a candidate at its own W). With an
-affine T the goodput rises while the next token's gain exceeds G * b and falls after, so this is the rule "grant until the next
-token of budget costs more step time than it brings"; scanning every K also handles a step-shaped T (a
+T + t (capped by the engine's wait), and the best true goodput wins (`_grant_waiting`; the optimum is a
+candidate at its own W). With an affine T the goodput rises while the next token's gain exceeds G * b and falls
+after, so this is the rule "grant until the next token of budget costs more step time than it brings"; scanning every K also handles a step-shaped T (a
 jump to the next kernel tile, then flat), where stopping at the first loss would miss the flat part.
 
 Latency target (optional, per session): the expected time per token of session i is T / E_i(gamma_i) (its
@@ -144,7 +145,7 @@ class Demand:
     accept: Sequence[float]  # [>= cap] alpha_j by position (AcceptanceTracker.rates)
     cap: int  # most draft tokens: min(the verifier's max_gamma, the client's request); 0 = decode only
     tpot_slo_s: float | None = None  # expected verifier seconds per committed token not to exceed
-    wait_s: float = 0.0  # seconds the next step idles for this session's block if it is granted drafts
+    wait_s: float = 0.0  # seconds after its verdict its block comes when it is granted drafts (0: at once)
 
     def __post_init__(self) -> None:
         if not 0 <= self.cap <= len(self.accept):
@@ -166,52 +167,82 @@ class Load:
 
 
 def goodput(demands: Sequence[Demand], budgets: Sequence[int], step_seconds: StepSeconds, load: Load = Load(),
-            padded: bool = False) -> float:
+            padded: bool = False, hold_s: float | None = None) -> float:
     """Expected committed tokens per second of the next step if session i drafts budgets[i] tokens (padded:
-    every session's row costs the longest row's tokens)."""
+    every session's row costs the longest row's tokens; hold_s: see `waited`)."""
     expected = sum(expected_tokens_table(d.accept, g)[g] for d, g in zip(demands, budgets))
     drafts = len(budgets) * max(budgets, default=0) if padded else sum(budgets)
-    return expected / (_step_seconds(step_seconds, demands, drafts, load) + _waited(demands, budgets))
+    return expected / (_step_seconds(step_seconds, demands, drafts, load) + waited(demands, budgets, load, hold_s))
 
 
 def predicted_gain(demands: Sequence[Demand], budgets: Sequence[int], step_seconds: StepSeconds, load: Load = Load(),
-                   padded: bool = False) -> float:
+                   padded: bool = False, hold_s: float | None = None) -> float:
     """The goodput of `budgets` over the goodput of granting none: what the model expects the drafts to buy."""
-    return goodput(demands, budgets, step_seconds, load, padded) / goodput(demands, [0] * len(demands), step_seconds,
-                                                                           load, padded)
+    return goodput(demands, budgets, step_seconds, load, padded, hold_s) / goodput(
+        demands, [0] * len(demands), step_seconds, load, padded, hold_s)
 
 
 def grant_budgets(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load = Load(),
-                  padded: bool = False, min_gain: float = 0.0) -> dict[Hashable, int]:
+                  padded: bool = False, min_gain: float = 0.0, hold_s: float | None = None) -> dict[Hashable, int]:
     """{key: draft tokens its next block may carry}, maximising goodput (see the module docstring). padded: the
     step computes every session's row at the longest row's length (pad-and-stack), so it costs n x (1 + max
     gamma) tokens whoever drafts them. min_gain: grant nothing unless the best grant promises at least that
-    much more goodput than none (`predicted_gain` >= 1 + min_gain), when none meets every SLO too."""
-    grant = _grant_waiting(demands, step_seconds, load, padded)
+    much more goodput than none (`predicted_gain` >= 1 + min_gain), when none meets every SLO too. hold_s: the
+    most a step waits for a block once other work is ready (`waited`; None: it waits for every block)."""
+    grant = _grant_waiting(demands, step_seconds, load, padded, hold_s)
     if min_gain > 0 and any(grant.values()) and _zero_meets_slos(demands, step_seconds, load):
-        if predicted_gain(demands, [grant[d.key] for d in demands], step_seconds, load, padded) < 1 + min_gain:
+        gain = predicted_gain(demands, [grant[d.key] for d in demands], step_seconds, load, padded, hold_s)
+        if gain < 1 + min_gain:
             return {d.key: 0 for d in demands}
     return grant
 
 
-def _grant_waiting(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load,
-                   padded: bool) -> dict[Hashable, int]:
-    """The best grant when granting session i drafts makes the step idle d_i.wait_s for its block: the step then
-    takes T(K) + W, W = max wait_s over the sessions granted drafts. For each level t among the waits (at most
-    WAIT_LEVELS, each wait rounded up to its level), the best grant among the sessions waiting at most t is made
-    with every step priced T + t, and the level whose grant has the best true goodput wins, ties to the lower.
-    Exact up to the rounding: the optimal grant's own W is one of the levels, under which it is a candidate."""
+def waited(demands: Sequence[Demand], budgets: Sequence[int], load: Load = Load(),
+           hold_s: float | None = None) -> float:
+    """W: how long the next step idles for the blocks of the sessions granted drafts (G). With other work ready at
+    once (a session granted none, which the verifier decodes, or prefill load), the engine waits at most hold_s for
+    G's blocks: W = min(max_G wait_s, hold_s); a block later than that misses the step. With every session in G,
+    nothing is ready until the first block comes: W = min(max_G wait_s, min_G wait_s + hold_s)."""
+    waits = [d.wait_s for d, g in zip(demands, budgets) if g]
+    if not waits:
+        return 0.0
+    if hold_s is None:
+        return max(waits)
+    ready = 0.0 if load.sessions or len(waits) < len(demands) else min(waits)
+    return min(max(waits), ready + hold_s)
+
+
+def _grant_waiting(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load, padded: bool,
+                   hold_s: float | None) -> dict[Hashable, int]:
+    """The best grant when the step idles W (`waited`) for the blocks of the sessions granted drafts. For each
+    level t among the waits (at most WAIT_LEVELS, each wait rounded up to its level), the best grant among the
+    sessions waiting at most t, every step priced T + min(t, hold_s): a grant leaving a session out then idles at
+    most that, so its true goodput is at least its price, and the optimum among those is a candidate at its own
+    level. A grant to every session idles W_all = min(max wait, min wait + hold_s) whatever it grants: the best
+    one is a candidate priced so. Where a level's grant goes to every session and its price undercounts W_all,
+    the best grants leaving out each session in turn are candidates too. The best true goodput wins, ties to the
+    first (lower levels first): exact up to the rounding of the waits."""
     levels = _wait_levels([d.wait_s for d in demands if d.cap and d.wait_s > 0])
     if not levels:
         return _grant(demands, step_seconds, load, padded)
-    best, best_rate = None, -np.inf
+
+    def priced(idle: float, within: list[Demand]) -> dict[Hashable, int]:
+        return _grant(within, lambda tokens, sessions: step_seconds(tokens, sessions) + idle, load, padded)
+
+    candidates = []
     for t in [0.0, *levels]:
         within = [d if d.wait_s <= t else replace(d, cap=0) for d in demands]
-        grant = _grant(within, lambda tokens, sessions: step_seconds(tokens, sessions) + t, load, padded)
-        rate = goodput(demands, [grant[d.key] for d in demands], step_seconds, load, padded)
-        if rate > best_rate * (1 + 1e-12):
-            best, best_rate = grant, rate
-    return best
+        idle = t if hold_s is None else min(t, hold_s)
+        candidates.append(priced(idle, within))
+        if idle < t and not load.sessions and all(candidates[-1].values()):
+            candidates += [priced(idle, [replace(d, cap=0) if k == i else d for k, d in enumerate(within)])
+                           for i, d in enumerate(within) if d.cap]
+    if hold_s is not None and not load.sessions and all(d.cap for d in demands):
+        waits = [d.wait_s for d in demands]
+        candidates.append(priced(min(max(waits), min(waits) + hold_s), list(demands)))
+    rates = [goodput(demands, [grant[d.key] for d in demands], step_seconds, load, padded, hold_s)
+             for grant in candidates]
+    return candidates[int(np.argmax(np.array(rates) >= max(rates) * (1 - 1e-12)))]
 
 
 def _wait_levels(waits: list[float]) -> list[float]:
@@ -220,11 +251,6 @@ def _wait_levels(waits: list[float]) -> list[float]:
     if len(waits) <= WAIT_LEVELS:
         return waits
     return [waits[-(-len(waits) * i // WAIT_LEVELS) - 1] for i in range(1, WAIT_LEVELS + 1)]
-
-
-def _waited(demands: Sequence[Demand], budgets: Sequence[int]) -> float:
-    """W: how long the step idles for the slowest session granted drafts."""
-    return max((d.wait_s for d, g in zip(demands, budgets) if g), default=0.0)
 
 
 def _zero_meets_slos(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load) -> bool:

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from specdec.budget import (AcceptanceTracker, Demand, Load, StepCostModel, budgeted_gamma, goodput,
-                            grant_budgets)
+                            grant_budgets, waited)
 from specdec.gamma import choose_gamma, expected_tokens, expected_tokens_table
 from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter
 
@@ -24,12 +24,12 @@ COSTS = {  # (batch tokens, batch sessions) -> step seconds
 }
 
 
-def _brute_force(demands, cost, load=Load(), padded=False):
+def _brute_force(demands, cost, load=Load(), padded=False, hold_s=None):
     """(best goodput, its budgets) over every budget vector, meeting every SLO if any vector can."""
     vectors = list(itertools.product(*(range(d.cap + 1) for d in demands)))
     feasible = [v for v in vectors if _meets_slos(demands, v, cost, load, padded=padded)] or vectors
-    best = max(feasible, key=lambda v: goodput(demands, v, cost, load, padded))
-    return goodput(demands, best, cost, load, padded), best
+    best = max(feasible, key=lambda v: goodput(demands, v, cost, load, padded, hold_s))
+    return goodput(demands, best, cost, load, padded, hold_s), best
 
 
 def _tpot(demands, budgets, cost, load, padded=False):
@@ -57,21 +57,24 @@ def _random_demands(rng: random.Random, n: int, slo: bool = False, waits: bool =
     return demands
 
 
-@pytest.mark.parametrize("waits", [False, True], ids=["at-once", "waited-for"])
+@pytest.mark.parametrize("waits", ["at-once", "waited-for", "held"])
 @pytest.mark.parametrize("padded", [False, True], ids=["summed", "padded"])
 @pytest.mark.parametrize("curve", sorted(COSTS))
 def test_grant_matches_brute_force(curve, padded, waits):
     """waited-for: granting a session drafts makes the step idle for its block (`Demand.wait_s`), and the step
-    waits for the slowest session granted, so the brute force prices every vector T + that wait."""
+    waits for the slowest session granted, so the brute force prices every vector T + that wait. held: the engine
+    holds a step at most hold_s once other work is ready (`waited`), longer when every session was granted."""
     cost, rng = COSTS[curve], random.Random(curve)
     for _ in range(40):
-        demands = _random_demands(rng, rng.randint(1, 3), waits=waits)
+        demands = _random_demands(rng, rng.randint(1, 3), waits=waits != "at-once")
         load = Load(tokens=rng.choice([0, 0, 16]), sessions=rng.choice([0, 1]))
-        granted = grant_budgets(demands, cost, load, padded=padded)
+        hold_s = rng.choice([0.001, 0.005, 0.02]) if waits == "held" else None
+        granted = grant_budgets(demands, cost, load, padded=padded, hold_s=hold_s)
         budgets = [granted[d.key] for d in demands]
         assert all(0 <= g <= d.cap for d, g in zip(demands, budgets))
-        best, _ = _brute_force(demands, cost, load, padded)
-        assert goodput(demands, budgets, cost, load, padded) == pytest.approx(best, rel=1e-9), (demands, budgets)
+        best, _ = _brute_force(demands, cost, load, padded, hold_s)
+        assert goodput(demands, budgets, cost, load, padded, hold_s) == pytest.approx(best, rel=1e-9), (demands,
+                                                                                                        budgets)
 
 
 def test_padded_steps_make_one_sessions_drafts_cost_every_row():
@@ -95,11 +98,14 @@ def test_a_session_the_step_would_idle_for_is_granted_only_what_pays_for_the_wai
     cost = lambda n, s: 0.2 + 0.02 * n  # noqa: E731
     quick = [Demand("a", [0.8] * 4, 4), Demand("b", [0.8] * 4, 4)]
     assert all(grant_budgets(quick, cost).values())
-    waited = [quick[0], Demand("b", [0.8] * 4, 4, wait_s=0.1)]
-    grant = grant_budgets(waited, cost)
+    late = [quick[0], Demand("b", [0.8] * 4, 4, wait_s=0.1)]
+    grant = grant_budgets(late, cost)
     assert grant["a"] > 0 and grant["b"] == 0  # the lost tenth of a second is worth more than b's block
     assert grant_budgets([quick[0], Demand("b", [0.8] * 4, 4, wait_s=0.5)], cost)["b"] == 0
-    assert goodput(waited, [grant["a"], 0], cost) > goodput(waited, [grant["a"], 4], cost)
+    assert goodput(late, [grant["a"], 0], cost) > goodput(late, [grant["a"], 4], cost)
+    slow = [Demand("a", [0.8] * 4, 4, wait_s=0.25), Demand("b", [0.8] * 4, 4, wait_s=0.25)]  # both slower than
+    assert waited(slow, [4, 0], hold_s=0.1) == 0.1 and waited(slow, [4, 4], hold_s=0.1) == 0.25  # the 0.1 s hold
+    assert grant_budgets(slow, cost, hold_s=0.1) in ({"a": 4, "b": 0}, {"a": 0, "b": 4})  # both: idle for both
     rng = random.Random(7)  # more distinct waits than WAIT_LEVELS: rounded up to a level, still near the optimum
     demands = [Demand(f"s{i}", [rng.choice([0.5, 0.9])] * 2, 2, wait_s=rng.random() * 0.2) for i in range(9)]
     granted = grant_budgets(demands, cost)

@@ -295,7 +295,7 @@ async def test_the_engine_tells_the_budgeter_which_sessions_miss_steps():
         await asyncio.gather(engine.verify(drafting, [7], None), engine.verify(plain, [], None))
     assert drafting.drafted_blocks == 3 and drafting.turnaround_s > 0 and plain.turnaround_s is None
     assert budgeter._sessions[drafting].slow and not budgeter._sessions[plain].slow
-    assert budgeter._sessions[drafting].wait_s == 0.0  # the step idles for it at most the wait (here none)
+    assert budgeter._sessions[drafting].wait_s == drafting.turnaround_s and budgeter.hold_s == 0.0  # its wait: none
     engine.close(drafting)
     engine.close(plain)
 

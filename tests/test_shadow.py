@@ -14,6 +14,9 @@ so a session denied drafts is granted them again when its drafts start to land, 
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import grpc
 import pytest
 
@@ -21,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import LMDrafter
-from draft_worker.gamma import AutoGamma, RttGamma
+from draft_worker.gamma import AutoGamma, FixedGamma, RttGamma
 from draft_worker.shadow import SHADOW_SHARE, ShadowBlock, shadow_every
 from draft_worker.transport import fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
@@ -99,9 +102,10 @@ def test_shadow_blocks_that_miss_keep_the_budget_at_zero():
     assert "gone" not in budgeter._sessions
 
 
-def _granted_on_shadows(bought: int) -> tuple[DraftBudgeter, list[int]]:
+def _granted_on_shadows(bought: int, mode: str = "lockstep") -> tuple[DraftBudgeter, list[int]]:
     """A session whose shadow blocks all land (its estimate high) and whose granted blocks then land `bought` of
-    their tokens: -> the budgeter and the budgets it granted, round by round."""
+    their tokens: -> the budgeter and the budgets it granted, round by round. async: a step verifies the drafts
+    that arrived (here all it was granted), and its verdict says nothing of a grant (offered 0)."""
     budgeter = DraftBudgeter(max_gamma=6, metrics=BudgetMetrics(CollectorRegistry()))
     _feed_steps(budgeter, 0.02, 0.02)  # a draft token costs as much as the step's fixed part
     budgets = []
@@ -112,17 +116,18 @@ def _granted_on_shadows(bought: int) -> tuple[DraftBudgeter, list[int]]:
         budget = budgeter.budget_for("s")
         budgets.append(budget)
         if budget:
-            budgeter.on_verdict("s", budget, min(bought, budget), offered=budget)
+            budgeter.on_verdict("s", budget, min(bought, budget), offered=budget if mode == "lockstep" else 0)
     return budgeter, budgets
 
 
-def test_grants_are_scaled_by_what_granted_blocks_bought():
+@pytest.mark.parametrize("mode", ["lockstep", "async"])
+def test_grants_are_scaled_by_what_granted_blocks_bought(mode):
     """Evidence comes in bursts and a grant follows it: an n-gram's shadow blocks landed 68% of the time at position
     1 where the blocks granted on their strength landed 37%. What the grants bought against what they promised
     scales the next grants, so grants that do not deliver stop; grants that deliver as promised keep it at 1."""
-    kept, kept_budgets = _granted_on_shadows(bought=6)
+    kept, kept_budgets = _granted_on_shadows(bought=6, mode=mode)
     assert kept.calibration() == 1.0 and kept_budgets[-20:] == [6] * 20
-    cut, cut_budgets = _granted_on_shadows(bought=0)
+    cut, cut_budgets = _granted_on_shadows(bought=0, mode=mode)
     assert cut.calibration() < 0.6 and max(cut_budgets[:3]) > 0 and cut_budgets[-20:] == [0] * 20
     assert cut.metrics.calibration._value.get() == pytest.approx(cut.calibration())
 
@@ -167,6 +172,52 @@ async def test_a_draft_that_never_lands_reports_misses(start_verifier):
     await wait_for_no_sessions(verifier)
     assert len(budgeter.shadows) == spec.shadows
     assert sum(a for _, a, _ in budgeter.shadows) < sum(d for d, _, _ in budgeter.shadows)
+
+
+class GatedDrafter(LMDrafter):
+    """Drafting a block (a shadow block: the client's own gamma is 0) blocks on `gate` once `entered` is set."""
+
+    def __init__(self, model, name: str):
+        super().__init__(model, name)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def propose(self, context: list[int], gamma: int):
+        if gamma > 0:
+            self.entered.set()
+            assert self.gate.wait(60), "the test never opened the gate"
+        return super().propose(context, gamma)
+
+
+class HoldingBudgeter(FixedBudgeter):
+    def __init__(self, budget: int, **kwargs):
+        super().__init__(budget, **kwargs)
+        self.held = threading.Event()
+
+    def hold(self, key, grants: int) -> None:
+        super().hold(key, grants)
+        self.held.set()
+
+
+async def test_an_empty_block_does_not_wait_for_a_shadow_block_being_drafted(start_verifier):
+    """The client's own gamma is 0 and the verifier grants drafts: its empty block (decode_alone) goes at once, even
+    while its drafter is busy with a shadow block (an LM's takes ~0.1 s a token on a shared CPU core, and the verifier
+    holds its next step for this block). The gate keeps the shadow block drafting until the verifier has the block."""
+    draft, target = fake_pair(vocab_size=32, noise=0.5)
+    verifier = await start_verifier(target, vocab_size=32, budget=True)
+    budgeter = _use(verifier, HoldingBudgeter(0, max_gamma=16))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=LONG // 8)
+    baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
+    drafter = GatedDrafter(draft, "d")
+    request = asyncio.ensure_future(speculate(verifier.stub, drafter, [1, 2, 3], params, FixedGamma(0, 16), info))
+    try:
+        assert await asyncio.to_thread(drafter.entered.wait, 30)  # a shadow block is being drafted, and stays so
+        budgeter.budget = 2  # the next commit grants drafts: the verifier's turn ends and it waits for a block
+        assert await asyncio.to_thread(budgeter.held.wait, 30)  # the empty block asking it to decode alone came
+    finally:
+        drafter.gate.set()
+    spec = await request
+    assert spec.token_ids == baseline.token_ids and spec.proposed == 0
 
 
 # ---------------------------------------------------------------------------------------------------- raw streams

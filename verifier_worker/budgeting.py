@@ -29,7 +29,9 @@ Before the first step the cost fit holds only its prior (no cost), so every sess
 first steps (the prefills, hundreds of tokens each) fit the curve.
 
 Calibration: every grant above 0 to a lock-step session promises its block's expected accepted draft tokens,
-E(budget) - 1 from the session's estimate; its verdict says how many it bought. The server-wide ratio of the two
+E(budget) - 1 from the session's estimate; its verdict says how many it bought. An async step verifies the drafts
+that have arrived (as many as its grant allows, or fewer: a draft that comes late is no failure), and those promise
+E(verified) - 1 from the estimate before its verdict. The server-wide ratio of the two
 (decayed, shrunk toward 1, at most 1) scales every session's first-position rate, and so every block's expected
 accepted tokens, before the grant. Why: a grant follows evidence, and evidence comes in bursts. An n-gram session's
 estimate rises during a quoted passage and the grant arrives as the passage ends; at 4 sessions on a CPU its shadow
@@ -89,8 +91,8 @@ class _Session:
     max_gamma: int  # min(the server's max_gamma, the client's request)
     tpot_slo_s: float | None
     held: int = 0  # grants still to come at which it drafts nothing whatever it is granted (decode_alone)
-    promised: float = 0.0  # accepted draft tokens its last grant's block was expected to buy (uncalibrated)
-    wait_s: float = 0.0  # how long the next step idles for its block when it is granted drafts (arrives)
+    promised: float = 0.0  # accepted draft tokens its next verified block is expected to buy (uncalibrated)
+    wait_s: float = 0.0  # how long after its verdict its block comes when it is granted drafts (arrives)
     slow: bool = False  # its blocks come after the next step has started (arrives): a block costs it a step
 
 
@@ -116,8 +118,9 @@ class DraftBudgeter:
         # every verdict of every session, with a long memory: the prior of a new session's acceptance
         self.population = AcceptanceTracker(max_gamma=max(max_gamma, 1), prior_alpha=prior_alpha, forget=0.999)
         self._sessions: dict[Hashable, _Session] = {}
-        self._bought, self._promised = 0.0, 0.0  # decayed sums over granted lock-step blocks (calibration())
+        self._bought, self._promised = 0.0, 0.0  # decayed sums over verified granted blocks (calibration())
         self._grants: dict[Hashable, int] | None = None  # this step's; None: not made yet
+        self.hold_s: float | None = None  # the most the engine holds a step for a late block (arrives; None: all)
         self._rates: dict[Hashable, list[float]] = {}  # the acceptance each of this step's grants read (uncalibrated)
 
     def open(self, key: Hashable, max_gamma: int | None = None, tpot_slo_s: float | None = None) -> None:
@@ -150,8 +153,11 @@ class DraftBudgeter:
         proposed = min(proposed, self.population.max_gamma)
         accepted = min(accepted, proposed)
         session = self._sessions[key]
+        if proposed and not offered:  # an async step verified the drafts that had arrived: they promised E - 1
+            session.promised = expected_tokens_table(session.tracker.rates(self.population.pooled()),
+                                                     proposed)[proposed] - 1
         session.tracker.update(proposed, accepted, offered)
-        if offered and session.promised:
+        if (offered or proposed) and session.promised:
             self._bought = CALIBRATION_FORGET * self._bought + accepted
             self._promised = CALIBRATION_FORGET * self._promised + session.promised
             session.promised = 0.0
@@ -202,15 +208,17 @@ class DraftBudgeter:
     def arrives(self, key: Hashable, turnaround_s: float, wait_s: float) -> None:
         """This lock-step session's blocks that carry drafts come `turnaround_s` after its verdict (its round trip
         and drafting), and the engine holds a step at most `wait_s` for the last step's sessions. Granted drafts,
-        beside other sessions, it makes the next step idle min(turnaround_s, wait_s) (`Demand.wait_s`: an LM
+        beside other sessions, it makes the next step idle up to min(turnaround_s, wait_s) (`specdec.budget.waited`;
+        more when every session is granted drafts and nothing is ready before the first block: an LM
         drafting on a CPU core shared by several sessions, ~0.1 s against a 0.4 s step, idled the verifier 12% of
         the time at 2 sessions). Slower than the wait, it misses the step too: its block rides a step later, so
         it commits E(gamma) tokens in two steps where decoding commits two, and it is granted drafts only if the
         block it is granted is expected to commit at least 2 (its `late` marks alone kept it oscillating: the
         estimate fell, shadow blocks lifted it, and the next grant cost a step again)."""
         session = self._sessions.get(key)
-        if session is not None and (session.wait_s, session.slow) != (min(turnaround_s, wait_s), turnaround_s > wait_s):
-            session.wait_s, session.slow = min(turnaround_s, wait_s), turnaround_s > wait_s
+        if session is not None and (session.wait_s, session.slow, self.hold_s) != (turnaround_s, turnaround_s > wait_s,
+                                                                                  wait_s):
+            session.wait_s, session.slow, self.hold_s = turnaround_s, turnaround_s > wait_s, wait_s
             self._grants = None
 
     def budget_for(self, key: Hashable, queued_sessions: int = 0, queued_tokens: int = 0,
@@ -236,7 +244,7 @@ class DraftBudgeter:
             self.metrics.over_budget.inc(tokens)
 
     def calibration(self) -> float:
-        """Accepted draft tokens the granted lock-step blocks bought per token their grants promised (decayed over
+        """Accepted draft tokens the granted blocks bought per token their grants promised (decayed over
         ~1 / (1 - CALIBRATION_FORGET) blocks, shrunk toward 1 by CALIBRATION_PRIOR tokens, at most 1)."""
         return min(1.0, (self._bought + CALIBRATION_PRIOR) / (self._promised + CALIBRATION_PRIOR))
 
@@ -253,13 +261,14 @@ class DraftBudgeter:
         def step_seconds(tokens: int, sessions: int) -> float:  # grant_budgets counts the load's tokens in `tokens`
             return self.cost.cost(tokens - load.tokens, sessions, load.tokens)
 
-        grant = grant_budgets(demands, step_seconds, load, padded=self.padded, min_gain=self.min_gain)
+        grant = grant_budgets(demands, step_seconds, load, padded=self.padded, min_gain=self.min_gain,
+                              hold_s=self.hold_s)
         for key, s, accept in rows:  # a slow session's granted block must pay for the step it will miss as well
             if s.slow and crowded and grant[key] and not _pays_a_step(accept, grant[key]):
                 grant[key] = 0
         if self.metrics is not None and any(grant.values()):
             self.metrics.gain.observe(predicted_gain(demands, [grant[d.key] for d in demands], step_seconds, load,
-                                                     self.padded))
+                                                     self.padded, self.hold_s))
         return grant
 
 
