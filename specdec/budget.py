@@ -279,6 +279,30 @@ def _grant(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load, pad
     return {d.key: int(g) for d, g in zip(demands, budgets)}
 
 
+def pays_a_missed_step(demands: Sequence[Demand], budgets: Sequence[int], i: int, step_seconds: StepSeconds,
+                       load: Load = Load(), padded: bool = False, hold_s: float | None = None) -> bool:
+    """Session i's blocks come after the engine's hold (an LM drafting on a CPU core it shares): beside others, a
+    block granted budgets[i] misses the next step and rides the one after. Over those two steps the others commit
+    twice their E and session i E_i(g), in T(the step without it) + the hold + T(the step with its block); decoding
+    it instead, all commit twice in 2 T(every row at its grant, i decoding). True when the grant's rate is at least
+    that. (Counting only session i's own tokens, E_i(g) >= 2, granted blocks that cost the others a step:
+    2 sessions on a CPU, a 1-row step costs ~the 2-row one, and the hold idled the verifier 0.1 s a block.)"""
+    g = budgets[i]
+    if g == 0 or len(demands) + load.sessions < 2:
+        return g > 0
+    others = [b for k, b in enumerate(budgets) if k != i]
+    e_others = sum(expected_tokens_table(d.accept, b)[b] for k, (d, b) in enumerate(zip(demands, budgets)) if k != i)
+
+    def seconds(rows: int, drafts: list[int]) -> float:  # a step of `rows` sessions' rows carrying `drafts`
+        extra = rows * max(drafts, default=0) if padded else sum(drafts)
+        return max(step_seconds(rows + extra + load.tokens, rows + load.sessions), MIN_STEP_S)
+
+    n = len(demands)
+    granted = (2 * e_others + expected_tokens_table(demands[i].accept, g)[g]) / (
+        seconds(n - 1, others) + (hold_s or 0.0) + seconds(n, [*others, g]))
+    return granted >= (2 * e_others + 2) / (2 * seconds(n, [*others, 0]))
+
+
 def budgeted_gamma(budget: int, accept: Sequence[float], draft_s: float, verify_s: VerifyCost, rtt_s: float,
                    max_gamma: int) -> int:
     """The client's side of `--gamma auto`: the smaller of the verifier's budget and the client's own best

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from specdec.budget import (AcceptanceTracker, Demand, Load, StepCostModel, budgeted_gamma, goodput,
-                            grant_budgets, waited)
+                            grant_budgets, pays_a_missed_step, waited)
 from specdec.gamma import choose_gamma, expected_tokens, expected_tokens_table
 from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter
 
@@ -111,6 +111,24 @@ def test_a_session_the_step_would_idle_for_is_granted_only_what_pays_for_the_wai
     granted = grant_budgets(demands, cost)
     best, _ = _brute_force(demands, cost)
     assert goodput(demands, [granted[d.key] for d in demands], cost) >= 0.97 * best
+
+
+@pytest.mark.parametrize("alpha, gamma, pays", [
+    (0.8, 3, False),  # E = 2.95 >= 2 tokens of its own, yet the missed step and the hold cost the others more
+    (0.95, 6, True),  # E = 6.0: worth two steps and the hold
+    (0.0, 2, False),
+])
+def test_a_late_block_must_pay_for_the_step_it_makes_the_others_take(alpha, gamma, pays):
+    """The 2-session case seen on the real pair: an LM session drafting on a shared core misses the step it was
+    granted for; the other session's step then runs alone (costing about what both rows would) and the engine held
+    it 0.1 s first. Priced over the two steps, against both sessions decoding (brute arithmetic here)."""
+    cost = lambda n, s: 0.2 + 0.02 * n  # noqa: E731 - seconds for n tokens
+    demands = [Demand("late", [alpha] * 6, 6), Demand("other", [0.5] * 6, 6)]
+    e = expected_tokens(demands[0].accept, gamma)
+    granted = (2 + e) / (cost(1, 1) + 0.1 + cost(2 * (1 + gamma), 2))  # padded: both rows 1 + gamma long
+    assert pays_a_missed_step(demands, [gamma, 0], 0, cost, padded=True, hold_s=0.1) == pays
+    assert (granted >= 4 / (2 * cost(2, 2))) == pays
+    assert pays_a_missed_step(demands[:1], [gamma], 0, cost, hold_s=0.1) == (gamma > 0)  # alone: misses nobody's
 
 
 def test_grant_matches_brute_force_on_a_fitted_model():

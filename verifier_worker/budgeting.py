@@ -46,7 +46,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from specdec.budget import AcceptanceTracker, Demand, Load, StepCostTable, grant_budgets, predicted_gain
+from specdec.budget import AcceptanceTracker, Demand, Load, StepCostTable, grant_budgets, pays_a_missed_step, \
+    predicted_gain
 from specdec.gamma import expected_tokens_table
 
 CALIBRATION_PRIOR = 4.0  # promised tokens of pseudo-evidence that the estimates are right
@@ -263,9 +264,11 @@ class DraftBudgeter:
 
         grant = grant_budgets(demands, step_seconds, load, padded=self.padded, min_gain=self.min_gain,
                               hold_s=self.hold_s)
-        for key, s, accept in rows:  # a slow session's granted block must pay for the step it will miss as well
-            if s.slow and crowded and grant[key] and not _pays_a_step(accept, grant[key]):
-                grant[key] = 0
+        budgets = [grant[d.key] for d in demands]
+        for i, (key, s, _) in enumerate(rows):  # a slow session's granted block must pay for the step it misses too
+            if s.slow and crowded and budgets[i] and not pays_a_missed_step(demands, budgets, i, step_seconds, load,
+                                                                            self.padded, self.hold_s):
+                grant[key] = budgets[i] = 0
         if self.metrics is not None and any(grant.values()):
             self.metrics.gain.observe(predicted_gain(demands, [grant[d.key] for d in demands], step_seconds, load,
                                                      self.padded, self.hold_s))
@@ -279,5 +282,6 @@ def _scaled(accept: list[float], scale: float) -> list[float]:
 
 def _pays_a_step(accept: list[float], cap: int) -> bool:
     """A block of `cap` is expected to commit at least 2 tokens: the two a session decoding alone commits in the
-    two steps a late block takes."""
+    two steps a late block takes (a first filter on a slow session's cap; the grant then prices the missed step
+    in full, `specdec.budget.pays_a_missed_step`)."""
     return cap > 0 and expected_tokens_table(accept, cap)[cap] >= 2
