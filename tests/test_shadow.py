@@ -335,3 +335,23 @@ def test_a_session_that_misses_steps_is_granted_only_a_block_that_pays_for_one(r
     accept = budgeter._sessions["slow"].tracker.rates(budgeter.population.pooled())
     if sessions > 1:  # beside others, what it is granted pays for the step it misses
         assert budget == 0 or expected_tokens_table(accept, budget)[budget] >= 2
+
+
+def test_a_new_session_starts_from_the_turnaround_measured_with_its_drafter():
+    """The engine skips a session's first drafted block, so a new lock-step session is unmeasured; it starts from
+    the latest turnaround of sessions drafting with the same drafter (OpenSession.client_model_id), not from 0.
+    Async and Generate sessions (drafter None) never wait on the client, whatever a lock-step one measured."""
+    budgeter = DraftBudgeter(max_gamma=6)
+    for key in ("measured", "new lm", "new ngram", "async"):
+        budgeter.open(key)
+    budgeter.arrives("measured", 0.3, 0.1, "qwen-0.5b")
+    budgeter.arrives("new lm", None, 0.1, "qwen-0.5b")
+    budgeter.arrives("new ngram", None, 0.1, "ngram")
+    budgeter.arrives("async", None, 0.1, None)
+    sessions = budgeter._sessions
+    assert (sessions["new lm"].wait_s, sessions["new lm"].slow) == (0.3, True)
+    assert (sessions["new ngram"].wait_s, sessions["new ngram"].slow) == (0.0, False)
+    assert (sessions["async"].wait_s, sessions["async"].slow) == (0.0, False)
+    budgeter.arrives("new lm", 0.02, 0.1, "qwen-0.5b")  # its own measurement replaces the prior, and is the next one
+    budgeter.arrives("later", None, 0.1, "qwen-0.5b")
+    assert not sessions["new lm"].slow and budgeter._turnarounds["qwen-0.5b"] == 0.02

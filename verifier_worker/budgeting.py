@@ -18,7 +18,8 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
   decoded the session on its own (pb.ShadowVerdict: checked against the tokens committed since);
 - `hold(key, grants)` when a lock-step proposal asks the verifier to decode that many steps alone (decode_alone);
 - `late(key, offered)` when a step starts without a lock-step session that was granted drafts (it missed it);
-- `arrives(key, turnaround_s, wait_s)` with a lock-step session's measured turnaround and the engine's wait;
+- `arrives(key, turnaround_s, wait_s, drafter)` with a lock-step session's measured turnaround (None: not yet) and
+  the engine's wait;
 - `close(key)` when the session ends.
 
 The grant is made once per step, for every open session together (`specdec.budget.grant_budgets`): the
@@ -52,6 +53,7 @@ from specdec.gamma import expected_tokens_table
 
 CALIBRATION_PRIOR = 4.0  # promised tokens of pseudo-evidence that the estimates are right
 CALIBRATION_FORGET = 0.99  # per granted block
+MAX_DRAFTERS = 64  # drafter names whose latest turnaround is kept (arrives: the prior of new sessions)
 BUDGETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
 GAINS = (1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0)
 
@@ -122,6 +124,7 @@ class DraftBudgeter:
         self._bought, self._promised = 0.0, 0.0  # decayed sums over verified granted blocks (calibration())
         self._grants: dict[Hashable, int] | None = None  # this step's; None: not made yet
         self.hold_s: float | None = None  # the most the engine holds a step for a late block (arrives; None: all)
+        self._turnarounds: dict[str, float] = {}  # drafter name -> the latest lock-step turnaround measured with it
         self._rates: dict[Hashable, list[float]] = {}  # the acceptance each of this step's grants read (uncalibrated)
 
     def open(self, key: Hashable, max_gamma: int | None = None, tpot_slo_s: float | None = None) -> None:
@@ -206,7 +209,7 @@ class DraftBudgeter:
             if self.metrics is not None:
                 self.metrics.late.inc()
 
-    def arrives(self, key: Hashable, turnaround_s: float, wait_s: float) -> None:
+    def arrives(self, key: Hashable, turnaround_s: float | None, wait_s: float, drafter: str | None = None) -> None:
         """This lock-step session's blocks that carry drafts come `turnaround_s` after its verdict (its round trip
         and drafting), and the engine holds a step at most `wait_s` for the last step's sessions. Granted drafts,
         beside other sessions, it makes the next step idle up to min(turnaround_s, wait_s) (`specdec.budget.waited`;
@@ -215,7 +218,17 @@ class DraftBudgeter:
         the time at 2 sessions). Slower than the wait, it misses the step too: its block rides a step later, so
         it commits E(gamma) tokens in two steps where decoding commits two, and it is granted drafts only if the
         block it is granted is expected to commit at least 2 (its `late` marks alone kept it oscillating: the
-        estimate fell, shadow blocks lifted it, and the next grant cost a step again)."""
+        estimate fell, shadow blocks lifted it, and the next grant cost a step again). turnaround_s None: not yet
+        measured (the engine skips a session's first drafted block); with the name of the client's drafter, the
+        latest turnaround measured with that drafter stands in, so a new LM session is not granted blocks that miss
+        the step before it is measured itself (4 sessions, one request each: every session's first grants did)."""
+        if drafter is not None:  # lock-step: not yet measured, it starts from the latest turnaround with its drafter
+            turnaround_s = self._turnarounds.pop(drafter, None) if turnaround_s is None else turnaround_s
+            if turnaround_s is not None:
+                self._turnarounds[drafter] = turnaround_s  # the most recent last
+                while len(self._turnarounds) > MAX_DRAFTERS:
+                    del self._turnarounds[next(iter(self._turnarounds))]
+        turnaround_s = turnaround_s or 0.0
         session = self._sessions.get(key)
         if session is not None and (session.wait_s, session.slow, self.hold_s) != (turnaround_s, turnaround_s > wait_s,
                                                                                   wait_s):

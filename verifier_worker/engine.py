@@ -408,7 +408,7 @@ class Engine:
         prefilling = {work.session for work in prefills}
         wait_s = self._wait_s()
         for session in sessions:  # the next step idles for its block, and one slower than the wait misses it
-            self.budgeter.arrives(session, session.turnaround_s or 0.0, wait_s)
+            self.budgeter.arrives(session, session.turnaround_s, wait_s, session.drafter)
         for session in sessions:
             try:
                 session.budget = self.budgeter.budget_for(session, len(prefills), queued_tokens, prefilling)

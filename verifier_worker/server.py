@@ -45,6 +45,7 @@ from verifier_worker.validation import (
 log = logging.getLogger(__name__)
 SERVER_VERSION = "specdec/1"
 CLOSE_WAIT_S = 2.0  # how long a finished Speculate stream waits for the client to half-close
+MAX_DRAFTER_NAME = 128  # characters of OpenSession.client_model_id kept (a key of the engine's turnaround priors)
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             prompt_tokens = len(session.tokens)
             self.metrics.prompt_tokens.inc(prompt_tokens)
             async_mode = opening.mode == pb.SPECULATION_MODE_ASYNC
+            if not async_mode:  # its blocks come a turnaround after each verdict: the engine keys its prior by this
+                session.drafter = opening.client_model_id[:MAX_DRAFTER_NAME]
             server_decodes = opening.server_decodes and not async_mode and self.budgeter is not None
             cost = await self._run(context, self.engine.prefill(session))
             service_s = time.perf_counter() - arrived

@@ -74,6 +74,7 @@ class VerifierSession:
                  device: torch.device | str = "cpu", max_block: int = MAX_GAMMA):
         assert prompt_ids, "a session needs a prompt"
         self.client = client  # the peer address that opened it, for the server's per-client limit
+        self.drafter: str | None = None  # lock-step: what its client drafts with (OpenSession.client_model_id)
         self.kv = kv  # empty; the engine's model side made it
         self.device = torch.device(device)
         self.params = params
