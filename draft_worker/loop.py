@@ -153,9 +153,10 @@ class ClientSession:
         return self.mode.streams_commits or sum(map(self._live, self.in_flight)) < self.mode.max_in_flight
 
     def _start_drafting(self) -> None:
-        if self.drafting is not None and self.drafting.shadow and self.shadowing is None and self._empty_block_due():
+        empty = self._empty_block_due()
+        if empty and self.drafting is not None and self.drafting.shadow and self.shadowing is None:
             self.shadowing, self.drafting = self.drafting, None  # an empty block needs no drafter: it goes at once
-        if self.drafting is not None or (self.shadowing is not None and not self._empty_block_due()):
+        if self.drafting is not None or (self.shadowing is not None and not empty):
             return
         if self._needs_block_from_commit():
             self._draft(min(self.gamma, self._left - 1), guess=[])

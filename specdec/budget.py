@@ -28,8 +28,9 @@ the best K wins, ties to the smaller K (less work for the same goodput). W depen
 so the search runs once per level t of the waits, over the sessions waiting at most t with every step priced
 T + t (capped by the engine's wait), and the best true goodput wins (`_grant_waiting`; the optimum is a
 candidate at its own W). With an affine T the goodput rises while the next token's gain exceeds G * b and falls
-after, so this is the rule "grant until the next token of budget costs more step time than it brings"; scanning every K also handles a step-shaped T (a
-jump to the next kernel tile, then flat), where stopping at the first loss would miss the flat part.
+after, so this is the rule "grant until the next token of budget costs more step time than it brings";
+scanning every K also handles a step-shaped T (a jump to the next kernel tile, then flat), where stopping at the
+first loss would miss the flat part.
 
 Latency target (optional, per session): the expected time per token of session i is T / E_i(gamma_i) (its
 share of the verifier's steps; the client's drafting and round trip are its own side, `budgeted_gamma`).
@@ -43,9 +44,9 @@ Assumptions and limits:
   and positions are independent given the prefix (the standard speculative-decoding analysis). A decayed
   count follows a session whose text turns easy or hard; new sessions start from the server-wide rate.
 - Every budgeted session rides the next step, after W (async sessions decode every step). One whose
-  drafting makes it miss the step is not modelled here; the verifier feeds it back as a block that bought
-  nothing (`DraftBudgeter.late`), caps a session that usually misses steps at 0 unless the block it is granted
-  is expected to commit 2 tokens (`DraftBudgeter.arrives`), and
+  drafting makes it miss the step is not modelled in the grant; the verifier feeds it back as a block that
+  bought nothing (`DraftBudgeter.late`), keeps a grant to a session it measured slower than its hold only when
+  it pays over the two steps the late block spans (`pays_a_missed_step`), and
   counts a grant a lock-step client leaves unused as a failure at the next position, so E_i is what a grant
   buys, not what a full block would. Sessions the batch cannot hold (`max_batch_tokens`) are not modelled.
 - The estimates are taken at face value here. They are not unbiased where grants follow bursty evidence
@@ -59,8 +60,9 @@ Assumptions and limits:
   drafts min(g, cap_i) (fewer would cost the same), and the best g wins, again scanned whole. Priced as the
   sum, one good session's drafts looked cheap on a CPU while the step paid them once per row. A backend
   that packs tokens without padding (llama.cpp) is priced by the sum.
-- Goodput counts verifier time only (its idle W included): a slow draft is otherwise the client's to notice (`budgeted_gamma`: the
-  smaller of the budget and the client's own best gamma, so a draft too slow for its verifier falls to 0).
+- Goodput counts verifier time only (its idle W included): a slow draft is otherwise the client's to notice
+  (`budgeted_gamma`: the smaller of the budget and the client's own best gamma, so a draft too slow for its
+  verifier falls to 0).
 - Cost: O(K n) numpy work for K = sum of caps (a few ms at 64 sessions x 16); with SLOs O(K n log K).
 """
 
@@ -171,8 +173,8 @@ def goodput(demands: Sequence[Demand], budgets: Sequence[int], step_seconds: Ste
     """Expected committed tokens per second of the next step if session i drafts budgets[i] tokens (padded:
     every session's row costs the longest row's tokens; hold_s: see `waited`)."""
     expected = sum(expected_tokens_table(d.accept, g)[g] for d, g in zip(demands, budgets))
-    drafts = len(budgets) * max(budgets, default=0) if padded else sum(budgets)
-    return expected / (_step_seconds(step_seconds, demands, drafts, load) + waited(demands, budgets, load, hold_s))
+    step = _step_seconds(step_seconds, demands, _computed(budgets, padded), load)
+    return expected / (step + waited(demands, budgets, load, hold_s))
 
 
 def predicted_gain(demands: Sequence[Demand], budgets: Sequence[int], step_seconds: StepSeconds, load: Load = Load(),
@@ -290,17 +292,14 @@ def pays_a_missed_step(demands: Sequence[Demand], budgets: Sequence[int], i: int
     g = budgets[i]
     if g == 0 or len(demands) + load.sessions < 2:
         return g > 0
+    rest = [d for k, d in enumerate(demands) if k != i]
     others = [b for k, b in enumerate(budgets) if k != i]
-    e_others = sum(expected_tokens_table(d.accept, b)[b] for k, (d, b) in enumerate(zip(demands, budgets)) if k != i)
-
-    def seconds(rows: int, drafts: list[int]) -> float:  # a step of `rows` sessions' rows carrying `drafts`
-        extra = rows * max(drafts, default=0) if padded else sum(drafts)
-        return max(step_seconds(rows + extra + load.tokens, rows + load.sessions), MIN_STEP_S)
-
-    n = len(demands)
-    granted = (2 * e_others + expected_tokens_table(demands[i].accept, g)[g]) / (
-        seconds(n - 1, others) + (hold_s or 0.0) + seconds(n, [*others, g]))
-    return granted >= (2 * e_others + 2) / (2 * seconds(n, [*others, 0]))
+    e_others = sum(expected_tokens_table(d.accept, b)[b] for d, b in zip(rest, others))
+    missed = _step_seconds(step_seconds, rest, _computed(others, padded), load)
+    riding = _step_seconds(step_seconds, demands, _computed([*others, g], padded), load)
+    decoding = _step_seconds(step_seconds, demands, _computed([*others, 0], padded), load)
+    granted = (2 * e_others + expected_tokens_table(demands[i].accept, g)[g]) / (missed + (hold_s or 0.0) + riding)
+    return granted >= (2 * e_others + 2) / (2 * decoding)
 
 
 def budgeted_gamma(budget: int, accept: Sequence[float], draft_s: float, verify_s: VerifyCost, rtt_s: float,
@@ -322,6 +321,11 @@ def verifiers_turn(budget: int | None, alone: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ internals
+def _computed(budgets: Sequence[int], padded: bool) -> int:
+    """Draft tokens a step computes for these rows' budgets: each row at the longest when it pads, else their sum."""
+    return len(budgets) * max(budgets, default=0) if padded else sum(budgets)
+
+
 def _step_seconds(step_seconds: StepSeconds, demands: Sequence[Demand], drafts: int, load: Load) -> float:
     """T(K): the step with every session's [last committed token] + K draft tokens in all, plus the load."""
     tokens = len(demands) + drafts + load.tokens

@@ -213,15 +213,15 @@ class DraftBudgeter:
         """This lock-step session's blocks that carry drafts come `turnaround_s` after its verdict (its round trip
         and drafting), and the engine holds a step at most `wait_s` for the last step's sessions. Granted drafts,
         beside other sessions, it makes the next step idle up to min(turnaround_s, wait_s) (`specdec.budget.waited`;
-        more when every session is granted drafts and nothing is ready before the first block: an LM
-        drafting on a CPU core shared by several sessions, ~0.1 s against a 0.4 s step, idled the verifier 12% of
-        the time at 2 sessions). Slower than the wait, it misses the step too: its block rides a step later, so
-        it commits E(gamma) tokens in two steps where decoding commits two, and it is granted drafts only if the
-        block it is granted is expected to commit at least 2 (its `late` marks alone kept it oscillating: the
-        estimate fell, shadow blocks lifted it, and the next grant cost a step again). turnaround_s None: not yet
-        measured (the engine skips a session's first drafted block); with the name of the client's drafter, the
-        latest turnaround measured with that drafter stands in, so a new LM session is not granted blocks that miss
-        the step before it is measured itself (4 sessions, one request each: every session's first grants did)."""
+        more when every session is granted drafts and nothing is ready before the first block: an LM drafting on a
+        CPU core shared by several sessions, ~0.1 s against a 0.4 s step, idled the verifier 12% of the time at 2
+        sessions). Slower than the wait, it misses the step too: its block rides a step later, so it is granted
+        drafts only if its block is expected to commit at least 2 tokens and the grant pays over the two steps the
+        block spans (`specdec.budget.pays_a_missed_step`; its `late` marks alone kept it oscillating: the estimate
+        fell, shadow blocks lifted it, and the next grant cost a step again). turnaround_s None: not yet measured
+        (the engine skips a session's first drafted block); with the name of the client's drafter, the latest
+        turnaround measured with that drafter stands in, so a new LM session is not granted blocks that miss the
+        step before it is measured itself (4 sessions, one request each: every session's first grants did)."""
         if drafter is not None:  # lock-step: not yet measured, it starts from the latest turnaround with its drafter
             turnaround_s = self._turnarounds.pop(drafter, None) if turnaround_s is None else turnaround_s
             if turnaround_s is not None:
