@@ -47,9 +47,9 @@ from collections.abc import Callable
 from draft_worker.drafters import Candidates, Drafter
 from draft_worker.gamma import Link
 from draft_worker.modes import MODES, Block, Job
-from draft_worker.shadow import ShadowBlock, shadow_every
-from draft_worker.stream import CALL_ERRORS, SpeculateStream, open_request, proposal_request, record_cost, \
-    record_opened, timed
+from draft_worker.shadow import ShadowBlock, Shadows
+from draft_worker.stream import CALL_ERRORS, SpeculateStream, block_s, expect, open_request, proposal_request, \
+    record_cost, record_opened, timed
 from draft_worker.transport import VerifierError
 from draft_worker.trees import propose_tree
 from protos.specdec.v1 import specdec_pb2 as pb
@@ -83,10 +83,7 @@ class ClientSession:
         self.server_decodes = False  # lock-step: the verifier decodes on its own at budget 0 (said in `opened`)
         self.server_turn = False  # it is doing so now: the client reads its commits and sends nothing
         self.alone = 0  # steps the verifier still decodes on its own because the last block asked it (decode_alone)
-        self.takes_shadows = False  # the verifier counts shadow verdicts (said in `opened`)
-        self.shadow: ShadowBlock | None = None  # drafted while the verifier decodes alone, awaiting the commits
-        self.shadowing: Job | None = None  # a shadow block's drafting, set aside while an empty block went out
-        self.shadowed = -1  # the commit the last shadow block was drafted from (one per commit at most)
+        self.shadows = Shadows()  # blocks drafted while the verifier decodes alone (draft_worker/shadow.py)
         self.draft_s_per_token = 0.0  # of the last job after the opening's (async's schedule updates)
         self.opening_job: Job | None = None
         self.finished = False
@@ -153,10 +150,10 @@ class ClientSession:
         return self.mode.streams_commits or sum(map(self._live, self.in_flight)) < self.mode.max_in_flight
 
     def _start_drafting(self) -> None:
-        empty = self._empty_block_due()
-        if empty and self.drafting is not None and self.drafting.shadow and self.shadowing is None:
-            self.shadowing, self.drafting = self.drafting, None  # an empty block needs no drafter: it goes at once
-        if self.drafting is not None or (self.shadowing is not None and not empty):
+        empty, shadows = self._empty_block_due(), self.shadows
+        if empty and self.drafting is not None and self.drafting.shadow and shadows.set_aside is None:
+            shadows.set_aside, self.drafting = self.drafting, None  # an empty block needs no drafter: it goes at once
+        if self.drafting is not None or (shadows.set_aside is not None and not empty):
             return
         if self._needs_block_from_commit():
             self._draft(min(self.gamma, self._left - 1), guess=[])
@@ -167,27 +164,16 @@ class ClientSession:
                 self._draft(n, guess=list(self.guess))
             elif self.reading is None:  # too late on arrival whatever it drafts: save the compute, wait for a commit
                 self.result.unsent += 1
-        elif self._may_shadow():
-            self._draft(self._shadow_size(), guess=[], shadow=True)
+        elif not self.tree_nodes and shadows.due(self.server_turn or (self.mode.streams_commits and self.budget == 0),
+                                                 self.schedule, self._left, len(self.committed),
+                                                 self.draft_s_per_token, self.link.s_per_token or 0.0):
+            self._draft(shadows.size(self.schedule, self._left), guess=[], shadow=True)
 
     def _empty_block_due(self) -> bool:
         """Lockstep/ahead: the block the session waits for carries no draft (the client's own gamma is 0, or the
         budget): it is sent at once, not after a shadow block the drafter is busy with (an LM's takes ~0.1 s a
         token on a shared CPU core, and the verifier holds its next step for this block)."""
         return self._needs_block_from_commit() and min(self.gamma, self._left - 1) <= 0 and not self.tree_nodes
-
-    def _shadow_size(self) -> int:
-        return min(max(1, self.schedule.gamma), self.schedule.max_gamma, self._left - 1)
-
-    def _may_shadow(self) -> bool:
-        """The verifier decodes on its own (lock-step in its turn; async at budget 0), and enough commits passed since
-        the last shadow block for this one to take at most its share of the session's time (shadow.shadow_every)."""
-        alone = self.server_turn or (self.mode.streams_commits and self.budget == 0)
-        if not (self.takes_shadows and alone and self.shadow is None and self.shadowing is None and not self.tree_nodes
-                and self._left > 1):
-            return False
-        every = shadow_every(self._shadow_size(), self.draft_s_per_token, self.link.s_per_token or 0.0)
-        return every is not None and len(self.committed) - self.shadowed >= every
 
     def _start_reading(self) -> None:
         if self.reading is None and (self.mode.streams_commits or self.in_flight or self.server_turn):
@@ -196,7 +182,7 @@ class ClientSession:
     def _draft(self, n: int, guess: list[int], assumes_first: bool = False, shadow: bool = False) -> None:
         # drafting is compute: off the event loop, so replies keep being read while it runs
         if shadow:  # on a copy of the commit: commits arriving meanwhile do not move it
-            self.shadowed = len(self.committed)
+            self.shadows.last_base = len(self.committed)
             work = (self.drafter.propose, [*self.prompt_ids, *self.committed], n)
         elif self.tree_nodes:  # lock-step: a tree from the commit, at most max_gamma nodes (the verifier's limit)
             nodes = min(self.tree_nodes, self.schedule.max_gamma) if n > 0 else 0
@@ -213,12 +199,12 @@ class ClientSession:
         self.drafting = Job(task, len(self.committed), guess, n if shadow else self.gamma, assumes_first, shadow)
 
     async def _next_event(self) -> None:
-        jobs = (self.drafting, self.shadowing)
+        jobs = (self.drafting, self.shadows.set_aside)
         waiting = {t for t in (self.reading, *(job and job.task for job in jobs)) if t is not None}
         assert waiting, "a session always drafts or awaits a reply"
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if self.shadowing is not None and self.shadowing.task in done:
-            job, self.shadowing = self.shadowing, None
+        if self.shadows.set_aside is not None and self.shadows.set_aside.task in done:
+            job, self.shadows.set_aside = self.shadows.set_aside, None
             await self._draft_finished(job, *job.task.result())
         if self.drafting is not None and self.drafting.task in done:
             job, self.drafting = self.drafting, None
@@ -263,7 +249,7 @@ class ClientSession:
         record_opened(self.result, reply)
         self._budget_arrived(reply.opened)
         self.server_decodes = self.mode.max_in_flight == 1 and reply.opened.server_decodes
-        self.takes_shadows = reply.opened.takes_shadows
+        self.shadows.taken = reply.opened.takes_shadows
         self.server_turn = self.server_decodes and verifiers_turn(self.budget, 0)  # the rule, for `opened`
         if self.server_decodes and hasattr(self.schedule, "decode_alone"):  # gamma 0 now costs no round trip
             self.schedule.decode_alone = True
@@ -282,7 +268,7 @@ class ClientSession:
         if job.shadow:
             if candidates.draft_ids:
                 self.draft_s_per_token = draft_s / len(candidates.draft_ids)
-            self.shadow = ShadowBlock(job.base, tuple(candidates.draft_ids[: job.gamma]), job.gamma, draft_s)
+            self.shadows.block = ShadowBlock(job.base, tuple(candidates.draft_ids[: job.gamma]), job.gamma, draft_s)
             return await self._shadow_decided()
         if self.server_decodes and (self.server_turn or job.base != len(self.committed)):
             return  # the opening's block when `opened` granted 0: the verifier decodes on its own meanwhile
@@ -318,10 +304,10 @@ class ClientSession:
 
     async def _shadow_decided(self) -> None:
         """Report the shadow block once the commits decide it, to the verifier and to the schedule."""
-        accepted = None if self.shadow is None or self.finished else self.shadow.outcome(self.committed)
-        if accepted is None:
+        decided = None if self.finished else self.shadows.decided(self.committed)
+        if decided is None:
             return
-        shadow, self.shadow = self.shadow, None
+        shadow, accepted = decided
         if hasattr(self.schedule, "observe"):
             self.schedule.observe(len(shadow.draft_ids), accepted, shadow.draft_s)
         await self.stream.send(shadow.request(accepted))
@@ -336,7 +322,7 @@ class ClientSession:
         return min(self._left if rounds_to_probe is None else rounds_to_probe, self._left)
 
     def _verdict_arrived(self, reply: pb.SpeculateReply) -> None:
-        _expect(reply, "verdict")
+        expect(reply, "verdict")
         verdict, sent = reply.verdict, self.in_flight.popleft()
         self._budget_arrived(verdict)
         if verdict.stale:
@@ -347,7 +333,7 @@ class ClientSession:
         next_token = verdict.next_token if verdict.HasField("next_token") else None
         self.result.rtt_s.append(rtt_s)
         self._record_round(len(verified), verdict.num_accepted, verdict.service_s, verdict.cost)
-        self.schedule.update(len(verified), verdict.num_accepted, draft_s=sent.draft_s, service_s=_block_s(verdict),
+        self.schedule.update(len(verified), verdict.num_accepted, draft_s=sent.draft_s, service_s=block_s(verdict),
                              rtt_s=max(0.0, rtt_s - verdict.service_s))
         if verdict.accepted_nodes:  # a tree's accepted path (trees: the drafter syncs to the context it is given)
             accepted = [verified[i] for i in verdict.accepted_nodes]
@@ -372,7 +358,7 @@ class ClientSession:
         # own decoding steps leave its round-trip estimate as it is)
         rtt_s = 0.0 if self.mode.streams_commits else getattr(self.schedule, "rtt_s", None) or 0.0
         self.schedule.update(commit.verified, commit.num_accepted, draft_s=commit.verified * self.draft_s_per_token,
-                             service_s=_block_s(commit), rtt_s=rtt_s)
+                             service_s=block_s(commit), rtt_s=rtt_s)
         if self.mode.drafter_tracks_commits and not self.tree_nodes:  # lock-step: the verifier decoded on its own
             for token in new:
                 self.drafter.commit(0, token)
@@ -414,17 +400,7 @@ class ClientSession:
         if self.reading is not None:
             self.reading.cancel()
         await self.stream.end()
-        jobs = {job.task for job in (self.drafting, self.shadowing) if job is not None}
+        jobs = {job.task for job in (self.drafting, self.shadows.set_aside) if job is not None}
         if jobs:
             await asyncio.wait(jobs)
 
-
-def _block_s(reply: pb.Verdict | pb.Commit) -> float | None:
-    """The reply's service time as a sample of what a block of its size costs; None when its step carried a prompt
-    chunk (another session's prefill: a 5-token block riding with 200 prompt tokens takes the prefill's time)."""
-    return None if reply.cost.prefill_tokens else reply.service_s
-
-
-def _expect(reply: pb.SpeculateReply, kind: str) -> None:
-    if reply.WhichOneof("kind") != kind:
-        raise VerifierError(f"session out of step: expected a {kind}, got {reply.WhichOneof('kind')}", "INTERNAL")

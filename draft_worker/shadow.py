@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from draft_worker.modes import Job
 from draft_worker.proposer import common_prefix
 from protos.specdec.v1 import specdec_pb2 as pb
 
@@ -58,3 +59,35 @@ def shadow_every(gamma: int, draft_s_per_token: float, step_s: float) -> int | N
     if gamma <= 0 or (block_s > 0 and step_s <= 0):
         return None
     return max(1, math.ceil(block_s / (SHADOW_SHARE * step_s) - 1e-9)) if block_s > 0 else 1
+
+
+@dataclass
+class Shadows:
+    """One client session's shadow blocks (draft_worker/loop.py asks it when to draft one and what it came to)."""
+
+    taken: bool = False  # the verifier counts shadow verdicts (said in `opened`)
+    block: ShadowBlock | None = None  # drafted while the verifier decodes alone, awaiting the commits
+    set_aside: Job | None = None  # a shadow block's drafting, set aside while an empty block went out
+    last_base: int = -1  # the commit the last shadow block was drafted from (one per commit at most)
+
+    @staticmethod
+    def size(schedule, left: int) -> int:
+        """The next shadow block's draft tokens: the schedule's gamma (at least 1), within the stream's tokens left."""
+        return min(max(1, schedule.gamma), schedule.max_gamma, left - 1)
+
+    def due(self, alone: bool, schedule, left: int, committed: int, draft_s_per_token: float, step_s: float) -> bool:
+        """The verifier decodes on its own (`alone`: lock-step in its turn, async at budget 0), and enough commits
+        passed since the last shadow block for this one to take at most its share of the session's time
+        (shadow_every)."""
+        if not (self.taken and alone and self.block is None and self.set_aside is None and left > 1):
+            return False
+        every = shadow_every(self.size(schedule, left), draft_s_per_token, step_s)
+        return every is not None and committed - self.last_base >= every
+
+    def decided(self, committed: list[int]) -> tuple[ShadowBlock, int] | None:
+        """(the pending block, its accepted draft tokens) once the commits decide it, clearing it; None before."""
+        accepted = None if self.block is None else self.block.outcome(committed)
+        if accepted is None:
+            return None
+        block, self.block = self.block, None
+        return block, accepted

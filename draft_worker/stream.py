@@ -85,6 +85,17 @@ async def refusal(call, exc: BaseException, what: str) -> VerifierError:
     return VerifierError(f"verifier refused the {what}: {name}: {details}", name)
 
 
+def block_s(reply: pb.Verdict | pb.Commit) -> float | None:
+    """The reply's service time as a sample of what a block of its size costs; None when its step carried a prompt
+    chunk (another session's prefill: a 5-token block riding with 200 prompt tokens takes the prefill's time)."""
+    return None if reply.cost.prefill_tokens else reply.service_s
+
+
+def expect(reply: pb.SpeculateReply, kind: str) -> None:
+    if reply.WhichOneof("kind") != kind:
+        raise VerifierError(f"session out of step: expected a {kind}, got {reply.WhichOneof('kind')}", "INTERNAL")
+
+
 def timed(fn, *args):
     """(fn(*args), seconds it took): drafting time measured in the drafting thread itself."""
     start = time.perf_counter()

@@ -31,7 +31,7 @@ an LM drafting on a CPU, split the steps: its plain blocks, sent at once, missed
 budgeter (`late`): its drafting cost it a step, and the grant learns to give it fewer.
 
 Threads (vLLM's `update_from_output`): one owner of session state, the event loop. The compute thread
-(`_step`) runs the forward, which appends each row's new keys to its session's KV, and the verification,
+(`step.run_step`) runs the forward, which appends each row's new keys to its session's KV, and the verification,
 and returns per-row outcomes (num_accepted, next_token); it changes nothing else. The event loop schedules,
 offers drafts, commits (`_finish`), truncates and frees KV, but never a session's KV while the step that
 uses it runs: steps run one at a time and `_finish` runs after the step, and `close` frees a session in
@@ -61,13 +61,10 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.config import MAX_GAMMA, SamplingParams, VerifierLimits
-from specdec.sampling import verify_batch
 from verifier_worker.backends import Backend, NoRoom, as_backend
 from verifier_worker.accounting import EngineStats, StepCost
 from verifier_worker.budgeting import DraftBudgeter
-from verifier_worker.kv import Row
-from specdec.tree import kept_block_rows, verify_tree
-from verifier_worker.logprobs import Logprobs, block_logprobs
+from verifier_worker.step import run_step
 from verifier_worker.session import RoundResult, VerifierSession
 
 log = logging.getLogger(__name__)
@@ -239,7 +236,7 @@ class Engine:
             self._running = batch
             started = time.perf_counter()
             try:
-                outcomes = await loop.run_in_executor(self._compute, self._step, batch)
+                outcomes = await loop.run_in_executor(self._compute, run_step, self.backend, batch)
             except Exception as exc:  # noqa: BLE001 - every session of the step gets the error
                 log.exception("engine step failed (%d sessions)", len(batch))
                 outcomes = [exc] * len(batch)
@@ -317,41 +314,6 @@ class Engine:
             parents = None if parents is None else parents[: session.budget]
         work.draft_ids, work.q, work.parents, work.tokens = draft_ids, q, parents, session.block(draft_ids)
 
-    def _step(self, batch: list[tuple[_Work, int]]) -> list[tuple[int, int] | None]:
-        """Compute thread: one forward over the batch, then every block's verification in one call.
-
-        -> per work item its outcome: (num_accepted, next_token, logprobs or None) for a chain's block, plus the
-        accepted path for a tree's (verified one row at a time with `tree.verify_tree`); for a prefill
-        chunk, the prompt logprobs it scores when the request asked for them, else None. Reads the work items
-        and the sessions' KV, params and generators, which the event loop leaves alone while a step runs;
-        changes nothing but the KV the forward appends to and the generators' states.
-        """
-        # a prefill chunk keeps its logits only when the session asked for the prompt's logprobs (echo)
-        rows = [Row(work.session.kv, work.tokens[:n], not work.is_prefill or work.session.prompt_logprobs.wanted,
-                    work.parents) for work, n in batch]
-        logits = self.backend.forward(rows)  # the only model call (backends.py)
-        prompt_scores = [work.session.prompt_logprobs.score(row_logits) if work.is_prefill and row_logits is not None
-                         else None for (work, _), row_logits in zip(batch, logits)]
-        trees = {id(work): _verify_tree(work, row_logits) for (work, _), row_logits in zip(batch, logits)
-                 if work.parents is not None}
-        blocks = [(work, row_logits) for (work, _), row_logits in zip(batch, logits)
-                  if not work.is_prefill and work.parents is None]
-        if not blocks:
-            return [trees.get(id(work), score) for (work, _), score in zip(batch, prompt_scores)]
-        num_accepted, next_token = verify_batch(
-            torch.tensor([t for work, _ in blocks for t in work.draft_ids], dtype=torch.long, device=self.device),
-            [len(work.draft_ids) for work, _ in blocks],
-            torch.cat([row_logits for _, row_logits in blocks]),  # [num_draft + blocks, vocab]
-            [work.q for work, _ in blocks],
-            [work.session.params for work, _ in blocks],
-            [work.session.generator for work, _ in blocks],
-        )
-        outcomes = iter([(accepted, token, block_logprobs(row_logits, work.draft_ids, accepted, token, work.session.params))
-                         for (work, row_logits), accepted, token
-                         in zip(blocks, num_accepted.tolist(), next_token.tolist())])  # the step's one host sync
-        return [score if work.is_prefill else trees[id(work)] if id(work) in trees else next(outcomes)
-                for (work, _), score in zip(batch, prompt_scores)]
-
     def _finish(self, batch: list[tuple[_Work, int]], outcomes: list, compute_s: float) -> None:
         """Event loop: account the step, commit each block's outcome to its session (the one place a session's
         tokens and KV length change), resolve or requeue each work item, free what closed meanwhile."""
@@ -415,18 +377,6 @@ class Engine:
             except Exception:  # noqa: BLE001 - a failing grant must not stop the engine: that session decodes
                 log.exception("draft budget failed")
                 session.budget = 0
-
-
-def _verify_tree(work: _Work, target_logits: torch.Tensor) -> tuple[int, int, Logprobs | None, list[int]]:
-    """Compute thread: one tree block's outcome, (len(path), next_token, logprobs or None, path)."""
-    session = work.session
-    tokens = torch.tensor(work.draft_ids, dtype=torch.long, device=target_logits.device)  # [n]
-    parents = torch.tensor(work.parents, dtype=torch.long, device=target_logits.device)  # [n]
-    q = None if work.q is None else work.q.to(target_logits.device)  # [n, vocab], decoded on the host
-    path, next_token = verify_tree(tokens, parents, q, target_logits, session.params, session.generator)
-    logprobs = block_logprobs(target_logits[kept_block_rows(path)], [work.draft_ids[i] for i in path], len(path),
-                              next_token, session.params)  # row d of the kept rows scores the path's token d
-    return len(path), next_token, logprobs, path
 
 
 def _resolve(future: asyncio.Future, result=None, exception: Exception | None = None) -> None:
