@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass, field
 
 from specdec.config import MAX_GAMMA
-from specdec.budget import AcceptanceTracker
+from specdec.acceptance import AcceptanceTracker
 from specdec.gamma import VerifyCost, choose_gamma
 
 

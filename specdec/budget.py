@@ -5,7 +5,7 @@ The model (SmartSpec's goodput, WISP's predicted verification time; vLLM RFC #45
 - One engine step verifies every session's block at once. Session i sends [last committed token] + gamma_i
   draft tokens; its expected committed tokens are E_i(gamma_i) = 1 + sum_{k=1..gamma_i} prod_{j<=k} alpha_ij
   (`specdec.gamma.expected_tokens_table`; (1 - alpha^(gamma+1)) / (1 - alpha) for a constant alpha), where
-  alpha_ij = P(position j accepted | positions before it accepted), from `AcceptanceTracker`.
+  alpha_ij = P(position j accepted | positions before it accepted), from `AcceptanceTracker` (specdec/acceptance.py).
 - The step costs T(N, S) compute seconds for N batch tokens over S sessions: N = sum_i (1 + gamma_i) plus
   the tokens of other work in the step (prefill chunks, `Load`), S = the sessions. T is measured online from
   the engine's own steps (`specdec.stepcost`: the median step time per token count seen, an affine fit
@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -80,62 +80,6 @@ from specdec.stepcost import StepCostModel, StepCostTable  # noqa: F401 - re-exp
 StepSeconds = Callable[[int, int], float]  # (batch tokens, batch sessions) -> compute seconds of one step
 MIN_STEP_S = 1e-9  # a fitted cost is never taken as free (goodput would be infinite)
 WAIT_LEVELS = 8  # most distinct waits the grant searches over (each a full grant)
-
-
-# ------------------------------------------------------------------------------------------ acceptance
-@dataclass
-class AcceptanceTracker:
-    """One session's acceptance by draft position: decayed counts with a prior (a Beta per position).
-
-    alpha_j = (accepted_j + prior * pooled) / (reached_j + prior), pooled = the session's rate over all
-    positions, itself shrunk toward `prior_alpha` (for a new session: the server-wide rate). So a position
-    never reached gets the pooled rate, and the first verdicts move the estimate only so far. Every verdict
-    multiplies the counts by `forget` (~1 / (1 - forget) verdicts of memory), so a session whose answer
-    turns easy or hard is followed; a verdict of 0 draft tokens only decays, drifting a session that was
-    denied drafts back toward the prior so it is given another try.
-    """
-
-    max_gamma: int = 16
-    prior: float = 4.0  # pseudo-blocks pulling each position toward the pooled rate
-    prior_alpha: float = 0.5  # the pooled rate before any verdict
-    forget: float = 0.95
-    _accepted: list[float] = field(default_factory=list, init=False)  # [positions] blocks accepting j
-    _reached: list[float] = field(default_factory=list, init=False)  # [positions] blocks that reached j
-
-    def update(self, proposed: int, accepted: int, offered: int = 0) -> None:
-        """One verdict: the first `accepted` of `proposed` draft tokens were accepted. offered: the budget the
-        block could have used; a client that drafted fewer (an n-gram with no match, its own smaller gamma)
-        failed at position proposed + 1 as far as a grant is concerned: what a grant buys is what the client
-        then sends, so E(gamma) counts the budget it leaves unused."""
-        if not 0 <= accepted <= proposed:
-            raise ValueError(f"need 0 <= accepted <= proposed, got {accepted}, {proposed}")
-        self._accepted = [n * self.forget for n in self._accepted]
-        self._reached = [n * self.forget for n in self._reached]
-        # the first rejected (or offered but not drafted) position was reached too
-        reached = min(accepted + 1, max(proposed, offered), self.max_gamma)
-        grow = reached - len(self._reached)
-        if grow > 0:
-            self._accepted += [0.0] * grow
-            self._reached += [0.0] * grow
-        for j in range(reached):
-            self._reached[j] += 1
-            self._accepted[j] += float(j < accepted)
-
-    def pooled(self, prior_alpha: float | None = None) -> float:
-        """The session's acceptance over all positions, shrunk toward prior_alpha (default: its own)."""
-        p = self.prior_alpha if prior_alpha is None else prior_alpha
-        return (sum(self._accepted) + self.prior * p) / (sum(self._reached) + self.prior)
-
-    def rates(self, prior_alpha: float | None = None) -> list[float]:
-        """[max_gamma] alpha_j = P(position j+1 accepted | positions 1..j accepted)."""
-        pooled = self.pooled(prior_alpha)
-        pad = self.max_gamma - len(self._reached)
-        return [(a + self.prior * pooled) / (r + self.prior)
-                for a, r in zip(self._accepted + [0.0] * pad, self._reached + [0.0] * pad)]
-
-    def expected_tokens(self, gamma: int, prior_alpha: float | None = None) -> float:
-        """Expected committed tokens of this session's next block of gamma draft tokens."""
-        return expected_tokens_table(self.rates(prior_alpha), gamma)[gamma]
 
 
 # ------------------------------------------------------------------------------------------ the grant
@@ -225,11 +169,13 @@ def _grant_waiting(demands: Sequence[Demand], step_seconds: StepSeconds, load: L
     the best grants leaving out each session in turn are candidates too. The best true goodput wins, ties to the
     first (lower levels first): exact up to the rounding of the waits."""
     levels = _wait_levels([d.wait_s for d in demands if d.cap and d.wait_s > 0])
+    # priced once: every candidate has the same n rows, each at most its own cap
+    seconds, expected = _seconds_of_drafts(step_seconds, demands, load, padded), _expected_of_drafts(demands)
     if not levels:
-        return _grant(demands, step_seconds, load, padded)
+        return _grant(demands, seconds, padded, expected)
 
     def priced(idle: float, within: list[Demand]) -> dict[Hashable, int]:
-        return _grant(within, lambda tokens, sessions: step_seconds(tokens, sessions) + idle, load, padded)
+        return _grant(within, seconds + idle, padded, expected)
 
     candidates = []
     for t in [0.0, *levels]:
@@ -260,18 +206,18 @@ def _zero_meets_slos(demands: Sequence[Demand], step_seconds: StepSeconds, load:
     return all(d.tpot_slo_s is None or seconds <= d.tpot_slo_s for d in demands)
 
 
-def _grant(demands: Sequence[Demand], step_seconds: StepSeconds, load: Load, padded: bool) -> dict[Hashable, int]:
-    """grant_budgets without the margin."""
+def _grant(demands: Sequence[Demand], seconds_of: np.ndarray, padded: bool, expected: np.ndarray) -> dict[Hashable, int]:
+    """grant_budgets without the margin, the step of K draft tokens in all priced seconds_of[K] (_seconds_of_drafts,
+    plus any idle wait) and E_i(gamma) read from expected[i, gamma] (_expected_of_drafts, at least the caps wide)."""
     if not demands:
         return {}
     caps = np.array([d.cap for d in demands])  # [n]
-    table = np.full((len(demands), caps.max() + 1), np.inf)  # [n, max cap + 1] E_i(gamma), +inf past cap_i
-    for i, d in enumerate(demands):
-        table[i, : d.cap + 1] = expected_tokens_table(d.accept, d.cap)
+    width = np.arange(caps.max() + 1)  # [max cap + 1]
+    table = np.where(width[None, :] <= caps[:, None], expected[:, : len(width)], np.inf)  # [n, max cap + 1] E_i(gamma), +inf past cap_i
     if padded:
-        return _grant_padded(demands, table, caps, step_seconds, load)
+        return _grant_padded(demands, table, caps, seconds_of)
     counts = _greedy_counts(table, caps)  # [K + 1, n]
-    seconds = np.array([_step_seconds(step_seconds, demands, k, load) for k in range(len(counts))])  # [K + 1] T(K)
+    seconds = seconds_of[: len(counts)]  # [K + 1] T(K)
     slos = np.array([np.inf if d.tpot_slo_s is None else d.tpot_slo_s for d in demands])  # [n]
     budgets = _best_within(table, caps, counts, seconds, slos)
     if budgets is None:  # no K meets every SLO: stretch them all by the least common factor that can be met
@@ -332,8 +278,25 @@ def _step_seconds(step_seconds: StepSeconds, demands: Sequence[Demand], drafts: 
     return max(step_seconds(tokens, len(demands) + load.sessions), MIN_STEP_S)
 
 
-def _grant_padded(demands: Sequence[Demand], table: np.ndarray, caps: np.ndarray, step_seconds: StepSeconds,
-                  load: Load) -> dict[Hashable, int]:
+def _seconds_of_drafts(step_seconds: StepSeconds, demands: Sequence[Demand], load: Load, padded: bool) -> np.ndarray:
+    """[K + 1] T(K) for every K a grant to these sessions can compute (n x the largest cap when it pads, else the
+    caps' sum): the one place a grant calls the cost curve, hundreds of times, so the verifier's event loop spends
+    well under a millisecond on a step's grant (16 sessions: 1 ms, where pricing every candidate anew took 5.5)."""
+    caps = [d.cap for d in demands]
+    most = len(caps) * max(caps, default=0) if padded else sum(caps)
+    return np.array([_step_seconds(step_seconds, demands, k, load) for k in range(most + 1)])
+
+
+def _expected_of_drafts(demands: Sequence[Demand]) -> np.ndarray:
+    """[n, max cap + 1] E_i(gamma) up to each session's own cap (+inf past it)."""
+    table = np.full((len(demands), max((d.cap for d in demands), default=0) + 1), np.inf)
+    for i, d in enumerate(demands):
+        table[i, : d.cap + 1] = expected_tokens_table(d.accept, d.cap)
+    return table
+
+
+def _grant_padded(demands: Sequence[Demand], table: np.ndarray, caps: np.ndarray,
+                  seconds_of: np.ndarray) -> dict[Hashable, int]:
     """The grant when a step costs n x (1 + max gamma) tokens: for a ceiling g every session drafting
     min(g, cap_i) costs the same as any fewer, and E_i never falls with gamma, so the best vector for g is
     that one, and the best g (ties to the smaller) among those meeting every SLO wins; none meeting them,
@@ -342,7 +305,7 @@ def _grant_padded(demands: Sequence[Demand], table: np.ndarray, caps: np.ndarray
     g = np.arange(caps.max() + 1)  # [G + 1] ceilings
     budgets = np.minimum(g[:, None], caps[None, :])  # [G + 1, n]
     expected = table[np.arange(n)[None, :], budgets]  # [G + 1, n] E_i(min(g, cap_i))
-    seconds = np.array([_step_seconds(step_seconds, demands, n * int(c), load) for c in g])  # [G + 1]
+    seconds = seconds_of[n * g]  # [G + 1]
     slos = np.array([np.inf if d.tpot_slo_s is None else d.tpot_slo_s for d in demands])  # [n]
     stretch = (seconds[:, None] / (slos[None, :] * expected)).max(axis=1)  # [G + 1] worst T / (slo_i E_i)
     feasible = stretch <= 1 + 1e-12

@@ -118,6 +118,7 @@ class StepCostTable:
         self.window, self.min_samples, self.max_age = window, min_samples, max_age
         self._samples: dict[int, deque[tuple[int, float]]] = {}  # tokens -> [(step, seconds)], newest last
         self.steps = 0
+        self._medians: dict[int, float] | None = None  # medians(), until the next step (a grant prices hundreds of steps)
 
     @property
     def coefficients(self) -> tuple[float, ...]:
@@ -126,14 +127,17 @@ class StepCostTable:
     def observe(self, compute_s: float, tokens: int, sessions: int, prefill_tokens: int = 0) -> None:
         self.fit.observe(compute_s, tokens, sessions, prefill_tokens)
         self.steps += 1
+        self._medians = None
         if prefill_tokens == 0 and tokens > 0:
             self._samples.setdefault(tokens, deque(maxlen=self.window)).append((self.steps, compute_s))
 
     def medians(self) -> dict[int, float]:
         """{tokens: median seconds} of the counts with at least min_samples steps in the last max_age steps."""
-        oldest = self.steps - self.max_age
-        fresh = {n: [t for step, t in samples if step > oldest] for n, samples in self._samples.items()}
-        return {n: statistics.median(ts) for n, ts in sorted(fresh.items()) if len(ts) >= self.min_samples}
+        if self._medians is None:
+            oldest = self.steps - self.max_age
+            fresh = {n: [t for step, t in samples if step > oldest] for n, samples in self._samples.items()}
+            self._medians = {n: statistics.median(ts) for n, ts in sorted(fresh.items()) if len(ts) >= self.min_samples}
+        return self._medians
 
     def cost(self, tokens: int, sessions: int, prefill_tokens: int = 0) -> float:
         medians = self.medians()

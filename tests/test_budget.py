@@ -9,7 +9,8 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry
 
-from specdec.budget import (AcceptanceTracker, Demand, Load, StepCostModel, budgeted_gamma, goodput,
+from specdec.acceptance import AcceptanceTracker
+from specdec.budget import (Demand, Load, StepCostModel, budgeted_gamma, goodput,
                             grant_budgets, pays_a_missed_step, waited)
 from specdec.gamma import choose_gamma, expected_tokens, expected_tokens_table
 from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter

@@ -42,12 +42,14 @@ grants the model priced at a few percent of goodput cost 3-5% instead (`specdec_
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from specdec.budget import AcceptanceTracker, Demand, Load, StepCostTable, grant_budgets, pays_a_missed_step, \
+from specdec.acceptance import AcceptanceTracker
+from specdec.budget import Demand, Load, StepCostTable, grant_budgets, pays_a_missed_step, \
     predicted_gain
 from specdec.gamma import expected_tokens_table
 
@@ -272,6 +274,7 @@ class DraftBudgeter:
         demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.max_gamma))
                           else s.max_gamma, s.tpot_slo_s, s.wait_s if crowded else 0.0) for key, s, accept in rows]
 
+        @functools.cache  # one grant prices the same steps hundreds of times (every wait level, every candidate)
         def step_seconds(tokens: int, sessions: int) -> float:  # grant_budgets counts the load's tokens in `tokens`
             return self.cost.cost(tokens - load.tokens, sessions, load.tokens)
 

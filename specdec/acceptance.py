@@ -1,0 +1,68 @@
+"""Acceptance by draft position, per session: the estimate behind the verifier's draft budget (specdec/budget.py)
+and the client's own gamma schedule (draft_worker/gamma.py: RttGamma).
+
+A block of gamma draft tokens is accepted up to its first rejected position, so what a session's verdicts measure
+is alpha_j = P(position j accepted | positions before it accepted), one rate per position; E(gamma), the
+expected committed tokens of a block, follows from them (specdec.gamma.expected_tokens_table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specdec.gamma import expected_tokens_table
+
+
+@dataclass
+class AcceptanceTracker:
+    """One session's acceptance by draft position: decayed counts with a prior (a Beta per position).
+
+    alpha_j = (accepted_j + prior * pooled) / (reached_j + prior), pooled = the session's rate over all
+    positions, itself shrunk toward `prior_alpha` (for a new session: the server-wide rate). So a position
+    never reached gets the pooled rate, and the first verdicts move the estimate only so far. Every verdict
+    multiplies the counts by `forget` (~1 / (1 - forget) verdicts of memory), so a session whose answer
+    turns easy or hard is followed; a verdict of 0 draft tokens only decays, drifting a session that was
+    denied drafts back toward the prior so it is given another try.
+    """
+
+    max_gamma: int = 16
+    prior: float = 4.0  # pseudo-blocks pulling each position toward the pooled rate
+    prior_alpha: float = 0.5  # the pooled rate before any verdict
+    forget: float = 0.95
+    _accepted: list[float] = field(default_factory=list, init=False)  # [positions] blocks accepting j
+    _reached: list[float] = field(default_factory=list, init=False)  # [positions] blocks that reached j
+
+    def update(self, proposed: int, accepted: int, offered: int = 0) -> None:
+        """One verdict: the first `accepted` of `proposed` draft tokens were accepted. offered: the budget the
+        block could have used; a client that drafted fewer (an n-gram with no match, its own smaller gamma)
+        failed at position proposed + 1 as far as a grant is concerned: what a grant buys is what the client
+        then sends, so E(gamma) counts the budget it leaves unused."""
+        if not 0 <= accepted <= proposed:
+            raise ValueError(f"need 0 <= accepted <= proposed, got {accepted}, {proposed}")
+        self._accepted = [n * self.forget for n in self._accepted]
+        self._reached = [n * self.forget for n in self._reached]
+        # the first rejected (or offered but not drafted) position was reached too
+        reached = min(accepted + 1, max(proposed, offered), self.max_gamma)
+        grow = reached - len(self._reached)
+        if grow > 0:
+            self._accepted += [0.0] * grow
+            self._reached += [0.0] * grow
+        for j in range(reached):
+            self._reached[j] += 1
+            self._accepted[j] += float(j < accepted)
+
+    def pooled(self, prior_alpha: float | None = None) -> float:
+        """The session's acceptance over all positions, shrunk toward prior_alpha (default: its own)."""
+        p = self.prior_alpha if prior_alpha is None else prior_alpha
+        return (sum(self._accepted) + self.prior * p) / (sum(self._reached) + self.prior)
+
+    def rates(self, prior_alpha: float | None = None) -> list[float]:
+        """[max_gamma] alpha_j = P(position j+1 accepted | positions 1..j accepted)."""
+        pooled = self.pooled(prior_alpha)
+        pad = self.max_gamma - len(self._reached)
+        return [(a + self.prior * pooled) / (r + self.prior)
+                for a, r in zip(self._accepted + [0.0] * pad, self._reached + [0.0] * pad)]
+
+    def expected_tokens(self, gamma: int, prior_alpha: float | None = None) -> float:
+        """Expected committed tokens of this session's next block of gamma draft tokens."""
+        return expected_tokens_table(self.rates(prior_alpha), gamma)[gamma]
