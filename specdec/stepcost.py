@@ -119,6 +119,7 @@ class StepCostTable:
         self._samples: dict[int, deque[tuple[int, float]]] = {}  # tokens -> [(step, seconds)], newest last
         self.steps = 0
         self._medians: dict[int, float] | None = None  # medians(), until the next step (a grant prices hundreds of steps)
+        self._counts: list[int] = []  # its keys, sorted
 
     @property
     def coefficients(self) -> tuple[float, ...]:
@@ -137,6 +138,7 @@ class StepCostTable:
             oldest = self.steps - self.max_age
             fresh = {n: [t for step, t in samples if step > oldest] for n, samples in self._samples.items()}
             self._medians = {n: statistics.median(ts) for n, ts in sorted(fresh.items()) if len(ts) >= self.min_samples}
+            self._counts = list(self._medians)
         return self._medians
 
     def cost(self, tokens: int, sessions: int, prefill_tokens: int = 0) -> float:
@@ -144,7 +146,7 @@ class StepCostTable:
         if not medians:
             return self.fit.cost(tokens, sessions, prefill_tokens)
         _, slope, _, per_prefill_token = self.fit.coefficients
-        counts = list(medians)
+        counts = self._counts  # sorted, as medians() left them
         i = bisect.bisect_left(counts, tokens)
         if i < len(counts) and counts[i] == tokens:
             seconds = medians[tokens]

@@ -359,6 +359,39 @@ def test_budgeter_grants_once_per_step_and_respects_the_clients_limit():
     assert budgeter.grants() == {}
 
 
+def test_a_fast_verifier_remakes_its_grant_at_most_every_few_steps(monkeypatch):
+    """Making a grant takes the event loop ~0.1-1 ms between steps: a fast verifier's steps (a few ms) reuse it for
+    as many steps as keep that within GRANT_SHARE of their compute; a slow one remakes it every step."""
+    from types import SimpleNamespace
+
+    import verifier_worker.budgeting as budgeting
+
+    clock = itertools.count(0.0, 0.0005)  # every reading 0.5 ms on: each grant takes 0.5 ms
+    monkeypatch.setattr(budgeting, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    made = []
+
+    class Counting(DraftBudgeter):
+        def grants(self, *args, **kwargs):
+            made.append(1)
+            return super().grants(*args, **kwargs)
+
+    budgeter = Counting(max_gamma=4)
+    budgeter.open("a")
+    budgeter.budget_for("a")
+    assert len(made) == 1
+    for _ in range(10):  # 5 ms steps: 0.5 ms is 2% of 5 steps
+        budgeter.on_step(0.005, 1, 1)
+        budgeter.budget_for("a")
+    assert len(made) == 1 + 2
+    budgeter.open("b")  # a new session: at once
+    budgeter.budget_for("b")
+    assert len(made) == 4
+    for _ in range(3):  # 0.3 s steps: every step
+        budgeter.on_step(0.3, 2, 2)
+        budgeter.budget_for("a")
+    assert len(made) == 7
+
+
 def test_new_sessions_start_from_the_population_rate():
     budgeter = DraftBudgeter(max_gamma=6)
     _feed_steps(budgeter, 0.01, 0.004)
