@@ -13,7 +13,12 @@ turn. --pin plays two machines: the verifier on core 0, this process (every sess
 torch thread. Prints per (verifier, level, arm): aggregate tok/s (tokens / wall of the level), its ratio to that
 process's Generate at the level, verifier compute per committed token (the requests' shares), the mean budget and the mean
 number of sessions in the step each round rode in (below the level: lock-step sessions missed steps) and the shadow
-blocks each request reported (draft_worker/shadow.py).
+blocks each request reported (draft_worker/shadow.py). --rtt-ms: every request through a delay proxy of that round
+trip. The fast regime (a verifier that steps in a few ms, as a GPU would: the tiny seeded pair):
+
+    python scripts/measure_budget.py --verifier /tmp/specdec-tiny/verifier --dtype fp32 --draft /tmp/specdec-tiny/draft \
+        --draft-dtype fp32 --sessions 1 4 --rtt-ms 0 25 100 --mode async --prompts 8 --max-prompt-tokens 200 \
+        --drafters ngram lm --budget-gammas --repeats 3 --pin --skip-fixed
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import time
 import torch
 
 from draft_worker.client import generate_baseline, speculate
+from draft_worker.delay import DelayProxy
 from draft_worker.drafters import DraftModels, DrafterSpec, NgramDrafter, build_drafter
 from draft_worker.gamma import AutoGamma, new_history
 from draft_worker.transport import fetch_info, open_channel
@@ -75,6 +81,15 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
 
 
 async def sweep(address: str, prompts, args, arms: list[str], label: str) -> None:
+    for rtt_ms in args.rtt_ms:
+        if rtt_ms > 0:  # an emulated link (userspace: no netem here), every request through it
+            async with DelayProxy(address, rtt_ms) as proxy:
+                await sweep_link(proxy.address, prompts, args, arms, f"{label}, RTT {rtt_ms:g} ms")
+        else:
+            await sweep_link(address, prompts, args, arms, label)
+
+
+async def sweep_link(address: str, prompts, args, arms: list[str], label: str) -> None:
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     async with open_channel(address) as channel:
         stub = pb_grpc.VerifierStub(channel)
@@ -121,6 +136,8 @@ def main() -> None:
     p.add_argument("--lm-gammas", type=int, nargs="+", default=[2, 3], help="fixed gammas of the LM drafter")
     p.add_argument("--pin", action="store_true", help="verifier on core 0, drafting on core 1 (one torch thread)")
     p.add_argument("--skip-fixed", action="store_true", help="only the budgeted verifier")
+    p.add_argument("--rtt-ms", type=float, nargs="+", default=[0.0],
+                   help="emulated round trips (a delay proxy), each a sweep of its own: the fast regime's links")
     p.add_argument("--verifier-args", default="", help="more `serve-verifier` flags, e.g. '--batch-wait-ms 150'")
     args = p.parse_args()
     tokenizer = models.load_tokenizer(args.verifier)
