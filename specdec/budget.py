@@ -206,14 +206,16 @@ def _zero_meets_slos(demands: Sequence[Demand], step_seconds: StepSeconds, load:
     return all(d.tpot_slo_s is None or seconds <= d.tpot_slo_s for d in demands)
 
 
-def _grant(demands: Sequence[Demand], seconds_of: np.ndarray, padded: bool, expected: np.ndarray) -> dict[Hashable, int]:
+def _grant(demands: Sequence[Demand], seconds_of: np.ndarray, padded: bool,
+           expected: np.ndarray) -> dict[Hashable, int]:
     """grant_budgets without the margin, the step of K draft tokens in all priced seconds_of[K] (_seconds_of_drafts,
     plus any idle wait) and E_i(gamma) read from expected[i, gamma] (_expected_of_drafts, at least the caps wide)."""
     if not demands:
         return {}
     caps = np.array([d.cap for d in demands])  # [n]
     width = np.arange(caps.max() + 1)  # [max cap + 1]
-    table = np.where(width[None, :] <= caps[:, None], expected[:, : len(width)], np.inf)  # [n, max cap + 1] E_i(gamma), +inf past cap_i
+    # [n, max cap + 1] E_i(gamma), +inf past cap_i
+    table = np.where(width[None, :] <= caps[:, None], expected[:, : len(width)], np.inf)
     if padded:
         return _grant_padded(demands, table, caps, seconds_of)
     counts = _greedy_counts(table, caps)  # [K + 1, n]

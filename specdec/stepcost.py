@@ -118,7 +118,7 @@ class StepCostTable:
         self.window, self.min_samples, self.max_age = window, min_samples, max_age
         self._samples: dict[int, deque[tuple[int, float]]] = {}  # tokens -> [(step, seconds)], newest last
         self.steps = 0
-        self._medians: dict[int, float] | None = None  # medians(), until the next step (a grant prices hundreds of steps)
+        self._medians: dict[int, float] | None = None  # medians() until the next step (a grant prices hundreds)
         self._counts: list[int] = []  # its keys, sorted
 
     @property

@@ -22,14 +22,15 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
   the engine's wait;
 - `close(key)` when the session ends.
 
-The grant is made once per step, for every open session together (`specdec.budget.grant_budgets`): the
-first `budget_for` after a step computes it, the others read it, so call `on_verdict` for all of a step's
-rows before answering any of them (the place that applies a step's outcomes does). A session opened
-mid-step is added to it. Making a grant is Python on the event loop, between two steps: 0.1 ms at 1 session, 0.5 ms
-at 4, 0.9 ms at 16 on this class of CPU, nothing beside a CPU's 0.3 s steps but 4-20% of a fast verifier's (the
-tiny pair's steps take 3-5 ms, a GPU's 10-30). So it is remade at most every ceil(grant time / (GRANT_SHARE x the
-last step's compute)) steps, the last one standing in between; a session opening, closing, asking to decode
-alone (`hold`) or starting or ceasing to miss steps (`arrives`) remakes it at once. New sessions' acceptance starts from the server-wide rate of recent verdicts.
+The grant is made once per step, for every open session together (`specdec.budget.grant_budgets`): the first
+`budget_for` after a step computes it, the others read it, so call `on_verdict` for all of a step's rows before
+answering any of them (the place that applies a step's outcomes does). A session opened mid-step is added to it.
+Making a grant is Python on the event loop, between two steps: 0.1 ms at 1 session, 0.5 ms at 4, 0.9 ms at 16 on
+this class of CPU, nothing beside a CPU's 0.3 s steps but 4-20% of a fast verifier's (the tiny pair's steps take 3-5
+ms, a GPU's 10-30). So it is remade at most every ceil(grant time / (GRANT_SHARE x the last step's compute)) steps,
+the latest standing in between; a session opening, closing, asking to decode alone (`hold`) or starting or ceasing
+to miss steps (`arrives`) remakes it at once. New sessions' acceptance starts from the server-wide rate of recent
+verdicts.
 Before the first step the cost fit holds only its prior (no cost), so every session may draft its cap; the
 first steps (the prefills, hundreds of tokens each) fit the curve.
 
