@@ -25,9 +25,9 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
 The grant is made once per step, for every open session together (`specdec.budget.grant_budgets`): the first
 `budget_for` after a step computes it, the others read it, so call `on_verdict` for all of a step's rows before
 answering any of them (the place that applies a step's outcomes does). A session opened mid-step is added to it.
-Making a grant is Python on the event loop, between two steps: 0.1 ms at 1 session, 0.5 ms at 4, 0.9 ms at 16 on
-this class of CPU, nothing beside a CPU's 0.3 s steps but 4-20% of a fast verifier's (the tiny pair's steps take 3-5
-ms, a GPU's 10-30). So it is remade at most every ceil(grant time / (GRANT_SHARE x the last step's compute)) steps,
+Making a grant is Python on the event loop, between two steps: 0.07 ms at 1 session, 0.5 ms at 4, 2.3 ms at 16 on
+this class of CPU (scripts/time_grant.py), nothing beside a CPU's 0.3-2 s steps but up to 10% of a fast verifier's
+at 16 sessions (the tiny pair's steps take 3-5 ms, a GPU's 10-30). So it is remade at most every ceil(grant time / (GRANT_SHARE x the last step's compute)) steps,
 the latest standing in between; a session opening, closing, asking to decode alone (`hold`) or starting or ceasing
 to miss steps (`arrives`) remakes it at once. New sessions' acceptance starts from the server-wide rate of recent
 verdicts.
@@ -155,7 +155,8 @@ class DraftBudgeter:
 
     def on_step(self, compute_s: float, sessions: int, tokens: int, prefill_tokens: int = 0) -> None:
         """After every engine step: measure the cost curve (specdec.stepcost: the median per token count, an affine
-        fit beyond, prefill tokens priced apart); the next `budget_for` grants anew."""
+        fit beyond, prefill tokens priced apart); the next `budget_for` grants anew, unless the latest grant is younger
+        than its reuse (the module docstring: a fast verifier remakes it every few steps)."""
         self.cost.observe(compute_s, tokens - prefill_tokens, sessions, prefill_tokens)
         self._grant_age += 1
         if self._grant_age >= math.ceil(self._grant_s / (GRANT_SHARE * compute_s) if compute_s > 0 else 1):
