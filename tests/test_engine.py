@@ -346,3 +346,20 @@ async def test_a_block_riding_with_a_prompt_chunk_says_so():
     new = engine.open(list(range(20)), GREEDY)
     (_, cost), _ = await asyncio.gather(engine.verify(old, [4, 5], None), engine.prefill(new))
     assert cost.prefill_tokens == 19 and cost.batch_tokens == 3 + 19  # the prompt but its last token
+
+
+async def test_a_block_that_waited_through_a_prompt_chunks_step_says_so():
+    """A padding backend runs prompt chunks and blocks in separate steps, so a block queued behind a prompt chunk
+    waits for that step: its service time is the prompt's (2.6 s of 2.97 on the real pair at 2 sessions), and the
+    client must not price its block size by it (a draft token at 0.67 s made a 2-session n-gram schedule give up)."""
+    model = FakeLM(32)
+    engine = Engine(model, max_batch_tokens=64)
+    engine.pads_rows = True
+    old = engine.open([1, 2, 3], GREEDY)
+    await engine.prefill(old)
+    new = engine.open(list(range(20)), GREEDY)
+    _, (_, cost) = await asyncio.gather(engine.prefill(new), engine.verify(old, [4, 5], None))
+    assert cost.batch_tokens == 3 and cost.steps == 1  # its own step carried only the block
+    assert cost.prefill_tokens == 19  # the step it waited through carried the prompt
+    _, cost = await engine.verify(old, [6], None)
+    assert cost.prefill_tokens == 0  # nothing ahead of it this time

@@ -15,7 +15,7 @@ class StepCost:
     batch_sessions: int = 0  # sessions in the step (the largest, over several steps)
     batch_tokens: int = 0  # tokens the step(s) computed for all sessions, padding excluded
     steps: int = 0
-    prefill_tokens: int = 0  # of prompt chunks (any session's) in the step(s)
+    prefill_tokens: int = 0  # of prompt chunks (any session's) in the step(s), or in steps that ran while it waited
 
     def add(self, compute_s: float, tokens: int, batch_sessions: int, batch_tokens: int, prefill_tokens: int = 0) -> None:
         self.compute_s += compute_s

@@ -320,6 +320,10 @@ class Engine:
         batch_tokens = sum(n for _, n in batch)
         prefill_tokens = sum(n for work, n in batch if work.is_prefill)
         self._running = []
+        if prefill_tokens:  # blocks that waited through a prompt's step: their service time is the prompt's, not theirs
+            for work in self._queue:
+                if not work.is_prefill:
+                    work.cost.prefill_tokens += prefill_tokens
         answered: list[tuple[_Work, RoundResult | None]] = []  # resolved after the step's budget grant
         for (work, n), outcome in zip(batch, outcomes):
             work.cost.add(compute_s, n, len(batch), batch_tokens, prefill_tokens)
