@@ -87,7 +87,8 @@ async def refusal(call, exc: BaseException, what: str) -> VerifierError:
 
 def block_s(reply: pb.Verdict | pb.Commit) -> float | None:
     """The reply's service time as a sample of what a block of its size costs; None when its step carried a prompt
-    chunk (another session's prefill: a 5-token block riding with 200 prompt tokens takes the prefill's time)."""
+    chunk, or it waited through a step that did (another session's prefill: a 5-token block riding with 200 prompt
+    tokens takes the prefill's time, and one queued behind a padding backend's prompt step waits for all of it)."""
     return None if reply.cost.prefill_tokens else reply.service_s
 
 

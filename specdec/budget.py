@@ -284,8 +284,7 @@ def _seconds_of_drafts(step_seconds: StepSeconds, demands: Sequence[Demand], loa
     """[K + 1] T(K) for every K a grant to these sessions can compute (n x the largest cap when it pads, else the
     caps' sum): the one place a grant calls the cost curve, once per K for every candidate and wait level (pricing
     each candidate anew took 171 ms of the verifier's event loop at 16 sessions, now 2.3: scripts/time_grant.py)."""
-    caps = [d.cap for d in demands]
-    most = len(caps) * max(caps, default=0) if padded else sum(caps)
+    most = _computed([d.cap for d in demands], padded)
     return np.array([_step_seconds(step_seconds, demands, k, load) for k in range(most + 1)])
 
 

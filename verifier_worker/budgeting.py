@@ -27,10 +27,10 @@ The grant is made once per step, for every open session together (`specdec.budge
 answering any of them (the place that applies a step's outcomes does). A session opened mid-step is added to it.
 Making a grant is Python on the event loop, between two steps: 0.07 ms at 1 session, 0.5 ms at 4, 2.3 ms at 16 on
 this class of CPU (scripts/time_grant.py), nothing beside a CPU's 0.3-2 s steps but up to 10% of a fast verifier's
-at 16 sessions (the tiny pair's steps take 3-5 ms, a GPU's 10-30). So it is remade at most every ceil(grant time / (GRANT_SHARE x the last step's compute)) steps,
-the latest standing in between; a session opening, closing, asking to decode alone (`hold`) or starting or ceasing
-to miss steps (`arrives`) remakes it at once. New sessions' acceptance starts from the server-wide rate of recent
-verdicts.
+at 16 sessions (the tiny pair's steps take 3-5 ms, a GPU's 10-30). So it is remade at most every ceil(grant time /
+(GRANT_SHARE x the last step's compute)) steps, the latest standing in between; a session opening, closing, asking
+to decode alone (`hold`) or starting or ceasing to miss steps (`arrives`) remakes it at once. New sessions'
+acceptance starts from the server-wide rate of recent verdicts.
 Before the first step the cost fit holds only its prior (no cost), so every session may draft its cap; the
 first steps (the prefills, hundreds of tokens each) fit the curve.
 
@@ -307,8 +307,7 @@ class DraftBudgeter:
                                                                             self.padded, self.hold_s):
                 grant[key] = budgets[i] = 0
         if self.metrics is not None and any(grant.values()):
-            self.metrics.gain.observe(predicted_gain(demands, [grant[d.key] for d in demands], step_seconds, load,
-                                                     self.padded, self.hold_s))
+            self.metrics.gain.observe(predicted_gain(demands, budgets, step_seconds, load, self.padded, self.hold_s))
         return grant
 
 
