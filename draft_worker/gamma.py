@@ -27,7 +27,9 @@ against a verifier that decodes on its own while the client does not draft) gamm
 The acceptance prior: 0.5 by default, or the pooled rate of the drafter's earlier blocks in this process (`history`,
 `new_history()`: every block of every request that shares it). The real pair's LM drafter is accepted ~75% of the
 time, yet an answer's first blocks are often rejected: from 0.5, two early rejections take a request to gamma 0 at
-a CPU verifier, where an LM draft only pays above ~60%, and it climbs back by probes and shadow blocks alone.
+a CPU verifier, where an LM draft only pays above ~60%, and it climbs back by probes and shadow blocks alone. With a
+history, an answer's first OPENING_ROUNDS rounds are priced by the earlier requests' openings and kept out of the
+request's own rates (specdec/acceptance.py: the real pair's answers open with one or two rejected blocks).
 
 Also here: `FixedGamma` (a fixed block size behind the same interface) and `Link` (async: where the verifier
 will be when a claim sent now arrives).
@@ -39,8 +41,10 @@ import math
 from dataclasses import dataclass, field
 
 from specdec.config import MAX_GAMMA
-from specdec.acceptance import AcceptanceTracker
+from specdec.acceptance import OPENING_ROUNDS, AcceptanceTracker, DrafterAcceptance
 from specdec.gamma import VerifyCost, choose_gamma
+
+FIT_SPAN = 2  # block sizes (draft tokens) the service times seen must span before a per-token cost is fitted
 
 
 def ema(old: float | None, new: float, weight: float) -> float:
@@ -48,11 +52,12 @@ def ema(old: float | None, new: float, weight: float) -> float:
     return new if old is None else (1 - weight) * old + weight * new
 
 
-def new_history(forget: float = 0.99) -> AcceptanceTracker:
+def new_history(forget: float = 0.99) -> DrafterAcceptance:
     """A drafter's acceptance over the requests of this process (a draft worker, `serve-draft`, a benchmark), for
     their schedules to share (`RttGamma.history`): each real or shadow block of any of them counts, decayed over
-    ~1 / (1 - forget) blocks, and a new request's estimates start from its pooled rate instead of `prior_alpha`."""
-    return AcceptanceTracker(forget=forget)
+    ~1 / (1 - forget) blocks, and a new request's estimates start from its pooled rate instead of `prior_alpha`;
+    its answer's opening rounds are priced by the earlier requests' openings (specdec.acceptance)."""
+    return DrafterAcceptance(MAX_GAMMA, forget=forget)
 
 
 @dataclass
@@ -73,7 +78,7 @@ class RttGamma:
     decode_alone: bool = field(default=False, init=False)  # gamma 0: the verifier decodes on its own (no round trip)
     # this drafter's acceptance over the process's requests, shared by their schedules (new_history()): the pooled
     # rate each one shrinks toward instead of prior_alpha; None: every request starts from prior_alpha
-    history: AcceptanceTracker | None = None
+    history: DrafterAcceptance | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_gamma <= self.gamma <= self.max_gamma:
@@ -87,13 +92,16 @@ class RttGamma:
         self._probe_due = False  # a probe fired and no block was drafted since: it stands until one is
         self._chosen = self.gamma
         self._skipped_prefill = False
+        self._rounds = 0  # updates so far: with a history, the first OPENING_ROUNDS are the answer's opening
 
     def update(self, proposed: int, accepted: int, *, draft_s: float, service_s: float | None, rtt_s: float) -> None:
         """Learn from one verdict: `accepted` leading tokens of `proposed` drafted in `draft_s` seconds,
         verified in `service_s` (queue + compute; None: not a sample of a block's cost, e.g. its step carried another
         session's prefill, whose one outlier would price that block size for good if it is never chosen again),
         `rtt_s` the round trip minus service_s."""
-        self.observe(proposed, accepted, draft_s)
+        opening = self._opening()
+        self._rounds += 1
+        self.observe(proposed, accepted, draft_s, opening=opening)
         if proposed:  # a block went out: the probe standing, if any, was drafted
             self._probe_due = False
         if service_s is not None:
@@ -101,36 +109,46 @@ class RttGamma:
         self.rtt_s = ema(self.rtt_s, max(rtt_s, 0.0), self.smoothing)
         self.gamma = self._next_gamma()
 
-    def observe(self, proposed: int, accepted: int, draft_s: float | None = None) -> None:
+    def observe(self, proposed: int, accepted: int, draft_s: float | None = None, *, opening: bool = False) -> None:
         """Learn acceptance and draft time alone: `accepted` leading tokens of `proposed` drafted in `draft_s` (a
         verdict's, or a shadow block's, checked against what the verifier committed on its own:
         draft_worker/shadow.py); gamma is chosen anew at the next `update`. A schedule at gamma 0 before any draft
-        time was measured keeps its gamma until one is (see the module docstring), so shadow blocks measure it."""
+        time was measured keeps its gamma until one is (see the module docstring), so shadow blocks measure it.
+        opening: a block of the answer's opening, which tells the history's openings and not this request's rates."""
         if draft_s is not None and proposed:
             if self._skipped_prefill:
                 self.draft_s = ema(self.draft_s, draft_s / proposed, self.smoothing)
             self._skipped_prefill = True
         accepted = min(accepted, proposed)
-        self._counts.update(proposed, accepted)
+        if not opening:
+            self._counts.update(proposed, accepted)
         if self.history is not None and proposed:
-            self.history.update(proposed, accepted)
+            self.history.update(proposed, accepted, opening=opening)
 
     def accept_rates(self) -> list[float]:
-        """[max_gamma] estimated P(position i+1 accepted | positions 1..i accepted)."""
+        """[max_gamma] estimated P(position i+1 accepted | positions 1..i accepted) for the next block."""
+        if self._opening():
+            return self.history.rates(opening=True)[: self.max_gamma]
         return self._counts.rates(None if self.history is None else self.history.pooled())[: self.max_gamma]
+
+    def _opening(self) -> bool:
+        """The next round is in the answer's opening, and a history says what openings do."""
+        return self.history is not None and self._rounds < OPENING_ROUNDS
 
     def verify_cost(self) -> VerifyCost:
         """(fixed_s, per_token_s) of the verifier's service time, fitted to the block sizes seen.
 
-        With one block size seen the split is unknown: assume it is all fixed cost, as when decoding is
-        memory-bound (one pass over the weights scores gamma + 1 positions about as fast as one); the next
-        block of another size fixes it.
+        With the sizes seen within FIT_SPAN - 1 tokens of each other the split is unknown: assume it is all
+        fixed cost (their mean), as when decoding is memory-bound (one pass over the weights scores gamma + 1
+        positions about as fast as one); a block size further off fixes it. A line through two neighbouring
+        sizes is mostly noise: the real pair's verifier served blocks of 2 in 0.285 s and one of 3 in 0.334 s
+        (an 8% outlier; others took 0.31), and that line priced a plain decoding step at 0.19 s where every step
+        takes 0.29, so drafting looked hopeless and the session decoded alone for 19 rounds.
         """
         if not self._service:
             return (0.0, 0.0)
-        if len(self._service) == 1:
-            [(size, seconds)] = self._service.items()
-            return (seconds, 0.0)
+        if max(self._service) - min(self._service) < FIT_SPAN:
+            return (sum(self._service.values()) / len(self._service), 0.0)
         points = self._service.items()
         mean_x = sum(x for x, _ in points) / len(points)
         mean_y = sum(y for _, y in points) / len(points)
@@ -173,8 +191,10 @@ class RttGamma:
         return max(self._probe_interval, probe_s / (self.probe_share * max(verify[0], 1e-9)))
 
     def _hopeless(self, draft_s: float) -> bool:
-        """decode_alone: even a draft accepted always, at `draft_s` a token, could not beat the verifier alone."""
-        return (self.decode_alone and bool(self._service)
+        """decode_alone: even a draft accepted always, at `draft_s` a token, could not beat the verifier alone, as
+        measured: with a plain decoding step's service seen (until then what one costs is the line's extrapolation,
+        and being hopeless stops the probes for the rest of the request)."""
+        return (self.decode_alone and 0 in self._service
                 and not choose_gamma([1.0] * self.max_gamma, draft_s, self.verify_cost(), self.rtt_s or 0.0,
                                      self.max_gamma, True))
 

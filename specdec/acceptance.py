@@ -4,6 +4,17 @@ and the client's own gamma schedule (draft_worker/gamma.py: RttGamma).
 A block of gamma draft tokens is accepted up to its first rejected position, so what a session's verdicts measure
 is alpha_j = P(position j accepted | positions before it accepted), one rate per position; E(gamma), the
 expected committed tokens of a block, follows from them (specdec.gamma.expected_tokens_table).
+
+An answer's opening is a regime of its own. With the real pair (Qwen2.5-Coder 0.5B drafting for 1.5B) on 16
+PubMedQA prompts at a fixed gamma 2, the first block of the answer was rejected outright in 12 of 16 answers and the
+second in 8, the later blocks in about 1 of 10. Counted as the session's acceptance, those two rejections took a
+new session's estimate from ~0.7 to ~0.3, below what an LM draft pays at on a CPU verifier: the client and the
+verifier both stopped drafting and the session decoded alone for 9-12 rounds before a probe or shadow blocks brought
+it back (auto 0.90x a fixed gamma 2 at one session). So `DrafterAcceptance`, what the drafters seen so far did (the
+client's history of one drafter, the verifier's population of sessions), keeps the first OPENING_ROUNDS rounds of
+every answer apart: an opening round is priced by the openings of earlier answers, and a session's own estimate
+starts after its opening. A drafter whose openings are like the rest of its answers loses nothing but those rounds'
+evidence about its own session; one whose openings are worse drafts less there instead of stopping later.
 """
 
 from __future__ import annotations
@@ -11,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from specdec.gamma import expected_tokens_table
+
+OPENING_ROUNDS = 2  # an answer's first rounds (verdicts, plain decoding steps included): its opening
 
 
 @dataclass
@@ -66,3 +79,32 @@ class AcceptanceTracker:
     def expected_tokens(self, gamma: int, prior_alpha: float | None = None) -> float:
         """Expected committed tokens of this session's next block of gamma draft tokens."""
         return expected_tokens_table(self.rates(prior_alpha), gamma)[gamma]
+
+
+@dataclass
+class DrafterAcceptance:
+    """What the sessions seen so far did, answers' openings (their first OPENING_ROUNDS rounds) kept apart: the
+    prior a new session starts from (`pooled`, `rates`). Every real block counts, decayed over ~1 / (1 - forget)."""
+
+    max_gamma: int = 16
+    prior_alpha: float = 0.5
+    forget: float = 0.99
+    body: AcceptanceTracker = field(init=False)  # the rounds after the openings
+    opening: AcceptanceTracker = field(init=False)  # the openings' rounds
+
+    def __post_init__(self) -> None:
+        self.body = AcceptanceTracker(self.max_gamma, prior_alpha=self.prior_alpha, forget=self.forget)
+        self.opening = AcceptanceTracker(self.max_gamma, prior_alpha=self.prior_alpha, forget=self.forget)
+
+    def update(self, proposed: int, accepted: int, offered: int = 0, *, opening: bool = False) -> None:
+        (self.opening if opening else self.body).update(min(proposed, self.max_gamma), min(accepted, proposed,
+                                                                                          self.max_gamma), offered)
+
+    def pooled(self) -> float:
+        """The rate past the openings: where a session's own estimate starts."""
+        return self.body.pooled()
+
+    def rates(self, opening: bool) -> list[float]:
+        """[max_gamma] a round's rates with no session evidence: an opening round's from the openings seen (shrunk
+        toward the rest's rate), a later one's the rest's pooled rate."""
+        return self.opening.rates(self.pooled()) if opening else [self.pooled()] * self.max_gamma

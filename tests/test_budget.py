@@ -9,7 +9,7 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry
 
-from specdec.acceptance import AcceptanceTracker
+from specdec.acceptance import OPENING_ROUNDS, AcceptanceTracker
 from specdec.budget import (Demand, Load, StepCostModel, budgeted_gamma, goodput,
                             grant_budgets, pays_a_missed_step, waited)
 from specdec.gamma import choose_gamma, expected_tokens, expected_tokens_table
@@ -396,10 +396,30 @@ def test_new_sessions_start_from_the_population_rate():
     budgeter = DraftBudgeter(max_gamma=6)
     _feed_steps(budgeter, 0.01, 0.004)
     for i in range(30):
-        budgeter.on_verdict(f"old{i}", 6, 0)  # nobody's drafts are ever accepted here
+        for _ in range(3):  # an opening and a round after it
+            budgeter.on_verdict(f"old{i}", 6, 0)  # nobody's drafts are ever accepted here
     budgeter.open("new")
     assert budgeter.population.pooled() < 0.2
     assert budgeter.budget_for("new") == 0
+
+
+def test_an_answers_opening_is_granted_from_the_openings_seen():
+    """The real pair's LM drafter: an answer's first blocks were rejected in 12 and 8 of 16 answers, the later ones
+    in ~1 of 10. Earlier sessions like that: a new session is granted nothing in its opening (its drafts are rejected
+    there), and its opening's rejections do not take its later budget down with them."""
+    budgeter = DraftBudgeter(max_gamma=6)
+    _feed_steps(budgeter, 0.02, 0.006)  # a CPU-like curve: a draft token costs 30% of a one-token step
+    for i in range(20):
+        for r in range(10):
+            budgeter.on_verdict(f"old{i}", 4, 0 if r < OPENING_ROUNDS else 4, offered=4)
+        budgeter.close(f"old{i}")
+    budgeter.open("new")
+    budgeter.on_step(0.03, 1, 1)
+    assert budgeter.budget_for("new") == 0
+    budgeter.on_verdict("new", 4, 0, offered=4)  # an older client drafts anyway: rejected, as openings are
+    budgeter.on_verdict("new", 0, 0)
+    budgeter.on_step(0.03, 1, 1)
+    assert budgeter.budget_for("new") >= 4  # past its opening: the rate of the rounds after the openings
 
 
 def test_a_session_denied_drafts_gets_another_try():

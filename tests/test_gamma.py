@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from draft_worker.gamma import RttGamma, new_history
+from specdec.acceptance import OPENING_ROUNDS
 from specdec.gamma import choose_gamma, expected_tokens
 
 RTTS = [0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0]
@@ -194,7 +195,11 @@ def test_a_shared_history_is_where_a_request_starts():
     for seed in range(3):  # earlier requests of the drafter in this process, ~80% accepted
         Process(alpha=0.8, draft_s=0.13, verify_s=(0.27, 0.015), rtt_s=0.001, seed=seed).run(RttGamma(history=history), 30)
     assert history.pooled() > 0.7
-    assert RttGamma(history=history).accept_rates()[0] > 0.7 and RttGamma().accept_rates()[0] == 0.5
+    started = RttGamma(history=history)
+    assert started.accept_rates() == history.rates(opening=True)  # its opening: the earlier openings
+    for _ in range(OPENING_ROUNDS):
+        started.update(0, 0, draft_s=0.0, service_s=0.27, rtt_s=0.001)
+    assert started.accept_rates()[0] > 0.7 and RttGamma().accept_rates()[0] == 0.5  # then the history's rate
     rejected = new_history()
     for _ in range(20):
         rejected.update(4, 0)
@@ -221,6 +226,50 @@ def test_a_history_shortens_a_bad_start(seed):
         return (used + process.run(schedule, 20)).count(0)
 
     assert zeros(RttGamma(history=history)) < zeros(RttGamma())
+
+
+def test_an_answers_opening_is_priced_by_earlier_openings():
+    """The real pair's LM drafter on a CPU verifier pays above ~60% acceptance. Its answers' first two blocks were
+    rejected in 12 and 8 of 16 answers and the rest accepted ~80%: counted as the request's own acceptance, those
+    two rejections took it to gamma 0 for 9-12 rounds. With the openings kept apart they take it nowhere."""
+    history = new_history()
+    for seed in range(6):  # earlier requests like that
+        process = Process(alpha=0.0, draft_s=0.13, verify_s=(0.27, 0.015), rtt_s=0.001, seed=seed)
+        schedule = RttGamma(history=history)
+        schedule.decode_alone = True
+        process.run(schedule, OPENING_ROUNDS)
+        process.alpha = 0.8
+        process.run(schedule, 20)
+    assert history.rates(opening=True)[0] < 0.3 and history.pooled() > 0.7
+    schedule = RttGamma(history=history)
+    schedule.decode_alone = True
+    process = Process(alpha=0.0, draft_s=0.13, verify_s=(0.27, 0.015), rtt_s=0.001, seed=99)
+    assert schedule.accept_rates()[0] < 0.3  # its opening: the earlier openings' rate
+    process.run(schedule, OPENING_ROUNDS)
+    assert schedule.accept_rates()[0] > 0.7 and schedule.gamma >= 2  # then the rest's rate: drafting
+
+
+def test_neighbouring_block_sizes_do_not_price_a_plain_step():
+    """The real pair's verifier served blocks of 2 in 0.285 s and one of 3 in 0.334 s (an 8% outlier): a line through
+    them priced a plain decoding step at 0.19 s, below every step seen; drafting looked hopeless and the session
+    decoded alone for 19 rounds. Neighbouring sizes are priced flat, and only a measured plain step makes a drafter
+    hopeless (which ends its probes)."""
+    schedule = RttGamma()
+    schedule.decode_alone = True
+    for proposed, accepted, service_s in ((2, 0, 0.285), (2, 2, 0.285), (3, 2, 0.334)):
+        schedule.update(proposed, accepted, draft_s=0.15 * proposed, service_s=service_s, rtt_s=0.002)
+    assert schedule.verify_cost() == pytest.approx((0.3095, 0.0))
+    assert schedule.gamma > 0
+    schedule.update(5, 5, draft_s=0.75, service_s=0.36, rtt_s=0.002)  # a size further off: a slope
+    assert schedule.verify_cost()[1] > 0.01
+
+    slow = RttGamma()  # a drafter far too slow for its verifier: 1 s a token against 0.3 s steps
+    slow.decode_alone = True
+    for proposed in (2, 2, 4):
+        slow.update(proposed, proposed, draft_s=1.0 * proposed, service_s=0.29 + 0.01 * proposed, rtt_s=0.002)
+    assert slow.gamma == 0 and slow.rounds_to_probe() is not None  # extrapolated: it will look again
+    slow.update(0, 0, draft_s=0.0, service_s=0.29, rtt_s=0.002)  # the verifier decoded alone: measured
+    assert slow.gamma == 0 and slow.rounds_to_probe() is None
 
 
 def test_schedules_of_one_draft_side_share_its_history():

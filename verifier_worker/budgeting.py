@@ -29,8 +29,9 @@ Making a grant is Python on the event loop, between two steps: 0.07 ms at 1 sess
 this class of CPU (scripts/time_grant.py), nothing beside a CPU's 0.3-2 s steps but up to 10% of a fast verifier's
 at 16 sessions (the tiny pair's steps take 3-5 ms, a GPU's 10-30). So it is remade at most every ceil(grant time /
 (GRANT_SHARE x the last step's compute)) steps, the latest standing in between; a session opening, closing, asking
-to decode alone (`hold`) or starting or ceasing to miss steps (`arrives`) remakes it at once. New sessions'
-acceptance starts from the server-wide rate of recent verdicts.
+to decode alone (`hold`), starting or ceasing to miss steps (`arrives`) or leaving its answer's opening remakes it at
+once. New sessions' acceptance starts from the server-wide rate of recent verdicts; an answer's first OPENING_ROUNDS
+rounds are priced by the openings seen so far and kept out of the session's own estimate (specdec/acceptance.py).
 Before the first step the cost fit holds only its prior (no cost), so every session may draft its cap; the
 first steps (the prefills, hundreds of tokens each) fit the curve.
 
@@ -55,7 +56,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from specdec.acceptance import AcceptanceTracker
+from specdec.acceptance import OPENING_ROUNDS, AcceptanceTracker, DrafterAcceptance
 from specdec.budget import Demand, Load, StepCostTable, grant_budgets, pays_a_missed_step, \
     predicted_gain
 from specdec.gamma import expected_tokens_table
@@ -110,6 +111,7 @@ class _Session:
     promised: float = 0.0  # accepted draft tokens its next verified block is expected to buy (uncalibrated)
     wait_s: float = 0.0  # how long after its verdict its block comes when it is granted drafts (arrives)
     slow: bool = False  # its blocks come after the next step has started (arrives): a block costs it a step
+    rounds: int = 0  # verdicts so far (plain decoding steps included): the first OPENING_ROUNDS are its opening
 
 
 class DraftBudgeter:
@@ -131,8 +133,9 @@ class DraftBudgeter:
         self.forget = forget
         self.padded = padded
         self.min_gain = min_gain
-        # every verdict of every session, with a long memory: the prior of a new session's acceptance
-        self.population = AcceptanceTracker(max_gamma=max(max_gamma, 1), prior_alpha=prior_alpha, forget=0.999)
+        # every verdict of every session, with a long memory: the prior of a new session's acceptance, and what
+        # an answer's opening rounds are priced by (specdec.acceptance: openings apart)
+        self.population = DrafterAcceptance(max(max_gamma, 1), prior_alpha=prior_alpha, forget=0.999)
         self._sessions: dict[Hashable, _Session] = {}
         self._bought, self._promised = 0.0, 0.0  # decayed sums over verified granted blocks (calibration())
         self._grants: dict[Hashable, int] | None = None  # the latest grant; None: to be made at the next budget_for
@@ -176,9 +179,13 @@ class DraftBudgeter:
         accepted = min(accepted, proposed)
         session = self._sessions[key]
         if proposed and not offered:  # an async step verified the drafts that had arrived: they promised E - 1
-            session.promised = expected_tokens_table(session.tracker.rates(self.population.pooled()),
-                                                     proposed)[proposed] - 1
-        session.tracker.update(proposed, accepted, offered)
+            session.promised = expected_tokens_table(self._rates_of(session), proposed)[proposed] - 1
+        opening = session.rounds < OPENING_ROUNDS
+        session.rounds += 1
+        if session.rounds == OPENING_ROUNDS:  # its rates change regime (_rates_of): a new grant at once
+            self._grants = None
+        if not opening:  # an opening round tells the openings' rate, not this session's
+            session.tracker.update(proposed, accepted, offered)
         if (offered or proposed) and session.promised:
             self._bought = CALIBRATION_FORGET * self._bought + accepted
             self._promised = CALIBRATION_FORGET * self._promised + session.promised
@@ -188,7 +195,7 @@ class DraftBudgeter:
         if proposed or offered:  # a plain decoding step says nothing about the drafts' acceptance
             # a grant left unused is a miss here too: counted only where a draft existed, the rate new sessions start
             # from read 45% where an n-gram's grants bought far less (no match: nothing drafted)
-            self.population.update(proposed, accepted, offered)
+            self.population.update(proposed, accepted, offered, opening=opening)
 
     def on_shadow(self, key: Hashable, drafted: int, accepted: int, gamma: int) -> None:
         """A block of `gamma` the client drafted (`drafted` tokens) but did not send while the verifier decoded the
@@ -269,7 +276,7 @@ class DraftBudgeter:
         budget = self._grants[key]
         session = self._sessions[key]
         session.held = max(0, session.held - 1)
-        rates = self._rates.get(key) or session.tracker.rates(self.population.pooled())
+        rates = self._rates.get(key) or self._rates_of(session)
         session.promised = expected_tokens_table(rates, budget)[budget] - 1
         if self.metrics is not None and self._sessions[key].max_gamma:  # a decode-only session is never granted drafts
             self.metrics.granted.observe(budget)
@@ -280,6 +287,13 @@ class DraftBudgeter:
         if tokens > 0 and self.metrics is not None:
             self.metrics.over_budget.inc(tokens)
 
+    def _rates_of(self, session: _Session) -> list[float]:
+        """[max_gamma] the acceptance a grant reads for a session's next block: in its answer's opening, the openings
+        seen so far; after it, its own estimate from the server-wide rate."""
+        if session.rounds < OPENING_ROUNDS:
+            return self.population.rates(opening=True)
+        return session.tracker.rates(self.population.pooled())
+
     def calibration(self) -> float:
         """Accepted draft tokens the granted blocks bought per token their grants promised (decayed over
         ~1 / (1 - CALIBRATION_FORGET) blocks, shrunk toward 1 by CALIBRATION_PRIOR tokens, at most 1)."""
@@ -288,8 +302,8 @@ class DraftBudgeter:
     def grants(self, load: Load = Load(), exclude: Collection[Hashable] = ()) -> dict[Hashable, int]:
         """A fresh grant for every open session but `exclude` (still prefilling: in `load`, not sending a block
         next step), given the other work riding the next step."""
-        prior, scale = self.population.pooled(), self.calibration()
-        self._rates = {key: s.tracker.rates(prior) for key, s in self._sessions.items() if key not in exclude}
+        scale = self.calibration()
+        self._rates = {key: self._rates_of(s) for key, s in self._sessions.items() if key not in exclude}
         rows = [(key, self._sessions[key], _scaled(rates, scale)) for key, rates in self._rates.items()]
         crowded = len(rows) + load.sessions > 1  # others ride the step a slow session's block misses
         demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.max_gamma))
