@@ -6,11 +6,13 @@ After every verdict (or async commit) it updates four estimates and sets `gamma 
   gets the pooled rate and the first rounds pick a sane gamma;
 - draft seconds per token (EMA), skipping the first drafted block: it was drafted while the verifier
   prefilled, and its time includes the draft model's own prefill of the prompt, which would make a token
-  look many times dearer than it is; until a sample arrives the gamma stays where it is;
+  look many times dearer than it is; until a sample arrives it is the drafter's earlier requests' (`history`),
+  or with none the gamma stays where it is;
 - the network round trip, service excluded (EMA; an async session passes 0: its verifier never waits on
   the link);
 - the verifier's service time as fixed_s + gamma * per_token_s: an EMA of the service time per block
-  size, and a least-squares line through the sizes seen (so a size visited long ago still anchors it).
+  size, and a least-squares line through the sizes seen (so a size visited long ago still anchors it),
+  flat while they span fewer than FIT_SPAN tokens.
 
 min_gamma defaults to 0: a drafter that is never accepted (an n-gram table with no match, a mismatched
 draft model) makes speculation a loss, and plain decoding rounds are the best it can do. It can come back:
@@ -52,12 +54,21 @@ def ema(old: float | None, new: float, weight: float) -> float:
     return new if old is None else (1 - weight) * old + weight * new
 
 
-def new_history(forget: float = 0.99) -> DrafterAcceptance:
+@dataclass
+class DrafterHistory(DrafterAcceptance):
+    """A drafter's acceptance over this process's requests (DrafterAcceptance), and its draft seconds per token (an
+    EMA of its requests' samples; None before any): where a new request's estimates start."""
+
+    draft_s: float | None = None
+
+
+def new_history(forget: float = 0.99) -> DrafterHistory:
     """A drafter's acceptance over the requests of this process (a draft worker, `serve-draft`, a benchmark), for
     their schedules to share (`RttGamma.history`): each real or shadow block of any of them counts, decayed over
     ~1 / (1 - forget) blocks, and a new request's estimates start from its pooled rate instead of `prior_alpha`;
-    its answer's opening rounds are priced by the earlier requests' openings (specdec.acceptance)."""
-    return DrafterAcceptance(MAX_GAMMA, forget=forget)
+    its answer's opening rounds are priced by the earlier requests' openings (specdec.acceptance), and its draft
+    time starts from theirs, so the opening's second block is chosen, not drafted at the first block's gamma."""
+    return DrafterHistory(MAX_GAMMA, forget=forget)
 
 
 @dataclass
@@ -78,7 +89,7 @@ class RttGamma:
     decode_alone: bool = field(default=False, init=False)  # gamma 0: the verifier decodes on its own (no round trip)
     # this drafter's acceptance over the process's requests, shared by their schedules (new_history()): the pooled
     # rate each one shrinks toward instead of prior_alpha; None: every request starts from prior_alpha
-    history: DrafterAcceptance | None = None
+    history: DrafterHistory | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_gamma <= self.gamma <= self.max_gamma:
@@ -93,6 +104,7 @@ class RttGamma:
         self._chosen = self.gamma
         self._skipped_prefill = False
         self._rounds = 0  # updates so far: with a history, the first OPENING_ROUNDS are the answer's opening
+        self.draft_s = getattr(self.history, "draft_s", None)  # the drafter's earlier requests' (None: none yet)
 
     def update(self, proposed: int, accepted: int, *, draft_s: float, service_s: float | None, rtt_s: float) -> None:
         """Learn from one verdict: `accepted` leading tokens of `proposed` drafted in `draft_s` seconds,
@@ -118,6 +130,8 @@ class RttGamma:
         if draft_s is not None and proposed:
             if self._skipped_prefill:
                 self.draft_s = ema(self.draft_s, draft_s / proposed, self.smoothing)
+                if isinstance(self.history, DrafterHistory):
+                    self.history.draft_s = ema(self.history.draft_s, draft_s / proposed, self.smoothing)
             self._skipped_prefill = True
         accepted = min(accepted, proposed)
         if not opening:

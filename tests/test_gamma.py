@@ -245,7 +245,10 @@ def test_an_answers_opening_is_priced_by_earlier_openings():
     schedule.decode_alone = True
     process = Process(alpha=0.0, draft_s=0.13, verify_s=(0.27, 0.015), rtt_s=0.001, seed=99)
     assert schedule.accept_rates()[0] < 0.3  # its opening: the earlier openings' rate
-    process.run(schedule, OPENING_ROUNDS)
+    assert schedule.draft_s == history.draft_s  # and the earlier requests' draft time
+    process.run(schedule, 1)
+    assert schedule.gamma <= 1  # so the opening's second block is chosen, not drafted at the first one's gamma
+    process.run(schedule, OPENING_ROUNDS - 1)
     assert schedule.accept_rates()[0] > 0.7 and schedule.gamma >= 2  # then the rest's rate: drafting
 
 
