@@ -8,7 +8,7 @@ expected committed tokens of a block, follows from them (specdec.gamma.expected_
 An answer's opening is a regime of its own. With the real pair (Qwen2.5-Coder 0.5B drafting for 1.5B) on 16
 PubMedQA prompts at a fixed gamma 2, the first block of the answer was rejected outright in 12 of 16 answers and the
 second in 8, the later blocks in about 1 of 10. Counted as the session's acceptance, those two rejections took a
-new session's estimate from ~0.7 to ~0.3, below what an LM draft pays at on a CPU verifier: the client and the
+new session's estimate from ~0.7 to ~0.3, below the ~0.45 an LM draft needs on a CPU verifier: the client and the
 verifier both stopped drafting and the session decoded alone for 9-12 rounds before a probe or shadow blocks brought
 it back (auto 0.90x a fixed gamma 2 at one session). So `DrafterAcceptance`, what the drafters seen so far did (the
 client's history of one drafter, the verifier's population of sessions), keeps the first OPENING_ROUNDS rounds of
@@ -97,8 +97,8 @@ class DrafterAcceptance:
         self.opening = AcceptanceTracker(self.max_gamma, prior_alpha=self.prior_alpha, forget=self.forget)
 
     def update(self, proposed: int, accepted: int, offered: int = 0, *, opening: bool = False) -> None:
-        (self.opening if opening else self.body).update(min(proposed, self.max_gamma), min(accepted, proposed,
-                                                                                          self.max_gamma), offered)
+        proposed = min(proposed, self.max_gamma)
+        (self.opening if opening else self.body).update(proposed, min(accepted, proposed), offered)
 
     def pooled(self) -> float:
         """The rate past the openings: where a session's own estimate starts."""
