@@ -104,7 +104,7 @@ class RttGamma:
         self._chosen = self.gamma
         self._skipped_prefill = False
         self._rounds = 0  # updates so far: with a history, the first OPENING_ROUNDS are the answer's opening
-        self.draft_s = getattr(self.history, "draft_s", None)  # the drafter's earlier requests' (None: none yet)
+        self.draft_s = None if self.history is None else self.history.draft_s  # its drafter's (None: none yet)
 
     def update(self, proposed: int, accepted: int, *, draft_s: float, service_s: float | None, rtt_s: float) -> None:
         """Learn from one verdict: `accepted` leading tokens of `proposed` drafted in `draft_s` seconds,
@@ -130,7 +130,7 @@ class RttGamma:
         if draft_s is not None and proposed:
             if self._skipped_prefill:
                 self.draft_s = ema(self.draft_s, draft_s / proposed, self.smoothing)
-                if isinstance(self.history, DrafterHistory):
+                if self.history is not None:
                     self.history.draft_s = ema(self.history.draft_s, draft_s / proposed, self.smoothing)
             self._skipped_prefill = True
         accepted = min(accepted, proposed)
@@ -141,9 +141,9 @@ class RttGamma:
 
     def accept_rates(self) -> list[float]:
         """[max_gamma] estimated P(position i+1 accepted | positions 1..i accepted) for the next block."""
-        if self._opening():
-            return self.history.rates(opening=True)[: self.max_gamma]
-        return self._counts.rates(None if self.history is None else self.history.pooled())[: self.max_gamma]
+        if self.history is None:
+            return self._counts.rates()[: self.max_gamma]
+        return self.history.session_rates(self._counts, self._rounds)[: self.max_gamma]
 
     def _opening(self) -> bool:
         """The next round is in the answer's opening, and a history says what openings do."""

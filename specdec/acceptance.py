@@ -104,7 +104,11 @@ class DrafterAcceptance:
         """The rate past the openings: where a session's own estimate starts."""
         return self.body.pooled()
 
-    def rates(self, opening: bool) -> list[float]:
-        """[max_gamma] a round's rates with no session evidence: an opening round's from the openings seen (shrunk
-        toward the rest's rate), a later one's the rest's pooled rate."""
-        return self.opening.rates(self.pooled()) if opening else [self.pooled()] * self.max_gamma
+    def opening_rates(self) -> list[float]:
+        """[max_gamma] an opening round's rates: the openings seen, shrunk toward the rest's rate."""
+        return self.opening.rates(self.pooled())
+
+    def session_rates(self, tracker: AcceptanceTracker, rounds: int) -> list[float]:
+        """[max_gamma] the rates of a session's next block after `rounds` rounds: in its answer's opening the
+        openings seen, after it its own estimate (`tracker`, fed past its opening) shrunk toward the rest's rate."""
+        return self.opening_rates() if rounds < OPENING_ROUNDS else tracker.rates(self.pooled())

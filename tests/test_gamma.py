@@ -196,7 +196,7 @@ def test_a_shared_history_is_where_a_request_starts():
         Process(alpha=0.8, draft_s=0.13, verify_s=(0.27, 0.015), rtt_s=0.001, seed=seed).run(RttGamma(history=history), 30)
     assert history.pooled() > 0.7
     started = RttGamma(history=history)
-    assert started.accept_rates() == history.rates(opening=True)  # its opening: the earlier openings
+    assert started.accept_rates() == history.opening_rates()  # its opening: the earlier openings
     for _ in range(OPENING_ROUNDS):
         started.update(0, 0, draft_s=0.0, service_s=0.27, rtt_s=0.001)
     assert started.accept_rates()[0] > 0.7 and RttGamma().accept_rates()[0] == 0.5  # then the history's rate
@@ -240,7 +240,7 @@ def test_an_answers_opening_is_priced_by_earlier_openings():
         process.run(schedule, OPENING_ROUNDS)
         process.alpha = 0.8
         process.run(schedule, 20)
-    assert history.rates(opening=True)[0] < 0.3 and history.pooled() > 0.7
+    assert history.opening_rates()[0] < 0.3 and history.pooled() > 0.7
     schedule = RttGamma(history=history)
     schedule.decode_alone = True
     process = Process(alpha=0.0, draft_s=0.13, verify_s=(0.27, 0.015), rtt_s=0.001, seed=99)

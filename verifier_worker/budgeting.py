@@ -290,9 +290,7 @@ class DraftBudgeter:
     def _rates_of(self, session: _Session) -> list[float]:
         """[max_gamma] the acceptance a grant reads for a session's next block: in its answer's opening, the openings
         seen so far; after it, its own estimate from the server-wide rate."""
-        if session.rounds < OPENING_ROUNDS:
-            return self.population.rates(opening=True)
-        return session.tracker.rates(self.population.pooled())
+        return self.population.session_rates(session.tracker, session.rounds)
 
     def calibration(self) -> float:
         """Accepted draft tokens the granted blocks bought per token their grants promised (decayed over
