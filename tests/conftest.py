@@ -1,5 +1,5 @@
-"""Shared fixtures: in-process verifier servers on 127.0.0.1:0, the tiny model pair, the PubMedQA path, and one
-torch thread for the fast tier."""
+"""Shared fixtures: in-process verifier servers on 127.0.0.1:0, the tiny model pair, the PubMedQA path, one
+torch thread for the fast tier, and draft-budget grants that take no time."""
 
 from __future__ import annotations
 
@@ -55,6 +55,19 @@ async def start_verifier():
     yield factory
     for verifier in running:
         await verifier.close()
+
+
+@pytest.fixture
+def free_grants(monkeypatch):
+    """Every draft-budget grant takes 0 s of the clock, so the budgeter remakes it at every step, as on a CPU
+    verifier: a test that feeds millisecond steps then asks for a budget must not depend on how fast this machine
+    made the last grant (one over GRANT_SHARE of the step would stand for the next). The reuse itself is tested with
+    its own fake clock (test_budget.py)."""
+    import types
+
+    import verifier_worker.budgeting as budgeting
+
+    monkeypatch.setattr(budgeting, "time", types.SimpleNamespace(perf_counter=lambda: 0.0))
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from specdec.budget import (Demand, Load, StepCostModel, budgeted_gamma, goodput
 from specdec.gamma import choose_gamma, expected_tokens, expected_tokens_table
 from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter
 
+pytestmark = pytest.mark.usefixtures("free_grants")  # a grant is remade at every step, however slow this machine
+
 COSTS = {  # (batch tokens, batch sessions) -> step seconds
     "flat": lambda n, s: 0.02,
     "linear_shallow": lambda n, s: 0.02 + 0.0005 * n,

@@ -38,6 +38,8 @@ from tests.test_errors import wait_for_no_sessions
 from tests.test_server_decodes import LONG, _opened_in_the_verifiers_turn
 from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter
 
+pytestmark = pytest.mark.usefixtures("free_grants")  # a grant is remade at every step, however slow this machine
+
 
 # ---------------------------------------------------------------------------------------------------- pure parts
 @pytest.mark.parametrize("committed, expected", [
