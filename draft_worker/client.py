@@ -55,10 +55,14 @@ async def speculate(
     """
     if mode not in SPEC_MODES:
         raise ValueError(f"mode must be one of {', '.join(SPEC_MODES)}, got {mode!r}")
+    if isinstance(gamma, int) and not 0 <= gamma <= info.limits.max_gamma:
+        raise ValueError(f"gamma must be in [0, {info.limits.max_gamma}] for this verifier, got {gamma}")
     schedule = FixedGamma(gamma, gamma) if isinstance(gamma, int) else gamma
-    if not 0 <= schedule.gamma <= info.limits.max_gamma:
-        raise ValueError(f"gamma must be in [0, {info.limits.max_gamma}] for this verifier, got {schedule.gamma}")
+    # a schedule adapts within the verifier's limit, its first block included (--max-gamma 0: it decodes only)
     schedule.max_gamma = min(schedule.max_gamma, info.limits.max_gamma)
+    schedule.gamma = min(schedule.gamma, schedule.max_gamma)
+    if hasattr(schedule, "min_gamma"):
+        schedule.min_gamma = min(schedule.min_gamma, schedule.max_gamma)
 
     async def attempt(prompt_ids, params, config, result):
         result.mode = mode

@@ -168,6 +168,22 @@ async def test_an_older_client_is_still_served_and_no_budget_means_none_sent(sta
     assert spec.budget_per_round == [] and spec.rounds == 4 and spec.accepted == 16
 
 
+@pytest.mark.parametrize("max_gamma", [0, 2])
+async def test_auto_starts_within_a_verifier_limit_below_its_first_gamma(start_verifier, max_gamma):
+    """`--gamma auto` opens at gamma 4; a verifier whose --max-gamma is lower (0: decode only) serves it within its
+    limit (it used to be refused before the first block: "gamma must be in [0, 0]")."""
+    draft, target = fake_pair(vocab_size=32, noise=0.0)
+    verifier = await start_verifier(target, vocab_size=32, limits=VerifierLimits(max_gamma=max_gamma), budget=True)
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=12)
+    baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
+    spec = await speculate(verifier.stub, LMDrafter(draft, "d"), [1, 2, 3], params, AutoGamma(), info)
+    assert spec.token_ids == baseline.token_ids
+    assert max(spec.proposed_per_round) <= max_gamma and (spec.proposed > 0) == (max_gamma > 0)
+    with pytest.raises(ValueError, match="gamma must be in"):  # a fixed gamma is the user's word: refused
+        await speculate(verifier.stub, LMDrafter(draft, "d"), [1, 2, 3], params, max_gamma + 1, info)
+
+
 @pytest.mark.parametrize("mode", SPEC_MODES)
 async def test_greedy_auto_at_several_sessions_is_verifier_only(start_verifier, mode):
     draft, target = fake_pair(vocab_size=32, noise=1.0)
