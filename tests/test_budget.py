@@ -13,7 +13,7 @@ from specdec.acceptance import OPENING_ROUNDS, AcceptanceTracker
 from specdec.budget import (Demand, Load, StepCostModel, budgeted_gamma, goodput,
                             grant_budgets, pays_a_missed_step, waited)
 from specdec.gamma import choose_gamma, expected_tokens, expected_tokens_table
-from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter
+from verifier_worker.budgeting import MAX_DRAFTERS, BudgetMetrics, DraftBudgeter
 
 pytestmark = pytest.mark.usefixtures("free_grants")  # a grant is remade at every step, however slow this machine
 
@@ -422,6 +422,36 @@ def test_an_answers_opening_is_granted_from_the_openings_seen():
     budgeter.on_verdict("new", 0, 0)
     budgeter.on_step(0.03, 1, 1)
     assert budgeter.budget_for("new") >= 4  # past its opening: the rate of the rounds after the openings
+
+
+def test_each_drafter_is_priced_by_its_own_sessions():
+    """Two drafters on one verifier, one whose openings land and one whose openings are rejected: a new session of
+    each is granted by its own drafter's sessions, not by a rate pooled over both (one population priced an LM's
+    openings by an n-gram's beside it); an unnamed client starts from the prior."""
+    budgeter = DraftBudgeter(max_gamma=6)
+    _feed_steps(budgeter, 0.02, 0.006)
+    for i in range(20):
+        for name, accepted in (("good", 4), ("bad", 0)):
+            budgeter.open(f"{name}{i}", drafter=name)
+            for _ in range(OPENING_ROUNDS + 2):
+                budgeter.on_verdict(f"{name}{i}", 4, accepted, offered=4)
+            budgeter.close(f"{name}{i}")
+    for name in ("good", "bad", None):
+        budgeter.open(f"new-{name}", drafter=name)
+    budgeter.on_step(0.03, 3, 3)
+    assert budgeter.budget_for("new-good") >= 4 and budgeter.budget_for("new-bad") == 0
+    assert budgeter.population_of("good").opening.pooled() > 0.8 > 0.2 > budgeter.population_of("bad").pooled()
+    assert budgeter.population.opening.pooled() == budgeter.population.pooled() == 0.5  # nothing seen unnamed
+
+
+def test_drafter_populations_are_bounded():
+    budgeter = DraftBudgeter(max_gamma=4)
+    budgeter.open("kept", drafter="lm")
+    budgeter.on_verdict("kept", 4, 4, offered=4)
+    for i in range(MAX_DRAFTERS + 10):  # a client cycling names
+        budgeter.population_of(f"name{i}")
+    assert len(budgeter._populations) == MAX_DRAFTERS
+    assert budgeter._sessions["kept"].population.opening.pooled() > 0.5  # an open session keeps its own
 
 
 def test_a_session_denied_drafts_gets_another_try():

@@ -34,6 +34,7 @@ from specdec.sampling import logits_to_probs
 from tests.stubs import FakeLM, chi_square_p_value, fake_pair, stream_inbox
 from tests.test_client_loop import VOCAB, PerfectDrafter, token_at
 from verifier_worker.budgeting import DraftBudgeter
+from verifier_worker.server import MAX_DRAFTER_NAME
 
 MAX_NEW = 24
 
@@ -237,22 +238,26 @@ class RecordingBudgeter(DraftBudgeter):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.opened: list[tuple[int | None, float | None]] = []
+        self.opened: list[tuple[int | None, float | None, str | None]] = []
 
-    def open(self, key, max_gamma=None, tpot_slo_s=None):
-        self.opened.append((max_gamma, tpot_slo_s))
-        super().open(key, max_gamma, tpot_slo_s)
+    def open(self, key, max_gamma=None, tpot_slo_s=None, drafter=None):
+        self.opened.append((max_gamma, tpot_slo_s, drafter))
+        super().open(key, max_gamma, tpot_slo_s, drafter)
 
 
-async def test_a_requests_latency_target_and_limit_reach_the_budgeter(start_verifier):
+async def test_a_requests_latency_target_limit_and_drafter_reach_the_budgeter(start_verifier):
     verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
     budgeter = _use(verifier, RecordingBudgeter(max_gamma=16))
     info = await fetch_info(verifier.stub)
     params = SamplingParams(max_new_tokens=4)
     await speculate(verifier.stub, LMDrafter(FakeLM(32, seed=5), "same"), [1, 2], params,
                     AutoGamma(2, max_gamma=6, tpot_slo_ms=5.0), info)
+    await speculate(verifier.stub, LMDrafter(FakeLM(32, seed=5), "x" * 500), [1, 2], params, AutoGamma(2), info,
+                    mode="async")
     await generate_baseline(verifier.stub, [1, 2], params)
-    assert budgeter.opened[0] == (6, pytest.approx(0.005)) and budgeter.opened[1] == (0, None)  # Generate: decode only
+    assert budgeter.opened[0] == (6, pytest.approx(0.005), "same")
+    assert budgeter.opened[1][2] == "x" * MAX_DRAFTER_NAME  # every mode; a long name cut to the server's limit
+    assert budgeter.opened[2] == (0, None, None)  # Generate: decode only
 
 
 def test_the_bench_reports_the_mean_granted_budget():

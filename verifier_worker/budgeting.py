@@ -2,8 +2,9 @@
 budget for its next block.
 
 The engine (or whoever applies a step's outcomes) calls, all on the event loop:
-- `open(key, max_gamma=..., tpot_slo_s=...)` when a session opens (`max_gamma=0` for `Generate`, which
-  decodes one token a step: it adds to the step's cost and goodput, it is never granted drafts);
+- `open(key, max_gamma=..., tpot_slo_s=..., drafter=...)` when a session opens (`max_gamma=0` for `Generate`,
+  which decodes one token a step: it adds to the step's cost and goodput, it is never granted drafts; drafter: the
+  client's drafter name, whose sessions' acceptance a new one starts from);
 - `on_step(compute_s, sessions, tokens, prefill_tokens)` after every step (tokens: all of the step's as the
   backend computed them, i.e. rows x longest row for a padding backend; prefill_tokens: its prompt chunks');
   it fits the step-cost curve;
@@ -30,8 +31,12 @@ this class of CPU (scripts/time_grant.py), nothing beside a CPU's 0.3-2 s steps 
 at 16 sessions (the tiny pair's steps take 3-5 ms, a GPU's 10-30). So it is remade at most every ceil(grant time /
 (GRANT_SHARE x the last step's compute)) steps, the latest standing in between; a session opening, closing, asking
 to decode alone (`hold`), starting or ceasing to miss steps (`arrives`) or leaving its answer's opening remakes it at
-once. New sessions' acceptance starts from the server-wide rate of recent verdicts; an answer's first OPENING_ROUNDS
-rounds are priced by the openings seen so far and kept out of the session's own estimate (specdec/acceptance.py).
+once. New sessions' acceptance starts from the rate of recent verdicts with the same drafter (its population: the
+client's model name, OpenSession.client_model_id); an answer's first OPENING_ROUNDS rounds are priced by that
+drafter's openings seen so far and kept out of the session's own estimate (specdec/acceptance.py). One population
+for every drafter priced an LM's openings by an n-gram's beside it on the same verifier, and the other way round.
+Names are the client's word: a client naming its drafter after another's adds its
+verdicts to that population (what one shared population did for every client), and at most MAX_DRAFTERS are kept.
 Before the first step the cost fit holds only its prior (no cost), so every session may draft its cap; the
 first steps (the prefills, hundreds of tokens each) fit the curve.
 
@@ -64,7 +69,7 @@ from specdec.gamma import expected_tokens_table
 CALIBRATION_PRIOR = 4.0  # promised tokens of pseudo-evidence that the estimates are right
 CALIBRATION_FORGET = 0.99  # per granted block
 GRANT_SHARE = 0.02  # the most of the verifier's time that making grants may take (see the module docstring)
-MAX_DRAFTERS = 64  # drafter names whose latest turnaround is kept (arrives: the prior of new sessions)
+MAX_DRAFTERS = 64  # drafter names whose population and latest turnaround are kept (the prior of new sessions)
 BUDGETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
 GAINS = (1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0)
 
@@ -112,6 +117,7 @@ class _Session:
     wait_s: float = 0.0  # how long after its verdict its block comes when it is granted drafts (arrives)
     slow: bool = False  # its blocks come after the next step has started (arrives): a block costs it a step
     rounds: int = 0  # verdicts so far (plain decoding steps included): the first OPENING_ROUNDS are its opening
+    population: DrafterAcceptance | None = None  # its drafter's sessions (open)
 
 
 class DraftBudgeter:
@@ -133,9 +139,10 @@ class DraftBudgeter:
         self.forget = forget
         self.padded = padded
         self.min_gain = min_gain
-        # every verdict of every session, with a long memory: the prior of a new session's acceptance, and what
-        # an answer's opening rounds are priced by (specdec.acceptance: openings apart)
-        self.population = DrafterAcceptance(max(max_gamma, 1), prior_alpha=prior_alpha, forget=0.999)
+        self.prior_alpha = prior_alpha
+        # per drafter name, every verdict of its sessions with a long memory: the prior of a new session's
+        # acceptance, and what an answer's opening rounds are priced by (specdec.acceptance: openings apart)
+        self._populations: dict[str | None, DrafterAcceptance] = {}
         self._sessions: dict[Hashable, _Session] = {}
         self._bought, self._promised = 0.0, 0.0  # decayed sums over verified granted blocks (calibration())
         self._grants: dict[Hashable, int] | None = None  # the latest grant; None: to be made at the next budget_for
@@ -145,12 +152,30 @@ class DraftBudgeter:
         self._turnarounds: dict[str, float] = {}  # drafter name -> the latest lock-step turnaround measured with it
         self._rates: dict[Hashable, list[float]] = {}  # the acceptance each of this step's grants read (uncalibrated)
 
-    def open(self, key: Hashable, max_gamma: int | None = None, tpot_slo_s: float | None = None) -> None:
-        """A new session; max_gamma: the client's limit (None: the server's; 0: decode only)."""
+    def open(self, key: Hashable, max_gamma: int | None = None, tpot_slo_s: float | None = None,
+             drafter: str | None = None) -> None:
+        """A new session; max_gamma: the client's limit (None: the server's; 0: decode only); drafter: the client's
+        drafter name (None: unnamed, one population of their own)."""
         cap = self.max_gamma if max_gamma is None else max(0, min(max_gamma, self.max_gamma))
         tracker = AcceptanceTracker(max_gamma=max(self.max_gamma, 1), forget=self.forget)
-        self._sessions[key] = _Session(tracker, cap, self.tpot_slo_s if tpot_slo_s is None else tpot_slo_s)
+        self._sessions[key] = _Session(tracker, cap, self.tpot_slo_s if tpot_slo_s is None else tpot_slo_s,
+                                       population=self.population_of(drafter))
         self._grants = None
+
+    def population_of(self, drafter: str | None = None) -> DrafterAcceptance:
+        """The acceptance of the sessions drafting with `drafter` (made on first use; the most recently used
+        MAX_DRAFTERS are kept, an open session keeps its own)."""
+        population = self._populations.pop(drafter, None) or DrafterAcceptance(
+            max(self.max_gamma, 1), prior_alpha=self.prior_alpha, forget=0.999)
+        self._populations[drafter] = population  # the most recent last
+        while len(self._populations) > MAX_DRAFTERS:
+            del self._populations[next(iter(self._populations))]
+        return population
+
+    @property
+    def population(self) -> DrafterAcceptance:
+        """The unnamed drafters' population (sessions opened without a drafter name)."""
+        return self.population_of(None)
 
     def close(self, key: Hashable) -> None:
         if self._sessions.pop(key, None) is not None:
@@ -175,9 +200,9 @@ class DraftBudgeter:
         grant bought nothing there; 0 for async steps, whose drafts may just be late)."""
         if key not in self._sessions:
             self.open(key)
-        proposed = min(proposed, self.population.max_gamma)
-        accepted = min(accepted, proposed)
         session = self._sessions[key]
+        proposed = min(proposed, session.population.max_gamma)
+        accepted = min(accepted, proposed)
         if proposed and not offered:  # an async step verified the drafts that had arrived: they promised E - 1
             session.promised = expected_tokens_table(self._rates_of(session), proposed)[proposed] - 1
         opening = session.rounds < OPENING_ROUNDS
@@ -195,7 +220,7 @@ class DraftBudgeter:
         if proposed or offered:  # a plain decoding step says nothing about the drafts' acceptance
             # a grant left unused is a miss here too: counted only where a draft existed, the rate new sessions start
             # from read 45% where an n-gram's grants bought far less (no match: nothing drafted)
-            self.population.update(proposed, accepted, offered, opening=opening)
+            session.population.update(proposed, accepted, offered, opening=opening)
 
     def on_shadow(self, key: Hashable, drafted: int, accepted: int, gamma: int) -> None:
         """A block of `gamma` the client drafted (`drafted` tokens) but did not send while the verifier decoded the
@@ -288,9 +313,9 @@ class DraftBudgeter:
             self.metrics.over_budget.inc(tokens)
 
     def _rates_of(self, session: _Session) -> list[float]:
-        """[max_gamma] the acceptance a grant reads for a session's next block: in its answer's opening, the openings
-        seen so far; after it, its own estimate from the server-wide rate."""
-        return self.population.session_rates(session.tracker, session.rounds)
+        """[max_gamma] the acceptance a grant reads for a session's next block: in its answer's opening, its drafter's
+        openings seen so far; after it, its own estimate from its drafter's rate."""
+        return session.population.session_rates(session.tracker, session.rounds)
 
     def calibration(self) -> float:
         """Accepted draft tokens the granted blocks bought per token their grants promised (decayed over

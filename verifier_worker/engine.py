@@ -133,11 +133,11 @@ class Engine:
 
     # ------------------------------------------------------------------------------ sessions and work
     def open(self, prompt_ids: list[int], params: SamplingParams, client: str = "", max_block: int = MAX_GAMMA,
-             max_gamma: int | None = None, tpot_slo_s: float | None = None) -> VerifierSession:
+             max_gamma: int | None = None, tpot_slo_s: float | None = None, drafter: str | None = None) -> VerifierSession:
         """A new session; `max_block`: most `ahead` draft tokens one of its decoding steps verifies (async).
         Its KV handle comes from the backend (backends.py), the only place one is made. For the budgeter:
         `max_gamma` the most its blocks may ever carry (None: the budgeter's limit; 0: Generate, decode only),
-        `tpot_slo_s` its latency target (None: the budgeter's default).
+        `tpot_slo_s` its latency target (None: the budgeter's default), `drafter` its client's drafter name.
         Raises NoRoom when the backend's fixed KV cache cannot hold this session's longest KV beside every
         open session's (admission control: a step never runs out of cells, so no step fails for it)."""
         need = len(prompt_ids) + params.max_new_tokens + max(max_block, MAX_GAMMA)  # prompt, output, one block
@@ -152,7 +152,7 @@ class Engine:
         if capacity is not None:
             self._kv_reserved[session] = need
         if self.budgeter is not None:
-            self.budgeter.open(session, max_gamma, tpot_slo_s)
+            self.budgeter.open(session, max_gamma, tpot_slo_s, drafter)
         return session
 
     def close(self, session: VerifierSession) -> None:

@@ -117,9 +117,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         )
 
     async def _new_session(self, context, prompt_ids, params_msg, max_block: int = 0,
-                           tpot_slo_ms: float = 0.0) -> VerifierSession:
+                           tpot_slo_ms: float = 0.0, drafter: str | None = None) -> VerifierSession:
         """Validate a session's opening request and take a session slot (released by the caller). max_block: the
-        most draft tokens its blocks may carry (0: Generate, decode only); tpot_slo_ms: its latency target."""
+        most draft tokens its blocks may carry (0: Generate, decode only); tpot_slo_ms: its latency target;
+        drafter: the client's drafter name (the budget's population)."""
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "verifier is shutting down; retry on another or after its restart")
         try:
@@ -139,7 +140,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             )
         try:
             session = self.engine.open(prompt_ids, params, client, max_block, max_gamma=max_block,
-                                       tpot_slo_s=tpot_slo_ms / 1e3 if tpot_slo_ms > 0 else None)
+                                       tpot_slo_s=tpot_slo_ms / 1e3 if tpot_slo_ms > 0 else None, drafter=drafter)
         except NoRoom as exc:  # a backend with a fixed KV cache (llama.cpp's n_ctx) is full: admission control
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         self.sessions_by_client[client] = self.sessions_by_client.get(client, 0) + 1  # freed by the caller's _release
@@ -195,7 +196,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 )
             session = await self._new_session(context, opening.prompt_ids, opening.params,
                                               min(opening.max_block or self.limits.max_gamma, self.limits.max_gamma),
-                                              opening.tpot_slo_ms)
+                                              opening.tpot_slo_ms, opening.client_model_id[:MAX_DRAFTER_NAME])
             prompt_tokens = len(session.tokens)
             self.metrics.prompt_tokens.inc(prompt_tokens)
             async_mode = opening.mode == pb.SPECULATION_MODE_ASYNC
