@@ -450,8 +450,8 @@ def test_drafter_populations_are_bounded():
     budgeter.on_verdict("kept", 4, 4, offered=4)
     for i in range(MAX_DRAFTERS + 10):  # a client cycling names
         budgeter.population_of(f"name{i}")
-    assert len(budgeter._populations) == MAX_DRAFTERS
-    assert budgeter._sessions["kept"].population.opening.pooled() > 0.5  # an open session keeps its own
+    assert len(budgeter._drafters) == MAX_DRAFTERS
+    assert budgeter._sessions["kept"].drafter.acceptance.opening.pooled() > 0.5  # an open session keeps its own
 
 
 def test_a_session_denied_drafts_gets_another_try():

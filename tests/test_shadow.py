@@ -29,6 +29,7 @@ from draft_worker.shadow import SHADOW_SHARE, ShadowBlock, shadow_every
 from draft_worker.transport import fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
+from specdec.acceptance import OPENING_ROUNDS
 from specdec.config import SamplingParams, VerifierLimits
 from specdec.gamma import expected_tokens_table
 from tests.stubs import FakeLM, fake_pair
@@ -134,6 +135,26 @@ def test_grants_are_scaled_by_what_granted_blocks_bought(mode):
     cut, cut_budgets = _granted_on_shadows(bought=0, mode=mode)
     assert cut.calibration() < 0.6 and max(cut_budgets[:3]) > 0 and cut_budgets[-20:] == [0] * 20
     assert cut.metrics.calibration._value.get() == pytest.approx(cut.calibration())
+
+
+def test_a_drafters_calibration_scales_only_its_own_sessions():
+    """One server-wide ratio scaled an LM's grants by an n-gram's bursts beside it: each drafter's sessions are
+    scaled by what that drafter's grants bought, and the gauge reads the ratio over every drafter."""
+    budgeter, _ = _granted_on_shadows(bought=0)  # an unnamed drafter whose grants bought nothing
+    budgeter.open("lm", drafter="lm")
+    for _ in range(OPENING_ROUNDS):
+        budgeter.on_verdict("lm", 0, 0)  # its opening, decoded plainly
+    for _ in range(8):
+        budgeter.on_shadow("lm", 4, 4, 4)  # its shadow blocks landed, like the unnamed session's
+    budgeter.on_step(0.06, 2, 2)  # the curve _granted_on_shadows fed: 0.02 s + 0.02 s a token
+    assert budgeter.calibration("lm") == 1.0 and budgeter.calibration() < 0.6
+    assert budgeter.budget_for("lm") >= 4 and budgeter.budget_for("s") == 0
+    for _ in range(20):  # the lm's grants buy what they promise
+        budget = budgeter.budget_for("lm")
+        assert budget >= 4
+        budgeter.on_verdict("lm", budget, budget, offered=budget)
+        budgeter.on_step(0.02 + 0.02 * (budget + 2), 2, budget + 2)
+    assert budgeter.calibration() < budgeter.metrics.calibration._value.get() < 1.0  # over every drafter
 
 
 # ---------------------------------------------------------------------------------------------------- the client

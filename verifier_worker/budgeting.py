@@ -43,12 +43,13 @@ first steps (the prefills, hundreds of tokens each) fit the curve.
 Calibration: every grant above 0 to a lock-step session promises its block's expected accepted draft tokens,
 E(budget) - 1 from the session's estimate; its verdict says how many it bought. An async step verifies the drafts
 that have arrived (as many as its grant allows, or fewer: a draft that comes late is no failure), and those promise
-E(verified) - 1 from the estimate before its verdict. The server-wide ratio of the two
-(decayed, shrunk toward 1, at most 1) scales every session's first-position rate, and so every block's expected
-accepted tokens, before the grant. Why: a grant follows evidence, and evidence comes in bursts. An n-gram session's
-estimate rises during a quoted passage and the grant arrives as the passage ends; at 4 sessions on a CPU its shadow
-blocks landed at position 1 in 68% of cases where the real blocks granted on their strength landed in 37%, and the
-grants the model priced at a few percent of goodput cost 3-5% instead (`specdec_verifier_draft_budget_calibration`).
+E(verified) - 1 from the estimate before its verdict. The ratio of the two over a drafter's sessions (decayed,
+shrunk toward 1, at most 1) scales each of its sessions' first-position rate, and so every block's expected accepted
+tokens, before the grant (per drafter: one server-wide ratio scaled an LM's grants by an n-gram's bursts). Why: a
+grant follows evidence, and evidence comes in bursts. An n-gram session's estimate rises during a quoted passage and
+the grant arrives as the passage ends; at 4 sessions on a CPU its shadow blocks landed at position 1 in 68% of
+cases where the real blocks granted on their strength landed in 37%, and the grants the model priced at a few percent
+of goodput cost 3-5% instead (`specdec_verifier_draft_budget_calibration`: the ratio over every drafter).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ import functools
 import math
 import time
 from collections.abc import Collection, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -98,13 +99,39 @@ class BudgetMetrics:
                                "its session alone, checked against what it committed", registry=r)
         self.calibration = Gauge("specdec_verifier_draft_budget_calibration",
                                  "Accepted draft tokens the granted blocks bought per token their grants promised "
-                                 "(scales every estimate before the grant; at most 1)", registry=r)
+                                 "over every drafter (each drafter's own ratio scales its sessions' estimates before the "
+                                 "grant; at most 1)", registry=r)
         self.grant_seconds = Histogram("specdec_verifier_draft_budget_grant_seconds",
                                        "Event-loop seconds spent making one grant for every session (between steps)",
                                        buckets=(1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2), registry=r)
         self.over_budget = Counter("specdec_verifier_draft_tokens_over_budget_total",
                                    "Draft tokens dropped unverified because a block carried more than its budget",
                                    registry=r)
+
+
+@dataclass
+class _Calibration:
+    """Accepted draft tokens granted blocks bought against those their grants promised: decayed sums (over
+    ~1 / (1 - CALIBRATION_FORGET) blocks) and their ratio, shrunk toward 1 by CALIBRATION_PRIOR tokens, at most 1."""
+
+    bought: float = 0.0
+    promised: float = 0.0
+
+    def add(self, bought: float, promised: float) -> None:
+        self.bought = CALIBRATION_FORGET * self.bought + bought
+        self.promised = CALIBRATION_FORGET * self.promised + promised
+
+    def ratio(self) -> float:
+        return min(1.0, (self.bought + CALIBRATION_PRIOR) / (self.promised + CALIBRATION_PRIOR))
+
+
+@dataclass
+class _Drafter:
+    """The sessions that drafted with one drafter name: their acceptance (openings apart: the prior of a new session)
+    and what their grants bought (the scale of their estimates)."""
+
+    acceptance: DrafterAcceptance
+    calibration: _Calibration = field(default_factory=_Calibration)
 
 
 @dataclass
@@ -117,7 +144,7 @@ class _Session:
     wait_s: float = 0.0  # how long after its verdict its block comes when it is granted drafts (arrives)
     slow: bool = False  # its blocks come after the next step has started (arrives): a block costs it a step
     rounds: int = 0  # verdicts so far (plain decoding steps included): the first OPENING_ROUNDS are its opening
-    population: DrafterAcceptance | None = None  # its drafter's sessions (open)
+    drafter: _Drafter | None = None  # its drafter's sessions (open)
 
 
 class DraftBudgeter:
@@ -142,9 +169,9 @@ class DraftBudgeter:
         self.prior_alpha = prior_alpha
         # per drafter name, every verdict of its sessions with a long memory: the prior of a new session's
         # acceptance, and what an answer's opening rounds are priced by (specdec.acceptance: openings apart)
-        self._populations: dict[str | None, DrafterAcceptance] = {}
+        self._drafters: dict[str | None, _Drafter] = {}
         self._sessions: dict[Hashable, _Session] = {}
-        self._bought, self._promised = 0.0, 0.0  # decayed sums over verified granted blocks (calibration())
+        self._calibration = _Calibration()  # over every drafter (the calibration gauge)
         self._grants: dict[Hashable, int] | None = None  # the latest grant; None: to be made at the next budget_for
         self._grant_s = 0.0  # what making the latest grant took
         self._grant_age = 0  # steps since it was made
@@ -159,18 +186,22 @@ class DraftBudgeter:
         cap = self.max_gamma if max_gamma is None else max(0, min(max_gamma, self.max_gamma))
         tracker = AcceptanceTracker(max_gamma=max(self.max_gamma, 1), forget=self.forget)
         self._sessions[key] = _Session(tracker, cap, self.tpot_slo_s if tpot_slo_s is None else tpot_slo_s,
-                                       population=self.population_of(drafter))
+                                       drafter=self._drafter(drafter))
         self._grants = None
 
+    def _drafter(self, name: str | None) -> _Drafter:
+        """The sessions drafting with `name` (made on first use; the most recently used MAX_DRAFTERS are kept, an
+        open session keeps its own)."""
+        drafter = self._drafters.pop(name, None) or _Drafter(
+            DrafterAcceptance(max(self.max_gamma, 1), prior_alpha=self.prior_alpha, forget=0.999))
+        self._drafters[name] = drafter  # the most recent last
+        while len(self._drafters) > MAX_DRAFTERS:
+            del self._drafters[next(iter(self._drafters))]
+        return drafter
+
     def population_of(self, drafter: str | None = None) -> DrafterAcceptance:
-        """The acceptance of the sessions drafting with `drafter` (made on first use; the most recently used
-        MAX_DRAFTERS are kept, an open session keeps its own)."""
-        population = self._populations.pop(drafter, None) or DrafterAcceptance(
-            max(self.max_gamma, 1), prior_alpha=self.prior_alpha, forget=0.999)
-        self._populations[drafter] = population  # the most recent last
-        while len(self._populations) > MAX_DRAFTERS:
-            del self._populations[next(iter(self._populations))]
-        return population
+        """The acceptance of the sessions drafting with `drafter`."""
+        return self._drafter(drafter).acceptance
 
     @property
     def population(self) -> DrafterAcceptance:
@@ -201,7 +232,7 @@ class DraftBudgeter:
         if key not in self._sessions:
             self.open(key)
         session = self._sessions[key]
-        proposed = min(proposed, session.population.max_gamma)
+        proposed = min(proposed, session.drafter.acceptance.max_gamma)
         accepted = min(accepted, proposed)
         if proposed and not offered:  # an async step verified the drafts that had arrived: they promised E - 1
             session.promised = expected_tokens_table(self._rates_of(session), proposed)[proposed] - 1
@@ -212,15 +243,15 @@ class DraftBudgeter:
         if not opening:  # an opening round tells the openings' rate, not this session's
             session.tracker.update(proposed, accepted, offered)
         if (offered or proposed) and session.promised:
-            self._bought = CALIBRATION_FORGET * self._bought + accepted
-            self._promised = CALIBRATION_FORGET * self._promised + session.promised
+            session.drafter.calibration.add(accepted, session.promised)
+            self._calibration.add(accepted, session.promised)
             session.promised = 0.0
             if self.metrics is not None:
-                self.metrics.calibration.set(self.calibration())
+                self.metrics.calibration.set(self._calibration.ratio())
         if proposed or offered:  # a plain decoding step says nothing about the drafts' acceptance
             # a grant left unused is a miss here too: counted only where a draft existed, the rate new sessions start
             # from read 45% where an n-gram's grants bought far less (no match: nothing drafted)
-            session.population.update(proposed, accepted, offered, opening=opening)
+            session.drafter.acceptance.update(proposed, accepted, offered, opening=opening)
 
     def on_shadow(self, key: Hashable, drafted: int, accepted: int, gamma: int) -> None:
         """A block of `gamma` the client drafted (`drafted` tokens) but did not send while the verifier decoded the
@@ -315,19 +346,19 @@ class DraftBudgeter:
     def _rates_of(self, session: _Session) -> list[float]:
         """[max_gamma] the acceptance a grant reads for a session's next block: in its answer's opening, its drafter's
         openings seen so far; after it, its own estimate from its drafter's rate."""
-        return session.population.session_rates(session.tracker, session.rounds)
+        return session.drafter.acceptance.session_rates(session.tracker, session.rounds)
 
-    def calibration(self) -> float:
-        """Accepted draft tokens the granted blocks bought per token their grants promised (decayed over
-        ~1 / (1 - CALIBRATION_FORGET) blocks, shrunk toward 1 by CALIBRATION_PRIOR tokens, at most 1)."""
-        return min(1.0, (self._bought + CALIBRATION_PRIOR) / (self._promised + CALIBRATION_PRIOR))
+    def calibration(self, drafter: str | None = None) -> float:
+        """Accepted draft tokens the granted blocks of `drafter`'s sessions bought per token their grants promised
+        (`_Calibration`): what scales those sessions' estimates (an n-gram's bursts are not an LM's)."""
+        return self._drafter(drafter).calibration.ratio()
 
     def grants(self, load: Load = Load(), exclude: Collection[Hashable] = ()) -> dict[Hashable, int]:
         """A fresh grant for every open session but `exclude` (still prefilling: in `load`, not sending a block
         next step), given the other work riding the next step."""
-        scale = self.calibration()
         self._rates = {key: self._rates_of(s) for key, s in self._sessions.items() if key not in exclude}
-        rows = [(key, self._sessions[key], _scaled(rates, scale)) for key, rates in self._rates.items()]
+        rows = [(key, s, _scaled(rates, s.drafter.calibration.ratio()))
+                for key, rates in self._rates.items() for s in (self._sessions[key],)]
         crowded = len(rows) + load.sessions > 1  # others ride the step a slow session's block misses
         demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.max_gamma))
                           else s.max_gamma, s.tpot_slo_s, s.wait_s if crowded else 0.0) for key, s, accept in rows]
