@@ -252,6 +252,29 @@ def test_an_answers_opening_is_priced_by_earlier_openings():
     assert schedule.accept_rates()[0] > 0.7 and schedule.gamma >= 2  # then the rest's rate: drafting
 
 
+def test_a_plain_decoding_choice_in_the_opening_stands_for_the_opening_alone():
+    """Openings rejected, the rest accepted ~80%: a request that chooses gamma 0 in its opening asks the verifier to
+    decode alone only to the opening's end, not to its next probe (10 rounds alone past the opening, measured)."""
+    history = new_history()
+    for seed in range(6):
+        process = Process(alpha=0.0, draft_s=0.13, verify_s=(0.27, 0.015), rtt_s=0.001, seed=seed)
+        schedule = RttGamma(history=history)
+        schedule.decode_alone = True
+        process.run(schedule, OPENING_ROUNDS)
+        process.alpha = 0.8
+        process.run(schedule, 20)
+    schedule = RttGamma(history=history)
+    schedule.decode_alone = True
+    Process(alpha=0.0, draft_s=0.13, verify_s=(0.27, 0.015), rtt_s=0.001, seed=99).run(schedule, 1)
+    assert schedule.gamma == 0 and schedule.rounds_to_probe() == OPENING_ROUNDS - 1
+    steady = RttGamma()  # no history, no opening: gamma 0 is held to the next probe as before
+    steady.decode_alone = True
+    for _ in range(12):
+        steady.update(1, 0, draft_s=0.13, service_s=0.285, rtt_s=0.001)
+    steady.update(0, 0, draft_s=0.0, service_s=0.27, rtt_s=0.001)
+    assert steady.gamma == 0 and steady.rounds_to_probe() > OPENING_ROUNDS
+
+
 def test_neighbouring_block_sizes_do_not_price_a_plain_step():
     """The real pair's verifier served blocks of 2 in 0.285 s and one of 3 in 0.334 s (an 8% outlier): a line through
     them priced a plain decoding step at 0.19 s, below every step seen; drafting looked hopeless and the session
