@@ -1,10 +1,12 @@
 """The verifier's replies to a Speculate stream's work: a verdict on a lock-step block, a commit of a step the
-verifier ran on its own. Plain functions from the engine's result (verifier_worker/session.py) to the wire."""
+verifier ran on its own; and the limits its Info announces. Plain functions from the engine's result
+(verifier_worker/session.py) and the server's config to the wire."""
 
 from __future__ import annotations
 
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
+from specdec.config import VerifierLimits
 from verifier_worker.session import VerifierSession
 
 
@@ -34,3 +36,12 @@ def commit_reply(result, cost: pb.StepCost, service_s: float, session: VerifierS
                      finish_reason=codec.finish_to_proto(result.finish_reason), service_s=service_s,
                      cost=cost, stale=session.stale,
                      logprobs=codec.logprobs_to_proto(result.logprobs), draft_budget=session.budget)
+
+
+def limits_reply(limits: VerifierLimits, vocab_size: int) -> pb.Limits:
+    """What Info tells clients of this verifier's limits (a client keeps its blocks and messages within them)."""
+    return pb.Limits(max_gamma=limits.max_gamma, max_prompt_tokens=limits.max_prompt_tokens,
+                     max_new_tokens=limits.max_new_tokens, max_sessions=limits.max_sessions,
+                     max_message_bytes=limits.message_bytes(vocab_size),
+                     max_sessions_per_client=limits.max_sessions_per_client, idle_timeout_s=limits.idle_timeout_s,
+                     max_batch_tokens=limits.max_batch_tokens)

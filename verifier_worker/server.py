@@ -31,7 +31,7 @@ from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter
 from verifier_worker.accounting import StepCost
 from verifier_worker.engine import Engine
 from verifier_worker.metrics import VerifierMetrics, tracked
-from verifier_worker.replies import commit_reply, verdict_reply
+from verifier_worker.replies import commit_reply, limits_reply, verdict_reply
 from verifier_worker.session import VerifierSession
 from verifier_worker.validation import (
     INBOX_SIZE,
@@ -94,27 +94,13 @@ class VerifierServicer(pb_grpc.VerifierServicer):
 
     async def Info(self, request, context):
         await self._intact(context, request)
-        lim = self.limits
-        return pb.InfoReply(
-            model_id=self.info.model_id,
-            vocab_size=self.info.vocab_size,
-            tokenizer_fingerprint=self.info.tokenizer_fingerprint,
-            dtype=self.info.dtype,
-            device=self.info.device,
-            limits=pb.Limits(
-                max_gamma=lim.max_gamma,
-                max_prompt_tokens=lim.max_prompt_tokens,
-                max_new_tokens=lim.max_new_tokens,
-                max_sessions=lim.max_sessions,
-                max_message_bytes=lim.message_bytes(self.info.vocab_size),
-                max_sessions_per_client=lim.max_sessions_per_client,
-                idle_timeout_s=lim.idle_timeout_s,
-                max_batch_tokens=lim.max_batch_tokens,
-            ),
-            server_version=SERVER_VERSION,
-            load=pb.Load(sessions=self.active_sessions, queued_tokens=self.engine.queued_tokens(),
-                         draining=self.draining),  # what a router over replicas balances on (draft_worker/router.py)
-        )
+        info = self.info
+        return pb.InfoReply(model_id=info.model_id, vocab_size=info.vocab_size, dtype=info.dtype, device=info.device,
+                            tokenizer_fingerprint=info.tokenizer_fingerprint, server_version=SERVER_VERSION,
+                            limits=limits_reply(self.limits, info.vocab_size),
+                            # what a router over replicas balances on (draft_worker/router.py)
+                            load=pb.Load(sessions=self.active_sessions, queued_tokens=self.engine.queued_tokens(),
+                                         draining=self.draining))
 
     async def _new_session(self, context, prompt_ids, params_msg, max_block: int = 0,
                            tpot_slo_ms: float = 0.0, drafter: str | None = None) -> VerifierSession:
@@ -344,6 +330,12 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     yield pb.SpeculateReply(commit=commit_reply(result, self._cost(cost, now - last), now - last, session))
                     last = now
                     if result.finish_reason is not None:
+                        if received.done():  # it took a message from the inbox since the wait: count it, not lose it
+                            request, _ = received.result()
+                            if request is None:
+                                return
+                            if not isinstance(request, CorruptMessage):
+                                await self._shadow(context, session, request)
                         received.cancel()
                         await _until_half_closed(inbox, lambda r: self._shadow(context, session, r))
                         return
