@@ -228,18 +228,25 @@ def test_a_history_shortens_a_bad_start(seed):
     assert zeros(RttGamma(history=history)) < zeros(RttGamma())
 
 
-def test_an_answers_opening_is_priced_by_earlier_openings():
-    """The real pair's LM drafter on a CPU verifier pays above ~60% acceptance. Its answers' first two blocks were
-    rejected in 12 and 8 of 16 answers and the rest accepted ~80%: counted as the request's own acceptance, those
-    two rejections took it to gamma 0 for 9-12 rounds. With the openings kept apart they take it nowhere."""
+def _openings_rejected_then_accepted(requests: int = 6):
+    """A drafter's history: requests whose opening blocks were all rejected and whose later blocks were accepted 80%
+    (an LM draft at 0.13 s a token against 0.3 s steps)."""
     history = new_history()
-    for seed in range(6):  # earlier requests like that
+    for seed in range(requests):
         process = Process(alpha=0.0, draft_s=0.13, verify_s=(0.27, 0.015), rtt_s=0.001, seed=seed)
         schedule = RttGamma(history=history)
         schedule.decode_alone = True
         process.run(schedule, OPENING_ROUNDS)
         process.alpha = 0.8
         process.run(schedule, 20)
+    return history
+
+
+def test_an_answers_opening_is_priced_by_earlier_openings():
+    """The real pair's LM drafter on a CPU verifier pays above ~60% acceptance. Its answers' first two blocks were
+    rejected in 12 and 8 of 16 answers and the rest accepted ~80%: counted as the request's own acceptance, those
+    two rejections took it to gamma 0 for 9-12 rounds. With the openings kept apart they take it nowhere."""
+    history = _openings_rejected_then_accepted()  # earlier requests like that
     assert history.opening_rates()[0] < 0.3 and history.pooled() > 0.7
     schedule = RttGamma(history=history)
     schedule.decode_alone = True
@@ -255,14 +262,7 @@ def test_an_answers_opening_is_priced_by_earlier_openings():
 def test_a_plain_decoding_choice_in_the_opening_stands_for_the_opening_alone():
     """Openings rejected, the rest accepted ~80%: a request that chooses gamma 0 in its opening asks the verifier to
     decode alone only to the opening's end, not to its next probe (10 rounds alone past the opening, measured)."""
-    history = new_history()
-    for seed in range(6):
-        process = Process(alpha=0.0, draft_s=0.13, verify_s=(0.27, 0.015), rtt_s=0.001, seed=seed)
-        schedule = RttGamma(history=history)
-        schedule.decode_alone = True
-        process.run(schedule, OPENING_ROUNDS)
-        process.alpha = 0.8
-        process.run(schedule, 20)
+    history = _openings_rejected_then_accepted()
     schedule = RttGamma(history=history)
     schedule.decode_alone = True
     Process(alpha=0.0, draft_s=0.13, verify_s=(0.27, 0.015), rtt_s=0.001, seed=99).run(schedule, 1)
