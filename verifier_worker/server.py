@@ -180,14 +180,15 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     f"tokenizer mismatch: draft model {opening.client_model_id or '(unnamed)'} and verifier model "
                     f"{self.info.model_id} do not share a tokenizer; speculative decoding needs the same vocabulary",
                 )
+            drafter = opening.client_model_id[:MAX_DRAFTER_NAME]
             session = await self._new_session(context, opening.prompt_ids, opening.params,
                                               min(opening.max_block or self.limits.max_gamma, self.limits.max_gamma),
-                                              opening.tpot_slo_ms, opening.client_model_id[:MAX_DRAFTER_NAME])
+                                              opening.tpot_slo_ms, drafter)
             prompt_tokens = len(session.tokens)
             self.metrics.prompt_tokens.inc(prompt_tokens)
             async_mode = opening.mode == pb.SPECULATION_MODE_ASYNC
             if not async_mode:  # its blocks come a turnaround after each verdict: the engine keys its prior by this
-                session.drafter = opening.client_model_id[:MAX_DRAFTER_NAME]
+                session.drafter = drafter
             server_decodes = opening.server_decodes and not async_mode and self.budgeter is not None
             cost = await self._run(context, self.engine.prefill(session))
             service_s = time.perf_counter() - arrived
