@@ -448,10 +448,16 @@ def test_drafter_populations_are_bounded():
     budgeter = DraftBudgeter(max_gamma=4)
     budgeter.open("kept", drafter="lm")
     budgeter.on_verdict("kept", 4, 4, offered=4)
+    budgeter.arrives("kept", 0.3, 0.1, "lm")
     for i in range(MAX_DRAFTERS + 10):  # a client cycling names
-        budgeter.population_of(f"name{i}")
-    assert len(budgeter._drafters) == MAX_DRAFTERS
+        budgeter.population_of(f"read{i}")  # reading makes no entry
+        budgeter.open(f"s{i}", drafter=f"name{i}")
+        budgeter.arrives(f"s{i}", 0.1, 0.1, f"name{i}")
+    assert len(budgeter._drafters) == MAX_DRAFTERS and not any(str(k).startswith("read") for k in budgeter._drafters)
     assert budgeter._sessions["kept"].drafter.acceptance.opening.pooled() > 0.5  # an open session keeps its own
+    budgeter.open("new", drafter="lm")  # an evicted drafter starts again, its turnaround with it
+    budgeter.arrives("new", None, 0.1, "lm")
+    assert budgeter._sessions["new"].wait_s == 0.0 and budgeter._drafters["name73"].turnaround_s == 0.1
 
 
 def test_a_session_denied_drafts_gets_another_try():

@@ -379,4 +379,4 @@ def test_a_new_session_starts_from_the_turnaround_measured_with_its_drafter():
     assert (sessions["async"].wait_s, sessions["async"].slow) == (0.0, False)
     budgeter.arrives("new lm", 0.02, 0.1, "qwen-0.5b")  # its own measurement replaces the prior, and is the next one
     budgeter.arrives("later", None, 0.1, "qwen-0.5b")
-    assert not sessions["new lm"].slow and budgeter._turnarounds["qwen-0.5b"] == 0.02
+    assert not sessions["new lm"].slow and budgeter._drafters["qwen-0.5b"].turnaround_s == 0.02

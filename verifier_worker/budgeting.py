@@ -127,11 +127,13 @@ class _Calibration:
 
 @dataclass
 class _Drafter:
-    """The sessions that drafted with one drafter name: their acceptance (openings apart: the prior of a new session)
-    and what their grants bought (the scale of their estimates)."""
+    """The sessions that drafted with one drafter name: their acceptance (openings apart: the prior of a new session),
+    what their grants bought (the scale of their estimates) and their latest lock-step turnaround (where a new
+    session's starts)."""
 
     acceptance: DrafterAcceptance
     calibration: _Calibration = field(default_factory=_Calibration)
+    turnaround_s: float | None = None  # None: none measured yet
 
 
 @dataclass
@@ -176,7 +178,6 @@ class DraftBudgeter:
         self._grant_s = 0.0  # what making the latest grant took
         self._grant_age = 0  # steps since it was made
         self.hold_s: float | None = None  # the most the engine holds a step for a late block (arrives; None: all)
-        self._turnarounds: dict[str, float] = {}  # drafter name -> the latest lock-step turnaround measured with it
         self._rates: dict[Hashable, list[float]] = {}  # the acceptance each of this step's grants read (uncalibrated)
 
     def open(self, key: Hashable, max_gamma: int | None = None, tpot_slo_s: float | None = None,
@@ -192,16 +193,22 @@ class DraftBudgeter:
     def _drafter(self, name: str | None) -> _Drafter:
         """The sessions drafting with `name` (made on first use; the most recently used MAX_DRAFTERS are kept, an
         open session keeps its own)."""
-        drafter = self._drafters.pop(name, None) or _Drafter(
-            DrafterAcceptance(max(self.max_gamma, 1), prior_alpha=self.prior_alpha, forget=0.999))
+        drafter = self._drafters.pop(name, None) or self._new_drafter()
         self._drafters[name] = drafter  # the most recent last
         while len(self._drafters) > MAX_DRAFTERS:
             del self._drafters[next(iter(self._drafters))]
         return drafter
 
+    def _new_drafter(self) -> _Drafter:
+        return _Drafter(DrafterAcceptance(max(self.max_gamma, 1), prior_alpha=self.prior_alpha, forget=0.999))
+
+    def _seen(self, name: str | None) -> _Drafter:
+        """The sessions drafting with `name` as seen so far, for reading: neither made nor moved (a fresh one if none)."""
+        return self._drafters.get(name) or self._new_drafter()
+
     def population_of(self, drafter: str | None = None) -> DrafterAcceptance:
         """The acceptance of the sessions drafting with `drafter`."""
-        return self._drafter(drafter).acceptance
+        return self._seen(drafter).acceptance
 
     @property
     def population(self) -> DrafterAcceptance:
@@ -304,11 +311,9 @@ class DraftBudgeter:
         turnaround measured with that drafter stands in, so a new LM session is not granted blocks that miss the
         step before it is measured itself (4 sessions, one request each: every session's first grants did)."""
         if drafter is not None:  # lock-step: not yet measured, it starts from the latest turnaround with its drafter
-            turnaround_s = self._turnarounds.pop(drafter, None) if turnaround_s is None else turnaround_s
-            if turnaround_s is not None:
-                self._turnarounds[drafter] = turnaround_s  # the most recent last
-                while len(self._turnarounds) > MAX_DRAFTERS:
-                    del self._turnarounds[next(iter(self._turnarounds))]
+            seen = self._drafter(drafter)
+            turnaround_s = seen.turnaround_s if turnaround_s is None else turnaround_s
+            seen.turnaround_s = turnaround_s
         turnaround_s = turnaround_s or 0.0
         session = self._sessions.get(key)
         if session is not None and (session.wait_s, session.slow, self.hold_s) != (turnaround_s, turnaround_s > wait_s,
@@ -351,7 +356,7 @@ class DraftBudgeter:
     def calibration(self, drafter: str | None = None) -> float:
         """Accepted draft tokens the granted blocks of `drafter`'s sessions bought per token their grants promised
         (`_Calibration`): what scales those sessions' estimates (an n-gram's bursts are not an LM's)."""
-        return self._drafter(drafter).calibration.ratio()
+        return self._seen(drafter).calibration.ratio()
 
     def grants(self, load: Load = Load(), exclude: Collection[Hashable] = ()) -> dict[Hashable, int]:
         """A fresh grant for every open session but `exclude` (still prefilling: in `load`, not sending a block
