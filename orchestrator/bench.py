@@ -25,6 +25,7 @@ from orchestrator.checks import BenchError, check_limits, check_resume
 from orchestrator.config import BenchConfig, RunSpec, expand
 from orchestrator import pool
 from orchestrator.placement import pin_cores, shares_cores
+from orchestrator.report import failed_requests, finished_keys  # noqa: F401 (`specdec bench` reads them here)
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2  # the first try and one retry
@@ -102,22 +103,6 @@ class _Writer:
         self.file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
-
-
-def failed_requests(path: pathlib.Path) -> tuple[int, int]:
-    """(requests that never succeeded, all requests) of a run folder's requests.jsonl, resumes included."""
-    from orchestrator.report import read_records
-
-    records = read_records(path) if path.exists() else []
-    keys = {(r["config"], r["pubid"]) for r in records}
-    return len(keys - finished_keys(path)), len(keys)
-
-
-def finished_keys(path: pathlib.Path) -> set[tuple[str, str]]:
-    """(config, pubid) of the requests that already succeeded in an earlier run."""
-    from orchestrator.report import read_records
-
-    return {(r["config"], r["pubid"]) for r in read_records(path) if r["status"] == "ok"} if path.exists() else set()
 
 
 async def run_configuration(spec: RunSpec, prompts: list[Prompt], workers: list, config: BenchConfig,

@@ -371,3 +371,15 @@ def render(run_dir: str | pathlib.Path) -> tuple[str, dict]:
         out["replicas"] = replicas
         tables += "\n\nVerifier replicas:\n\n" + markdown_table(pd.DataFrame(replicas), {k: k for k in replicas[0]})
     return tables, out
+
+
+def failed_requests(path: pathlib.Path) -> tuple[int, int]:
+    """(requests that never succeeded, all requests) of a run folder's requests.jsonl, resumes included."""
+    records = read_records(path) if path.exists() else []
+    keys = {(r["config"], r["pubid"]) for r in records}
+    return len(keys - finished_keys(path)), len(keys)
+
+
+def finished_keys(path: pathlib.Path) -> set[tuple[str, str]]:
+    """(config, pubid) of the requests that already succeeded in an earlier run."""
+    return {(r["config"], r["pubid"]) for r in read_records(path) if r["status"] == "ok"} if path.exists() else set()
