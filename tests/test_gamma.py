@@ -306,3 +306,37 @@ def test_schedules_of_one_draft_side_share_its_history():
     for _ in range(3):
         first.observe(4, 4)
     assert second.accept_rates()[0] > 0.6 and gamma_schedule("auto").accept_rates()[0] == 0.5
+
+
+def _replay_script():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "scripts" / "replay_gamma.py"
+    spec = importlib.util.spec_from_file_location("replay_gamma", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_replay_prices_each_block_from_the_recorded_agreements():
+    """scripts/replay_gamma.py (how the schedule's prior was chosen): a block of gamma from position t accepts the
+    recorded run of agreements from t, cut to gamma; the n-gram offers its lookup; a request's seconds add up."""
+    import argparse
+
+    from draft_worker.gamma import FixedGamma
+    from verifier_worker.budgeting import DraftBudgeter
+
+    replay = _replay_script()
+    row = {"prompt": [1, 2, 3], "answer": [7, 8, 9, 7, 8, 9, 5], "agree": [1, 1, 0, 1, 1, 1, 0]}
+    assert [accepted for _, accepted in replay.blocks(row, "lm")] == [2, 1, 0, 3, 2, 1, 0]
+    # the n-gram after "1 2 3 7 8 9 7": no earlier "8 9 7" or "9 7", the latest earlier "7" is followed by 8 9 7;
+    # the answer goes on 8 9 5
+    assert replay.blocks(row, "ngram")[4] == (3, 2)
+    args = argparse.Namespace(draft_ms=100.0, step_ms=200.0, token_ms=10.0, prefill_s=1.0, rtt_ms=0.0,
+                              max_new_tokens=7, drafter="lm")
+    budgeter = DraftBudgeter(max_gamma=16)
+    budgeter.grants = lambda *_, **__: {key: 16 for key in budgeter._sessions}
+    # gamma 2 from t = 1: accepts 1 (commits 2), from t = 3: 2 (3), from t = 6: the last token, a block of 1 (1 + 0)
+    seconds = replay.session(replay.blocks(row, "lm"), FixedGamma(2, 16), budgeter, "k", args)
+    assert seconds == pytest.approx(1.0 + 2 * (0.2 + 0.2 + 0.03) + (0.1 + 0.2 + 0.02))
