@@ -29,8 +29,9 @@ against a verifier that decodes on its own while the client does not draft) gamm
 Each position's rate is shrunk toward the pooled rate by `prior` = 8 pseudo-blocks. With 4, a request over-reacted
 both ways: two misses took an LM draft (accepted ~80% a token over an answer) to gamma 0 and a hold of ~12 rounds
 decoding alone, and three blocks accepted whole took it to blocks of 6-8 where its per-token acceptance fell to 68%.
-Replayed on the real pair's greedy agreements (23 PubMedQA answers x 32 tokens, one session, this CPU's costs), auto
-came to 0.95x the best fixed gamma with 4, 0.96x with 6, 0.97x with 8 or 12, and the n-gram to 0.99x with any.
+Replayed on the real pair's greedy agreements (scripts/replay_gamma.py: 24 PubMedQA answers x 32 tokens, one session,
+this CPU's costs), the LM's auto came to 0.957x the best fixed gamma with 4, 0.966x with 6, 0.978x with 8 and 0.975x
+with 12, the n-gram to 0.99x with any; the whole sweep then read 0.98x at one session (run AE, README).
 
 The acceptance prior: 0.5 by default, or the pooled rate of the drafter's earlier blocks in this process (`history`,
 `new_history()`: every block of every request that shares it). The real pair's LM drafter is accepted ~75% of the

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from draft_worker.drafters import NgramDrafter
 from draft_worker.gamma import AutoGamma, FixedGamma, new_history
@@ -74,12 +73,13 @@ def blocks(row: dict, drafter: str) -> list[tuple[int, int]]:
     return out
 
 
-def session(offers: list[tuple[int, int]], schedule, budgeter: DraftBudgeter, key: str, args) -> float:
+def session(offers: list[tuple[int, int]], schedule, budgeter: DraftBudgeter, key: str, args,
+            prompt_tokens: int = 192) -> float:
     """Seconds of one request (its prefill commits the first token), lock-step, the verifier deciding alone when its
     budget is 0 or the client asked it to (decode_alone); shadow blocks while it does (draft_worker/shadow.py)."""
     draft_s, step_s, token_s = args.draft_ms / 1e3, args.step_ms / 1e3, args.token_ms / 1e3
     budgeter.open(key, drafter=args.drafter)
-    budgeter.on_step(args.prefill_s, 1, len(offers), len(offers))
+    budgeter.on_step(args.prefill_s, 1, prompt_tokens, prompt_tokens)
     budget, t, clock, alone, last_shadow, shadow = budgeter.budget_for(key), 1, args.prefill_s, 0, -1, None
     end = min(args.max_new_tokens, len(offers))
     while t < end:
@@ -120,17 +120,17 @@ def session(offers: list[tuple[int, int]], schedule, budgeter: DraftBudgeter, ke
 
 def replay(args) -> None:
     rows = [json.loads(line) for line in open(args.recording)]
-    answers = [blocks(row, args.drafter) for row in rows]
+    answers = [(blocks(row, args.drafter), len(row["prompt"])) for row in rows]
     seconds = {}
     for arm in ["auto", *map(str, args.gammas)]:
         history, budgeter = new_history(), DraftBudgeter(max_gamma=16)
         if arm != "auto":  # the fixed arms run on a verifier without a budget (--no-draft-budget)
             budgeter.grants = lambda *_, b=budgeter, **__: {key: 16 for key in b._sessions}
-        for warm, offers in enumerate(answers[: args.warmup]):  # the history's first requests, not timed
-            session(offers, schedule(arm, history, args), budgeter, f"warm{warm}", args)
-        seconds[arm] = sum(session(offers, schedule(arm, history, args), budgeter, f"{arm}{i}", args)
-                           for i, offers in enumerate(answers))
-    tokens = sum(min(args.max_new_tokens, len(offers)) for offers in answers)
+        for warm, (offers, prompt) in enumerate(answers[: args.warmup]):  # the history's first requests, not timed
+            session(offers, schedule(arm, history, args), budgeter, f"warm{warm}", args, prompt)
+        seconds[arm] = sum(session(offers, schedule(arm, history, args), budgeter, f"{arm}{i}", args, prompt)
+                           for i, (offers, prompt) in enumerate(answers))
+    tokens = sum(min(args.max_new_tokens, len(offers)) for offers, _ in answers)
     best = min(seconds[arm] for arm in seconds if arm != "auto")
     print(f"{len(answers)} answers x {args.max_new_tokens} tokens, {args.drafter}")
     print("| arm | tok/s | x best fixed |\n|---|---|---|")
@@ -170,8 +170,11 @@ def main() -> None:
     q.add_argument("--rtt-ms", type=float, default=2.0)
     q.add_argument("--prior", type=float, help="the schedule's pseudo-blocks per position (default: AutoGamma's)")
     args = p.parse_args()
-    record(args) if args.command == "record" else replay(args)
+    if args.command == "record":
+        record(args)
+    else:
+        replay(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
