@@ -25,7 +25,6 @@ from orchestrator.checks import BenchError, check_limits, check_resume
 from orchestrator.config import BenchConfig, RunSpec, expand
 from orchestrator import pool
 from orchestrator.placement import pin_cores, shares_cores
-from orchestrator.report import failed_requests, finished_keys  # noqa: F401 (`specdec bench` reads them here)
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2  # the first try and one retry
@@ -327,7 +326,7 @@ async def run(config: BenchConfig, resume: bool = False, progress: bool = True) 
     import ray
 
     from orchestrator.openloop import complete_passes
-    from orchestrator.report import read_records
+    from orchestrator.report import finished_keys, read_records
     from orchestrator.workers import DraftWorker
 
     out = pathlib.Path(config.output_dir)

@@ -292,7 +292,7 @@ def _sweep(values: list | None):
 
 
 def _bench(args) -> dict:
-    from orchestrator import bench
+    from orchestrator import bench, report
     from orchestrator import config as bench_config
 
     try:
@@ -308,7 +308,7 @@ def _bench(args) -> dict:
     except (bench_config.ConfigError, bench.BenchError) as exc:
         raise UserError(str(exc)) from exc
     summary = _report(run_dir)
-    failed, total = bench.failed_requests(run_dir / bench.REQUESTS)
+    failed, total = report.failed_requests(run_dir / bench.REQUESTS)
     if failed:  # the results are on disk and reported; the exit code says the run is not whole
         print(json.dumps(summary, separators=(",", ":")))
         raise UserError(f"{failed} of {total} requests failed (their errors are in {run_dir / bench.REQUESTS}); "

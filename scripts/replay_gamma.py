@@ -24,6 +24,7 @@ import json
 
 from draft_worker.drafters import NgramDrafter
 from draft_worker.gamma import AutoGamma, FixedGamma, new_history
+from draft_worker.proposer import common_prefix
 from draft_worker.shadow import Shadows, shadow_every
 from specdec.budget import verifiers_turn
 from verifier_worker.budgeting import DraftBudgeter
@@ -48,10 +49,9 @@ def record(args) -> None:
                                       do_sample=False)
             answer = whole[0, len(prompt.ids):].tolist()
             argmax = draft(whole).logits[0, len(prompt.ids) - 1: -1].argmax(-1).tolist()  # [len(answer)]
-            out.write(json.dumps({"prompt": prompt.ids, "answer": answer,
-                                  "agree": [int(a == b) for a, b in zip(argmax, answer)]}) + "\n")
-            print(f"{prompt.pubid}: the draft agrees at {sum(argmax[i] == answer[i] for i in range(len(answer)))} "
-                  f"of {len(answer)} positions", flush=True)
+            agree = [int(a == b) for a, b in zip(argmax, answer)]
+            out.write(json.dumps({"prompt": prompt.ids, "answer": answer, "agree": agree}) + "\n")
+            print(f"{prompt.pubid}: the draft agrees at {sum(agree)} of {len(answer)} positions", flush=True)
 
 
 def blocks(row: dict, drafter: str) -> list[tuple[int, int]]:
@@ -63,14 +63,8 @@ def blocks(row: dict, drafter: str) -> list[tuple[int, int]]:
         for t in range(len(answer) - 1, -1, -1):
             runs[t] = runs[t + 1] + 1 if row["agree"][t] else 0
         return [(10**6, runs[t]) for t in range(len(answer))]
-    out = []
-    for t in range(len(answer)):
-        drafted = NgramDrafter.lookup(row["prompt"] + answer[:t], 16, 3, 1)
-        accepted = 0
-        while accepted < len(drafted) and t + accepted < len(answer) and drafted[accepted] == answer[t + accepted]:
-            accepted += 1
-        out.append((len(drafted), accepted))
-    return out
+    drafts = [NgramDrafter.lookup(row["prompt"] + answer[:t], 16, 3, 1) for t in range(len(answer))]
+    return [(len(drafted), common_prefix(drafted, answer[t:])) for t, drafted in enumerate(drafts)]
 
 
 def session(offers: list[tuple[int, int]], schedule, budgeter: DraftBudgeter, key: str, args,
@@ -125,7 +119,7 @@ def replay(args) -> None:
     for arm in ["auto", *map(str, args.gammas)]:
         history, budgeter = new_history(), DraftBudgeter(max_gamma=16)
         if arm != "auto":  # the fixed arms run on a verifier without a budget (--no-draft-budget)
-            budgeter.grants = lambda *_, b=budgeter, **__: {key: 16 for key in b._sessions}
+            unbudgeted(budgeter)
         for warm, (offers, prompt) in enumerate(answers[: args.warmup]):  # the history's first requests, not timed
             session(offers, schedule(arm, history, args), budgeter, f"warm{warm}", args, prompt)
         seconds[arm] = sum(session(offers, schedule(arm, history, args), budgeter, f"{arm}{i}", args, prompt)
@@ -136,6 +130,12 @@ def replay(args) -> None:
     print("| arm | tok/s | x best fixed |\n|---|---|---|")
     for arm, s in seconds.items():
         print(f"| {arm} | {tokens / s:.3f} | {best / s:.3f} |")
+
+
+def unbudgeted(budgeter: DraftBudgeter) -> DraftBudgeter:
+    """Every session granted 16 draft tokens at every step, as a verifier run with --no-draft-budget verifies them."""
+    budgeter.grants = lambda *_, **__: {key: 16 for key in budgeter._sessions}
+    return budgeter
 
 
 def schedule(arm: str, history, args):

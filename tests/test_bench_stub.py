@@ -172,7 +172,7 @@ async def test_bench_over_ray_with_a_stub_verifier(local_ray, tiny_dirs, tmp_pat
         await server.stop(None)
     lines = (run_dir / "requests.jsonl").read_text().splitlines()
     assert len(lines) == 16 + 4 and all(json.loads(line)["pubid"] == "1002" for line in lines[16:])
-    assert bench.failed_requests(run_dir / "requests.jsonl") == (4, 16)  # what `specdec bench` exits 1 with
+    assert report.failed_requests(run_dir / "requests.jsonl") == (4, 16)  # what `specdec bench` exits 1 with
     with pytest.raises(bench.BenchError, match="already holds results"):
         await bench.run(cfg, progress=False)
 

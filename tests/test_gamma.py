@@ -335,8 +335,7 @@ def test_the_replay_prices_each_block_from_the_recorded_agreements():
     assert replay.blocks(row, "ngram")[4] == (3, 2)
     args = argparse.Namespace(draft_ms=100.0, step_ms=200.0, token_ms=10.0, prefill_s=1.0, rtt_ms=0.0,
                               max_new_tokens=7, drafter="lm")
-    budgeter = DraftBudgeter(max_gamma=16)
-    budgeter.grants = lambda *_, **__: {key: 16 for key in budgeter._sessions}
+    budgeter = replay.unbudgeted(DraftBudgeter(max_gamma=16))
     # gamma 2 from t = 1: accepts 1 (commits 2), from t = 3: 2 (3), from t = 6: the last token, a block of 1 (1 + 0)
     seconds = replay.session(replay.blocks(row, "lm"), FixedGamma(2, 16), budgeter, "k", args)
     assert seconds == pytest.approx(1.0 + 2 * (0.2 + 0.2 + 0.03) + (0.1 + 0.2 + 0.02))

@@ -160,7 +160,7 @@ def test_backoff_is_exponential_capped_and_jittered():
 
 
 def test_bench_exits_non_zero_saying_how_many_requests_failed(tmp_path, monkeypatch, capsys):
-    from orchestrator import bench, cli
+    from orchestrator import bench, cli, report
 
     records = [{"config": "baseline", "pubid": "1", "status": "failed"}, {"config": "baseline", "pubid": "1", "status": "ok"},
                {"config": "ng g=4", "pubid": "1", "status": "failed"}, {"config": "ng g=4", "pubid": "1", "status": "failed"},
@@ -172,7 +172,7 @@ def test_bench_exits_non_zero_saying_how_many_requests_failed(tmp_path, monkeypa
 
     monkeypatch.setattr(bench, "run", fake_run)
     monkeypatch.setattr(cli, "_report", lambda run_dir: {"configurations": {}})
-    assert bench.failed_requests(tmp_path / bench.REQUESTS) == (1, 3)  # a retry that succeeded is not a failure
+    assert report.failed_requests(tmp_path / bench.REQUESTS) == (1, 3)  # a retry that succeeded is not a failure
     assert cli.main(["bench", "--out", str(tmp_path)]) == 1
     assert "1 of 3 requests failed" in capsys.readouterr().err
     (tmp_path / bench.REQUESTS).write_text(json.dumps(records[-1]) + "\n")

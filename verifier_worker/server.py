@@ -331,14 +331,10 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     yield pb.SpeculateReply(commit=commit_reply(result, self._cost(cost, now - last), now - last, session))
                     last = now
                     if result.finish_reason is not None:
-                        if received.done():  # it took a message from the inbox since the wait: count it, not lose it
-                            request, _ = received.result()
-                            if request is None:
-                                return
-                            if not isinstance(request, CorruptMessage):
-                                await self._shadow(context, session, request)
+                        # a message it took from the inbox since the wait is counted, not lost
+                        taken = received.result() if received.done() else None
                         received.cancel()
-                        await _until_half_closed(inbox, lambda r: self._shadow(context, session, r))
+                        await _until_half_closed(inbox, lambda r: self._shadow(context, session, r), taken)
                         return
                     stepped = asyncio.ensure_future(self._run(context, decoding.next()))
         finally:
@@ -392,15 +388,18 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             self._release(session)
 
 
-async def _until_half_closed(inbox: asyncio.Queue, take: Callable[[pb.SpeculateRequest], Awaitable]) -> None:
+async def _until_half_closed(inbox: asyncio.Queue, take: Callable[[pb.SpeculateRequest], Awaitable],
+                             taken: tuple | None = None) -> None:
     """After a session's last reply, wait (at most CLOSE_WAIT_S) for the client to stop writing before the
     stream ends: a client that pipelines proposals may be writing one right now, and grpcio turns a write
     that races the end of a stream into INTERNAL on the client's side, losing the replies it had not read.
-    What arrives meanwhile goes to `take` (a shadow verdict written while the last step ran is still counted)."""
+    What arrives meanwhile goes to `take` (a shadow verdict written while the last step ran is still counted), after
+    `taken`, an inbox item already taken off it."""
     deadline = time.perf_counter() + CLOSE_WAIT_S
     with contextlib.suppress(asyncio.TimeoutError):
         while (remaining := deadline - time.perf_counter()) > 0:
-            request, _ = await asyncio.wait_for(inbox.get(), remaining)
+            request, _ = taken or await asyncio.wait_for(inbox.get(), remaining)
+            taken = None
             if request is None:
                 return
             if not isinstance(request, CorruptMessage):
