@@ -83,7 +83,7 @@ class ClientSession:
         self.server_decodes = False  # lock-step: the verifier decodes on its own at budget 0 (said in `opened`)
         self.server_turn = False  # it is doing so now: the client reads its commits and sends nothing
         self.alone = 0  # steps the verifier still decodes on its own because the last block asked it (decode_alone)
-        self.shadows = Shadows()  # blocks drafted while the verifier decodes alone (draft_worker/shadow.py)
+        self.shadows = Shadows(shared_cores=stream.shared_cores)  # drafted while the verifier decodes alone (shadow.py)
         self.draft_s_per_token = 0.0  # of the last job after the opening's (async's schedule updates)
         self.opening_job: Job | None = None
         self.finished = False
@@ -197,6 +197,7 @@ class ClientSession:
         else:
             task = asyncio.ensure_future(asyncio.to_thread(timed, *work))
         self.drafting = Job(task, len(self.committed), guess, n if shadow else self.gamma, assumes_first, shadow)
+        self.shadows.drafted |= n > 0 and not shadow
 
     async def _next_event(self) -> None:
         jobs = (self.drafting, self.shadows.set_aside)

@@ -12,6 +12,14 @@ missed every later burst: at 2 sessions on a CPU the budget fell to 0 after one 
 blocks at 1-2 sessions, it decoded the other 30 tokens alone where a fixed gamma 3 was accepted 70% of the time.
 Shadow blocks cost the verifier nothing; the client drafts them at most SHADOW_SHARE of its time (`shadow_every`:
 every commit for a lookup, every few for an LM on a CPU), since a budget granted meanwhile waits for the drafter.
+
+Except on the verifier's own cores (one box, ClientConfig.shared_cores): there a shadow's drafting takes the cores
+the verifier's steps run on, and an LM's first draft of a session carries its prefill of the prompt (the real
+pair's 0.5B in fp32 on a 2-core AVX2 CPU: 5.3 s, ten of the verifier's steps), which only verified blocks can repay.
+So there a session drafts shadow blocks only once it has drafted a block it sent: one the verifier granted no draft
+from its opening on (its measured step costs say none pays, verifier_worker/calibrate.py) never starts its draft
+model. On that CPU the LM's four shadow blocks and its prefill each roughly doubled the verifier steps they overlapped,
+and `generate` with the LM ran 0.73-0.81x `--baseline`.
 """
 
 from __future__ import annotations
@@ -66,6 +74,8 @@ class Shadows:
     """One client session's shadow blocks (draft_worker/loop.py asks it when to draft one and what it came to)."""
 
     taken: bool = False  # the verifier counts shadow verdicts (said in `opened`)
+    shared_cores: bool = False  # the verifier computes on this machine's cores (ClientConfig.shared_cores)
+    drafted: bool = False  # the session drafted a block it sent (with a draft token)
     block: ShadowBlock | None = None  # drafted while the verifier decodes alone, awaiting the commits
     set_aside: Job | None = None  # a shadow block's drafting, set aside while an empty block went out
     last_base: int = -1  # the commit the last shadow block was drafted from (one per commit at most)
@@ -78,8 +88,10 @@ class Shadows:
     def due(self, alone: bool, schedule, left: int, committed: int, draft_s_per_token: float, step_s: float) -> bool:
         """The verifier decodes on its own (`alone`: lock-step in its turn, async at budget 0), and enough commits
         passed since the last shadow block for this one to take at most its share of the session's time
-        (shadow_every)."""
-        if not (self.taken and alone and self.block is None and self.set_aside is None and left > 1):
+        (shadow_every). On the verifier's own cores, only once the session drafted a block it sent (see the module
+        docstring)."""
+        if not (self.taken and alone and self.block is None and self.set_aside is None and left > 1
+                and (self.drafted or not self.shared_cores)):
             return False
         every = shadow_every(self.size(schedule, left), draft_s_per_token, step_s)
         return every is not None and committed - self.last_base >= every
