@@ -115,7 +115,7 @@ async def sweep_link(address: str, prompts, args, arms: list[str], label: str) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--verifier", default="offline:qwen2.5-coder-1.5b-instruct")
-    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--dtype", default="auto", help="the verifier's: auto = bf16 where the hardware runs it natively, else fp32")
     p.add_argument("--pubmedqa", default=str(default_path()))
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--max-prompt-tokens", type=int, default=512)
@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--mode", default="lockstep")
     p.add_argument("--drafters", nargs="+", choices=["ngram", "lm"], default=["ngram"])
     p.add_argument("--draft", default="offline:qwen2.5-coder-0.5b-instruct", help="the LM drafter's model")
-    p.add_argument("--draft-dtype", default="bf16")
+    p.add_argument("--draft-dtype", default="auto")
     p.add_argument("--lm-gammas", type=int, nargs="+", default=[2, 3], help="fixed gammas of the LM drafter")
     p.add_argument("--pin", action="store_true", help="verifier on core 0, drafting on core 1 (one torch thread)")
     p.add_argument("--skip-fixed", action="store_true", help="only the budgeted verifier")
@@ -142,7 +142,8 @@ def main() -> None:
     args = p.parse_args()
     tokenizer = models.load_tokenizer(args.verifier)
     prompts = [x.ids for x in encode_prompts(load_items(args.pubmedqa)[: args.prompts], tokenizer, args.max_prompt_tokens)]
-    print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, mode {args.mode}, verifier {args.verifier} {args.dtype}")
+    print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, mode {args.mode}, verifier {args.verifier} "
+          f"{models.parse_dtype(args.dtype, torch.device('cpu'))} ({args.dtype}), CPU flags {' '.join(models.cpu_matrix_flags()) or 'unknown'}")
     print("| verifier | sessions | arm | aggregate tok/s | x Generate | verifier compute ms/token | mean budget | "
           "mean batch | shadow blocks per request |")
     print("|---|---|---|---|---|---|---|---|---|")

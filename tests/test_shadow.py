@@ -26,7 +26,7 @@ from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import LMDrafter
 from draft_worker.gamma import AutoGamma, FixedGamma, RttGamma
 from draft_worker.shadow import SHADOW_SHARE, ShadowBlock, shadow_every
-from draft_worker.transport import fetch_info
+from draft_worker.transport import ClientConfig, fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
 from specdec.acceptance import OPENING_ROUNDS
@@ -183,6 +183,49 @@ async def test_under_budget_zero_the_client_reports_exact_shadow_blocks_and_stay
     assert len(budgeter.shadows) == spec.shadows  # every one reached the verifier, none was refused or lost
     assert all(drafted == accepted == gamma > 0 for drafted, accepted, gamma in budgeter.shadows)  # a perfect draft
     assert verifier.servicer.budgeter.metrics.shadows._value.get() == spec.shadows
+
+
+class CountingDrafter(LMDrafter):
+    def __init__(self, model, name: str):
+        super().__init__(model, name)
+        self.proposed = 0
+
+    def propose(self, context: list[int], gamma: int):
+        self.proposed += gamma > 0
+        return super().propose(context, gamma)
+
+
+class FirstBlockBudgeter(RecordingBudgeter):
+    """Grants drafts until the first block with a draft token is verified, then none."""
+
+    def on_verdict(self, key, proposed: int, accepted: int, offered: int = 0) -> None:
+        super().on_verdict(key, proposed, accepted, offered)
+        if proposed:
+            self.budget, self._grants = 0, None
+
+
+@pytest.mark.parametrize("mode", ["lockstep", "async"])
+@pytest.mark.parametrize("first_budget", [0, 2])
+async def test_on_the_verifiers_cores_a_session_never_granted_drafts_never_drafts(start_verifier, mode, first_budget):
+    """One box (ClientConfig.shared_cores): a shadow block's drafting takes the verifier's cores (and an LM's first one
+    its prefill of the prompt), so a session granted no draft from its opening never runs its drafter; once it drafted
+    a block it sent, shadow blocks keep its estimate alive as on a machine of its own."""
+    target = FakeLM(32, seed=5)
+    verifier = await start_verifier(target, vocab_size=32, budget=True)
+    budgeter = _use(verifier, FirstBlockBudgeter(first_budget, max_gamma=16))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=24)
+    baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
+    drafter = CountingDrafter(target, "same")
+    spec = await speculate(verifier.stub, drafter, [1, 2, 3], params, AutoGamma(3), info, mode=mode,
+                           config=ClientConfig(shared_cores=True))
+    assert spec.token_ids == baseline.token_ids
+    await wait_for_no_sessions(verifier)
+    assert len(budgeter.shadows) == spec.shadows
+    if first_budget == 0:
+        assert spec.proposed == spec.shadows == drafter.proposed == 0
+    else:
+        assert spec.proposed > 0 and spec.shadows > 0
 
 
 async def test_a_draft_that_never_lands_reports_misses(start_verifier):
