@@ -17,7 +17,7 @@ Except on the verifier's own cores (one box, ClientConfig.shared_cores): there a
 the verifier's steps run on, and an LM's first draft of a session carries its prefill of the prompt (the real
 pair's 0.5B in fp32 on a 2-core AVX2 CPU: 5.3 s, ten of the verifier's steps), which only verified blocks can repay.
 So there a session drafts shadow blocks only once it has drafted a block it sent: one the verifier granted no draft
-from its opening on (its measured step costs say none pays, verifier_worker/calibrate.py) never starts its draft
+from its opening on (its measured step costs say none pays, verifier_worker/warmup.py) never starts its draft
 model. On that CPU the LM's four shadow blocks and its prefill each roughly doubled the verifier steps they overlapped,
 and `generate` with the LM ran 0.73-0.81x `--baseline`.
 """

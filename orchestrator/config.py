@@ -54,7 +54,7 @@ def _each_mode(name: str):
 @pydantic_dataclass(config=_STRICT)
 class VerifierConfig:
     model: str = "offline:qwen2.5-coder-1.5b-instruct"  # Hub id, folder, .gguf or offline: alias
-    dtype: str = "bf16"
+    dtype: str = "auto"  # bf16 where the hardware runs it natively (CUDA, AMX, AVX512-bf16), else fp32
     device: str = "auto"  # cpu | cuda[:N] | mps | auto
     # HOST:PORT of a running verifier, or several replicas ("a:1,b:2" or a list); None = start them as Ray actors
     address: str | list[str] | None = None
@@ -77,7 +77,7 @@ class DraftConfig:
     kind: Literal["lm", "ngram", "suffix"] = "lm"  # suffix: draft_worker/suffix.py, with its default settings
     model: str | None = None  # LM drafters: Hub id, folder, .gguf or offline: alias
     backend: Literal["transformers", "llama.cpp"] = "transformers"  # llama.cpp: GGUF drafts (dtype/device unused)
-    dtype: str = "fp32"
+    dtype: str = "auto"  # as the verifier's
     device: str = "cpu"
     # a list is a sweep; "adaptive" = HF's +2/-1 heuristic; "rtt" = chosen per round from the measured link and steps;
     # "auto" = rtt's choice within the verifier's draft budget (issue 18)

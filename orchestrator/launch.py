@@ -32,7 +32,7 @@ class VerifierProcess:
                 self.proc.wait()
 
 
-def start_verifier(model: str, dtype: str = "bf16", device: str = "auto", host: str = "127.0.0.1",
+def start_verifier(model: str, dtype: str = "auto", device: str = "auto", host: str = "127.0.0.1",
                    extra_args: tuple[str, ...] = (), env: dict | None = None, timeout_s: float = 1800.0,
                    cpus: list[int] | None = None) -> VerifierProcess:
     """Blocks until the model is loaded and the server listens (at most timeout_s: Hub downloads included).

@@ -489,6 +489,22 @@ def test_a_session_still_prefilling_is_priced_as_load_not_as_a_block():
     assert budgeter.budget_for("b", 1, 64, prefilling={"b"}) >= 0  # once answered, b asks for itself
 
 
+def test_a_prompt_opening_beside_a_session_does_not_make_its_drafts_look_cheap():
+    """A step's cost here is about its tokens (0.5 s each: a 2-core AVX2 CPU in fp32), so at 70% a token drafts
+    cannot pay. A prompt queued beside the session is spent whatever is granted (its chunks run in steps of their own);
+    weighed in, its seconds made the drafts' share look small, and a 256-token prompt opening beside the session got
+    it a grant of several tokens (session 13's trace: grants of 5 and 7 while another request prefilled)."""
+    budgeter = DraftBudgeter(max_gamma=8)
+    for _ in range(5):
+        for tokens in (1, 2, 4, 8):
+            budgeter.on_step(0.5 * tokens, 1, tokens)
+        budgeter.on_step(0.5 + 0.06 * 256, 2, 1 + 256, 256)
+    for _ in range(30):
+        budgeter.on_verdict("s", 4, 3)
+    assert budgeter.grants(Load(tokens=0, sessions=0))["s"] == 0
+    assert budgeter.grants(Load(tokens=256, sessions=1))["s"] == 0
+
+
 def test_budget_a_lock_step_client_leaves_unused_counts_as_buying_nothing():
     """An n-gram client granted 4 that finds no match half the time: what a grant of 4 buys is 1 + 0.5 x its
     drafts' worth, and the tracker says so; a session denied drafts (offered 0) only decays."""

@@ -12,8 +12,8 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
   0; offered: a lock-step block's budget, so budget its client left unused counts as buying nothing);
 - `budget_for(key, queued_sessions, queued_tokens, prefilling)` when answering a session: the most draft
   tokens its next block may carry. queued_* = the prefill work waiting for the next step (sessions still
-  prefilling, and their chunk tokens), which commits nothing but shares the step; prefilling = the keys of
-  those sessions, which are priced as that load and not also as sessions sending a block;
+  prefilling, and their chunk tokens; `grants` says what of it is priced); prefilling = the keys of those
+  sessions, which are that load and not also sessions sending a block;
 - `dropped(tokens)` for draft tokens a block carried beyond its budget (counted, never verified);
 - `on_shadow(key, drafted, accepted, gamma)` for a block the client drafted but did not send while the verifier
   decoded the session on its own (pb.ShadowVerdict: checked against the tokens committed since);
@@ -360,7 +360,13 @@ class DraftBudgeter:
 
     def grants(self, load: Load = Load(), exclude: Collection[Hashable] = ()) -> dict[Hashable, int]:
         """A fresh grant for every open session but `exclude` (still prefilling: in `load`, not sending a block
-        next step), given the other work riding the next step."""
+        next step), given the other work waiting for the next step. The load's sessions count (others ride the
+        step, it is ready without the drafters' blocks); its prompt tokens are not weighed against the drafts: they
+        run in steps of their own (a padding backend) or add a cost per prompt token (a packing one, as fitted), so
+        their seconds are spent whatever is granted. Weighed in, a prompt opening beside a session made its drafts a
+        small share of a long step: on a 2-core AVX2 CPU, where no draft pays, sessions were granted 5-7 tokens
+        while another request prefilled."""
+        load = Load(0, load.sessions)
         self._rates = {key: self._rates_of(s) for key, s in self._sessions.items() if key not in exclude}
         rows = [(key, s, _scaled(rates, s.drafter.calibration.ratio()))
                 for key, rates in self._rates.items() for s in (self._sessions[key],)]

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 
 from specdec.config import VerifierLimits
 from specdec.errors import UserError, run_command, user_errors
@@ -60,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fraction over granting none (e.g. 0.05)")
     p.add_argument("--no-draft-budget", dest="draft_budget", action="store_false",
                    help="grant no draft budgets: verify every draft token a client sends (fixed-gamma experiments)")
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="draft budget: skip timing steps of a few block sizes before serving (verifier_worker/calibrate.py); "
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="draft budget: skip timing steps of a few block sizes before serving (verifier_worker/warmup.py); "
                         "the first grants are then priced from prompt and decoding steps alone")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds the sessions in flight get to finish before they are cut (default 30)")
@@ -113,11 +114,12 @@ async def serve(args: argparse.Namespace) -> None:
         )
     with user_errors(f"cannot serve {args.model!r}", ValueError):  # e.g. attention the engine cannot batch
         servicer = VerifierServicer(model, info, limits)
-    if servicer.budgeter is not None and args.calibrate:
-        from verifier_worker.calibrate import calibrate
-        costs = await calibrate(servicer.engine, info.vocab_size)
-        print("step cost for the draft budget: " + ", ".join(f"{n} token{'s' * (n > 1)} {1000 * s:.0f} ms"
-                                                            for n, s in costs.items()), flush=True)
+    if servicer.budgeter is not None and args.warmup:
+        from verifier_worker.warmup import time_blocks
+        started = time.perf_counter()
+        costs = await time_blocks(servicer.engine, info.vocab_size)
+        print(f"warm-up ({time.perf_counter() - started:.1f} s), step cost for the draft budget: "
+              + ", ".join(f"{n} token{'s' * (n > 1)} {1000 * s:.0f} ms" for n, s in costs.items()), flush=True)
     with user_errors(f"cannot listen on {args.host}:{args.port}", OSError, RuntimeError):
         server, port = await start_server(servicer, args.host, args.port, credentials, token)
     if args.metrics_port is not None:

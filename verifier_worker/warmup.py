@@ -1,4 +1,4 @@
-"""The verifier's step-cost calibration at startup: before it serves, time engine steps of one session verifying
+"""The verifier's warm-up for the draft budget: before it serves, time engine steps of one session verifying
 blocks of a few sizes, and give the draft budget (budgeting.py) those costs, so its first grants are priced by
 measurement on this device rather than guessed.
 
@@ -14,9 +14,10 @@ What: one session with a short dummy prompt, blocks of `sizes` tokens (1 + gamma
 rejected or not, it does not matter), each size `repeats` times, interleaved (drift lands on every size alike), through
 the engine's own path (`Engine.verify`: the backend's forward and the verification, as in serving). Only the steps'
 costs reach the budgeter (`DraftBudgeter.on_step`, as the engine reports a step); the dummy session's verdicts do
-not (no acceptance is learnt from them), and the metrics do not count its steps. Costs: the sizes' sum times
-`repeats` steps: ~17 s on that AVX2 CPU, ~4 s on a 1-core AVX-512 one, well under a second on a GPU or for the tiny
-test models. `serve-verifier --no-calibrate` skips it; `--no-draft-budget` has no use for it.
+not (no acceptance is learnt from them), and the metrics do not count its steps. Cost: the sizes' sum times
+`repeats` steps: ~17 s on that AVX2 CPU, ~4 s on one core of an AVX512-bf16 one (from the step costs in
+specdec/stepcost.py), well under a second on a GPU or for the tiny test models; `serve-verifier` prints the costs and
+the time it took. `serve-verifier --no-warmup` skips it; `--no-draft-budget` has no use for it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ REPEATS = 3  # each size's steps: the StepCostTable prices a count once it has s
 PROMPT_TOKENS = 32
 
 
-async def calibrate(engine: Engine, vocab_size: int, sizes: tuple[int, ...] = SIZES, repeats: int = REPEATS,
+async def time_blocks(engine: Engine, vocab_size: int, sizes: tuple[int, ...] = SIZES, repeats: int = REPEATS,
                     seed: int = 0) -> dict[int, float]:
     """Time `repeats` steps of each block size and report them to `engine.budgeter`. -> {tokens: median seconds}."""
     budgeter, on_step = engine.budgeter, engine.on_step

@@ -1,4 +1,4 @@
-"""The verifier's step-cost calibration before it serves (verifier_worker/calibrate.py): the draft budget prices its
+"""The verifier's warm-up before it serves (verifier_worker/warmup.py): timed steps of a few block sizes: the draft budget prices its
 first grants by the block sizes it timed, on the engine's own path, and learns nothing else from them."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from specdec.config import SamplingParams
 from tests.stubs import FakeLM
 from verifier_worker.accounting import StepCost
 from verifier_worker.budgeting import DraftBudgeter
-from verifier_worker.calibrate import REPEATS, SIZES, calibrate
+from verifier_worker.warmup import REPEATS, SIZES, time_blocks
 from verifier_worker.engine import Engine
 
 
@@ -16,7 +16,7 @@ class _Result:
 
 
 class TimedEngine:
-    """The engine's interface as calibrate uses it, each block of n tokens 'taking' seconds(n) (no clock involved)."""
+    """The engine's interface as time_blocks uses it, each block of n tokens 'taking' seconds(n) (no clock involved)."""
 
     def __init__(self, budgeter: DraftBudgeter, seconds):
         self.budgeter, self.on_step, self.seconds = budgeter, print, seconds
@@ -47,13 +47,13 @@ def _grant_to_a_fresh_session(budgeter: DraftBudgeter) -> int:
 
 async def test_a_device_where_a_block_costs_its_tokens_is_granted_no_draft_once_timed():
     """On a CPU where a block of n tokens costs n single steps (the real pair in fp32 on a 2-core AVX2 CPU: 0.52 s,
-    0.96 s for 2, 2.03 s for 5), drafts at the prior's acceptance can never pay. Uncalibrated, the budget priced
-    the unseen block sizes at the fit's prior slope (flat) and granted drafts; calibrated, it grants none."""
+    0.96 s for 2, 2.03 s for 5), drafts at the prior's acceptance can never pay. Not warmed up, the budget priced
+    the unseen block sizes at the fit's prior slope (flat) and granted drafts; timed, it grants none."""
     linear = DraftBudgeter(max_gamma=8)
     assert _grant_to_a_fresh_session(linear) > 0  # what a fresh verifier did before
     linear = DraftBudgeter(max_gamma=8)
     engine = TimedEngine(linear, lambda n: 0.5 * n)
-    costs = await calibrate(engine, vocab_size=32)
+    costs = await time_blocks(engine, vocab_size=32)
     assert costs == {n: 0.5 * n for n in SIZES}
     assert linear.cost.medians() == costs  # every size seen REPEATS times: the table prices by them
     assert engine.budgeter is linear and engine.on_step is print and engine.open_sessions == 0
@@ -64,15 +64,15 @@ async def test_a_device_where_blocks_cost_about_one_step_is_still_granted_drafts
     """Where decoding reads the weights once for a few tokens (a GPU; a CPU running bf16 natively), the timed
     costs are nearly flat and drafts are granted as before."""
     flat = DraftBudgeter(max_gamma=8)
-    await calibrate(TimedEngine(flat, lambda n: 0.5 + 0.01 * n), vocab_size=32)
+    await time_blocks(TimedEngine(flat, lambda n: 0.5 + 0.01 * n), vocab_size=32)
     assert _grant_to_a_fresh_session(flat) > 0
 
 
-async def test_calibration_runs_on_the_real_engine_and_reports_only_step_costs():
+async def test_the_warmup_runs_on_the_real_engine_and_reports_only_step_costs():
     steps = []
     budgeter = DraftBudgeter(max_gamma=8)
     engine = Engine(FakeLM(32), max_batch_tokens=64, on_step=lambda *a: steps.append(a), budgeter=budgeter)
-    costs = await calibrate(engine, vocab_size=32)
+    costs = await time_blocks(engine, vocab_size=32)
     assert sorted(costs) == list(SIZES) and all(s > 0 for s in costs.values())
     assert sorted(budgeter.cost.medians()) == list(SIZES)
     assert engine.steps == 1 + REPEATS * len(SIZES)  # the dummy prompt's step, then one per block
