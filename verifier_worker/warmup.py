@@ -8,14 +8,14 @@ prior slope, 0: a block of 5 tokens as cheap as one token. That is nearly true w
 the weights (a GPU; a CPU running bf16 natively: 1 x 5 tokens about 1 x 1), and badly false where it is not: on a
 2-core AVX2 CPU (no AVX-512) the real pair's 1.5B verifier in fp32 takes 0.52 s for one token, 0.96 s for 2, 1.41 s for
 3 and 2.03 s for 5 (a prefill token: 0.06 s). There the first request's opening was granted 16 draft tokens,
-and its first block of 4 cost 2.2 s for nothing; no draft pays on that machine, and now none is granted.
+and its first block of 4 cost 2.2 s for nothing; there the first grants are now 0.
 
 What: one session with a short dummy prompt, blocks of `sizes` tokens (1 + gamma, gamma random draft tokens,
 rejected or not, it does not matter), each size `repeats` times, interleaved (drift lands on every size alike), through
 the engine's own path (`Engine.verify`: the backend's forward and the verification, as in serving). Only the steps'
 costs reach the budgeter (`DraftBudgeter.on_step`, as the engine reports a step); the dummy session's verdicts do
 not (no acceptance is learnt from them), and the metrics do not count its steps. Cost: the sizes' sum times
-`repeats` steps: ~17 s on that AVX2 CPU, ~4 s on one core of an AVX512-bf16 one (from the step costs in
+`repeats` steps: 22.6 s on that AVX2 CPU (the real pair's 1.5B in fp32), ~4 s on one core of an AVX512-bf16 one (from the step costs in
 specdec/stepcost.py), well under a second on a GPU or for the tiny test models; `serve-verifier` prints the costs and
 the time it took. `serve-verifier --no-warmup` skips it; `--no-draft-budget` has no use for it.
 """
