@@ -75,7 +75,7 @@ class Shadows:
 
     taken: bool = False  # the verifier counts shadow verdicts (said in `opened`)
     shared_cores: bool = False  # the verifier computes on this machine's cores (ClientConfig.shared_cores)
-    drafted: bool = False  # the session drafted a block it sent (with a draft token)
+    drafted: bool = False  # the session started drafting a block to send (with a draft token): its drafter runs
     block: ShadowBlock | None = None  # drafted while the verifier decodes alone, awaiting the commits
     set_aside: Job | None = None  # a shadow block's drafting, set aside while an empty block went out
     last_base: int = -1  # the commit the last shadow block was drafted from (one per commit at most)

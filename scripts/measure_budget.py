@@ -142,8 +142,9 @@ def main() -> None:
     args = p.parse_args()
     tokenizer = models.load_tokenizer(args.verifier)
     prompts = [x.ids for x in encode_prompts(load_items(args.pubmedqa)[: args.prompts], tokenizer, args.max_prompt_tokens)]
-    print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, mode {args.mode}, verifier {args.verifier} "
-          f"{models.parse_dtype(args.dtype, torch.device('cpu'))} ({args.dtype}), CPU flags {' '.join(models.cpu_matrix_flags()) or 'unknown'}")
+    dtype, flags = models.parse_dtype(args.dtype, torch.device("cpu")), " ".join(models.cpu_matrix_flags()) or "unknown"
+    print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, mode {args.mode}, verifier {args.verifier} {dtype} "
+          f"({args.dtype}), CPU flags {flags}")
     print("| verifier | sessions | arm | aggregate tok/s | x Generate | verifier compute ms/token | mean budget | "
           "mean batch | shadow blocks per request |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -1,5 +1,5 @@
-"""The verifier's warm-up before it serves (verifier_worker/warmup.py): timed steps of a few block sizes: the draft budget prices its
-first grants by the block sizes it timed, on the engine's own path, and learns nothing else from them."""
+"""The verifier's warm-up before it serves (verifier_worker/warmup.py): the draft budget prices its first grants by
+the block sizes it timed, on the engine's own path, and learns nothing else from them."""
 
 from __future__ import annotations
 
@@ -7,19 +7,23 @@ from specdec.config import SamplingParams
 from tests.stubs import FakeLM
 from verifier_worker.accounting import StepCost
 from verifier_worker.budgeting import DraftBudgeter
-from verifier_worker.warmup import REPEATS, SIZES, time_blocks
 from verifier_worker.engine import Engine
+from verifier_worker.warmup import REPEATS, SIZES, time_blocks
 
 
 class _Result:
     finish_reason = None
 
 
+def _metrics_hook(*_) -> None:
+    """Stands for the engine's Prometheus hook (`Engine.on_step`), which the warm-up detaches and puts back."""
+
+
 class TimedEngine:
     """The engine's interface as time_blocks uses it, each block of n tokens 'taking' seconds(n) (no clock involved)."""
 
     def __init__(self, budgeter: DraftBudgeter, seconds):
-        self.budgeter, self.on_step, self.seconds = budgeter, print, seconds
+        self.budgeter, self.on_step, self.seconds = budgeter, _metrics_hook, seconds
         self.open_sessions = 0
 
     def open(self, prompt_ids, params):
@@ -56,7 +60,7 @@ async def test_a_device_where_a_block_costs_its_tokens_is_granted_no_draft_once_
     costs = await time_blocks(engine, vocab_size=32)
     assert costs == {n: 0.5 * n for n in SIZES}
     assert linear.cost.medians() == costs  # every size seen REPEATS times: the table prices by them
-    assert engine.budgeter is linear and engine.on_step is print and engine.open_sessions == 0
+    assert engine.budgeter is linear and engine.on_step is _metrics_hook and engine.open_sessions == 0
     assert _grant_to_a_fresh_session(linear) == 0
 
 

@@ -364,8 +364,8 @@ class DraftBudgeter:
         step, it is ready without the drafters' blocks); its prompt tokens are not weighed against the drafts: they
         run in steps of their own (a padding backend) or add a cost per prompt token (a packing one, as fitted), so
         their seconds are spent whatever is granted. Weighed in, a prompt opening beside a session made its drafts a
-        small share of a long step: on a 2-core AVX2 CPU, where no draft pays, sessions were granted 5-7 tokens
-        while another request prefilled."""
+        small share of a long step: on a 2-core AVX2 CPU, where the LM's drafts did not pay, sessions were granted
+        5-7 tokens while another request prefilled."""
         load = Load(0, load.sessions)
         self._rates = {key: self._rates_of(s) for key, s in self._sessions.items() if key not in exclude}
         rows = [(key, s, _scaled(rates, s.drafter.calibration.ratio()))
@@ -375,8 +375,8 @@ class DraftBudgeter:
                           else s.max_gamma, s.tpot_slo_s, s.wait_s if crowded else 0.0) for key, s, accept in rows]
 
         @functools.cache  # one grant prices the same steps hundreds of times (every wait level, every candidate)
-        def step_seconds(tokens: int, sessions: int) -> float:  # grant_budgets counts the load's tokens in `tokens`
-            return self.cost.cost(tokens - load.tokens, sessions, load.tokens)
+        def step_seconds(tokens: int, sessions: int) -> float:  # the load carries no tokens (above)
+            return self.cost.cost(tokens, sessions)
 
         grant = grant_budgets(demands, step_seconds, load, padded=self.padded, min_gain=self.min_gain,
                               hold_s=self.hold_s)

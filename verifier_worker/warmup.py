@@ -15,9 +15,9 @@ rejected or not, it does not matter), each size `repeats` times, interleaved (dr
 the engine's own path (`Engine.verify`: the backend's forward and the verification, as in serving). Only the steps'
 costs reach the budgeter (`DraftBudgeter.on_step`, as the engine reports a step); the dummy session's verdicts do
 not (no acceptance is learnt from them), and the metrics do not count its steps. Cost: the sizes' sum times
-`repeats` steps: 22.6 s on that AVX2 CPU (the real pair's 1.5B in fp32), ~4 s on one core of an AVX512-bf16 one (from the step costs in
-specdec/stepcost.py), well under a second on a GPU or for the tiny test models; `serve-verifier` prints the costs and
-the time it took. `serve-verifier --no-warmup` skips it; `--no-draft-budget` has no use for it.
+`repeats` steps: 22.6 s on that AVX2 CPU (the real pair's 1.5B in fp32), ~4 s on one core of an AVX512-bf16 one
+(from the step costs in specdec/stepcost.py), well under a second on a GPU or for the tiny test models;
+`serve-verifier` prints the costs and the time it took. `serve-verifier --no-warmup` skips it; `--no-draft-budget` has no use for it.
 """
 
 from __future__ import annotations
