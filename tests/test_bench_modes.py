@@ -59,6 +59,7 @@ def _write_run(path, records: list[dict]) -> None:
     (path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+@pytest.mark.slow  # renders the report and its plots (~3 s)
 def test_each_configuration_is_paired_with_the_baseline_at_its_rtt_and_the_winner_table(tmp_path):
     _write_run(tmp_path, _sweep_records())
     summary = report.summarize(report.load_records(tmp_path / "requests.jsonl"), RUN)
@@ -89,6 +90,7 @@ def test_each_configuration_is_paired_with_the_baseline_at_its_rtt_and_the_winne
     assert (tmp_path / "rtt.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # renders the report (~3 s)
 def test_no_rtt_sweep_no_rtt_plot_and_a_run_from_before_modes_still_reports(tmp_path):
     _write_run(tmp_path, [r for r in _sweep_records() if r["rtt_ms"] == 0])
     report.render(tmp_path)

@@ -201,6 +201,7 @@ async def test_greedy_auto_at_several_sessions_is_verifier_only(start_verifier, 
     assert max(max(r.batch_size) for r in results) >= 2  # sessions shared steps
 
 
+@pytest.mark.slow  # 10-12 s a mode
 @pytest.mark.parametrize("mode", SPEC_MODES)
 async def test_sampling_with_auto_under_random_budgets_keeps_the_verifiers_distribution(start_verifier, mode):
     """1,000 sessions, 50 at a time, `--gamma auto` under a budget drawn at random every step: the joint law of

@@ -45,7 +45,7 @@ async def _serve(start_verifier, tiny):
     return verifier, await fetch_info(verifier.stub), fingerprint
 
 
-@pytest.mark.parametrize("gamma", [1, 2, 4, 8])
+@pytest.mark.parametrize("gamma", [1, 2, 4, pytest.param(8, marks=pytest.mark.slow)])
 async def test_greedy_lm_drafter_is_lossless(tiny, prompts, start_verifier, gamma):
     draft, _, _ = tiny
     verifier, info, fingerprint = await _serve(start_verifier, tiny)

@@ -70,8 +70,9 @@ async def test_stop_token_ends_generation_inside_a_block(start_verifier):
     assert spec.token_ids == baseline.token_ids and spec.finish_reason == "stop"
 
 
+# 12 s each: the full run's; the fast tier's chi-square tests run the codec and verify_block in process (test_sampling)
 @pytest.mark.parametrize("top_k, dense_dtype", [
-    pytest.param(0, "fp16", id="dense-fp16"),
+    pytest.param(0, "fp16", id="dense-fp16", marks=pytest.mark.slow),
     pytest.param(0, "fp32", id="dense-fp32", marks=pytest.mark.slow),
     pytest.param(3, "fp16", id="sparse", marks=pytest.mark.slow),
     pytest.param(0, None, id="verifier-only", marks=pytest.mark.slow),

@@ -66,7 +66,7 @@ def tiny(tiny_dirs):
             models.load_tokenizer(str(verifier_dir)))
 
 
-@pytest.mark.parametrize("rtt_ms", [0, 30])
+@pytest.mark.parametrize("rtt_ms", [0, pytest.param(30, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("mode", ["ahead", "async"])
 async def test_greedy_is_token_identical_to_verifier_only(tiny, start_verifier, mode, rtt_ms):
     draft, target, tokenizer = tiny

@@ -101,6 +101,7 @@ def test_a_session_evicted_from_a_small_cache_keeps_matching_its_own_output():
     assert d.output_index.nodes == batch_index(context, 4, start=3)
 
 
+@pytest.mark.slow  # ~3 s
 def test_the_cache_stays_under_its_bound_over_10000_requests():
     rng = random.Random(1)
     bound, depth = 1500, 4

@@ -149,7 +149,8 @@ def random_tree(replacement: bool, g: torch.Generator):
     return T(tokens), T(parents), torch.stack(qs), torch.stack(rows)
 
 
-@pytest.mark.parametrize("replacement", [True, False], ids=["with-replacement", "without-replacement"])
+@pytest.mark.parametrize("replacement", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["with-replacement", "without-replacement"])
 def test_tree_sampling_keeps_the_verifiers_distribution(replacement):
     """The joint law of the first two committed tokens equals the target's, P0(a) P1[a](b), and differs
     from the draft's; the tree's branches were actually used (accepts beyond the first child)."""

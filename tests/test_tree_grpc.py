@@ -44,6 +44,7 @@ async def test_greedy_trees_over_grpc_give_the_verifiers_output(start_verifier, 
     assert spec.proposed > 0 and spec.rounds < len(spec.token_ids)  # trees were verified, and some accepted
 
 
+@pytest.mark.slow  # 12 s; test_tree checks the tree sampler in process
 async def test_sampling_through_trees_keeps_the_verifiers_distribution(start_verifier):
     vocab, prompt = 6, [1, 2]
     target, draft = FakeLM(vocab, seed=0, scale=1.0), FakeLM(vocab, seed=0, scale=1.0, noise=2.0)
