@@ -13,10 +13,11 @@ turn. --pin plays two machines: the verifier on core 0, this process (every sess
 torch thread. Prints per (verifier, level, arm): aggregate tok/s (tokens / wall of the level), its ratio to that
 process's Generate at the level, verifier compute per committed token (the requests' shares), the mean budget and the mean
 number of sessions in the step each round rode in (below the level: lock-step sessions missed steps) and the shadow
-blocks each request reported (draft_worker/shadow.py), and the median compute of the steps where all N sessions
-decoded one token each ("plain step ms": the same work in every arm, so where an arm's reads above Generate's, the
-arm's drafting slowed the verifier: --pin's two "machines" share one box's caches and memory bandwidth, which two
-real machines do not). --rtt-ms: every request through a delay proxy of that round trip. The fast regime (a verifier that steps in a few ms, as a GPU would: the tiny seeded pair):
+blocks each request reported (draft_worker/shadow.py), and the mean compute of the steps where all N sessions
+decoded one token each ("plain step ms": the same work in every arm, so where an arm's reads above Generate's, its
+drafting slowed the verifier's steps; a mean, since drafting overlaps only some of them: --pin's two "machines"
+share one box's caches and memory bandwidth, which two real machines do not). --rtt-ms: every request through a
+delay proxy of that round trip. The fast regime (a verifier that steps in a few ms, as a GPU would: the tiny pair):
 
     python scripts/measure_budget.py --verifier /tmp/specdec-tiny/verifier --dtype fp32 --draft /tmp/specdec-tiny/draft \
         --draft-dtype fp32 --sessions 1 4 --rtt-ms 0 25 100 --mode async --prompts 8 --max-prompt-tokens 200 \
@@ -59,7 +60,7 @@ def drafter(name: str, args):
 
 async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, params: SamplingParams, args):
     """-> (aggregate tok/s, verifier compute s per token, mean budget or nan, mean batch, shadow blocks per request,
-    median compute s of the plain decoding steps) of max(R x sessions, prompts) requests."""
+    mean compute s of the plain decoding steps) of max(R x sessions, prompts) requests."""
     jobs = [prompts[i % len(prompts)] for i in range(max(args.requests_per_session * sessions, len(prompts)))]
     gate = asyncio.Semaphore(sessions)
 
@@ -81,7 +82,7 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
     plain = [c for r in results for c, n, b in zip(r.compute_s, r.batch_tokens, r.batch_size) if n == b == sessions]
     return tokens / wall, sum(r.verifier_compute_s for r in results) / tokens, (
         statistics.mean(budgets) if budgets else float("nan")), statistics.mean(batch) if batch else float("nan"), \
-        statistics.mean(r.shadows for r in results), statistics.median(plain) if plain else float("nan")
+        statistics.mean(r.shadows for r in results), statistics.mean(plain) if plain else float("nan")
 
 
 async def sweep(address: str, prompts, args, arms: list[str], label: str) -> None:
