@@ -25,7 +25,15 @@ from specdec import models
 
 
 def _load(name: str, dtype: str):
-    return models.load_model(name, dtype=models.parse_dtype(dtype, torch.device("cpu")), device=torch.device("cpu"))
+    """-> (the model on this process's core, its KV cache after a 64-token prompt)."""
+    model = models.load_model(name, dtype=models.parse_dtype(dtype, torch.device("cpu")), device=torch.device("cpu"))
+    with torch.no_grad():
+        return model, model(_ids(model, 64), use_cache=True).past_key_values
+
+
+def _ids(model, n: int) -> torch.Tensor:
+    """[1, n] random token ids the model knows."""
+    return torch.randint(0, min(1000, model.config.vocab_size), (1, n))
 
 
 def _steps(model, cache, n: int) -> list[float]:
@@ -34,7 +42,7 @@ def _steps(model, cache, n: int) -> list[float]:
     with torch.no_grad():
         for _ in range(n):
             started = time.perf_counter()
-            model(torch.randint(0, 1000, (1, 1)), past_key_values=cache, use_cache=True)
+            model(_ids(model, 1), past_key_values=cache, use_cache=True)
             seconds.append(time.perf_counter() - started)
             if cache.get_seq_length() > 200:
                 cache.crop(64)
@@ -44,9 +52,7 @@ def _steps(model, cache, n: int) -> list[float]:
 def _draft_forever(name: str, dtype: str, ready) -> None:
     os.sched_setaffinity(0, {1})
     torch.set_num_threads(1)
-    model = _load(name, dtype)
-    with torch.no_grad():
-        cache = model(torch.randint(0, 1000, (1, 64)), use_cache=True).past_key_values
+    model, cache = _load(name, dtype)
     ready.put(True)
     while True:
         _steps(model, cache, 8)
@@ -61,9 +67,7 @@ def main() -> None:
     args = p.parse_args()
     os.sched_setaffinity(0, {0})
     torch.set_num_threads(1)
-    model = _load(args.verifier, args.dtype)
-    with torch.no_grad():
-        cache = model(torch.randint(0, 1000, (1, 64)), use_cache=True).past_key_values
+    model, cache = _load(args.verifier, args.dtype)
     alone = statistics.median(_steps(model, cache, args.steps))
     ready = mp.Queue()
     drafting = mp.Process(target=_draft_forever, args=(args.draft, args.dtype, ready), daemon=True)
