@@ -296,7 +296,7 @@ class ClientSession:
         request = proposal_request(drafted[skip:], q, self.params, candidates.dense_dtype, len(self.committed),
                                    claim[done:assumed],
                                    None if candidates.parents is None else candidates.parents[: len(drafted)],
-                                   self.alone)
+                                   self.alone, self._wants())
         sent_at = time.perf_counter()
         await self.stream.send(request)  # a failed write: the verifier ended the stream, and reading tells why
         self.result.gamma_per_round.append(job.gamma)
@@ -311,8 +311,13 @@ class ClientSession:
         shadow, accepted = decided
         if hasattr(self.schedule, "observe"):
             self.schedule.observe(len(shadow.draft_ids), accepted, shadow.draft_s)
-        await self.stream.send(shadow.request(accepted))
+        await self.stream.send(shadow.request(accepted, self._wants()))
         self.result.shadows += 1
+
+    def _wants(self) -> int | None:
+        """The verifier's cap on this session's grants (Proposal.wants): the schedule's own gamma, the next block's
+        as the last verdict chose it (a tree's nodes are not a gamma: unsaid)."""
+        return None if self.tree_nodes else self.schedule.gamma
 
     def _decode_alone(self, job: Job) -> int:
         """Steps the verifier should decode on its own after this block: when the client's own gamma is 0 under a

@@ -50,9 +50,10 @@ class ShadowBlock:
         matched = common_prefix(list(self.draft_ids), seen)
         return matched if matched < len(seen) or matched == len(self.draft_ids) else None
 
-    def request(self, accepted: int) -> pb.SpeculateRequest:
+    def request(self, accepted: int, wants: int | None = None) -> pb.SpeculateRequest:
+        """Its verdict, with the client's own best gamma now (`wants`; None: unsaid)."""
         return pb.SpeculateRequest(shadow=pb.ShadowVerdict(drafted=len(self.draft_ids), accepted=accepted,
-                                                           gamma=self.gamma))
+                                                           gamma=self.gamma, wants=wants))
 
 
 def shadow_every(gamma: int, draft_s_per_token: float, step_s: float) -> int | None:

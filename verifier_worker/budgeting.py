@@ -18,6 +18,7 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
 - `on_shadow(key, drafted, accepted, gamma)` for a block the client drafted but did not send while the verifier
   decoded the session on its own (pb.ShadowVerdict: checked against the tokens committed since);
 - `hold(key, grants)` when a lock-step proposal asks the verifier to decode that many steps alone (decode_alone);
+- `wants(key, gamma)` with the client's own best gamma (Proposal.wants, ShadowVerdict.wants): its grants stay within it;
 - `late(key, offered)` when a step starts without a lock-step session that was granted drafts (it missed it);
 - `arrives(key, turnaround_s, wait_s, drafter)` with a lock-step session's measured turnaround (None: not yet) and
   the engine's wait;
@@ -147,6 +148,12 @@ class _Session:
     slow: bool = False  # its blocks come after the next step has started (arrives): a block costs it a step
     rounds: int = 0  # verdicts so far (plain decoding steps included): the first OPENING_ROUNDS are its opening
     drafter: _Drafter | None = None  # its drafter's sessions (open)
+    wants: int | None = None  # the client's own best gamma, as it last said (`DraftBudgeter.wants`; None: unsaid)
+
+    @property
+    def cap(self) -> int:
+        """The most it may be granted: the limits of the server and the opening, and its client's latest word."""
+        return self.max_gamma if self.wants is None else min(self.max_gamma, max(1, self.wants))
 
 
 class DraftBudgeter:
@@ -282,9 +289,23 @@ class DraftBudgeter:
         """The session drafts nothing at its next `grants` grants whatever they say: its client asked the verifier
         to decode that many steps on its own (Proposal.decode_alone). Priced as drafting, it made each of those steps'
         grant count on tokens that never came (a padded step's ceiling chosen for drafts nobody sent)."""
-        if key in self._sessions:
-            self._sessions[key].held = max(0, grants)
+        session = self._sessions.get(key)
+        if session is not None and session.held != max(0, grants):  # every proposal says it: 0, none to hold
+            session.held = max(0, grants)
             self._grants = None
+
+    def wants(self, key: Hashable, gamma: int | None) -> None:
+        """The client's own best gamma (its schedule's, from the draft time, acceptance and round trip it measures;
+        None: unsaid, an older client): its blocks carry no more, so it is granted at most max(1, gamma). Granted
+        more, the grant priced tokens that never came, and chose the other sessions' grants around them: at 2 LM
+        sessions on a CPU, grants of 9-16 where the client sent 2-5. 0 counts as 1: a client that wants no drafts
+        says so with decode_alone (`hold`, which expires), and one whose word stood at 0 could never be granted
+        drafts again if it drafts no shadow blocks to speak in the verifier's turn."""
+        session = self._sessions.get(key)
+        if session is not None and gamma != session.wants:
+            before, session.wants = session.cap, gamma
+            if session.cap != before:
+                self._grants = None
 
     def late(self, key: Hashable, offered: int) -> None:
         """A lock-step session granted `offered` draft tokens whose block missed the next step (the engine's
@@ -371,8 +392,8 @@ class DraftBudgeter:
         rows = [(key, s, _scaled(rates, s.drafter.calibration.ratio()))
                 for key, rates in self._rates.items() for s in (self._sessions[key],)]
         crowded = len(rows) + load.sessions > 1  # others ride the step a slow session's block misses
-        demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.max_gamma))
-                          else s.max_gamma, s.tpot_slo_s, s.wait_s if crowded else 0.0) for key, s, accept in rows]
+        demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.cap))
+                          else s.cap, s.tpot_slo_s, s.wait_s if crowded else 0.0) for key, s, accept in rows]
 
         @functools.cache  # one grant prices the same steps hundreds of times (every wait level, every candidate)
         def step_seconds(tokens: int, sessions: int) -> float:  # the load carries no tokens (above)

@@ -248,8 +248,9 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 claim = await self._check_proposal(context, request.proposal, session.params,
                                                    trees=getattr(self.engine.backend, "supports_trees", False))
                 alone = request.proposal.decode_alone
-                if alone and self.budgeter is not None:  # the grants until it has decoded alone: priced as no drafts
+                if self.budgeter is not None:  # its word: grants priced as no drafts until it decoded alone, its gamma
                     self.budgeter.hold(session, alone)
+                    self.budgeter.wants(session, _wants(request.proposal))
                 rest = session.remainder(claim)
                 if rest is None:  # its assumed prefix was not committed: the client knows, from the verdict before
                     self.metrics.stale.inc()
@@ -282,6 +283,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if self.budgeter is not None:
             self.budgeter.on_shadow(session, request.shadow.drafted, request.shadow.accepted, request.shadow.gamma)
+            self.budgeter.wants(session, _wants(request.shadow))
         return True
 
     async def _client_left(self, context, inbox: asyncio.Queue, session: VerifierSession) -> bool:
@@ -320,9 +322,12 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                         pass
                     elif request.WhichOneof("kind") != "proposal":
                         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
-                    elif not session.offer(await self._check_proposal(context, request.proposal, session.params,
-                                                                      trees=False), max_ahead):
-                        self.metrics.stale.inc()
+                    else:
+                        claim = await self._check_proposal(context, request.proposal, session.params, trees=False)
+                        if self.budgeter is not None:  # a stale chunk's word holds too: the client's gamma now
+                            self.budgeter.wants(session, _wants(request.proposal))
+                        if not session.offer(claim, max_ahead):
+                            self.metrics.stale.inc()
                     received = asyncio.ensure_future(inbox.get())
                 if stepped in done:
                     result, cost = stepped.result()
@@ -386,6 +391,11 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 arrived = now
         finally:
             self._release(session)
+
+
+def _wants(message: pb.Proposal | pb.ShadowVerdict) -> int | None:
+    """The client's own best gamma, as it said it (None: an older client's message)."""
+    return message.wants if message.HasField("wants") else None
 
 
 async def _until_half_closed(inbox: asyncio.Queue, take: Callable[[pb.SpeculateRequest], Awaitable],

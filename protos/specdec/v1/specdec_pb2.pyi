@@ -163,7 +163,7 @@ class DenseProbs(_message.Message):
     def __init__(self, dtype: _Optional[_Union[ProbDType, str]] = ..., vocab_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Proposal(_message.Message):
-    __slots__ = ("draft_ids", "sparse", "dense", "base_len", "assumed_ids", "parents", "decode_alone")
+    __slots__ = ("draft_ids", "sparse", "dense", "base_len", "assumed_ids", "parents", "decode_alone", "wants")
     DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class Proposal(_message.Message):
     ASSUMED_IDS_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     DECODE_ALONE_FIELD_NUMBER: _ClassVar[int]
+    WANTS_FIELD_NUMBER: _ClassVar[int]
     draft_ids: _containers.RepeatedScalarFieldContainer[int]
     sparse: SparseProbs
     dense: DenseProbs
@@ -178,17 +179,20 @@ class Proposal(_message.Message):
     assumed_ids: _containers.RepeatedScalarFieldContainer[int]
     parents: _containers.RepeatedScalarFieldContainer[int]
     decode_alone: int
-    def __init__(self, draft_ids: _Optional[_Iterable[int]] = ..., sparse: _Optional[_Union[SparseProbs, _Mapping]] = ..., dense: _Optional[_Union[DenseProbs, _Mapping]] = ..., base_len: _Optional[int] = ..., assumed_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., decode_alone: _Optional[int] = ...) -> None: ...
+    wants: int
+    def __init__(self, draft_ids: _Optional[_Iterable[int]] = ..., sparse: _Optional[_Union[SparseProbs, _Mapping]] = ..., dense: _Optional[_Union[DenseProbs, _Mapping]] = ..., base_len: _Optional[int] = ..., assumed_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., decode_alone: _Optional[int] = ..., wants: _Optional[int] = ...) -> None: ...
 
 class ShadowVerdict(_message.Message):
-    __slots__ = ("drafted", "accepted", "gamma")
+    __slots__ = ("drafted", "accepted", "gamma", "wants")
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
+    WANTS_FIELD_NUMBER: _ClassVar[int]
     drafted: int
     accepted: int
     gamma: int
-    def __init__(self, drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., gamma: _Optional[int] = ...) -> None: ...
+    wants: int
+    def __init__(self, drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., gamma: _Optional[int] = ..., wants: _Optional[int] = ...) -> None: ...
 
 class SpeculateRequest(_message.Message):
     __slots__ = ("open", "proposal", "shadow")

@@ -1,0 +1,147 @@
+"""The client's own best gamma caps its grants (issue 18; Proposal.wants, ShadowVerdict.wants).
+
+A client's blocks carry min(budget, its own gamma). Granted more, the budget priced draft tokens that never came and
+chose the other sessions' grants around them (2 LM sessions on a CPU: grants of 9-16 where the client sent 2-5), and
+the unused budget counted as misses at its last positions. So every proposal and shadow verdict says the client's
+own gamma, and the verifier grants it at most max(1, that).
+
+- The pure budgeter: the grant stays within what the client said; 0 counts as 1; unsaid (an older client) lifts it;
+  a decode-only session stays at 0.
+- The wire: what a proposal (lock-step, async) and a shadow verdict say reaches the budgeter; an older client's
+  messages say nothing.
+- A real client says its schedule's gamma in every message, and its grants stay within it, lossless.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from draft_worker.client import generate_baseline, speculate
+from draft_worker.drafters import LMDrafter
+from draft_worker.gamma import FixedGamma
+from draft_worker.transport import fetch_info
+from protos.specdec.v1 import specdec_pb2 as pb
+from specdec import codec
+from specdec.config import SamplingParams
+from tests.stubs import FakeLM
+from tests.test_budget import _feed_steps
+from tests.test_budget_wiring import FixedBudgeter, _use
+from tests.test_errors import wait_for_no_sessions
+from tests.test_server_decodes import LONG, _opened_in_the_verifiers_turn
+from verifier_worker.budgeting import DraftBudgeter
+
+pytestmark = pytest.mark.usefixtures("free_grants")
+
+
+def _easy_budgeter() -> DraftBudgeter:
+    """Flat step cost, every draft accepted: each session's grant is its cap."""
+    budgeter = DraftBudgeter(max_gamma=8)
+    budgeter.open("s")
+    budgeter.open("generate", max_gamma=0)
+    _feed_steps(budgeter, 0.02, 0.0)
+    for _ in range(30):
+        budgeter.on_verdict("s", 8, 8)
+    return budgeter
+
+
+@pytest.mark.parametrize("wants, granted", [(None, 8), (3, 3), (0, 1), (1, 1), (8, 8), (40, 8)])
+def test_a_session_is_granted_no_more_than_its_client_wants(wants, granted):
+    budgeter = _easy_budgeter()
+    assert budgeter.budget_for("s") == 8
+    budgeter.wants("s", wants)
+    budgeter.wants("generate", 5)
+    budgeter.on_step(0.02, 2, 2)
+    assert budgeter.budget_for("s") == granted
+    assert budgeter.budget_for("generate") == 0
+
+
+def test_a_new_word_remakes_a_standing_grant():
+    """A fast verifier reuses a grant for a few steps (GRANT_SHARE): a client's new gamma must not wait for that."""
+    budgeter = _easy_budgeter()
+    assert budgeter.budget_for("s") == 8
+    budgeter.wants("s", 2)  # no step between: only the word can remake it
+    assert budgeter.budget_for("s") == 2
+    budgeter.wants("s", None)
+    assert budgeter.budget_for("s") == 8
+
+
+class WantsBudgeter(FixedBudgeter):
+    """Grants every session the most it may have (its cap, within `budget`), and records every word its client said."""
+
+    def __init__(self, **kwargs):
+        super().__init__(16, **kwargs)
+        self.said: list[int | None] = []
+
+    def wants(self, key, gamma):
+        self.said.append(gamma)
+        super().wants(key, gamma)
+
+    def grants(self, load=None, exclude=()):
+        return {key: min(self.budget, s.cap) for key, s in self._sessions.items()}
+
+
+async def test_a_proposals_word_reaches_the_budgeter_and_an_older_clients_says_nothing(start_verifier):
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
+    budgeter = _use(verifier, WantsBudgeter(max_gamma=16))
+    call = verifier.stub.Speculate()
+    params = codec.params_to_proto(SamplingParams(max_new_tokens=12))
+    await call.write(pb.SpeculateRequest(open=pb.OpenSession(prompt_ids=[1, 2], params=params)))
+    assert (await call.read()).opened.draft_budget == 16
+    await call.write(pb.SpeculateRequest(proposal=pb.Proposal(base_len=0, draft_ids=[3], wants=2)))
+    verdict = (await call.read()).verdict
+    assert verdict.draft_budget == 2  # the next grant is within the word
+    base = verdict.num_accepted + verdict.HasField("next_token")
+    await call.write(pb.SpeculateRequest(proposal=pb.Proposal(base_len=base, draft_ids=[3])))  # an older client
+    assert (await call.read()).verdict.draft_budget == 16
+    assert budgeter.said == [2, None]
+    call.cancel()
+
+
+async def test_an_async_chunks_word_reaches_the_budgeter_stale_or_not(start_verifier):
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
+    budgeter = _use(verifier, WantsBudgeter(max_gamma=16))
+    call = verifier.stub.Speculate()
+    params = codec.params_to_proto(SamplingParams(max_new_tokens=LONG))
+    await call.write(pb.SpeculateRequest(open=pb.OpenSession(prompt_ids=[1, 2], params=params,
+                                                             mode=pb.SPECULATION_MODE_ASYNC)))
+    assert (await call.read()).opened.draft_budget == 16
+    await call.write(pb.SpeculateRequest(proposal=pb.Proposal(base_len=0, draft_ids=[3], wants=2)))
+    for _ in range(LONG):  # bounded: the session ends after LONG tokens
+        commit = (await call.read()).commit
+        if budgeter.said or commit.finished:
+            break
+    assert budgeter.said == [2]
+    commit = (await call.read()).commit  # a grant made after the word
+    assert commit.draft_budget == 2 or commit.finished
+    call.cancel()
+
+
+async def test_a_shadow_verdicts_word_lifts_the_cap_in_the_verifiers_turn(start_verifier):
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
+    budgeter = _use(verifier, WantsBudgeter(max_gamma=16))
+    budgeter.budget = 0
+    call = await _opened_in_the_verifiers_turn(verifier, max_new_tokens=12)
+    await call.write(pb.SpeculateRequest(shadow=pb.ShadowVerdict(drafted=3, accepted=1, gamma=4, wants=5)))
+    for _ in range(10):
+        if budgeter.said:
+            break
+        await call.read()
+    assert budgeter.said == [5] and [s.cap for s in budgeter._sessions.values()] == [5]
+    call.cancel()
+
+
+@pytest.mark.parametrize("mode", ["lockstep", "async"])
+async def test_a_real_client_says_its_gamma_and_is_granted_within_it(start_verifier, mode):
+    target = FakeLM(32, seed=5)
+    verifier = await start_verifier(target, vocab_size=32, budget=True)
+    budgeter = _use(verifier, WantsBudgeter(max_gamma=16))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=24)
+    baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
+    spec = await speculate(verifier.stub, LMDrafter(target, "same"), [1, 2, 3], params, FixedGamma(3, 16), info,
+                           mode=mode)
+    await wait_for_no_sessions(verifier)
+    assert spec.token_ids == baseline.token_ids
+    assert spec.proposed > 0 and budgeter.said and set(budgeter.said) == {3}
+    said = spec.budget_per_round.index(3)  # grants before the first word (the opening's; async: until it arrives)
+    assert set(spec.budget_per_round[:said]) == {16} and set(spec.budget_per_round[said:]) == {3}
