@@ -238,9 +238,12 @@ class AutoGamma(RttGamma):
     round (`draft_worker.loop.ClientSession.gamma`). The client's rate is single-peaked in gamma, so that cap is
     `specdec.budget.budgeted_gamma`: the best gamma within the budget, 0 for a draft too slow for its verifier.
     From a verifier that grants no budget it is RttGamma. tpot_slo_ms: this request's latency target, sent in
-    the opening (OpenSession.tpot_slo_ms; 0: the verifier's default)."""
+    the opening (OpenSession.tpot_slo_ms; 0: the verifier's default). says: tell the verifier this gamma with every
+    message (Proposal.wants), so its grants stay within it; False is an older client (an A/B arm of
+    scripts/measure_budget.py)."""
 
     tpot_slo_ms: float = 0.0
+    says: bool = True
 
 
 @dataclass

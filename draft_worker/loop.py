@@ -317,7 +317,7 @@ class ClientSession:
     def _wants(self) -> int | None:
         """The verifier's cap on this session's grants (Proposal.wants): the schedule's own gamma, the next block's
         as the last verdict chose it (a tree's nodes are not a gamma: unsaid)."""
-        return None if self.tree_nodes else self.schedule.gamma
+        return None if self.tree_nodes or not getattr(self.schedule, "says", True) else self.schedule.gamma
 
     def _decode_alone(self, job: Job) -> int:
         """Steps the verifier should decode on its own after this block: when the client's own gamma is 0 under a

@@ -68,8 +68,9 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
         async with gate:
             if arm == "generate":
                 return await generate_baseline(stub, prompt, params)
-            name, _, gamma = arm.partition("-")  # e.g. "ngram-auto", "lm-g3"
-            gamma = AutoGamma(history=HISTORIES[name]) if gamma == "auto" else int(gamma.removeprefix("g"))
+            name, _, gamma = arm.partition("-")  # e.g. "ngram-auto", "lm-g3", "lm-unsaid" (auto, not saying its gamma)
+            gamma = AutoGamma(history=HISTORIES[name], says=gamma == "auto") if gamma in ("auto", "unsaid") \
+                else int(gamma.removeprefix("g"))
             return await speculate(stub, drafter(name, args), prompt, params, gamma, info, mode=args.mode)
 
     started = time.perf_counter()
@@ -141,6 +142,8 @@ def main() -> None:
     p.add_argument("--lm-gammas", type=int, nargs="+", default=[2, 3], help="fixed gammas of the LM drafter")
     p.add_argument("--pin", action="store_true", help="verifier on core 0, drafting on core 1 (one torch thread)")
     p.add_argument("--skip-fixed", action="store_true", help="only the budgeted verifier")
+    p.add_argument("--unsaid", action="store_true",
+                   help="also auto arms whose client does not say its own gamma (Proposal.wants): an older client")
     p.add_argument("--rtt-ms", type=float, nargs="+", default=[0.0],
                    help="emulated round trips (a delay proxy), each a sweep of its own: the fast regime's links")
     p.add_argument("--verifier-args", default="", help="more `serve-verifier` flags, e.g. '--batch-wait-ms 150'")
@@ -154,7 +157,7 @@ def main() -> None:
           "mean batch | shadow blocks per request | plain step ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     fixed = {"ngram": args.gammas, "lm": args.lm_gammas}
-    runs = [("budget", (), ["generate", *(f"{d}-auto" for d in args.drafters),
+    runs = [("budget", (), ["generate", *(f"{d}-{a}" for d in args.drafters for a in ("auto", "unsaid")[: 1 + args.unsaid]),
                             *(f"ngram-g{g}" for g in args.budget_gammas if "ngram" in args.drafters)])]
     if not args.skip_fixed:
         runs.append(("no budget", ("--no-draft-budget",),
