@@ -13,7 +13,9 @@ turn. --pin plays two machines: the verifier on core 0, this process (every sess
 torch thread. Prints per (verifier, level, arm): aggregate tok/s (tokens / wall of the level), its ratio to that
 process's Generate at the level, verifier compute per committed token (the requests' shares), the mean budget and the mean
 number of sessions in the step each round rode in (below the level: lock-step sessions missed steps) and the shadow
-blocks each request reported (draft_worker/shadow.py), and the mean compute of the steps where all N sessions
+blocks each request reported (draft_worker/shadow.py), the draft tokens a round's grant allowed and its block did not
+carry ("unsent budget": a grant priced tokens that never came, or the client's own gamma 0), and the mean compute of
+the steps where all N sessions
 decoded one token each ("plain step ms": the same work in every arm, so where an arm's reads above Generate's, its
 drafting slowed the verifier's steps; a mean, since drafting overlaps only some of them: --pin's two "machines"
 share one box's caches and memory bandwidth, which two real machines do not). --rtt-ms: every request through a
@@ -60,7 +62,8 @@ def drafter(name: str, args):
 
 async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, params: SamplingParams, args):
     """-> (aggregate tok/s, verifier compute s per token, mean budget or nan, mean batch, shadow blocks per request,
-    mean compute s of the plain decoding steps) of max(R x sessions, prompts) requests."""
+    mean compute s of the plain decoding steps, mean granted draft tokens a round's block left unsent or nan) of
+    max(R x sessions, prompts) requests."""
     jobs = [prompts[i % len(prompts)] for i in range(max(args.requests_per_session * sessions, len(prompts)))]
     gate = asyncio.Semaphore(sessions)
 
@@ -81,9 +84,12 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
     batch = [b for r in results for b in r.batch_size]  # sessions in the step each round rode in
     # steps where every row was one token (no draft, no prompt chunk): the same work in every arm at that batch
     plain = [c for r in results for c, n, b in zip(r.compute_s, r.batch_tokens, r.batch_size) if n == b == sessions]
+    # budget_per_round[i] (the opening's first) governs the block of proposed_per_round[i]
+    unsent = [max(0, b - p) for r in results for b, p in zip(r.budget_per_round, r.proposed_per_round)]
     return tokens / wall, sum(r.verifier_compute_s for r in results) / tokens, (
         statistics.mean(budgets) if budgets else float("nan")), statistics.mean(batch) if batch else float("nan"), \
-        statistics.mean(r.shadows for r in results), statistics.mean(plain) if plain else float("nan")
+        statistics.mean(r.shadows for r in results), statistics.mean(plain) if plain else float("nan"), \
+        statistics.mean(unsent) if unsent else float("nan")
 
 
 async def sweep(address: str, prompts, args, arms: list[str], label: str) -> None:
@@ -111,11 +117,11 @@ async def sweep_link(address: str, prompts, args, arms: list[str], label: str) -
             for arm in arms:
                 rows = runs[arm]
                 ratio = statistics.median(row[0] / base[0] for row, base in zip(rows, runs["generate"]))
-                rate, compute, budget, batch, shadows, plain = (statistics.median(column) for column in zip(*rows))
+                rate, compute, budget, batch, shadows, plain, unsent = (statistics.median(c) for c in zip(*rows))
                 spread = f" ({min(r[0] / b[0] for r, b in zip(rows, runs['generate'])):.2f}-" \
                          f"{max(r[0] / b[0] for r, b in zip(rows, runs['generate'])):.2f})" if len(rows) > 1 else ""
                 print(f"| {label} | {n} | {arm} | {rate:.2f} | {ratio:.2f}{spread} | {1000 * compute:.0f} | {budget:.2f} | "
-                      f"{batch:.1f} | {shadows:.1f} | {1000 * plain:.2f} |", flush=True)
+                      f"{batch:.1f} | {shadows:.1f} | {1000 * plain:.2f} | {unsent:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -154,8 +160,8 @@ def main() -> None:
     print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, mode {args.mode}, verifier {args.verifier} {dtype} "
           f"({args.dtype}), CPU flags {flags}")
     print("| verifier | sessions | arm | aggregate tok/s | x Generate | verifier compute ms/token | mean budget | "
-          "mean batch | shadow blocks per request | plain step ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "mean batch | shadow blocks per request | plain step ms | unsent budget |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     fixed = {"ngram": args.gammas, "lm": args.lm_gammas}
     runs = [("budget", (), ["generate", *(f"{d}-{a}" for d in args.drafters for a in ("auto", "unsaid")[: 1 + args.unsaid]),
                             *(f"ngram-g{g}" for g in args.budget_gammas if "ngram" in args.drafters)])]

@@ -61,53 +61,16 @@ import time
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
 from specdec.acceptance import OPENING_ROUNDS, AcceptanceTracker, DrafterAcceptance
 from specdec.budget import Demand, Load, StepCostTable, grant_budgets, pays_a_missed_step, \
     predicted_gain
 from specdec.gamma import expected_tokens_table
+from verifier_worker.metrics import BudgetMetrics
 
 CALIBRATION_PRIOR = 4.0  # promised tokens of pseudo-evidence that the estimates are right
 CALIBRATION_FORGET = 0.99  # per granted block
 GRANT_SHARE = 0.02  # the most of the verifier's time that making grants may take (see the module docstring)
 MAX_DRAFTERS = 64  # drafter names whose population and latest turnaround are kept (the prior of new sessions)
-BUDGETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
-GAINS = (1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0)
-
-
-class BudgetMetrics:
-    """Prometheus metrics of the budget (register on the servicer's registry, `VerifierMetrics.registry`)."""
-
-    def __init__(self, registry: CollectorRegistry | None = None):
-        r = registry or CollectorRegistry()
-        self.granted = Histogram("specdec_verifier_draft_budget_tokens",
-                                 "Draft budget granted with each verdict or commit: most draft tokens the next block may carry",
-                                 buckets=BUDGETS, registry=r)
-        self.cost_per_token = Gauge("specdec_verifier_step_cost_per_token_seconds",
-                                    "Fitted step compute seconds per batch token (the cost curve's slope)", registry=r)
-        self.cost_fixed = Gauge("specdec_verifier_step_cost_fixed_seconds",
-                                "Fitted step compute seconds independent of the batch (the cost curve's intercept)",
-                                registry=r)
-        self.gain = Histogram("specdec_verifier_draft_budget_predicted_gain",
-                              "Per step that grants drafts: the goodput the model expects of the grant over granting "
-                              "none", buckets=GAINS, registry=r)
-        self.late = Counter("specdec_verifier_late_blocks_total",
-                            "Lock-step sessions granted drafts whose block missed the next step (it started without "
-                            "them)", registry=r)
-        self.shadows = Counter("specdec_verifier_shadow_verdicts_total",
-                               "Shadow blocks counted into acceptance: drafted by a client while the verifier decoded "
-                               "its session alone, checked against what it committed", registry=r)
-        self.calibration = Gauge("specdec_verifier_draft_budget_calibration",
-                                 "Accepted draft tokens the granted blocks bought per token their grants promised "
-                                 "over every drafter (each drafter's own ratio scales its sessions' estimates before the "
-                                 "grant; at most 1)", registry=r)
-        self.grant_seconds = Histogram("specdec_verifier_draft_budget_grant_seconds",
-                                       "Event-loop seconds spent making one grant for every session (between steps)",
-                                       buckets=(1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2), registry=r)
-        self.over_budget = Counter("specdec_verifier_draft_tokens_over_budget_total",
-                                   "Draft tokens dropped unverified because a block carried more than its budget",
-                                   registry=r)
 
 
 @dataclass

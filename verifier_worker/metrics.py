@@ -2,7 +2,7 @@
 
 One registry per servicer. Names follow Prometheus conventions (`specdec_verifier_<what>_<unit>`, counters end
 in `_total`); the README lists them. Per-step histograms come from the engine's step hook, per-request ones
-from the servicer.
+from the servicer, the draft budget's (`BudgetMetrics`) from the budgeter (verifier_worker/budgeting.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SESSIONS = (1, 2, 4, 8, 16, 32, 64, 128)
 TOKENS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048)
+BUDGETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)  # draft budgets granted
+GAINS = (1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0)  # goodput a grant promises over none
 
 
 class VerifierMetrics:
@@ -79,3 +81,37 @@ def tracked(method: str):
 def _code_name(code: Callable) -> str | None:
     status = code()
     return getattr(status, "name", None)
+
+
+class BudgetMetrics:
+    """Prometheus metrics of the budget (register on the servicer's registry, `VerifierMetrics.registry`)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = registry or CollectorRegistry()
+        self.granted = Histogram("specdec_verifier_draft_budget_tokens",
+                                 "Draft budget granted with each verdict or commit: most draft tokens the next block may carry",
+                                 buckets=BUDGETS, registry=r)
+        self.cost_per_token = Gauge("specdec_verifier_step_cost_per_token_seconds",
+                                    "Fitted step compute seconds per batch token (the cost curve's slope)", registry=r)
+        self.cost_fixed = Gauge("specdec_verifier_step_cost_fixed_seconds",
+                                "Fitted step compute seconds independent of the batch (the cost curve's intercept)",
+                                registry=r)
+        self.gain = Histogram("specdec_verifier_draft_budget_predicted_gain",
+                              "Per step that grants drafts: the goodput the model expects of the grant over granting "
+                              "none", buckets=GAINS, registry=r)
+        self.late = Counter("specdec_verifier_late_blocks_total",
+                            "Lock-step sessions granted drafts whose block missed the next step (it started without "
+                            "them)", registry=r)
+        self.shadows = Counter("specdec_verifier_shadow_verdicts_total",
+                               "Shadow blocks counted into acceptance: drafted by a client while the verifier decoded "
+                               "its session alone, checked against what it committed", registry=r)
+        self.calibration = Gauge("specdec_verifier_draft_budget_calibration",
+                                 "Accepted draft tokens the granted blocks bought per token their grants promised "
+                                 "over every drafter (each drafter's own ratio scales its sessions' estimates before the "
+                                 "grant; at most 1)", registry=r)
+        self.grant_seconds = Histogram("specdec_verifier_draft_budget_grant_seconds",
+                                       "Event-loop seconds spent making one grant for every session (between steps)",
+                                       buckets=(1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2), registry=r)
+        self.over_budget = Counter("specdec_verifier_draft_tokens_over_budget_total",
+                                   "Draft tokens dropped unverified because a block carried more than its budget",
+                                   registry=r)

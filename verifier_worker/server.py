@@ -14,7 +14,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -27,10 +26,10 @@ from specdec import codec
 from specdec.budget import verifiers_turn
 from specdec.config import SamplingParams, VerifierLimits, lookahead
 from verifier_worker.backends import NoRoom
-from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter
+from verifier_worker.budgeting import DraftBudgeter
 from verifier_worker.accounting import StepCost
 from verifier_worker.engine import Engine
-from verifier_worker.metrics import VerifierMetrics, tracked
+from verifier_worker.metrics import BudgetMetrics, VerifierMetrics, tracked
 from verifier_worker.replies import commit_reply, limits_reply, verdict_reply
 from verifier_worker.session import VerifierSession
 from verifier_worker.validation import (
@@ -40,11 +39,12 @@ from verifier_worker.validation import (
     check_proposal_off_loop,
     check_shadow,
     client_host,
+    said_gamma,
+    until_half_closed,
 )
 
 log = logging.getLogger(__name__)
 SERVER_VERSION = "specdec/1"
-CLOSE_WAIT_S = 2.0  # how long a finished Speculate stream waits for the client to half-close
 MAX_DRAFTER_NAME = 128  # characters of OpenSession.client_model_id kept (a key of the engine's turnaround priors)
 
 
@@ -250,7 +250,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 alone = request.proposal.decode_alone
                 if self.budgeter is not None:  # its word: grants priced as no drafts until it decoded alone, its gamma
                     self.budgeter.hold(session, alone)
-                    self.budgeter.wants(session, _wants(request.proposal))
+                    self.budgeter.wants(session, said_gamma(request.proposal))
                 rest = session.remainder(claim)
                 if rest is None:  # its assumed prefix was not committed: the client knows, from the verdict before
                     self.metrics.stale.inc()
@@ -267,7 +267,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             pending = self.engine.submit(session, [], None) if turn else None  # queued before the reply is written
             yield reply
             if result.finish_reason is not None:
-                await _until_half_closed(inbox, lambda r: self._shadow(context, session, r))
+                await until_half_closed(inbox, lambda r: self._shadow(context, session, r))
                 return
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                             f"session sent {2 * self.limits.max_new_tokens} proposals without finishing; closed")
@@ -283,7 +283,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if self.budgeter is not None:
             self.budgeter.on_shadow(session, request.shadow.drafted, request.shadow.accepted, request.shadow.gamma)
-            self.budgeter.wants(session, _wants(request.shadow))
+            self.budgeter.wants(session, said_gamma(request.shadow))
         return True
 
     async def _client_left(self, context, inbox: asyncio.Queue, session: VerifierSession) -> bool:
@@ -325,7 +325,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     else:
                         claim = await self._check_proposal(context, request.proposal, session.params, trees=False)
                         if self.budgeter is not None:  # a stale chunk's word holds too: the client's gamma now
-                            self.budgeter.wants(session, _wants(request.proposal))
+                            self.budgeter.wants(session, said_gamma(request.proposal))
                         if not session.offer(claim, max_ahead):
                             self.metrics.stale.inc()
                     received = asyncio.ensure_future(inbox.get())
@@ -339,7 +339,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                         # a message it took from the inbox since the wait is counted, not lost
                         taken = received.result() if received.done() else None
                         received.cancel()
-                        await _until_half_closed(inbox, lambda r: self._shadow(context, session, r), taken)
+                        await until_half_closed(inbox, lambda r: self._shadow(context, session, r), taken)
                         return
                     stepped = asyncio.ensure_future(self._run(context, decoding.next()))
         finally:
@@ -391,26 +391,3 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 arrived = now
         finally:
             self._release(session)
-
-
-def _wants(message: pb.Proposal | pb.ShadowVerdict) -> int | None:
-    """The client's own best gamma, as it said it (None: an older client's message)."""
-    return message.wants if message.HasField("wants") else None
-
-
-async def _until_half_closed(inbox: asyncio.Queue, take: Callable[[pb.SpeculateRequest], Awaitable],
-                             taken: tuple | None = None) -> None:
-    """After a session's last reply, wait (at most CLOSE_WAIT_S) for the client to stop writing before the
-    stream ends: a client that pipelines proposals may be writing one right now, and grpcio turns a write
-    that races the end of a stream into INTERNAL on the client's side, losing the replies it had not read.
-    What arrives meanwhile goes to `take` (a shadow verdict written while the last step ran is still counted), after
-    `taken`, an inbox item already taken off it."""
-    deadline = time.perf_counter() + CLOSE_WAIT_S
-    with contextlib.suppress(asyncio.TimeoutError):
-        while (remaining := deadline - time.perf_counter()) > 0:
-            request, _ = taken or await asyncio.wait_for(inbox.get(), remaining)
-            taken = None
-            if request is None:
-                return
-            if not isinstance(request, CorruptMessage):
-                await take(request)

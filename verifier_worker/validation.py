@@ -7,13 +7,18 @@ repeated field is bounded by its length before any element is read, and element 
 decoding a proposal's probabilities (O(gamma x vocab)) runs in a worker thread, off the event loop. Memory
 held by requests in flight is capped server-wide: no message over `VerifierLimits.message_bytes`, at most
 `max_concurrent_rpcs` calls, and at most INBOX_SIZE + 2 messages held per call (see `inflight_bytes_cap`).
+Also what a stream's messages say beside their checks (`said_gamma`), and how a finished stream waits for its
+client's last writes (`until_half_closed`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -28,6 +33,7 @@ from verifier_worker.session import Claim
 
 SPARE_RPCS = 16  # calls beyond max_sessions (Info, health, refusals) the server takes at once
 INBOX_SIZE = 1  # Speculate messages read ahead of the session (a client waits for each reply anyway)
+CLOSE_WAIT_S = 2.0  # how long a finished Speculate stream waits for the client to half-close
 LOOPBACK = "loopback"
 
 
@@ -162,3 +168,26 @@ def client_host(peer: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return LOOPBACK if ip.is_loopback else str(ip)
+
+
+def said_gamma(message: pb.Proposal | pb.ShadowVerdict) -> int | None:
+    """The client's own best gamma, as it said it (Proposal.wants, ShadowVerdict.wants; None: an older client's)."""
+    return message.wants if message.HasField("wants") else None
+
+
+async def until_half_closed(inbox: asyncio.Queue, take: Callable[[pb.SpeculateRequest], Awaitable],
+                             taken: tuple | None = None) -> None:
+    """After a session's last reply, wait (at most CLOSE_WAIT_S) for the client to stop writing before the
+    stream ends: a client that pipelines proposals may be writing one right now, and grpcio turns a write
+    that races the end of a stream into INTERNAL on the client's side, losing the replies it had not read.
+    What arrives meanwhile goes to `take` (a shadow verdict written while the last step ran is still counted), after
+    `taken`, an inbox item already taken off it."""
+    deadline = time.perf_counter() + CLOSE_WAIT_S
+    with contextlib.suppress(asyncio.TimeoutError):
+        while (remaining := deadline - time.perf_counter()) > 0:
+            request, _ = taken or await asyncio.wait_for(inbox.get(), remaining)
+            taken = None
+            if request is None:
+                return
+            if not isinstance(request, CorruptMessage):
+                await take(request)
