@@ -25,7 +25,8 @@ next block may hold (`draft_budget`; unset from an older verifier). Whatever the
 carries at most min(budget, the schedule's gamma) draft tokens (`gamma`), and a draft that finishes after the
 budget fell is cut to it before it is sent; with `--gamma auto` (draft_worker/gamma.py: AutoGamma) the
 schedule's gamma is the client's own best one, so the block is `specdec.budget.budgeted_gamma`, and every proposal
-and shadow verdict says it (Proposal.wants): the verifier grants no more than the client would send. Budget 0:
+and shadow verdict says it (Proposal.wants; async: lookahead(gamma), what it drafts ahead): the verifier grants no
+more than the client would send. Budget 0:
 async sends nothing and the verifier decodes; lock-step asks the verifier to decode on its own too
 (OpenSession.server_decodes): after any reply granting 0, `opened` too, it is the verifier's turn (`server_turn`),
 it streams a Commit per step, and the client sends its next block after the first reply granting more. A client
@@ -316,8 +317,11 @@ class ClientSession:
         self.result.shadows += 1
 
     def _wants(self) -> int | None:
-        """Proposal.wants, the verifier's cap on this session's grants: the schedule's own gamma (a tree: unsaid)."""
-        return None if self.tree_nodes or not getattr(self.schedule, "says", True) else self.schedule.gamma
+        """Proposal.wants, the verifier's cap on this session's grants: the most draft tokens one step could verify
+        of it at the schedule's own gamma (async: all it drafts ahead, lookahead(gamma); a tree: unsaid)."""
+        if self.tree_nodes or not getattr(self.schedule, "says", True):
+            return None
+        return lookahead(self.schedule.gamma) if self.mode.streams_commits else self.schedule.gamma
 
     def _decode_alone(self, job: Job) -> int:
         """Steps the verifier should decode on its own after this block: when the client's own gamma is 0 under a
