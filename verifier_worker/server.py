@@ -190,6 +190,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             if not async_mode:  # its blocks come a turnaround after each verdict: the engine keys its prior by this
                 session.drafter = drafter
             server_decodes = opening.server_decodes and not async_mode and self.budgeter is not None
+            if server_decodes:  # before the prefill's step grants its first budget
+                self.budgeter.decodes_at_zero(session)
             cost = await self._run(context, self.engine.prefill(session))
             service_s = time.perf_counter() - arrived
             # granted 0 from the start: the verifier's turn begins with the first token, queued before `opened` is out

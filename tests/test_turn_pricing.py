@@ -1,0 +1,100 @@
+"""A lock-step session the verifier decodes on its own at budget 0 (server_decodes) pays its turnaround for every
+grant of drafts, even alone (issue 18): the grant prices it. And a lookup drafter that found nothing hands the turn
+back for a round trip's steps (`decode_alone`), not one token a round trip.
+
+- The pure budgeter: alone, a session whose drafts would repay its step but not its 36 ms turnaround against 6 ms
+  steps is granted nothing once the verifier decodes it at 0; one whose blocks repay both still is.
+- The wire: a lock-step opening asking for server_decodes reaches the budgeter; an async one does not.
+- The client: an empty block (its drafter found nothing) under a budget asks the verifier to decode alone for the
+  steps of its round trip; greedy output is still the verifier's own.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from draft_worker.client import generate_baseline, speculate
+from draft_worker.drafters import NgramDrafter
+from draft_worker.gamma import FixedGamma
+from draft_worker.transport import fetch_info
+from specdec.config import SamplingParams
+from specdec.budget import StepCostModel
+from tests.stubs import FakeLM
+from tests.test_budget_wiring import FixedBudgeter, _use
+from tests.test_errors import wait_for_no_sessions
+from verifier_worker.budgeting import DraftBudgeter
+
+pytestmark = pytest.mark.usefixtures("free_grants")
+
+
+# accepted draft tokens of 125 blocks of 4 at a rate of 0.6 per position: 50 x 0, 30 x 1, 18 x 2, 11 x 3, 16 x 4
+BLOCKS = [0] * 50 + [1] * 30 + [2] * 18 + [3] * 11 + [4] * 16
+
+
+def _alone(at_zero: bool, blocks: list[int] = BLOCKS) -> int:
+    """The grant of one session with these verdicts, 6 ms steps (+0.1 ms a token) and a 36 ms turnaround."""
+    budgeter = DraftBudgeter(max_gamma=16)
+    budgeter.open("s")
+    if at_zero:
+        budgeter.decodes_at_zero("s")
+    for _ in range(20):
+        for tokens in (1, 2, 3, 5, 9, 17):
+            budgeter.on_step(0.006 + 0.0001 * tokens, 1, tokens)
+    for accepted in blocks:
+        budgeter.on_verdict("s", 4, accepted)
+    budgeter.arrives("s", 0.036, 0.01)
+    budgeter.on_step(0.006, 1, 1)
+    return budgeter.budget_for("s")
+
+
+def test_alone_a_grant_is_priced_with_the_turnaround_when_the_verifier_decodes_at_zero():
+    """At 0.6 a block commits at most 2.5 tokens: in 6.x ms it beats decoding alone (1 token in 6.1 ms), in 6.x + 36 ms
+    it does not. Accepted whole, a block of 16 commits 17 tokens in 36 + 7.7 ms where decoding alone commits 7."""
+    assert _alone(at_zero=False) > 0
+    assert _alone(at_zero=True) == 0
+    assert _alone(at_zero=True, blocks=[4] * 125) == 16
+
+
+class ZeroBudgeter(FixedBudgeter):
+    """Grants `budget` to every session; records the sessions the verifier decodes at 0."""
+
+    def __init__(self, budget: int, **kwargs):
+        super().__init__(budget, **kwargs)
+        self.at_zero: list[object] = []
+
+    def decodes_at_zero(self, key) -> None:
+        self.at_zero.append(key)
+        super().decodes_at_zero(key)
+
+    def hold(self, key, grants: int) -> None:
+        self.holds = [*getattr(self, "holds", []), grants]
+        super().hold(key, grants)
+
+
+@pytest.mark.parametrize("mode, at_zero", [("lockstep", 1), ("async", 0)])
+async def test_a_session_the_verifier_decodes_at_zero_reaches_the_budgeter(start_verifier, mode, at_zero):
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
+    budgeter = _use(verifier, ZeroBudgeter(2, max_gamma=16))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=8)
+    await speculate(verifier.stub, NgramDrafter(), [1, 2, 3], params, FixedGamma(2, 16), info, mode=mode)
+    await wait_for_no_sessions(verifier)
+    assert len(budgeter.at_zero) == at_zero
+
+
+async def test_an_empty_block_hands_the_turn_over_for_a_round_trips_steps(start_verifier):
+    """An n-gram finds nothing in a prompt without repeats: every block it sends under a budget of 2 is empty. The
+    first ones ask for 0 steps alone (no round trip measured yet); once a round trip and the verifier's own steps are
+    measured, they ask for at least one."""
+    target = FakeLM(32, seed=5)
+    verifier = await start_verifier(target, vocab_size=32, budget=True)
+    budgeter = _use(verifier, ZeroBudgeter(2, max_gamma=16))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=40)
+    prompt = list(range(1, 20))  # no token repeats: nothing for an n-gram to match at first
+    baseline = await generate_baseline(verifier.stub, prompt, params)
+    spec = await speculate(verifier.stub, NgramDrafter(), prompt, params, FixedGamma(2, 16), info)
+    await wait_for_no_sessions(verifier)
+    assert spec.token_ids == baseline.token_ids
+    holds = getattr(budgeter, "holds", [])
+    assert any(h >= 1 for h in holds), (holds, spec.proposed_per_round)
