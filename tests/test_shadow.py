@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import LMDrafter
 from draft_worker.gamma import AutoGamma, FixedGamma, RttGamma
-from draft_worker.shadow import SHADOW_SHARE, ShadowBlock, shadow_every
+from draft_worker.shadow import SHADOW_SHARE, ShadowBlock, Shadows, shadow_every
 from draft_worker.transport import ClientConfig, fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
@@ -53,6 +53,21 @@ pytestmark = pytest.mark.usefixtures("free_grants")  # a grant is remade at ever
 def test_a_shadow_block_is_decided_by_the_commits(committed, expected):
     block = ShadowBlock(base=2, draft_ids=(5, 6, 7), gamma=4)
     assert block.outcome([1, 1, *committed]) == expected
+
+
+def test_shadow_blocks_back_off_after_misses_and_come_every_commit_once_one_lands():
+    shadows, schedule = Shadows(taken=True, last_base=10), FixedGamma(2, 8)  # a lookup: every commit (shadow_every)
+
+    def due(committed: int) -> bool:
+        return shadows.due(True, schedule, 100, committed, 0.0, 0.0)
+
+    assert due(11)
+    for missed, (late, on_time) in enumerate([(11, 12), (13, 14), (13, 14)], start=1):  # 2, 4, then still 4 commits
+        shadows.block = ShadowBlock(base=0, draft_ids=(5,), gamma=2)
+        assert shadows.decided([4])[1] == 0 and shadows.misses == missed
+        assert not due(late) and due(on_time)
+    shadows.block = ShadowBlock(base=0, draft_ids=(5,), gamma=2)
+    assert shadows.decided([5, 6])[1] == 1 and shadows.misses == 0 and due(11)  # it landed: every commit again
 
 
 def test_an_empty_shadow_block_is_a_miss_at_once():
