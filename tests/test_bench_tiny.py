@@ -23,10 +23,13 @@ def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, "bench", "--no-progress", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
-def write_config(path, tiny, pubmedqa_path, **extra) -> None:
+def write_config(path, tiny, pubmedqa_path, draft_budget: bool = True, **extra) -> None:
+    """draft_budget False: the fixed gammas as they are (alone, the tiny LM's blocks do not repay their turnaround
+    against the tiny verifier's steps, and the budget grants them nothing: no drafts to measure)."""
     draft, verifier = tiny
     config = {
-        "verifier": {"model": str(verifier), "dtype": "fp32", "device": "cpu", "threads": 1},
+        "verifier": {"model": str(verifier), "dtype": "fp32", "device": "cpu", "threads": 1,
+                     "draft_budget": draft_budget},
         "drafts": [{"name": "tiny", "kind": "lm", "model": str(draft), "gamma": [2, 3, "adaptive"]},
                    {"name": "ngram", "kind": "ngram", "gamma": 3}],
         "max_new_tokens": 16,
@@ -39,7 +42,7 @@ def write_config(path, tiny, pubmedqa_path, **extra) -> None:
 
 
 def test_bench_end_to_end_on_tiny_models(tiny_dirs, pubmedqa_path, tmp_path):
-    write_config(tmp_path / "bench.yaml", tiny_dirs, pubmedqa_path)
+    write_config(tmp_path / "bench.yaml", tiny_dirs, pubmedqa_path, draft_budget=False)
     run_dir = tmp_path / "run"
     done = bench("--config", str(tmp_path / "bench.yaml"), "--out", str(run_dir))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -106,7 +109,8 @@ def test_bench_against_a_running_secured_verifier(tiny_dirs, pubmedqa_path, tmp_
     write_config(tmp_path / "bench.yaml", tiny_dirs, pubmedqa_path, security=security, prompt_format="chat",
                  drafts=[{"name": "tiny", "kind": "lm", "model": str(tiny_dirs[0]), "gamma": 2}])
     verifier = start_verifier(str(tiny_dirs[1]), "fp32", "cpu", host="0.0.0.0", env=ENV, extra_args=(
-        "--tls-cert", str(certs["server"]), "--tls-key", str(certs["server_key"]), "--auth-token-file", str(certs["token"])))
+        "--tls-cert", str(certs["server"]), "--tls-key", str(certs["server_key"]), "--auth-token-file", str(certs["token"]),
+        "--no-draft-budget"))  # the block's round trip is measured (with a budget, the verifier decodes it alone)
     address = "127.0.0.1:" + verifier.address.rpartition(":")[2]
     try:
         done = bench("--config", str(tmp_path / "bench.yaml"), "--verifier", address, "--prompts", "2",
@@ -147,7 +151,7 @@ def test_mode_and_rtt_sweep_on_tiny_models_is_lossless_in_every_mode(tiny_dirs, 
     every configuration must equal its baseline token for token. (Exercises the modes once draft_worker.client
     runs them; before that, client.speculate accepts `mode` and runs lock-step.)"""
     write_config(tmp_path / "bench.yaml", tiny_dirs, pubmedqa_path, max_new_tokens=12, mode=["lockstep", "ahead", "async"],
-                 rtt_ms=[0, 20], drafts=[{"name": "tiny", "kind": "lm", "model": str(tiny_dirs[0]), "gamma": 3}])
+                 rtt_ms=[0, 20], draft_budget=False, drafts=[{"name": "tiny", "kind": "lm", "model": str(tiny_dirs[0]), "gamma": 3}])
     run_dir = tmp_path / "run"
     done = bench("--config", str(tmp_path / "bench.yaml"), "--prompts", "2", "--out", str(run_dir))
     assert done.returncode == 0, done.stderr[-3000:]
