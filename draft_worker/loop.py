@@ -21,18 +21,15 @@ guess, an async chunk; a read when a reply is due. The gamma schedule is read fo
 drafted and updated from every verdict or commit, in every mode. One drafting job runs at a time.
 
 The verifier's draft budget (issue 18): every opening, verdict and commit may carry the most draft tokens the
-next block may hold (`draft_budget`; unset from an older verifier). Whatever the schedule, a block or chunk
-carries at most min(budget, the schedule's gamma) draft tokens (`gamma`), and a draft that finishes after the
-budget fell is cut to it before it is sent; with `--gamma auto` (draft_worker/gamma.py: AutoGamma) the
-schedule's gamma is the client's own best one, so the block is `specdec.budget.budgeted_gamma`, and every proposal
-and shadow verdict says it (Proposal.wants; async: lookahead(gamma), what it drafts ahead): the verifier grants no
-more than the client would send. Budget 0:
-async sends nothing and the verifier decodes; lock-step asks the verifier to decode on its own too
-(OpenSession.server_decodes): after any reply granting 0, `opened` too, it is the verifier's turn (`server_turn`),
-it streams a Commit per step, and the client sends its next block after the first reply granting more. A client
-whose own best gamma is 0 (its schedule prices that at one verifier step, no round trip) hands the turn over
-itself: its empty block asks the verifier to decode `decode_alone` steps on its own, until its schedule next
-probes a gamma. An older verifier gets empty proposals, one decoded token a round.
+next block may hold (`draft_budget`; unset from an older verifier). A block or chunk carries at most min(budget, the
+schedule's gamma) (`gamma`), and a draft that finishes after the budget fell is cut to it; with `--gamma auto`
+(AutoGamma) the schedule's gamma is the client's own best one, which every proposal and shadow verdict says
+(Proposal.wants, draft_worker/turns.py). Budget 0: async sends nothing and the verifier decodes; lock-step asks the
+verifier to decode on its own too (OpenSession.server_decodes): after any reply granting 0, `opened` too, it is the
+verifier's turn (`server_turn`), it streams a Commit per step, and the client sends its next block after the first
+reply granting more. A client whose own gamma is 0, or whose drafter found nothing, hands the turn over itself: its
+empty block asks the verifier to decode `decode_alone` steps on its own (turns.py). An older verifier gets empty
+proposals, one decoded token a round.
 
 Positions count generated tokens of this stream (the prompt it was opened with excluded). A claim is the
 tokens from position `base`: first ones assumed (already proposed, or a guessed bonus token: no q), then
@@ -42,11 +39,11 @@ draft tokens. The stream plumbing is draft_worker/stream.py.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import deque
 from collections.abc import Callable
 
+from draft_worker import turns
 from draft_worker.drafters import Candidates, Drafter
 from draft_worker.gamma import Link
 from draft_worker.modes import MODES, Block, Job
@@ -318,27 +315,15 @@ class ClientSession:
         self.result.shadows += 1
 
     def _wants(self) -> int | None:
-        """Proposal.wants, the verifier's cap on this session's grants: the most draft tokens one step could verify
-        of it at the schedule's own gamma (async: all it drafts ahead, lookahead(gamma); a tree: unsaid)."""
-        if self.tree_nodes or not getattr(self.schedule, "says", True):
-            return None
-        return lookahead(self.schedule.gamma) if self.mode.streams_commits else self.schedule.gamma
+        return turns.wants(self.schedule, self.mode.streams_commits, bool(self.tree_nodes))
 
     def _decode_alone(self, job: Job, drafted: int) -> int:
-        """Steps the verifier should decode on its own after this block: when the client's own gamma is 0 under a
-        budget above 0, until its schedule next probes a gamma (a fixed gamma 0: the rest of the request); when its
-        drafter found nothing (an n-gram with no match), the steps a round trip takes. An empty block costs a round
-        trip for one token, and the next block may find nothing either: a lookup drafter's misses came in runs of
-        6-8 blocks, each a 25 ms round trip where the tiny pair's verifier steps in 6 ms (0.46-0.80x `Generate`)."""
+        """Steps the verifier should decode on its own after this block (draft_worker/turns.py)."""
         if not self.server_decodes or self.budget == 0:  # budget 0: the verifier decodes anyway
             return 0
-        if job.gamma > 0:  # the last round trip (service included) in steps: the verifier's own, or a verdict's
-            step_s, result = self.link.s_per_token or (self.result.compute_s or [0.0])[-1], self.result
-            if drafted or not (step_s > 0 and result.rtt_s):
-                return 0
-            return min(self._left, max(1, math.ceil(result.rtt_s[-1] / step_s - 1e-9)))
-        rounds_to_probe = getattr(self.schedule, "rounds_to_probe", lambda: None)()  # None: never, as a fixed gamma 0
-        return min(self._left if rounds_to_probe is None else rounds_to_probe, self._left)
+        step_s = self.link.s_per_token or (self.result.compute_s or [0.0])[-1]  # its own steps, or a verdict's
+        rtt_s = (self.result.rtt_s or [None])[-1]
+        return turns.decode_alone(self.schedule, job.gamma, drafted, self._left, step_s, rtt_s)
 
     def _verdict_arrived(self, reply: pb.SpeculateReply) -> None:
         expect(reply, "verdict")
