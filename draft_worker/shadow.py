@@ -93,8 +93,9 @@ class Shadows:
         passed since the last shadow block for this one to take at most its share of the session's time
         (shadow_every), times 2, then 4 after blocks that missed in a row (MISS_BACKOFF; back to 1 once one lands):
         each is a message the verifier's event loop reads, and beside a fast verifier they cost (4 sessions of the
-        tiny pair, 8 ms steps, an n-gram's 20 a request: 0.94x `Generate`, 0.97x without any), while a run of misses
-        says the next will likely miss too (an n-gram between the passages it quotes). On the verifier's own cores,
+        tiny pair, 8 ms steps, an n-gram's 20 a request: 0.94x `Generate`, 0.97x without any; halving them moved the
+        ratios within their spread, docs/results.md run AX), while a run of misses says the next will likely miss too
+        (an n-gram between the passages it quotes). On the verifier's own cores,
         only once the session drafted a block it sent (see the module docstring)."""
         if not (self.taken and alone and self.block is None and self.set_aside is None and left > 1
                 and (self.drafted or not self.shared_cores)):
