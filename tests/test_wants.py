@@ -15,6 +15,9 @@ own gamma, and the verifier grants it at most max(1, that).
 
 from __future__ import annotations
 
+import threading
+
+import grpc
 import pytest
 
 from draft_worker.client import generate_baseline, speculate
@@ -69,13 +72,17 @@ def test_a_new_word_remakes_a_standing_grant():
 class WantsBudgeter(FixedBudgeter):
     """Grants every session the most it may have (its cap, within `budget`), and records every word its client said."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, said: threading.Event | None = None, **kwargs):
         super().__init__(16, **kwargs)
         self.said: list[int | None] = []
+        self.caps: list[int] = []  # the session's cap after each word
+        self.event = said or threading.Event()  # set at the first word
 
     def wants(self, key, gamma):
         self.said.append(gamma)
         super().wants(key, gamma)
+        self.caps.append(self._sessions[key].cap)
+        self.event.set()
 
     def grants(self, load=None, exclude=()):
         return {key: min(self.budget, s.cap) for key, s in self._sessions.items()}
@@ -107,13 +114,14 @@ async def test_an_async_chunks_word_reaches_the_budgeter_stale_or_not(start_veri
                                                              mode=pb.SPECULATION_MODE_ASYNC)))
     assert (await call.read()).opened.draft_budget == 16
     await call.write(pb.SpeculateRequest(proposal=pb.Proposal(base_len=0, draft_ids=[3], wants=2)))
+    budgets = []  # commits already on their way when the word arrived carry the grant before it
     for _ in range(LONG):  # bounded: the session ends after LONG tokens
         commit = (await call.read()).commit
-        if budgeter.said or commit.finished:
+        budgets.append(commit.draft_budget)
+        if commit.draft_budget == 2 or commit.finished:
             break
-    assert budgeter.said == [2]
-    commit = (await call.read()).commit  # a grant made after the word
-    assert commit.draft_budget == 2 or commit.finished
+    assert budgets[-1] == 2 and set(budgets[:-1]) <= {16}  # the grants after the word are within it
+    assert budgeter.said == [2] and budgeter.caps == [2]
     call.cancel()
 
 
@@ -123,23 +131,43 @@ async def test_a_shadow_verdicts_word_lifts_the_cap_in_the_verifiers_turn(start_
     budgeter.budget = 0
     call = await _opened_in_the_verifiers_turn(verifier, max_new_tokens=12)
     await call.write(pb.SpeculateRequest(shadow=pb.ShadowVerdict(drafted=3, accepted=1, gamma=4, wants=5)))
-    for _ in range(10):
-        if budgeter.said:
+    await call.done_writing()  # the verifier takes all it was sent before it ends the stream, finished or not
+    for _ in range(11):  # tokens 2..11, then the end
+        if await call.read() is grpc.aio.EOF:
             break
-        await call.read()
-    assert budgeter.said == [5] and [s.cap for s in budgeter._sessions.values()] == [5]
-    call.cancel()
+    assert await call.code() == grpc.StatusCode.OK
+    assert budgeter.said == [5] and budgeter.caps == [5]
+
+
+class WaitsForTheWord(FakeLM):
+    """A verifier model whose steps after the first two wait until the client's word has reached the budgeter
+    (`said`, set by WantsBudgeter): an async session then has a chunk in by the time it steps on, however busy the
+    machine (steps run in the engine's worker thread, the word is read on the event loop)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.said, self.calls = threading.Event(), 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > 2:
+            self.said.wait(30)  # without a word, the test's assertions fail after it
+        return super().forward(*args, **kwargs)
 
 
 @pytest.mark.parametrize("mode", ["lockstep", "async"])
 async def test_a_real_client_says_its_gamma_and_is_granted_within_it(start_verifier, mode):
-    target = FakeLM(32, seed=5)
+    target = WaitsForTheWord(32, seed=5)
     verifier = await start_verifier(target, vocab_size=32, budget=True)
-    budgeter = _use(verifier, WantsBudgeter(max_gamma=16))
+    budgeter = _use(verifier, WantsBudgeter(max_gamma=16, said=target.said))
     info = await fetch_info(verifier.stub)
     params = SamplingParams(max_new_tokens=24)
+    target.said.set()  # Generate's steps need no word
     baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
-    spec = await speculate(verifier.stub, LMDrafter(target, "same"), [1, 2, 3], params, FixedGamma(3, 16), info,
+    target.said.clear()
+    target.calls = 0
+    draft = FakeLM(32, seed=5)  # the same model apart from the gate: a perfect draft
+    spec = await speculate(verifier.stub, LMDrafter(draft, "same"), [1, 2, 3], params, FixedGamma(3, 16), info,
                            mode=mode)
     await wait_for_no_sessions(verifier)
     assert spec.token_ids == baseline.token_ids
