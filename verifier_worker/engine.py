@@ -28,7 +28,10 @@ none at all when everyone has arrived. (Not waiting for a session whose drafted 
 an LM drafting on a CPU, split the steps: its plain blocks, sent at once, missed them too; LM `auto` fell to
 0.79x `Generate` at 4 sessions.) Such a session is told to the budgeter instead (`arrives`, from
 `session.turnaround_s`): it is granted drafts only when a block pays for the step it will miss. A session granted drafts that still misses the step is told to the
-budgeter (`late`): its drafting cost it a step, and the grant learns to give it fewer.
+budgeter (`late`): its drafting cost it a step, and the grant learns to give it fewer. A lock-step session the
+verifier decodes on its own (`session.server_decodes`, while granted 0 or asked to decode alone) is queued by the
+engine as it applies the answer before, as Generate's next step is, so no step waits for the server to queue it
+(`verifiers_step`).
 
 Threads (vLLM's `update_from_output`): one owner of session state, the event loop. The compute thread
 (`step.run_step`) runs the forward, which appends each row's new keys to its session's KV, and the verification,
@@ -60,6 +63,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specdec.budget import verifiers_turn
 from specdec.config import MAX_GAMMA, SamplingParams, VerifierLimits
 from verifier_worker.backends import Backend, NoRoom, as_backend
 from verifier_worker.accounting import EngineStats, StepCost
@@ -80,6 +84,7 @@ class _Work:
     parents: list[int] | None = None  # a token tree's parents (specdec/tree.py), set with draft_ids; None: a chain
     proposed: tuple[list[int], torch.Tensor | None, list[int] | None] | None = None  # lock-step: drafts, q, parents
     decoding: bool = False  # Generate, async: queue the next decoding step after this one
+    verifiers: bool = False  # lock-step, server_decodes: a step the engine queued itself in the verifier's turn
     next: _Work | None = None  # that next step
     cost: StepCost = field(default_factory=StepCost)
 
@@ -121,6 +126,7 @@ class Engine:
         self._sessions: set[VerifierSession] = set()  # open; a closed session is one no longer in it
         self._kv_reserved: dict[VerifierSession, int] = {}  # longest KV each open session may reach (bounded backends)
         self._queue: deque[_Work] = deque()
+        self._turns: dict[VerifierSession, deque[asyncio.Future]] = {}  # the verifier's own steps, for `verifiers_step`
         self._running: list[tuple[_Work, int]] = []  # the batch of the step in flight
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-compute")
         self._task: asyncio.Task | None = None
@@ -162,6 +168,7 @@ class Engine:
         self._kv_reserved.pop(session, None)  # its cells are cleared before the next step decodes (backend)
         self._expected.discard(session)
         self._drafting.discard(session)
+        self._turns.pop(session, None)
         if self.budgeter is not None:
             self.budgeter.close(session)
         for work in [w for w in self._queue if w.session is session]:
@@ -184,10 +191,20 @@ class Engine:
         return await self.submit(session, draft_ids, q, parents)
 
     def submit(self, session: VerifierSession, draft_ids: list[int], q: torch.Tensor | None,
-               parents: list[int] | None = None) -> asyncio.Future:
-        """`verify`, queued now (not when awaited): a lock-step session the server decodes on its own is queued
-        before its last reply is written, so the next step never waits for it."""
+               parents: list[int] | None = None, decode_alone: int = 0) -> asyncio.Future:
+        """`verify`, queued now (not when awaited). decode_alone: the steps its proposal asks the verifier to decode
+        the session on its own after this block (`session.server_decodes` only; see `verifiers_step`)."""
+        session.decode_alone = max(0, decode_alone)
         return self._submit(_Work(session, [], self._future(), [], proposed=(draft_ids, q, parents))).future
+
+    def verifiers_step(self, session: VerifierSession) -> asyncio.Future | None:
+        """Lock-step with `session.server_decodes`: the step the engine queued itself after the answer just awaited
+        (its prefill, a block's verdict, or its own last step), while `verifiers_turn(budget, decode_alone)` holds;
+        None: the client's turn. The engine queues it as it applies that answer, like Generate's next step, so the
+        next step neither waits for the server's coroutine to queue it (0.7 ms of a tiny verifier's 10 ms steps at
+        4 sessions) nor misses it; await them in order, one after each answer."""
+        turns = self._turns.get(session)
+        return turns.popleft() if turns else None
 
     def decode(self, session: VerifierSession) -> Decoding:
         """Decode (or verify the session's `ahead` drafts) in every step from now on until the session
@@ -351,6 +368,8 @@ class Engine:
                 if result is not None and self.budgeter is not None:
                     offered = (session.budget or 0) if work.proposed is not None else 0  # lock-step: its grant
                     self.budgeter.on_verdict(session, len(work.draft_ids), result.num_accepted, offered)
+                if work.verifiers:  # one of the steps its client's last proposal asked the verifier to decode
+                    session.decode_alone = max(0, session.decode_alone - 1)
                 if work.decoding and result.finish_reason is None:
                     work.next = self._submit(self._decode_work(session))
                 elif not work.decoding and (result is None or result.finish_reason is None):
@@ -358,6 +377,12 @@ class Engine:
                     session.answered_at = time.perf_counter()
                 answered.append((work, result))
         self._grant([work.session for work, _ in answered])
+        for work, result in answered:  # the verifier's turn goes on: its next step queued now, granted 0 or held
+            session = work.session
+            if session.server_decodes and not work.decoding and (result is None or result.finish_reason is None) \
+                    and verifiers_turn(session.budget, session.decode_alone):
+                step = self._submit(_Work(session, [], self._future(), [], proposed=([], None, None), verifiers=True))
+                self._turns.setdefault(session, deque()).append(step.future)
         # of those, the ones that answer a verdict granting drafts: drafting their next block within it
         self._drafting = {work.session for work, result in answered if result is not None and work.session.budget
                           and work.session in self._expected}

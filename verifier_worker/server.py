@@ -23,7 +23,6 @@ from grpc_health.v1 import health
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
 from specdec import codec
-from specdec.budget import verifiers_turn
 from specdec.config import SamplingParams, VerifierLimits, lookahead
 from verifier_worker.backends import NoRoom
 from verifier_worker.budgeting import DraftBudgeter
@@ -192,11 +191,11 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             server_decodes = opening.server_decodes and not async_mode and self.budgeter is not None
             if server_decodes:  # before the prefill's step grants its first budget
                 self.budgeter.decodes_at_zero(session)
+                session.server_decodes = True
             cost = await self._run(context, self.engine.prefill(session))
             service_s = time.perf_counter() - arrived
-            # granted 0 from the start: the verifier's turn begins with the first token, queued before `opened` is out
-            turn = server_decodes and verifiers_turn(session.budget, 0)
-            first = self.engine.submit(session, [], None) if turn else None
+            # granted 0 from the start: the verifier's turn begins with the first token, queued with the prefill's answer
+            first = self.engine.verifiers_step(session)
             yield pb.SpeculateReply(
                 opened=pb.SessionOpened(
                     session_id=uuid.uuid4().hex,
@@ -210,7 +209,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 )
             )
             rounds = (self._async(context, inbox, session) if async_mode
-                      else self._lockstep(context, inbox, session, server_decodes, first))
+                      else self._lockstep(context, inbox, session, first))
             async with contextlib.aclosing(rounds):
                 async for reply in rounds:
                     yield reply
@@ -219,17 +218,16 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             if session is not None:
                 self._release(session)
 
-    async def _lockstep(self, context, inbox: asyncio.Queue, session: VerifierSession, server_decodes: bool = False,
+    async def _lockstep(self, context, inbox: asyncio.Queue, session: VerifierSession,
                         pending: asyncio.Future | None = None):
         """One verdict per proposal: verify what lies past the commit, or answer `stale` without compute.
 
-        server_decodes (the client asked, OpenSession.server_decodes): while the session's draft budget is 0, and
-        for the `decode_alone` steps its last proposal asked, the verifier decodes it on its own as it does
+        session.server_decodes (the client asked, OpenSession.server_decodes): while the session's draft budget is 0,
+        and for the `decode_alone` steps its last proposal asked, the verifier decodes it on its own as it does
         Generate, one Commit per step, with no round trip between two tokens; the turn goes back to the client
-        with the first reply that grants a budget above 0 once decode_alone is spent. Each such step is queued
-        before the reply that hands the turn over is written, so it rides the very next step; `pending` is the first
-        such step when `opened` granted 0 already (a client gone meanwhile: Engine.close drops it)."""
-        alone = 0  # steps the client's last proposal asked the verifier to decode on its own, still to run
+        with the first reply that grants a budget above 0 once decode_alone is spent. The engine queues each such
+        step as it applies the answer before it (`Engine.verifiers_step`), so it rides the very next step; `pending`
+        is the first such step when `opened` granted 0 already (a client gone meanwhile: Engine.close drops it)."""
         last = time.perf_counter()
         for round_index in range(1, 2 * self.limits.max_new_tokens + 1):  # stale answers take rounds too
             if pending is not None:
@@ -238,7 +236,6 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 result, cost = await self._run(context, pending)
                 now = time.perf_counter()
                 reply = pb.SpeculateReply(commit=commit_reply(result, self._cost(cost, now - last), now - last, session))
-                alone = max(0, alone - 1)
             else:
                 request, arrived = await self._next(context, inbox)
                 while await self._shadow(context, session, request):  # counted; a proposal is still due
@@ -259,14 +256,13 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     yield pb.SpeculateReply(verdict=pb.Verdict(stale=True, round=round_index, draft_budget=session.budget,
                                                                service_s=time.perf_counter() - arrived))
                     continue
-                result, cost = await self._run(context, self.engine.submit(session, *rest))
+                result, cost = await self._run(context, self.engine.submit(session, *rest, decode_alone=alone))
                 now = time.perf_counter()
                 reply = pb.SpeculateReply(verdict=verdict_reply(result, self._cost(cost, now - arrived), now - arrived, round_index,
                                                                        session.budget))
             last = now
             self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
-            turn = server_decodes and result.finish_reason is None and verifiers_turn(session.budget, alone)
-            pending = self.engine.submit(session, [], None) if turn else None  # queued before the reply is written
+            pending = self.engine.verifiers_step(session)  # the engine queued it as it answered (server_decodes)
             yield reply
             if result.finish_reason is not None:
                 await until_half_closed(inbox, lambda r: self._shadow(context, session, r))

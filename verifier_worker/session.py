@@ -88,6 +88,11 @@ class VerifierSession:
         self.budget: int | None = None  # most draft tokens one step verifies, any mode (None: no cap; issue 18)
         self.ahead: list[tuple[int, torch.Tensor | None]] = []  # async: (token, q row [vocab]) after the commit
         self.stale = 0  # claims dropped because their prefix was not committed
+        # lock-step with server_decodes (the server sets it): after each answer the engine itself queues the next
+        # step while `specdec.budget.verifiers_turn(budget, decode_alone)` holds; decode_alone: the steps its
+        # client's last proposal asked the verifier to decode on its own that are still to run
+        self.server_decodes = False
+        self.decode_alone = 0
         self.steps = 0  # engine steps this session rode in (counted by the engine)
         # lock-step: when its last verdict was handed back (None: its next block is in), and an EMA of how long its
         # next block then took to come when it carried drafts (drafting and the round trip): one slower than the
