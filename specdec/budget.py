@@ -136,6 +136,8 @@ def grant_budgets(demands: Sequence[Demand], step_seconds: StepSeconds, load: Lo
     gamma) tokens whoever drafts them. min_gain: grant nothing unless the best grant promises at least that
     much more goodput than none (`predicted_gain` >= 1 + min_gain), when none meets every SLO too. hold_s: the
     most a step waits for a block once other work is ready (`waited`; None: it waits for every block)."""
+    if not any(d.cap for d in demands):  # Generate's sessions, every session held: nothing to price
+        return {d.key: 0 for d in demands}
     grant = _grant_waiting(demands, step_seconds, load, padded, hold_s)
     if min_gain > 0 and any(grant.values()) and _zero_meets_slos(demands, step_seconds, load):
         gain = predicted_gain(demands, [grant[d.key] for d in demands], step_seconds, load, padded, hold_s)
@@ -174,6 +176,14 @@ def _grant_waiting(demands: Sequence[Demand], step_seconds: StepSeconds, load: L
     seconds, expected = _seconds_of_drafts(step_seconds, demands, load, padded), _expected_of_drafts(demands)
     if not levels:
         return _grant(demands, seconds, padded, expected)
+    if all(d.tpot_slo_s is None for d in demands):
+        # a bound first: every session at its cap, no step idle. A wait only lowers a grant's true goodput, never
+        # the zero grant's (it idles nothing), so where the bound grants nothing no wait level grants anything
+        # (a fast verifier at 4 n-gram sessions: most grants, each ~9 priced candidates otherwise). Not with SLOs,
+        # where a stretch can make drafts necessary at a price that includes the wait.
+        bound = _grant(demands, seconds, padded, expected)
+        if not any(bound.values()):
+            return bound
 
     def priced(idle: float, within: list[Demand]) -> dict[Hashable, int]:
         return _grant(within, seconds + idle, padded, expected)
@@ -286,6 +296,11 @@ def _seconds_of_drafts(step_seconds: StepSeconds, demands: Sequence[Demand], loa
     caps' sum): the one place a grant calls the cost curve, once per K for every candidate and wait level (pricing
     each candidate anew took 171 ms of the verifier's event loop at 16 sessions, now 2.3: scripts/time_grant.py)."""
     most = _computed([d.cap for d in demands], padded)
+    if padded:  # only K = n x the ceiling is ever computed: the rest stay nan, never read
+        seconds = np.full(most + 1, np.nan)
+        seconds[:: max(len(demands), 1)] = [_step_seconds(step_seconds, demands, k, load)
+                                            for k in range(0, most + 1, max(len(demands), 1))]
+        return seconds
     return np.array([_step_seconds(step_seconds, demands, k, load) for k in range(most + 1)])
 
 

@@ -56,7 +56,15 @@ class StepCostModel:
         self._xx = [[0.0] * self.FEATURES for _ in range(self.FEATURES)]  # [4, 4] decayed sum of x x^T
         self._xy = [0.0] * self.FEATURES  # [4] decayed sum of x * t
         self.steps = 0
-        self.coefficients = tuple(self._prior)  # (a, b, c, d) after the latest step
+        self._coefficients: tuple[float, ...] | None = tuple(self._prior)  # None: refit when next read
+
+    @property
+    def coefficients(self) -> tuple[float, ...]:
+        """(a, b, c, d) after the latest step, fitted when read: a fast verifier observes a step every few ms and
+        reads the fit only when it makes a grant."""
+        if self._coefficients is None:
+            self._coefficients = self._fit()
+        return self._coefficients
 
     def observe(self, compute_s: float, tokens: int, sessions: int, prefill_tokens: int = 0) -> None:
         """One engine step: `compute_s` seconds for `tokens` verify/decode tokens and `prefill_tokens` prompt
@@ -67,7 +75,7 @@ class StepCostModel:
             for j in range(self.FEATURES):
                 self._xx[i][j] = self.forget * self._xx[i][j] + x[i] * x[j]
         self.steps += 1
-        self.coefficients = self._fit()
+        self._coefficients = None
 
     def cost(self, tokens: int, sessions: int, prefill_tokens: int = 0) -> float:
         """Predicted compute seconds of a step of `tokens` verify/decode tokens and `prefill_tokens` prompt

@@ -145,6 +145,30 @@ def test_grant_matches_brute_force_on_a_fitted_model():
     assert 0 < sum(vector) < 10  # a real trade-off, not an edge
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["summed", "padded"])
+def test_where_nothing_pays_without_a_wait_no_wait_level_is_priced(padded):
+    """The bound: a grant at every session's cap priced with no idle grants nothing, so no wait level can (a wait
+    lowers only a grant's goodput): each step size is priced once and no candidate after. Where drafts pay, the
+    search over the waits still runs and matches the brute force."""
+    calls = []
+
+    def steep(n, s):
+        calls.append(n)
+        return COSTS["linear_steep"](n, s)
+
+    waits = (0.002, 0.004, 0.006, 0.008)  # four wait levels
+    demands = [Demand(f"s{i}", [0.3] * 4, 4, wait_s=w) for i, w in enumerate(waits)]
+    assert grant_budgets(demands, steep, padded=padded, hold_s=0.005) == {d.key: 0 for d in demands}
+    assert len(calls) == len(set(calls)) == (4 + 1 if padded else 16 + 1)  # T(K) for each K the grant can compute
+    assert goodput(demands, [0] * 4, steep, padded=padded, hold_s=0.005) == pytest.approx(
+        _brute_force(demands, steep, padded=padded, hold_s=0.005)[0])
+    calls.clear()
+    shallow = [Demand(f"s{i}", [0.9] * 4, 4, wait_s=w) for i, w in enumerate(waits)]
+    granted = grant_budgets(shallow, COSTS["flat"], padded=padded, hold_s=0.005)
+    assert goodput(shallow, [granted[d.key] for d in shallow], COSTS["flat"], padded=padded, hold_s=0.005) == \
+        pytest.approx(_brute_force(shallow, COSTS["flat"], padded=padded, hold_s=0.005)[0])
+
+
 def test_zero_when_drafts_cannot_pay():
     steep = COSTS["linear_steep"]  # a draft token costs as much as a whole plain step
     demands = [Demand(k, [0.3] * 6, 6) for k in "abcd"]
@@ -392,6 +416,15 @@ def test_a_fast_verifier_remakes_its_grant_at_most_every_few_steps(monkeypatch):
         budgeter.on_step(0.3, 2, 2)
         budgeter.budget_for("a")
     assert len(made) == 7
+    budgeter.on_step(0.005, 2, 2)  # a fast step again: the grant stands for a few steps
+    budgeter.budget_for("a")
+    assert len(made) == 7
+    budgeter.arrives("a", 0.001, 0.0005)  # now slower than the hold, granted drafts (flat prior): at once
+    budgeter.budget_for("a")
+    assert len(made) == 8 and budgeter.budget_for("a") == 0
+    budgeter.arrives("a", 0.0001, 0.0005)  # in time again: a relaxation, remade as scheduled
+    budgeter.budget_for("a")
+    assert len(made) == 8
 
 
 def test_new_sessions_start_from_the_population_rate():

@@ -69,6 +69,26 @@ def test_a_new_word_remakes_a_standing_grant():
     assert budgeter.budget_for("s") == 8
 
 
+def test_a_word_the_standing_grant_does_not_reach_keeps_it(monkeypatch):
+    """An n-gram's word changes every few commits: only a cap the standing grant exceeds, or one that held it back,
+    remakes it at once (`DraftBudgeter._binds`); any other stays the best grant until its scheduled remake."""
+    budgeter = DraftBudgeter(max_gamma=8)
+    budgeter.open("s")
+    _feed_steps(budgeter, 0.02, 0.002)
+    for _ in range(30):
+        budgeter.on_verdict("s", 8, 4)  # 4 accepted, the 5th never: the best block is 4 of its cap of 8
+    assert budgeter.budget_for("s") == 4
+    made, grants = [], budgeter.grants
+    monkeypatch.setattr(budgeter, "grants", lambda *a, **k: made.append(1) or grants(*a, **k))
+    budgeter.wants("s", 6)  # 8 -> 6, above the grant
+    budgeter.wants("s", None)  # 6 -> 8
+    assert budgeter.budget_for("s") == 4 and made == []
+    budgeter.wants("s", 3)  # below the grant: at once
+    assert budgeter.budget_for("s") == 3 and len(made) == 1
+    budgeter.wants("s", 6)  # the cap of 3 held it back: at once
+    assert budgeter.budget_for("s") == 4 and len(made) == 2
+
+
 class WantsBudgeter(FixedBudgeter):
     """Grants every session the most it may have (its cap, within `budget`), and records every word its client said."""
 

@@ -193,16 +193,13 @@ class DraftBudgeter:
 
     def on_step(self, compute_s: float, sessions: int, tokens: int, prefill_tokens: int = 0) -> None:
         """After every engine step: measure the cost curve (specdec.stepcost: the median per token count, an affine
-        fit beyond, prefill tokens priced apart); the next `budget_for` grants anew, unless the latest grant is younger
-        than its reuse (the module docstring: a fast verifier remakes it every few steps)."""
+        fit beyond, prefill tokens priced apart; fitted when a grant reads it); the next `budget_for` grants anew,
+        unless the latest grant is younger than its reuse (the module docstring: a fast verifier remakes it every few
+        steps)."""
         self.cost.observe(compute_s, tokens - prefill_tokens, sessions, prefill_tokens)
         self._grant_age += 1
         if self._grant_age >= math.ceil(self._grant_s / (GRANT_SHARE * compute_s) if compute_s > 0 else 1):
             self._grants = None
-        if self.metrics is not None:
-            a, b, _, _ = self.cost.coefficients
-            self.metrics.cost_fixed.set(a)
-            self.metrics.cost_per_token.set(b)
 
     def on_verdict(self, key: Hashable, proposed: int, accepted: int, offered: int = 0) -> None:
         """A verified block of `proposed` draft tokens whose first `accepted` were accepted; `offered`: the
@@ -275,12 +272,25 @@ class DraftBudgeter:
         more, the grant priced tokens that never came, and chose the other sessions' grants around them: at 2 LM
         sessions on a CPU, grants of 9-16 where the client sent 2-5. 0 counts as 1: a client that wants no drafts
         says so with decode_alone (`hold`, which expires), and one whose word stood at 0 could never be granted
-        drafts again if it drafts no shadow blocks to speak in the verifier's turn."""
+        drafts again if it drafts no shadow blocks to speak in the verifier's turn. A new cap remakes the standing
+        grant at once only where it binds (`_binds`); an n-gram's word changes every few commits."""
         session = self._sessions.get(key)
         if session is not None and gamma != session.wants:
             before, session.wants = session.cap, gamma
-            if session.cap != before:
+            if session.cap != before and self._binds(key, before, session.cap):
                 self._grants = None
+
+    def _granted(self, key: Hashable) -> int | None:
+        """The standing grant's budget for `key` (None: no grant stands for it)."""
+        return None if self._grants is None else self._grants.get(key)
+
+    def _binds(self, key: Hashable, before: int, after: int) -> bool:
+        """A session's cap went from `before` to `after`: the standing grant must be remade at once when it gives more
+        than `after`, or gave all of `before` (the old cap held it back). Otherwise it stays the best grant: a limit
+        it does not reach changes no optimum (tightened, exactly; raised, as far as the grant is concave in each
+        session's budget), and it is remade on the reuse schedule anyway (GRANT_SHARE)."""
+        granted = self._granted(key)
+        return granted is None or granted > after or (granted == before < after)
 
     def late(self, key: Hashable, offered: int) -> None:
         """A lock-step session granted `offered` draft tokens whose block missed the next step (the engine's
@@ -314,8 +324,8 @@ class DraftBudgeter:
         session = self._sessions.get(key)
         if session is not None and (session.wait_s, session.slow, self.hold_s) != (turnaround_s, turnaround_s > wait_s,
                                                                                   wait_s):
-            if session.slow != (turnaround_s > wait_s):  # it now misses steps, or no longer does: remade at once
-                self._grants = None
+            if not session.slow and turnaround_s > wait_s and self._granted(key):
+                self._grants = None  # it now misses steps with drafts granted: remade at once (no longer: as scheduled)
             session.wait_s, session.slow, self.hold_s = turnaround_s, turnaround_s > wait_s, wait_s
 
     def budget_for(self, key: Hashable, queued_sessions: int = 0, queued_tokens: int = 0,
@@ -328,13 +338,19 @@ class DraftBudgeter:
             started = time.perf_counter()
             self._grants = self.grants(Load(queued_tokens, queued_sessions), exclude=set(prefilling) - {key})
             self._grant_s, self._grant_age = time.perf_counter() - started, 0
-            if self.metrics is not None:
+            if self.metrics is not None:  # the fit as this grant priced it (fitted when read: on_step)
                 self.metrics.grant_seconds.observe(self._grant_s)
+                a, b, _, _ = self.cost.coefficients
+                self.metrics.cost_fixed.set(a)
+                self.metrics.cost_per_token.set(b)
         budget = self._grants[key]
         session = self._sessions[key]
         session.held = max(0, session.held - 1)
-        rates = self._rates.get(key) or self._rates_of(session)
-        session.promised = expected_tokens_table(rates, budget)[budget] - 1
+        if budget:  # a plain decoding step promises nothing
+            rates = self._rates.get(key) or self._rates_of(session)
+            session.promised = expected_tokens_table(rates, budget)[budget] - 1
+        else:
+            session.promised = 0.0
         if self.metrics is not None and self._sessions[key].max_gamma:  # a decode-only session is never granted drafts
             self.metrics.granted.observe(budget)
         return budget
@@ -363,7 +379,9 @@ class DraftBudgeter:
         small share of a long step: on a 2-core AVX2 CPU, where the LM's drafts did not pay, sessions were granted
         5-7 tokens while another request prefilled."""
         load = Load(0, load.sessions)
-        self._rates = {key: self._rates_of(s) for key, s in self._sessions.items() if key not in exclude}
+        # a session that may not draft (Generate's, or held) is a row of the step with no rates to read
+        self._rates = {key: self._rates_of(s) if s.cap and not s.held else [] for key, s in self._sessions.items()
+                       if key not in exclude}
         rows = [(key, s, _scaled(rates, s.drafter.calibration.ratio()))
                 for key, rates in self._rates.items() for s in (self._sessions[key],)]
         crowded = len(rows) + load.sessions > 1  # others ride the step a slow session's block misses
