@@ -66,6 +66,12 @@ class StepCostModel:
             self._coefficients = self._fit()
         return self._coefficients
 
+    def peek(self) -> tuple[float, ...]:
+        """`coefficients` without keeping a fit it solves: for a reader on another thread (a metrics scrape), which
+        must not cache a fit of sums the event loop is changing."""
+        coefficients = self._coefficients
+        return coefficients if coefficients is not None else self._fit()
+
     def observe(self, compute_s: float, tokens: int, sessions: int, prefill_tokens: int = 0) -> None:
         """One engine step: `compute_s` seconds for `tokens` verify/decode tokens and `prefill_tokens` prompt
         tokens over `sessions` sessions."""

@@ -335,6 +335,8 @@ def test_budgeter_grants_by_measured_cost_and_acceptance():
     _feed_steps(budgeter, 0.02, 0.0)  # flat: every session with any hope drafts its cap
     assert budgeter.budget_for("easy") == 8 and budgeter.budget_for("generate") == 0
     _feed_steps(budgeter, 0.02, 0.01)  # a draft token costs half a step
+    # the gauge reads the fit at scrape time: no grant made since these steps, and it sees them
+    assert registry.get_sample_value("specdec_verifier_step_cost_per_token_seconds") == pytest.approx(0.01, rel=0.05)
     assert budgeter.cost.coefficients[1] == pytest.approx(0.01, rel=0.05)
     easy, hard = budgeter.budget_for("easy"), budgeter.budget_for("hard")
     assert easy > 0 and hard == 0

@@ -151,6 +151,10 @@ class DraftBudgeter:
         self._grant_age = 0  # steps since it was made
         self.hold_s: float | None = None  # the most the engine holds a step for a late block (arrives; None: all)
         self._rates: dict[Hashable, list[float]] = {}  # the acceptance each of this step's grants read (uncalibrated)
+        if metrics is not None:  # the fit as a scrape finds it (solved when read, never on every step: `on_step`)
+            fit = getattr(self.cost, "fit", self.cost)  # a StepCostTable's affine fit, or a bare StepCostModel
+            metrics.cost_fixed.set_function(lambda: fit.peek()[0])
+            metrics.cost_per_token.set_function(lambda: fit.peek()[1])
 
     def open(self, key: Hashable, max_gamma: int | None = None, tpot_slo_s: float | None = None,
              drafter: str | None = None) -> None:
@@ -338,11 +342,8 @@ class DraftBudgeter:
             started = time.perf_counter()
             self._grants = self.grants(Load(queued_tokens, queued_sessions), exclude=set(prefilling) - {key})
             self._grant_s, self._grant_age = time.perf_counter() - started, 0
-            if self.metrics is not None:  # the fit as this grant priced it (fitted when read: on_step)
+            if self.metrics is not None:
                 self.metrics.grant_seconds.observe(self._grant_s)
-                a, b, _, _ = self.cost.coefficients
-                self.metrics.cost_fixed.set(a)
-                self.metrics.cost_per_token.set(b)
         budget = self._grants[key]
         session = self._sessions[key]
         session.held = max(0, session.held - 1)
