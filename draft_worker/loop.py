@@ -297,6 +297,7 @@ class ClientSession:
                                    claim[done:assumed],
                                    None if candidates.parents is None else candidates.parents[: len(drafted)],
                                    self.alone, self._wants())
+        await self._send_shadows(self.shadows.flush(self._wants()))  # the misses held back go first
         sent_at = time.perf_counter()
         await self.stream.send(request)  # a failed write: the verifier ended the stream, and reading tells why
         self.result.gamma_per_round.append(job.gamma)
@@ -311,8 +312,12 @@ class ClientSession:
         shadow, accepted = decided
         if hasattr(self.schedule, "observe"):
             self.schedule.observe(len(shadow.draft_ids), accepted, shadow.draft_s)
-        await self.stream.send(shadow.request(accepted, self._wants()))
-        self.result.shadows += 1
+        await self._send_shadows(self.shadows.report(shadow, accepted, self._wants()))
+
+    async def _send_shadows(self, message: tuple[pb.SpeculateRequest, int] | None) -> None:
+        if message is not None:
+            await self.stream.send(message[0])
+            self.result.shadows += message[1]  # the blocks it reports
 
     def _wants(self) -> int | None:
         return turns.wants(self.schedule, self.mode.streams_commits, bool(self.tree_nodes))

@@ -25,7 +25,7 @@ and `generate` with the LM ran 0.73-0.81x `--baseline`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from draft_worker.modes import Job
 from draft_worker.proposer import common_prefix
@@ -33,6 +33,7 @@ from protos.specdec.v1 import specdec_pb2 as pb
 
 SHADOW_SHARE = 0.1  # the most of a verifier step a shadow block may take to draft
 MISS_BACKOFF = 2  # after shadow blocks missing in a row, the next comes up to 2 ** MISS_BACKOFF times as many commits later
+HELD_MISSES = 3  # missed shadow blocks held back to ride a later message (the next miss goes with them)
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,6 @@ class ShadowBlock:
         matched = common_prefix(list(self.draft_ids), seen)
         return matched if matched < len(seen) or matched == len(self.draft_ids) else None
 
-    def request(self, accepted: int, wants: int | None = None) -> pb.SpeculateRequest:
-        """Its verdict, with the client's own best gamma now (`wants`; None: unsaid)."""
-        return pb.SpeculateRequest(shadow=pb.ShadowVerdict(drafted=len(self.draft_ids), accepted=accepted,
-                                                           gamma=self.gamma, wants=wants))
 
 
 def shadow_every(gamma: int, draft_s_per_token: float, step_s: float) -> int | None:
@@ -82,6 +79,7 @@ class Shadows:
     set_aside: Job | None = None  # a shadow block's drafting, set aside while an empty block went out
     last_base: int = -1  # the commit the last shadow block was drafted from (one per commit at most)
     misses: int = 0  # shadow blocks in a row whose first token missed (empty ones included)
+    held: list[tuple[int, int, int]] = field(default_factory=list)  # (drafted, accepted, gamma) of misses not yet sent
 
     @staticmethod
     def size(schedule, left: int) -> int:
@@ -111,3 +109,29 @@ class Shadows:
         block, self.block = self.block, None
         self.misses = 0 if accepted else self.misses + 1
         return block, accepted
+
+    def report(self, block: ShadowBlock, accepted: int, wants: int | None) -> tuple[pb.SpeculateRequest, int] | None:
+        """(the message that reports `block` now, with every verdict held before it; the blocks it reports), or None:
+        held back. A miss is held while fewer than HELD_MISSES are: each message costs a fast verifier's event loop
+        about 0.3 ms (4 n-gram sessions of the tiny pair: 3% more verifier CPU a token than `Generate` with one a
+        block, 0.5% without any), and a miss changes no grant while the verifier decodes the session alone at budget
+        0. A block that landed goes at once with those before it: it may open a grant. The order stays the client's,
+        and every held verdict goes before the session's next proposal (`flush`). `wants`: the client's own best
+        gamma now (None: unsaid)."""
+        verdict = (len(block.draft_ids), accepted, block.gamma)
+        if not accepted and len(self.held) < HELD_MISSES:
+            self.held.append(verdict)
+            return None
+        return self._message(verdict, wants)
+
+    def flush(self, wants: int | None) -> tuple[pb.SpeculateRequest, int] | None:
+        """The held verdicts as one message (the latest with the rest before it), or None if none are held: sent
+        before a proposal, so the verifier's estimate has every block before it prices the next grant."""
+        return self._message(self.held.pop(), wants) if self.held else None
+
+    def _message(self, verdict: tuple[int, int, int], wants: int | None) -> tuple[pb.SpeculateRequest, int]:
+        before, self.held = self.held, []
+        drafted, accepted, gamma = verdict
+        return pb.SpeculateRequest(shadow=pb.ShadowVerdict(
+            drafted=drafted, accepted=accepted, gamma=gamma, wants=wants,
+            before=[pb.ShadowCount(drafted=d, accepted=a, gamma=g) for d, a, g in before])), len(before) + 1

@@ -25,6 +25,7 @@ DEFAULT_MODE = "lockstep"
 # verifier's default limit (VerifierLimits.max_gamma, sent to clients in Info) and the ceiling of every gamma
 # schedule (a client lowers it to its verifier's limit); an async session's per-step block defaults to it.
 MAX_GAMMA = 16
+MAX_HELD_SHADOWS = 16  # earlier shadow verdicts one ShadowVerdict may carry (`before`; a client holds a few misses)
 
 
 def lookahead(gamma: int) -> int:

@@ -23,9 +23,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from draft_worker.client import generate_baseline, speculate
-from draft_worker.drafters import LMDrafter
+from draft_worker.drafters import Candidates, LMDrafter, NgramDrafter
 from draft_worker.gamma import AutoGamma, FixedGamma, RttGamma
-from draft_worker.shadow import SHADOW_SHARE, ShadowBlock, Shadows, shadow_every
+from draft_worker.shadow import HELD_MISSES, SHADOW_SHARE, ShadowBlock, Shadows, shadow_every
 from draft_worker.transport import ClientConfig, fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
@@ -74,7 +74,10 @@ def test_an_empty_shadow_block_is_a_miss_at_once():
     """A drafter that found nothing (an n-gram with no match) bought nothing with a grant of gamma."""
     block = ShadowBlock(base=3, draft_ids=(), gamma=2)
     assert block.outcome([1, 2, 3]) == 0
-    assert block.request(0).shadow == pb.ShadowVerdict(drafted=0, accepted=0, gamma=2)
+    shadows = Shadows(held=[(1, 0, 2)] * HELD_MISSES)  # held in full: this one goes, with them
+    assert shadows.report(block, 0, None) == (pb.SpeculateRequest(shadow=pb.ShadowVerdict(
+        drafted=0, accepted=0, gamma=2, before=[pb.ShadowCount(drafted=1, accepted=0, gamma=2)] * HELD_MISSES)),
+        HELD_MISSES + 1)
 
 
 def test_shadow_blocks_take_at_most_their_share_of_the_session():
@@ -243,18 +246,85 @@ async def test_on_the_verifiers_cores_a_session_never_granted_drafts_never_draft
         assert spec.proposed > 0 and spec.shadows > 0
 
 
-async def test_a_draft_that_never_lands_reports_misses(start_verifier):
-    draft, target = fake_pair(vocab_size=32, noise=8.0)
+def test_misses_are_held_back_a_few_to_a_message_and_a_hit_takes_them_at_once():
+    """Misses change no grant while the verifier decodes alone at budget 0, and each message costs a fast verifier's
+    event loop: HELD_MISSES are held, the next goes with them; a block that landed goes at once with those before it;
+    `flush` sends what is held (before a proposal). Every verdict goes once, in the order it was decided."""
+    shadows, sent = Shadows(), []
+
+    def report(accepted: int, drafted: int = 2):
+        message = shadows.report(ShadowBlock(base=0, draft_ids=(7,) * drafted, gamma=2), accepted, 3)
+        if message is not None:
+            request, blocks = message
+            sent.append([(b.drafted, b.accepted) for b in request.shadow.before] +
+                        [(request.shadow.drafted, request.shadow.accepted)])
+            assert blocks == len(sent[-1]) and request.shadow.wants == 3
+        return message
+
+    assert [report(0, drafted) for drafted in (2, 0, 1)] == [None] * HELD_MISSES  # empty blocks are misses too
+    assert report(0) is not None and sent == [[(2, 0), (0, 0), (1, 0), (2, 0)]]
+    assert report(0) is None and report(1) is not None and sent[-1] == [(2, 0), (2, 1)]  # a hit: at once
+    assert report(2) is not None and sent[-1] == [(2, 2)]
+    assert shadows.flush(3) is None  # nothing held
+    report(0), report(0)
+    request, blocks = shadows.flush(None)
+    assert blocks == 2 and [(request.shadow.before[0].accepted, request.shadow.accepted)] == [(0, 0)]
+    assert not request.shadow.HasField("wants") and shadows.held == [] and shadows.flush(None) is None
+
+
+class EmptyDrafter(NgramDrafter):
+    """An n-gram drafter that never finds a match: every shadow block is an empty miss, decided at once."""
+
+    def propose(self, context: list[int], gamma: int) -> Candidates:
+        return Candidates([], None)
+
+
+class GrantsOnceHeld(RecordingBudgeter):
+    """Grants 0 until the client holds a missed shadow block (`held`, set from the client's side), then `then` at the
+    next verdict; records the shadow verdicts and the proposals' verdicts in the order the verifier took them."""
+
+    def __init__(self, then: int, held: threading.Event, **kwargs):
+        super().__init__(0, **kwargs)
+        self.then, self.held, self.events, self.at_grant = then, held, [], None
+
+    def on_shadow(self, key, drafted: int, accepted: int, gamma: int) -> None:
+        self.events.append("shadow")
+        super().on_shadow(key, drafted, accepted, gamma)
+
+    def on_verdict(self, key, proposed: int, accepted: int, offered: int = 0) -> None:
+        super().on_verdict(key, proposed, accepted, offered)
+        if self.at_grant is None and self.held.is_set():
+            self.budget, self._grants, self.at_grant = self.then, None, len(self.shadows)
+        if offered:
+            self.events.append("proposal")
+
+
+async def test_held_misses_reach_the_verifier_before_the_sessions_next_proposal(start_verifier, monkeypatch):
+    """A grant ends the verifier's turn: the client's next proposal (an empty block asking to decode alone included)
+    carries nothing of its shadow blocks, so the misses it held go in a message before it."""
+    held = threading.Event()
+    report = Shadows.report
+
+    def holding(self, block, accepted, wants):
+        message = report(self, block, accepted, wants)
+        if self.held:
+            held.set()
+        return message
+
+    monkeypatch.setattr(Shadows, "report", holding)
+    target = FakeLM(32, seed=5)
     verifier = await start_verifier(target, vocab_size=32, budget=True)
-    budgeter = _use(verifier, RecordingBudgeter(0, max_gamma=16))
+    budgeter = _use(verifier, GrantsOnceHeld(then=2, held=held, max_gamma=16))
     info = await fetch_info(verifier.stub)
-    params = SamplingParams(max_new_tokens=24)
+    params = SamplingParams(max_new_tokens=64)
     baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
-    spec = await speculate(verifier.stub, LMDrafter(draft, "d"), [1, 2, 3], params, AutoGamma(2), info)
-    assert spec.token_ids == baseline.token_ids and spec.shadows > 0
+    spec = await speculate(verifier.stub, EmptyDrafter(), [1, 2, 3], params, FixedGamma(2, 16), info)
+    assert spec.token_ids == baseline.token_ids
     await wait_for_no_sessions(verifier)
+    assert budgeter.at_grant == 0 and "proposal" in budgeter.events  # nothing reported before the grant; then a turn
+    first = budgeter.events.index("proposal")
+    assert 1 <= budgeter.events[:first].count("shadow") <= HELD_MISSES  # every held one, before it
     assert len(budgeter.shadows) == spec.shadows
-    assert sum(a for _, a, _ in budgeter.shadows) < sum(d for d, _, _ in budgeter.shadows)
 
 
 class GatedDrafter(LMDrafter):

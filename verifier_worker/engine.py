@@ -366,7 +366,8 @@ class Engine:
                     _resolve(work.future, exception=exc)
                     continue
                 if result is not None and self.budgeter is not None:
-                    offered = (session.budget or 0) if work.proposed is not None else 0  # lock-step: its grant
+                    # lock-step: its grant; the verifier's own steps in its turn were offered none
+                    offered = (session.budget or 0) if work.proposed is not None and not work.verifiers else 0
                     self.budgeter.on_verdict(session, len(work.draft_ids), result.num_accepted, offered)
                 if work.verifiers:  # one of the steps its client's last proposal asked the verifier to decode
                     session.decode_alone = max(0, session.decode_alone - 1)

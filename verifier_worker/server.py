@@ -279,8 +279,9 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             check_shadow(request.shadow, self.limits)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if self.budgeter is not None:
-            self.budgeter.on_shadow(session, request.shadow.drafted, request.shadow.accepted, request.shadow.gamma)
+        if self.budgeter is not None:  # the blocks it held back first, in the order the client decided them
+            for block in [*request.shadow.before, request.shadow]:
+                self.budgeter.on_shadow(session, block.drafted, block.accepted, block.gamma)
             self.budgeter.wants(session, said_gamma(request.shadow))
         return True
 

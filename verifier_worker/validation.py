@@ -28,7 +28,7 @@ from protos.specdec.v1 import specdec_pb2 as pb
 import torch
 
 from specdec import codec, tree
-from specdec.config import SamplingParams, VerifierLimits, lookahead
+from specdec.config import MAX_HELD_SHADOWS, SamplingParams, VerifierLimits, lookahead
 from verifier_worker.session import Claim
 
 SPARE_RPCS = 16  # calls beyond max_sessions (Info, health, refusals) the server takes at once
@@ -142,13 +142,17 @@ async def check_proposal_off_loop(proposal, params, limits, vocab_size, trees: b
 
 
 def check_shadow(shadow: pb.ShadowVerdict, limits: VerifierLimits) -> None:
-    """A shadow verdict's counts must describe a block the session could have sent: 1 <= gamma <= max_gamma and
-    accepted <= drafted <= gamma."""
-    if not 1 <= shadow.gamma <= limits.max_gamma:
-        raise ValueError(f"shadow verdict: gamma must be in [1, {limits.max_gamma}] (max_gamma), got {shadow.gamma}")
-    if not shadow.accepted <= shadow.drafted <= shadow.gamma:
-        raise ValueError(f"shadow verdict: need accepted <= drafted <= gamma, got {shadow.accepted}, {shadow.drafted}, "
-                         f"{shadow.gamma}")
+    """A shadow verdict's counts, and each of the earlier ones it carries (`before`, at most MAX_HELD_SHADOWS), must
+    describe a block the session could have sent: 1 <= gamma <= max_gamma and accepted <= drafted <= gamma."""
+    if len(shadow.before) > MAX_HELD_SHADOWS:
+        raise ValueError(f"shadow verdict: at most {MAX_HELD_SHADOWS} earlier verdicts (before), got {len(shadow.before)}")
+    for where, block in [*((f"before[{i}]", b) for i, b in enumerate(shadow.before)), ("", shadow)]:
+        if not 1 <= block.gamma <= limits.max_gamma:
+            raise ValueError(f"shadow verdict{where and ' ' + where}: gamma must be in [1, {limits.max_gamma}] "
+                             f"(max_gamma), got {block.gamma}")
+        if not block.accepted <= block.drafted <= block.gamma:
+            raise ValueError(f"shadow verdict{where and ' ' + where}: need accepted <= drafted <= gamma, got "
+                             f"{block.accepted}, {block.drafted}, {block.gamma}")
 
 
 def client_host(peer: str) -> str:

@@ -183,16 +183,28 @@ class Proposal(_message.Message):
     def __init__(self, draft_ids: _Optional[_Iterable[int]] = ..., sparse: _Optional[_Union[SparseProbs, _Mapping]] = ..., dense: _Optional[_Union[DenseProbs, _Mapping]] = ..., base_len: _Optional[int] = ..., assumed_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., decode_alone: _Optional[int] = ..., wants: _Optional[int] = ...) -> None: ...
 
 class ShadowVerdict(_message.Message):
-    __slots__ = ("drafted", "accepted", "gamma", "wants")
+    __slots__ = ("drafted", "accepted", "gamma", "wants", "before")
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     WANTS_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
     drafted: int
     accepted: int
     gamma: int
     wants: int
-    def __init__(self, drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., gamma: _Optional[int] = ..., wants: _Optional[int] = ...) -> None: ...
+    before: _containers.RepeatedCompositeFieldContainer[ShadowCount]
+    def __init__(self, drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., gamma: _Optional[int] = ..., wants: _Optional[int] = ..., before: _Optional[_Iterable[_Union[ShadowCount, _Mapping]]] = ...) -> None: ...
+
+class ShadowCount(_message.Message):
+    __slots__ = ("drafted", "accepted", "gamma")
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    drafted: int
+    accepted: int
+    gamma: int
+    def __init__(self, drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., gamma: _Optional[int] = ...) -> None: ...
 
 class SpeculateRequest(_message.Message):
     __slots__ = ("open", "proposal", "shadow")
