@@ -391,6 +391,10 @@ async def test_the_verifier_counts_a_shadow_verdict_in_its_turn_and_goes_on(star
     (pb.ShadowVerdict(drafted=5, accepted=0, gamma=4), "accepted <= drafted <= gamma"),
     (pb.ShadowVerdict(drafted=0, accepted=0, gamma=0), "gamma must be in [1, 16]"),
     (pb.ShadowVerdict(drafted=1, accepted=0, gamma=17), "gamma must be in [1, 16]"),
+    (pb.ShadowVerdict(drafted=1, accepted=0, gamma=2, before=[pb.ShadowCount(drafted=3, accepted=4, gamma=4)]),
+     "before[0]: need accepted <= drafted <= gamma"),
+    (pb.ShadowVerdict(drafted=1, accepted=0, gamma=2, before=[pb.ShadowCount(drafted=1, accepted=0, gamma=2)] * 17),
+     "at most 16 earlier verdicts"),
 ])
 async def test_a_malformed_shadow_verdict_is_a_clear_error(start_verifier, shadow, message):
     verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
