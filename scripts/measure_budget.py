@@ -18,8 +18,10 @@ carry ("unsent budget": a grant priced tokens that never came, or the client's o
 the steps where all N sessions
 decoded one token each ("plain step ms": the same work in every arm, so where an arm's reads above Generate's, its
 drafting slowed the verifier's steps; a mean, since drafting overlaps only some of them: --pin's two "machines"
-share one box's caches and memory bandwidth, which two real machines do not). --rtt-ms: every request through a
-delay proxy of that round trip. The fast regime (a verifier that steps in a few ms, as a GPU would: the tiny pair):
+share one box's caches and memory bandwidth, which two real machines do not), and the verifier process's CPU
+seconds per committed token (its event loop and gRPC threads too, which a step's compute leaves out; with its median
+ratio to Generate's over the passes: where the verifier's core is saturated, this is what an arm costs it). --rtt-ms:
+every request through a delay proxy of that round trip. The fast regime (a verifier that steps in a few ms, as a GPU would: the tiny pair):
 
     python scripts/measure_budget.py --verifier /tmp/specdec-tiny/verifier --dtype fp32 --draft /tmp/specdec-tiny/draft \
         --draft-dtype fp32 --sessions 1 4 --rtt-ms 0 25 100 --mode async --prompts 8 --max-prompt-tokens 200 \
@@ -53,6 +55,16 @@ DRAFTS = DraftModels()
 HISTORIES = {"ngram": new_history(), "lm": new_history()}  # each drafter's acceptance over the requests so far
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used (Linux /proc; nan elsewhere): the verifier's whole cost, its
+    event loop and gRPC threads included, which its steps' compute_s leaves out."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def drafter(name: str, args):
     """'ngram' or 'lm' (args.draft at args.draft_dtype): a fresh drafter for one request."""
     if name == "ngram":
@@ -62,8 +74,8 @@ def drafter(name: str, args):
 
 async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, params: SamplingParams, args):
     """-> (aggregate tok/s, verifier compute s per token, mean budget or nan, mean batch, shadow blocks per request,
-    mean compute s of the plain decoding steps, mean granted draft tokens a round's block left unsent or nan) of
-    max(R x sessions, prompts) requests."""
+    mean compute s of the plain decoding steps, mean granted draft tokens a round's block left unsent or nan, the
+    verifier process's CPU s per token or nan) of max(R x sessions, prompts) requests."""
     jobs = [prompts[i % len(prompts)] for i in range(max(args.requests_per_session * sessions, len(prompts)))]
     gate = asyncio.Semaphore(sessions)
 
@@ -76,9 +88,9 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
                 else int(gamma.removeprefix("g"))
             return await speculate(stub, drafter(name, args), prompt, params, gamma, info, mode=args.mode)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), process_cpu_s(args.verifier_pid)
     results = await asyncio.gather(*(one(p) for p in jobs))
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, process_cpu_s(args.verifier_pid) - cpu
     tokens = sum(len(r.token_ids) for r in results)
     budgets = [b for r in results for b in r.budget_per_round]
     batch = [b for r in results for b in r.batch_size]  # sessions in the step each round rode in
@@ -89,7 +101,7 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
     return tokens / wall, sum(r.verifier_compute_s for r in results) / tokens, (
         statistics.mean(budgets) if budgets else float("nan")), statistics.mean(batch) if batch else float("nan"), \
         statistics.mean(r.shadows for r in results), statistics.mean(plain) if plain else float("nan"), \
-        statistics.mean(unsent) if unsent else float("nan")
+        statistics.mean(unsent) if unsent else float("nan"), cpu / tokens
 
 
 async def sweep(address: str, prompts, args, arms: list[str], label: str) -> None:
@@ -117,11 +129,13 @@ async def sweep_link(address: str, prompts, args, arms: list[str], label: str) -
             for arm in arms:
                 rows = runs[arm]
                 ratio = statistics.median(row[0] / base[0] for row, base in zip(rows, runs["generate"]))
-                rate, compute, budget, batch, shadows, plain, unsent = (statistics.median(c) for c in zip(*rows))
+                rate, compute, budget, batch, shadows, plain, unsent, cpu = (statistics.median(c) for c in zip(*rows))
+                cpu_ratio = statistics.median(r[7] / b[7] for r, b in zip(rows, runs["generate"]))
                 spread = f" ({min(r[0] / b[0] for r, b in zip(rows, runs['generate'])):.2f}-" \
                          f"{max(r[0] / b[0] for r, b in zip(rows, runs['generate'])):.2f})" if len(rows) > 1 else ""
                 print(f"| {label} | {n} | {arm} | {rate:.2f} | {ratio:.2f}{spread} | {1000 * compute:.0f} | {budget:.2f} | "
-                      f"{batch:.1f} | {shadows:.1f} | {1000 * plain:.2f} | {unsent:.2f} |", flush=True)
+                      f"{batch:.1f} | {shadows:.1f} | {1000 * plain:.2f} | {unsent:.2f} | {1000 * cpu:.2f} "
+                      f"({cpu_ratio:.3f}) |", flush=True)
 
 
 def main() -> None:
@@ -160,8 +174,8 @@ def main() -> None:
     print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, mode {args.mode}, verifier {args.verifier} {dtype} "
           f"({args.dtype}), CPU flags {flags}")
     print("| verifier | sessions | arm | aggregate tok/s | x Generate | verifier compute ms/token | mean budget | "
-          "mean batch | shadow blocks per request | plain step ms | unsent budget |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "mean batch | shadow blocks per request | plain step ms | unsent budget | verifier CPU ms/token (x Generate) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     fixed = {"ngram": args.gammas, "lm": args.lm_gammas}
     runs = [("budget", (), ["generate", *(f"{d}-{a}" for d in args.drafters for a in ("auto", "unsaid")[: 1 + args.unsaid]),
                             *(f"ngram-g{g}" for g in args.budget_gammas if "ngram" in args.drafters)])]
@@ -176,6 +190,7 @@ def main() -> None:
         verifier = start_verifier(args.verifier, args.dtype, "cpu", cpus=[0] if args.pin else None,
                                   extra_args=(*extra, "--max-sessions-per-client", str(limits.max_sessions),
                                               *args.verifier_args.split()))
+        args.verifier_pid = verifier.proc.pid
         try:
             asyncio.run(sweep(verifier.address, prompts, args, arms, label))
         finally:
