@@ -10,8 +10,9 @@ answer says something new, most while it quotes its prompt), so an estimate pinn
 missed every later burst: at 2 sessions on a CPU the budget fell to 0 after one or two rejections and stayed there,
 1.0x Generate where a fixed gamma 2 reached 1.2x. An LM drafter meets the same: rejected on the answer's first two
 blocks at 1-2 sessions, it decoded the other 30 tokens alone where a fixed gamma 3 was accepted 70% of the time.
-Shadow blocks cost the verifier nothing; the client drafts them at most SHADOW_SHARE of its time (`shadow_every`:
-every commit for a lookup, every few for an LM on a CPU), since a budget granted meanwhile waits for the drafter.
+Shadow blocks cost the verifier no compute; the client drafts them at most SHADOW_SHARE of its time (`shadow_every`:
+every commit for a lookup, every few for an LM on a CPU), since a budget granted meanwhile waits for the drafter. Each
+verdict message costs a fast verifier's event loop, so misses ride in fours (`Shadows.report`, ShadowVerdict.before).
 
 Except on the verifier's own cores (one box, ClientConfig.shared_cores): there a shadow's drafting takes the cores
 the verifier's steps run on, and an LM's first draft of a session carries its prefill of the prompt (the real
