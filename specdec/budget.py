@@ -70,6 +70,7 @@ Assumptions and limits:
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 
@@ -228,14 +229,12 @@ def _grant(demands: Sequence[Demand], seconds_of: np.ndarray, padded: bool,
     plus any idle wait) and E_i(gamma) read from expected[i, gamma] (_expected_of_drafts, at least the caps wide)."""
     if not demands:
         return {}
-    if padded and all(d.tpot_slo_s is None for d in demands):
-        return _grant_padded_plain(demands, expected, seconds_of)
+    if padded:
+        return _grant_padded(demands, expected, seconds_of)
     caps = np.array([d.cap for d in demands])  # [n]
     width = np.arange(caps.max() + 1)  # [max cap + 1]
     # [n, max cap + 1] E_i(gamma), +inf past cap_i
     table = np.where(width[None, :] <= caps[:, None], expected[:, : len(width)], np.inf)
-    if padded:
-        return _grant_padded(demands, table, caps, seconds_of)
     counts = _greedy_counts(table, caps)  # [K + 1, n]
     seconds = seconds_of[: len(counts)]  # [K + 1] T(K)
     slos = np.array([np.inf if d.tpot_slo_s is None else d.tpot_slo_s for d in demands])  # [n]
@@ -319,33 +318,21 @@ def _expected_of_drafts(demands: Sequence[Demand]) -> np.ndarray:
     return table
 
 
-def _grant_padded(demands: Sequence[Demand], table: np.ndarray, caps: np.ndarray,
-                  seconds_of: np.ndarray) -> dict[Hashable, int]:
+def _grant_padded(demands: Sequence[Demand], expected: np.ndarray, seconds_of: np.ndarray) -> dict[Hashable, int]:
     """The grant when a step costs n x (1 + max gamma) tokens: for a ceiling g every session drafting
     min(g, cap_i) costs the same as any fewer, and E_i never falls with gamma, so the best vector for g is
     that one, and the best g (ties to the smaller) among those meeting every SLO wins; none meeting them,
-    each SLO is stretched by the least common factor some g meets."""
-    n = len(demands)
-    g = np.arange(caps.max() + 1)  # [G + 1] ceilings
-    budgets = np.minimum(g[:, None], caps[None, :])  # [G + 1, n]
-    expected = table[np.arange(n)[None, :], budgets]  # [G + 1, n] E_i(min(g, cap_i))
-    seconds = seconds_of[n * g]  # [G + 1]
-    slos = np.array([np.inf if d.tpot_slo_s is None else d.tpot_slo_s for d in demands])  # [n]
-    stretch = (seconds[:, None] / (slos[None, :] * expected)).max(axis=1)  # [G + 1] worst T / (slo_i E_i)
-    feasible = stretch <= 1 + 1e-12
-    if not feasible.any():
-        feasible = stretch <= stretch.min() * (1 + 1e-9)
-    rate = np.where(feasible, expected.sum(axis=1) / seconds, -np.inf)
-    best = int(np.argmax(rate >= rate.max() * (1 - 1e-12)))
-    return {d.key: int(b) for d, b in zip(demands, budgets[best])}
-
-
-def _grant_padded_plain(demands: Sequence[Demand], expected: np.ndarray, seconds_of: np.ndarray) -> dict[Hashable, int]:
-    """`_grant_padded` without SLOs, in plain Python: the best ceiling g by sum_i E_i(min(g, cap_i)) / T(n g), ties to
-    the smaller. A grant searches up to ~11 of these per step at 4 sessions; numpy's per-call overhead on [17, 4]
-    arrays made each ~4x slower than this loop."""
+    each SLO is stretched by the least common factor some g meets. Plain Python: a grant searches up to ~11 of
+    these a step at 4 sessions, and numpy's per-call overhead on [17, 4] arrays made each ~4x slower than this."""
     n, caps, rows, seconds = len(demands), [d.cap for d in demands], expected.tolist(), seconds_of.tolist()
-    rates = [sum(row[min(g, cap)] for row, cap in zip(rows, caps)) / seconds[n * g] for g in range(max(caps) + 1)]
+    slos = [math.inf if d.tpot_slo_s is None else d.tpot_slo_s for d in demands]
+    ceilings = range(max(caps) + 1)
+    expected_of = [[row[min(g, cap)] for row, cap in zip(rows, caps)] for g in ceilings]  # [G + 1][n] E_i(min(g, cap_i))
+    # [G + 1] the worst T / (slo_i E_i) of each ceiling: at most 1 where it meets every SLO (0 without any)
+    stretch = [max(seconds[n * g] / (slo * e) for slo, e in zip(slos, expected_of[g])) for g in ceilings] \
+        if any(slo < math.inf for slo in slos) else [0.0] * len(ceilings)
+    limit = 1 + 1e-12 if min(stretch) <= 1 + 1e-12 else min(stretch) * (1 + 1e-9)
+    rates = [sum(expected_of[g]) / seconds[n * g] if stretch[g] <= limit else -math.inf for g in ceilings]
     best = next(g for g, rate in enumerate(rates) if rate >= max(rates) * (1 - 1e-12))
     return {d.key: min(best, cap) for d, cap in zip(demands, caps)}
 
