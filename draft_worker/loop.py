@@ -292,12 +292,12 @@ class ClientSession:
         skip = max(done, assumed) - len(job.guess)  # the first draft token to send
         q = None if candidates.q is None else candidates.q[skip : len(drafted)]
         assert candidates.parents is None or skip == 0, "a tree is sent whole (lock-step)"
-        self.alone = self._decode_alone(job, len(drafted) - skip)
+        self.alone, wants = self._decode_alone(job, len(drafted) - skip), self._wants()
         request = proposal_request(drafted[skip:], q, self.params, candidates.dense_dtype, len(self.committed),
                                    claim[done:assumed],
                                    None if candidates.parents is None else candidates.parents[: len(drafted)],
-                                   self.alone, self._wants())
-        await self._send_shadows(self.shadows.flush(self._wants()))  # the misses held back go first
+                                   self.alone, wants)
+        await self._send_shadows(self.shadows.flush(wants))  # the misses held back go first
         sent_at = time.perf_counter()
         await self.stream.send(request)  # a failed write: the verifier ended the stream, and reading tells why
         self.result.gamma_per_round.append(job.gamma)

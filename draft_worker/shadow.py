@@ -54,7 +54,6 @@ class ShadowBlock:
         return matched if matched < len(seen) or matched == len(self.draft_ids) else None
 
 
-
 def shadow_every(gamma: int, draft_s_per_token: float, step_s: float) -> int | None:
     """Commits between two shadow blocks of `gamma`, so that drafting them takes at most SHADOW_SHARE of the session's
     time (`step_s`: the verifier's time between two commits): one per commit when a block takes at most that share

@@ -302,12 +302,10 @@ def _seconds_of_drafts(step_seconds: StepSeconds, demands: Sequence[Demand], loa
     caps' sum): the one place a grant calls the cost curve, once per K for every candidate and wait level (pricing
     each candidate anew took 171 ms of the verifier's event loop at 16 sessions, now 2.3: scripts/time_grant.py)."""
     most = _computed([d.cap for d in demands], padded)
-    if padded:  # only K = n x the ceiling is ever computed: the rest stay nan, never read
-        seconds = np.full(most + 1, np.nan)
-        seconds[:: max(len(demands), 1)] = [_step_seconds(step_seconds, demands, k, load)
-                                            for k in range(0, most + 1, max(len(demands), 1))]
-        return seconds
-    return np.array([_step_seconds(step_seconds, demands, k, load) for k in range(most + 1)])
+    every = max(len(demands), 1) if padded else 1  # padded: only K = n x the ceiling is ever computed
+    seconds = np.full(most + 1, np.nan)  # the rest stay nan, never read
+    seconds[::every] = [_step_seconds(step_seconds, demands, k, load) for k in range(0, most + 1, every)]
+    return seconds
 
 
 def _expected_of_drafts(demands: Sequence[Demand]) -> np.ndarray:

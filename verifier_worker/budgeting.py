@@ -29,11 +29,12 @@ The grant is made once per step, for every open session together (`specdec.budge
 `budget_for` after a step computes it, the others read it, so call `on_verdict` for all of a step's rows before
 answering any of them (the place that applies a step's outcomes does). A session opened mid-step is added to it.
 Making a grant is Python on the event loop, between two steps: 0.07 ms at 1 session, 0.5 ms at 4, 2.3 ms at 16 on
-this class of CPU (scripts/time_grant.py; 0.25 / 2.0 / 7.1 ms on a slower avx2-only EPYC core), nothing beside a CPU's 0.3-2 s steps but up to 10% of a fast verifier's
-at 16 sessions (the tiny pair's steps take 3-5 ms, a GPU's 10-30). So it is remade at most every ceil(grant time /
-(GRANT_SHARE x the last step's compute)) steps, the latest standing in between; a session opening, closing, asking
-to decode alone (`hold`), starting or ceasing to miss steps (`arrives`) or leaving its answer's opening remakes it at
-once. New sessions' acceptance starts from the rate of recent verdicts with the same drafter (its population: the
+this class of CPU (scripts/time_grant.py; 0.25 / 2.0 / 7.1 ms on a slower avx2-only EPYC core), nothing beside a
+CPU's 0.3-2 s steps but up to 10% of a fast verifier's at 16 sessions (the tiny pair's steps take 3-5 ms, a GPU's
+10-30). So it is remade at most every ceil(grant time / (GRANT_SHARE x the last step's compute)) steps, the latest
+standing in between; a session opening, closing, asking to decode alone (`hold`) or leaving its answer's opening
+remakes it at once, and so do a client's word that binds its cap (`wants`) and a session granted drafts that now
+misses steps (`arrives`). New sessions' acceptance starts from the rate of recent verdicts with the same drafter (its population: the
 client's model name, OpenSession.client_model_id); an answer's first OPENING_ROUNDS rounds are priced by that
 drafter's openings seen so far and kept out of the session's own estimate (specdec/acceptance.py). One population
 for every drafter priced an LM's openings by an n-gram's beside it on the same verifier, and the other way round.
