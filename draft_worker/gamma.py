@@ -53,6 +53,7 @@ from specdec.config import MAX_GAMMA
 from specdec.acceptance import OPENING_ROUNDS, AcceptanceTracker, DrafterAcceptance
 from specdec.gamma import VerifyCost, choose_gamma
 
+PROBE_COMMITS = 16  # async: commits between two chunks drafted although their drafting time said too late
 FIT_SPAN = 2  # block sizes (draft tokens) the service times seen must span before a per-token cost is fitted
 
 
@@ -258,8 +259,11 @@ class FixedGamma:
 
 
 class Link:
-    """Where the verifier will be when a claim sent now arrives: the commits seen are half a round trip old,
-    and the claim takes another half, so it is about one round trip of commits past the last one seen.
+    """Where the verifier will be when a claim arrives: the commits seen are half a round trip old, the claim
+    takes another half, and drafting it takes `lead_s` before it goes, so it lands about (rtt_s + lead_s) /
+    s_per_token commits past the last one seen. (A claim sent at once after a commit often makes the verifier's
+    next step: not counting the step then running as lost kept an n-gram's 1-session async gain, 1.39-1.45x
+    `Generate` against 1.30-1.38x with it counted.)
 
     rtt_s: the opening's round trip minus the verifier's prefill; s_per_token: an EMA of the verifier's time
     between two commits (its own clock, so replies that arrive bunched do not skew it) per committed token.
@@ -268,10 +272,26 @@ class Link:
 
     def __init__(self, rtt_s: float):
         self.rtt_s, self.s_per_token = rtt_s, None
+        self.drafted_at = 0  # the commit the last chunk was drafted from
 
     def on_commit(self, tokens: int, service_s: float) -> None:
         if tokens:
             self.s_per_token = ema(self.s_per_token, service_s / tokens, 0.2)
 
-    def verifier_position(self, committed: int) -> float:
-        return committed if not self.s_per_token else committed + self.rtt_s / self.s_per_token
+    def verifier_position(self, committed: int, lead_s: float = 0.0) -> float:
+        """Where the verifier will be when a claim that goes `lead_s` from now arrives (`committed` before any
+        commit was timed: everything is sent then)."""
+        return committed if not self.s_per_token else committed + (self.rtt_s + lead_s) / self.s_per_token
+
+    def worth_drafting(self, committed: int, end: int, lead_s: float) -> bool:
+        """Draft a chunk ending at position `end` that takes `lead_s` to draft: it lands once drafted, or it would
+        land but for its drafting time and PROBE_COMMITS commits passed since the last chunk, which measures that
+        time again (the draft may have sped up). A draft slower a token than the verifier's steps never gets ahead
+        of them: 4 LM sessions of the tiny pair drafting on one core (~10 ms a token against 9 ms steps) drafted
+        66-98 chunks a level (256 tokens), 6-14 of their tokens verified. Skipping those cut their drafting time by
+        a third (2.7 -> 1.85 s a level); the verifier's rate moved within its spread (docs/results.md, session 17)."""
+        if end > self.verifier_position(committed, lead_s) or (
+                end > self.verifier_position(committed) and committed - self.drafted_at >= PROBE_COMMITS):
+            self.drafted_at = committed
+            return True
+        return False

@@ -13,7 +13,7 @@ verifier_worker/session.py for the argument):
   tokens past what it knows is committed), sends every chunk as a claim, and resyncs on every commit that
   diverges from its guess. The verifier verifies whatever usable draft has arrived when a step starts and
   never waits for one. A chunk the verifier will have committed past by the time it arrives (`Link`) is kept
-  as a guess but not sent, and one that could not land whatever it drafts is not drafted.
+  as a guess but not sent, and one its own drafting time would make late is not drafted (`Link.worth_drafting`).
 
 Events: the opening's reply, "draft finished", "verdict arrived" (lockstep, ahead) and "commit arrived"
 (async). After each, named predicates decide what starts next: a block from the commit, a block on the
@@ -160,7 +160,8 @@ class ClientSession:
         elif self._may_draft_on_guess():
             self._draft(self._on_guess_size(), guess=list(self.guess), assumes_first=True)
         elif self.mode.streams_commits and (n := self._chunk_size()) > 0:
-            if self._arrives_in_time(len(self.committed) + len(self.guess) + n):
+            if self.link.worth_drafting(len(self.committed), len(self.committed) + len(self.guess) + n,
+                                        n * self.draft_s_per_token):
                 self._draft(n, guess=list(self.guess))
             elif self.reading is None:  # too late on arrival whatever it drafts: save the compute, wait for a commit
                 self.result.unsent += 1
@@ -284,6 +285,7 @@ class ClientSession:
         if not self._claim_holds(job.base, claim, len(job.guess)):
             return  # a commit diverged from the guess it was drafted on: the next draft starts from the new state
         if not (self._awaited(job) or len(claim) > max(assumed, done) and self._room_in_flight()):
+            self.result.unsent += self.mode.streams_commits and done >= len(claim) > len(job.guess)  # all committed
             return
         self.guess = claim[done:]
         if not self._arrives_in_time(job.base + len(claim)):

@@ -294,6 +294,27 @@ def test_async_client_predicts_where_the_verifier_will_be():
     assert link.verifier_position(5) == pytest.approx(6.5, abs=0.01)
 
 
+def test_async_client_drafts_no_chunk_its_drafting_would_make_late():
+    """A chunk is drafted only if it still lands once drafted: its drafting time counts. A draft slower a token
+    than the verifier's steps never gets ahead of them, so it drafts nothing but a probe every PROBE_COMMITS
+    commits (which measures its drafting time again), and never one that could not land even drafted at once."""
+    from draft_worker.gamma import PROBE_COMMITS
+    link = _Link(rtt_s=0.0)
+    for _ in range(20):
+        link.on_commit(1, 0.009)  # 9 ms a token
+    assert link.worth_drafting(5, end=8, lead_s=3 * 0.001)  # 1 ms a token: lands 0.33 tokens past the commit
+    assert link.drafted_at == 5
+    assert not link.worth_drafting(6, end=9, lead_s=3 * 0.010)  # 10 ms a token: the verifier passes it first
+    assert not link.worth_drafting(4 + PROBE_COMMITS, end=7 + PROBE_COMMITS, lead_s=0.030)
+    assert link.worth_drafting(5 + PROBE_COMMITS, end=8 + PROBE_COMMITS, lead_s=0.030)  # the probe
+    assert link.drafted_at == 5 + PROBE_COMMITS
+    assert not link.worth_drafting(6 + PROBE_COMMITS, end=9 + PROBE_COMMITS, lead_s=0.030)  # the next waits again
+    link = _Link(rtt_s=0.100)  # 11 commits per round trip: nothing within 3 tokens lands, probe or not
+    for _ in range(20):
+        link.on_commit(1, 0.009)
+    assert not link.worth_drafting(100, end=103, lead_s=0.0)
+
+
 async def test_async_client_withholds_claims_that_would_arrive_too_late(start_verifier):
     """A verifier stepping in ~3 ms behind a 100 ms link commits ~30 tokens per round trip, more than the
     client's 2 gamma + 1 lookahead: past the opening, no claim could land, so the client neither drafts nor
