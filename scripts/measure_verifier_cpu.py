@@ -5,8 +5,10 @@ pass's ratios. Session 16's table in docs/results.md (the tiny pair, 4 sessions,
     python scripts/measure_verifier_cpu.py --arms generate ngram-auto ngram-auto-noshadow --passes 12 --seconds 3
 
 An arm is measure_budget.py's (generate, ngram-auto, lm-auto, ngram-g2, ...); a "-noshadow" suffix runs it with its
-shadow blocks off (`Shadows.due` patched to False in this process). --pin's cores as measure_budget.py: the verifier on
-core 0, every session's drafting on core 1. Linux only (the verifier's CPU from /proc).
+shadow blocks off (`Shadows.due` patched to False in this process), a "-busy" suffix runs it beside a process spinning
+in pure Python on the drafting core (`generate-busy`: what any work there costs the verifier on one box, the control
+for the drafters' arms). --pin's cores as measure_budget.py: the verifier on core 0, every session's drafting on
+core 1. Linux only (the verifier's CPU from /proc).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -31,21 +35,30 @@ from specdec.config import SamplingParams
 from specdec.pubmedqa import default_path, load_items
 
 
+BUSY = "import os\nos.sched_setaffinity(0, {1})\nwhile True:\n    pass"  # pure Python on the drafting core, no model
+
+
 async def one_pass(stub, info, prompts, arm: str, args) -> tuple[float, float]:
-    """(tok/s, verifier CPU s per token) of `arm`, its levels run for args.seconds."""
+    """(tok/s, verifier CPU s per token) of `arm`, its levels run for args.seconds. Suffixes: "-noshadow" (shadow
+    blocks off), "-busy" (a process spinning in pure Python on the drafting core meanwhile: what any work there
+    costs the verifier's core on this box, a control for the drafters' arms)."""
     due, tokens, wall = shadow.Shadows.due, 0.0, 0.0
     if arm.endswith("-noshadow"):
         shadow.Shadows.due = lambda *a, **k: False
+    busy = subprocess.Popen([sys.executable, "-c", BUSY]) if arm.endswith("-busy") else None
     try:
         started, cpu = time.perf_counter(), process_cpu_s(args.verifier_pid)
         while time.perf_counter() - started < args.seconds:
             t = time.perf_counter()
-            rate = (await level(stub, info, prompts, args.sessions, arm.removesuffix("-noshadow"),
+            rate = (await level(stub, info, prompts, args.sessions, arm.removesuffix("-noshadow").removesuffix("-busy"),
                                 SamplingParams(max_new_tokens=args.max_new_tokens), args))[0]
             tokens, wall = tokens + rate * (time.perf_counter() - t), wall + time.perf_counter() - t
         return tokens / wall, (process_cpu_s(args.verifier_pid) - cpu) / tokens
     finally:
         shadow.Shadows.due = due
+        if busy is not None:
+            busy.kill()
+            busy.wait()
 
 
 async def run(address: str, prompts, args) -> None:
