@@ -314,7 +314,8 @@ class ClientSession:
         shadow, accepted = decided
         if hasattr(self.schedule, "observe"):
             self.schedule.observe(len(shadow.draft_ids), accepted, shadow.draft_s)
-        await self._send_shadows(self.shadows.report(shadow, accepted, self._wants()))
+        shared = (self.result.batch_size or [1])[-1] > 1  # the verifier's last step carried other sessions too
+        await self._send_shadows(self.shadows.report(shadow, accepted, self._wants(), shared))
 
     async def _send_shadows(self, message: tuple[pb.SpeculateRequest, int] | None) -> None:
         if message is not None:

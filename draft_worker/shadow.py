@@ -34,7 +34,7 @@ from protos.specdec.v1 import specdec_pb2 as pb
 
 SHADOW_SHARE = 0.1  # the most of a verifier step a shadow block may take to draft
 MISS_BACKOFF = 2  # after shadow blocks missing in a row, the next comes up to 2 ** MISS_BACKOFF times as many commits later
-HELD_MISSES = 3  # missed shadow blocks held back to ride a later message (the next miss goes with them)
+HELD_MISSES = 3  # missed shadow blocks (any, beside other sessions) held back to ride a later message with the next
 
 
 @dataclass(frozen=True)
@@ -110,16 +110,20 @@ class Shadows:
         self.misses = 0 if accepted else self.misses + 1
         return block, accepted
 
-    def report(self, block: ShadowBlock, accepted: int, wants: int | None) -> tuple[pb.SpeculateRequest, int] | None:
+    def report(self, block: ShadowBlock, accepted: int, wants: int | None,
+               shared: bool = False) -> tuple[pb.SpeculateRequest, int] | None:
         """(the message that reports `block` now, with every verdict held before it; the blocks it reports), or None:
         held back. A miss is held while fewer than HELD_MISSES are: each message costs a fast verifier's event loop
         about 0.3 ms (4 n-gram sessions of the tiny pair: 3% more verifier CPU a token than `Generate` with one a
         block, 0.5% without any), and a miss changes no grant while the verifier decodes the session alone at budget
-        0. A block that landed goes at once with those before it: it may open a grant. The order stays the client's,
+        0. A block that landed goes at once with those before it, it may open a grant, unless the verifier's steps
+        carry other sessions too (`shared`: the last reply's step did): then its time is theirs as well, and a grant
+        that opens a few blocks later costs little where drafts barely pay (4 sessions: half the shadow blocks
+        landed, and grants were worth about nothing, docs/results.md session 16). The order stays the client's,
         and every held verdict goes before the session's next proposal (`flush`). `wants`: the client's own best
         gamma now (None: unsaid)."""
         verdict = (len(block.draft_ids), accepted, block.gamma)
-        if not accepted and len(self.held) < HELD_MISSES:
+        if (not accepted or shared) and len(self.held) < HELD_MISSES:
             self.held.append(verdict)
             return None
         return self._message(verdict, wants)

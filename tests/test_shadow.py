@@ -272,6 +272,18 @@ def test_misses_are_held_back_a_few_to_a_message_and_a_hit_takes_them_at_once():
     assert not request.shadow.HasField("wants") and shadows.held == [] and shadows.flush(None) is None
 
 
+def test_beside_other_sessions_hits_are_held_too():
+    """When the verifier's last step carried other sessions (`shared`), a block that landed is held like a miss:
+    4 n-gram sessions of the tiny pair sent 200 shadow messages a pass where they now send 71. Alone, a hit goes
+    at once (it may open a grant: 1.14x `Generate` at 1 session)."""
+    shadows = Shadows()
+    block = ShadowBlock(base=0, draft_ids=(7, 7), gamma=2)
+    assert [shadows.report(block, accepted, 2, shared=True) for accepted in (2, 0, 1)] == [None] * HELD_MISSES
+    request, blocks = shadows.report(block, 2, 2, shared=True)  # the fourth takes them
+    assert blocks == HELD_MISSES + 1 and [b.accepted for b in request.shadow.before] == [2, 0, 1]
+    assert shadows.report(block, 2, 2, shared=False) is not None  # alone again: at once
+
+
 class EmptyDrafter(NgramDrafter):
     """An n-gram drafter that never finds a match: every shadow block is an empty miss, decided at once."""
 
@@ -305,8 +317,8 @@ async def test_held_misses_reach_the_verifier_before_the_sessions_next_proposal(
     held = threading.Event()
     report = Shadows.report
 
-    def holding(self, block, accepted, wants):
-        message = report(self, block, accepted, wants)
+    def holding(self, block, accepted, wants, shared=False):
+        message = report(self, block, accepted, wants, shared)
         if self.held:
             held.set()
         return message
