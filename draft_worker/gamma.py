@@ -129,6 +129,12 @@ class RttGamma:
         self.rtt_s = ema(self.rtt_s, max(rtt_s, 0.0), self.smoothing)
         self.gamma = self._next_gamma()
 
+    def chunk_drafted(self) -> None:
+        """Async: a chunk is being drafted at the current gamma, which spends a probe standing. Its tokens may never
+        be verified (a commit contradicts its guess or passes it first), and a probe left standing until a verified
+        one kept a slow LM drafting at every commit (4 tiny LM sessions: 63-113 chunks a level, 23-29 tokens verified)."""
+        self._probe_due = False
+
     def observe(self, proposed: int, accepted: int, draft_s: float | None = None, *, opening: bool = False) -> None:
         """Learn acceptance and draft time alone: `accepted` leading tokens of `proposed` drafted in `draft_s` (a
         verdict's, or a shadow block's, checked against what the verifier committed on its own:

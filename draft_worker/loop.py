@@ -84,7 +84,8 @@ class ClientSession:
         self.server_turn = False  # it is doing so now: the client reads its commits and sends nothing
         self.alone = 0  # steps the verifier still decodes on its own because the last block asked it (decode_alone)
         self.shadows = Shadows(shared_cores=stream.shared_cores)  # drafted while the verifier decodes alone (shadow.py)
-        self.draft_s_per_token = 0.0  # of the last job after the opening's (async's schedule updates)
+        self.draft_s_per_token = 0.0  # of the last job after the opening's
+        self.unverified_s = 0.0  # async: drafting since the last commit that verified a draft, charged to the next
         self.opening_job: Job | None = None
         self.finished = False
         self.start = time.perf_counter()
@@ -163,6 +164,7 @@ class ClientSession:
             if self.link.worth_drafting(len(self.committed), len(self.committed) + len(self.guess) + n,
                                         n * self.draft_s_per_token):
                 self._draft(n, guess=list(self.guess))
+                getattr(self.schedule, "chunk_drafted", lambda: None)()
             elif self.reading is None:  # too late on arrival whatever it drafts: save the compute, wait for a commit
                 self.result.unsent += 1
         elif not self.tree_nodes and shadows.due(self.server_turn or (self.mode.streams_commits and self.budget == 0),
@@ -278,7 +280,7 @@ class ClientSession:
         if self.budget is not None:  # the budget fell while it drafted (the first block: drafted before it was known)
             drafted = drafted[: self.budget + job.assumes_first]  # ahead: the guessed bonus token is no draft token
         if drafted and job is not self.opening_job:  # whose time includes the draft model's prefill of the prompt
-            self.draft_s_per_token = draft_s / len(drafted)
+            self.draft_s_per_token, self.unverified_s = draft_s / len(drafted), self.unverified_s + draft_s
         claim = [*job.guess, *drafted]
         assumed = len(job.guess) + job.assumes_first
         done = len(self.committed) - job.base  # claimed positions committed meanwhile
@@ -369,8 +371,12 @@ class ClientSession:
         # the verifier never waits on the link in async mode: the round trip is not part of a step's cost (lock-step's
         # own decoding steps leave its round-trip estimate as it is)
         rtt_s = 0.0 if self.mode.streams_commits else getattr(self.schedule, "rtt_s", None) or 0.0
-        self.schedule.update(commit.verified, commit.num_accepted, draft_s=commit.verified * self.draft_s_per_token,
-                             service_s=block_s(commit), rtt_s=rtt_s)
+        # async: the chunks drafted since the last verified draft are its cost, as a chunk a commit contradicts or
+        # passes is never verified (4 tiny LM sessions: 6-14 of ~180 tokens drafted a level were)
+        draft_s = self.unverified_s if self.mode.streams_commits else commit.verified * self.draft_s_per_token
+        self.unverified_s = 0.0 if commit.verified else self.unverified_s
+        self.schedule.update(commit.verified, commit.num_accepted, draft_s=draft_s, service_s=block_s(commit),
+                             rtt_s=rtt_s)
         if self.mode.drafter_tracks_commits and not self.tree_nodes:  # lock-step: the verifier decoded on its own
             for token in new:
                 self.drafter.commit(0, token)

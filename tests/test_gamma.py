@@ -339,3 +339,26 @@ def test_the_replay_prices_each_block_from_the_recorded_agreements():
     # gamma 2 from t = 1: accepts 1 (commits 2), from t = 3: 2 (3), from t = 6: the last token, a block of 1 (1 + 0)
     seconds = replay.session(replay.blocks(row, "lm"), FixedGamma(2, 16), budgeter, "k", args)
     assert seconds == pytest.approx(1.0 + 2 * (0.2 + 0.2 + 0.03) + (0.1 + 0.2 + 0.02))
+
+
+def test_an_async_chunk_spends_the_probe_standing():
+    """A probe stands until a block goes out; async, that is the chunk drafted at it, whose tokens may never be
+    verified (a commit contradicts its guess or passes it): left standing, a probe kept a slow LM drafting at every
+    commit. After chunk_drafted the next update falls back to the gamma chosen, 0."""
+    schedule = RttGamma(gamma=1, max_gamma=8)
+    for _ in range(3):  # a draft as slow a token as the verifier's whole step, never accepted: gamma 0
+        schedule.update(1, 0, draft_s=0.5, service_s=0.01, rtt_s=0.0)
+    gammas = []
+    for _ in range(6):
+        schedule.update(0, 0, draft_s=0.0, service_s=0.01, rtt_s=0.0)  # commits verifying no draft
+        gammas.append(schedule.gamma)
+        if schedule.gamma:
+            schedule.chunk_drafted()
+    assert gammas[0] == 1 and gammas.count(1) <= 3  # probes after 1, 2, 4 rounds, each spent by its chunk
+    assert 0 in gammas[1:]
+    standing = RttGamma(gamma=1, max_gamma=8)  # the same without chunk_drafted: the probe stands while none verifies
+    for _ in range(3):
+        standing.update(1, 0, draft_s=0.5, service_s=0.01, rtt_s=0.0)
+    for _ in range(6):
+        standing.update(0, 0, draft_s=0.0, service_s=0.01, rtt_s=0.0)
+    assert standing.gamma == 1

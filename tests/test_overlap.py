@@ -21,7 +21,8 @@ import torch
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.delay import DelayProxy
 from draft_worker.drafters import Candidates, LMDrafter, NgramDrafter
-from draft_worker.gamma import Link as _Link
+from draft_worker import loop as loop_module
+from draft_worker.gamma import FixedGamma, Link as _Link
 from draft_worker.transport import fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
@@ -313,6 +314,53 @@ def test_async_client_drafts_no_chunk_its_drafting_would_make_late():
     for _ in range(20):
         link.on_commit(1, 0.009)
     assert not link.worth_drafting(100, end=103, lead_s=0.0)
+
+
+class ChargedGamma(FixedGamma):
+    """A fixed gamma that records what every update charges it: (draft tokens verified, draft seconds)."""
+
+    def __init__(self, gamma: int, max_gamma: int):
+        super().__init__(gamma, max_gamma)
+        self.charged: list[tuple[int, float]] = []
+
+    def update(self, proposed: int, accepted: int, *, draft_s: float, **_) -> None:
+        self.charged.append((proposed, draft_s))
+
+
+class SlowLMDrafter(LMDrafter):
+    def propose(self, context: list[int], gamma: int):
+        time.sleep(0.002 * gamma)  # a draft that takes time, so what each chunk cost is measured
+        return super().propose(context, gamma)
+
+
+async def test_async_charges_every_chunk_since_the_last_verified_draft(start_verifier, monkeypatch):
+    """Async: a chunk a commit contradicts or passes is never verified, yet it was drafted. The next commit that
+    verifies a draft is charged all the drafting since the last one, so a drafter whose chunks mostly go unverified
+    looks as dear as it is (4 LM sessions of the tiny pair: 6-14 of ~180 tokens drafted a level were verified).
+    Every chunk here is booked at 1 ms a token (`timed` patched: the charge is exact, whatever this machine's load):
+    charged by the last chunk's time a token, as before, a commit costs exactly its verified tokens' 1 ms; charged
+    the chunks since the last verified draft, one that follows a chunk drafted on a wrong guess costs more (and
+    its verified tokens may have been charged before it, with an earlier commit: only the sum is conserved)."""
+    timed, drafted = loop_module.timed, []
+
+    def booked(fn, *args):
+        candidates, _ = timed(fn, *args)
+        drafted.append(len(candidates.draft_ids))
+        return candidates, 0.001 * len(candidates.draft_ids)
+
+    monkeypatch.setattr(loop_module, "timed", booked)
+    draft, _ = fake_pair(vocab_size=32, noise=0.5)
+    verifier = await start_verifier(SlowLM(32, seed=0, delay_s=0.015), vocab_size=32)  # fake_pair's target, slower
+    params = SamplingParams(max_new_tokens=24)
+    schedule = ChargedGamma(2, 8)
+    async with link(verifier, 0) as stub:
+        info = await fetch_info(stub)
+        baseline = await generate_baseline(stub, [1, 2], params)
+        spec = await speculate(stub, SlowLMDrafter(draft, "lm"), [1, 2], params, schedule, info, mode="async")
+    assert spec.token_ids == baseline.token_ids
+    verified = [(n, s) for n, s in schedule.charged if n]
+    assert any(s > 0.001 * n + 1e-9 for n, s in verified)  # the unverified chunks before it too
+    assert sum(s for _, s in verified) <= 0.001 * sum(drafted[1:]) + 1e-9  # none twice (the opening's apart)
 
 
 async def test_async_client_withholds_claims_that_would_arrive_too_late(start_verifier):
