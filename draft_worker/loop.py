@@ -368,15 +368,12 @@ class ClientSession:
         self.link.on_commit(len(new), commit.service_s)
         self.result.stale = commit.stale
         self._record_round(commit.verified, commit.num_accepted, commit.service_s, commit.cost)
-        # the verifier never waits on the link in async mode: the round trip is not part of a step's cost (lock-step's
-        # own decoding steps leave its round-trip estimate as it is)
+        # async: no round trip in a step's cost (the verifier never waits on the link; lock-step's own decoding steps
+        # leave the estimate as it is), and every chunk drafted since the last verified draft in this one's (a chunk a
+        # commit contradicts or passes is never verified: 4 tiny LM sessions had 6-14 of ~180 drafted tokens verified)
         rtt_s = 0.0 if self.mode.streams_commits else getattr(self.schedule, "rtt_s", None) or 0.0
-        # async: the chunks drafted since the last verified draft are its cost, as a chunk a commit contradicts or
-        # passes is never verified (4 tiny LM sessions: 6-14 of ~180 tokens drafted a level were)
-        draft_s = self.unverified_s if self.mode.streams_commits else commit.verified * self.draft_s_per_token
-        self.unverified_s = 0.0 if commit.verified else self.unverified_s
-        self.schedule.update(commit.verified, commit.num_accepted, draft_s=draft_s, service_s=block_s(commit),
-                             rtt_s=rtt_s)
+        draft_s, self.unverified_s = (self.unverified_s, 0.0) if commit.verified else (0.0, self.unverified_s)
+        self.schedule.update(commit.verified, commit.num_accepted, draft_s=draft_s, service_s=block_s(commit), rtt_s=rtt_s)
         if self.mode.drafter_tracks_commits and not self.tree_nodes:  # lock-step: the verifier decoded on its own
             for token in new:
                 self.drafter.commit(0, token)
