@@ -22,7 +22,7 @@ from draft_worker.client import generate_baseline, speculate
 from draft_worker.delay import DelayProxy
 from draft_worker.drafters import Candidates, LMDrafter, NgramDrafter
 from draft_worker import loop as loop_module
-from draft_worker.gamma import FixedGamma, Link as _Link
+from draft_worker.gamma import PROBE_COMMITS, FixedGamma, Link as _Link
 from draft_worker.transport import fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from protos.specdec.v1 import specdec_pb2_grpc as pb_grpc
@@ -299,7 +299,6 @@ def test_async_client_drafts_no_chunk_its_drafting_would_make_late():
     """A chunk is drafted only if it still lands once drafted: its drafting time counts. A draft slower a token
     than the verifier's steps never gets ahead of them, so it drafts nothing but a probe every PROBE_COMMITS
     commits (which measures its drafting time again), and never one that could not land even drafted at once."""
-    from draft_worker.gamma import PROBE_COMMITS
     link = _Link(rtt_s=0.0)
     for _ in range(20):
         link.on_commit(1, 0.009)  # 9 ms a token
