@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import os
 import sys
+import threading
 from types import SimpleNamespace
 
 import torch
@@ -70,6 +71,28 @@ class FakeLM(torch.nn.Module):
         rows = [[self._logits(keys[b, 0, seen[b, j], 0].long().tolist()) for j in kept] for b in range(batch)]
         logits = torch.stack([torch.stack(row) for row in rows]) if kept else torch.zeros(batch, 0, self.vocab_size)
         return SimpleNamespace(logits=logits, past_key_values=cache)  # logits [batch, len(kept), vocab]
+
+
+class GatedLM(FakeLM):
+    """A FakeLM whose forward waits for the test to open the gate, so a step can be caught in flight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def forward(self, *args, **kwargs):
+        self.entered.set()
+        assert self.gate.wait(10), "the test never opened the gate"
+        return super().forward(*args, **kwargs)
+
+
+async def wait_for(event: threading.Event) -> None:
+    for _ in range(500):  # <= 5 s
+        if event.is_set():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the engine never started the step")
 
 
 def fake_pair(vocab_size: int = 32, noise: float = 1.0) -> tuple[FakeLM, FakeLM]:

@@ -13,7 +13,7 @@ import torch
 from specdec import models
 from specdec.config import SamplingParams
 from specdec.lm import CachedLM
-from tests.stubs import FakeLM
+from tests.stubs import FakeLM, GatedLM, wait_for
 from verifier_worker.budgeting import DraftBudgeter
 from verifier_worker.engine import Engine
 from verifier_worker.kv import Row, SessionKV, batched_forward
@@ -161,28 +161,6 @@ async def test_long_prompt_is_chunked_and_does_not_stall_others(pads):
     await engine.verify(long, [3, 4], None)
     assert long.tokens == await run_alone(model, list(range(30)) * 2, [[3, 4]])
     assert short.tokens == await run_alone(model, [1, 2], [[]] * 6, SamplingParams(max_new_tokens=6))
-
-
-class GatedLM(FakeLM):
-    """A FakeLM whose forward waits for the test to open the gate, so a step can be caught in flight."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def forward(self, *args, **kwargs):
-        self.entered.set()
-        assert self.gate.wait(10), "the test never opened the gate"
-        return super().forward(*args, **kwargs)
-
-
-async def wait_for(event: threading.Event) -> None:
-    for _ in range(500):  # <= 5 s
-        if event.is_set():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the engine never started the step")
 
 
 async def test_cancel_mid_step_and_while_queued_leaves_the_others_unchanged():

@@ -4,6 +4,7 @@ ends: after each one (and alongside one) a good session still runs on the same v
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 
 import grpc
@@ -18,7 +19,7 @@ from draft_worker.transport import ClientConfig, fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
 from specdec.config import SamplingParams, VerifierLimits
-from tests.stubs import FakeLM, fake_pair
+from tests.stubs import FakeLM, GatedLM, fake_pair, wait_for
 
 VOCAB = 32
 TIMEOUT_S = 10
@@ -235,6 +236,45 @@ async def test_client_closing_early_frees_its_slot(verifier):
     await call.done_writing()
     assert await call.read() is grpc.aio.EOF
     await wait_for_no_sessions(verifier)
+
+
+ASYNC_REFUSALS = {  # what an async session's client may not send mid-session: (message, status, fragment)
+    "a second open": (open_request(), PRECONDITION, "already open"),
+    "a bad proposal": (proposal_request([1, 40]), INVALID, "draft_ids[1] = 40 is outside"),
+    "a malformed shadow verdict": (pb.SpeculateRequest(shadow=pb.ShadowVerdict(gamma=9, drafted=1)), INVALID,
+                                   "gamma must be in [1, 4]"),
+    "its side closed": (None, grpc.StatusCode.OK, ""),
+}
+
+
+@pytest.mark.parametrize("case", ASYNC_REFUSALS)
+async def test_async_session_ends_on_what_its_client_sends(start_verifier, case):
+    """Async: the handler streams commits while another task takes the client's messages. A message it may not send
+    ends its own stream with its status, and a client closing its side ends the session, while a step is still in
+    flight (a CPU verifier's take seconds); the slot comes back."""
+    model = GatedLM(VOCAB)
+    model.gate.set()
+    verifier = await start_verifier(model, vocab_size=VOCAB,
+                                    limits=VerifierLimits(max_gamma=4, max_new_tokens=1000, max_sessions=1))
+    request, code, fragment = ASYNC_REFUSALS[case]
+    call = verifier.stub.Speculate(timeout=TIMEOUT_S)
+    params = pb.SamplingParams(max_new_tokens=1000)
+    await call.write(pb.SpeculateRequest(open=pb.OpenSession(prompt_ids=[1, 2], params=params,
+                                                             mode=pb.SPECULATION_MODE_ASYNC)))
+    assert (await call.read()).WhichOneof("kind") == "opened"
+    model.gate.clear()
+    model.entered.clear()
+    try:
+        await wait_for(model.entered)  # a step is in flight, and none finishes until the gate opens
+        await (call.write(request) if request is not None else call.done_writing())
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while (reply := await call.read()) is not grpc.aio.EOF:  # the commits of the steps before the gate
+                assert reply.commit.token_ids and not reply.commit.finished
+        assert await call.code() == code and fragment in await call.details(), (await call.code(), await call.details())
+    finally:
+        model.gate.set()
+    await wait_for_no_sessions(verifier)
+    await good_session(verifier)  # max_sessions = 1: only possible if the slot came back
 
 
 @pytest.mark.parametrize(

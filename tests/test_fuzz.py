@@ -75,7 +75,8 @@ params = st.builds(pb.SamplingParams, temperature=floats, top_k=st.integers(0, 2
                    max_new_tokens=st.integers(0, 12), stop_token_ids=st.lists(st.integers(-2, VOCAB_GUESS), max_size=70),
                    seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)))
 opening = st.builds(pb.OpenSession, prompt_ids=ids, params=params, tokenizer_fingerprint=st.sampled_from(["", "fp-tiny", "x"]),
-                    client_model_id=st.text(max_size=8))
+                    client_model_id=st.text(max_size=8), mode=st.sampled_from([pb.SPECULATION_MODE_LOCKSTEP,
+                                                                               pb.SPECULATION_MODE_ASYNC]))
 sparse = st.builds(pb.SparseProbs, rows=st.lists(st.builds(pb.SparseRow, ids=ids, probs=st.lists(floats, max_size=20)), max_size=5))
 dense = st.builds(pb.DenseProbs, dtype=st.integers(0, 3), vocab_size=st.integers(0, 2 * VOCAB_GUESS),
                   data=st.binary(max_size=4 * 5 * VOCAB_GUESS))

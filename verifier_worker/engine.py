@@ -105,6 +105,11 @@ class Decoding:
         self._work = work.next
         return result
 
+    def cancel(self) -> None:
+        """Cancel the step `next` awaits (or will): it raises CancelledError there."""
+        if self._work is not None:
+            self._work.future.cancel()
+
 
 class Engine:
     def __init__(self, model: torch.nn.Module | Backend, max_batch_tokens: int = 512,

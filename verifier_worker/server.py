@@ -34,6 +34,8 @@ from verifier_worker.session import VerifierSession
 from verifier_worker.validation import (
     INBOX_SIZE,
     CorruptMessage,
+    Ended,
+    Refusal,
     check_open,
     check_proposal_off_loop,
     check_shadow,
@@ -303,47 +305,61 @@ class VerifierServicer(pb_grpc.VerifierServicer):
 
     async def _async(self, context, inbox: asyncio.Queue, session: VerifierSession):
         """The engine decodes (or verifies the drafts that arrived) in every step and each step's commit is
-        streamed at once; proposals only feed the session's `ahead` drafts. No step waits for the client."""
+        streamed at once; proposals only feed the session's `ahead` drafts, offered by `_feed` as they arrive.
+        No step waits for the client. The handler awaits the engine's step alone, as Generate does: one pass of
+        the event loop a step. Waiting on the step and the inbox together took a task and two more passes a step."""
         decoding = self.engine.decode(session)
-        max_ahead = lookahead(self.limits.max_gamma)  # as far as any client drafts ahead (specdec.config)
-        stepped = asyncio.ensure_future(self._run(context, decoding.next()))
-        received = asyncio.ensure_future(inbox.get())
+        ended: list[Ended] = []  # what ended the session from the client's side (_feed)
+        feeder = asyncio.create_task(self._feed(inbox, session, decoding, ended))
         last = time.perf_counter()
         try:
             while True:
-                done, _ = await asyncio.wait({stepped, received}, return_when=asyncio.FIRST_COMPLETED)
-                if received in done:
-                    request, _ = received.result()
-                    if request is None:  # the client closed its side before the session finished
+                try:
+                    result, cost = await self._run(context, decoding.next())
+                except asyncio.CancelledError:
+                    if not ended:  # the call itself was cancelled
+                        raise
+                if ended:
+                    if ended[0].code is None:  # the client closed its side before the session finished
                         return
-                    request = await self._intact(context, request)
-                    if await self._shadow(context, session, request):
-                        pass
-                    elif request.WhichOneof("kind") != "proposal":
-                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
-                    else:
-                        claim = await self._check_proposal(context, request.proposal, session.params, trees=False)
-                        if self.budgeter is not None:  # a stale chunk's word holds too: the client's gamma now
-                            self.budgeter.wants(session, said_gamma(request.proposal))
-                        if not session.offer(claim, max_ahead):
-                            self.metrics.stale.inc()
-                    received = asyncio.ensure_future(inbox.get())
-                if stepped in done:
-                    result, cost = stepped.result()
-                    now = time.perf_counter()
-                    self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
-                    yield pb.SpeculateReply(commit=commit_reply(result, self._cost(cost, now - last), now - last, session))
-                    last = now
-                    if result.finish_reason is not None:
-                        # a message it took from the inbox since the wait is counted, not lost
-                        taken = received.result() if received.done() else None
-                        received.cancel()
-                        await until_half_closed(inbox, lambda r: self._shadow(context, session, r), taken)
-                        return
-                    stepped = asyncio.ensure_future(self._run(context, decoding.next()))
+                    await context.abort(ended[0].code, ended[0].message)
+                now = time.perf_counter()
+                self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
+                yield pb.SpeculateReply(commit=commit_reply(result, self._cost(cost, now - last), now - last, session))
+                last = now
+                if result.finish_reason is not None:
+                    feeder.cancel()  # what it had not taken stays in the inbox: counted, not lost
+                    await until_half_closed(inbox, lambda r: self._shadow(context, session, r))
+                    return
         finally:
-            stepped.cancel()
-            received.cancel()
+            feeder.cancel()
+
+    async def _feed(self, inbox: asyncio.Queue, session: VerifierSession, decoding, ended: list) -> None:
+        """Async: each chunk offered to the session as it arrives. What ends the session from the client's side
+        (its side closed, or a message it may not send) goes into `ended` and cancels the step the handler awaits:
+        the handler ends the stream, as only the call's own task may."""
+        refusal, max_ahead = Refusal(), lookahead(self.limits.max_gamma)  # as far as any client drafts ahead
+        try:
+            while True:
+                request, _ = await inbox.get()
+                if request is None:
+                    raise Ended(None, "")
+                request = await self._intact(refusal, request)
+                if await self._shadow(refusal, session, request):
+                    continue
+                if request.WhichOneof("kind") != "proposal":
+                    await refusal.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
+                claim = await self._check_proposal(refusal, request.proposal, session.params, trees=False)
+                if self.budgeter is not None:  # a stale chunk's word holds too: the client's gamma now
+                    self.budgeter.wants(session, said_gamma(request.proposal))
+                if not session.offer(claim, max_ahead):
+                    self.metrics.stale.inc()
+        except Ended as end:
+            ended.append(end)
+        except Exception as exc:  # noqa: BLE001 - a bug here ends this stream, not the server
+            log.exception("reading an async session's chunks failed")
+            ended.append(Ended(grpc.StatusCode.INTERNAL, f"reading the stream failed: {exc!r}"))
+        decoding.cancel()
 
     def _cost(self, cost: StepCost, service_s: float) -> pb.StepCost:
         """What a reply's step(s) cost, for the client; the wait for them goes to the queue histogram."""

@@ -7,8 +7,8 @@ repeated field is bounded by its length before any element is read, and element 
 decoding a proposal's probabilities (O(gamma x vocab)) runs in a worker thread, off the event loop. Memory
 held by requests in flight is capped server-wide: no message over `VerifierLimits.message_bytes`, at most
 `max_concurrent_rpcs` calls, and at most INBOX_SIZE + 2 messages held per call (see `inflight_bytes_cap`).
-Also what a stream's messages say beside their checks (`said_gamma`), and how a finished stream waits for its
-client's last writes (`until_half_closed`).
+Also what a stream's messages say beside their checks (`said_gamma`), how a finished stream waits for its
+client's last writes (`until_half_closed`), and how a task beside a call's own refuses a message (`Refusal`).
 """
 
 from __future__ import annotations
@@ -179,18 +179,30 @@ def said_gamma(message: pb.Proposal | pb.ShadowVerdict) -> int | None:
     return message.wants if message.HasField("wants") else None
 
 
-async def until_half_closed(inbox: asyncio.Queue, take: Callable[[pb.SpeculateRequest], Awaitable],
-                             taken: tuple | None = None) -> None:
+class Ended(Exception):
+    """What ended an async session from the client's side: a status and its message (code None: its side closed)."""
+
+    def __init__(self, code: grpc.StatusCode | None, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Refusal:
+    """A context whose abort raises `Ended`: the checks' answer, read off the call's own task (the server's `_feed`)."""
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        raise Ended(code, details)
+
+
+async def until_half_closed(inbox: asyncio.Queue, take: Callable[[pb.SpeculateRequest], Awaitable]) -> None:
     """After a session's last reply, wait (at most CLOSE_WAIT_S) for the client to stop writing before the
     stream ends: a client that pipelines proposals may be writing one right now, and grpcio turns a write
     that races the end of a stream into INTERNAL on the client's side, losing the replies it had not read.
-    What arrives meanwhile goes to `take` (a shadow verdict written while the last step ran is still counted), after
-    `taken`, an inbox item already taken off it."""
+    What arrives meanwhile goes to `take` (a shadow verdict written while the last step ran is still counted)."""
     deadline = time.perf_counter() + CLOSE_WAIT_S
     with contextlib.suppress(asyncio.TimeoutError):
         while (remaining := deadline - time.perf_counter()) > 0:
-            request, _ = taken or await asyncio.wait_for(inbox.get(), remaining)
-            taken = None
+            request, _ = await asyncio.wait_for(inbox.get(), remaining)
             if request is None:
                 return
             if not isinstance(request, CorruptMessage):
