@@ -68,6 +68,7 @@ class DrafterHistory(DrafterAcceptance):
     EMA of its requests' samples; None before any): where a new request's estimates start."""
 
     draft_s: float | None = None
+    opening_gamma: int | None = None  # what its latest request chose at its first round (None: none yet)
 
 
 def new_history(forget: float = 0.99) -> DrafterHistory:
@@ -75,7 +76,9 @@ def new_history(forget: float = 0.99) -> DrafterHistory:
     their schedules to share (`RttGamma.history`): each real or shadow block of any of them counts, decayed over
     ~1 / (1 - forget) blocks, and a new request's estimates start from its pooled rate instead of `prior_alpha`;
     its answer's opening rounds are priced by the earlier requests' openings (specdec.acceptance), and its draft
-    time starts from theirs, so the opening's second block is chosen, not drafted at the first block's gamma."""
+    time starts from theirs, so the opening's second block is chosen, not drafted at the first block's gamma. Its
+    first block is drafted at the gamma the latest request chose at its first round (a fixed 4 before: an LM that
+    does not pay at 4 async sessions drafted 3 chunks of each request before its first commit)."""
     return DrafterHistory(MAX_GAMMA, forget=forget)
 
 
@@ -113,13 +116,15 @@ class RttGamma:
         self._skipped_prefill = False
         self._rounds = 0  # updates so far: with a history, the first OPENING_ROUNDS are the answer's opening
         self.draft_s = None if self.history is None else self.history.draft_s  # its drafter's (None: none yet)
+        if self.history is not None and self.history.opening_gamma is not None:  # the first block: as the last opening
+            self.gamma = self._chosen = min(max(self.history.opening_gamma, self.min_gamma), self.max_gamma)
 
     def update(self, proposed: int, accepted: int, *, draft_s: float, service_s: float | None, rtt_s: float) -> None:
         """Learn from one verdict: `accepted` leading tokens of `proposed` drafted in `draft_s` seconds,
         verified in `service_s` (queue + compute; None: not a sample of a block's cost, e.g. its step carried another
         session's prefill, whose one outlier would price that block size for good if it is never chosen again),
         `rtt_s` the round trip minus service_s."""
-        opening = self._opening()
+        opening, draft_s_known = self._opening(), self.draft_s is not None
         self._rounds += 1
         self.observe(proposed, accepted, draft_s, opening=opening)
         if proposed:  # a block went out: the probe standing, if any, was drafted
@@ -128,12 +133,17 @@ class RttGamma:
             self._service[proposed] = ema(self._service.get(proposed), service_s, self.smoothing)
         self.rtt_s = ema(self.rtt_s, max(rtt_s, 0.0), self.smoothing)
         self.gamma = self._next_gamma()
+        if self.history is not None and self._rounds == 1 and draft_s_known:  # chosen, not kept for want of a draft time
+            self.history.opening_gamma = self._chosen
 
     def chunk_drafted(self) -> None:
         """Async: a chunk is being drafted at the current gamma, which spends a probe standing. Its tokens may never
         be verified (a commit contradicts its guess or passes it first), and a probe left standing until a verified
-        one kept a slow LM drafting at every commit (4 tiny LM sessions: 63-113 chunks a level, 23-29 tokens verified)."""
-        self._probe_due = False
+        one kept a slow LM drafting at every commit (4 tiny LM sessions: 63-113 chunks a level, 23-29 tokens verified).
+        The gamma falls back to the one chosen at once: kept to the next commit, a probe of 1 token past gamma 0 drafted
+        a chunk of 1 three times over (2 * gamma + 1 tokens ahead, draft_worker.loop)."""
+        if self._probe_due:
+            self._probe_due, self.gamma = False, self._chosen
 
     def observe(self, proposed: int, accepted: int, draft_s: float | None = None, *, opening: bool = False) -> None:
         """Learn acceptance and draft time alone: `accepted` leading tokens of `proposed` drafted in `draft_s` (a

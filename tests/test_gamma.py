@@ -354,6 +354,7 @@ def test_an_async_chunk_spends_the_probe_standing():
         gammas.append(schedule.gamma)
         if schedule.gamma:
             schedule.chunk_drafted()
+            assert schedule.gamma == 0  # at once: the next chunk before the next commit is not drafted at the probe
     assert gammas[0] == 1 and gammas.count(1) <= 3  # probes after 1, 2, 4 rounds, each spent by its chunk
     assert 0 in gammas[1:]
     standing = RttGamma(gamma=1, max_gamma=8)  # the same without chunk_drafted: the probe stands while none verifies
@@ -362,3 +363,23 @@ def test_an_async_chunk_spends_the_probe_standing():
     for _ in range(6):
         standing.update(0, 0, draft_s=0.0, service_s=0.01, rtt_s=0.0)
     assert standing.gamma == 1
+
+
+def test_a_request_drafts_its_first_block_at_the_gamma_the_last_opening_chose():
+    """With a history, a new request's first block (drafted while the verifier prefills, before any verdict) takes
+    the gamma its drafter's latest request chose at its first round; without one, or before any, its own start."""
+    history = new_history()
+    assert RttGamma(history=history).gamma == 4
+    for request in range(3):
+        schedule = RttGamma(history=history, max_gamma=8)
+        assert schedule.gamma == (4 if request < 2 else 0)
+        for _ in range(3):  # a draft as slow a token as the verifier's whole step, never accepted: gamma 0
+            schedule.update(1, 0, draft_s=0.5, service_s=0.01, rtt_s=0.0)
+        # the first request's first round had no draft time to choose by (its draft's prefill): it kept its gamma
+        assert history.opening_gamma == (None if request == 0 else 0)
+    quick = new_history()
+    quick.draft_s = 0.0001  # its earlier requests' draft time
+    RttGamma(gamma=1, history=quick, max_gamma=8).update(1, 1, draft_s=0.0001, service_s=0.01, rtt_s=0.0)
+    assert quick.opening_gamma > 1  # a free draft accepted whole: a longer block; within a lower limit, that limit
+    assert RttGamma(history=quick).gamma == quick.opening_gamma and RttGamma(1, 2, history=quick).gamma == 2
+    assert RttGamma(max_gamma=8).gamma == 4
