@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from specdec.gamma import expected_tokens_table
 
 OPENING_ROUNDS = 2  # an answer's first rounds (verdicts, plain decoding steps included): its opening
+CALIBRATION_PRIOR = 4.0  # promised tokens of pseudo-evidence that the estimates are right (Calibration)
+CALIBRATION_FORGET = 0.99  # per granted block
 
 
 @dataclass
@@ -112,3 +114,20 @@ class DrafterAcceptance:
         """[max_gamma] the rates of a session's next block after `rounds` rounds: in its answer's opening the
         openings seen, after it its own estimate (`tracker`, fed past its opening) shrunk toward the rest's rate."""
         return self.opening_rates() if rounds < OPENING_ROUNDS else tracker.rates(self.pooled())
+
+
+@dataclass
+class Calibration:
+    """The verifier's draft budget (verifier_worker/budgeting.py): accepted draft tokens granted blocks bought against
+    those their grants promised, decayed sums (over ~1 / (1 - CALIBRATION_FORGET) blocks), and their ratio, shrunk
+    toward 1 by CALIBRATION_PRIOR tokens, at most 1: what scales a drafter's estimates before a grant."""
+
+    bought: float = 0.0
+    promised: float = 0.0
+
+    def add(self, bought: float, promised: float) -> None:
+        self.bought = CALIBRATION_FORGET * self.bought + bought
+        self.promised = CALIBRATION_FORGET * self.promised + promised
+
+    def ratio(self) -> float:
+        return min(1.0, (self.bought + CALIBRATION_PRIOR) / (self.promised + CALIBRATION_PRIOR))

@@ -389,7 +389,8 @@ def test_budgeter_grants_once_per_step_and_respects_the_clients_limit():
 
 def test_a_fast_verifier_remakes_its_grant_at_most_every_few_steps(monkeypatch):
     """Making a grant takes the event loop ~0.1-1 ms between steps: a fast verifier's steps (a few ms) reuse it for
-    as many steps as keep that within GRANT_SHARE of their compute; a slow one remakes it every step."""
+    as many steps as keep that within GRANT_SHARE of their compute, and up to STEADY_BACKOFF times as many while it
+    comes out unchanged and no draft is accepted; a slow one remakes it every step."""
     from types import SimpleNamespace
 
     import verifier_worker.budgeting as budgeting
@@ -407,26 +408,43 @@ def test_a_fast_verifier_remakes_its_grant_at_most_every_few_steps(monkeypatch):
     budgeter.open("a")
     budgeter.budget_for("a")
     assert len(made) == 1
-    for _ in range(10):  # 5 ms steps: 0.5 ms is 2% of 5 steps
-        budgeter.on_step(0.005, 1, 1)
-        budgeter.budget_for("a")
-    assert len(made) == 1 + 2
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            budgeter.on_step(0.005, 1, 1)
+            budgeter.budget_for("a")
+
+    steps(5)  # 5 ms steps: 0.5 ms is 2% of 5 steps
+    assert len(made) == 2
+    steps(9)  # it came out as the one before: reused twice as long, then 4 times (STEADY_BACKOFF)
+    assert len(made) == 2
+    steps(1)
+    assert len(made) == 3
+    steps(19)
+    assert len(made) == 3
+    steps(1)
+    assert len(made) == 4
+    budgeter.on_verdict("a", 2, 1)  # an accepted draft: the grant may change, so it is remade as scheduled again
+    steps(4)
+    assert len(made) == 4
+    steps(1)
+    assert len(made) == 5
     budgeter.open("b")  # a new session: at once
     budgeter.budget_for("b")
-    assert len(made) == 4
+    assert len(made) == 6
     for _ in range(3):  # 0.3 s steps: every step
         budgeter.on_step(0.3, 2, 2)
         budgeter.budget_for("a")
-    assert len(made) == 7
+    assert len(made) == 9
     budgeter.on_step(0.005, 2, 2)  # a fast step again: the grant stands for a few steps
     budgeter.budget_for("a")
-    assert len(made) == 7
+    assert len(made) == 9
     budgeter.arrives("a", 0.001, 0.0005)  # now slower than the hold, granted drafts (flat prior): at once
     budgeter.budget_for("a")
-    assert len(made) == 8 and budgeter.budget_for("a") == 0
+    assert len(made) == 10 and budgeter.budget_for("a") == 0
     budgeter.arrives("a", 0.0001, 0.0005)  # in time again: a relaxation, remade as scheduled
     budgeter.budget_for("a")
-    assert len(made) == 8
+    assert len(made) == 10
 
 
 def test_new_sessions_start_from_the_population_rate():

@@ -32,7 +32,9 @@ Making a grant is Python on the event loop, between two steps: 0.07 ms at 1 sess
 this class of CPU (scripts/time_grant.py; 0.25 / 2.0 / 7.1 ms on a slower avx2-only EPYC core), nothing beside a
 CPU's 0.3-2 s steps but up to 10% of a fast verifier's at 16 sessions (the tiny pair's steps take 3-5 ms, a GPU's
 10-30). So it is remade at most every ceil(grant time / (GRANT_SHARE x the last step's compute)) steps, the latest
-standing in between; a session opening, closing, asking to decode alone (`hold`) or leaving its answer's opening
+standing in between, and up to STEADY_BACKOFF times less often while each remake gives the grant before and no
+draft is accepted (an LM that does not pay, granted 0 at every step, spent 2.4% of a tiny verifier's samples on its
+grants at 1 session); a session opening, closing, asking to decode alone (`hold`) or leaving its answer's opening
 remakes it at once, and so do a client's word that binds its cap (`wants`) and a session granted drafts that now
 misses steps (`arrives`). New sessions' acceptance starts from the rate of recent verdicts with the same drafter (its population: the
 client's model name, OpenSession.client_model_id); an answer's first OPENING_ROUNDS rounds are priced by that
@@ -63,32 +65,15 @@ import time
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 
-from specdec.acceptance import OPENING_ROUNDS, AcceptanceTracker, DrafterAcceptance
+from specdec.acceptance import OPENING_ROUNDS, AcceptanceTracker, Calibration, DrafterAcceptance
 from specdec.budget import Demand, Load, StepCostTable, grant_budgets, pays_a_missed_step, \
     predicted_gain
 from specdec.gamma import expected_tokens_table
 from verifier_worker.metrics import BudgetMetrics
 
-CALIBRATION_PRIOR = 4.0  # promised tokens of pseudo-evidence that the estimates are right
-CALIBRATION_FORGET = 0.99  # per granted block
 GRANT_SHARE = 0.02  # the most of the verifier's time that making grants may take (see the module docstring)
+STEADY_BACKOFF = 4  # a grant that came out as the one before is remade up to this many times less often
 MAX_DRAFTERS = 64  # drafter names whose population and latest turnaround are kept (the prior of new sessions)
-
-
-@dataclass
-class _Calibration:
-    """Accepted draft tokens granted blocks bought against those their grants promised: decayed sums (over
-    ~1 / (1 - CALIBRATION_FORGET) blocks) and their ratio, shrunk toward 1 by CALIBRATION_PRIOR tokens, at most 1."""
-
-    bought: float = 0.0
-    promised: float = 0.0
-
-    def add(self, bought: float, promised: float) -> None:
-        self.bought = CALIBRATION_FORGET * self.bought + bought
-        self.promised = CALIBRATION_FORGET * self.promised + promised
-
-    def ratio(self) -> float:
-        return min(1.0, (self.bought + CALIBRATION_PRIOR) / (self.promised + CALIBRATION_PRIOR))
 
 
 @dataclass
@@ -98,7 +83,7 @@ class _Drafter:
     session's starts)."""
 
     acceptance: DrafterAcceptance
-    calibration: _Calibration = field(default_factory=_Calibration)
+    calibration: Calibration = field(default_factory=Calibration)
     turnaround_s: float | None = None  # None: none measured yet
 
 
@@ -146,10 +131,11 @@ class DraftBudgeter:
         # acceptance, and what an answer's opening rounds are priced by (specdec.acceptance: openings apart)
         self._drafters: dict[str | None, _Drafter] = {}
         self._sessions: dict[Hashable, _Session] = {}
-        self._calibration = _Calibration()  # over every drafter (the calibration gauge)
+        self._calibration = Calibration()  # over every drafter (the calibration gauge)
         self._grants: dict[Hashable, int] | None = None  # the latest grant; None: to be made at the next budget_for
         self._grant_s = 0.0  # what making the latest grant took
         self._grant_age = 0  # steps since it was made
+        self._steady, self._last_grant = 1, None  # its reuse's multiple (1, 2, ... STEADY_BACKOFF), the grant before
         self.hold_s: float | None = None  # the most the engine holds a step for a late block (arrives; None: all)
         self._rates: dict[Hashable, list[float]] = {}  # the acceptance each of this step's grants read (uncalibrated)
         if metrics is not None:  # the fit as a scrape finds it (solved when read, never on every step: `on_step`)
@@ -203,7 +189,7 @@ class DraftBudgeter:
         steps)."""
         self.cost.observe(compute_s, tokens - prefill_tokens, sessions, prefill_tokens)
         self._grant_age += 1
-        if self._grant_age >= math.ceil(self._grant_s / (GRANT_SHARE * compute_s) if compute_s > 0 else 1):
+        if self._grant_age >= math.ceil(self._grant_s * self._steady / (GRANT_SHARE * compute_s) if compute_s > 0 else 1):
             self._grants = None
 
     def on_verdict(self, key: Hashable, proposed: int, accepted: int, offered: int = 0) -> None:
@@ -223,6 +209,7 @@ class DraftBudgeter:
             self._grants = None
         if not opening:  # an opening round tells the openings' rate, not this session's
             session.tracker.update(proposed, accepted, offered)
+        self._steady = 1 if accepted else self._steady  # evidence that a grant may change: its reuse as scheduled
         if (offered or proposed) and session.promised:
             session.drafter.calibration.add(accepted, session.promised)
             self._calibration.add(accepted, session.promised)
@@ -249,6 +236,7 @@ class DraftBudgeter:
         if key not in self._sessions or gamma <= 0:
             return
         self._sessions[key].tracker.update(min(drafted, gamma), min(accepted, drafted), gamma)
+        self._steady = 1 if accepted else self._steady
         if self.metrics is not None:
             self.metrics.shadows.inc()
 
@@ -343,6 +331,8 @@ class DraftBudgeter:
             started = time.perf_counter()
             self._grants = self.grants(Load(queued_tokens, queued_sessions), exclude=set(prefilling) - {key})
             self._grant_s, self._grant_age = time.perf_counter() - started, 0
+            steady = self._grants == self._last_grant
+            self._steady, self._last_grant = min(2 * self._steady, STEADY_BACKOFF) if steady else 1, self._grants
             if self.metrics is not None:
                 self.metrics.grant_seconds.observe(self._grant_s)
         budget = self._grants[key]
@@ -369,7 +359,7 @@ class DraftBudgeter:
 
     def calibration(self, drafter: str | None = None) -> float:
         """Accepted draft tokens the granted blocks of `drafter`'s sessions bought per token their grants promised
-        (`_Calibration`): what scales those sessions' estimates (an n-gram's bursts are not an LM's)."""
+        (`Calibration`): what scales those sessions' estimates (an n-gram's bursts are not an LM's)."""
         return self._seen(drafter).calibration.ratio()
 
     def grants(self, load: Load = Load(), exclude: Collection[Hashable] = ()) -> dict[Hashable, int]:
