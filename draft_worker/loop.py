@@ -49,11 +49,10 @@ from draft_worker.gamma import Link
 from draft_worker.modes import MODES, Block, Job
 from draft_worker.shadow import ShadowBlock, Shadows
 from draft_worker.stream import CALL_ERRORS, SpeculateStream, block_s, expect, open_request, proposal_request, \
-    record_cost, record_opened, timed
+    record_committed, record_opened, record_round, timed
 from draft_worker.transport import VerifierError
 from draft_worker.trees import propose_tree
 from protos.specdec.v1 import specdec_pb2 as pb
-from specdec import codec
 from specdec.budget import verifiers_turn
 from specdec.config import FINISH_STOP, SamplingParams, lookahead
 
@@ -346,7 +345,7 @@ class ClientSession:
         verified = sent.claim[len(self.committed) - sent.base :]  # its draft tokens past the commit
         next_token = verdict.next_token if verdict.HasField("next_token") else None
         self.result.rtt_s.append(rtt_s)
-        self._record_round(len(verified), verdict.num_accepted, verdict.service_s, verdict.cost)
+        record_round(self.result, len(verified), verdict.num_accepted, verdict.service_s, verdict.cost)
         self.schedule.update(len(verified), verdict.num_accepted, draft_s=sent.draft_s, service_s=block_s(verdict),
                              rtt_s=max(0.0, rtt_s - verdict.service_s))
         if verdict.accepted_nodes:  # a tree's accepted path (trees: the drafter syncs to the context it is given)
@@ -367,7 +366,7 @@ class ClientSession:
         self._budget_arrived(commit)
         self.link.on_commit(len(new), commit.service_s)
         self.result.stale = commit.stale
-        self._record_round(commit.verified, commit.num_accepted, commit.service_s, commit.cost)
+        record_round(self.result, commit.verified, commit.num_accepted, commit.service_s, commit.cost)
         # async: no round trip in a step's cost (the verifier never waits on the link; lock-step's own decoding steps
         # leave the estimate as it is), and every chunk drafted since the last verified draft in this one's (a chunk a
         # commit contradicts or passes is never verified: 4 tiny LM sessions had 6-14 of ~180 drafted tokens verified)
@@ -384,30 +383,15 @@ class ClientSession:
             self.budget = reply.draft_budget
             self.result.budget_per_round.append(reply.draft_budget)
 
-    # --- records --------------------------------------------------------------------------------------------
-
-    def _record_round(self, verified: int, accepted: int, service_s: float, cost: pb.StepCost) -> None:
-        self.result.proposed_per_round.append(verified)
-        self.result.accepted_per_round.append(accepted)
-        record_cost(self.result, service_s, cost)
-
     def _committed(self, new: list[int], finished: bool, reason: int, logprobs: pb.TokenLogprobs) -> None:
         """Record committed tokens (and their log-probabilities, when the request asked: before on_commit, which
         may read them); the session ends when the verifier finished it or on_commit asks to stop."""
         self.committed.extend(new)
         self.guess = self.guess[len(new) :] if self.guess[: len(new)] == new else []  # resync on a divergent commit
-        result = self.result
-        result.token_ids.extend(new)
-        result.logprobs.extend(codec.logprobs_from_proto(logprobs))
-        result.record_chunk(time.perf_counter(), len(new))
-        if result.rounds == 0:
-            result.ttft_s = time.perf_counter() - self.start
-        result.rounds += 1
-        if finished:
-            result.finish_reason = codec.finish_from_proto(reason)
+        record_committed(self.result, new, finished, reason, logprobs, self.start)
         if self.on_commit is not None and self.on_commit(new) and not finished:
-            result.finish_reason = FINISH_STOP
-        self.finished = bool(result.finish_reason)
+            self.result.finish_reason = FINISH_STOP
+        self.finished = bool(self.result.finish_reason)
 
     async def _stop(self) -> None:
         """End the stream; a drafting job still running is waited for (a thread cannot be cancelled, and the

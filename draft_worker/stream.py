@@ -71,6 +71,27 @@ def record_cost(result: GenerationResult, service_s: float, cost: pb.StepCost) -
     result.verifier_compute_s += cost.share_s
 
 
+def record_round(result: GenerationResult, verified: int, accepted: int, service_s: float, cost: pb.StepCost) -> None:
+    """One verdict or commit: the draft tokens it verified, how many it accepted, and its verifier time."""
+    result.proposed_per_round.append(verified)
+    result.accepted_per_round.append(accepted)
+    record_cost(result, service_s, cost)
+
+
+def record_committed(result: GenerationResult, new: list[int], finished: bool, reason: int,
+                     logprobs: pb.TokenLogprobs, start: float) -> None:
+    """Tokens a verdict or commit committed, their log-probabilities (when the request asked), the time to the first,
+    and the finish reason the verifier said (the request's `start`: its perf_counter when it began)."""
+    result.token_ids.extend(new)
+    result.logprobs.extend(codec.logprobs_from_proto(logprobs))
+    result.record_chunk(time.perf_counter(), len(new))
+    if result.rounds == 0:
+        result.ttft_s = time.perf_counter() - start
+    result.rounds += 1
+    if finished:
+        result.finish_reason = codec.finish_from_proto(reason)
+
+
 async def refusal(call, exc: BaseException, what: str) -> VerifierError:
     """The verifier's own status for a call that failed: the call's final status when it has one, which is
     what the server sent even when the failure surfaced on a write, else the error's. grpcio's INTERNAL

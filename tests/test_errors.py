@@ -277,6 +277,37 @@ async def test_async_session_ends_on_what_its_client_sends(start_verifier, case)
     await good_session(verifier)  # max_sessions = 1: only possible if the slot came back
 
 
+async def test_a_failure_taking_an_async_chunk_ends_only_its_stream(start_verifier, monkeypatch):
+    """A bug in the task that takes an async session's chunks ends that stream with INTERNAL and its message (never a
+    hang: the handler awaits the engine's step, which the task cancels), and the verifier serves on."""
+    from verifier_worker.session import VerifierSession
+
+    def broken(self, claim, max_ahead):
+        raise RuntimeError("offer broke")
+
+    monkeypatch.setattr(VerifierSession, "offer", broken)
+    model = GatedLM(VOCAB)
+    model.gate.set()
+    verifier = await start_verifier(model, vocab_size=VOCAB, limits=VerifierLimits(max_gamma=4, max_new_tokens=1000))
+    call = verifier.stub.Speculate(timeout=TIMEOUT_S)
+    await call.write(pb.SpeculateRequest(open=pb.OpenSession(prompt_ids=[1, 2], params=pb.SamplingParams(max_new_tokens=1000),
+                                                             mode=pb.SPECULATION_MODE_ASYNC)))
+    assert (await call.read()).WhichOneof("kind") == "opened"
+    model.gate.clear()
+    model.entered.clear()
+    try:
+        await wait_for(model.entered)  # the session cannot finish before the chunk is taken
+        await call.write(proposal_request([1, 2]))
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        assert await call.code() == grpc.StatusCode.INTERNAL and "offer broke" in await call.details()
+    finally:
+        model.gate.set()
+    await wait_for_no_sessions(verifier)
+    await good_session(verifier)
+
+
 @pytest.mark.parametrize(
     "prompt_ids, params, message",
     [
