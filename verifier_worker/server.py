@@ -329,7 +329,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 last = now
                 if result.finish_reason is not None:
                     feeder.cancel()  # what it had not taken stays in the inbox: counted, not lost
-                    await until_half_closed(inbox, lambda r: self._shadow(context, session, r))
+                    if not ended:  # else it took the client's half-close (or a message it may not send) already
+                        await until_half_closed(inbox, lambda r: self._shadow(context, session, r))
                     return
         finally:
             feeder.cancel()
