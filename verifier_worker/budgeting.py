@@ -209,7 +209,8 @@ class DraftBudgeter:
             self._grants = None
         if not opening:  # an opening round tells the openings' rate, not this session's
             session.tracker.update(proposed, accepted, offered)
-        self._steady = 1 if accepted else self._steady  # evidence that a grant may change: its reuse as scheduled
+        if accepted:  # evidence that a grant may change: its reuse as scheduled again
+            self._steady = 1
         if (offered or proposed) and session.promised:
             session.drafter.calibration.add(accepted, session.promised)
             self._calibration.add(accepted, session.promised)
@@ -236,7 +237,8 @@ class DraftBudgeter:
         if key not in self._sessions or gamma <= 0:
             return
         self._sessions[key].tracker.update(min(drafted, gamma), min(accepted, drafted), gamma)
-        self._steady = 1 if accepted else self._steady
+        if accepted:
+            self._steady = 1
         if self.metrics is not None:
             self.metrics.shadows.inc()
 

@@ -309,35 +309,35 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         No step waits for the client. The handler awaits the engine's step alone, as Generate does: one pass of
         the event loop a step. Waiting on the step and the inbox together took a task and two more passes a step."""
         decoding = self.engine.decode(session)
-        ended: list[Ended] = []  # what ended the session from the client's side (_feed)
-        feeder = asyncio.create_task(self._feed(inbox, session, decoding, ended))
+        feeder = asyncio.create_task(self._feed(inbox, session, decoding))  # done: the client's side ended it
         last = time.perf_counter()
         try:
             while True:
                 try:
                     result, cost = await self._run(context, decoding.next())
                 except asyncio.CancelledError:
-                    if not ended:  # the call itself was cancelled
+                    if not feeder.done():  # the call itself was cancelled
                         raise
-                if ended:
-                    if ended[0].code is None:  # the client closed its side before the session finished
+                if feeder.done():
+                    ended = feeder.result()
+                    if ended.code is None:  # the client closed its side before the session finished
                         return
-                    await context.abort(ended[0].code, ended[0].message)
+                    await context.abort(ended.code, ended.message)
                 now = time.perf_counter()
                 self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
                 yield pb.SpeculateReply(commit=commit_reply(result, self._cost(cost, now - last), now - last, session))
                 last = now
                 if result.finish_reason is not None:
-                    feeder.cancel()  # what it had not taken stays in the inbox: counted, not lost
-                    if not ended:  # else it took the client's half-close (or a message it may not send) already
+                    if not feeder.done():  # else it took the client's half-close (or a message it may not send)
+                        feeder.cancel()  # what it had not taken stays in the inbox: counted, not lost
                         await until_half_closed(inbox, lambda r: self._shadow(context, session, r))
                     return
         finally:
             feeder.cancel()
 
-    async def _feed(self, inbox: asyncio.Queue, session: VerifierSession, decoding, ended: list) -> None:
-        """Async: each chunk offered to the session as it arrives. What ends the session from the client's side
-        (its side closed, or a message it may not send) goes into `ended` and cancels the step the handler awaits:
+    async def _feed(self, inbox: asyncio.Queue, session: VerifierSession, decoding) -> Ended:
+        """Async: each chunk offered to the session as it arrives, until the client's side ends the session (its
+        side closed, or a message it may not send): that is returned, and the step the handler awaits cancelled, so
         the handler ends the stream, as only the call's own task may."""
         refusal, max_ahead = Refusal(), lookahead(self.limits.max_gamma)  # as far as any client drafts ahead
         try:
@@ -356,11 +356,12 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 if not session.offer(claim, max_ahead):
                     self.metrics.stale.inc()
         except Ended as end:
-            ended.append(end)
+            ended = end
         except Exception as exc:  # noqa: BLE001 - a bug here ends this stream, not the server
             log.exception("reading an async session's chunks failed")
-            ended.append(Ended(grpc.StatusCode.INTERNAL, f"reading the stream failed: {exc!r}"))
-        decoding.cancel()
+            ended = Ended(grpc.StatusCode.INTERNAL, f"reading the stream failed: {exc!r}")
+        decoding.cancel()  # the task is done before the handler wakes: it returns in this same step
+        return ended
 
     def _cost(self, cost: StepCost, service_s: float) -> pb.StepCost:
         """What a reply's step(s) cost, for the client; the wait for them goes to the queue histogram."""
