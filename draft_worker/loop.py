@@ -280,6 +280,8 @@ class ClientSession:
             drafted = drafted[: self.budget + job.assumes_first]  # ahead: the guessed bonus token is no draft token
         if drafted and job is not self.opening_job:  # whose time includes the draft model's prefill of the prompt
             self.draft_s_per_token, self.unverified_s = draft_s / len(drafted), self.unverified_s + draft_s
+            if self.mode.streams_commits:
+                getattr(self.schedule, "drafted", lambda _: None)(self.draft_s_per_token)
         claim = [*job.guess, *drafted]
         assumed = len(job.guess) + job.assumes_first
         done = len(self.committed) - job.base  # claimed positions committed meanwhile

@@ -53,6 +53,7 @@ class RecordingVerifier(pb_grpc.VerifierServicer):
         self.sizes: list[int] = []  # draft tokens of every proposal received
         self.before_opened = None  # an async callable awaited before `opened` is written
         self.opened_sent = False
+        self.verifies = True  # False: every proposal is dropped unverified (a plain token committed instead)
 
     async def Speculate(self, request_iterator, context):
         inbox, reader = stream_inbox(request_iterator)
@@ -74,7 +75,8 @@ class RecordingVerifier(pb_grpc.VerifierServicer):
                 if start > committed and not async_mode:  # its assumed tokens were not committed
                     yield pb.SpeculateReply(verdict=pb.Verdict(stale=True))
                     continue
-                draft = list(proposal.draft_ids[committed - start :])[:max_block] if start <= committed else []
+                draft = list(proposal.draft_ids[committed - start :])[:max_block] \
+                    if start <= committed and self.verifies else []
                 accepted = next((i for i, t in enumerate(draft) if t != token_at(committed + i)), len(draft))
                 new = [token_at(committed + i) for i in range(min(accepted + 1, MAX_NEW - committed))]
                 base, committed = committed, committed + len(new)
@@ -121,6 +123,19 @@ async def test_every_mode_sends_the_block_sizes_its_gamma_schedule_chooses(recor
         assert max(sent) <= FIRST_GAMMA and set(result.gamma_per_round) == {FIRST_GAMMA}
     else:  # every verified block was accepted whole: the schedule grew, and longer blocks went out
         assert max(sent) > FIRST_GAMMA + 1, sent
+
+
+async def test_an_async_schedule_learns_the_drafting_speed_of_chunks_never_verified(recording):
+    """Async, a chunk's drafting time reaches the schedule even when no verdict prices it (`RttGamma.drafted`): here
+    the verifier verifies none. Before, the schedule had no draft time for a whole request and kept its gamma."""
+    servicer, stub = recording
+    servicer.verifies = False
+    info = pb.InfoReply(vocab_size=VOCAB, limits=pb.Limits(max_gamma=16, max_new_tokens=1024))
+    schedule = RttGamma(FIRST_GAMMA)
+    result = await asyncio.wait_for(speculate(stub, PerfectDrafter(), [1, 2, 3], SamplingParams(max_new_tokens=MAX_NEW),
+                                              schedule, info, mode="async"), 60)
+    assert result.token_ids == [token_at(i) for i in range(MAX_NEW)] and result.proposed == 0
+    assert len(servicer.sizes) > 1 and schedule.draft_s is not None
 
 
 @pytest.mark.parametrize("shared_cores", [False, True])

@@ -365,6 +365,38 @@ def test_an_async_chunk_spends_the_probe_standing():
     assert standing.gamma == 1
 
 
+def test_an_async_chunks_drafting_speed_prices_drafts_until_a_verdict_does():
+    """Async, before any verified chunk (and with no history's draft time) a chunk's drafting speed is the draft time:
+    a draft slower a token than the verifier's whole step falls to gamma 0 at the next commit. Without it the gamma
+    stood at 4 for want of a draft time, and the client drafted chunks of which none was verified. A verdict's price
+    then replaces that speed (a lower bound), not averaged with it; a history's draft time is not overridden."""
+    def commits(schedule, n=3):
+        for _ in range(n):  # commits verifying no draft
+            schedule.update(0, 0, draft_s=0.0, service_s=0.005, rtt_s=0.0)
+
+    unknown = RttGamma(gamma=4, max_gamma=8)
+    commits(unknown)
+    assert unknown.gamma == 4 and unknown.draft_s is None  # kept for want of a draft time
+    slow = RttGamma(gamma=4, max_gamma=8)
+    slow.drafted(0.020)  # 20 ms a token against 5 ms steps
+    commits(slow)
+    assert slow.draft_s == pytest.approx(0.020) and slow._chosen == 0
+    slow.update(2, 2, draft_s=0.0, service_s=0.005, rtt_s=0.0)  # the first verified sample: the prefill's, skipped
+    slow.update(2, 2, draft_s=0.080, service_s=0.005, rtt_s=0.0)  # 2 verified tokens for 80 ms of chunks
+    assert slow.draft_s == pytest.approx(0.040)  # the verdict's price, not blended with the speed
+    slow.drafted(0.001)
+    assert slow.draft_s == pytest.approx(0.040)  # a priced draft time stands
+    fast = RttGamma(gamma=4, max_gamma=8)
+    fast.drafted(0.0001)  # an n-gram's lookup: drafting stays worth it
+    commits(fast, 1)
+    assert fast.gamma > 0
+    history = new_history()
+    history.draft_s = 0.001
+    known = RttGamma(gamma=4, max_gamma=8, history=history)
+    known.drafted(0.020)
+    assert known.draft_s == 0.001 and history.draft_s == 0.001
+
+
 def test_a_request_drafts_its_first_block_at_the_gamma_the_last_opening_chose():
     """With a history, a new request's first block (drafted while the verifier prefills, before any verdict) takes
     the gamma its drafter's latest request chose at its first round; without one, or before any, its own start."""
