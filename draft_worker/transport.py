@@ -7,8 +7,10 @@ and then travel as bytes, so no file has to exist on the node that dials.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -119,3 +121,23 @@ def check_pair(info: pb.InfoReply, draft_name: str, draft_fingerprint: str) -> N
             f"{info.model_id} (fingerprint {info.tokenizer_fingerprint[:12]}) do not share a tokenizer; "
             "pick a draft model from the verifier's family"
         )
+
+
+async def wait_serving(address: str, config: ClientConfig = ClientConfig(), wait_s: float = 0.0) -> None:
+    """The standard gRPC health check (needs no token), retried until it says SERVING or `wait_s` runs out
+    (TimeoutError, saying what the last check found)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        async with open_channel(address, config) as channel:
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                problem = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+                problem = exc.code().name if hasattr(exc, "code") else type(exc).__name__
+        if time.monotonic() >= deadline:
+            raise TimeoutError(problem)
+        await asyncio.sleep(min(5.0, max(0.0, deadline - time.monotonic())))

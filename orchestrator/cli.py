@@ -316,31 +316,6 @@ def _bench(args) -> dict:
     return summary
 
 
-async def _health(args) -> None:
-    """The standard gRPC health check (needs no token), retried until --wait runs out."""
-    import time
-
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from draft_worker.transport import open_channel
-
-    config = client_config(args, timeout_s=10)
-    deadline = time.monotonic() + args.wait
-    while True:
-        async with open_channel(args.verifier, config) as channel:
-            try:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    print(f"{args.verifier} SERVING")
-                    return
-                problem = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
-                problem = exc.code().name if hasattr(exc, "code") else type(exc).__name__
-        if time.monotonic() >= deadline:
-            raise UserError(f"verifier at {args.verifier} is not serving: {problem}")
-        await asyncio.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
-
-
 def _make_certs(args) -> None:
     from specdec import tls
 
@@ -384,7 +359,11 @@ def _run(args) -> None:
     elif args.command == "make-certs":
         _make_certs(args)
     elif args.command == "health":
-        asyncio.run(_health(args))
+        from draft_worker.transport import wait_serving
+
+        with user_errors(f"verifier at {args.verifier} is not serving", TimeoutError):
+            asyncio.run(wait_serving(args.verifier, client_config(args, timeout_s=10), args.wait))
+        print(f"{args.verifier} SERVING")
     elif args.command == "plan":
         from orchestrator import plan
 

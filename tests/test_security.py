@@ -200,3 +200,27 @@ def test_make_certs_command(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"ca.pem", "ca.key", "server.pem", "server.key", "client.pem",
                                                    "client.key", "token.txt"}
     assert "--tls-ca" in done.stdout and read_token(tmp_path / "token.txt") not in done.stdout  # never printed
+
+
+def test_health_command_says_serving_or_what_it_found(capsys):
+    """`specdec health`: exit 0 and SERVING once the standard health check says so (no token needed); a verifier
+    that says NOT_SERVING past --wait is one line naming the status, exit 1."""
+    from concurrent import futures
+
+    from grpc_health.v1 import health
+
+    from orchestrator.cli import main
+
+    server, servicer = grpc.server(futures.ThreadPoolExecutor(max_workers=2)), health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert main(["health", "--verifier", address, "--wait", "0"]) == 1
+        assert f"verifier at {address} is not serving: NOT_SERVING" in capsys.readouterr().err
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert main(["health", "--verifier", address, "--wait", "0"]) == 0
+        assert capsys.readouterr().out.strip() == f"{address} SERVING"
+    finally:
+        server.stop(None)
