@@ -151,8 +151,8 @@ class RttGamma:
         the drafting time of every chunk since the last verified one, over the tokens verified) and with no draft
         time from its drafter's history, that speed is the draft time: a lower bound of a verified token's, since a
         chunk may never be verified. Without it the gamma stood where it was for want of one: 4 tiny LM sessions on a
-        fresh draft side kept gamma 4 through whole answers, drafting 5-17 chunks each (2-18 ms a token against the
-        verifier's 2 ms a committed token) of which one or none was verified; 0.89-0.93x `Generate` against 0.97-1.07x
+        fresh draft side kept gamma 4 through whole answers, drafting 5-17 chunks each (2-18 ms a token, the
+        verifier's steps 8-9 ms) of which one or none was verified; 0.89-0.93x `Generate` against 0.97-1.07x
         with it (docs/results.md, session 19)."""
         if self.draft_s is None or self._unpriced:
             self.draft_s, self._unpriced = ema(self.draft_s, draft_s, self.smoothing), True
