@@ -114,7 +114,7 @@ class RttGamma:
         self._probe_due = False  # a probe fired and no block was drafted since: it stands until one is
         self._chosen = self.gamma
         self._skipped_prefill = False
-        self._unpriced = False  # draft_s is a chunk's drafting speed (`drafted`), not yet a verdict's price
+        self._drafting_s: float | None = None  # async: an EMA of its chunks' own drafting time a token (`drafted`)
         self._rounds = 0  # updates so far: with a history, the first OPENING_ROUNDS are the answer's opening
         self.draft_s = None if self.history is None else self.history.draft_s  # its drafter's (None: none yet)
         if self.history is not None and self.history.opening_gamma is not None:  # the first block: as the last opening
@@ -125,7 +125,7 @@ class RttGamma:
         verified in `service_s` (queue + compute; None: not a sample of a block's cost, e.g. its step carried another
         session's prefill, whose one outlier would price that block size for good if it is never chosen again),
         `rtt_s` the round trip minus service_s."""
-        opening, draft_s_known = self._opening(), self.draft_s is not None
+        opening, draft_s_known = self._opening(), self._draft_cost() is not None
         self._rounds += 1
         self.observe(proposed, accepted, draft_s, opening=opening)
         if proposed:  # a block went out: the probe standing, if any, was drafted
@@ -147,15 +147,19 @@ class RttGamma:
             self._probe_due, self.gamma = False, self._chosen
 
     def drafted(self, draft_s: float) -> None:
-        """Async: a chunk took `draft_s` a token to draft. Until a verdict prices this request's drafts (`observe`:
-        the drafting time of every chunk since the last verified one, over the tokens verified) and with no draft
-        time from its drafter's history, that speed is the draft time: a lower bound of a verified token's, since a
-        chunk may never be verified. Without it the gamma stood where it was for want of one: 4 tiny LM sessions on a
-        fresh draft side kept gamma 4 through whole answers, drafting 5-17 chunks each (2-18 ms a token, the
-        verifier's steps 8-9 ms) of which one or none was verified; 0.89-0.93x `Generate` against 0.97-1.07x
-        with it (docs/results.md, session 19)."""
-        if self.draft_s is None or self._unpriced:
-            self.draft_s, self._unpriced = ema(self.draft_s, draft_s, self.smoothing), True
+        """Async: a chunk took `draft_s` a token to draft. A draft token is then priced at no less than its chunks'
+        recent drafting time (an EMA), a lower bound of what a verified one costs: the price of a verdict (`observe`:
+        the drafting time of every chunk since the last verified one, over the tokens verified) comes only with a
+        verified chunk, and may be another load's (its drafter's history). Without it, 4 tiny LM sessions on a fresh
+        draft side kept gamma 4 through whole answers for want of a draft time, drafting 5-17 chunks each (2-18 ms a
+        token, the verifier's steps 8-9 ms) of which one or none was verified; and sessions that started from the
+        history of one session, where chunks drafted at ~3 ms a token were verified, kept drafting at 4 sessions
+        where the same chunks took 3-34 ms. A history with no draft time takes the first one, as where its next
+        requests start: one opening at gamma 0 with none never probed (a schedule keeps its gamma while it has no
+        draft time), so nothing more was ever measured and the drafter stayed at 0 for the life of the process."""
+        self._drafting_s = ema(self._drafting_s, draft_s, self.smoothing)
+        if self.history is not None and self.history.draft_s is None:
+            self.history.draft_s = draft_s
 
     def observe(self, proposed: int, accepted: int, draft_s: float | None = None, *, opening: bool = False) -> None:
         """Learn acceptance and draft time alone: `accepted` leading tokens of `proposed` drafted in `draft_s` (a
@@ -165,8 +169,7 @@ class RttGamma:
         opening: a block of the answer's opening, which tells the history's openings and not this request's rates."""
         if draft_s is not None and proposed:
             if self._skipped_prefill:
-                self.draft_s = ema(None if self._unpriced else self.draft_s, draft_s / proposed, self.smoothing)
-                self._unpriced = False
+                self.draft_s = ema(self.draft_s, draft_s / proposed, self.smoothing)
                 if self.history is not None:
                     self.history.draft_s = ema(self.history.draft_s, draft_s / proposed, self.smoothing)
             self._skipped_prefill = True
@@ -207,8 +210,14 @@ class RttGamma:
         per_token_s = max(slope, 0.0)
         return (max(mean_y - per_token_s * mean_x, 0.0), per_token_s)
 
+    def _draft_cost(self) -> float | None:
+        """Seconds a draft token costs: the verdicts' price (`draft_s`), and no less than the chunks' own drafting
+        time (`drafted`); None before either."""
+        known = [s for s in (self.draft_s, self._drafting_s) if s is not None]
+        return max(known) if known else None
+
     def _next_gamma(self) -> int:
-        draft_s = self.draft_s
+        draft_s = self._draft_cost()
         if draft_s is None:  # no draft time measured yet (see the module docstring)
             if not self._hopeless(0.0):  # unless even free drafts could not pay: then choose 0 already
                 return min(max(self.gamma, self.min_gamma), self.max_gamma)
@@ -235,7 +244,7 @@ class RttGamma:
         away: rarely), and never when even a draft accepted always could not beat the verifier alone."""
         if not (self.decode_alone and self._chosen == 0):
             return self._probe_interval
-        draft_s, verify = self.draft_s or 0.0, self.verify_cost()
+        draft_s, verify = self._draft_cost() or 0.0, self.verify_cost()
         if self._hopeless(draft_s):
             return math.inf
         probe_s = (self.rtt_s or 0.0) + draft_s + verify[1]  # what a 1-token probe adds to a step

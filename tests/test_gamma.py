@@ -365,11 +365,11 @@ def test_an_async_chunk_spends_the_probe_standing():
     assert standing.gamma == 1
 
 
-def test_an_async_chunks_drafting_speed_prices_drafts_until_a_verdict_does():
-    """Async, before any verified chunk (and with no history's draft time) a chunk's drafting speed is the draft time:
-    a draft slower a token than the verifier's whole step falls to gamma 0 at the next commit. Without it the gamma
-    stood at 4 for want of a draft time, and the client drafted chunks of which none was verified. A verdict's price
-    then replaces that speed (a lower bound), not averaged with it; a history's draft time is not overridden."""
+def test_an_async_chunks_drafting_time_is_the_least_a_draft_token_costs():
+    """Async, a chunk's own drafting time prices a draft token when no verdict has (nor a history): a draft slower a
+    token than the verifier's whole step falls to gamma 0 at the next commit, where without it the gamma stood at 4
+    for want of a draft time. A verdict's price above it wins; a history's draft time below it (another load's) does
+    not hide it."""
     def commits(schedule, n=3):
         for _ in range(n):  # commits verifying no draft
             schedule.update(0, 0, draft_s=0.0, service_s=0.005, rtt_s=0.0)
@@ -380,21 +380,39 @@ def test_an_async_chunks_drafting_speed_prices_drafts_until_a_verdict_does():
     slow = RttGamma(gamma=4, max_gamma=8)
     slow.drafted(0.020)  # 20 ms a token against 5 ms steps
     commits(slow)
-    assert slow.draft_s == pytest.approx(0.020) and slow._chosen == 0
+    assert slow._draft_cost() == pytest.approx(0.020) and slow._chosen == 0
     slow.update(2, 2, draft_s=0.0, service_s=0.005, rtt_s=0.0)  # the first verified sample: the prefill's, skipped
     slow.update(2, 2, draft_s=0.080, service_s=0.005, rtt_s=0.0)  # 2 verified tokens for 80 ms of chunks
-    assert slow.draft_s == pytest.approx(0.040)  # the verdict's price, not blended with the speed
-    slow.drafted(0.001)
-    assert slow.draft_s == pytest.approx(0.040)  # a priced draft time stands
+    assert slow._draft_cost() == pytest.approx(0.040)  # the verdicts' price, above the drafting time
     fast = RttGamma(gamma=4, max_gamma=8)
     fast.drafted(0.0001)  # an n-gram's lookup: drafting stays worth it
     commits(fast, 1)
     assert fast.gamma > 0
     history = new_history()
-    history.draft_s = 0.001
-    known = RttGamma(gamma=4, max_gamma=8, history=history)
-    known.drafted(0.020)
-    assert known.draft_s == 0.001 and history.draft_s == 0.001
+    history.draft_s = 0.001  # priced at another load, where chunks were verified
+    stale = RttGamma(gamma=4, max_gamma=8, history=history)
+    commits(stale, 1)
+    assert stale.gamma > 0
+    stale.drafted(0.020)
+    commits(stale, 1)
+    assert stale._chosen == 0 and history.draft_s == 0.001  # the history keeps its own
+
+
+def test_a_request_that_opens_at_gamma_0_on_a_drafting_speed_still_probes():
+    """An async request fell to 0 on its chunks' drafting speed, and its history recorded that opening: the next
+    request opens at 0 and must still probe (its history holds that speed as a draft time). Without one it kept
+    gamma 0 for want of a draft time, never drafted, and so never measured one: 0 for good."""
+    history = new_history()
+    first = RttGamma(gamma=4, max_gamma=8, history=history)
+    first.drafted(0.020)
+    first.update(0, 0, draft_s=0.0, service_s=0.005, rtt_s=0.0)
+    assert first.gamma == 0 and history.opening_gamma == 0 and history.draft_s == pytest.approx(0.020)
+    second = RttGamma(gamma=4, max_gamma=8, history=history)
+    gammas = []
+    for _ in range(8):
+        second.update(0, 0, draft_s=0.0, service_s=0.005, rtt_s=0.0)
+        gammas.append(second.gamma)
+    assert second._chosen == 0 and 1 in gammas  # it still chooses 0, and probes 1
 
 
 def test_a_request_drafts_its_first_block_at_the_gamma_the_last_opening_chose():
