@@ -83,9 +83,9 @@ class ClientSession:
         self.server_turn = False  # it is doing so now: the client reads its commits and sends nothing
         self.alone = 0  # steps the verifier still decodes on its own because the last block asked it (decode_alone)
         self.shadows = Shadows(shared_cores=stream.shared_cores)  # drafted while the verifier decodes alone (shadow.py)
-        self.draft_s_per_token = 0.0  # of the last job after the opening's
+        self.draft_s_per_token = 0.0  # of the last job after the first that ran the drafter
         self.unverified_s = 0.0  # async: drafting since the last commit that verified a draft, charged to the next
-        self.opening_job: Job | None = None
+        self.prefill_job: Job | None = None  # the first that ran the drafter: its time holds the draft's prefill
         self.finished = False
         self.start = time.perf_counter()
 
@@ -193,12 +193,14 @@ class ClientSession:
             work = (self.drafter.get_candidates, n)
         else:
             work = (self.drafter.propose, [*self.prompt_ids, *self.committed, *guess], n)
-        if n <= 0 and not shadow and not self.tree_nodes:  # an empty block: nothing to draft, no thread
+        runs = n > 0 or shadow or bool(self.tree_nodes)
+        if not runs:  # an empty block: nothing to draft, no thread
             task = asyncio.get_running_loop().create_future()
             task.set_result((Candidates([], None), 0.0))
         else:
             task = asyncio.ensure_future(asyncio.to_thread(timed, *work))
         self.drafting = Job(task, len(self.committed), guess, n if shadow else self.gamma, assumes_first, shadow)
+        self.prefill_job = self.prefill_job or (self.drafting if runs else None)  # the opening's, or the first after
         self.shadows.drafted |= n > 0 and not shadow
 
     async def _next_event(self) -> None:
@@ -244,7 +246,6 @@ class ClientSession:
         self.drafter.start(self.prompt_ids, self.params, self.vocab_size)
         if not self.server_turn:  # granted 0 from the start: the verifier decodes the first tokens on its own
             self._draft(min(self.gamma, self._left - 1), guess=[])
-        self.opening_job = self.drafting
         if not self.stream.shared_cores:
             self._opened(await self.stream.read(), sent_at)
 
@@ -278,7 +279,7 @@ class ClientSession:
         drafted = candidates.draft_ids
         if self.budget is not None:  # the budget fell while it drafted (the first block: drafted before it was known)
             drafted = drafted[: self.budget + job.assumes_first]  # ahead: the guessed bonus token is no draft token
-        if drafted and job is not self.opening_job:  # whose time includes the draft model's prefill of the prompt
+        if drafted and job is not self.prefill_job:  # whose time includes the draft model's prefill of the prompt
             self.draft_s_per_token, self.unverified_s = draft_s / len(drafted), self.unverified_s + draft_s
             if self.mode.streams_commits:
                 getattr(self.schedule, "drafted", lambda _: None)(self.draft_s_per_token)
