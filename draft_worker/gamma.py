@@ -18,7 +18,10 @@ min_gamma defaults to 0: a drafter that is never accepted (an n-gram table with 
 draft model) makes speculation a loss, and plain decoding rounds are the best it can do. It can come back:
 now and then it drafts one position past the gamma it chose (gamma 1 from plain decoding), after 1, 2,
 4, ... rounds, then every `probe_every` rounds, and from 1 again whenever it falls to plain decoding (an
-answer whose first blocks are rejected may be accepted later). A probe re-measures a position it would
+answer whose first blocks are rejected may be accepted later). A request that opens at gamma 0 (its history's last
+opening) while its history's latest request stood at 0 probes where that one had backed off to: starting from 1 in
+every request, a drafter that does not pay probed at the 2nd, 5th, 10th and 19th commits of each answer, and an LM
+drafter's first probe in an answer costs its draft model's prefill of the prompt. A probe re-measures a position it would
 otherwise never reach again (a few unlucky early rejections there would pin the estimate low for good) and
 gives the verifier's cost model another block size. A probe stands until a block goes out: the turn to draft
 can come rounds after it fired (the verifier decoding alone, a budget of 0), and a probe that lasted one round
@@ -69,6 +72,8 @@ class DrafterHistory(DrafterAcceptance):
 
     draft_s: float | None = None
     opening_gamma: int | None = None  # what its latest request chose at its first round (None: none yet)
+    probe_interval: int | None = None  # how far its latest request's probes had backed off (None: none yet)
+    drafting_s: float | None = None  # async: an EMA of its chunks' own drafting time a token (None: none yet)
 
 
 def new_history(forget: float = 0.99) -> DrafterHistory:
@@ -114,11 +119,14 @@ class RttGamma:
         self._probe_due = False  # a probe fired and no block was drafted since: it stands until one is
         self._chosen = self.gamma
         self._skipped_prefill = False
-        self._drafting_s: float | None = None  # async: an EMA of its chunks' own drafting time a token (`drafted`)
         self._rounds = 0  # updates so far: with a history, the first OPENING_ROUNDS are the answer's opening
         self.draft_s = None if self.history is None else self.history.draft_s  # its drafter's (None: none yet)
+        # async: an EMA of its chunks' own drafting time a token (`drafted`), from its drafter's
+        self._drafting_s = None if self.history is None else self.history.drafting_s
         if self.history is not None and self.history.opening_gamma is not None:  # the first block: as the last opening
             self.gamma = self._chosen = min(max(self.history.opening_gamma, self.min_gamma), self.max_gamma)
+            if self.gamma == 0 and self.history.probe_interval:  # a drafter at 0 probes where it had backed off to
+                self._probe_interval = self.history.probe_interval
 
     def update(self, proposed: int, accepted: int, *, draft_s: float, service_s: float | None, rtt_s: float) -> None:
         """Learn from one verdict: `accepted` leading tokens of `proposed` drafted in `draft_s` seconds,
@@ -154,12 +162,14 @@ class RttGamma:
         draft side kept gamma 4 through whole answers for want of a draft time, drafting 5-17 chunks each (2-18 ms a
         token, the verifier's steps 8-9 ms) of which one or none was verified; and sessions that started from the
         history of one session, where chunks drafted at ~3 ms a token were verified, kept drafting at 4 sessions
-        where the same chunks took 3-34 ms. A history with no draft time takes the first one, as where its next
-        requests start: one opening at gamma 0 with none never probed (a schedule keeps its gamma while it has no
-        draft time), so nothing more was ever measured and the drafter stayed at 0 for the life of the process."""
+        where the same chunks took 3-34 ms. Its drafter's history keeps an EMA of the same over its requests, where
+        a new request's starts: the draft core's load is the drafter's, not one request's (at 4 sessions each
+        request started from the 1-session level's 3 ms and drafted 4-8 chunks learning its own 8-17), and a request
+        opening at gamma 0 with no draft time at all never probed (a schedule keeps its gamma while it has none), so
+        nothing more was ever measured."""
         self._drafting_s = ema(self._drafting_s, draft_s, self.smoothing)
-        if self.history is not None and self.history.draft_s is None:
-            self.history.draft_s = draft_s
+        if self.history is not None:
+            self.history.drafting_s = ema(self.history.drafting_s, draft_s, self.smoothing)
 
     def observe(self, proposed: int, accepted: int, draft_s: float | None = None, *, opening: bool = False) -> None:
         """Learn acceptance and draft time alone: `accepted` leading tokens of `proposed` drafted in `draft_s` (a
@@ -228,6 +238,8 @@ class RttGamma:
         if chosen == 0 < self._chosen:  # just fell to plain decoding: look again soon
             self._rounds_since_probe, self._probe_interval = 0, 1
         self._chosen = chosen
+        if self.history is not None:  # where a request that opens at 0 probes from (None: this one drafts)
+            self.history.probe_interval = self._probe_interval if chosen == 0 else None
         if self._probe_due and chosen < self.max_gamma:
             return chosen + 1
         self._rounds_since_probe += 1

@@ -395,18 +395,21 @@ def test_an_async_chunks_drafting_time_is_the_least_a_draft_token_costs():
     assert stale.gamma > 0
     stale.drafted(0.020)
     commits(stale, 1)
-    assert stale._chosen == 0 and history.draft_s == 0.001  # the history keeps its own
+    assert stale._chosen == 0 and history.draft_s == 0.001  # the history keeps its own price
+    assert history.drafting_s == pytest.approx(0.020)  # and the drafting time, where its next request starts
+    assert RttGamma(gamma=4, max_gamma=8, history=history)._draft_cost() == pytest.approx(0.020)
 
 
 def test_a_request_that_opens_at_gamma_0_on_a_drafting_speed_still_probes():
     """An async request fell to 0 on its chunks' drafting speed, and its history recorded that opening: the next
-    request opens at 0 and must still probe (its history holds that speed as a draft time). Without one it kept
-    gamma 0 for want of a draft time, never drafted, and so never measured one: 0 for good."""
+    request opens at 0 and must still probe (its history holds that drafting speed, where the next one's starts).
+    Without it, it kept gamma 0 for want of a draft time, never drafted, and so never measured one: 0 for good."""
     history = new_history()
     first = RttGamma(gamma=4, max_gamma=8, history=history)
     first.drafted(0.020)
     first.update(0, 0, draft_s=0.0, service_s=0.005, rtt_s=0.0)
-    assert first.gamma == 0 and history.opening_gamma == 0 and history.draft_s == pytest.approx(0.020)
+    assert first.gamma == 0 and history.opening_gamma == 0 and history.drafting_s == pytest.approx(0.020)
+    assert history.draft_s is None  # no verdict priced a draft
     second = RttGamma(gamma=4, max_gamma=8, history=history)
     gammas = []
     for _ in range(8):
@@ -433,3 +436,28 @@ def test_a_request_drafts_its_first_block_at_the_gamma_the_last_opening_chose():
     assert quick.opening_gamma > 1  # a free draft accepted whole: a longer block; within a lower limit, that limit
     assert RttGamma(history=quick).gamma == quick.opening_gamma and RttGamma(1, 2, history=quick).gamma == 2
     assert RttGamma(max_gamma=8).gamma == 4
+
+
+def test_a_request_at_gamma_0_probes_where_its_drafters_last_one_had_backed_off_to():
+    """A drafter that does not pay: its requests open at 0, and each probed after 1, 2, 4, 8 rounds anew (an LM's first
+    probe in an answer costs its prefill of the prompt). The next request probes where the last one, still at 0, had
+    backed off to; after a request that drafted, from 1 again."""
+    def commits(schedule, n):
+        gammas = []
+        for _ in range(n):
+            schedule.update(0, 0, draft_s=0.0, service_s=0.005, rtt_s=0.0)
+            gammas.append(schedule.gamma)
+            schedule.chunk_drafted()  # async: the probe's chunk spends it
+        return gammas
+
+    history = new_history()
+    first = RttGamma(gamma=4, max_gamma=8, history=history, probe_every=16)
+    first.drafted(0.020)  # too slow to pay against 5 ms steps
+    commits(first, 40)
+    assert history.opening_gamma == 0 and history.probe_interval == 16
+    second = RttGamma(gamma=4, max_gamma=8, history=history, probe_every=16)
+    gammas = commits(second, 20)
+    assert gammas[:16] == [0] * 16 and 1 in gammas[16:]  # not at the 2nd, 5th, 10th commits
+    history.probe_interval = None  # as a request that drafted leaves it
+    third = RttGamma(gamma=4, max_gamma=8, history=history, probe_every=16)
+    assert 1 in commits(third, 3)
