@@ -7,7 +7,8 @@ After every verdict (or async commit) it updates four estimates and sets `gamma 
 - draft seconds per token (EMA), skipping the first drafted block: it was drafted while the verifier
   prefilled, and its time includes the draft model's own prefill of the prompt, which would make a token
   look many times dearer than it is; until a sample arrives it is the drafter's earlier requests' (`history`),
-  or with none the gamma stays where it is;
+  or with none the gamma stays where it is. Async, a draft token costs no less than the chunks' own drafting time
+  (`drafted`, an EMA kept by the history too), which needs no verdict;
 - the network round trip, service excluded (EMA; an async session passes 0: its verifier never waits on
   the link);
 - the verifier's service time as fixed_s + gamma * per_token_s: an EMA of the service time per block
@@ -21,8 +22,8 @@ now and then it drafts one position past the gamma it chose (gamma 1 from plain 
 answer whose first blocks are rejected may be accepted later). A request that opens at gamma 0 (its history's last
 opening) while its history's latest request stood at 0 probes where that one had backed off to: starting from 1 in
 every request, a drafter that does not pay probed at the 2nd, 5th, 10th and 19th commits of each answer, and an LM
-drafter's first probe in an answer costs its draft model's prefill of the prompt. A probe re-measures a position it would
-otherwise never reach again (a few unlucky early rejections there would pin the estimate low for good) and
+drafter's first probe in an answer costs its draft model's prefill of the prompt. A probe re-measures a position it
+would otherwise never reach again (a few unlucky early rejections there would pin the estimate low for good) and
 gives the verifier's cost model another block size. A probe stands until a block goes out: the turn to draft
 can come rounds after it fired (the verifier decoding alone, a budget of 0), and a probe that lasted one round
 was lost there every time. Same interface as `draft_worker.drafters.AdaptiveGamma`:
