@@ -13,11 +13,11 @@ from __future__ import annotations
 import ast
 import asyncio
 import pathlib
-import time
 
 import grpc
 import pytest
 
+from draft_worker import loop
 from draft_worker.client import speculate
 from draft_worker.drafters import AdaptiveGamma, Candidates, CommittedContext
 from draft_worker.gamma import RttGamma, new_history
@@ -141,33 +141,30 @@ async def test_an_async_schedule_learns_the_drafting_speed_of_chunks_never_verif
 
 @pytest.mark.slow  # the stub decodes a token every 0.2 s while no chunk comes
 async def test_an_async_request_that_opens_at_gamma_0_keeps_its_first_drafts_prefill_out_of_its_drafting_time(
-        recording):
+        recording, monkeypatch):
     """A request opening at gamma 0 (its drafter's last opening) first runs its draft model at a probe: that chunk's
     time holds the draft's prefill of the prompt, and must not price a draft token (it priced an LM's at 15-40 ms
-    against 3 ms, and so kept it at 0). Here the drafter's first call takes 1 s."""
+    against 3 ms, and so kept it at 0). The drafting clock is the test's: the first call reads 1 s, every other 1 ms."""
     servicer, stub = recording
     info = pb.InfoReply(vocab_size=VOCAB, limits=pb.Limits(max_gamma=16, max_new_tokens=1024))
     history = new_history()
     history.opening_gamma, history.draft_s = 0, 0.001
-    schedule, times = RttGamma(FIRST_GAMMA, history=history), []
+    schedule, times, calls = RttGamma(FIRST_GAMMA, history=history), [], []
     drafted = schedule.drafted
     schedule.drafted = lambda s: (times.append(s), drafted(s))
 
-    class PrefillingDrafter(PerfectDrafter):
-        calls = 0
+    def timed(fn, *args):  # draft_worker.stream.timed, on the test's clock
+        calls.append(fn)
+        return fn(*args), 1.0 if len(calls) == 1 else 0.001
 
-        def propose(self, context, gamma):
-            PrefillingDrafter.calls += 1
-            if PrefillingDrafter.calls == 1:
-                time.sleep(1.0)
-            return super().propose(context, gamma)
-
+    monkeypatch.setattr(loop, "timed", timed)
     params = SamplingParams(max_new_tokens=MAX_NEW)
-    result = await asyncio.wait_for(speculate(stub, PrefillingDrafter(), [1, 2, 3], params, schedule, info,
+    result = await asyncio.wait_for(speculate(stub, PerfectDrafter(), [1, 2, 3], params, schedule, info,
                                               mode="async"), 60)
     assert result.token_ids == [token_at(i) for i in range(MAX_NEW)]
-    assert PrefillingDrafter.calls >= 2 and servicer.sizes  # it probed: the first call, then more
-    assert times and max(times) < 0.01, times  # the perfect drafter takes microseconds; 1 s over <= 16 tokens: >= 62 ms
+    assert len(calls) >= 2 and servicer.sizes  # it probed: the first call, then more
+    assert len(times) == len(calls) - 1  # every drafted chunk but the first is timed
+    assert max(times) <= 0.001  # and the first's 1 s (>= 62 ms a token over <= 16 tokens) is not among them
 
 
 @pytest.mark.parametrize("shared_cores", [False, True])
