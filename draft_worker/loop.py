@@ -239,7 +239,7 @@ class ClientSession:
         await self.stream.open(open_request(self.drafter.name, self.prompt_ids, self.params, self.fingerprint,
                                             self.mode.wire, self.schedule.max_gamma,
                                             getattr(self.schedule, "tpot_slo_ms", 0.0),
-                                            server_decodes=self.mode.max_in_flight == 1))
+                                            server_decodes=self.mode.max_in_flight == 1, wants=self._wants()))
         sent_at = time.perf_counter()
         if self.stream.shared_cores:
             self._opened(await self.stream.read(), sent_at)

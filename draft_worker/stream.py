@@ -29,11 +29,14 @@ CORE_ERROR = "Internal error from Core"
 
 def open_request(client_model_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer_fingerprint: str,
                  mode: int = pb.SPECULATION_MODE_LOCKSTEP, max_block: int = 0,
-                 tpot_slo_ms: float = 0.0, server_decodes: bool = False) -> pb.SpeculateRequest:
+                 tpot_slo_ms: float = 0.0, server_decodes: bool = False,
+                 wants: int | None = None) -> pb.SpeculateRequest:
+    """A session's opening; wants: the client's own best gamma now, as `proposal_request`'s (None: unsaid)."""
     return pb.SpeculateRequest(
         open=pb.OpenSession(prompt_ids=prompt_ids, params=codec.params_to_proto(params),
                             tokenizer_fingerprint=tokenizer_fingerprint, client_model_id=client_model_id, mode=mode,
-                            max_block=max_block, tpot_slo_ms=tpot_slo_ms, server_decodes=server_decodes))
+                            max_block=max_block, tpot_slo_ms=tpot_slo_ms, server_decodes=server_decodes,
+                            wants=wants))
 
 
 def proposal_request(draft_ids: list[int], q, params: SamplingParams, dense_dtype: str, base_len: int | None = None,

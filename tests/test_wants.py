@@ -1,4 +1,4 @@
-"""The client's own best gamma caps its grants (issue 18; Proposal.wants, ShadowVerdict.wants).
+"""The client's own best gamma caps its grants (issue 18; OpenSession.wants, Proposal.wants, ShadowVerdict.wants).
 
 A client's blocks carry min(budget, its own gamma). Granted more, the budget priced draft tokens that never came and
 chose the other sessions' grants around them (2 LM sessions on a CPU: grants of 9-16 where the client sent 2-5), and
@@ -7,8 +7,8 @@ own gamma, and the verifier grants it at most max(1, that).
 
 - The pure budgeter: the grant stays within what the client said; 0 counts as 1; unsaid (an older client) lifts it;
   a decode-only session stays at 0.
-- The wire: what a proposal (lock-step, async) and a shadow verdict say reaches the budgeter; an older client's
-  messages say nothing.
+- The wire: what an opening, a proposal (lock-step, async) and a shadow verdict say reaches the budgeter; an older
+  client's messages say nothing.
 - A real client says its schedule's gamma in every message (async: lookahead(gamma), all it drafts ahead), and its
   grants stay within it, lossless.
 """
@@ -159,6 +159,26 @@ async def test_a_shadow_verdicts_word_lifts_the_cap_in_the_verifiers_turn(start_
     assert budgeter.said == [5] and budgeter.caps == [5]
 
 
+async def test_an_async_session_that_sends_no_chunk_is_granted_within_its_openings_word(start_verifier):
+    """Before OpenSession.wants, an async session that had not sent a chunk was priced at max_gamma (16): with
+    padding, a demand that never came (an LM's client at gamma 0 sends nothing)."""
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
+    budgeter = _use(verifier, WantsBudgeter(max_gamma=16))
+    call = verifier.stub.Speculate()
+    params = codec.params_to_proto(SamplingParams(max_new_tokens=8))
+    await call.write(pb.SpeculateRequest(open=pb.OpenSession(prompt_ids=[1, 2], params=params, wants=1,
+                                                             mode=pb.SPECULATION_MODE_ASYNC)))
+    assert (await call.read()).opened.draft_budget == 1
+    budgets = []
+    for _ in range(8):  # bounded: the verifier decodes the 8 tokens on its own
+        commit = (await call.read()).commit
+        budgets.append(commit.draft_budget)
+        if commit.finished:
+            break
+    assert budgets and set(budgets) == {1} and budgeter.said == [1]
+    call.cancel()
+
+
 class WaitsForTheWord(FakeLM):
     """A verifier model whose steps after the first two wait until the client's word has reached the budgeter
     (`said`, set by WantsBudgeter): an async session then has a chunk in by the time it steps on, however busy the
@@ -193,5 +213,4 @@ async def test_a_real_client_says_its_gamma_and_is_granted_within_it(start_verif
     assert spec.token_ids == baseline.token_ids
     wants = 3 if mode == "lockstep" else 7  # async: all it drafts past the commit at gamma 3, lookahead(3)
     assert spec.proposed > 0 and budgeter.said and set(budgeter.said) == {wants}
-    said = spec.budget_per_round.index(wants)  # grants before the first word (the opening's; async: until it arrives)
-    assert set(spec.budget_per_round[:said]) == {16} and set(spec.budget_per_round[said:]) == {wants}
+    assert set(spec.budget_per_round) == {wants}  # its opening says it: the first grant is within it too

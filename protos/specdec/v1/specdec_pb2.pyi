@@ -119,7 +119,7 @@ class TokenLogprobs(_message.Message):
     def __init__(self, logprobs: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("prompt_ids", "params", "tokenizer_fingerprint", "client_model_id", "mode", "max_block", "tpot_slo_ms", "server_decodes")
+    __slots__ = ("prompt_ids", "params", "tokenizer_fingerprint", "client_model_id", "mode", "max_block", "tpot_slo_ms", "server_decodes", "wants")
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class OpenSession(_message.Message):
     MAX_BLOCK_FIELD_NUMBER: _ClassVar[int]
     TPOT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
     SERVER_DECODES_FIELD_NUMBER: _ClassVar[int]
+    WANTS_FIELD_NUMBER: _ClassVar[int]
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     params: SamplingParams
     tokenizer_fingerprint: str
@@ -136,7 +137,8 @@ class OpenSession(_message.Message):
     max_block: int
     tpot_slo_ms: float
     server_decodes: bool
-    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., tokenizer_fingerprint: _Optional[str] = ..., client_model_id: _Optional[str] = ..., mode: _Optional[_Union[SpeculationMode, str]] = ..., max_block: _Optional[int] = ..., tpot_slo_ms: _Optional[float] = ..., server_decodes: _Optional[bool] = ...) -> None: ...
+    wants: int
+    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., tokenizer_fingerprint: _Optional[str] = ..., client_model_id: _Optional[str] = ..., mode: _Optional[_Union[SpeculationMode, str]] = ..., max_block: _Optional[int] = ..., tpot_slo_ms: _Optional[float] = ..., server_decodes: _Optional[bool] = ..., wants: _Optional[int] = ...) -> None: ...
 
 class SparseRow(_message.Message):
     __slots__ = ("ids", "probs")
