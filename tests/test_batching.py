@@ -135,16 +135,19 @@ async def test_generate_stream_cancelled_mid_way_frees_its_session(start_verifie
     await assert_idle(verifier)
 
 
-def test_a_long_prefill_chunk_does_not_pad_the_blocks_beside_it(tiny):
-    """The transformers backend runs long rows (prefill chunks) and short rows (verification blocks) as two
-    forwards of one step, so a block is never padded to a chunk's length; each row's logits and KV are those
-    of the row computed alone."""
+@pytest.mark.parametrize("route", ["packed", "padded"])
+def test_a_long_prefill_chunk_does_not_pad_the_blocks_beside_it(tiny, route):
+    """The transformers backend packs a step's rows into one sequence when that computes less (here), else runs
+    long rows (prefill chunks) and short rows (verification blocks) as two padded forwards of one step; either
+    way a block is never padded to a chunk's length, and each row's logits and KV are those of the row alone."""
     from verifier_worker.backends import SHORT_ROW, TransformersBackend
     from verifier_worker.kv import Row, batched_forward
 
     _, target, tokenizer = tiny
     ids = tokenizer(DEFAULT_TEXTS[0])["input_ids"] * 3
     backend = TransformersBackend(target)
+    if route == "padded":
+        backend.score_flops = backend.token_flops  # attention priced as dear as a token: packing never pays
     shapes = []
     hook = target.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
                                             with_kwargs=True)
@@ -156,9 +159,29 @@ def test_a_long_prefill_chunk_does_not_pad_the_blocks_beside_it(tiny):
         logits = backend.forward(rows)
     finally:
         hook.remove()
-    assert sorted(shapes) == sorted([(1, SHORT_ROW + 20), (2, 4)])  # the blocks padded to 4, not to the chunk
+    expected = {"packed": [(1, SHORT_ROW + 26)], "padded": [(1, SHORT_ROW + 20), (2, 4)]}[route]
+    assert sorted(shapes) == sorted(expected)  # packed: no padding at all; padded: the blocks to 4, not to the chunk
     assert logits[0] is None and [kv.length for kv in kvs] == [SHORT_ROW + 20, 12, 7]
     alone = [backend.new_kv(), backend.new_kv()]
     batched_forward(target, [Row(alone[0], ids[:8], False), Row(alone[1], ids[:5], False)])
     for kv, new, row_logits in zip(alone, (ids[8:12], ids[5:7]), logits[1:]):
         torch.testing.assert_close(batched_forward(target, [Row(kv, new, True)])[0], row_logits, rtol=1e-4, atol=1e-4)
+    for kv, packed_kv in zip(alone, kvs[1:]):  # the KV each row cached, packed or padded, is its own
+        torch.testing.assert_close(packed_kv.view(), kv.view(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_backend_packs_only_where_that_computes_less():
+    """Rows of one length: padding wastes nothing, packing adds attention over every row's past. One long row
+    beside 1-token rows: packing computes the sum. A long past beside few new tokens: packing's scores cost more
+    than the padding it saves. The 1.5B's figures (3.1 GFLOPs a token, 6.1 kFLOPs a score per layer, 28 layers)."""
+    from verifier_worker.backends import route_flops
+
+    token, score = 3.1e9, 6.1e3 * 28
+
+    def packs(rows):
+        return route_flops(rows, True, token, score) < route_flops(rows, False, token, score)
+
+    assert not packs([(1, 256)] * 4) and not packs([(5, 256)] * 4)
+    assert packs([(5, 256), (1, 256), (1, 256), (1, 256)]) and packs([(9, 300)] + [(1, 300)] * 7)
+    assert route_flops([(5, 256), (1, 256), (1, 256), (1, 256)], False, token, score) == 4 * 5 * (token + 261 * score)
+    assert not packs([(2, 30000)] + [(1, 30000)] * 15)  # 17 tokens x 480k keys: the scores outweigh 15 padded tokens

@@ -16,7 +16,7 @@ from specdec.lm import CachedLM
 from tests.stubs import FakeLM, GatedLM, wait_for
 from verifier_worker.budgeting import DraftBudgeter
 from verifier_worker.engine import Engine
-from verifier_worker.kv import Row, SessionKV, batched_forward
+from verifier_worker.kv import Row, SessionKV, batched_forward, packed_forward
 
 CPU = torch.device("cpu")
 GREEDY = SamplingParams(max_new_tokens=16)
@@ -45,10 +45,12 @@ def solo_logits(model, prefix: list[int], block: list[int]) -> torch.Tensor:
     "tiny-qwen2", "fake",
     pytest.param("tiny-qwen2-accelerator", marks=[pytest.mark.gpu, pytest.mark.skipif(ACCELERATOR is None, reason="needs CUDA or MPS")]),
 ])
-def test_batched_forward_equals_solo_forward(model_name, tiny_verifier, tiny_dirs):
+@pytest.mark.parametrize("forward", [batched_forward, packed_forward], ids=["padded", "packed"])
+def test_batched_forward_equals_solo_forward(model_name, forward, tiny_verifier, tiny_dirs):
     """Rows with different cache lengths (0 included) and block lengths, plus a prefill chunk without
-    logits, in one forward; then a second step after every row rolled back. Every row's logits equal its
-    own solo forward's: fp32 within 1e-4 for the Qwen2 model (CPU or accelerator), exactly for FakeLM."""
+    logits, in one forward, padded or packed (kv.py); then a second step after every row rolled back. Every row's
+    logits equal its own solo forward's: fp32 within 1e-4 for the Qwen2 model (CPU or accelerator), exactly for
+    FakeLM."""
     if model_name == "fake":
         model, vocab = FakeLM(32), 32
     else:
@@ -63,7 +65,7 @@ def test_batched_forward_equals_solo_forward(model_name, tiny_verifier, tiny_dir
     for step, lengths in enumerate([(1, 5, 3, 17), (4, 1, 9, 2)]):
         blocks = [random_ids(n, vocab, seed=100 * step + n) for n in lengths]
         rows = [Row(kv, block, True) for kv, block in zip(kvs, blocks)] + [Row(prefill, random_ids(20, vocab, step), False)]
-        logits = batched_forward(model, rows)
+        logits = forward(model, rows)
         assert logits[-1] is None and prefill.length == 20 * (step + 1)
         for prefix, block, row_logits in zip(prefixes, blocks, logits):
             assert row_logits.shape == (len(block), vocab)

@@ -14,7 +14,7 @@ import torch
 from specdec import models
 from specdec.config import SamplingParams
 from verifier_worker.engine import Engine
-from verifier_worker.kv import Row, SessionKV, batched_forward, padded_inputs
+from verifier_worker.kv import Row, SessionKV, batched_forward, packed_forward, packed_inputs, padded_inputs
 
 CPU = torch.device("cpu")
 
@@ -32,6 +32,30 @@ def test_a_chain_tree_gives_todays_tensors():
     _, positions, mask = padded_inputs(lengths, new, CPU, [[-1, -1], None, None])  # root -> {0, 1}: siblings
     assert positions[0].tolist() == [3, 4, 4]
     assert mask[0, 0, :3, 5:].int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 0, 1]]  # keys after L_max = 5
+
+
+def test_a_packed_tree_row_sees_what_its_padded_row_sees(verifier):
+    """kv.packed_forward: a chain's parents give the causal tensors; a tree row beside a chain row and a row with no
+    past scores, and caches, what the padded route does (its own past and its ancestors only)."""
+    lengths, new = [3, 0, 5], [[1, 2, 3], [4], [5, 6]]
+    chain = [[-1, 0], None, [-1]]
+    for got, want in zip(packed_inputs(lengths, new, CPU, chain), packed_inputs(lengths, new, CPU)):
+        assert torch.equal(got, want)
+    _, positions, mask = packed_inputs(lengths, new, CPU, [[-1, -1], None, None])  # root -> {0, 1}: siblings
+    assert positions[0].tolist() == [3, 4, 4, 0, 5, 6]
+    assert mask[0, 0, :3, :8].int().tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]] * 3  # its 3 past keys, no one else's
+    assert mask[0, 0, :3, 8:].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0]]
+    vocab = models.model_vocab_size(verifier)
+    prefixes = [[(7 * i + 3) % vocab for i in range(n)] for n in (6, 0, 11)]
+    blocks, parents = [[5, 9, 2, 8], [4], [1, 3]], [[-1, -1, 0], None, None]  # root -> {a, b}, a -> c
+    routes = {}
+    for name, forward in [("padded", batched_forward), ("packed", packed_forward)]:
+        kvs = [SessionKV() for _ in prefixes]
+        batched_forward(verifier, [Row(kv, p, False) for kv, p in zip(kvs, prefixes) if p])
+        logits = forward(verifier, [Row(kv, b, True, ps) for kv, b, ps in zip(kvs, blocks, parents)])
+        routes[name] = logits, [kv.view() for kv in kvs]
+    for got, want in zip(routes["packed"][0] + routes["packed"][1], routes["padded"][0] + routes["padded"][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 async def verifier_only(model, prompt: list[int], n: int) -> list[int]:

@@ -12,7 +12,7 @@ verification math, which are the same code for every backend. Two operations:
   append at positions kv.length.., whether their logits are wanted); each row's tokens are cached in its
   handle, and the answer per row is fp32 logits [len(token_ids), vocab] (on `device`) or None.
 
-Backends: `TransformersBackend` (any transformers causal LM, `kv.batched_forward`) and
+Backends: `TransformersBackend` (any transformers causal LM, `kv.batched_forward` or `kv.packed_forward`) and
 `verifier_worker.llamacpp_backend.LlamaCppBackend` (a GGUF through llama.cpp). `as_backend` keeps the
 engine's callers that pass a torch module working unchanged.
 """
@@ -25,7 +25,7 @@ import torch
 
 from specdec.models import model_vocab_size
 from specdec.config import MAX_GAMMA, lookahead
-from verifier_worker.kv import Row, SessionKV, batched_forward
+from verifier_worker.kv import Row, SessionKV, batched_forward, packed_forward
 
 SHORT_ROW = lookahead(MAX_GAMMA) + 1  # the longest verification block (a tree or async block included), plus its root
 
@@ -60,11 +60,14 @@ class Backend(Protocol):
 
 
 class TransformersBackend:
-    """A transformers causal LM with full attention, batched by padding (kv.py)."""
+    """A transformers causal LM with full attention; each forward padded or packed, whichever computes less (kv.py)."""
 
     kv_capacity_tokens = None  # the KV grows with the sessions (torch tensors)
     supports_trees = True  # kv.py's per-row tree masks
-    pads_rows = True  # pad-and-stack: one session's 5-token block makes every 1-token row of the step cost 5
+    # a forward costs about the sum of its rows' tokens: it pads only where that computes less than packing (rows of
+    # one length, or a long past beside few new tokens), so one session's 5-token block no longer makes every 1-token
+    # row of the step cost 5
+    pads_rows = False
 
     def __init__(self, model: torch.nn.Module):
         layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
@@ -73,23 +76,51 @@ class TransformersBackend:
         self.model = model
         self.device = next(model.parameters()).device
         self.vocab_size = model_vocab_size(model)
+        self.token_flops, self.score_flops = forward_flops(model)
 
     def new_kv(self) -> SessionKV:
         return SessionKV()
 
     def forward(self, rows: list[Row]) -> list[torch.Tensor | None]:
-        """Pad-and-stack costs rows x longest row, so a prefill chunk riding beside verification blocks would
-        make every block pay for the chunk's length (a CPU step of 8 sessions with a 256-token chunk took ~20x a
-        decoding step); long rows and short rows run as two forwards of the one step instead. Each row's
-        result is its own either way (padding is masked)."""
-        short = [i for i, row in enumerate(rows) if len(row.token_ids) <= SHORT_ROW]
-        long = [i for i, row in enumerate(rows) if len(row.token_ids) > SHORT_ROW]
-        groups = [group for group in (short, long) if group]
+        """Packed when that computes less than padding (`route_flops`), else padded. Padded costs rows x longest
+        row, so a prefill chunk riding beside verification blocks would make every block pay for the chunk's length
+        (a CPU step of 8 sessions with a 256-token chunk took ~20x a decoding step); long rows and short rows then
+        run as two forwards of the one step. Each row's result is its own either way (padding is masked)."""
+        groups = [group for group in ([i for i, row in enumerate(rows) if len(row.token_ids) <= SHORT_ROW],
+                                      [i for i, row in enumerate(rows) if len(row.token_ids) > SHORT_ROW]) if group]
+        shape = [(len(row.token_ids), row.kv.length) for row in rows]
+        padded = sum(route_flops([shape[i] for i in group], False, self.token_flops, self.score_flops)
+                     for group in groups)
+        if route_flops(shape, True, self.token_flops, self.score_flops) < padded:
+            return packed_forward(self.model, rows)
         logits: list[torch.Tensor | None] = [None] * len(rows)
         for group in groups:
             for i, row_logits in zip(group, batched_forward(self.model, [rows[i] for i in group])):
                 logits[i] = row_logits
         return logits
+
+
+def forward_flops(model: torch.nn.Module) -> tuple[float, float]:
+    """-> (FLOPs of one token through the weights outside the embeddings, FLOPs of one attention score over every
+    layer: q.k and its weight on v, 4 x heads x head_dim each). A shape-level estimate: what it prices is the choice
+    between two layouts of the same tokens. The 1.5B: 3.1 GFLOPs a token, 6.1 kFLOPs a score per layer."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "num_attention_heads"):  # a model that does not say its shape: priced by its tokens
+        return 1.0, 0.0
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    weights = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name and "lm_head" not in name)
+    return 2.0 * weights, 4.0 * heads * head_dim * config.num_hidden_layers
+
+
+def route_flops(rows: list[tuple[int, int]], packed: bool, token_flops: float, score_flops: float) -> float:
+    """FLOPs of one forward over rows of (new tokens T_b, past L_b) (kv.py's two routes): padded computes B x T_max
+    tokens and B x T_max x (L_max + T_max) scores; packed sum T_b = N tokens and N x (sum L_b + N) scores."""
+    if packed:
+        tokens = sum(t for t, _ in rows)
+        return tokens * token_flops + tokens * (sum(past for _, past in rows) + tokens) * score_flops
+    longest, past = max(t for t, _ in rows), max(past for _, past in rows)
+    return len(rows) * longest * (token_flops + (past + longest) * score_flops)
 
 
 def as_backend(model: torch.nn.Module | Backend) -> Backend:
