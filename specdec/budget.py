@@ -54,13 +54,13 @@ Assumptions and limits:
   (an n-gram's estimate peaks as a quoted passage ends): the verifier scales them by what its grants bought
   against what they promised before it calls `grant_budgets` (`DraftBudgeter.calibration`).
 - T depends on the step's tokens (as measured, `specdec.stepcost.StepCostTable`; the affine fit only where no
-  count has been seen), and the tokens are what the backend computes. A pad-and-stack forward
-  (the transformers backend) computes every row at the longest row's length, so there one session's
-  5-token block makes each 1-token row of the step cost 5: the engine fits T on rows x longest row, and
-  `grant_budgets(padded=True)` prices a grant as n x (1 + max gamma). Then for each ceiling g every session
-  drafts min(g, cap_i) (fewer would cost the same), and the best g wins, again scanned whole. Priced as the
-  sum, one good session's drafts looked cheap on a CPU while the step paid them once per row. A backend
-  that packs tokens without padding (llama.cpp) is priced by the sum.
+  count has been seen), and the tokens are what the backend computes. A pad-and-stack forward computes
+  every row at the longest row's length, so there one session's 5-token block makes each 1-token row of the
+  step cost 5: the engine fits T on rows x longest row, and `grant_budgets(padded=True)` prices a grant as
+  n x (1 + max gamma). Then for each ceiling g every session drafts min(g, cap_i) (fewer would cost the same),
+  and the best g wins, again scanned whole. Priced as the sum, one good session's drafts looked cheap on a CPU
+  while the step paid them once per row. A backend that packs tokens without padding (llama.cpp, and the
+  transformers backend wherever packing computes less: rows of different lengths) is priced by the sum.
 - Goodput counts verifier time only (its idle W included): a slow draft is otherwise the client's to notice
   (`budgeted_gamma`: the smaller of the budget and the client's own best gamma, so a draft too slow for its
   verifier falls to 0).

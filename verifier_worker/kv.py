@@ -178,24 +178,24 @@ def packed_inputs(lengths: list[int], new: list[list[int]], device: torch.device
                   parents: list[list[int] | None] | None = None):
     """-> input_ids [1, N], position_ids [1, N], bool mask [1, 1, N, P + N] (True = attend): row b's new tokens at
     its offset in the one sequence, its past keys at its offset among the P past keys (module docstring)."""
-    total, past_total = sum(map(len, new)), sum(lengths)
-    input_ids = torch.tensor([[token for ids in new for token in ids]], dtype=torch.long)
-    position_ids = torch.empty(1, total, dtype=torch.long)
-    mask = torch.zeros(total, past_total + total, dtype=torch.bool)  # [N, P + N]
-    start = past = 0
-    for b, ids in enumerate(new):
-        t, row_parents = len(ids), (parents or [None] * len(new))[b]
-        own = slice(past_total + start, past_total + start + t)
-        mask[start : start + t, past : past + lengths[b]] = True
-        if row_parents is None:
-            mask[start : start + t, own] = torch.ones(t, t, dtype=torch.bool).tril()
-            position_ids[0, start : start + t] = lengths[b] + torch.arange(t)
-        else:  # a token tree: its ancestors among its new keys, positions by depth
+    sizes = torch.tensor([len(ids) for ids in new])  # [B]
+    past = torch.tensor(lengths)  # [B]
+    row = torch.repeat_interleave(torch.arange(len(new)), sizes)  # [N]: each new token's row
+    first = torch.cumsum(sizes, 0) - sizes  # [B]: each row's offset in the sequence
+    i = torch.arange(len(row))  # [N]
+    position_ids = past[row] + i - first[row]  # [N]
+    past_row = torch.repeat_interleave(torch.arange(len(new)), past)  # [P]: each past key's row
+    sees_past = row[:, None] == past_row[None, :]  # [N, P]
+    sees_new = (row[:, None] == row[None, :]) & (i[None, :] <= i[:, None])  # [N, N], causal within its row
+    for b, row_parents in enumerate(parents or []):
+        if row_parents is not None:  # a token tree: its ancestors among its new keys, positions by depth
+            own = slice(int(first[b]), int(first[b]) + len(new[b]))
             row_parents = torch.tensor(row_parents, dtype=torch.long)
-            mask[start : start + t, own] = block_mask(row_parents)
-            position_ids[0, start : start + t] = lengths[b] + block_positions(row_parents)
-        start, past = start + t, past + lengths[b]
-    return input_ids.to(device), position_ids.to(device), mask[None, None].to(device)
+            sees_new[own, own] = block_mask(row_parents)
+            position_ids[own] = lengths[b] + block_positions(row_parents)
+    input_ids = torch.tensor([[token for ids in new for token in ids]], dtype=torch.long)
+    mask = torch.cat([sees_past, sees_new], dim=1)  # [N, P + N]
+    return input_ids.to(device), position_ids[None].to(device), mask[None, None].to(device)
 
 
 class _PackedCache(_StepCache):
