@@ -25,7 +25,8 @@ Packed (`packed_forward`, vLLM's flattened batch): every row's new tokens in ONE
 no padding; the past is the sessions' KV laid end to end [1, kv_heads, P + N, head_dim] (P = sum L_b), and the mask
 [1, 1, N, P + N] lets row b's queries see its own L_b past keys and its own new keys (causal, or its tree's). The
 linear layers then compute N tokens instead of B x T_max: on one avx2 core, the 1.5B in fp32 at a 256-token context,
-rows of 5, 1, 1, 1 tokens took 2.26 s packed against 3.50 s padded (1.80 s for 1, 1, 1, 1). The price is attention
+rows of 5, 1, 1, 1 tokens took 2.05 s packed against 3.02 s padded (1.58 s padded for 1, 1, 1, 1;
+scripts/measure_packing.py). The price is attention
 over every row's past, N x (P + N) scores instead of B x T_max x (L_max + T_max), dense under sdpa's mask: more
 than the padding saves where rows are of one length, or the past is long beside the new tokens. So the backend
 (backends.py) picks the route that computes less for each forward.
