@@ -92,17 +92,18 @@ def test_a_word_the_standing_grant_does_not_reach_keeps_it(monkeypatch):
 class WantsBudgeter(FixedBudgeter):
     """Grants every session the most it may have (its cap, within `budget`), and records every word its client said."""
 
-    def __init__(self, said: threading.Event | None = None, **kwargs):
+    def __init__(self, said: threading.Event | None = None, words: int = 1, **kwargs):
         super().__init__(16, **kwargs)
         self.said: list[int | None] = []
         self.caps: list[int] = []  # the session's cap after each word
-        self.event = said or threading.Event()  # set at the first word
+        self.event, self.words = said or threading.Event(), words  # set once `words` words are in
 
     def wants(self, key, gamma):
         self.said.append(gamma)
         super().wants(key, gamma)
         self.caps.append(self._sessions[key].cap)
-        self.event.set()
+        if len(self.said) >= self.words:
+            self.event.set()
 
     def grants(self, load=None, exclude=()):
         return {key: min(self.budget, s.cap) for key, s in self._sessions.items()}
@@ -180,9 +181,9 @@ async def test_an_async_session_that_sends_no_chunk_is_granted_within_its_openin
 
 
 class WaitsForTheWord(FakeLM):
-    """A verifier model whose steps after the first two wait until the client's word has reached the budgeter
-    (`said`, set by WantsBudgeter): an async session then has a chunk in by the time it steps on, however busy the
-    machine (steps run in the engine's worker thread, the word is read on the event loop)."""
+    """A verifier model whose steps after the first two wait until the client's word after its opening's has reached
+    the budgeter (`said`, set by WantsBudgeter at its second word): an async session then has a chunk in by the time it
+    steps on, however busy the machine (steps run in the engine's worker thread, the word is read on the event loop)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -199,7 +200,7 @@ class WaitsForTheWord(FakeLM):
 async def test_a_real_client_says_its_gamma_and_is_granted_within_it(start_verifier, mode):
     target = WaitsForTheWord(32, seed=5)
     verifier = await start_verifier(target, vocab_size=32, budget=True)
-    budgeter = _use(verifier, WantsBudgeter(max_gamma=16, said=target.said))
+    budgeter = _use(verifier, WantsBudgeter(max_gamma=16, said=target.said, words=2))  # the opening's, then a block's
     info = await fetch_info(verifier.stub)
     params = SamplingParams(max_new_tokens=24)
     target.said.set()  # Generate's steps need no word

@@ -13,9 +13,10 @@ padding included: sessions x longest row), a prefill taking only the chunk that 
 runs prompt chunks and blocks in separate steps, the kind at the queue's head first), and a block taking
 its draft tokens (`_take_drafts`: the client's proposal, or the head of `ahead`, capped by the session's
 `budget`); run ONE forward over all of it (`kv.packed_forward` or `kv.batched_forward`, pad-and-stack,
-whichever computes less: backends.py; see kv.py for the KV design and why) and verify every block in ONE call (`sampling.verify_batch`, each session's own
-generator); then, back on the event loop, apply each block's outcome to its session (`session.commit`:
-tokens, finish, `ahead`, KV rollback) and resolve its awaitable. Work taken from the front and put back
+whichever computes less: backends.py; see kv.py for the KV design and why) and verify every block in ONE
+call (`sampling.verify_batch`, each session's own generator); then, back on the event loop, apply each
+block's outcome to its session (`session.commit`: tokens, finish, `ahead`, KV rollback) and resolve its
+awaitable. Work taken from the front and put back
 at the end (an unfinished prefill, the next decoding step) makes it round-robin: every session gets a
 turn, and a long prompt delays the others by at most one step of the budget.
 

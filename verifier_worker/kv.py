@@ -26,10 +26,10 @@ no padding; the past is the sessions' KV laid end to end [1, kv_heads, P + N, he
 [1, 1, N, P + N] lets row b's queries see its own L_b past keys and its own new keys (causal, or its tree's). The
 linear layers then compute N tokens instead of B x T_max: on one avx2 core, the 1.5B in fp32 at a 256-token context,
 rows of 5, 1, 1, 1 tokens took 2.05 s packed against 3.02 s padded (1.58 s padded for 1, 1, 1, 1;
-scripts/measure_packing.py). The price is attention
-over every row's past, N x (P + N) scores instead of B x T_max x (L_max + T_max), dense under sdpa's mask: more
-than the padding saves where rows are of one length, or the past is long beside the new tokens. So the backend
-(backends.py) picks the route that computes less for each forward.
+scripts/measure_packing.py). The price is attention over every row's past, N x (P + N) scores instead of
+B x T_max x (L_max + T_max), dense under sdpa's mask: more than the padding saves where rows are of one length, or
+the past is long beside the new tokens. So the backend (backends.py) picks the route that computes less for each
+forward.
 
 Why this route: it works with any transformers causal LM that takes `position_ids`, a 4D mask and a
 `Cache` (sdpa attention, CPU and CUDA), and needs no custom kernels. Its costs: one copy of the batch's
@@ -42,6 +42,7 @@ neither score given tokens nor roll a request back.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -225,7 +226,7 @@ def packed_forward(model: torch.nn.Module, rows: list[Row]) -> list[torch.Tensor
     device = next(model.parameters()).device
     lengths = [row.kv.length for row in rows]
     inputs = packed_inputs(lengths, [row.token_ids for row in rows], device, [row.parents for row in rows])
-    starts = [sum(len(row.token_ids) for row in rows[:b]) for b in range(len(rows))]
+    starts = list(itertools.accumulate((len(row.token_ids) for row in rows[:-1]), initial=0))  # each row's offset
     keep = [starts[b] + j for b, row in enumerate(rows) if row.want_logits for j in range(len(row.token_ids))]
     keep_at = torch.tensor(keep, dtype=torch.long, device=device)
     logits = _run(model, rows, inputs, _PackedCache(rows, sum(lengths)), keep_at,

@@ -185,8 +185,8 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             session = await self._new_session(context, opening.prompt_ids, opening.params,
                                               min(opening.max_block or self.limits.max_gamma, self.limits.max_gamma),
                                               opening.tpot_slo_ms, drafter)
-            if self.budgeter is not None and opening.HasField("wants"):  # before the prefill's step grants
-                self.budgeter.wants(session, opening.wants)
+            if self.budgeter is not None and (word := said_gamma(opening)) is not None:  # before the prefill's grant
+                self.budgeter.wants(session, word)
             prompt_tokens = len(session.tokens)
             self.metrics.prompt_tokens.inc(prompt_tokens)
             async_mode = opening.mode == pb.SPECULATION_MODE_ASYNC

@@ -174,8 +174,9 @@ def client_host(peer: str) -> str:
     return LOOPBACK if ip.is_loopback else str(ip)
 
 
-def said_gamma(message: pb.Proposal | pb.ShadowVerdict) -> int | None:
-    """The client's own best gamma, as it said it (Proposal.wants, ShadowVerdict.wants; None: an older client's)."""
+def said_gamma(message: pb.OpenSession | pb.Proposal | pb.ShadowVerdict) -> int | None:
+    """The client's own best gamma, as it said it (OpenSession.wants, Proposal.wants, ShadowVerdict.wants; None: an
+    older client's)."""
     return message.wants if message.HasField("wants") else None
 
 
