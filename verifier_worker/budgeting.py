@@ -74,7 +74,6 @@ from verifier_worker.metrics import BudgetMetrics
 GRANT_SHARE = 0.02  # the most of the verifier's time that making grants may take (see the module docstring)
 STEADY_BACKOFF = 4  # a grant that came out as the one before is remade up to this many times less often
 MAX_DRAFTERS = 64  # drafter names whose population and latest turnaround are kept (the prior of new sessions)
-DEFER_STEPS = 2.0  # alone, a client whose turnaround is at most this many 1-token steps is granted its word (`wants`)
 
 
 @dataclass
@@ -269,22 +268,7 @@ class DraftBudgeter:
         sessions on a CPU, grants of 9-16 where the client sent 2-5. 0 counts as 1: a client that wants no drafts
         says so with decode_alone (`hold`, which expires), and one whose word stood at 0 could never be granted
         drafts again if it drafts no shadow blocks to speak in the verifier's turn. A new cap remakes the standing
-        grant at once only where it binds (`_binds`); an n-gram's word changes every few commits.
-
-        A lock-step session alone that the verifier decodes at budget 0, which the grant prices at 0, is granted its
-        word (1 or more) as it is: there the verifier's idle turnaround is the client's own wall time, and where the
-        two disagree that way the client prices it better. It measures its drafting per token, so its turnaround
-        grows with gamma, where the grant holds the last measured one for every gamma; and its acceptance is its
-        drafter's over its requests, shadow blocks included, where a new session's estimate here starts from its
-        drafter's real blocks, which a drafter granted 0 never sends. Priced here, the real pair's LM drafter alone (bf16, avx512_bf16: 310 ms steps,
-        a 390 ms turnaround for 2 draft tokens) kept the 0.5 prior and was granted 0 at every step: 0.95x
-        `Generate`, where a fixed gamma of 2 read 1.31x. Only where the turnaround is at most DEFER_STEPS 1-token
-        steps: a block must then commit about 1 + turnaround / step tokens to pay, and beyond ~3 only a lookup
-        drafter's bursts do, which the client's smoothed estimate does not see coming and the grant's calibration
-        does (the tiny pair at 25 ms, 4 ms steps: the client's word granted as it is took the n-gram from
-        0.91-0.93x to 0.77-0.87x `Generate`). A grant above 0 stands: it is calibrated on the session's own blocks
-        (the real pair's n-gram alone read 1.80x priced, mean grant 3.1; its client's word, mean 6.8, 1.65x). A
-        word of 0 and an unsaid word are still priced."""
+        grant at once only where it binds (`_binds`); an n-gram's word changes every few commits."""
         session = self._sessions.get(key)
         if session is not None and gamma != session.wants:
             before, session.wants = session.cap, gamma
@@ -405,10 +389,6 @@ class DraftBudgeter:
 
         grant = grant_budgets(demands, step_seconds, load, padded=self.padded, min_gain=self.min_gain,
                               hold_s=self.hold_s)
-        for key, s, _ in rows:  # alone, priced at 0, a turnaround of a step or two: its client's word (`wants`)
-            if not crowded and not grant[key] and s.at_zero and s.wants and s.cap and not s.held \
-                    and s.wait_s <= DEFER_STEPS * step_seconds(1, 1):
-                grant[key] = min(s.cap, s.wants)
         budgets = [grant[d.key] for d in demands]
         for i, (key, s, _) in enumerate(rows):  # a slow session's granted block must pay for the step it misses too
             if s.slow and crowded and budgets[i] and not pays_a_missed_step(demands, budgets, i, step_seconds, load,
