@@ -54,8 +54,6 @@ from specdec.pubmedqa import default_path, load_items
 
 DRAFTS = DraftModels()
 HISTORIES = {"ngram": new_history(), "lm": new_history()}  # each drafter's acceptance over the requests so far
-TRACED = ("wall_s", "draft_s", "shadows", "gamma_per_round", "budget_per_round", "proposed_per_round",
-          "accepted_per_round", "compute_s", "batch_size", "batch_tokens", "rtt_s", "service_s")  # --trace's fields
 
 
 def process_cpu_s(pid: int) -> float:
@@ -97,7 +95,7 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
     if args.trace:  # every request's rounds, to see why an arm reads what it does
         with open(args.trace, "a") as out:
             for r in results:
-                out.write(json.dumps({"sessions": sessions, "arm": arm, **{k: getattr(r, k) for k in TRACED}}) + "\n")
+                out.write(json.dumps({"sessions": sessions, "arm": arm, **r.to_dict()}) + "\n")  # as requests.jsonl
     tokens = sum(len(r.token_ids) for r in results)
     budgets = [b for r in results for b in r.budget_per_round]
     batch = [b for r in results for b in r.batch_size]  # sessions in the step each round rode in
@@ -174,7 +172,8 @@ def main() -> None:
     p.add_argument("--rtt-ms", type=float, nargs="+", default=[0.0],
                    help="emulated round trips (a delay proxy), each a sweep of its own: the fast regime's links")
     p.add_argument("--verifier-args", default="", help="more `serve-verifier` flags, e.g. '--batch-wait-ms 150'")
-    p.add_argument("--trace", help="append every request's rounds (gammas, budgets, verdicts, steps) to this JSONL")
+    p.add_argument("--trace", help="append every request's record (GenerationResult.to_dict: its rounds' gammas, "
+                                   "budgets, verdicts, steps) to this JSONL")
     args = p.parse_args()
     tokenizer = models.load_tokenizer(args.verifier)
     prompts = [x.ids for x in encode_prompts(load_items(args.pubmedqa)[: args.prompts], tokenizer, args.max_prompt_tokens)]
