@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import Candidates, LMDrafter, NgramDrafter
-from draft_worker.gamma import AutoGamma, FixedGamma, RttGamma
+from draft_worker.gamma import AutoGamma, FixedGamma, Link, RttGamma
 from draft_worker.shadow import HELD_MISSES, SHADOW_SHARE, ShadowBlock, Shadows, shadow_every
 from draft_worker.transport import ClientConfig, fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
@@ -38,6 +38,7 @@ from tests.test_budget_wiring import FixedBudgeter, _use
 from tests.test_errors import wait_for_no_sessions
 from tests.test_server_decodes import LONG, _opened_in_the_verifiers_turn
 from verifier_worker.budgeting import BudgetMetrics, DraftBudgeter
+from verifier_worker.session import VerifierSession
 
 pytestmark = pytest.mark.usefixtures("free_grants")  # a grant is remade at every step, however slow this machine
 
@@ -222,19 +223,52 @@ class FirstBlockBudgeter(RecordingBudgeter):
             self.budget, self._grants = 0, None
 
 
+class WaitsForAChunk(FakeLM):
+    """A verifier model whose steps after the first two wait until async chunks have put two draft tokens into a
+    session's `ahead` (`taken`, set by a wrapped `VerifierSession.offer`): the engine cannot decode all its tokens
+    alone before the client's drafts are in, however busy the machine. Chunks that came stale do not open the gate:
+    the client drafts again from the commit the gate holds it at (its `Link` takes the verifier for a slow one, so it sends every
+    chunk it may draft: against these ~1 ms steps it would rightly send none, and wait for a commit the gate holds)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.taken, self.calls = threading.Event(), 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > 2:
+            self.taken.wait(30)  # without a chunk, the test's assertions fail after it
+        return super().forward(*args, **kwargs)
+
+
 @pytest.mark.parametrize("mode", ["lockstep", "async"])
 @pytest.mark.parametrize("first_budget", [0, 2])
-async def test_on_the_verifiers_cores_a_session_never_granted_drafts_never_drafts(start_verifier, mode, first_budget):
+async def test_on_the_verifiers_cores_a_session_never_granted_drafts_never_drafts(start_verifier, monkeypatch, mode,
+                                                                                  first_budget):
     """One box (ClientConfig.shared_cores): a shadow block's drafting takes the verifier's cores (and an LM's first one
     its prefill of the prompt), so a session granted no draft from its opening never runs its drafter; once it drafted
     a block it sent, shadow blocks keep its estimate alive as on a machine of its own."""
-    target = FakeLM(32, seed=5)
+    target = WaitsForAChunk(32, seed=5)
+    offer = VerifierSession.offer
+
+    def offer_and_open(session, claim, max_ahead):
+        merged = offer(session, claim, max_ahead)
+        if len(session.ahead) >= 2:  # the held step commits the first (it decodes alone), the next step verifies more
+            target.taken.set()
+        return merged
+
+    monkeypatch.setattr(VerifierSession, "offer", offer_and_open)
+    monkeypatch.setattr(Link, "on_commit", lambda link, tokens, service_s: setattr(link, "s_per_token", 1.0))
     verifier = await start_verifier(target, vocab_size=32, budget=True)
     budgeter = _use(verifier, FirstBlockBudgeter(first_budget, max_gamma=16))
     info = await fetch_info(verifier.stub)
     params = SamplingParams(max_new_tokens=24)
+    target.taken.set()  # Generate's steps, a lock-step session's and one never granted a draft need no chunk
     baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
-    drafter = CountingDrafter(target, "same")
+    if mode == "async" and first_budget:
+        target.taken.clear()
+        target.calls = 0
+    drafter = CountingDrafter(FakeLM(32, seed=5), "same")  # the target apart from the gate: a perfect draft
     spec = await speculate(verifier.stub, drafter, [1, 2, 3], params, AutoGamma(3), info, mode=mode,
                            config=ClientConfig(shared_cores=True))
     assert spec.token_ids == baseline.token_ids
