@@ -110,7 +110,33 @@ def test_shadow_blocks_that_land_bring_the_budget_back_and_decay_alone_does_not(
         budgeter.on_step(0.03, 1, 1)
     assert landed.budget_for("s") >= 2
     assert decayed.budget_for("s") == 0
-    assert landed.population.pooled() == decayed.population.pooled()  # new sessions' prior: real verdicts only
+    assert landed.population.pooled() > decayed.population.pooled()  # its drafter's too: new sessions' prior
+
+
+def test_a_drafter_granted_nothing_learns_from_its_shadow_blocks_and_its_next_session_is_granted():
+    """A drafter whose sessions are granted 0 from their opening sends no real block: its population (the prior
+    of its next sessions) learns only from shadow blocks. Before, it stayed at the 0.5 prior, and the real pair's LM
+    drafter alone was granted 0 at every step (0.95x `Generate`, where a fixed gamma 2 read 1.31x). Another
+    drafter's population does not move."""
+    budgeter = DraftBudgeter(max_gamma=4)
+    _feed_steps(budgeter, 0.3, 0.1)  # a CPU-like curve: a draft token costs a third of a one-token step
+    budgeter.open("first", drafter="lm")
+    budgeter.arrives("first", 0.38, 0.1, "lm")  # its blocks come 0.38 s after a verdict: more than a step
+    budgeter.decodes_at_zero("first")  # alone, the verifier decodes it without a round trip: it pays that
+    assert budgeter.budget_for("first") == 0  # at the prior 0.5 no block pays for its turnaround
+    for _ in range(OPENING_ROUNDS + 30):
+        budgeter.on_verdict("first", 0, 0)  # the verifier decodes it on its own
+        budgeter.on_shadow("first", 2, 2, 2)  # and the blocks its client drafted meanwhile land
+        budgeter.on_step(0.4, 1, 1)
+    budgeter.close("first")
+    assert budgeter.population_of("lm").pooled() > 0.8
+    assert budgeter.population_of("ngram").pooled() == budgeter.population.pooled() == 0.5
+    budgeter.open("next", drafter="lm")
+    budgeter.decodes_at_zero("next")
+    for _ in range(OPENING_ROUNDS):
+        budgeter.on_verdict("next", 0, 0)
+    budgeter.on_step(0.4, 1, 1)
+    assert budgeter.budget_for("next") >= 2  # its turnaround stands (the drafter's last), its rate is learnt
 
 
 def test_shadow_blocks_that_miss_keep_the_budget_at_zero():
