@@ -10,12 +10,17 @@ answer says something new, most while it quotes its prompt), so an estimate pinn
 missed every later burst: at 2 sessions on a CPU the budget fell to 0 after one or two rejections and stayed there,
 1.0x Generate where a fixed gamma 2 reached 1.2x. An LM drafter meets the same: rejected on the answer's first two
 blocks at 1-2 sessions, it decoded the other 30 tokens alone where a fixed gamma 3 was accepted 70% of the time.
-Shadow blocks cost the verifier no compute; the client drafts them at most SHADOW_SHARE of its time (`shadow_every`:
-every commit for a lookup, every few for an LM on a CPU), since a budget granted meanwhile waits for the drafter. Each
-verdict message costs a fast verifier's event loop, so misses ride in fours (`Shadows.report`, ShadowVerdict.before).
+Shadow blocks cost the verifier no compute; the client drafts them at most OWN_CORES_SHARE of its time
+(`shadow_every`: every commit for a lookup, every few for an LM on a CPU), since a budget granted meanwhile waits for
+the drafter. Their verdicts are also all the verifier learns of a drafter it grants nothing (its population, the
+prior of its next sessions: verifier_worker/budgeting.py). At a tenth of a step (SHADOW_SHARE, as on the verifier's
+cores), the real pair's LM drafter alone drafted 1-2 a request and its first 7 requests were granted 0 (0.99x
+`Generate`, where a fixed gamma 2 read 1.23x); at half, 1.20x (fixed gamma 2: 1.37x; docs/results.md, session 22).
+Each verdict message costs a fast verifier's event loop, so misses ride in fours (`Shadows.report`,
+ShadowVerdict.before).
 
 Except on the verifier's own cores (one box, ClientConfig.shared_cores): there a shadow's drafting takes the cores
-the verifier's steps run on, and an LM's first draft of a session carries its prefill of the prompt (the real
+the verifier's steps run on (so at most SHADOW_SHARE of a step), and an LM's first draft of a session carries its prefill of the prompt (the real
 pair's 0.5B in fp32 on a 2-core AVX2 CPU: 5.3 s, ten of the verifier's steps), which only verified blocks can repay.
 So there a session drafts shadow blocks only once it has drafted a block it sent: one the verifier granted no draft
 from its opening on (its measured step costs say none pays, verifier_worker/warmup.py) never starts its draft
@@ -32,7 +37,8 @@ from draft_worker.modes import Job
 from draft_worker.proposer import common_prefix
 from protos.specdec.v1 import specdec_pb2 as pb
 
-SHADOW_SHARE = 0.1  # the most of a verifier step a shadow block may take to draft
+SHADOW_SHARE = 0.1  # the most of a verifier step a shadow block may take to draft, on the verifier's own cores
+OWN_CORES_SHARE = 0.5  # the same where the drafter has cores of its own (see `Shadows.due`)
 MISS_BACKOFF = 2  # after shadow blocks missing in a row, the next comes up to 2 ** MISS_BACKOFF times as many commits later
 HELD_MISSES = 3  # missed shadow blocks (any, beside other sessions) held back to ride a later message with the next
 
@@ -54,7 +60,7 @@ class ShadowBlock:
         return matched if matched < len(seen) or matched == len(self.draft_ids) else None
 
 
-def shadow_every(gamma: int, draft_s_per_token: float, step_s: float) -> int | None:
+def shadow_every(gamma: int, draft_s_per_token: float, step_s: float, share: float = SHADOW_SHARE) -> int | None:
     """Commits between two shadow blocks of `gamma`, so that drafting them takes at most SHADOW_SHARE of the session's
     time (`step_s`: the verifier's time between two commits): one per commit when a block takes at most that share
     of a step (an n-gram or suffix lookup), one every ceil(block / (share x step)) commits otherwise (an LM on a
@@ -65,7 +71,7 @@ def shadow_every(gamma: int, draft_s_per_token: float, step_s: float) -> int | N
     block_s = gamma * draft_s_per_token
     if gamma <= 0 or (block_s > 0 and step_s <= 0):
         return None
-    return max(1, math.ceil(block_s / (SHADOW_SHARE * step_s) - 1e-9)) if block_s > 0 else 1
+    return max(1, math.ceil(block_s / (share * step_s) - 1e-9)) if block_s > 0 else 1
 
 
 @dataclass
@@ -98,7 +104,8 @@ class Shadows:
         if not (self.taken and alone and self.block is None and self.set_aside is None and left > 1
                 and (self.drafted or not self.shared_cores)):
             return False
-        every = shadow_every(self.size(schedule, left), draft_s_per_token, step_s)
+        share = SHADOW_SHARE if self.shared_cores else OWN_CORES_SHARE
+        every = shadow_every(self.size(schedule, left), draft_s_per_token, step_s, share)
         return every is not None and committed - self.last_base >= every * 2 ** min(self.misses, MISS_BACKOFF)
 
     def decided(self, committed: list[int]) -> tuple[ShadowBlock, int] | None:

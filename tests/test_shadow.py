@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import Candidates, LMDrafter, NgramDrafter
 from draft_worker.gamma import AutoGamma, FixedGamma, Link, RttGamma
-from draft_worker.shadow import HELD_MISSES, SHADOW_SHARE, ShadowBlock, Shadows, shadow_every
+from draft_worker.shadow import HELD_MISSES, OWN_CORES_SHARE, SHADOW_SHARE, ShadowBlock, Shadows, shadow_every
 from draft_worker.transport import ClientConfig, fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
@@ -88,6 +88,20 @@ def test_shadow_blocks_take_at_most_their_share_of_the_session():
     assert shadow_every(1, 0.08, 0.3) == 3  # an LM on a CPU: 80 ms a block, 30 ms its share of a step
     assert shadow_every(4, 0.05, 0.3) == 7  # 0.2 s of drafting per 2.1 s of steps
     assert shadow_every(0, 0.0, 1.0) is None and shadow_every(1, 0.08, 0.0) is None  # no block; no step measured
+    assert shadow_every(4, 0.1, 0.35, OWN_CORES_SHARE) == 3  # an LM on a core of its own: every 3rd commit, not 12th
+
+
+def test_a_drafter_on_cores_of_its_own_drafts_shadow_blocks_more_often():
+    """On the verifier's cores a shadow block's drafting slows the verifier's steps: SHADOW_SHARE. On cores of its
+    own it slows nothing but a grant that comes meanwhile, and its verdicts are how a drafter granted nothing is
+    learnt (the real pair's LM alone: 1-2 shadow blocks a request at SHADOW_SHARE, granted 0 for 7 requests)."""
+    schedule = FixedGamma(4, 8)
+
+    def first_due(shared_cores: bool) -> int:
+        shadows = Shadows(taken=True, shared_cores=shared_cores, drafted=True, last_base=0)
+        return next(c for c in range(1, 100) if shadows.due(True, schedule, 100, c, 0.1, 0.35))
+
+    assert first_due(False) == 3 and first_due(True) == 12
 
 
 # ---------------------------------------------------------------------------------------------------- the budgeter
