@@ -168,8 +168,13 @@ class ClientSession:
                 self.result.unsent += 1
         elif not self.tree_nodes and shadows.due(self.server_turn or (self.mode.streams_commits and self.budget == 0),
                                                  self.schedule, self._left, len(self.committed),
-                                                 self.draft_s_per_token, self.link.s_per_token or 0.0):
+                                                 self.draft_s_per_token, self.link.s_per_token or 0.0, self._shared):
             self._draft(shadows.size(self.schedule, self._left), guess=[], shadow=True)
+
+    @property
+    def _shared(self) -> bool:
+        """The verifier's last step carried other sessions too."""
+        return (self.result.batch_size or [1])[-1] > 1
 
     def _empty_block_due(self) -> bool:
         """Lockstep/ahead: the block the session waits for carries no draft (the client's own gamma is 0, or the
@@ -318,8 +323,7 @@ class ClientSession:
         shadow, accepted = decided
         if hasattr(self.schedule, "observe"):
             self.schedule.observe(len(shadow.draft_ids), accepted, shadow.draft_s)
-        shared = (self.result.batch_size or [1])[-1] > 1  # the verifier's last step carried other sessions too
-        await self._send_shadows(self.shadows.report(shadow, accepted, self._wants(), shared))
+        await self._send_shadows(self.shadows.report(shadow, accepted, self._wants(), self._shared))
 
     async def _send_shadows(self, message: tuple[pb.SpeculateRequest, int] | None) -> None:
         if message is not None:

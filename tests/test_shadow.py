@@ -93,15 +93,16 @@ def test_shadow_blocks_take_at_most_their_share_of_the_session():
 
 def test_a_drafter_on_cores_of_its_own_drafts_shadow_blocks_more_often():
     """On the verifier's cores a shadow block's drafting slows the verifier's steps: SHADOW_SHARE. On cores of its
-    own it slows nothing but a grant that comes meanwhile, and its verdicts are how a drafter granted nothing is
-    learnt (the real pair's LM alone: 1-2 shadow blocks a request at SHADOW_SHARE, granted 0 for 7 requests)."""
+    own, alone, it slows nothing but a grant that comes meanwhile, and its verdicts are how a drafter granted nothing
+    is learnt (the real pair's LM alone: 1-2 shadow blocks a request at SHADOW_SHARE, granted 0 for 7 requests)."""
     schedule = FixedGamma(4, 8)
 
-    def first_due(shared_cores: bool) -> int:
+    def first_due(shared_cores: bool, shared: bool = False) -> int:
         shadows = Shadows(taken=True, shared_cores=shared_cores, drafted=True, last_base=0)
-        return next(c for c in range(1, 100) if shadows.due(True, schedule, 100, c, 0.1, 0.35))
+        return next(c for c in range(1, 100) if shadows.due(True, schedule, 100, c, 0.1, 0.35, shared))
 
     assert first_due(False) == 3 and first_due(True) == 12
+    assert first_due(False, shared=True) == 12  # beside other sessions, whose drafts likely share its cores
 
 
 # ---------------------------------------------------------------------------------------------------- the budgeter
