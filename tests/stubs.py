@@ -74,16 +74,26 @@ class FakeLM(torch.nn.Module):
 
 
 class GatedLM(FakeLM):
-    """A FakeLM whose forward waits for the test to open the gate, so a step can be caught in flight."""
+    """A FakeLM whose forward, after its first `free` calls, waits for the test to open the gate: so a step can be
+    caught in flight, or held until what the test waits for (a client's word, an async chunk) has reached the event
+    loop, however busy the machine (steps run in the engine's worker thread). `reset()` closes the gate and counts
+    the calls from 0 again."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, free: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.gate = threading.Event()
         self.entered = threading.Event()
+        self.free, self.calls = free, 0
+
+    def reset(self) -> None:
+        self.gate.clear()
+        self.calls = 0
 
     def forward(self, *args, **kwargs):
-        self.entered.set()
-        assert self.gate.wait(10), "the test never opened the gate"
+        self.calls += 1
+        if self.calls > self.free:
+            self.entered.set()
+            assert self.gate.wait(30), "the test never opened the gate"
         return super().forward(*args, **kwargs)
 
 

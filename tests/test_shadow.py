@@ -32,7 +32,7 @@ from specdec import codec
 from specdec.acceptance import OPENING_ROUNDS
 from specdec.config import SamplingParams, VerifierLimits
 from specdec.gamma import expected_tokens_table
-from tests.stubs import FakeLM, fake_pair
+from tests.stubs import FakeLM, GatedLM, fake_pair
 from tests.test_budget import _feed_steps
 from tests.test_budget_wiring import FixedBudgeter, _use
 from tests.test_errors import wait_for_no_sessions
@@ -264,38 +264,26 @@ class FirstBlockBudgeter(RecordingBudgeter):
             self.budget, self._grants = 0, None
 
 
-class WaitsForAChunk(FakeLM):
-    """A verifier model whose steps after the first two wait until async chunks have put two draft tokens into a
-    session's `ahead` (`taken`, set by a wrapped `VerifierSession.offer`): the engine cannot decode all its tokens
-    alone before the client's drafts are in, however busy the machine. Chunks that came stale do not open the gate:
-    the client drafts again from the commit the gate holds it at (its `Link` takes the verifier for a slow one, so it sends every
-    chunk it may draft: against these ~1 ms steps it would rightly send none, and wait for a commit the gate holds)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.taken, self.calls = threading.Event(), 0
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls > 2:
-            self.taken.wait(30)  # without a chunk, the test's assertions fail after it
-        return super().forward(*args, **kwargs)
-
-
 @pytest.mark.parametrize("mode", ["lockstep", "async"])
 @pytest.mark.parametrize("first_budget", [0, 2])
 async def test_on_the_verifiers_cores_a_session_never_granted_drafts_never_drafts(start_verifier, monkeypatch, mode,
                                                                                   first_budget):
     """One box (ClientConfig.shared_cores): a shadow block's drafting takes the verifier's cores (and an LM's first one
     its prefill of the prompt), so a session granted no draft from its opening never runs its drafter; once it drafted
-    a block it sent, shadow blocks keep its estimate alive as on a machine of its own."""
-    target = WaitsForAChunk(32, seed=5)
+    a block it sent, shadow blocks keep its estimate alive as on a machine of its own.
+
+    Async, granted drafts: the verifier model's steps after the first two wait until chunks have put two draft tokens
+    into the session's `ahead` (a wrapped `VerifierSession.offer`), so the engine cannot decode all its tokens alone
+    first (it failed ~1 in 15 so). A stale chunk does not open the gate: the client drafts again from the commit the
+    gate holds it at, since its `Link` takes the verifier for a slow one and sends every chunk it may draft (against
+    these ~1 ms steps it would rightly send none, and wait for a commit the gate holds)."""
+    target = GatedLM(32, seed=5, free=2)
     offer = VerifierSession.offer
 
     def offer_and_open(session, claim, max_ahead):
         merged = offer(session, claim, max_ahead)
         if len(session.ahead) >= 2:  # the held step commits the first (it decodes alone), the next step verifies more
-            target.taken.set()
+            target.gate.set()
         return merged
 
     monkeypatch.setattr(VerifierSession, "offer", offer_and_open)
@@ -304,11 +292,10 @@ async def test_on_the_verifiers_cores_a_session_never_granted_drafts_never_draft
     budgeter = _use(verifier, FirstBlockBudgeter(first_budget, max_gamma=16))
     info = await fetch_info(verifier.stub)
     params = SamplingParams(max_new_tokens=24)
-    target.taken.set()  # Generate's steps, a lock-step session's and one never granted a draft need no chunk
+    target.gate.set()  # Generate's steps, a lock-step session's and one never granted a draft need no chunk
     baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
     if mode == "async" and first_budget:
-        target.taken.clear()
-        target.calls = 0
+        target.reset()
     drafter = CountingDrafter(FakeLM(32, seed=5), "same")  # the target apart from the gate: a perfect draft
     spec = await speculate(verifier.stub, drafter, [1, 2, 3], params, AutoGamma(3), info, mode=mode,
                            config=ClientConfig(shared_cores=True))

@@ -27,7 +27,7 @@ from draft_worker.transport import fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
 from specdec.config import SamplingParams
-from tests.stubs import FakeLM
+from tests.stubs import FakeLM, GatedLM
 from tests.test_budget import _feed_steps
 from tests.test_budget_wiring import FixedBudgeter, _use
 from tests.test_errors import wait_for_no_sessions
@@ -180,33 +180,17 @@ async def test_an_async_session_that_sends_no_chunk_is_granted_within_its_openin
     call.cancel()
 
 
-class WaitsForTheWord(FakeLM):
-    """A verifier model whose steps after the first two wait until the client's word after its opening's has reached
-    the budgeter (`said`, set by WantsBudgeter at its second word): an async session then has a chunk in by the time it
-    steps on, however busy the machine (steps run in the engine's worker thread, the word is read on the event loop)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.said, self.calls = threading.Event(), 0
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls > 2:
-            self.said.wait(30)  # without a word, the test's assertions fail after it
-        return super().forward(*args, **kwargs)
-
-
 @pytest.mark.parametrize("mode", ["lockstep", "async"])
 async def test_a_real_client_says_its_gamma_and_is_granted_within_it(start_verifier, mode):
-    target = WaitsForTheWord(32, seed=5)
+    target = GatedLM(32, seed=5, free=2)  # its steps after the first two wait for the client's word after its opening's: an
+    # async session then has a chunk in by the time it steps on, however busy the machine
     verifier = await start_verifier(target, vocab_size=32, budget=True)
-    budgeter = _use(verifier, WantsBudgeter(max_gamma=16, said=target.said, words=2))  # the opening's, then a block's
+    budgeter = _use(verifier, WantsBudgeter(max_gamma=16, said=target.gate, words=2))  # the opening's, then a block's
     info = await fetch_info(verifier.stub)
     params = SamplingParams(max_new_tokens=24)
-    target.said.set()  # Generate's steps need no word
+    target.gate.set()  # Generate's steps need no word
     baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
-    target.said.clear()
-    target.calls = 0
+    target.reset()
     draft = FakeLM(32, seed=5)  # the same model apart from the gate: a perfect draft
     spec = await speculate(verifier.stub, LMDrafter(draft, "same"), [1, 2, 3], params, FixedGamma(3, 16), info,
                            mode=mode)
