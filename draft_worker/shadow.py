@@ -20,8 +20,9 @@ Each verdict message costs a fast verifier's event loop, so misses ride in fours
 ShadowVerdict.before).
 
 Except on the verifier's own cores (one box, ClientConfig.shared_cores): there a shadow's drafting takes the cores
-the verifier's steps run on (so at most SHADOW_SHARE of a step), and an LM's first draft of a session carries its prefill of the prompt (the real
-pair's 0.5B in fp32 on a 2-core AVX2 CPU: 5.3 s, ten of the verifier's steps), which only verified blocks can repay.
+the verifier's steps run on (so at most SHADOW_SHARE of a step), and an LM's first draft of a session carries its
+prefill of the prompt (the real pair's 0.5B in fp32 on a 2-core AVX2 CPU: 5.3 s, ten of the verifier's steps), which
+only verified blocks can repay.
 So there a session drafts shadow blocks only once it has drafted a block it sent: one the verifier granted no draft
 from its opening on (its measured step costs say none pays, verifier_worker/warmup.py) never starts its draft
 model. On that CPU the LM's four shadow blocks and its prefill each roughly doubled the verifier steps they overlapped,
@@ -61,7 +62,7 @@ class ShadowBlock:
 
 
 def shadow_every(gamma: int, draft_s_per_token: float, step_s: float, share: float = SHADOW_SHARE) -> int | None:
-    """Commits between two shadow blocks of `gamma`, so that drafting them takes at most SHADOW_SHARE of the session's
+    """Commits between two shadow blocks of `gamma`, so that drafting them takes at most `share` of the session's
     time (`step_s`: the verifier's time between two commits): one per commit when a block takes at most that share
     of a step (an n-gram or suffix lookup), one every ceil(block / (share x step)) commits otherwise (an LM on a
     CPU: a one-token block of ~80 ms against 0.3 s steps, every 3rd commit). The drafter is busy meanwhile and a

@@ -76,14 +76,14 @@ class FakeLM(torch.nn.Module):
 class GatedLM(FakeLM):
     """A FakeLM whose forward, after its first `free` calls, waits for the test to open the gate: so a step can be
     caught in flight, or held until what the test waits for (a client's word, an async chunk) has reached the event
-    loop, however busy the machine (steps run in the engine's worker thread). `reset()` closes the gate and counts
-    the calls from 0 again."""
+    loop, however busy the machine (steps run in the engine's worker thread); a gate still shut after `wait_s` fails
+    the step. `reset()` closes the gate and counts the calls from 0 again."""
 
-    def __init__(self, *args, free: int = 0, **kwargs):
+    def __init__(self, *args, free: int = 0, wait_s: float = 10.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.gate = threading.Event()
         self.entered = threading.Event()
-        self.free, self.calls = free, 0
+        self.free, self.wait_s, self.calls = free, wait_s, 0
 
     def reset(self) -> None:
         self.gate.clear()
@@ -93,7 +93,7 @@ class GatedLM(FakeLM):
         self.calls += 1
         if self.calls > self.free:
             self.entered.set()
-            assert self.gate.wait(30), "the test never opened the gate"
+            assert self.gate.wait(self.wait_s), "the test never opened the gate"
         return super().forward(*args, **kwargs)
 
 

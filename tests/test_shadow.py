@@ -277,7 +277,7 @@ async def test_on_the_verifiers_cores_a_session_never_granted_drafts_never_draft
     first (it failed ~1 in 15 so). A stale chunk does not open the gate: the client drafts again from the commit the
     gate holds it at, since its `Link` takes the verifier for a slow one and sends every chunk it may draft (against
     these ~1 ms steps it would rightly send none, and wait for a commit the gate holds)."""
-    target = GatedLM(32, seed=5, free=2)
+    target = GatedLM(32, seed=5, free=2, wait_s=30)
     offer = VerifierSession.offer
 
     def offer_and_open(session, claim, max_ahead):
@@ -286,8 +286,6 @@ async def test_on_the_verifiers_cores_a_session_never_granted_drafts_never_draft
             target.gate.set()
         return merged
 
-    monkeypatch.setattr(VerifierSession, "offer", offer_and_open)
-    monkeypatch.setattr(Link, "on_commit", lambda link, tokens, service_s: setattr(link, "s_per_token", 1.0))
     verifier = await start_verifier(target, vocab_size=32, budget=True)
     budgeter = _use(verifier, FirstBlockBudgeter(first_budget, max_gamma=16))
     info = await fetch_info(verifier.stub)
@@ -296,6 +294,8 @@ async def test_on_the_verifiers_cores_a_session_never_granted_drafts_never_draft
     baseline = await generate_baseline(verifier.stub, [1, 2, 3], params)
     if mode == "async" and first_budget:
         target.reset()
+        monkeypatch.setattr(VerifierSession, "offer", offer_and_open)
+        monkeypatch.setattr(Link, "on_commit", lambda link, tokens, service_s: setattr(link, "s_per_token", 1.0))
     drafter = CountingDrafter(FakeLM(32, seed=5), "same")  # the target apart from the gate: a perfect draft
     spec = await speculate(verifier.stub, drafter, [1, 2, 3], params, AutoGamma(3), info, mode=mode,
                            config=ClientConfig(shared_cores=True))

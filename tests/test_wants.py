@@ -182,8 +182,9 @@ async def test_an_async_session_that_sends_no_chunk_is_granted_within_its_openin
 
 @pytest.mark.parametrize("mode", ["lockstep", "async"])
 async def test_a_real_client_says_its_gamma_and_is_granted_within_it(start_verifier, mode):
-    target = GatedLM(32, seed=5, free=2)  # its steps after the first two wait for the client's word after its opening's: an
-    # async session then has a chunk in by the time it steps on, however busy the machine
+    # its steps after the first two wait for the client's word after its opening's: an async session then has a chunk
+    # in by the time it steps on, however busy the machine
+    target = GatedLM(32, seed=5, free=2, wait_s=30)
     verifier = await start_verifier(target, vocab_size=32, budget=True)
     budgeter = _use(verifier, WantsBudgeter(max_gamma=16, said=target.gate, words=2))  # the opening's, then a block's
     info = await fetch_info(verifier.stub)
