@@ -20,7 +20,9 @@ decoded one token each ("plain step ms": the same work in every arm, so where an
 drafting slowed the verifier's steps; a mean, since drafting overlaps only some of them: --pin's two "machines"
 share one box's caches and memory bandwidth, which two real machines do not), and the verifier process's CPU
 seconds per committed token (its event loop and gRPC threads too, which a step's compute leaves out; with its median
-ratio to Generate's over the passes: where the verifier's core is saturated, this is what an arm costs it). --rtt-ms:
+ratio to Generate's over the passes: where the verifier's core is saturated, this is what an arm costs it), and the
+full-load decode tok/s (`full_load_decoding`: while all N sessions were decoding, the level's prefills and its tail
+left out) with its median ratio. --rtt-ms:
 every request through a delay proxy of that round trip. The fast regime (a verifier that steps in a few ms, as a GPU would: the tiny pair):
 
     python scripts/measure_budget.py --verifier /tmp/specdec-tiny/verifier --dtype fp32 --draft /tmp/specdec-tiny/draft \
@@ -73,7 +75,8 @@ def drafter(name: str, args):
     return build_drafter(DrafterSpec(kind="lm", model=args.draft, dtype=args.draft_dtype), DRAFTS)
 
 
-async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, params: SamplingParams, args):
+async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, params: SamplingParams, args,
+                label: str = ""):
     """-> (aggregate tok/s, verifier compute s per token, mean budget or nan, mean batch, shadow blocks per request,
     mean compute s of the plain decoding steps, mean granted draft tokens a round's block left unsent or nan, the
     verifier process's CPU s per token or nan) of max(R x sessions, prompts) requests."""
@@ -95,7 +98,8 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
     if args.trace:  # every request's rounds, to see why an arm reads what it does
         with open(args.trace, "a") as out:
             for r in results:
-                out.write(json.dumps({"sessions": sessions, "arm": arm, **r.to_dict()}) + "\n")  # as requests.jsonl
+                record = {"verifier": label, "sessions": sessions, "arm": arm, "began_s": r.started - started}
+                out.write(json.dumps({**record, **r.to_dict()}) + "\n")  # as requests.jsonl, and when it began
     tokens = sum(len(r.token_ids) for r in results)
     budgets = [b for r in results for b in r.budget_per_round]
     batch = [b for r in results for b in r.batch_size]  # sessions in the step each round rode in
@@ -106,7 +110,29 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
     return tokens / wall, sum(r.verifier_compute_s for r in results) / tokens, (
         statistics.mean(budgets) if budgets else float("nan")), statistics.mean(batch) if batch else float("nan"), \
         statistics.mean(r.shadows for r in results), statistics.mean(plain) if plain else float("nan"), \
-        statistics.mean(unsent) if unsent else float("nan"), cpu / tokens
+        statistics.mean(unsent) if unsent else float("nan"), cpu / tokens, full_load_decoding(
+            [(r.started, r.chunk_times_s, r.chunk_tokens) for r in results], sessions)
+
+
+def full_load_decoding(spans: list[tuple[float, list[float], list[int]]], sessions: int) -> float:
+    """Output tok/s while all N sessions were decoding: the tokens committed inside the stretches where N requests
+    had their first token and had not yet ended, over those stretches' length (nan: none). spans: per request (its
+    start, its chunk_times_s from there, its chunk_tokens). What it leaves out is what a run of N requests at a time
+    adds to decoding and a server kept busy does not: the opening burst of prefills (2/3 of the real pair's wall
+    at 8 sessions), a new request's prefill mixed into the others' steps, and the tail of a wave, where requests that
+    speculation sped up have ended and the last ones decode in smaller steps, which `Generate`'s requests (every
+    one 32 tokens, in step) never do. Each stretch's first commit is excluded, its last included."""
+    edges = sorted(e for start, times, _ in spans if times for e in ((start + times[0], 1), (start + times[-1], -1)))
+    stretches, active, since = [], 0, 0.0
+    for t, step in edges:  # ends sort before starts at the same instant
+        if active == sessions and t > since:
+            stretches.append((since, t))
+        active += step
+        since = t
+    length = sum(b - a for a, b in stretches)
+    tokens = sum(n for start, times, counts in spans for c, n in zip(times, counts)
+                 if any(a < start + c <= b for a, b in stretches))
+    return tokens / length if length > 0 else float("nan")
 
 
 async def sweep(address: str, prompts, args, arms: list[str], label: str) -> None:
@@ -130,17 +156,19 @@ async def sweep_link(address: str, prompts, args, arms: list[str], label: str) -
             runs = {arm: [] for arm in arms}  # arm -> one row per repeat
             for _ in range(args.repeats):  # interleaved: Generate, then each arm, then again
                 for arm in arms:
-                    runs[arm].append(await level(stub, info, prompts, n, arm, params, args))
+                    runs[arm].append(await level(stub, info, prompts, n, arm, params, args, label))
             for arm in arms:
                 rows = runs[arm]
                 ratio = statistics.median(row[0] / base[0] for row, base in zip(rows, runs["generate"]))
-                rate, compute, budget, batch, shadows, plain, unsent, cpu = (statistics.median(c) for c in zip(*rows))
+                rate, compute, budget, batch, shadows, plain, unsent, cpu, decoding = (statistics.median(c)
+                                                                                       for c in zip(*rows))
                 cpu_ratio = statistics.median(r[7] / b[7] for r, b in zip(rows, runs["generate"]))
+                decoding_ratio = statistics.median(r[8] / b[8] for r, b in zip(rows, runs["generate"]))
                 spread = f" ({min(r[0] / b[0] for r, b in zip(rows, runs['generate'])):.2f}-" \
                          f"{max(r[0] / b[0] for r, b in zip(rows, runs['generate'])):.2f})" if len(rows) > 1 else ""
                 print(f"| {label} | {n} | {arm} | {rate:.2f} | {ratio:.2f}{spread} | {1000 * compute:.0f} | {budget:.2f} | "
                       f"{batch:.1f} | {shadows:.1f} | {1000 * plain:.2f} | {unsent:.2f} | {1000 * cpu:.2f} "
-                      f"({cpu_ratio:.3f}) |", flush=True)
+                      f"({cpu_ratio:.3f}) | {decoding:.2f} ({decoding_ratio:.2f}) |", flush=True)
 
 
 def main() -> None:
@@ -181,8 +209,9 @@ def main() -> None:
     print(f"{len(prompts)} prompts x {args.max_new_tokens} tokens, mode {args.mode}, verifier {args.verifier} {dtype} "
           f"({args.dtype}), CPU flags {flags}")
     print("| verifier | sessions | arm | aggregate tok/s | x Generate | verifier compute ms/token | mean budget | "
-          "mean batch | shadow blocks per request | plain step ms | unsent budget | verifier CPU ms/token (x Generate) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "mean batch | shadow blocks per request | plain step ms | unsent budget | verifier CPU ms/token (x Generate) | "
+          "full-load decode tok/s (x Generate) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fixed = {"ngram": args.gammas, "lm": args.lm_gammas}
     runs = [("budget", (), ["generate", *(f"{d}-{a}" for d in args.drafters for a in ("auto", "unsaid")[: 1 + args.unsaid]),
                             *(f"ngram-g{g}" for g in args.budget_gammas if "ngram" in args.drafters)])]

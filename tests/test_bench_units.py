@@ -218,3 +218,27 @@ def test_resume_refuses_a_changed_config(tmp_path):
     check_resume(tmp_path, bench_config.override(cfg, **{"concurrency.draft_workers": 3}))  # how, not what: allowed
     with pytest.raises(BenchError, match="changed sampling, max_new_tokens"):
         check_resume(tmp_path, bench_config.override(cfg, **{"sampling.temperature": 0.7, "max_new_tokens": 32}))
+
+
+def test_the_sweeps_full_load_decoding_counts_only_the_stretches_where_every_session_was_decoding():
+    """scripts/measure_budget.py's full-load decode tok/s: the tokens committed while all N sessions had their first
+    token and had not ended, over those stretches. A wave's opening prefills, a refill's prefill and the tail, where
+    requests that speculation sped up have ended, are left out; each stretch's first commit too, its last counted."""
+    import importlib.util
+    import math
+
+    spec = importlib.util.spec_from_file_location("measure_budget", REPO / "scripts" / "measure_budget.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def request(start: float, first: float, last: float) -> tuple[float, list[float], list[int]]:
+        times = [float(t) for t in range(int(first), int(last) + 1)]  # a token a second from its first
+        return start, times, [1] * len(times)
+
+    # 2 sessions: A decodes 2-5 s, B 3-8 s, C takes A's slot at 5 s and decodes 7-8 s after its prefill
+    spans = [request(0, 2, 5), request(0, 3, 8), request(5, 2, 3)]
+    # both decoding in 3-5 s (A and B: 2 tokens each) and 7-8 s (B and C: 1 each): 6 tokens in 3 s
+    assert module.full_load_decoding(spans, 2) == pytest.approx(2.0)
+    # one wave whose second request runs on alone: only the 1-3 s both decoded count, not B's 6 s alone
+    assert module.full_load_decoding([request(0, 1, 3), request(0, 1, 9)], 2) == pytest.approx(2.0)
+    assert math.isnan(module.full_load_decoding(spans, 3))  # never 3 at once
