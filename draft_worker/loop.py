@@ -47,7 +47,7 @@ from draft_worker import turns
 from draft_worker.drafters import Candidates, Drafter
 from draft_worker.gamma import Link
 from draft_worker.modes import MODES, Block, Job
-from draft_worker.shadow import ShadowBlock, Shadows
+from draft_worker.shadow import ShadowBlock, Shadows, drafting_here, sessions_drafting_here
 from draft_worker.stream import CALL_ERRORS, SpeculateStream, block_s, expect, open_request, proposal_request, \
     record_committed, record_opened, record_round, timed
 from draft_worker.transport import VerifierError
@@ -91,11 +91,12 @@ class ClientSession:
 
     async def run(self) -> None:
         try:
-            await self._open()
-            while not self.finished:
-                self._start_drafting()
-                self._start_reading()
-                await self._next_event()
+            with drafting_here():  # its drafter shares this process's cores with the other sessions open here
+                await self._open()
+                while not self.finished:
+                    self._start_drafting()
+                    self._start_reading()
+                    await self._next_event()
         except CALL_ERRORS as exc:
             raise await self.stream.refusal(exc) from None
         finally:
@@ -168,7 +169,8 @@ class ClientSession:
                 self.result.unsent += 1
         elif not self.tree_nodes and shadows.due(self.server_turn or (self.mode.streams_commits and self.budget == 0),
                                                  self.schedule, self._left, len(self.committed),
-                                                 self.draft_s_per_token, self.link.s_per_token or 0.0, self._shared):
+                                                 self.draft_s_per_token, self.link.s_per_token or 0.0, self._shared,
+                                                 sessions_drafting_here()):
             self._draft(shadows.size(self.schedule, self._left), guess=[], shadow=True)
 
     @property

@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry
 from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import Candidates, LMDrafter, NgramDrafter
 from draft_worker.gamma import AutoGamma, FixedGamma, Link, RttGamma
-from draft_worker.shadow import HELD_MISSES, OWN_CORES_SHARE, SHADOW_SHARE, ShadowBlock, Shadows, shadow_every
+from draft_worker.shadow import HELD_MISSES, OWN_CORES_SHARE, SHADOW_SHARE, ShadowBlock, Shadows, drafting_here, \
+    sessions_drafting_here, shadow_every
 from draft_worker.transport import ClientConfig, fetch_info
 from protos.specdec.v1 import specdec_pb2 as pb
 from specdec import codec
@@ -103,6 +104,47 @@ def test_a_drafter_on_cores_of_its_own_drafts_shadow_blocks_more_often():
 
     assert first_due(False) == 3 and first_due(True) == 12
     assert first_due(False, shared=True) == 12  # beside other sessions, whose drafts likely share its cores
+
+
+def test_the_sessions_open_in_one_process_share_one_shadow_share_of_its_cores():
+    """A session's shadow blocks take at most a share of the cores it drafts on, and every session open in the process
+    drafts on them: 16 LM sessions at a tenth each kept the drafting core busy through the whole decode, and the
+    verifier's steps on the other core of a 2-vCPU box ran 5-10% slower. So each takes share / sessions open here. A
+    lookup's block costs nothing beside a step: every commit, however many sessions."""
+    schedule = FixedGamma(4, 8)
+
+    def first_due(peers: int, draft_s_per_token: float = 0.1) -> int:
+        shadows = Shadows(taken=True, drafted=True, last_base=0)
+        return next(c for c in range(1, 400) if shadows.due(True, schedule, 400, c, draft_s_per_token, 0.35, True,
+                                                             peers))
+
+    assert first_due(1) == 12 and first_due(4) == 46  # 0.4 s a block against 0.1 x 0.35 s, then a quarter of that
+    assert first_due(16, draft_s_per_token=1e-5) == 1  # an n-gram's lookup
+    assert sessions_drafting_here() == 1  # none open: the one asking
+    with drafting_here(), drafting_here():
+        assert sessions_drafting_here() == 2
+    assert sessions_drafting_here() == 1
+
+
+async def test_a_client_session_counts_itself_open_in_its_process_while_it_runs(start_verifier):
+    """What `Shadows.due` divides the share by: two sessions speculating at once in this process each see 2 (their
+    first drafts wait for each other, so both are open then), and none is counted once they are done."""
+    both = threading.Barrier(2, timeout=30)
+    seen = []
+
+    class Watching(LMDrafter):
+        def propose(self, context: list[int], gamma: int):
+            if not getattr(self, "met", False):  # its first draft
+                both.wait()  # in the drafting thread: the event loop runs on meanwhile
+                self.met = True
+                seen.append(sessions_drafting_here())
+            return super().propose(context, gamma)
+
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32)
+    info = await fetch_info(verifier.stub)
+    await asyncio.gather(*(speculate(verifier.stub, Watching(FakeLM(32, seed=5), "same"), [1, 2, 3],
+                                     SamplingParams(max_new_tokens=16), FixedGamma(2, 8), info) for _ in range(2)))
+    assert seen == [2, 2] and sessions_drafting_here() == 1
 
 
 # ---------------------------------------------------------------------------------------------------- the budgeter
