@@ -60,11 +60,11 @@ def main() -> None:
     print("| verifier | sessions | arm | full-load decode tok/s | x Generate (range) |")
     print("|---|---|---|---|---|")
     for (label, n, arm), values in rates.items():
-        base = rates.get((label, n, "generate"), [])
-        ratios = [v / b for v, b in zip(values, base)]
+        ratios = [v / b for v, b in zip(values, rates.get((label, n, "generate"), []))]
+        if not ratios:  # no Generate arm at this level, or no full pass
+            continue
         spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
-        print(f"| {label} | {n} | {arm} | {statistics.median(values):.2f} | "
-              f"{statistics.median(ratios):.2f}{spread} |" if ratios else "| - |")
+        print(f"| {label} | {n} | {arm} | {statistics.median(values):.2f} | {statistics.median(ratios):.2f}{spread} |")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ async def level(stub, info, prompts: list[list[int]], sessions: int, arm: str, p
                 label: str = ""):
     """-> (aggregate tok/s, verifier compute s per token, mean budget or nan, mean batch, shadow blocks per request,
     mean compute s of the plain decoding steps, mean granted draft tokens a round's block left unsent or nan, the
-    verifier process's CPU s per token or nan) of max(R x sessions, prompts) requests."""
+    verifier process's CPU s per token or nan, the full-load decode tok/s or nan) of max(R x sessions, prompts)
+    requests."""
     jobs = [prompts[i % len(prompts)] for i in range(max(args.requests_per_session * sessions, len(prompts)))]
     gate = asyncio.Semaphore(sessions)
 
