@@ -133,8 +133,9 @@ class Shadows:
         424 ms where `Generate`'s took 384 (0.98x `Generate`, 1.02x before), all granted 0 either way. The share is
         the cores', not each session's: `peers` sessions open in this process (`sessions_drafting_here`, this one
         included) draft on the same cores, so each takes share / peers. Per session, 16 LM sessions at a tenth each
-        kept the drafting core busy through the whole decode, and the verifier's plain steps on the other core took
-        0.50-0.55 s against `Generate`'s 0.48-0.49 (0.93x `Generate` in the steps where all 16 decoded, granted 0)."""
+        drafted 52-72 shadow blocks of the 0.5B in a 16 s decode, the drafting core busy throughout; divided, none
+        at 8 or 16 sessions. On the 2-vCPU box neither moved the throughput measurably (1.00-1.01x `Generate`,
+        granted 0, two A/B passes: docs/results.md, session 23), so the gain is the drafting machine's time."""
         if not (self.taken and alone and self.block is None and self.set_aside is None and left > 1
                 and (self.drafted or not self.shared_cores)):
             return False
