@@ -108,9 +108,8 @@ def test_a_drafter_on_cores_of_its_own_drafts_shadow_blocks_more_often():
 
 def test_the_sessions_open_in_one_process_share_one_shadow_share_of_its_cores():
     """A session's shadow blocks take at most a share of the cores it drafts on, and every session open in the process
-    drafts on them: 16 LM sessions at a tenth each kept the drafting core busy through the whole decode, and the
-    verifier's steps on the other core of a 2-vCPU box ran 5-10% slower. So each takes share / sessions open here. A
-    lookup's block costs nothing beside a step: every commit, however many sessions."""
+    drafts on them: 16 LM sessions at a tenth each kept the drafting core busy through the whole decode. So each takes
+    share / sessions open here. A lookup's block costs nothing beside a step: every commit, however many sessions."""
     schedule = FixedGamma(4, 8)
 
     def first_due(peers: int, draft_s_per_token: float = 0.1) -> int:
