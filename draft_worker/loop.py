@@ -309,7 +309,7 @@ class ClientSession:
         request = proposal_request(drafted[skip:], q, self.params, candidates.dense_dtype, len(self.committed),
                                    claim[done:assumed],
                                    None if candidates.parents is None else candidates.parents[: len(drafted)],
-                                   self.alone, wants)
+                                   self.alone, wants, self.draft_s_per_token or None)
         await self._send_shadows(self.shadows.flush(wants))  # the misses held back go first
         sent_at = time.perf_counter()
         await self.stream.send(request)  # a failed write: the verifier ended the stream, and reading tells why

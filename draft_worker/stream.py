@@ -41,14 +41,16 @@ def open_request(client_model_id: str, prompt_ids: list[int], params: SamplingPa
 
 def proposal_request(draft_ids: list[int], q, params: SamplingParams, dense_dtype: str, base_len: int | None = None,
                      assumed_ids: list[int] = (), parents: list[int] | None = None,
-                     decode_alone: int = 0, wants: int | None = None) -> pb.SpeculateRequest:
+                     decode_alone: int = 0, wants: int | None = None,
+                     draft_s_per_token: float | None = None) -> pb.SpeculateRequest:
     """A claim: `assumed_ids` (no q), then `draft_ids` with their q rows [len(draft_ids), vocab] when sampling;
     with `parents`, draft_ids are a token tree's nodes (specdec/tree.py); decode_alone: steps the verifier then
-    decodes on its own (lock-step with server_decodes); wants: the client's own best gamma (None: unsaid)."""
+    decodes on its own (lock-step with server_decodes); wants: the client's own best gamma (None: unsaid);
+    draft_s_per_token: its drafter's seconds per draft token as measured (None: not yet)."""
     probs = codec.encode_probs(q, params, dense_dtype) if q is not None and len(draft_ids) else {}
     return pb.SpeculateRequest(proposal=pb.Proposal(draft_ids=draft_ids, base_len=base_len, assumed_ids=assumed_ids,
                                                     parents=parents or (), decode_alone=decode_alone, wants=wants,
-                                                    **probs))
+                                                    draft_s_per_token=draft_s_per_token, **probs))
 
 
 def record_opened(result: GenerationResult, reply: pb.SpeculateReply) -> None:

@@ -47,29 +47,34 @@ def _meets_slos(demands, budgets, cost, load, stretch=1.0, padded=False):
                for d, t in zip(demands, _tpot(demands, budgets, cost, load, padded)))
 
 
-def _random_demands(rng: random.Random, n: int, slo: bool = False, waits: bool = False) -> list[Demand]:
+def _random_demands(rng: random.Random, n: int, slo: bool = False, waits: bool = False,
+                    drafting: bool = False) -> list[Demand]:
     demands = []
     for i in range(n):
-        cap = rng.randint(0, 6)
+        cap = rng.randint(0, 4 if drafting else 6)  # drafting: at most WAIT_LEVELS distinct waits over 2 sessions
         if rng.random() < 0.5:
             accept = [rng.choice([0.0, 0.2, 0.5, 0.8, 0.95])] * 6  # constant alpha
         else:
             accept = [rng.random() for _ in range(6)]  # by position
         demands.append(Demand(f"s{i}", accept, cap, rng.choice([None, 0.005, 0.01, 0.02]) if slo else None,
-                              rng.choice([0.0, 0.0, 0.002, 0.01, 0.03]) if waits else 0.0))
+                              rng.choice([0.0, 0.0, 0.002, 0.01, 0.03]) if waits else 0.0,
+                              rng.choice([0.0, 0.001, 0.004, 0.01]) if drafting else 0.0))
     return demands
 
 
-@pytest.mark.parametrize("waits", ["at-once", "waited-for", "held"])
+@pytest.mark.parametrize("waits", ["at-once", "waited-for", "held", "drafting"])
 @pytest.mark.parametrize("padded", [False, True], ids=["summed", "padded"])
 @pytest.mark.parametrize("curve", sorted(COSTS))
 def test_grant_matches_brute_force(curve, padded, waits):
     """waited-for: granting a session drafts makes the step idle for its block (`Demand.wait_s`), and the step
     waits for the slowest session granted, so the brute force prices every vector T + that wait. held: the engine
-    holds a step at most hold_s once other work is ready (`waited`), longer when every session was granted."""
+    holds a step at most hold_s once other work is ready (`waited`), longer when every session was granted.
+    drafting: a block of g comes wait_s + g x wait_per_token_s after its verdict (its client drafts each token)."""
     cost, rng = COSTS[curve], random.Random(curve)
     for _ in range(40):
-        demands = _random_demands(rng, rng.randint(1, 3), waits=waits != "at-once")
+        drafting = waits == "drafting"
+        demands = _random_demands(rng, rng.randint(1, 2 if drafting else 3), waits=waits != "at-once",
+                                  drafting=drafting)
         load = Load(tokens=rng.choice([0, 0, 16]), sessions=rng.choice([0, 1]))
         hold_s = rng.choice([0.001, 0.005, 0.02]) if waits == "held" else None
         granted = grant_budgets(demands, cost, load, padded=padded, hold_s=hold_s)
@@ -114,6 +119,30 @@ def test_a_session_the_step_would_idle_for_is_granted_only_what_pays_for_the_wai
     granted = grant_budgets(demands, cost)
     best, _ = _brute_force(demands, cost)
     assert goodput(demands, [granted[d.key] for d in demands], cost) >= 0.97 * best
+
+
+def test_a_session_alone_is_granted_the_blocks_whose_drafting_pays_for_the_wait():
+    """One LM session the verifier decodes at budget 0 (the real pair on a CPU, session 24's trace): a step costs
+    ~0.30 s, and a block granted comes 0.01 s (its round trip) + 0.13 s per draft token (its drafting) after its
+    verdict; its client wants at most 2. At 70% acceptance a block of 1 pays most (1.7 tokens in 0.45 s against 1
+    in 0.30 s), one of 2 less (2.19 in 0.59 s). Priced at the turnaround of its last block of 3 (0.40 s) whatever
+    the size, no block paid, and the session decoded alone."""
+    cost = lambda n, s: 0.29 + 0.01 * n  # noqa: E731
+    split = Demand("lm", [0.7] * 4, 2, wait_s=0.01, wait_per_token_s=0.13)
+    assert [split.wait_for(g) for g in range(3)] == pytest.approx([0.0, 0.14, 0.27])
+    assert [split.within(t) for t in (0.0, 0.14, 0.2, 0.27, 1.0)] == [0, 1, 1, 2, 2]
+    assert grant_budgets([split], cost) == {"lm": 1}
+    assert goodput([split], [1], cost) > goodput([split], [2], cost) > goodput([split], [0], cost)
+    assert grant_budgets([Demand("lm", [0.7] * 4, 2, wait_s=0.40)], cost) == {"lm": 0}
+    with pytest.raises(ValueError, match="wait_per_token_s"):
+        Demand("lm", [0.7] * 4, 4, wait_per_token_s=-0.1)
+    rng = random.Random(11)  # alone, the step holds for nobody else: exact whatever the engine's hold
+    for _ in range(200):
+        (demand,) = _random_demands(rng, 1, waits=True, drafting=True)
+        curve, hold_s = COSTS[rng.choice(sorted(COSTS))], rng.choice([None, 0.005, 0.02])
+        granted = grant_budgets([demand], curve, hold_s=hold_s)[demand.key]
+        assert goodput([demand], [granted], curve, hold_s=hold_s) == pytest.approx(
+            _brute_force([demand], curve, hold_s=hold_s)[0], rel=1e-9)
 
 
 @pytest.mark.parametrize("alpha, gamma, pays", [

@@ -7,9 +7,14 @@ back for a round trip's steps (`decode_alone`), not one token a round trip.
 - The wire: a lock-step opening asking for server_decodes reaches the budgeter; an async one does not.
 - The client: an empty block (its drafter found nothing) under a budget asks the verifier to decode alone for the
   steps of its round trip; greedy output is still the verifier's own.
+- The turnaround's split: each proposal says its drafting per token, the verifier prices a block of g at the round
+  trip + g x that (an LM alone is granted the small block that pays), and refuses a word that is not seconds.
 """
 
 from __future__ import annotations
+
+import math
+import time
 
 import pytest
 
@@ -17,11 +22,13 @@ from draft_worker.client import generate_baseline, speculate
 from draft_worker.drafters import NgramDrafter
 from draft_worker.gamma import FixedGamma
 from draft_worker.transport import fetch_info
-from specdec.config import SamplingParams
+from protos.specdec.v1 import specdec_pb2 as pb
+from specdec.config import SamplingParams, VerifierLimits
 from tests.stubs import FakeLM
 from tests.test_budget_wiring import FixedBudgeter, _use
 from tests.test_errors import wait_for_no_sessions
 from verifier_worker.budgeting import DraftBudgeter
+from verifier_worker.validation import check_proposal
 
 pytestmark = pytest.mark.usefixtures("free_grants")
 
@@ -97,3 +104,75 @@ async def test_an_empty_block_hands_the_turn_over_for_a_round_trips_steps(start_
     await wait_for_no_sessions(verifier)
     assert spec.token_ids == baseline.token_ids
     assert any(h >= 1 for h in budgeter.holds), (budgeter.holds, spec.proposed_per_round)
+
+
+def test_an_lm_alone_is_priced_by_the_drafting_of_the_block_it_is_granted():
+    """The real pair's LM alone on a CPU (session 24's trace): 0.3 s steps, 70% acceptance, its client wanting 2,
+    its last blocks of 3 coming 0.40 s after their verdicts, 0.13 s a token of which its drafting. Priced at 0.40 s
+    whatever the size, no block paid and the verifier decoded it alone; split, a block of 1 comes in 0.14 s and pays."""
+    def grant(round_trip_s, per_token_s):
+        budgeter = DraftBudgeter(max_gamma=16)
+        budgeter.open("lm")
+        budgeter.decodes_at_zero("lm")
+        budgeter.wants("lm", 2)
+        for _ in range(20):
+            for tokens in (1, 2, 3, 4):
+                budgeter.on_step(0.29 + 0.01 * tokens, 1, tokens)
+        for accepted in [0, 2, 2, 1, 0, 2, 2, 1, 0, 2] * 10:  # 70% at the first position, ~70% at the second
+            budgeter.on_verdict("lm", 2, accepted, 2)
+        budgeter.arrives("lm", 0.40, 0.1, None, round_trip_s, per_token_s)
+        budgeter.on_step(0.30, 1, 1)
+        return budgeter.budget_for("lm")
+
+    assert grant(None, 0.0) == 0  # an older client: the whole turnaround for every size
+    assert grant(0.01, 0.13) >= 1
+
+
+class SlowNgram(NgramDrafter):
+    """An n-gram drafter that takes at least DRAFT_S a draft token (a sleep never returns early)."""
+
+    DRAFT_S = 0.005
+
+    def propose(self, context, gamma):
+        candidates = super().propose(context, gamma)
+        time.sleep(self.DRAFT_S * len(candidates.draft_ids))
+        return candidates
+
+
+class SplitRecorder(FixedBudgeter):
+    """Grants 2; records every split turnaround the engine hands it (round trip, drafting per token)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(2, **kwargs)
+        self.splits: list[tuple[float, float, float]] = []
+
+    def arrives(self, key, turnaround_s, wait_s, drafter=None, round_trip_s=None, per_token_s=0.0):
+        if turnaround_s is not None and round_trip_s is not None:
+            self.splits.append((turnaround_s, round_trip_s, per_token_s))
+        super().arrives(key, turnaround_s, wait_s, drafter, round_trip_s, per_token_s)
+
+
+async def test_a_lock_step_client_says_its_drafting_and_the_verifier_splits_its_turnaround(start_verifier):
+    """Each proposal says its drafter's seconds a token (Proposal.draft_s_per_token); the verifier takes that part
+    of the time a block took to come as drafting and the rest as the round trip. Greedy output is unchanged."""
+    verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32, budget=True)
+    budgeter = _use(verifier, SplitRecorder(max_gamma=16))
+    info = await fetch_info(verifier.stub)
+    params = SamplingParams(max_new_tokens=40)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2, 3]  # repeats: the n-gram drafts from the start
+    baseline = await generate_baseline(verifier.stub, prompt, params)
+    spec = await speculate(verifier.stub, SlowNgram(), prompt, params, FixedGamma(2, 16), info)
+    await wait_for_no_sessions(verifier)
+    assert spec.token_ids == baseline.token_ids
+    assert budgeter.splits, spec.proposed_per_round
+    for turnaround_s, round_trip_s, per_token_s in budgeter.splits:
+        assert per_token_s >= SlowNgram.DRAFT_S * 0.99 and round_trip_s >= 0
+        assert per_token_s <= turnaround_s
+
+
+def test_a_proposal_must_say_a_drafting_time_that_is_a_number_of_seconds():
+    limits = VerifierLimits()
+    for bad in (-0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="draft_s_per_token must be a finite number >= 0"):
+            check_proposal(pb.Proposal(draft_ids=[1], draft_s_per_token=bad), SamplingParams(), limits, 32)
+    assert check_proposal(pb.Proposal(draft_ids=[1], draft_s_per_token=0.0), SamplingParams(), limits, 32).draft_ids == [1]

@@ -21,8 +21,8 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
 - `decodes_at_zero(key)` when the verifier decodes a lock-step session on its own at budget 0 (server_decodes);
 - `wants(key, gamma)` with the client's own best gamma (Proposal.wants, ShadowVerdict.wants): its grants stay within it;
 - `late(key, offered)` when a step starts without a lock-step session that was granted drafts (it missed it);
-- `arrives(key, turnaround_s, wait_s, drafter)` with a lock-step session's measured turnaround (None: not yet) and
-  the engine's wait;
+- `arrives(key, turnaround_s, wait_s, drafter, round_trip_s, per_token_s)` with a lock-step session's measured
+  turnaround (None: not yet), split into its round trip and its client's drafting per token, and the engine's wait;
 - `close(key)` when the session ends.
 
 The grant is made once per step, for every open session together (`specdec.budget.grant_budgets`): the first
@@ -85,6 +85,7 @@ class _Drafter:
     acceptance: DrafterAcceptance
     calibration: Calibration = field(default_factory=Calibration)
     turnaround_s: float | None = None  # None: none measured yet
+    split: tuple[float | None, float] = (None, 0.0)  # with it, (round trip, drafting per token): `arrives`
 
 
 @dataclass
@@ -95,6 +96,7 @@ class _Session:
     held: int = 0  # grants still to come at which it drafts nothing whatever it is granted (decode_alone)
     promised: float = 0.0  # accepted draft tokens its next verified block is expected to buy (uncalibrated)
     wait_s: float = 0.0  # how long after its verdict its block comes when it is granted drafts (arrives)
+    wait_per_token_s: float = 0.0  # and per draft token in it, its client's drafting (0: within wait_s)
     slow: bool = False  # its blocks come after the next step has started (arrives): a block costs it a step
     rounds: int = 0  # verdicts so far (plain decoding steps included): the first OPENING_ROUNDS are its opening
     drafter: _Drafter | None = None  # its drafter's sessions (open)
@@ -304,7 +306,8 @@ class DraftBudgeter:
             if self.metrics is not None:
                 self.metrics.late.inc()
 
-    def arrives(self, key: Hashable, turnaround_s: float | None, wait_s: float, drafter: str | None = None) -> None:
+    def arrives(self, key: Hashable, turnaround_s: float | None, wait_s: float, drafter: str | None = None,
+                round_trip_s: float | None = None, per_token_s: float = 0.0) -> None:
         """This lock-step session's blocks that carry drafts come `turnaround_s` after its verdict (its round trip
         and drafting), and the engine holds a step at most `wait_s` for the last step's sessions. Granted drafts,
         beside other sessions, it makes the next step idle up to min(turnaround_s, wait_s) (`specdec.budget.waited`;
@@ -316,18 +319,24 @@ class DraftBudgeter:
         fell, shadow blocks lifted it, and the next grant cost a step again). turnaround_s None: not yet measured
         (the engine skips a session's first drafted block); with the name of the client's drafter, the latest
         turnaround measured with that drafter stands in, so a new LM session is not granted blocks that miss the
-        step before it is measured itself (4 sessions, one request each: every session's first grants did)."""
+        step before it is measured itself (4 sessions, one request each: every session's first grants did).
+        round_trip_s, per_token_s: the turnaround split into its client's drafting per draft token (its word,
+        Proposal.draft_s_per_token) and the rest, so a grant of g is priced round_trip_s + g x per_token_s (None: the
+        whole turnaround for every size, an older client's). One price for every size, that of its last blocks of 3,
+        made an LM session alone on a CPU decode on its own where a block of 1 or 2 paid."""
         if drafter is not None:  # lock-step: not yet measured, it starts from the latest turnaround with its drafter
             seen = self._drafter(drafter)
-            turnaround_s = seen.turnaround_s if turnaround_s is None else turnaround_s
-            seen.turnaround_s = turnaround_s
+            if turnaround_s is None:
+                turnaround_s, (round_trip_s, per_token_s) = seen.turnaround_s, seen.split
+            seen.turnaround_s, seen.split = turnaround_s, (round_trip_s, per_token_s)
         turnaround_s = turnaround_s or 0.0
+        waits = (turnaround_s, 0.0) if round_trip_s is None else (round_trip_s, per_token_s)
         session = self._sessions.get(key)
-        if session is not None and (session.wait_s, session.slow, self.hold_s) != (turnaround_s, turnaround_s > wait_s,
-                                                                                  wait_s):
+        if session is not None and ((session.wait_s, session.wait_per_token_s), session.slow, self.hold_s) != (
+                waits, turnaround_s > wait_s, wait_s):
             if not session.slow and turnaround_s > wait_s and self._granted(key):
                 self._grants = None  # it now misses steps with drafts granted: remade at once (no longer: as scheduled)
-            session.wait_s, session.slow, self.hold_s = turnaround_s, turnaround_s > wait_s, wait_s
+            (session.wait_s, session.wait_per_token_s), session.slow, self.hold_s = waits, turnaround_s > wait_s, wait_s
 
     def budget_for(self, key: Hashable, queued_sessions: int = 0, queued_tokens: int = 0,
                    prefilling: Collection[Hashable] = ()) -> int:
@@ -386,7 +395,7 @@ class DraftBudgeter:
                 for key, rates in self._rates.items() for s in (self._sessions[key],)]
         crowded = len(rows) + load.sessions > 1  # others ride the step a slow session's block misses
         demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.cap))
-                          else s.cap, s.tpot_slo_s, s.wait_s if crowded or s.at_zero else 0.0)
+                          else s.cap, s.tpot_slo_s, *((s.wait_s, s.wait_per_token_s) if crowded or s.at_zero else ()))
                    for key, s, accept in rows]
 
         @functools.cache  # one grant prices the same steps hundreds of times (every wait level, every candidate)

@@ -241,7 +241,7 @@ class Engine:
 
     def _submit(self, work: _Work) -> _Work:
         assert work.session in self._sessions, "work for a closed session"
-        work.session.block_arrived(time.perf_counter(), bool(work.proposed and work.proposed[0]))
+        work.session.block_arrived(time.perf_counter(), len(work.proposed[0]) if work.proposed else 0)
         self._queue.append(work)
         self._arrived.set()
         if self._task is None or self._task.done():
@@ -407,7 +407,8 @@ class Engine:
         prefilling = {work.session for work in prefills}
         wait_s = self._wait_s()
         for session in sessions:  # the next step idles for its block, and one slower than the wait misses it
-            self.budgeter.arrives(session, session.turnaround_s, wait_s, session.drafter)
+            self.budgeter.arrives(session, session.turnaround_s, wait_s, session.drafter, session.round_trip_s,
+                                  session.draft_s_per_token or 0.0)
         for session in sessions:
             try:
                 session.budget = self.budgeter.budget_for(session, len(prefills), queued_tokens, prefilling)

@@ -40,6 +40,7 @@ from verifier_worker.validation import (
     check_proposal_off_loop,
     check_shadow,
     client_host,
+    said_draft_time,
     said_gamma,
     until_half_closed,
 )
@@ -250,7 +251,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this stream's session is already open")
                 claim = await self._check_proposal(context, request.proposal, session.params,
                                                    trees=getattr(self.engine.backend, "supports_trees", False))
-                alone = request.proposal.decode_alone
+                alone, session.said_draft_s = request.proposal.decode_alone, said_draft_time(request.proposal)
                 if self.budgeter is not None:  # its word: grants priced as no drafts until it decoded alone, its gamma
                     self.budgeter.hold(session, alone)
                     self.budgeter.wants(session, said_gamma(request.proposal))

@@ -98,17 +98,25 @@ class VerifierSession:
         # next block then took to come when it carried drafts (drafting and the round trip): one slower than the
         # engine's wait for the last step's sessions misses steps when it drafts (DraftBudgeter.arrives)
         self.answered_at: float | None = None
-        self.turnaround_s: float | None = None
+        self.turnaround_s: float | None = None  # how long after its verdict a block with drafts comes (an EMA)
+        self.round_trip_s: float | None = None  # of that, what its client's drafting leaves: the round trip
+        self.draft_s_per_token: float | None = None  # and its drafting per draft token, as its client says (`said`)
+        self.said_draft_s: float | None = None  # the client's word with its latest proposal (None: unsaid)
         self.drafted_blocks = 0
         self.prompt_logprobs = PromptLogprobs(self.tokens[:], params)  # the prompt's, when asked (echo)
 
-    def block_arrived(self, now: float, drafted: bool) -> None:
-        """Its next block came, `now`: learn how long after its verdict, from blocks that carry drafts (a plain
-        decoding step, the client's or the verifier's own, comes at once and says nothing of its drafting)."""
+    def block_arrived(self, now: float, drafted: int) -> None:
+        """Its next block came, `now`, carrying `drafted` draft tokens: learn how long after its verdict, from blocks
+        that carry drafts (a plain decoding step, the client's or the verifier's own, comes at once and says nothing
+        of its drafting), and split it into its client's drafting (its word, `said_draft_s`, at most all the time
+        the block took) and the rest, so a block of another size is priced too (`DraftBudgeter.arrives`)."""
         if self.answered_at is not None and drafted:
             took = now - self.answered_at
             if self.drafted_blocks:  # the first one's drafting may include the draft model's prefill of the prompt
-                self.turnaround_s = took if self.turnaround_s is None else 0.7 * self.turnaround_s + 0.3 * took
+                per_token = min(self.said_draft_s or 0.0, took / drafted)
+                self.turnaround_s = _ema(self.turnaround_s, took)
+                self.draft_s_per_token = _ema(self.draft_s_per_token, per_token)
+                self.round_trip_s = _ema(self.round_trip_s, took - drafted * per_token)
             self.drafted_blocks += 1
         self.answered_at = None
 
@@ -221,3 +229,8 @@ class VerifierSession:
             logprobs=logprobs,
             path=None if path is None else tuple(path[:accepted]),
         )
+
+
+def _ema(mean: float | None, sample: float) -> float:
+    """A turnaround's running mean: the latest sample weighs 0.3 (the first is taken whole)."""
+    return sample if mean is None else 0.7 * mean + 0.3 * sample

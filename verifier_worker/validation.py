@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import math
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -118,6 +119,9 @@ def check_proposal(proposal: pb.Proposal, params: SamplingParams, limits: Verifi
     if len(proposal.assumed_ids) > max_assumed(limits):
         raise ValueError(f"proposal assumes {len(proposal.assumed_ids)} tokens, over this verifier's limit of "
                          f"{max_assumed(limits)} (2 x max_gamma + 1)")
+    if proposal.HasField("draft_s_per_token") and not 0 <= proposal.draft_s_per_token < math.inf:
+        raise ValueError(f"proposal: draft_s_per_token must be a finite number >= 0 (seconds per draft token), got "
+                         f"{proposal.draft_s_per_token}")
     draft_ids = codec.check_token_ids(proposal.draft_ids, vocab_size, "draft_ids").tolist()
     assumed = codec.check_token_ids(proposal.assumed_ids, vocab_size, "assumed_ids").tolist()
     base_len = proposal.base_len if proposal.HasField("base_len") else None
@@ -172,6 +176,12 @@ def client_host(peer: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return LOOPBACK if ip.is_loopback else str(ip)
+
+
+def said_draft_time(proposal: pb.Proposal) -> float | None:
+    """The client's drafting seconds per draft token, as it said it (Proposal.draft_s_per_token, checked by
+    `check_proposal`; None: an older client's)."""
+    return proposal.draft_s_per_token if proposal.HasField("draft_s_per_token") else None
 
 
 def said_gamma(message: pb.OpenSession | pb.Proposal | pb.ShadowVerdict) -> int | None:

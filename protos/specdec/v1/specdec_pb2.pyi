@@ -165,7 +165,7 @@ class DenseProbs(_message.Message):
     def __init__(self, dtype: _Optional[_Union[ProbDType, str]] = ..., vocab_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Proposal(_message.Message):
-    __slots__ = ("draft_ids", "sparse", "dense", "base_len", "assumed_ids", "parents", "decode_alone", "wants")
+    __slots__ = ("draft_ids", "sparse", "dense", "base_len", "assumed_ids", "parents", "decode_alone", "wants", "draft_s_per_token")
     DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,7 @@ class Proposal(_message.Message):
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     DECODE_ALONE_FIELD_NUMBER: _ClassVar[int]
     WANTS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_S_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     draft_ids: _containers.RepeatedScalarFieldContainer[int]
     sparse: SparseProbs
     dense: DenseProbs
@@ -182,7 +183,8 @@ class Proposal(_message.Message):
     parents: _containers.RepeatedScalarFieldContainer[int]
     decode_alone: int
     wants: int
-    def __init__(self, draft_ids: _Optional[_Iterable[int]] = ..., sparse: _Optional[_Union[SparseProbs, _Mapping]] = ..., dense: _Optional[_Union[DenseProbs, _Mapping]] = ..., base_len: _Optional[int] = ..., assumed_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., decode_alone: _Optional[int] = ..., wants: _Optional[int] = ...) -> None: ...
+    draft_s_per_token: float
+    def __init__(self, draft_ids: _Optional[_Iterable[int]] = ..., sparse: _Optional[_Union[SparseProbs, _Mapping]] = ..., dense: _Optional[_Union[DenseProbs, _Mapping]] = ..., base_len: _Optional[int] = ..., assumed_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., decode_alone: _Optional[int] = ..., wants: _Optional[int] = ..., draft_s_per_token: _Optional[float] = ...) -> None: ...
 
 class ShadowVerdict(_message.Message):
     __slots__ = ("drafted", "accepted", "gamma", "wants", "before")
