@@ -288,7 +288,7 @@ class AutoGamma(RttGamma):
     """`--gamma auto` (issue 18): the client's own best gamma (RttGamma's, from its measured draft time,
     acceptance, service time and round trip), which the session caps at the verifier's draft budget of every
     round (`draft_worker.loop.ClientSession.gamma`). The client's rate is single-peaked in gamma, so that cap is
-    `specdec.budget.budgeted_gamma`: the best gamma within the budget, 0 for a draft too slow for its verifier.
+    `specdec.gamma.budgeted_gamma`: the best gamma within the budget, 0 for a draft too slow for its verifier.
     From a verifier that grants no budget it is RttGamma. tpot_slo_ms: this request's latency target, sent in
     the opening (OpenSession.tpot_slo_ms; 0: the verifier's default). says: tell the verifier this gamma with every
     message (Proposal.wants), so its grants stay within it; False is an older client (an A/B arm of

@@ -35,7 +35,7 @@ scanning every K also handles a step-shaped T (a jump to the next kernel tile, t
 first loss would miss the flat part.
 
 Latency target (optional, per session): the expected time per token of session i is T / E_i(gamma_i) (its
-share of the verifier's steps; the client's drafting and round trip are its own side, `budgeted_gamma`).
+share of the verifier's steps; the client's drafting and round trip are its own side, `specdec.gamma.budgeted_gamma`).
 With SLOs, for each K the SLO sessions need at least the smallest gamma_i with T(K) / E_i(gamma_i) <= slo_i;
 the rest of K is filled greedily from there (still optimal: the gains above the floors are still sorted).
 The best K among those that can meet every SLO wins. If none can, every SLO is stretched by the least
@@ -63,7 +63,7 @@ Assumptions and limits:
   while the step paid them once per row. A backend that packs tokens without padding (llama.cpp, and the
   transformers backend wherever packing computes less: rows of different lengths) is priced by the sum.
 - Goodput counts verifier time only (its idle W included): a slow draft is otherwise the client's to notice
-  (`budgeted_gamma`: the smaller of the budget and the client's own best gamma, so a draft too slow for its
+  (`specdec.gamma.budgeted_gamma`: the smaller of the budget and the client's own best gamma, so a draft too slow for its
   verifier falls to 0).
 - Cost: O(K n) numpy work for K = sum of caps (a few ms at 64 sessions x 16); with SLOs O(K n log K).
 """
@@ -77,7 +77,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from specdec.gamma import VerifyCost, choose_gamma, expected_tokens_table
+from specdec.gamma import expected_tokens_table
 from specdec.stepcost import StepCostModel, StepCostTable  # noqa: F401 - re-exported: the fits of T
 
 StepSeconds = Callable[[int, int], float]  # (batch tokens, batch sessions) -> compute seconds of one step
@@ -281,17 +281,6 @@ def pays_a_missed_step(demands: Sequence[Demand], budgets: Sequence[int], i: int
     decoding = _step_seconds(step_seconds, demands, _computed([*others, 0], padded), load)
     granted = (2 * e_others + expected_tokens_table(demands[i].accept, g)[g]) / (missed + (hold_s or 0.0) + riding)
     return granted >= (2 * e_others + 2) / (2 * decoding)
-
-
-def budgeted_gamma(budget: int, accept: Sequence[float], draft_s: float, verify_s: VerifyCost, rtt_s: float,
-                   max_gamma: int) -> int:
-    """The client's side of `--gamma auto`: the smaller of the verifier's budget and the client's own best
-    gamma from its draft seconds per token, acceptance, the verifier's service time and the round trip
-    (`specdec.gamma.choose_gamma`, what `draft_worker.gamma.RttGamma` estimates). The client's rate is
-    single-peaked in gamma (concave tokens over affine seconds), so its best gamma within [0, budget] is
-    min(budget, its best gamma); a draft too slow for its verifier gets 0 whatever the budget.
-    """
-    return choose_gamma(accept, draft_s, verify_s, rtt_s, max(0, min(budget, max_gamma)))
 
 
 def verifiers_turn(budget: int | None, alone: int) -> bool:

@@ -70,3 +70,14 @@ def choose_gamma(accept: Sequence[float], draft_s: float, verify_s: VerifyCost, 
         if rate > best_rate * (1 + 1e-12):
             best_gamma, best_rate = gamma, rate
     return best_gamma
+
+
+def budgeted_gamma(budget: int, accept: Sequence[float], draft_s: float, verify_s: VerifyCost, rtt_s: float,
+                   max_gamma: int) -> int:
+    """The client's side of `--gamma auto`: the smaller of the verifier's budget and the client's own best
+    gamma from its draft seconds per token, acceptance, the verifier's service time and the round trip
+    (`specdec.gamma.choose_gamma`, what `draft_worker.gamma.RttGamma` estimates). The client's rate is
+    single-peaked in gamma (concave tokens over affine seconds), so its best gamma within [0, budget] is
+    min(budget, its best gamma); a draft too slow for its verifier gets 0 whatever the budget.
+    """
+    return choose_gamma(accept, draft_s, verify_s, rtt_s, max(0, min(budget, max_gamma)))

@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from specdec.acceptance import OPENING_ROUNDS, AcceptanceTracker
-from specdec.budget import (Demand, Load, StepCostModel, budgeted_gamma, goodput,
+from specdec.budget import (Demand, Load, StepCostModel, goodput,
                             grant_budgets, pays_a_missed_step, waited)
-from specdec.gamma import choose_gamma, expected_tokens, expected_tokens_table
+from specdec.gamma import budgeted_gamma, choose_gamma, expected_tokens, expected_tokens_table
 from verifier_worker.budgeting import MAX_DRAFTERS, BudgetMetrics, DraftBudgeter
 
 pytestmark = pytest.mark.usefixtures("free_grants")  # a grant is remade at every step, however slow this machine

@@ -59,6 +59,23 @@ def test_a_session_is_granted_no_more_than_its_client_wants(wants, granted):
     assert budgeter.budget_for("generate") == 0
 
 
+def test_a_block_as_long_as_its_clients_own_gamma_is_no_miss_past_it():
+    """The LM's client chose 2 where the grant, made on its last word, offered 3: both drafts accepted. Its own
+    gamma said with the block, position 3 is its choice and no miss; unsaid (an older client), the grant bought
+    nothing there and it is one. Every block so counted took the LM's rate from ~0.85 to ~0.7."""
+    def rates(wants):
+        budgeter = DraftBudgeter(max_gamma=8)
+        budgeter.open("lm")
+        for _ in range(30):
+            budgeter.wants("lm", wants)
+            budgeter.on_verdict("lm", 2, 2, 3)
+        return budgeter._rates_of(budgeter._sessions["lm"]), budgeter.population_of(None).pooled()
+
+    (said, said_pooled), (unsaid, unsaid_pooled) = rates(2), rates(None)
+    assert said[0] > 0.9 and said[1] > 0.9 and said_pooled > 0.9
+    assert unsaid[2] < 0.3 and unsaid_pooled < said_pooled - 0.2
+
+
 def test_a_new_word_remakes_a_standing_grant():
     """A fast verifier reuses a grant for a few steps (GRANT_SHARE): a client's new gamma must not wait for that."""
     budgeter = _easy_budgeter()

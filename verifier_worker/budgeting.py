@@ -63,50 +63,17 @@ import functools
 import math
 import time
 from collections.abc import Collection, Hashable
-from dataclasses import dataclass, field
 
 from specdec.acceptance import OPENING_ROUNDS, AcceptanceTracker, Calibration, DrafterAcceptance
 from specdec.budget import Demand, Load, StepCostTable, grant_budgets, pays_a_missed_step, \
     predicted_gain
 from specdec.gamma import expected_tokens_table
+from verifier_worker.budget_state import DrafterState, SessionState
 from verifier_worker.metrics import BudgetMetrics
 
 GRANT_SHARE = 0.02  # the most of the verifier's time that making grants may take (see the module docstring)
 STEADY_BACKOFF = 4  # a grant that came out as the one before is remade up to this many times less often
 MAX_DRAFTERS = 64  # drafter names whose population and latest turnaround are kept (the prior of new sessions)
-
-
-@dataclass
-class _Drafter:
-    """The sessions that drafted with one drafter name: their acceptance (openings apart: the prior of a new session),
-    what their grants bought (the scale of their estimates) and their latest lock-step turnaround (where a new
-    session's starts)."""
-
-    acceptance: DrafterAcceptance
-    calibration: Calibration = field(default_factory=Calibration)
-    turnaround_s: float | None = None  # None: none measured yet
-    split: tuple[float | None, float] = (None, 0.0)  # with it, (round trip, drafting per token): `arrives`
-
-
-@dataclass
-class _Session:
-    tracker: AcceptanceTracker
-    max_gamma: int  # min(the server's max_gamma, the client's request)
-    tpot_slo_s: float | None
-    held: int = 0  # grants still to come at which it drafts nothing whatever it is granted (decode_alone)
-    promised: float = 0.0  # accepted draft tokens its next verified block is expected to buy (uncalibrated)
-    wait_s: float = 0.0  # how long after its verdict its block comes when it is granted drafts (arrives)
-    wait_per_token_s: float = 0.0  # and per draft token in it, its client's drafting (0: within wait_s)
-    slow: bool = False  # its blocks come after the next step has started (arrives): a block costs it a step
-    rounds: int = 0  # verdicts so far (plain decoding steps included): the first OPENING_ROUNDS are its opening
-    drafter: _Drafter | None = None  # its drafter's sessions (open)
-    wants: int | None = None  # the client's own best gamma, as it last said (`DraftBudgeter.wants`; None: unsaid)
-    at_zero: bool = False  # the verifier decodes it on its own at budget 0: a grant costs its turnaround even alone
-
-    @property
-    def cap(self) -> int:
-        """The most it may be granted: the limits of the server and the opening, and its client's latest word."""
-        return self.max_gamma if self.wants is None else min(self.max_gamma, max(1, self.wants))
 
 
 class DraftBudgeter:
@@ -131,8 +98,8 @@ class DraftBudgeter:
         self.prior_alpha = prior_alpha
         # per drafter name, every verdict of its sessions with a long memory: the prior of a new session's
         # acceptance, and what an answer's opening rounds are priced by (specdec.acceptance: openings apart)
-        self._drafters: dict[str | None, _Drafter] = {}
-        self._sessions: dict[Hashable, _Session] = {}
+        self._drafters: dict[str | None, DrafterState] = {}
+        self._sessions: dict[Hashable, SessionState] = {}
         self._calibration = Calibration()  # over every drafter (the calibration gauge)
         self._grants: dict[Hashable, int] | None = None  # the latest grant; None: to be made at the next budget_for
         self._grant_s = 0.0  # what making the latest grant took
@@ -151,11 +118,11 @@ class DraftBudgeter:
         drafter name (None: unnamed, one population of their own)."""
         cap = self.max_gamma if max_gamma is None else max(0, min(max_gamma, self.max_gamma))
         tracker = AcceptanceTracker(max_gamma=max(self.max_gamma, 1), forget=self.forget)
-        self._sessions[key] = _Session(tracker, cap, self.tpot_slo_s if tpot_slo_s is None else tpot_slo_s,
+        self._sessions[key] = SessionState(tracker, cap, self.tpot_slo_s if tpot_slo_s is None else tpot_slo_s,
                                        drafter=self._drafter(drafter))
         self._grants = None
 
-    def _drafter(self, name: str | None) -> _Drafter:
+    def _drafter(self, name: str | None) -> DrafterState:
         """The sessions drafting with `name` (made on first use; the most recently used MAX_DRAFTERS are kept, an
         open session keeps its own)."""
         drafter = self._drafters.pop(name, None) or self._new_drafter()
@@ -164,10 +131,10 @@ class DraftBudgeter:
             del self._drafters[next(iter(self._drafters))]
         return drafter
 
-    def _new_drafter(self) -> _Drafter:
-        return _Drafter(DrafterAcceptance(max(self.max_gamma, 1), prior_alpha=self.prior_alpha, forget=0.999))
+    def _new_drafter(self) -> DrafterState:
+        return DrafterState(DrafterAcceptance(max(self.max_gamma, 1), prior_alpha=self.prior_alpha, forget=0.999))
 
-    def _seen(self, name: str | None) -> _Drafter:
+    def _seen(self, name: str | None) -> DrafterState:
         """The sessions drafting with `name` as seen so far, for reading: neither made nor moved (a fresh one if none)."""
         return self._drafters.get(name) or self._new_drafter()
 
@@ -197,12 +164,21 @@ class DraftBudgeter:
     def on_verdict(self, key: Hashable, proposed: int, accepted: int, offered: int = 0) -> None:
         """A verified block of `proposed` draft tokens whose first `accepted` were accepted; `offered`: the
         budget a lock-step block was granted (drafting fewer counts as a failure at the next position: the
-        grant bought nothing there; 0 for async steps, whose drafts may just be late)."""
+        grant bought nothing there; 0 for async steps, whose drafts may just be late). Fewer by its client's
+        choice is no miss: a block as long as its client's own gamma (`wants`, said with it) counts as offered that
+        many. An LM client's gamma moves between 2 and 4 from block to block, and the budget granted against its
+        last word: counted as misses, the grants past its gamma took the LM's rate from ~0.85 to ~0.7, the
+        estimate every session's shrinks toward, and its promises above what the blocks it chose could buy."""
         if key not in self._sessions:
             self.open(key)
         session = self._sessions[key]
         proposed = min(proposed, session.drafter.acceptance.max_gamma)
         accepted = min(accepted, proposed)
+        if offered and session.wants is not None and session.wants < offered:
+            offered = session.wants
+            if session.promised:  # the grant promised blocks of its budget: the client's own gamma promises less
+                session.promised = expected_tokens_table(self._rates_of(session), offered)[offered] - 1 if offered \
+                    else 0.0
         if proposed and not offered:  # an async step verified the drafts that had arrived: they promised E - 1
             session.promised = expected_tokens_table(self._rates_of(session), proposed)[proposed] - 1
         opening = session.rounds < OPENING_ROUNDS
@@ -369,7 +345,7 @@ class DraftBudgeter:
         if tokens > 0 and self.metrics is not None:
             self.metrics.over_budget.inc(tokens)
 
-    def _rates_of(self, session: _Session) -> list[float]:
+    def _rates_of(self, session: SessionState) -> list[float]:
         """[max_gamma] the acceptance a grant reads for a session's next block: in its answer's opening, its drafter's
         openings seen so far; after it, its own estimate from its drafter's rate."""
         return session.drafter.acceptance.session_rates(session.tracker, session.rounds)

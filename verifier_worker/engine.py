@@ -25,14 +25,11 @@ verdict, so sessions that shared a step arrive a little apart. Starting a step w
 would split them into alternating steps of one session each, and batching would never happen. So once
 work is pending, the engine waits for the sessions that rode in the last step and have not yet sent their
 next block, at most min(batch_wait_s, a quarter of the last step's compute): a bounded tax on the others,
-none at all when everyone has arrived. (Not waiting for a session whose drafted blocks usually come later,
-an LM drafting on a CPU, split the steps: its plain blocks, sent at once, missed them too; LM `auto` fell to
-0.79x `Generate` at 4 sessions.) Such a session is told to the budgeter instead (`arrives`, from
-`session.turnaround_s`): it is granted drafts only when a block pays for the step it will miss. A session granted drafts that still misses the step is told to the
-budgeter (`late`): its drafting cost it a step, and the grant learns to give it fewer. A lock-step session the
-verifier decodes on its own (`session.server_decodes`, while granted 0 or asked to decode alone) is queued by the
-engine as it applies the answer before, as Generate's next step is, so no step waits for the server to queue it
-(`verifiers_step`).
+none at all when everyone has arrived, whoever is late (an LM drafting on a CPU: the budgeter, told its
+turnaround, grants it drafts only when a block pays for the step it will miss: `arrives`; one that still misses
+it is `late`). A lock-step session the verifier decodes on its own (`session.server_decodes`, while granted 0 or
+asked to decode alone) is queued by the engine as it applies the answer before, as Generate's next step is, so no
+step waits for the server to queue it (`verifiers_step`).
 
 Threads (vLLM's `update_from_output`): one owner of session state, the event loop. The compute thread
 (`step.run_step`) runs the forward, which appends each row's new keys to its session's KV, and the verification,
@@ -41,11 +38,11 @@ offers drafts, commits (`_finish`), truncates and frees KV, but never a session'
 uses it runs: steps run one at a time and `_finish` runs after the step, and `close` frees a session in
 the running batch only when that step is over, so a client that cancels mid-step disturbs nobody else.
 
-Draft budget (issue 18): with a `DraftBudgeter` (budgeting.py), the event loop feeds it every step's cost (its
-tokens as the backend computed them: rows x longest row when it pads, `pads_rows`) and every block's outcome, and after applying a step's outcomes grants each answered session the most draft tokens
-its next block may carry (`session.budget`, one grant for the whole step, made before any of them is
-resolved; the servicer sends it in the reply). `_take_drafts` verifies no more: a lock-step proposal's extra
-drafts are dropped and counted (`budgeter.dropped`), an async session's stay in `ahead` for a later step.
+Draft budget (issue 18): the event loop feeds a `DraftBudgeter` (budgeting.py) every step's cost (its tokens as
+the backend computed them, `pads_rows`) and every block's outcome, and after applying a step's outcomes grants each
+answered session the most draft tokens its next block may carry (`session.budget`, one grant for the whole step;
+the servicer sends it in the reply). `_take_drafts` verifies no more: a lock-step proposal's extra drafts are
+dropped and counted (`budgeter.dropped`), an async session's stay in `ahead` for a later step.
 
 Cost accounting: every step's wall time (forward + verification) is the step's `compute_s`, and each work
 item's `share_s` is compute_s x its tokens / the step's tokens (padding excluded), so the shares of one
@@ -60,7 +57,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
@@ -71,45 +67,9 @@ from verifier_worker.accounting import EngineStats, StepCost
 from verifier_worker.budgeting import DraftBudgeter
 from verifier_worker.step import run_step
 from verifier_worker.session import RoundResult, VerifierSession
+from verifier_worker.work import Decoding, Work, resolve
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Work:
-    session: VerifierSession
-    tokens: list[int]  # still to feed: the prompt's rest (prefill), or the block (set when a step takes it)
-    future: asyncio.Future
-    draft_ids: list[int] | None = None  # None for a prefill; a block's drafts, set when a step takes it
-    q: torch.Tensor | None = None  # their draft probs [gamma, vocab], or None (greedy)
-    parents: list[int] | None = None  # a token tree's parents (specdec/tree.py), set with draft_ids; None: a chain
-    proposed: tuple[list[int], torch.Tensor | None, list[int] | None] | None = None  # lock-step: drafts, q, parents
-    decoding: bool = False  # Generate, async: queue the next decoding step after this one
-    verifiers: bool = False  # lock-step, server_decodes: a step the engine queued itself in the verifier's turn
-    next: _Work | None = None  # that next step
-    cost: StepCost = field(default_factory=StepCost)
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.draft_ids is None
-
-
-class Decoding:
-    """Generate's side of a session that decodes one token in every engine step until it finishes."""
-
-    def __init__(self, work: _Work):
-        self._work = work
-
-    async def next(self) -> tuple[RoundResult, StepCost]:
-        work = self._work
-        result = await work.future
-        self._work = work.next
-        return result
-
-    def cancel(self) -> None:
-        """Cancel the step `next` awaits (or will): it raises CancelledError there."""
-        if self._work is not None:
-            self._work.future.cancel()
 
 
 class Engine:
@@ -131,9 +91,9 @@ class Engine:
         self.device = self.backend.device
         self._sessions: set[VerifierSession] = set()  # open; a closed session is one no longer in it
         self._kv_reserved: dict[VerifierSession, int] = {}  # longest KV each open session may reach (bounded backends)
-        self._queue: deque[_Work] = deque()
+        self._queue: deque[Work] = deque()
         self._turns: dict[VerifierSession, deque[asyncio.Future]] = {}  # the verifier's own steps, for `verifiers_step`
-        self._running: list[tuple[_Work, int]] = []  # the batch of the step in flight
+        self._running: list[tuple[Work, int]] = []  # the batch of the step in flight
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-compute")
         self._task: asyncio.Task | None = None
         self._expected: set[VerifierSession] = set()  # rode in the last step; their next block is on its way
@@ -187,7 +147,7 @@ class Engine:
         """Cache the prompt (in chunks, over as many steps as the budget needs)."""
         if not session.prompt_to_cache:
             return StepCost()
-        _, cost = await self._submit(_Work(session, session.prompt_to_cache, self._future())).future
+        _, cost = await self._submit(Work(session, session.prompt_to_cache, self._future())).future
         return cost
 
     async def verify(self, session: VerifierSession, draft_ids: list[int], q: torch.Tensor | None,
@@ -201,7 +161,7 @@ class Engine:
         """`verify`, queued now (not when awaited). decode_alone: the steps its proposal asks the verifier to decode
         the session on its own after this block (`session.server_decodes` only; see `verifiers_step`)."""
         session.decode_alone = max(0, decode_alone)
-        return self._submit(_Work(session, [], self._future(), [], proposed=(draft_ids, q, parents))).future
+        return self._submit(Work(session, [], self._future(), [], proposed=(draft_ids, q, parents))).future
 
     def verifiers_step(self, session: VerifierSession) -> asyncio.Future | None:
         """Lock-step with `session.server_decodes`: the step the engine queued itself after the answer just awaited
@@ -236,10 +196,10 @@ class Engine:
     def _future(self) -> asyncio.Future:
         return asyncio.get_running_loop().create_future()
 
-    def _decode_work(self, session: VerifierSession) -> _Work:
-        return _Work(session, [], self._future(), [], decoding=True)
+    def _decode_work(self, session: VerifierSession) -> Work:
+        return Work(session, [], self._future(), [], decoding=True)
 
-    def _submit(self, work: _Work) -> _Work:
+    def _submit(self, work: Work) -> Work:
         assert work.session in self._sessions, "work for a closed session"
         work.session.block_arrived(time.perf_counter(), len(work.proposed[0]) if work.proposed else 0)
         self._queue.append(work)
@@ -296,12 +256,12 @@ class Engine:
         """How long a step waits for the last step's lock-step sessions: min(batch_wait_s, a quarter of its compute)."""
         return min(self.batch_wait_s, self._last_compute_s / 4)
 
-    def _take_batch(self) -> list[tuple[_Work, int]]:
+    def _take_batch(self) -> list[tuple[Work, int]]:
         """(work, tokens it feeds this step), FIFO, while sessions x longest row fits the budget. A padding backend
         never mixes prompt chunks with blocks: each row would be computed at the chunk's length (three 1-token rows
         beside a 128-token chunk cost 4 x 128 tokens, and a new session's 192-token prompt 4x its own cost while
         others decode), so a step takes the kind at the head of the queue and the other kind waits a step."""
-        batch: list[tuple[_Work, int]] = []
+        batch: list[tuple[Work, int]] = []
         longest = 0
         kind, other = self._queue[0].is_prefill if self._queue else None, []
         while self._queue:
@@ -324,7 +284,7 @@ class Engine:
         self._queue.extendleft(reversed(other))  # where they were, ahead of what did not fit
         return batch
 
-    def _take_drafts(self, work: _Work) -> None:
+    def _take_drafts(self, work: Work) -> None:
         """Choose the draft tokens a block verifies, each time a step takes it: the client's proposal (lock-step)
         or the drafts that arrived up to now (decoding: the head of `ahead`), at most the session's `budget`.
         The one place a step's rows get their drafts (issue 18's controller sets `budget`). A tree counts by its
@@ -338,7 +298,7 @@ class Engine:
             parents = None if parents is None else parents[: session.budget]
         work.draft_ids, work.q, work.parents, work.tokens = draft_ids, q, parents, session.block(draft_ids)
 
-    def _finish(self, batch: list[tuple[_Work, int]], outcomes: list, compute_s: float) -> None:
+    def _finish(self, batch: list[tuple[Work, int]], outcomes: list, compute_s: float) -> None:
         """Event loop: account the step, commit each block's outcome to its session (the one place a session's
         tokens and KV length change), resolve or requeue each work item, free what closed meanwhile."""
         batch_tokens = sum(n for _, n in batch)
@@ -348,7 +308,7 @@ class Engine:
             for work in self._queue:
                 if not work.is_prefill:
                     work.cost.prefill_tokens += prefill_tokens
-        answered: list[tuple[_Work, RoundResult | None]] = []  # resolved after the step's budget grant
+        answered: list[tuple[Work, RoundResult | None]] = []  # resolved after the step's budget grant
         for (work, n), outcome in zip(batch, outcomes):
             work.cost.add(compute_s, n, len(batch), batch_tokens, prefill_tokens)
             session = work.session
@@ -357,7 +317,7 @@ class Engine:
                 session.kv.free()
                 work.future.cancel()
             elif isinstance(outcome, Exception):
-                _resolve(work.future, exception=outcome)
+                resolve(work.future, exception=outcome)
             elif work.is_prefill and len(work.tokens) > n:
                 if outcome is not None:
                     session.prompt_logprobs.add(outcome)
@@ -370,7 +330,7 @@ class Engine:
                     result = None if work.is_prefill else session.commit(work.draft_ids, *outcome)
                 except Exception as exc:  # noqa: BLE001 - only this session fails; the engine runs on
                     log.exception("applying a step's outcome failed")
-                    _resolve(work.future, exception=exc)
+                    resolve(work.future, exception=exc)
                     continue
                 if result is not None and self.budgeter is not None:
                     # lock-step: its grant; the verifier's own steps in its turn were offered none
@@ -389,13 +349,13 @@ class Engine:
             session = work.session
             if session.server_decodes and not work.decoding and (result is None or result.finish_reason is None) \
                     and verifiers_turn(session.budget, session.decode_alone):
-                step = self._submit(_Work(session, [], self._future(), [], proposed=([], None, None), verifiers=True))
+                step = self._submit(Work(session, [], self._future(), [], proposed=([], None, None), verifiers=True))
                 self._turns.setdefault(session, deque()).append(step.future)
         # of those, the ones that answer a verdict granting drafts: drafting their next block within it
         self._drafting = {work.session for work, result in answered if result is not None and work.session.budget
                           and work.session in self._expected}
         for work, result in answered:
-            _resolve(work.future, (result, work.cost))
+            resolve(work.future, (result, work.cost))
 
     def _grant(self, sessions: list[VerifierSession]) -> None:
         """Event loop, after a step's outcomes are applied and before any is resolved: each answered session's
@@ -416,11 +376,3 @@ class Engine:
                 log.exception("draft budget failed")
                 session.budget = 0
 
-
-def _resolve(future: asyncio.Future, result=None, exception: Exception | None = None) -> None:
-    if future.done():  # its awaiter was cancelled
-        return
-    if exception is not None:
-        future.set_exception(exception)
-    else:
-        future.set_result(result)

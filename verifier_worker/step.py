@@ -2,12 +2,10 @@
 
 verifier_worker/engine.py schedules the steps and owns every session's state on its event loop; `run_step` runs
 on its one compute thread and changes nothing but the KV the forward appends to and the sessions' generators.
-A work item (engine._Work) is read for its session, tokens, drafts (draft_ids, q, parents) and kind.
+A work item (work.Work) is read for its session, tokens, drafts (draft_ids, q, parents) and kind.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -16,8 +14,7 @@ from specdec.tree import kept_block_rows, verify_tree
 from verifier_worker.backends import Backend
 from verifier_worker.kv import Row
 from verifier_worker.logprobs import Logprobs, block_logprobs
-
-Work = Any  # engine._Work (not imported: the engine imports this module)
+from verifier_worker.work import Work
 
 
 def run_step(backend: Backend, batch: list[tuple[Work, int]]) -> list[tuple | None]:
