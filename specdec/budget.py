@@ -28,8 +28,8 @@ session where it buys the most expected committed tokens) maximises sum_i E_i. T
 through K (S is fixed), so G's maximum is max_K E*(K) / T(K): one greedy pass records E*(K) for every K, and
 the best K wins, ties to the smaller K (less work for the same goodput). W depends on which sessions draft,
 so the search runs once per level t of the waits, each session capped at the drafts whose block comes within t
-(`Demand.within`) and every step priced T + t (capped by the engine's wait), and the best true goodput wins (`_grant_waiting`; the optimum is a
-candidate at its own W). With an affine T the goodput rises while the next token's gain exceeds G * b and falls
+(`Demand.within`) and every step priced T + t (capped by the engine's wait), and the best true goodput wins
+(`_grant_waiting`; the optimum is a candidate at its own W). With an affine T the goodput rises while the next token's gain exceeds G * b and falls
 after, so this is the rule "grant until the next token of budget costs more step time than it brings";
 scanning every K also handles a step-shaped T (a jump to the next kernel tile, then flat), where stopping at the
 first loss would miss the flat part.
@@ -63,8 +63,8 @@ Assumptions and limits:
   while the step paid them once per row. A backend that packs tokens without padding (llama.cpp, and the
   transformers backend wherever packing computes less: rows of different lengths) is priced by the sum.
 - Goodput counts verifier time only (its idle W included): a slow draft is otherwise the client's to notice
-  (`specdec.gamma.budgeted_gamma`: the smaller of the budget and the client's own best gamma, so a draft too slow for its
-  verifier falls to 0).
+  (`specdec.gamma.budgeted_gamma`: the smaller of the budget and the client's own best gamma, so a draft too slow
+  for its verifier falls to 0).
 - Cost: O(K n) numpy work for K = sum of caps (a few ms at 64 sessions x 16); with SLOs O(K n log K).
 """
 
@@ -182,8 +182,9 @@ def _grant_waiting(demands: Sequence[Demand], step_seconds: StepSeconds, load: L
     level), the best grant of the drafts whose blocks come within t (`Demand.within`), every step priced
     T + min(t, hold_s): a grant leaving a session out then idles at most that, so its true goodput is at least its
     price, and the optimum among those is a candidate at its own level. A grant to every session idles W_all =
-    min(max wait, min wait + hold_s): the best one is a candidate priced so at every session's cap. Where a level's grant goes to every session and its price undercounts W_all,
-    the best grants leaving out each session in turn are candidates too. The best true goodput wins, ties to the
+    min(max wait, min wait + hold_s): the best one is a candidate priced so at every session's cap. Where a level's
+    grant goes to every session and its price undercounts W_all, the best grants leaving out each session in turn
+    are candidates too. The best true goodput wins, ties to the
     first (lower levels first): exact up to the rounding of the waits, but where blocks' waits grow with their
     drafts (`Demand.wait_per_token_s`) and every session is granted and held: W_all then moves with the grant,
     and the candidate priced at the caps' waits came within 8% of a brute force (in 35 of 6000 random cases of 2

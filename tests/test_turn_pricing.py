@@ -175,4 +175,5 @@ def test_a_proposal_must_say_a_drafting_time_that_is_a_number_of_seconds():
     for bad in (-0.1, math.nan, math.inf):
         with pytest.raises(ValueError, match="draft_s_per_token must be a finite number >= 0"):
             check_proposal(pb.Proposal(draft_ids=[1], draft_s_per_token=bad), SamplingParams(), limits, 32)
-    assert check_proposal(pb.Proposal(draft_ids=[1], draft_s_per_token=0.0), SamplingParams(), limits, 32).draft_ids == [1]
+    claim = check_proposal(pb.Proposal(draft_ids=[1], draft_s_per_token=0.0), SamplingParams(), limits, 32)
+    assert claim.draft_ids == [1]
