@@ -137,6 +137,7 @@ async def test_a_client_session_counts_itself_open_in_its_process_while_it_runs(
                 both.wait()  # in the drafting thread: the event loop runs on meanwhile
                 self.met = True
                 seen.append(sessions_drafting_here())
+                both.wait()  # neither leaves its draft, and so its session, before both have counted
             return super().propose(context, gamma)
 
     verifier = await start_verifier(FakeLM(32, seed=5), vocab_size=32)

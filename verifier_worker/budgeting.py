@@ -177,10 +177,9 @@ class DraftBudgeter:
         if offered and session.wants is not None and session.wants < offered:
             offered = session.wants
             if session.promised:  # the grant promised blocks of its budget: the client's own gamma promises less
-                session.promised = expected_tokens_table(self._rates_of(session), offered)[offered] - 1 if offered \
-                    else 0.0
+                session.promised = _promise(self._rates_of(session), offered)
         if proposed and not offered:  # an async step verified the drafts that had arrived: they promised E - 1
-            session.promised = expected_tokens_table(self._rates_of(session), proposed)[proposed] - 1
+            session.promised = _promise(self._rates_of(session), proposed)
         opening = session.rounds < OPENING_ROUNDS
         session.rounds += 1
         if session.rounds == OPENING_ROUNDS:  # its rates change regime (_rates_of): a new grant at once
@@ -331,11 +330,8 @@ class DraftBudgeter:
         budget = self._grants[key]
         session = self._sessions[key]
         session.held = max(0, session.held - 1)
-        if budget:  # a plain decoding step promises nothing
-            rates = self._rates.get(key) or self._rates_of(session)
-            session.promised = expected_tokens_table(rates, budget)[budget] - 1
-        else:
-            session.promised = 0.0
+        # a plain decoding step promises nothing
+        session.promised = _promise(self._rates.get(key) or self._rates_of(session), budget) if budget else 0.0
         if self.metrics is not None and self._sessions[key].max_gamma:  # a decode-only session is never granted drafts
             self.metrics.granted.observe(budget)
         return budget
@@ -388,6 +384,11 @@ class DraftBudgeter:
         if self.metrics is not None and any(grant.values()):
             self.metrics.gain.observe(predicted_gain(demands, budgets, step_seconds, load, self.padded, self.hold_s))
         return grant
+
+
+def _promise(accept: list[float], gamma: int) -> float:
+    """Accepted draft tokens a block of `gamma` is expected to buy at these rates: E(gamma) - 1 (none: 0)."""
+    return expected_tokens_table(accept, gamma)[gamma] - 1 if gamma else 0.0
 
 
 def _scaled(accept: list[float], scale: float) -> list[float]:
