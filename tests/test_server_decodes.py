@@ -29,6 +29,8 @@ from specdec import codec
 from specdec.config import SamplingParams, VerifierLimits
 from specdec.gamma import choose_gamma
 from tests.stubs import FakeLM, fake_pair
+from verifier_worker.budgeting import DraftBudgeter
+from verifier_worker.engine import Engine
 from tests.test_budget_wiring import FixedBudgeter, RandomBudgeter, _use
 
 LONG = VerifierLimits().max_new_tokens  # a session long enough never to finish while a test acts on it
@@ -62,6 +64,34 @@ async def test_the_turn_passes_back_and_forth_and_greedy_stays_verifier_only(sta
         assert spec.token_ids == baseline.token_ids
         assert 1 <= len(spec.gamma_per_round) < spec.rounds  # some tokens came without a proposal
     assert sum(r.proposed for r in results) > 0  # and some blocks carried drafts
+
+
+class ScriptedBudgeter(DraftBudgeter):
+    """Grants the budgets of a script, one a step (its last one from then on)."""
+
+    def __init__(self, script: list[int], **kwargs):
+        super().__init__(**kwargs)
+        self.script = script
+
+    def budget_for(self, key, *args, **kwargs) -> int:
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+
+async def test_each_reply_says_the_budget_granted_with_its_own_answer():
+    """The engine queues the verifier's next step as it answers and may run it, and grant again, before the server
+    replies to the answer before (a busy event loop). A reply saying the latest grant handed the client its turn while
+    the engine still held the verifier's: its proposal met a Commit ("session out of step", seen in 1 of ~10 runs of
+    the chi-square test beside other work). Here the server is as late as it gets: it replies after all three."""
+    engine = Engine(FakeLM(32), batch_wait_s=0.0, budgeter=ScriptedBudgeter([0, 0, 3], max_gamma=4))
+    session = engine.open([1, 2, 3], SamplingParams(max_new_tokens=16))
+    session.server_decodes = True
+    await engine.prefill(session)  # granted 0: the verifier's turn, its step queued with the answer
+    await engine.verifiers_step(session)  # granted 0 again: another one queued
+    await engine.verifiers_step(session)  # granted 3: the client's turn
+    assert engine.verifiers_step(session) is None and session.budget == 3
+    assert [session.answer_budget() for _ in range(3)] == [0, 0, 3]  # opened, commit, commit: each its own
+    assert session.answer_budget() == 3  # nothing left unreplied: the latest grant (a stale verdict's)
+    engine.close(session)
 
 
 async def _opened_in_the_verifiers_turn(verifier, max_new_tokens: int = LONG):

@@ -375,4 +375,6 @@ class Engine:
             except Exception:  # noqa: BLE001 - a failing grant must not stop the engine: that session decodes
                 log.exception("draft budget failed")
                 session.budget = 0
+            if session.server_decodes:  # its turn follows this grant: the reply to this answer says it
+                session.granted.append(session.budget)
 

@@ -35,7 +35,7 @@ def commit_reply(result, cost: pb.StepCost, service_s: float, session: VerifierS
                      num_accepted=result.num_accepted, finished=result.finish_reason is not None,
                      finish_reason=codec.finish_to_proto(result.finish_reason), service_s=service_s,
                      cost=cost, stale=session.stale,
-                     logprobs=codec.logprobs_to_proto(result.logprobs), draft_budget=session.budget)
+                     logprobs=codec.logprobs_to_proto(result.logprobs), draft_budget=session.answer_budget())
 
 
 def limits_reply(limits: VerifierLimits, vocab_size: int) -> pb.Limits:

@@ -208,7 +208,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                     service_s=service_s,
                     cost=self._cost(cost, service_s),
                     prompt_logprobs=codec.logprobs_to_proto(session.prompt_logprobs.joined()),
-                    draft_budget=session.budget,  # None (unset) without a budgeter
+                    draft_budget=session.answer_budget(),  # None (unset) without a budgeter
                     server_decodes=server_decodes,
                     takes_shadows=self.budgeter is not None,
                 )
@@ -264,7 +264,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
                 result, cost = await self._run(context, self.engine.submit(session, *rest, decode_alone=alone))
                 now = time.perf_counter()
                 reply = pb.SpeculateReply(verdict=verdict_reply(result, self._cost(cost, now - arrived), now - arrived, round_index,
-                                                                       session.budget))
+                                                                       session.answer_budget()))
             last = now
             self.metrics.verdict(result.gamma, result.num_accepted, len(result.committed))
             pending = self.engine.verifiers_step(session)  # the engine queued it as it answered (server_decodes)

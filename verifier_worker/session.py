@@ -33,6 +33,7 @@ verifier alone. The one assumption: when a proposal arrives does not depend on t
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,8 @@ class VerifierSession:
         # client's last proposal asked the verifier to decode on its own that are still to run
         self.server_decodes = False
         self.decode_alone = 0
+        # and the budget granted with each of its answers not yet replied, oldest first (`answer_budget`)
+        self.granted: deque[int | None] = deque()
         self.steps = 0  # engine steps this session rode in (counted by the engine)
         # lock-step: when its last verdict was handed back (None: its next block is in), and an EMA of how long its
         # next block then took to come when it carried drafts (drafting and the round trip): one slower than the
@@ -119,6 +122,14 @@ class VerifierSession:
                 self.round_trip_s = _ema(self.round_trip_s, took - drafted * per_token)
             self.drafted_blocks += 1
         self.answered_at = None
+
+    def answer_budget(self) -> int | None:
+        """The budget to say in the reply to its oldest answer not yet replied: the one granted with that answer.
+        With server_decodes the engine queues the verifier's next step as it answers and may run it, and grant
+        again, before the server's coroutine replies to the answer before (a busy event loop): a reply saying the
+        latest budget instead handed the client its turn while the engine still held the verifier's, and its proposal
+        met a Commit ("session out of step"). Otherwise the latest grant, which nothing moves before the reply."""
+        return self.granted.popleft() if self.granted else self.budget
 
     def generated(self, start: int = 0) -> list[int]:
         return self.tokens[self.prompt_len + start :]
