@@ -13,6 +13,7 @@ back for a round trip's steps (`decode_alone`), not one token a round trip.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
@@ -126,6 +127,26 @@ def test_an_lm_alone_is_priced_by_the_drafting_of_the_block_it_is_granted():
 
     assert grant(None, 0.0) == 0  # an older client: the whole turnaround for every size
     assert grant(0.01, 0.13) >= 1
+
+
+async def test_the_block_after_the_verifiers_turn_is_no_sample_of_the_turnaround():
+    """Its client's drafter may still be busy with a shadow block when the turn comes back (and an LM drafter catches
+    up on the tokens committed without it): that block's turnaround is not the session's. The blocks after it are."""
+    from tests.test_server_decodes import ScriptedBudgeter
+    from verifier_worker.engine import Engine
+
+    engine = Engine(FakeLM(32), batch_wait_s=0.0, budgeter=ScriptedBudgeter([2, 0, 2], max_gamma=4))
+    session = engine.open([1, 2, 3], SamplingParams(max_new_tokens=16))
+    session.server_decodes = True
+    await engine.prefill(session)  # granted 2: the client's turn
+    await engine.verify(session, [7, 8], None)  # its first drafted block (never a sample); granted 0
+    await engine.verifiers_step(session)  # the verifier's turn; granted 2: the client's again
+    await asyncio.sleep(0.05)  # its drafter finishing a shadow block
+    await engine.verify(session, [7, 8], None)
+    assert session.drafted_blocks == 2 and session.turnaround_s is None
+    await engine.verify(session, [7, 8], None)  # a block of its own turn
+    assert session.turnaround_s is not None
+    engine.close(session)
 
 
 class SlowNgram(NgramDrafter):

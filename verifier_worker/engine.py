@@ -342,7 +342,7 @@ class Engine:
                     work.next = self._submit(self._decode_work(session))
                 elif not work.decoding and (result is None or result.finish_reason is None):
                     self._expected.add(session)  # a Speculate session: its next block follows this answer
-                    session.answered_at = time.perf_counter()
+                    session.answered_at, session.answered_alone = time.perf_counter(), work.verifiers
                 answered.append((work, result))
         self._grant([work.session for work, _ in answered])
         for work, result in answered:  # the verifier's turn goes on: its next step queued now, granted 0 or held

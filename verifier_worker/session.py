@@ -101,6 +101,9 @@ class VerifierSession:
         # next block then took to come when it carried drafts (drafting and the round trip): one slower than the
         # engine's wait for the last step's sessions misses steps when it drafts (DraftBudgeter.arrives)
         self.answered_at: float | None = None
+        # and whether that answer was a step the verifier ran on its own (server_decodes): the block after it is no
+        # sample of its turnaround (`block_arrived`)
+        self.answered_alone = False
         self.turnaround_s: float | None = None  # how long after its verdict a block with drafts comes (an EMA)
         self.round_trip_s: float | None = None  # of that, what its client's drafting leaves: the round trip
         self.draft_s_per_token: float | None = None  # and its drafting per draft token, as its client says (`said`)
@@ -112,10 +115,17 @@ class VerifierSession:
         """Its next block came, `now`, carrying `drafted` draft tokens: learn how long after its verdict, from blocks
         that carry drafts (a plain decoding step, the client's or the verifier's own, comes at once and says nothing
         of its drafting), and split it into its client's drafting (its word, `said_draft_s`, at most all the time
-        the block took) and the rest, so a block of another size is priced too (`DraftBudgeter.arrives`)."""
+        the block took) and the rest, so a block of another size is priced too (`DraftBudgeter.arrives`).
+
+        Not sampled: its first block (its drafting may include the draft model's prefill of the prompt), and the first
+        after the verifier's turn, which may wait on a shadow block its client's drafter was busy with meanwhile
+        (draft_worker/loop.py) and on the draft model catching up on the tokens committed without it. Sampled, one
+        LM block that came 0.41 s past its 0.2 s of drafting priced every block of that session, and of the sessions
+        after it (its drafter's latest turnaround), above what it pays: granted 0 for the rest of their answers, they
+        sent no block to measure again (1.0x `Generate` where a fixed gamma 2 read 1.29x, session 25)."""
         if self.answered_at is not None and drafted:
             took = now - self.answered_at
-            if self.drafted_blocks:  # the first one's drafting may include the draft model's prefill of the prompt
+            if self.drafted_blocks and not self.answered_alone:
                 per_token = min(self.said_draft_s or 0.0, took / drafted)
                 self.turnaround_s = _ema(self.turnaround_s, took)
                 self.draft_s_per_token = _ema(self.draft_s_per_token, per_token)
