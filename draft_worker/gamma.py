@@ -2,8 +2,9 @@
 
 After every verdict (or async commit) it updates four estimates and sets `gamma = specdec.gamma.choose_gamma(...)`:
 - acceptance by position: decayed counts of blocks that reached / accepted each draft position, shrunk
-  toward the pooled per-token rate (itself shrunk toward `prior_alpha`), so a position never reached
-  gets the pooled rate and the first rounds pick a sane gamma;
+  toward the pooled per-token rate (itself shrunk toward `prior_alpha`), or with a `history` toward the drafter's
+  own rate at each position (moved by the request's pooled rate against the history's), so a position never reached
+  gets the prior's rate and the first rounds pick a sane gamma;
 - draft seconds per token (EMA), skipping the first drafted block: it was drafted while the verifier
   prefilled, and its time includes the draft model's own prefill of the prompt, which would make a token
   look many times dearer than it is; until a sample arrives it is the drafter's earlier requests' (`history`),
@@ -199,6 +200,12 @@ class RttGamma:
     def _opening(self) -> bool:
         """The next round is in the answer's opening, and a history says what openings do."""
         return self.history is not None and self._rounds < OPENING_ROUNDS
+
+    def opens_at(self, base: int) -> bool:
+        """A shadow block drafted from the answer's `base`-th commit belongs to its opening (`observe(opening=...)`):
+        the opening's rounds, the verifier decoding alone, commit one token each after the prefill's. Counted as the
+        request's own, one opening shadow block rejected at position 2 held an LM to blocks of 1 for 8 rounds."""
+        return self.history is not None and base <= OPENING_ROUNDS
 
     def verify_cost(self) -> VerifyCost:
         """(fixed_s, per_token_s) of the verifier's service time, fitted to the block sizes seen.

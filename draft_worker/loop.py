@@ -324,7 +324,8 @@ class ClientSession:
             return
         shadow, accepted = decided
         if hasattr(self.schedule, "observe"):
-            self.schedule.observe(len(shadow.draft_ids), accepted, shadow.draft_s)
+            self.schedule.observe(len(shadow.draft_ids), accepted, shadow.draft_s,
+                                  opening=self.schedule.opens_at(shadow.base))
         await self._send_shadows(self.shadows.report(shadow, accepted, self._wants(), self._shared))
 
     async def _send_shadows(self, message: tuple[pb.SpeculateRequest, int] | None) -> None:

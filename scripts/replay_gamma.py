@@ -73,6 +73,7 @@ def session(offers: list[tuple[int, int]], schedule, budgeter: DraftBudgeter, ke
     budget is 0 or the client asked it to (decode_alone); shadow blocks while it does (draft_worker/shadow.py)."""
     draft_s, step_s, token_s = args.draft_ms / 1e3, args.step_ms / 1e3, args.token_ms / 1e3
     budgeter.open(key, drafter=args.drafter)
+    budgeter.decodes_at_zero(key)  # the verifier decodes alone at budget 0 (server_decodes): a grant idles it
     budgeter.on_step(args.prefill_s, 1, prompt_tokens, prompt_tokens)
     budget, t, clock, alone, last_shadow, shadow = budgeter.budget_for(key), 1, args.prefill_s, 0, -1, None
     end = min(args.max_new_tokens, len(offers))
@@ -87,7 +88,7 @@ def session(offers: list[tuple[int, int]], schedule, budgeter: DraftBudgeter, ke
             clock, t, alone = clock + seconds, t + 1, max(0, alone - 1)
             if shadow is not None and t >= shadow[0] + min(shadow[2] + 1, shadow[1]):  # the commits decide it
                 _, size, accepted = shadow
-                schedule.observe(size, accepted, draft_s * size)
+                schedule.observe(size, accepted, draft_s * size, opening=schedule.opens_at(shadow[0]))
                 budgeter.on_shadow(key, size, accepted, size)
                 shadow = None
             budgeter.on_step(seconds, 1, 1)
@@ -104,6 +105,10 @@ def session(offers: list[tuple[int, int]], schedule, budgeter: DraftBudgeter, ke
         accepted = min(offers[t][1], proposed)
         seconds = step_s + token_s * (proposed + 1)
         clock, t = clock + draft_s * proposed + seconds + args.rtt_ms / 1e3, t + accepted + 1
+        if proposed:  # the engine measures the block's turnaround, split by the client's word (Proposal fields)
+            rtt_s = args.rtt_ms / 1e3
+            budgeter.arrives(key, rtt_s + draft_s * proposed, 1.0, args.drafter, rtt_s, draft_s)
+        budgeter.wants(key, schedule.gamma if hasattr(schedule, "observe") else None)  # Proposal.wants
         budgeter.on_step(seconds, 1, proposed + 1)
         budgeter.on_verdict(key, proposed, accepted, offered=budget)
         budget = budgeter.budget_for(key)

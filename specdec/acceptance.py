@@ -14,7 +14,13 @@ it back (auto 0.90x a fixed gamma 2 at one session). So `DrafterAcceptance`, wha
 client's history of one drafter, the verifier's population of sessions), keeps the first OPENING_ROUNDS rounds of
 every answer apart: an opening round is priced by the openings of earlier answers, and a session's own estimate
 starts after its opening. A drafter whose openings are like the rest of its answers loses nothing but those rounds'
-evidence about its own session; one whose openings are worse drafts less there instead of stopping later.
+evidence about its own session; one whose openings are worse drafts less there instead of stopping later. Shadow
+blocks drafted in the opening (the verifier decoding it alone) count as the opening's on both sides too.
+
+A session's own estimate starts from its drafter's rates by position (`DrafterAcceptance.session_rates`), not
+from one pooled rate: the LM's blocks landed at position 1 ~0.9 of the time and at 2 ~0.84 where its pooled rate,
+over every position and miss, read ~0.77, the rate at which a block of 2 starts paying over one of 1 on a CPU
+verifier; pooled, its sessions were granted blocks of 1 (0.93 of a fixed gamma 2, session 25).
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ class AcceptanceTracker:
     """One session's acceptance by draft position: decayed counts with a prior (a Beta per position).
 
     alpha_j = (accepted_j + prior * pooled) / (reached_j + prior), pooled = the session's rate over all
-    positions, itself shrunk toward `prior_alpha` (for a new session: the server-wide rate). So a position
-    never reached gets the pooled rate, and the first verdicts move the estimate only so far. Every verdict
+    positions, itself shrunk toward `prior_alpha` (for a new session: its drafter's rate); with its drafter's rates by
+    position (`rates(prior_rates=...)`), each position is shrunk toward its own instead. So a position never reached
+    gets the prior's rate, and the first verdicts move the estimate only so far. Every verdict
     multiplies the counts by `forget` (~1 / (1 - forget) verdicts of memory), so a session whose answer
     turns easy or hard is followed; a verdict of 0 draft tokens only decays, drifting a session that was
     denied drafts back toward the prior so it is given another try.
@@ -71,16 +78,39 @@ class AcceptanceTracker:
         p = self.prior_alpha if prior_alpha is None else prior_alpha
         return (sum(self._accepted) + self.prior * p) / (sum(self._reached) + self.prior)
 
-    def rates(self, prior_alpha: float | None = None) -> list[float]:
-        """[max_gamma] alpha_j = P(position j+1 accepted | positions 1..j accepted)."""
+    def rates(self, prior_alpha: float | None = None, prior_rates: list[float] | None = None) -> list[float]:
+        """[max_gamma] alpha_j = P(position j+1 accepted | positions 1..j accepted).
+
+        prior_rates: [max_gamma] the population's own rates by position (`DrafterAcceptance`), whose pooled rate is
+        prior_alpha: each position is then shrunk toward its own population rate, moved by this session's pooled rate
+        against the population's (an odds ratio), instead of toward one pooled rate for every position. A drafter's
+        positions differ: the real pair's LM blocks landed at position 1 ~0.9 of the time and at position 2 ~0.84,
+        pooled ~0.77 over every position and miss, so a new session read 0.77 at both and was granted blocks of 1
+        (blocks of 2 pay above ~0.77 there); an n-gram's later positions, once its match holds, ~0.9 where its first
+        reads far less."""
         pooled = self.pooled(prior_alpha)
         pad = self.max_gamma - len(self._reached)
-        return [(a + self.prior * pooled) / (r + self.prior)
-                for a, r in zip(self._accepted + [0.0] * pad, self._reached + [0.0] * pad)]
+        if prior_rates is None:
+            toward = [pooled] * self.max_gamma
+        else:
+            shift = _odds(pooled) / _odds(self.prior_alpha if prior_alpha is None else prior_alpha)
+            toward = [_probability(_odds(rate) * shift) for rate in prior_rates[: self.max_gamma]]
+            toward += [pooled] * (self.max_gamma - len(toward))
+        return [(a + self.prior * base) / (r + self.prior)
+                for a, r, base in zip(self._accepted + [0.0] * pad, self._reached + [0.0] * pad, toward)]
 
     def expected_tokens(self, gamma: int, prior_alpha: float | None = None) -> float:
         """Expected committed tokens of this session's next block of gamma draft tokens."""
         return expected_tokens_table(self.rates(prior_alpha), gamma)[gamma]
+
+
+def _odds(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return p / (1 - p)
+
+
+def _probability(odds: float) -> float:
+    return odds / (1 + odds)
 
 
 @dataclass
@@ -112,8 +142,11 @@ class DrafterAcceptance:
 
     def session_rates(self, tracker: AcceptanceTracker, rounds: int) -> list[float]:
         """[max_gamma] the rates of a session's next block after `rounds` rounds: in its answer's opening the
-        openings seen, after it its own estimate (`tracker`, fed past its opening) shrunk toward the rest's rate."""
-        return self.opening_rates() if rounds < OPENING_ROUNDS else tracker.rates(self.pooled())
+        openings seen, after it its own estimate (`tracker`, fed past its opening) shrunk toward the rest's rates by
+        position (`AcceptanceTracker.rates`)."""
+        if rounds < OPENING_ROUNDS:
+            return self.opening_rates()
+        return tracker.rates(self.pooled(), self.body.rates()[: tracker.max_gamma])
 
 
 @dataclass

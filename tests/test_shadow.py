@@ -244,8 +244,8 @@ def test_a_drafters_calibration_scales_only_its_own_sessions():
     scaled by what that drafter's grants bought, and the gauge reads the ratio over every drafter."""
     budgeter, _ = _granted_on_shadows(bought=0)  # an unnamed drafter whose grants bought nothing
     budgeter.open("lm", drafter="lm")
-    for _ in range(OPENING_ROUNDS):
-        budgeter.on_verdict("lm", 0, 0)  # its opening, decoded plainly
+    for _ in range(OPENING_ROUNDS + 4):
+        budgeter.on_verdict("lm", 0, 0)  # its opening, decoded plainly, and the commits that decide a shadow block
     for _ in range(8):
         budgeter.on_shadow("lm", 4, 4, 4)  # its shadow blocks landed, like the unnamed session's
     budgeter.on_step(0.06, 2, 2)  # the curve _granted_on_shadows fed: 0.02 s + 0.02 s a token

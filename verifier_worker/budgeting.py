@@ -36,8 +36,8 @@ standing in between, and up to STEADY_BACKOFF times less often while each remake
 draft is accepted (an LM that does not pay, granted 0 at every step, spent 2.4% of a tiny verifier's samples on its
 grants at 1 session); a session opening, closing, asking to decode alone (`hold`) or leaving its answer's opening
 remakes it at once, and so do a client's word that binds its cap (`wants`) and a session granted drafts that now
-misses steps (`arrives`). New sessions' acceptance starts from the rate of recent verdicts with the same drafter (its population: the
-client's model name, OpenSession.client_model_id); an answer's first OPENING_ROUNDS rounds are priced by that
+misses steps (`arrives`). New sessions' acceptance starts from the rates by position of recent verdicts with the same
+drafter (its population: the client's model name, OpenSession.client_model_id); an answer's first OPENING_ROUNDS rounds are priced by that
 drafter's openings seen so far and kept out of the session's own estimate (specdec/acceptance.py). One population
 for every drafter priced an LM's openings by an n-gram's beside it on the same verifier, and the other way round.
 Names are the client's word: a client naming its drafter after another's adds its
@@ -54,7 +54,10 @@ tokens, before the grant (per drafter: one server-wide ratio scaled an LM's gran
 grant follows evidence, and evidence comes in bursts. An n-gram session's estimate rises during a quoted passage and
 the grant arrives as the passage ends; at 4 sessions on a CPU its shadow blocks landed at position 1 in 68% of
 cases where the real blocks granted on their strength landed in 37%, and the grants the model priced at a few percent
-of goodput cost 3-5% instead (`specdec_verifier_draft_budget_calibration`: the ratio over every drafter).
+of goodput cost 3-5% instead (`specdec_verifier_draft_budget_calibration`: the ratio over every drafter). An answer's
+opening is neither measured nor scaled by it: its rounds are priced by the drafter's openings, which learn from their
+own verdicts; counted, a verifier's first LM answer, whose opening blocks priced at the 0.5 prior were rejected, took the
+ratio to 0.77 and scaled the LM's grants by it for the next ~100 blocks.
 """
 
 from __future__ import annotations
@@ -189,11 +192,12 @@ class DraftBudgeter:
         if accepted:  # evidence that a grant may change: its reuse as scheduled again
             self._steady = 1
         if (offered or proposed) and session.promised:
-            session.drafter.calibration.add(accepted, session.promised)
-            self._calibration.add(accepted, session.promised)
+            if not opening:  # an opening's rates are its drafter's openings', which learn from it below
+                session.drafter.calibration.add(accepted, session.promised)
+                self._calibration.add(accepted, session.promised)
+                if self.metrics is not None:
+                    self.metrics.calibration.set(self._calibration.ratio())
             session.promised = 0.0
-            if self.metrics is not None:
-                self.metrics.calibration.set(self._calibration.ratio())
         if proposed or offered:  # a plain decoding step says nothing about the drafts' acceptance
             # a grant left unused is a miss here too: counted only where a draft existed, the rate new sessions start
             # from read 45% where an n-gram's grants bought far less (no match: nothing drafted)
@@ -218,8 +222,12 @@ class DraftBudgeter:
         if session is None or gamma <= 0:
             return
         drafted, accepted = min(drafted, gamma), min(accepted, drafted)
-        session.tracker.update(drafted, accepted, gamma)
-        session.drafter.acceptance.update(drafted, accepted, gamma, opening=session.rounds < OPENING_ROUNDS)
+        # drafted in the answer's opening (at least the rounds its commits took ago): the opening's, as a verdict's
+        # (on_verdict); counted as the session's own, one such block rejected at position 2 held an LM to blocks of 1
+        opening = session.rounds - min(accepted + 1, drafted) < OPENING_ROUNDS
+        if not opening:
+            session.tracker.update(drafted, accepted, gamma)
+        session.drafter.acceptance.update(drafted, accepted, gamma, opening=opening)
         if accepted:
             self._steady = 1
         if self.metrics is not None:
@@ -363,7 +371,7 @@ class DraftBudgeter:
         # a session that may not draft (Generate's, or held) is a row of the step with no rates to read
         self._rates = {key: self._rates_of(s) if s.cap and not s.held else [] for key, s in self._sessions.items()
                        if key not in exclude}
-        rows = [(key, s, _scaled(rates, s.drafter.calibration.ratio()))
+        rows = [(key, s, rates if s.rounds < OPENING_ROUNDS else _scaled(rates, s.drafter.calibration.ratio()))
                 for key, rates in self._rates.items() for s in (self._sessions[key],)]
         crowded = len(rows) + load.sessions > 1  # others ride the step a slow session's block misses
         demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.cap))
