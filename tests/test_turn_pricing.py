@@ -149,6 +149,30 @@ async def test_the_block_after_the_verifiers_turn_is_no_sample_of_the_turnaround
     engine.close(session)
 
 
+def test_a_drafters_turnaround_stands_in_unless_more_of_its_sessions_were_open_then():
+    """A new lock-step session starts from its drafter's latest turnaround, unless it was measured with more of the
+    drafter's sessions open: two LM sessions drafting on one core wait on each other, and that wait priced a lone one
+    after them at a wait no block pays; granted 0, it never measured its own, nor did the next one."""
+    budgeter = DraftBudgeter(max_gamma=16)
+    waits = lambda key: (budgeter._sessions[key].wait_s, budgeter._sessions[key].wait_per_token_s)  # noqa: E731
+    budgeter.open("a", drafter="lm")
+    budgeter.open("b", drafter="lm")
+    budgeter.arrives("a", 0.8, 0.1, "lm", 0.4, 0.2)  # measured while b drafted on the same core
+    budgeter.arrives("b", None, 0.1, "lm")  # not yet measured: a's stands in
+    assert waits("b") == (0.4, 0.2)
+    budgeter.close("a")
+    budgeter.close("b")
+    budgeter.open("alone", drafter="lm")
+    budgeter.arrives("alone", None, 0.1, "lm")
+    assert waits("alone") == (0.0, 0.0)  # unmeasured: it is granted blocks and measures its own
+    budgeter.open("beside", drafter="lm")
+    budgeter.arrives("beside", None, 0.1, "lm")
+    assert waits("beside") == (0.4, 0.2)  # two open again
+    budgeter.open("third", drafter="lm")
+    budgeter.arrives("third", None, 0.1, "lm")
+    assert waits("third") == (0.4, 0.2)  # more open than then: a core no less loaded (no less a wait)
+
+
 class SlowNgram(NgramDrafter):
     """An n-gram drafter that takes at least DRAFT_S a draft token (a sleep never returns early)."""
 

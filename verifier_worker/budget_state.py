@@ -19,6 +19,8 @@ class DrafterState:
     calibration: Calibration = field(default_factory=Calibration)
     turnaround_s: float | None = None  # None: none measured yet
     split: tuple[float | None, float] = (None, 0.0)  # with it, (round trip, drafting per token): `arrives`
+    measured_open: int = 0  # and its sessions open when it was measured
+    open: int = 0  # its sessions open now
 
 
 @dataclass

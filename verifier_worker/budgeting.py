@@ -119,10 +119,12 @@ class DraftBudgeter:
              drafter: str | None = None) -> None:
         """A new session; max_gamma: the client's limit (None: the server's; 0: decode only); drafter: the client's
         drafter name (None: unnamed, one population of their own)."""
+        self.close(key)  # opened again: one session still (its drafter counts it once)
         cap = self.max_gamma if max_gamma is None else max(0, min(max_gamma, self.max_gamma))
         tracker = AcceptanceTracker(max_gamma=max(self.max_gamma, 1), forget=self.forget)
         self._sessions[key] = SessionState(tracker, cap, self.tpot_slo_s if tpot_slo_s is None else tpot_slo_s,
                                        drafter=self._drafter(drafter))
+        self._sessions[key].drafter.open += 1
         self._grants = None
 
     def _drafter(self, name: str | None) -> DrafterState:
@@ -151,7 +153,8 @@ class DraftBudgeter:
         return self.population_of(None)
 
     def close(self, key: Hashable) -> None:
-        if self._sessions.pop(key, None) is not None:
+        if (session := self._sessions.pop(key, None)) is not None:
+            session.drafter.open -= 1
             self._grants = None
 
     def on_step(self, compute_s: float, sessions: int, tokens: int, prefill_tokens: int = 0) -> None:
@@ -302,16 +305,19 @@ class DraftBudgeter:
         fell, shadow blocks lifted it, and the next grant cost a step again). turnaround_s None: not yet measured
         (the engine skips a session's first drafted block); with the name of the client's drafter, the latest
         turnaround measured with that drafter stands in, so a new LM session is not granted blocks that miss the
-        step before it is measured itself (4 sessions, one request each: every session's first grants did).
+        step before it is measured itself (4 sessions, one request each: every session's first grants did), unless more
+        of the drafter's sessions were open then than now: measured beside another session drafting on the same core,
+        it priced a lone session after them at a wait no block pays, and granted 0, that one never measured its own.
         round_trip_s, per_token_s: the turnaround split into its client's drafting per draft token (its word,
         Proposal.draft_s_per_token) and the rest, so a grant of g is priced round_trip_s + g x per_token_s (None: the
         whole turnaround for every size, an older client's). One price for every size, that of its last blocks of 3,
         made an LM session alone on a CPU decode on its own where a block of 1 or 2 paid."""
         if drafter is not None:  # lock-step: not yet measured, it starts from the latest turnaround with its drafter
             seen = self._drafter(drafter)
-            if turnaround_s is None:
+            if turnaround_s is not None:
+                seen.turnaround_s, seen.split, seen.measured_open = turnaround_s, (round_trip_s, per_token_s), seen.open
+            elif seen.measured_open <= seen.open:  # no fewer of its sessions open than then: no less loaded a core
                 turnaround_s, (round_trip_s, per_token_s) = seen.turnaround_s, seen.split
-            seen.turnaround_s, seen.split = turnaround_s, (round_trip_s, per_token_s)
         turnaround_s = turnaround_s or 0.0
         waits = (turnaround_s, 0.0) if round_trip_s is None else (round_trip_s, per_token_s)
         session = self._sessions.get(key)
