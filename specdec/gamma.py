@@ -81,3 +81,13 @@ def budgeted_gamma(budget: int, accept: Sequence[float], draft_s: float, verify_
     min(budget, its best gamma); a draft too slow for its verifier gets 0 whatever the budget.
     """
     return choose_gamma(accept, draft_s, verify_s, rtt_s, max(0, min(budget, max_gamma)))
+
+
+def promised_tokens(accept: Sequence[float], gamma: int) -> float:
+    """Accepted draft tokens a block of `gamma` is expected to buy at these rates: E(gamma) - 1 (none: 0)."""
+    return expected_tokens_table(accept, gamma)[gamma] - 1 if gamma else 0.0
+
+
+def first_scaled(accept: list[float], scale: float) -> list[float]:
+    """accept with its first position's rate times `scale`: every block's expected accepted tokens times `scale`."""
+    return [accept[0] * scale, *accept[1:]] if accept else accept

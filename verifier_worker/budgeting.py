@@ -27,37 +27,35 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
 
 The grant is made once per step, for every open session together (`specdec.budget.grant_budgets`): the first
 `budget_for` after a step computes it, the others read it, so call `on_verdict` for all of a step's rows before
-answering any of them (the place that applies a step's outcomes does). A session opened mid-step is added to it.
-Making a grant is Python on the event loop, between two steps: 0.07 ms at 1 session, 0.5 ms at 4, 2.3 ms at 16 on
-this class of CPU (scripts/time_grant.py; 0.25 / 2.0 / 7.1 ms on a slower avx2-only EPYC core), nothing beside a
-CPU's 0.3-2 s steps but up to 10% of a fast verifier's at 16 sessions (the tiny pair's steps take 3-5 ms, a GPU's
-10-30). So it is remade at most every ceil(grant time / (GRANT_SHARE x the last step's compute)) steps, the latest
-standing in between, and up to STEADY_BACKOFF times less often while each remake gives the grant before and no
-draft is accepted (an LM that does not pay, granted 0 at every step, spent 2.4% of a tiny verifier's samples on its
-grants at 1 session); a session opening, closing, asking to decode alone (`hold`) or leaving its answer's opening
-remakes it at once, and so do a client's word that binds its cap (`wants`) and a session granted drafts that now
-misses steps (`arrives`). New sessions' acceptance starts from the rates by position of recent verdicts with the same
-drafter (its population: the client's model name, OpenSession.client_model_id); an answer's first OPENING_ROUNDS rounds are priced by that
-drafter's openings seen so far and kept out of the session's own estimate (specdec/acceptance.py). One population
-for every drafter priced an LM's openings by an n-gram's beside it on the same verifier, and the other way round.
-Names are the client's word: a client naming its drafter after another's adds its
-verdicts to that population (what one shared population did for every client), and at most MAX_DRAFTERS are kept.
-Before the first step the cost fit holds only its prior (no cost), so every session may draft its cap; the
-first steps (the prefills, hundreds of tokens each) fit the curve.
+answering any of them (the place that applies a step's outcomes does). A session opened mid-step is added to it. Making
+a grant is Python on the event loop, between two steps: 0.07 / 0.5 / 2.3 ms at 1 / 4 / 16 sessions on this class of CPU
+(scripts/time_grant.py; 0.25 / 2.0 / 7.1 ms on an avx2-only EPYC core), up to 10% of a fast verifier's steps. So it is
+remade at most every ceil(grant time / (GRANT_SHARE x the last step's compute)) steps, the latest standing in between,
+and up to STEADY_BACKOFF times less often while each remake gives the grant before and no draft is accepted (an LM that
+does not pay, granted 0 at every step, spent 2.4% of a tiny verifier's samples on its grants at 1 session); a session
+opening, closing, asking to decode alone (`hold`) or leaving its answer's opening remakes it at once, and so do a
+client's word that binds its cap (`wants`) and a session granted drafts that now misses steps (`arrives`). New sessions'
+acceptance starts from the rates by position of recent verdicts with the same drafter (its population: the client's
+model name, OpenSession.client_model_id); an answer's first OPENING_ROUNDS rounds are priced by that drafter's openings
+seen so far and kept out of the session's own estimate (specdec/acceptance.py). One population for every drafter priced
+an LM's openings by an n-gram's beside it on the same verifier, and the other way round. Names are the client's word: a
+client naming its drafter after another's adds its verdicts to that population (what one shared population did for every
+client), and at most MAX_DRAFTERS are kept. Before the first step the cost fit holds only its prior (no cost), so every
+session may draft its cap; the first steps (the prefills, hundreds of tokens each) fit the curve.
 
-Calibration: every grant above 0 to a lock-step session promises its block's expected accepted draft tokens,
-E(budget) - 1 from the session's estimate; its verdict says how many it bought. An async step verifies the drafts
-that have arrived (as many as its grant allows, or fewer: a draft that comes late is no failure), and those promise
-E(verified) - 1 from the estimate before its verdict. The ratio of the two over a drafter's sessions (decayed,
-shrunk toward 1, at most 1) scales each of its sessions' first-position rate, and so every block's expected accepted
-tokens, before the grant (per drafter: one server-wide ratio scaled an LM's grants by an n-gram's bursts). Why: a
-grant follows evidence, and evidence comes in bursts. An n-gram session's estimate rises during a quoted passage and
-the grant arrives as the passage ends; at 4 sessions on a CPU its shadow blocks landed at position 1 in 68% of
-cases where the real blocks granted on their strength landed in 37%, and the grants the model priced at a few percent
-of goodput cost 3-5% instead (`specdec_verifier_draft_budget_calibration`: the ratio over every drafter). An answer's
-opening is neither measured nor scaled by it: its rounds are priced by the drafter's openings, which learn from their
-own verdicts; counted, a verifier's first LM answer, whose opening blocks priced at the 0.5 prior were rejected, took the
-ratio to 0.77 and scaled the LM's grants by it for the next ~100 blocks.
+Calibration: every grant above 0 to a lock-step session promises its block's expected accepted draft tokens, E(budget) -
+1 from the session's estimate; its verdict says how many it bought. An async step verifies the drafts that have arrived
+(as many as its grant allows, or fewer: a draft that comes late is no failure), and those promise E(verified) - 1 from
+the estimate before its verdict. The ratio of the two over a drafter's sessions (decayed, shrunk toward 1, at most 1)
+scales each of its sessions' first-position rate, and so every block's expected accepted tokens, before the grant (per
+drafter: one server-wide ratio scaled an LM's grants by an n-gram's bursts). Why: a grant follows evidence, and evidence
+comes in bursts. An n-gram session's estimate rises during a quoted passage and the grant arrives as the passage ends;
+at 4 sessions on a CPU its shadow blocks landed at position 1 in 68% of cases where the real blocks granted on their
+strength landed in 37%, and the grants the model priced at a few percent of goodput cost 3-5% instead
+(`specdec_verifier_draft_budget_calibration`: the ratio over every drafter). An answer's opening is neither measured nor
+scaled by it: its rounds are priced by the drafter's openings, which learn from their own verdicts; counted, a
+verifier's first LM answer, whose opening blocks priced at the 0.5 prior were rejected, took the ratio to 0.77 and
+scaled the LM's grants by it for the next ~100 blocks.
 """
 
 from __future__ import annotations
@@ -70,7 +68,7 @@ from collections.abc import Collection, Hashable
 from specdec.acceptance import OPENING_ROUNDS, AcceptanceTracker, Calibration, DrafterAcceptance
 from specdec.budget import Demand, Load, StepCostTable, grant_budgets, pays_a_missed_step, \
     predicted_gain
-from specdec.gamma import expected_tokens_table
+from specdec.gamma import expected_tokens_table, first_scaled, promised_tokens
 from verifier_worker.budget_state import DrafterState, SessionState
 from verifier_worker.metrics import BudgetMetrics
 
@@ -183,9 +181,9 @@ class DraftBudgeter:
         if offered and session.wants is not None and session.wants < offered:
             offered = session.wants
             if session.promised:  # the grant promised blocks of its budget: the client's own gamma promises less
-                session.promised = _promise(self._rates_of(session), offered)
+                session.promised = promised_tokens(self._rates_of(session), offered)
         if proposed and not offered:  # an async step verified the drafts that had arrived: they promised E - 1
-            session.promised = _promise(self._rates_of(session), proposed)
+            session.promised = promised_tokens(self._rates_of(session), proposed)
         opening = session.rounds < OPENING_ROUNDS
         session.rounds += 1
         if session.rounds == OPENING_ROUNDS:  # its rates change regime (_rates_of): a new grant at once
@@ -344,8 +342,7 @@ class DraftBudgeter:
         budget = self._grants[key]
         session = self._sessions[key]
         session.held = max(0, session.held - 1)
-        # a plain decoding step promises nothing
-        session.promised = _promise(self._rates.get(key) or self._rates_of(session), budget) if budget else 0.0
+        session.promised = promised_tokens(self._rates.get(key) or self._rates_of(session), budget)  # 0: nothing
         if self.metrics is not None and self._sessions[key].max_gamma:  # a decode-only session is never granted drafts
             self.metrics.granted.observe(budget)
         return budget
@@ -377,7 +374,7 @@ class DraftBudgeter:
         # a session that may not draft (Generate's, or held) is a row of the step with no rates to read
         self._rates = {key: self._rates_of(s) if s.cap and not s.held else [] for key, s in self._sessions.items()
                        if key not in exclude}
-        rows = [(key, s, rates if s.rounds < OPENING_ROUNDS else _scaled(rates, s.drafter.calibration.ratio()))
+        rows = [(key, s, rates if s.rounds < OPENING_ROUNDS else first_scaled(rates, s.drafter.calibration.ratio()))
                 for key, rates in self._rates.items() for s in (self._sessions[key],)]
         crowded = len(rows) + load.sessions > 1  # others ride the step a slow session's block misses
         demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.cap))
@@ -398,16 +395,6 @@ class DraftBudgeter:
         if self.metrics is not None and any(grant.values()):
             self.metrics.gain.observe(predicted_gain(demands, budgets, step_seconds, load, self.padded, self.hold_s))
         return grant
-
-
-def _promise(accept: list[float], gamma: int) -> float:
-    """Accepted draft tokens a block of `gamma` is expected to buy at these rates: E(gamma) - 1 (none: 0)."""
-    return expected_tokens_table(accept, gamma)[gamma] - 1 if gamma else 0.0
-
-
-def _scaled(accept: list[float], scale: float) -> list[float]:
-    """accept with its first position's rate times `scale`: every block's expected accepted tokens times `scale`."""
-    return [accept[0] * scale, *accept[1:]] if accept else accept
 
 
 def _pays_a_step(accept: list[float], cap: int) -> bool:
