@@ -18,9 +18,9 @@ evidence about its own session; one whose openings are worse drafts less there i
 blocks drafted in the opening (the verifier decoding it alone) count as the opening's on both sides too.
 
 A session's own estimate starts from its drafter's rates by position (`DrafterAcceptance.session_rates`), not
-from one pooled rate: the LM's blocks landed at position 1 ~0.9 of the time and at 2 ~0.84 where its pooled rate,
-over every position and miss, read ~0.77, the rate at which a block of 2 starts paying over one of 1 on a CPU
-verifier; pooled, its sessions were granted blocks of 1 (0.93 of a fixed gamma 2, session 25).
+from one pooled rate: the LM's blocks at a fixed gamma 2 landed at position 1 ~0.95 of the time and at 2 ~0.84 where
+its pooled rate, over every position and miss, read ~0.77, the rate at which a block of 2 starts paying over one of 1
+on a CPU verifier; pooled, its sessions were granted blocks of 1 (0.93 of a fixed gamma 2, session 24).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class AcceptanceTracker:
         prior_rates: [max_gamma] the population's own rates by position (`DrafterAcceptance`), whose pooled rate is
         prior_alpha: each position is then shrunk toward its own population rate, moved by this session's pooled rate
         against the population's (an odds ratio), instead of toward one pooled rate for every position. A drafter's
-        positions differ: the real pair's LM blocks landed at position 1 ~0.9 of the time and at position 2 ~0.84,
+        positions differ: the real pair's LM blocks landed at position 1 ~0.95 of the time and at position 2 ~0.84,
         pooled ~0.77 over every position and miss, so a new session read 0.77 at both and was granted blocks of 1
         (blocks of 2 pay above ~0.77 there); an n-gram's later positions, once its match holds, ~0.9 where its first
         reads far less."""
