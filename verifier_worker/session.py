@@ -122,7 +122,7 @@ class VerifierSession:
         (draft_worker/loop.py) and on the draft model catching up on the tokens committed without it. Sampled, one
         LM block that came 0.41 s past its 0.2 s of drafting priced every block of that session, and of the sessions
         after it (its drafter's latest turnaround), above what it pays: granted 0 for the rest of their answers, they
-        sent no block to measure again (1.0x `Generate` where a fixed gamma 2 read 1.29x, session 25)."""
+        sent no block to measure again (those requests ran at `Generate`'s pace; session 25, run EL)."""
         if self.answered_at is not None and drafted:
             took = now - self.answered_at
             if self.drafted_blocks and not self.answered_alone:
