@@ -1,8 +1,8 @@
 """Ray actors of the benchmark: draft workers (placed by the custom resource `draft`) and the verifier.
 
 A DraftWorker holds its draft models (loaded on its own node, never on the driver) and, per emulated RTT,
-one router over the verifier replicas (each dialled through a DelayProxy when the RTT is > 0), and runs one
-request per `run` call, on the replica its router picks: the verifier-only baseline or a speculative
+one router over the verifier replicas (each dialled through a delay proxy, in its own process, when the RTT is
+> 0), and runs one request per `run` call, on the replica its router picks: the verifier-only baseline or a speculative
 session. It gets the client config (deadline, token, TLS bytes) once, when it is created.
 The VerifierActor starts `specdec serve-verifier` on its node (the `verifier` resource, plus GPUs when
 asked) and hands back the address; a pool is several of them (orchestrator/pool.py). The same code runs
@@ -62,10 +62,11 @@ class DraftWorker:
 
     async def _open(self, rtt_ms: float) -> tuple:
         """(delay proxies, started router over the replicas) for one emulated RTT."""
-        from draft_worker.delay import DelayProxy
+        from draft_worker.delay import DelayProxyProcess  # its own process: the link waits on no drafting
         from draft_worker.router import Router
 
-        proxies = {a: await DelayProxy(a, rtt_ms).start() for a in self.verifier_addresses} if rtt_ms > 0 else {}
+        proxies = ({a: await DelayProxyProcess(a, rtt_ms).start() for a in self.verifier_addresses}
+                   if rtt_ms > 0 else {})
         router = Router(self.verifier_addresses, self.config, dial={a: p.address for a, p in proxies.items()})
         return list(proxies.values()), await router.__aenter__()
 

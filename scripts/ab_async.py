@@ -24,7 +24,7 @@ import torch
 from transformers import AutoTokenizer
 
 from draft_worker.client import generate_baseline, speculate
-from draft_worker.delay import DelayProxy
+from draft_worker.delay import DelayProxyProcess as DelayProxy  # its own process: the link waits on no drafting
 from draft_worker.drafters import Candidates, DraftModels, DrafterSpec, NgramDrafter, build_drafter
 from draft_worker.gamma import AutoGamma, new_history
 from draft_worker.transport import fetch_info, open_channel

@@ -42,7 +42,7 @@ import time
 import torch
 
 from draft_worker.client import generate_baseline, speculate
-from draft_worker.delay import DelayProxy
+from draft_worker.delay import DelayProxyProcess as DelayProxy  # its own process: the link waits on no drafting
 from draft_worker.drafters import DraftModels, DrafterSpec, NgramDrafter, build_drafter
 from draft_worker.gamma import AutoGamma, new_history
 from draft_worker.transport import fetch_info, open_channel

@@ -17,7 +17,7 @@ import time
 
 import grpc
 
-from draft_worker.delay import DelayProxy
+from draft_worker.delay import DelayProxyProcess as DelayProxy  # its own process: the link waits on no drafting
 from specdec.config import VerifierLimits
 from verifier_worker.listen import server_options
 

@@ -4,12 +4,15 @@ per-RTT mode table and the RTT plot."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
+import socket
+import threading
 import time
 
 import pytest
 
-from draft_worker.delay import DelayProxy
+from draft_worker.delay import DelayProxy, DelayProxyProcess
 from draft_worker.drafters import AdaptiveGamma
 from orchestrator import config as bench_config
 from orchestrator.report import acceptance_by_position, disagreement, leviathan_bound
@@ -189,6 +192,39 @@ async def test_delay_proxy_adds_the_round_trip():
     server.close()
     with pytest.raises(ValueError, match=">= 0 ms"):
         DelayProxy(upstream, -1)
+
+
+def _bytes_arrive_while_the_loop_is_busy(proxy_class, wait_s: float) -> bool:
+    """Through a proxy started on this event loop, send 4 bytes to a plain-socket upstream and keep the loop busy
+    (a drafter's work) until the upstream has them or wait_s passed: whether they arrived meanwhile."""
+    received = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as upstream:
+        def serve():
+            with contextlib.suppress(OSError):  # closed unaccepted when the proxy never forwarded
+                conn, _ = upstream.accept()
+                with conn:
+                    if conn.recv(16):
+                        received.set()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+        async def main():
+            async with proxy_class("127.0.0.1:%d" % upstream.getsockname()[1], 10) as proxy:
+                host, port = proxy.address.split(":")
+                with socket.create_connection((host, int(port))) as conn:
+                    conn.sendall(b"ping")
+                    return received.wait(timeout=wait_s)  # blocks this loop, as a draft on it would
+
+        return asyncio.run(main())
+
+
+def test_a_delay_proxy_in_its_own_process_delivers_while_the_callers_loop_is_busy():
+    """The benches' emulated link must not slow down with the drafting beside it (draft_worker/delay.py): on the
+    caller's loop, nothing is forwarded while the loop is held; in its own process, the bytes arrive meanwhile."""
+    assert _bytes_arrive_while_the_loop_is_busy(DelayProxyProcess, wait_s=60)
+    assert not _bytes_arrive_while_the_loop_is_busy(DelayProxy, wait_s=0.5)
+    with pytest.raises(ValueError, match=">= 0 ms"):
+        DelayProxyProcess("127.0.0.1:1", -1)
 
 
 def test_runs_over_the_verifiers_limits_are_refused_before_any_request():
