@@ -12,13 +12,6 @@ The model (SmartSpec's goodput, WISP's predicted verification time; vLLM RFC #45
   the engine's own steps (`specdec.stepcost`: the median step time per token count seen, an affine fit
   beyond), so it holds on any device: steep on a CPU (a block of gamma+1 tokens costs far more than one
   token) and nearly flat on a GPU (memory-bound decoding).
-- A client may send less than its grant (an n-gram with no match sends nothing, with a shorter one fewer), and
-  the step computes what it sends: fill_ij = P(session i's client sends draft token j | granted j, sent j - 1)
-  (`Demand.fill`, measured per drafter by the verifier), so a grant of gamma_i adds s_i(gamma_i) = sum_{k<=gamma_i}
-  prod_{j<=k} fill_ij expected tokens to N (`Demand.sent`; T read between whole counts). alpha_ij counts a token
-  not sent as a failure, so E_i stays what the grant buys. Priced whole, an n-gram's grants were charged for every
-  token its clients left unsent (a fifth of a fixed gamma 4's at 4 sessions on a CPU) on top of counting them
-  as failures, and the sessions whose matches paid there were granted 0.
 - A lock-step session granted drafts sends its block a turnaround after its verdict (round trip and drafting,
   `Demand.wait_for(gamma)`: measured by the verifier, a round trip plus the client's drafting of gamma tokens as it
   says it; 0 for one decoded by the verifier, which queues its step itself), and
@@ -29,27 +22,24 @@ The model (SmartSpec's goodput, WISP's predicted verification time; vLLM RFC #45
   picks the gamma vector maximising G, each gamma_i in [0, cap_i], cap_i = min(max_gamma, the client's
   request). 0 is allowed: the session then decodes one token per step, like `Generate`.
 
-The decision is exact, not a heuristic: E_i's steps E_i(g+1) - E_i(g) = prod_{j<=g+1} alpha_ij never grow with g, so
-for a fixed total of K draft tokens the greedy marginal allocation (the next draft token to the session where it
-buys the most expected committed tokens) maximises sum_i E_i. T depends on the vector only through K (S is fixed),
-so G's maximum is max_K E*(K) / T(K): one greedy pass records E*(K) for every K, and the best K wins, ties to the
-smaller K (less work for the same goodput). With fills below 1 a token costs its expected share of a sent token, and
-the greedy orders tokens by what they buy per token sent (prod alpha / prod fill, each session's kept
-non-increasing); for an affine T the best goodput is such a prefix (Dinkelbach: the tokens whose gain per token sent
-exceeds b x G*), so the prefixes are scanned; with every fill 1 they are the K's. W depends on which sessions draft,
+The decision is exact, not a heuristic: E_i's steps E_i(g+1) - E_i(g) = prod_{j<=g+1} alpha_ij never grow
+with g, so for a fixed total of K draft tokens the greedy marginal allocation (the next draft token to the
+session where it buys the most expected committed tokens) maximises sum_i E_i. T depends on the vector only
+through K (S is fixed), so G's maximum is max_K E*(K) / T(K): one greedy pass records E*(K) for every K, and
+the best K wins, ties to the smaller K (less work for the same goodput). W depends on which sessions draft,
 so the search runs once per level t of the waits, each session capped at the drafts whose block comes within t
 (`Demand.within`) and every step priced T + t (capped by the engine's wait), and the best true goodput wins
-(`_grant_waiting`; the optimum is a candidate at its own W). With an affine T the goodput rises while the next
-token's gain exceeds G * b and falls after, so this is the rule "grant until the next token of budget costs more
-step time than it brings"; scanning every K also handles a step-shaped T (a jump to the next kernel tile, then
-flat), where stopping at the first loss would miss the flat part.
+(`_grant_waiting`; the optimum is a candidate at its own W). With an affine T the goodput rises while the next token's gain exceeds G * b and falls
+after, so this is the rule "grant until the next token of budget costs more step time than it brings";
+scanning every K also handles a step-shaped T (a jump to the next kernel tile, then flat), where stopping at the
+first loss would miss the flat part.
 
 Latency target (optional, per session): the expected time per token of session i is T / E_i(gamma_i) (its
 share of the verifier's steps; the client's drafting and round trip are its own side, `specdec.gamma.budgeted_gamma`).
 With SLOs, for each K the SLO sessions need at least the smallest gamma_i with T(K) / E_i(gamma_i) <= slo_i;
 the rest of K is filled greedily from there (still optimal: the gains above the floors are still sorted).
 The best K among those that can meet every SLO wins. If none can, every SLO is stretched by the least
-common factor that makes them feasible (`specdec.budget_slo`), so no target is missed by more than needed.
+common factor that makes them feasible (`_least_stretch`), so no target is missed by more than needed.
 
 Assumptions and limits:
 - Acceptance is a per-session, per-position rate that does not depend on the batch or on gamma itself,
@@ -64,15 +54,14 @@ Assumptions and limits:
 - The estimates are taken at face value here. They are not unbiased where grants follow bursty evidence
   (an n-gram's estimate peaks as a quoted passage ends): the verifier scales them by what its grants bought
   against what they promised before it calls `grant_budgets` (`DraftBudgeter.calibration`).
-- T depends on the step's tokens (as measured, `specdec.stepcost.StepCostTable`; the affine fit only where no count
-  has been seen), and the tokens are what the backend computes. A pad-and-stack forward computes every row at the
-  longest row's length, so there one session's 5-token block makes each 1-token row of the step cost 5: the engine
-  fits T on rows x longest row, and `grant_budgets(padded=True)` prices a grant as n x (1 + max gamma). Then for
-  each ceiling g every session drafts min(g, cap_i) (fewer would cost the same), and the best g wins, again scanned
-  whole (there a grant is priced as if sent whole, as with SLOs: an upper bound). Priced as the sum, one good session's
-  drafts looked cheap on a CPU while the step paid them once per row. A backend that packs tokens without padding
-  (llama.cpp, and the transformers backend wherever packing computes less: rows of different lengths) is priced by
-  the sum.
+- T depends on the step's tokens (as measured, `specdec.stepcost.StepCostTable`; the affine fit only where no
+  count has been seen), and the tokens are what the backend computes. A pad-and-stack forward computes
+  every row at the longest row's length, so there one session's 5-token block makes each 1-token row of the
+  step cost 5: the engine fits T on rows x longest row, and `grant_budgets(padded=True)` prices a grant as
+  n x (1 + max gamma). Then for each ceiling g every session drafts min(g, cap_i) (fewer would cost the same),
+  and the best g wins, again scanned whole. Priced as the sum, one good session's drafts looked cheap on a CPU
+  while the step paid them once per row. A backend that packs tokens without padding (llama.cpp, and the
+  transformers backend wherever packing computes less: rows of different lengths) is priced by the sum.
 - Goodput counts verifier time only (its idle W included): a slow draft is otherwise the client's to notice
   (`specdec.gamma.budgeted_gamma`: the smaller of the budget and the client's own best gamma, so a draft too slow
   for its verifier falls to 0).
@@ -81,14 +70,13 @@ Assumptions and limits:
 
 from __future__ import annotations
 
-import itertools
+import heapq
 import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from specdec.budget_slo import best_within, least_stretch
 from specdec.gamma import expected_tokens_table
 from specdec.stepcost import StepCostModel, StepCostTable  # noqa: F401 - re-exported: the fits of T
 
@@ -108,12 +96,6 @@ class Demand:
     tpot_slo_s: float | None = None  # expected verifier seconds per committed token not to exceed
     wait_s: float = 0.0  # seconds after its verdict its block comes when it is granted drafts (0: at once)
     wait_per_token_s: float = 0.0  # and per draft token in it (its client's drafting): a block of g, wait_for(g)
-    fill: Sequence[float] = ()  # [<= cap] P(its client sends draft token j | granted j, sent j - 1); missing: 1
-
-    def sent(self, gamma: int) -> float:
-        """Draft tokens its block is expected to carry when granted `gamma` (`fill`: an n-gram with no match sends
-        none): what the step computes for it."""
-        return float(sum(itertools.accumulate(self.fill[:gamma], lambda a, b: a * b))) + max(0, gamma - len(self.fill))
 
     def wait_for(self, gamma: int) -> float:
         """How long after its verdict its block of `gamma` draft tokens comes (0 drafts: at once, none waited)."""
@@ -130,8 +112,6 @@ class Demand:
             raise ValueError(f"session {self.key!r}: cap must be in [0, {len(self.accept)}], got {self.cap}")
         if not all(0.0 <= alpha <= 1.0 for alpha in self.accept[: self.cap]):
             raise ValueError(f"session {self.key!r}: acceptance rates must be in [0, 1], got {list(self.accept)}")
-        if not all(0.0 < f <= 1.0 for f in self.fill):
-            raise ValueError(f"session {self.key!r}: fill rates must be in (0, 1], got {list(self.fill)}")
         if self.tpot_slo_s is not None and not self.tpot_slo_s > 0:
             raise ValueError(f"session {self.key!r}: tpot_slo_s must be > 0, got {self.tpot_slo_s}")
         if not (self.wait_s >= 0 and self.wait_per_token_s >= 0):
@@ -152,7 +132,7 @@ def goodput(demands: Sequence[Demand], budgets: Sequence[int], step_seconds: Ste
     """Expected committed tokens per second of the next step if session i drafts budgets[i] tokens (padded:
     every session's row costs the longest row's tokens; hold_s: see `waited`)."""
     expected = sum(expected_tokens_table(d.accept, g)[g] for d, g in zip(demands, budgets))
-    step = _step_seconds(step_seconds, demands, _computed(demands, budgets, padded), load)
+    step = _step_seconds(step_seconds, demands, _computed(budgets, padded), load)
     return expected / (step + waited(demands, budgets, load, hold_s))
 
 
@@ -241,7 +221,7 @@ def _grant_waiting(demands: Sequence[Demand], step_seconds: StepSeconds, load: L
 
     def true_goodput(budgets: list[int]) -> float:
         tokens = sum(row[g] for row, g in zip(rows, budgets))
-        return tokens / (_at(seconds_of, _computed(demands, budgets, padded)) + waited(demands, budgets, load, hold_s))
+        return tokens / (seconds_of[_computed(budgets, padded)] + waited(demands, budgets, load, hold_s))
 
     rates = [true_goodput([grant[d.key] for d in demands]) for grant in candidates]
     return candidates[int(np.argmax(np.array(rates) >= max(rates) * (1 - 1e-12)))]
@@ -272,15 +252,13 @@ def _grant(demands: Sequence[Demand], seconds_of: np.ndarray, padded: bool,
     width = np.arange(caps.max() + 1)  # [max cap + 1]
     # [n, max cap + 1] E_i(gamma), +inf past cap_i
     table = np.where(width[None, :] <= caps[:, None], expected[:, : len(width)], np.inf)
+    counts = _greedy_counts(table, caps)  # [K + 1, n]
+    seconds = seconds_of[: len(counts)]  # [K + 1] T(K)
     slos = np.array([np.inf if d.tpot_slo_s is None else d.tpot_slo_s for d in demands])  # [n]
-    # [n, max cap + 1] expected draft tokens sent; with SLOs every grant is priced as sent whole (an upper bound)
-    sent = _sent_of_drafts(demands, len(width)) if np.isinf(slos).all() else np.broadcast_to(width, table.shape)
-    counts, computed = _greedy_counts(table, caps, sent)  # [P + 1, n], [P + 1]
-    seconds = np.interp(computed, np.arange(len(seconds_of)), seconds_of)  # [P + 1] T of each prefix
-    budgets = best_within(table, caps, counts, seconds, slos)
+    budgets = _best_within(table, caps, counts, seconds, slos)
     if budgets is None:  # no K meets every SLO: stretch them all by the least common factor that can be met
-        stretch = least_stretch(table, caps, seconds, slos)
-        budgets = best_within(table, caps, counts, seconds, slos * stretch * (1 + 1e-9))
+        stretch = _least_stretch(table, caps, seconds, slos)
+        budgets = _best_within(table, caps, counts, seconds, slos * stretch * (1 + 1e-9))
         assert budgets is not None, "the least stretch makes some K feasible"
     return {d.key: int(g) for d, g in zip(demands, budgets)}
 
@@ -299,9 +277,9 @@ def pays_a_missed_step(demands: Sequence[Demand], budgets: Sequence[int], i: int
     rest = [d for k, d in enumerate(demands) if k != i]
     others = [b for k, b in enumerate(budgets) if k != i]
     e_others = sum(expected_tokens_table(d.accept, b)[b] for d, b in zip(rest, others))
-    missed = _step_seconds(step_seconds, rest, _computed(rest, others, padded), load)
-    riding = _step_seconds(step_seconds, demands, _computed([*rest, demands[i]], [*others, g], padded), load)
-    decoding = _step_seconds(step_seconds, demands, _computed([*rest, demands[i]], [*others, 0], padded), load)
+    missed = _step_seconds(step_seconds, rest, _computed(others, padded), load)
+    riding = _step_seconds(step_seconds, demands, _computed([*others, g], padded), load)
+    decoding = _step_seconds(step_seconds, demands, _computed([*others, 0], padded), load)
     granted = (2 * e_others + expected_tokens_table(demands[i].accept, g)[g]) / (missed + (hold_s or 0.0) + riding)
     return granted >= (2 * e_others + 2) / (2 * decoding)
 
@@ -314,35 +292,22 @@ def verifiers_turn(budget: int | None, alone: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ internals
-def _computed(demands: Sequence[Demand], budgets: Sequence[int], padded: bool) -> float:
-    """Draft tokens a step computes for these rows' budgets: each row at the longest grant when it pads (whoever
-    sends it), else the sum of what each is expected to send (`Demand.sent`)."""
-    if padded:
-        return len(budgets) * max(budgets, default=0)
-    return sum(d.sent(g) for d, g in zip(demands, budgets))
+def _computed(budgets: Sequence[int], padded: bool) -> int:
+    """Draft tokens a step computes for these rows' budgets: each row at the longest when it pads, else their sum."""
+    return len(budgets) * max(budgets, default=0) if padded else sum(budgets)
 
 
-def _at(seconds_of: np.ndarray, drafts: float) -> float:
-    """T at a count of draft tokens from the table of whole counts (_seconds_of_drafts), linear in between."""
-    whole = int(drafts)
-    if drafts == whole:
-        return float(seconds_of[whole])
-    return float(np.interp(drafts, [whole, whole + 1], seconds_of[whole: whole + 2]))
-
-
-def _step_seconds(step_seconds: StepSeconds, demands: Sequence[Demand], drafts: float, load: Load) -> float:
-    """T(K): the step with every session's [last committed token] + K draft tokens in all, plus the load (an
-    expected K between two whole counts: linear in between)."""
-    whole, sessions = int(drafts), len(demands) + load.sessions
-    at = lambda k: max(step_seconds(len(demands) + k + load.tokens, sessions), MIN_STEP_S)  # noqa: E731
-    return at(whole) if drafts == whole else at(whole) + (drafts - whole) * (at(whole + 1) - at(whole))
+def _step_seconds(step_seconds: StepSeconds, demands: Sequence[Demand], drafts: int, load: Load) -> float:
+    """T(K): the step with every session's [last committed token] + K draft tokens in all, plus the load."""
+    tokens = len(demands) + drafts + load.tokens
+    return max(step_seconds(tokens, len(demands) + load.sessions), MIN_STEP_S)
 
 
 def _seconds_of_drafts(step_seconds: StepSeconds, demands: Sequence[Demand], load: Load, padded: bool) -> np.ndarray:
     """[K + 1] T(K) for every K a grant to these sessions can compute (n x the largest cap when it pads, else the
     caps' sum): the one place a grant calls the cost curve, once per K for every candidate and wait level (pricing
     each candidate anew took 171 ms of the verifier's event loop at 16 sessions, now 2.3: scripts/time_grant.py)."""
-    most = int(_computed([replace(d, fill=()) for d in demands], [d.cap for d in demands], padded))
+    most = _computed([d.cap for d in demands], padded)
     every = max(len(demands), 1) if padded else 1  # padded: only K = n x the ceiling is ever computed
     seconds = np.full(most + 1, np.nan)  # the rest stay nan, never read
     seconds[::every] = [_step_seconds(step_seconds, demands, k, load) for k in range(0, most + 1, every)]
@@ -376,30 +341,60 @@ def _grant_padded(demands: Sequence[Demand], expected: np.ndarray, seconds_of: n
     return {d.key: min(best, cap) for d, cap in zip(demands, caps)}
 
 
-def _greedy_counts(table: np.ndarray, caps: np.ndarray, sent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[sum(caps) + 1, n]: row P = the budgets after the greedy's first P draft tokens, each given to the
-    session whose next token buys the most expected committed tokens per draft token it sends (`sent`: [n, max cap
-    + 1] expected tokens sent for each grant), and [sum(caps) + 1] what each prefix computes. E_i's steps never grow;
-    per token sent they are prod_j alpha_ij / fill_ij, kept non-increasing for the order (its running minimum), so
-    sorting every session's steps at once is the greedy. With every fill 1 (an LM sends what it is granted), row K is
-    the budgets of K draft tokens in all."""
+def _greedy_counts(table: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    """[sum(caps) + 1, n]: row K = the budgets after the greedy's first K draft tokens, each given to the
+    session whose next token buys the most expected committed tokens (E_i's steps never grow, so sorting
+    every session's steps at once is the greedy)."""
     n, width = table.shape
     session, gamma = np.nonzero(np.arange(width - 1)[None, :] < caps[:, None])  # every draft token of every cap
     gains = table[session, gamma + 1] - table[session, gamma]  # what each buys
-    costs = sent[session, gamma + 1] - sent[session, gamma]  # what each adds to the step
-    ratio = gains / np.maximum(costs, 1e-12)
-    if len(ratio):  # each session's running minimum (its tokens lie together, in order): offset apart, one pass
-        offset = (ratio.max() + 1.0) * (n - session)
-        ratio = np.minimum.accumulate(ratio + offset) - offset
-    order = np.lexsort((gamma, session, -ratio))  # [sum(caps)] largest first, ties: lower session, lower gamma
+    order = session[np.lexsort((gamma, session, -gains))]  # [sum(caps)] largest gain first, ties: lower session
     counts = np.zeros((len(order) + 1, n), dtype=np.int64)
-    counts[np.arange(1, len(order) + 1), session[order]] = 1
-    return counts.cumsum(axis=0), np.concatenate([[0.0], np.cumsum(costs[order])])
+    counts[np.arange(1, len(order) + 1), order] = 1
+    return counts.cumsum(axis=0)
 
 
-def _sent_of_drafts(demands: Sequence[Demand], width: int) -> np.ndarray:
-    """[n, width] expected draft tokens each session's block carries when granted 0..width - 1 (`Demand.sent`)."""
-    fills = np.ones((len(demands), max(width - 1, 0)))
-    for i, d in enumerate(demands):
-        fills[i, : min(len(d.fill), width - 1)] = d.fill[: width - 1]
-    return np.concatenate([np.zeros((len(demands), 1)), np.cumsum(np.cumprod(fills, axis=1), axis=1)], axis=1)
+def _least_stretch(table: np.ndarray, caps: np.ndarray, seconds: np.ndarray, slos: np.ndarray) -> float:
+    """The least v such that some K meets every slo_i * v: min_K T(K) w(K), with w(K) the least, over
+    budgets of K draft tokens, of max_i 1 / (slo_i E_i(gamma_i)), which raising the worst session's gamma
+    first attains (each 1 / E_i falls as its gamma grows) until the worst is at its cap."""
+    heap = [(-1 / (slo * table[i, 0]), i) for i, slo in enumerate(slos) if np.isfinite(slo)]  # (-1 / (slo E), i)
+    heapq.heapify(heap)
+    gammas, w = [0] * len(caps), [-heap[0][0]]  # w[K]
+    while len(w) < len(seconds) and gammas[heap[0][1]] < caps[heap[0][1]]:
+        _, i = heapq.heappop(heap)
+        gammas[i] += 1
+        heapq.heappush(heap, (-1 / (slos[i] * table[i, gammas[i]]), i))
+        w.append(-heap[0][0])
+    w += [w[-1]] * (len(seconds) - len(w))
+    return float((seconds * np.array(w)).min())
+
+
+def _best_within(table: np.ndarray, caps: np.ndarray, counts: np.ndarray, seconds: np.ndarray,
+                 slos: np.ndarray) -> np.ndarray | None:
+    """[n] the budgets of the best K whose step meets every SLO (None: no K does), ties to the smaller K.
+
+    For each K: the floors m_i = the least gamma_i with E_i(gamma_i) >= T(K) / slo_i, then the greedy's
+    tokens above them: max(m, counts[P]) for the least prefix P of the greedy that sums to K (the prefix
+    holds the largest steps of all, so those above the floors are the largest steps above the floors).
+    """
+    k = np.arange(len(seconds))  # [K + 1]
+    if np.isinf(slos).all():
+        budgets, feasible = counts, np.ones(len(k), dtype=bool)  # [K + 1, n]
+    else:
+        need = seconds[:, None] / slos[None, :] * (1 - 1e-12)  # [K + 1, n] least E_i for T(K) / E_i <= slo_i
+        floors = np.stack([np.searchsorted(table[i, : c + 1], need[:, i]) for i, c in enumerate(caps)], axis=1)
+        feasible = (floors <= caps).all(axis=1) & (floors.sum(axis=1) <= k)
+        if not feasible.any():
+            return None
+        floors = np.minimum(floors, caps)
+        low, high = np.zeros_like(k), np.full_like(k, len(counts) - 1)  # bisection over P, for every K at once
+        while (low < high).any():
+            mid = (low + high) // 2
+            short = np.maximum(floors, counts[mid]).sum(axis=1) < k
+            low, high = np.where(short, mid + 1, low), np.where(short, high, mid)
+        budgets = np.maximum(floors, counts[low])  # [K + 1, n], summing to K where feasible
+    expected = table[np.arange(len(caps))[None, :], budgets].sum(axis=1)  # [K + 1]
+    rate = np.where(feasible, expected / seconds, -np.inf)
+    best = int(np.argmax(rate >= rate.max() * (1 - 1e-12)))  # the least K within rounding of the best
+    return budgets[best]

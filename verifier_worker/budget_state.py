@@ -12,9 +12,8 @@ from specdec.acceptance import AcceptanceTracker, Calibration, DrafterAcceptance
 @dataclass
 class DrafterState:
     """The sessions that drafted with one drafter name: their acceptance (openings apart: the prior of a new session),
-    what their grants bought (the scale of their estimates), their latest lock-step turnaround (where a new
-    session's starts) and how much of a grant their clients send (`fill`: by position, P(draft token j sent | granted
-    j, j - 1 sent), from lock-step blocks and shadow blocks; 1 before any)."""
+    what their grants bought (the scale of their estimates) and their latest lock-step turnaround (where a new
+    session's starts)."""
 
     acceptance: DrafterAcceptance
     calibration: Calibration = field(default_factory=Calibration)
@@ -22,7 +21,6 @@ class DrafterState:
     split: tuple[float | None, float] = (None, 0.0)  # with it, (round trip, drafting per token): `arrives`
     measured_open: int = 0  # and its sessions open when it was measured
     open: int = 0  # its sessions open now
-    fill: AcceptanceTracker = field(default_factory=lambda: AcceptanceTracker(prior_alpha=1.0, forget=0.99))  # sent
 
 
 @dataclass

@@ -9,8 +9,7 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
   backend computed them, i.e. rows x longest row for a padding backend; prefill_tokens: its prompt chunks');
   it fits the step-cost curve;
 - `on_verdict(key, proposed, accepted, offered)` for every verified block (a plain decoding step: proposed =
-  0; offered: a lock-step block's budget, so budget its client left unused counts as buying nothing, and as
-  costing the step nothing: its drafter's `fill`, with shadow blocks', prices a grant by what is sent);
+  0; offered: a lock-step block's budget, so budget its client left unused counts as buying nothing);
 - `budget_for(key, queued_sessions, queued_tokens, prefilling)` when answering a session: the most draft
   tokens its next block may carry. queued_* = the prefill work waiting for the next step (sessions still
   prefilling, and their chunk tokens; `grants` says what of it is priced); prefilling = the keys of those
@@ -29,18 +28,18 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
 The grant is made once per step, for every open session together (`specdec.budget.grant_budgets`): the first
 `budget_for` after a step computes it, the others read it, so call `on_verdict` for all of a step's rows before
 answering any of them (the place that applies a step's outcomes does). A session opened mid-step is added to it. Making
-a grant is Python on the event loop between two steps (scripts/time_grant.py: 0.07 / 0.5 / 2.3 ms at 1 / 4 / 16 sessions
-on this class of CPU), up to 10% of a fast verifier's steps. So it is remade at most every ceil(grant time /
-(GRANT_SHARE x the last step's compute)) steps, the latest standing in between, and up to STEADY_BACKOFF times less
-often while each remake gives the grant before and no draft is accepted (an LM that does not pay, granted 0 at every
-step, spent 2.4% of a tiny verifier's samples on its grants at 1 session); a session opening, closing, asking to decode
-alone (`hold`) or leaving its answer's opening remakes it at once, and so do a client's word that binds its cap
-(`wants`) and a session granted drafts that now misses steps (`arrives`). New sessions' acceptance starts from the rates
-by position of recent verdicts with the same drafter (its population: the client's model name,
-OpenSession.client_model_id); an answer's first OPENING_ROUNDS rounds are priced by that drafter's openings seen so far
-and kept out of the session's own estimate (specdec/acceptance.py). One population for every drafter priced an LM's
-openings by an n-gram's beside it on the same verifier, and the other way round. Names are the client's word: a client
-naming its drafter after another's adds its verdicts to that population (what one shared population did for every
+a grant is Python on the event loop, between two steps: 0.07 / 0.5 / 2.3 ms at 1 / 4 / 16 sessions on this class of CPU
+(scripts/time_grant.py; 0.25 / 2.0 / 7.1 ms on an avx2-only EPYC core), up to 10% of a fast verifier's steps. So it is
+remade at most every ceil(grant time / (GRANT_SHARE x the last step's compute)) steps, the latest standing in between,
+and up to STEADY_BACKOFF times less often while each remake gives the grant before and no draft is accepted (an LM that
+does not pay, granted 0 at every step, spent 2.4% of a tiny verifier's samples on its grants at 1 session); a session
+opening, closing, asking to decode alone (`hold`) or leaving its answer's opening remakes it at once, and so do a
+client's word that binds its cap (`wants`) and a session granted drafts that now misses steps (`arrives`). New sessions'
+acceptance starts from the rates by position of recent verdicts with the same drafter (its population: the client's
+model name, OpenSession.client_model_id); an answer's first OPENING_ROUNDS rounds are priced by that drafter's openings
+seen so far and kept out of the session's own estimate (specdec/acceptance.py). One population for every drafter priced
+an LM's openings by an n-gram's beside it on the same verifier, and the other way round. Names are the client's word: a
+client naming its drafter after another's adds its verdicts to that population (what one shared population did for every
 client), and at most MAX_DRAFTERS are kept. Before the first step the cost fit holds only its prior (no cost), so every
 session may draft its cap; the first steps (the prefills, hundreds of tokens each) fit the curve.
 
@@ -136,8 +135,7 @@ class DraftBudgeter:
         return drafter
 
     def _new_drafter(self) -> DrafterState:
-        return DrafterState(DrafterAcceptance(max(self.max_gamma, 1), prior_alpha=self.prior_alpha, forget=0.999),
-                            fill=AcceptanceTracker(max(self.max_gamma, 1), prior_alpha=1.0, forget=0.99))
+        return DrafterState(DrafterAcceptance(max(self.max_gamma, 1), prior_alpha=self.prior_alpha, forget=0.999))
 
     def _seen(self, name: str | None) -> DrafterState:
         """The sessions drafting with `name` as seen so far, for reading: neither made nor moved (a fresh one if none)."""
@@ -201,8 +199,6 @@ class DraftBudgeter:
                 if self.metrics is not None:
                     self.metrics.calibration.set(self._calibration.ratio())
             session.promised = 0.0
-        if offered:  # what its client sent of the grant (an n-gram with no match: nothing), the step's cost of it
-            session.drafter.fill.update(offered, min(proposed, offered), offered)
         if proposed or offered:  # a plain decoding step says nothing about the drafts' acceptance
             # a grant left unused is a miss here too: counted only where a draft existed, the rate new sessions start
             # from read 45% where an n-gram's grants bought far less (no match: nothing drafted)
@@ -233,7 +229,6 @@ class DraftBudgeter:
         if not opening:
             session.tracker.update(drafted, accepted, gamma)
         session.drafter.acceptance.update(drafted, accepted, gamma, opening=opening)
-        session.drafter.fill.update(gamma, drafted, gamma)
         if accepted:
             self._steady = 1
         if self.metrics is not None:
@@ -382,10 +377,9 @@ class DraftBudgeter:
         rows = [(key, s, rates if s.rounds < OPENING_ROUNDS else first_scaled(rates, s.drafter.calibration.ratio()))
                 for key, rates in self._rates.items() for s in (self._sessions[key],)]
         crowded = len(rows) + load.sessions > 1  # others ride the step a slow session's block misses
-        fills = {id(s.drafter): s.drafter.fill.rates() for _, s, _ in rows}  # the step computes what clients send
-        demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.cap)) else
-                          s.cap, s.tpot_slo_s, *((s.wait_s, s.wait_per_token_s) if crowded or s.at_zero else (0, 0)),
-                          fill=fills[id(s.drafter)][: s.cap]) for key, s, accept in rows]
+        demands = [Demand(key, accept, 0 if s.held or (s.slow and crowded and not _pays_a_step(accept, s.cap))
+                          else s.cap, s.tpot_slo_s, *((s.wait_s, s.wait_per_token_s) if crowded or s.at_zero else ()))
+                   for key, s, accept in rows]
 
         @functools.cache  # one grant prices the same steps hundreds of times (every wait level, every candidate)
         def step_seconds(tokens: int, sessions: int) -> float:  # the load carries no tokens (above)
