@@ -102,8 +102,9 @@ class DelayProxyProcess:
         self._process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> DelayProxyProcess:
-        self._process = await asyncio.create_subprocess_exec(sys.executable, "-m", "draft_worker.delay", self.upstream,
-                                                             repr(self.rtt_ms), stdout=asyncio.subprocess.PIPE)
+        self._process = await asyncio.create_subprocess_exec(  # stdin: its end closes with this process, and so do they
+            sys.executable, "-m", "draft_worker.delay", self.upstream, repr(self.rtt_ms),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         line = await self._process.stdout.readline()  # its address, once it listens
         if not line:
             raise RuntimeError(f"the delay proxy to {self.upstream} exited with {await self._process.wait()}")
@@ -123,9 +124,11 @@ class DelayProxyProcess:
 
 
 async def _serve(upstream: str, rtt_ms: float) -> None:
+    """The child of `DelayProxyProcess`: says its address, then serves until terminated or its parent is gone (its
+    stdin ends), so a killed bench leaves no proxy behind."""
     proxy = await DelayProxy(upstream, rtt_ms).start()
     print(proxy.address, flush=True)
-    await asyncio.Event().wait()  # until terminated
+    await asyncio.to_thread(sys.stdin.buffer.read)
 
 
 if __name__ == "__main__":

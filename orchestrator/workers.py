@@ -1,9 +1,9 @@
 """Ray actors of the benchmark: draft workers (placed by the custom resource `draft`) and the verifier.
 
 A DraftWorker holds its draft models (loaded on its own node, never on the driver) and, per emulated RTT,
-one router over the verifier replicas (each dialled through a delay proxy, in its own process, when the RTT is
-> 0), and runs one request per `run` call, on the replica its router picks: the verifier-only baseline or a speculative
-session. It gets the client config (deadline, token, TLS bytes) once, when it is created.
+one router over the verifier replicas (each dialled through a delay proxy in a process of its own when the RTT is
+above 0), and runs one request per `run` call, on the replica its router picks: the verifier-only baseline or a
+speculative session. It gets the client config (deadline, token, TLS bytes) once, when it is created.
 The VerifierActor starts `specdec serve-verifier` on its node (the `verifier` resource, plus GPUs when
 asked) and hands back the address; a pool is several of them (orchestrator/pool.py). The same code runs
 on one machine and on a `ray up` cluster.
