@@ -334,11 +334,38 @@ def test_the_replay_prices_each_block_from_the_recorded_agreements():
     # the answer goes on 8 9 5
     assert replay.blocks(row, "ngram")[4] == (3, 2)
     args = argparse.Namespace(draft_ms=100.0, step_ms=200.0, token_ms=10.0, prefill_s=1.0, rtt_ms=0.0,
-                              max_new_tokens=7, drafter="lm")
+                              max_new_tokens=7, drafter="lm", draft_step_ms=0.0, one_draft_core=False)
     budgeter = replay.unbudgeted(DraftBudgeter(max_gamma=16))
     # gamma 2 from t = 1: accepts 1 (commits 2), from t = 3: 2 (3), from t = 6: the last token, a block of 1 (1 + 0)
     seconds = replay.session(replay.blocks(row, "lm"), FixedGamma(2, 16), budgeter, "k", args)
     assert seconds == pytest.approx(1.0 + 2 * (0.2 + 0.2 + 0.03) + (0.1 + 0.2 + 0.02))
+
+
+def test_the_replay_shares_each_step_between_the_sessions_open():
+    """`--sessions 2`: two requests open together: one step prefills both, then every step carries both rows (one
+    fixed cost, a token cost for every row's tokens) after the longer of the two clients' drafting, or with
+    --one-draft-core (every client on one core, as measure_budget.py --pin) after their sum."""
+    import argparse
+
+    from draft_worker.gamma import FixedGamma
+    from verifier_worker.budgeting import DraftBudgeter
+
+    replay = _replay_script()
+    row = {"prompt": [1, 2, 3], "answer": [7, 8, 9, 7, 8, 9, 5], "agree": [1, 1, 0, 1, 1, 1, 0]}
+    offers = replay.blocks(row, "lm")
+    for one_core, drafting in ((False, 0.2 + 0.2 + 0.1), (True, 0.4 + 0.4 + 0.2)):
+        args = argparse.Namespace(draft_ms=100.0, step_ms=200.0, token_ms=10.0, prefill_s=1.0, rtt_ms=0.0,
+                                  max_new_tokens=7, drafter="lm", draft_step_ms=0.0, one_draft_core=one_core)
+        requests = [(offers, lambda: FixedGamma(2, 16), key, 3) for key in ("a", "b")]
+        seconds = replay.shared(requests, replay.unbudgeted(DraftBudgeter(max_gamma=16)), args, sessions=2)
+        # prefills 2 x 1 s; blocks of 2 from t = 1 and t = 3 (3 tokens a row), then a block of 1 (2 tokens a row)
+        assert seconds == pytest.approx(2.0 + drafting + 2 * (0.2 + 0.06) + (0.2 + 0.04))
+    args.one_draft_core = False
+    alone = replay.session(offers, FixedGamma(2, 16), replay.unbudgeted(DraftBudgeter(max_gamma=16)), "c", args)
+    requests = [(offers, lambda: FixedGamma(2, 16), key, 3) for key in ("a", "b", "c")]
+    # two at a time: the third opens as the first two end, its prefill a step of its own, then it decodes alone
+    assert replay.shared(requests, replay.unbudgeted(DraftBudgeter(max_gamma=16)), args, sessions=2) == \
+        pytest.approx(2.0 + 0.5 + 2 * 0.26 + 0.24 + alone)
 
 
 def test_an_async_chunk_spends_the_probe_standing():
