@@ -18,7 +18,9 @@ core (--one-draft-core) is priced as its sum, but not the shadow blocks' share o
 On the real pair's n-gram (24 answers, 270 ms a step + 20 ms a token) it reads what the live sweep reads: `Generate`
 2.76 / 4.32 / 6.02 / 7.50 / 8.17 tok/s at 1 / 2 / 4 / 8 / 16 sessions (run EW, live: 2.27 / 3.80 / 6.02 / 7.65 /
 8.44), `auto` 1.44 / 1.15 / 1.05 / 0.99 / 0.99x `Generate` and 0.99 / 0.94 / 0.94 / 0.96 / 0.97 of the best fixed
-gamma (docs/results.md, session 27). It is a model: a change it scored +4% (no calibration, 2 sessions) read -5% live.
+gamma with --no-context, 1.47 / 1.18 / 1.09 / 1.02 / 1.02x and 1.01 / 0.96 / 0.98 / 0.99 / 1.00 with the grant reading
+where each block starts (specdec/context.py; docs/results.md, session 27). It is a model: a change it scored +4% (no
+calibration, 2 sessions) read -5% live; the context's +4 points at 4 sessions read +6 live.
 
 The default costs are the real pair's on a 2-vCPU AMD EPYC (avx512_bf16, no AMX), pinned as in measure_budget.py:
 a verifier step of 255 ms + 15 ms a token, an LM draft token 145 ms, a prefill 2.6 s.
@@ -36,6 +38,7 @@ from draft_worker.gamma import AutoGamma, FixedGamma, new_history
 from draft_worker.proposer import common_prefix
 from draft_worker.shadow import MISS_BACKOFF, Shadows, shadow_every
 from specdec.budget import verifiers_turn
+from specdec.context import SuffixIndex
 from verifier_worker.budgeting import DraftBudgeter
 
 
@@ -79,8 +82,10 @@ def blocks(row: dict, drafter: str) -> list[tuple[int, int]]:
 class Replayed:
     """One request's replay state: its offers, schedule and key, where it stands, its budget and its shadow block."""
 
-    def __init__(self, offers: list[tuple[int, int]], schedule, key: str, args):
+    def __init__(self, offers: list[tuple[int, int]], schedule, key: str, args, text: tuple[list[int], list[int]] = ()):
         self.offers, self.schedule, self.key = offers, schedule, key
+        # (prompt, answer): what the verifier reads its suffix bucket from (specdec/context.py), the first token in
+        self.text, self.index = text, (SuffixIndex([*text[0], *text[1][:1]]) if text else None)
         self.end, self.t, self.budget, self.alone = min(args.max_new_tokens, len(offers)), 1, 0, 0
         self.last_shadow, self.shadow, self.proposed = -1, None, None  # proposed: None in the verifier's turn
         self.drafter, self.accepted, self.misses = args.drafter, 0, 0
@@ -114,10 +119,13 @@ class Replayed:
 
     def advance(self, budgeter: DraftBudgeter, draft_s: float) -> None:
         """The step committed this row's tokens; in the verifier's turn a shadow block the commits now decide is told."""
+        before = self.t
+        self.t += 1 if self.proposed is None else self.accepted + 1
+        if self.index is not None:
+            self.index.extend(self.text[1][before : self.t])
         if self.proposed is not None:
-            self.t += self.accepted + 1
             return
-        self.t, self.alone = self.t + 1, max(0, self.alone - 1)
+        self.alone = max(0, self.alone - 1)
         if self.shadow is not None and self.t >= self.shadow[0] + min(self.shadow[2] + 1, self.shadow[1]):
             _, size, accepted = self.shadow
             self.schedule.observe(size, accepted, draft_s * size, opening=self.schedule.opens_at(self.shadow[0]))
@@ -152,14 +160,17 @@ def shared(requests: list[tuple[list[tuple[int, int]], Callable, str, int]], bud
     it a block (with --one-draft-core their drafting's sum); the verifier decodes alone when a budget is 0 or a client asked it to (decode_alone), with shadow
     blocks meanwhile (draft_worker/shadow.py). Every open session rides every step (none misses one)."""
     draft_s, step_s, token_s, rtt_s = args.draft_ms / 1e3, args.step_ms / 1e3, args.token_ms / 1e3, args.rtt_ms / 1e3
-    waiting, active, clock = list(requests), [], 0.0
+    waiting, active, clock, by_key = list(requests), [], 0.0, {}
+    if getattr(args, "context", True):  # the verifier's view of where each block starts (specdec/context.py)
+        budgeter.context = lambda key: by_key[key].index.bucket if key in by_key and by_key[key].index else None
     while waiting or active:
         opening = []
         while waiting and len(active) + len(opening) < sessions:
-            offers, make_schedule, key, prompt = waiting.pop(0)
+            offers, make_schedule, key, prompt, *text = waiting.pop(0)
             budgeter.open(key, drafter=args.drafter)
             budgeter.decodes_at_zero(key)  # the verifier decodes alone at budget 0 (server_decodes): a grant idles it
-            opening.append((Replayed(offers, make_schedule(), key, args), prompt))
+            by_key[key] = Replayed(offers, make_schedule(), key, args, *text)
+            opening.append((by_key[key], prompt))
         tokens = [r.row(budgeter, draft_s, step_s + token_s) for r in active]
         prefill = sum(prompt for _, prompt in opening)
         drafting = [draft_s * r.proposed for r in active if r.proposed is not None]  # the clients that send a block
@@ -194,7 +205,7 @@ def session(offers: list[tuple[int, int]], schedule, budgeter: DraftBudgeter, ke
 
 def replay(args) -> None:
     rows = [json.loads(line) for line in open(args.recording)]
-    answers = [(blocks(row, args.drafter), len(row["prompt"])) for row in rows]
+    answers = [(blocks(row, args.drafter), len(row["prompt"]), (row["prompt"], row["answer"])) for row in rows]
     seconds = {}
     for arm in ["generate", "auto", *map(str, args.gammas)]:
         history, budgeter = new_history(), DraftBudgeter(max_gamma=16)
@@ -202,11 +213,12 @@ def replay(args) -> None:
             budgeter.grants = lambda *_, **__: {key: 0 for key in budgeter._sessions}
         elif arm != "auto":  # the fixed arms run on a verifier without a budget (--no-draft-budget)
             unbudgeted(budgeter)
-        for warm, (offers, prompt) in enumerate(answers[: args.warmup]):  # the history's first requests, not timed
-            session(offers, schedule(arm, history, args), budgeter, f"warm{warm}", args, prompt)
-        seconds[arm] = shared([(offers, functools.partial(schedule, arm, history, args), f"{arm}{i}", prompt)
-                               for i, (offers, prompt) in enumerate(answers)], budgeter, args, args.sessions)
-    tokens = sum(min(args.max_new_tokens, len(offers)) for offers, _ in answers)
+        for warm, (offers, prompt, text) in enumerate(answers[: args.warmup]):  # the history's first, not timed
+            shared([(offers, functools.partial(schedule, arm, history, args), f"warm{warm}", prompt, text)], budgeter,
+                   args)
+        seconds[arm] = shared([(offers, functools.partial(schedule, arm, history, args), f"{arm}{i}", prompt, text)
+                               for i, (offers, prompt, text) in enumerate(answers)], budgeter, args, args.sessions)
+    tokens = sum(min(args.max_new_tokens, len(offers)) for offers, _, _ in answers)
     best = min(seconds[arm] for arm in seconds if arm not in ("auto", "generate"))
     print(f"{len(answers)} answers x {args.max_new_tokens} tokens, {args.drafter}, {args.sessions} at a time")
     print("| arm | tok/s | x best fixed | x generate |\n|---|---|---|---|")
@@ -254,6 +266,8 @@ def main() -> None:
     q.add_argument("--one-draft-core", action="store_true",
                    help="every session drafts on one core (as measure_budget.py --pin): a step waits for their sum")
     q.add_argument("--draft-step-ms", type=float, default=0.0, help="more for a step where any row carries drafts")
+    q.add_argument("--no-context", dest="context", action="store_false",
+                   help="the verifier prices blocks without their start's suffix bucket (specdec/context.py)")
     q.add_argument("--prior", type=float, help="the schedule's pseudo-blocks per position (default: AutoGamma's)")
     args = p.parse_args()
     if args.command == "record":

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from specdec.acceptance import AcceptanceTracker, Calibration, DrafterAcceptance
+from specdec.context import ContextRates
 
 
 @dataclass
@@ -17,6 +18,7 @@ class DrafterState:
 
     acceptance: DrafterAcceptance
     calibration: Calibration = field(default_factory=Calibration)
+    context: ContextRates = field(default_factory=ContextRates)  # its first position's rate by suffix bucket
     turnaround_s: float | None = None  # None: none measured yet
     split: tuple[float | None, float] = (None, 0.0)  # with it, (round trip, drafting per token): `arrives`
     measured_open: int = 0  # and its sessions open when it was measured
@@ -39,6 +41,7 @@ class SessionState:
     drafter: DrafterState | None = None  # its drafter's sessions (open)
     wants: int | None = None  # the client's own best gamma, as it last said (`DraftBudgeter.wants`; None: unsaid)
     at_zero: bool = False  # the verifier decodes it on its own at budget 0: a grant costs its turnaround even alone
+    bucket: int | None = None  # its tokens' suffix bucket at its latest grant (specdec/context.py; None: not known)
 
     @property
     def cap(self) -> int:

@@ -28,34 +28,34 @@ The engine (or whoever applies a step's outcomes) calls, all on the event loop:
 The grant is made once per step, for every open session together (`specdec.budget.grant_budgets`): the first
 `budget_for` after a step computes it, the others read it, so call `on_verdict` for all of a step's rows before
 answering any of them (the place that applies a step's outcomes does). A session opened mid-step is added to it. Making
-a grant is Python on the event loop, between two steps: 0.07 / 0.5 / 2.3 ms at 1 / 4 / 16 sessions on this class of CPU
-(scripts/time_grant.py; 0.25 / 2.0 / 7.1 ms on an avx2-only EPYC core), up to 10% of a fast verifier's steps. So it is
-remade at most every ceil(grant time / (GRANT_SHARE x the last step's compute)) steps, the latest standing in between,
-and up to STEADY_BACKOFF times less often while each remake gives the grant before and no draft is accepted (an LM that
-does not pay, granted 0 at every step, spent 2.4% of a tiny verifier's samples on its grants at 1 session); a session
-opening, closing, asking to decode alone (`hold`) or leaving its answer's opening remakes it at once, and so do a
-client's word that binds its cap (`wants`) and a session granted drafts that now misses steps (`arrives`). New sessions'
-acceptance starts from the rates by position of recent verdicts with the same drafter (its population: the client's
-model name, OpenSession.client_model_id); an answer's first OPENING_ROUNDS rounds are priced by that drafter's openings
-seen so far and kept out of the session's own estimate (specdec/acceptance.py). One population for every drafter priced
-an LM's openings by an n-gram's beside it on the same verifier, and the other way round. Names are the client's word: a
-client naming its drafter after another's adds its verdicts to that population (what one shared population did for every
-client), and at most MAX_DRAFTERS are kept. Before the first step the cost fit holds only its prior (no cost), so every
-session may draft its cap; the first steps (the prefills, hundreds of tokens each) fit the curve.
+a grant is Python on the event loop between two steps (scripts/time_grant.py: 0.07 / 0.5 / 2.3 ms at 1 / 4 / 16
+sessions here, up to 10% of a fast verifier's steps), so it is remade at most every ceil(grant time / (GRANT_SHARE x the
+last step's compute)) steps, and up to STEADY_BACKOFF times less often while each remake gives the grant before and no
+draft is accepted; a session opening, closing, asking to decode alone (`hold`) or leaving its answer's opening remakes
+it at once, and so do a client's word that binds its cap (`wants`) and a session granted drafts that now misses steps
+(`arrives`). New sessions' acceptance starts from the rates by position of recent verdicts with the same drafter (its
+population: the client's model name, OpenSession.client_model_id, at most MAX_DRAFTERS; a client naming its drafter
+after another's adds to that one's); an answer's first OPENING_ROUNDS rounds are priced by that drafter's openings and
+kept out of the session's own estimate (specdec/acceptance.py). Before the first step the cost fit holds only its
+prior (no cost), so every session may draft its cap; the first steps (the prefills) fit the curve.
+
+Where the next block starts (`context`, the engine's: specdec/context.py): a session's first-position rate is its
+drafter's rate in the suffix bucket its text is in now (how much of its latest tokens occurred earlier), learnt from
+that drafter's verified blocks, each counted in the bucket its grant saw; the session's own rate is the prior. An
+n-gram's blocks land in runs (a quoted passage matches to its end), which the session's decayed estimate follows a
+run late: replayed at 2-16 sessions (scripts/replay_gamma.py), `auto` went from 0.94-0.97 to 0.96-1.00 of the best
+fixed gamma and from 0.99 to 1.02x `Generate` at 8 and 16 (docs/results.md, session 27).
 
 Calibration: every grant above 0 to a lock-step session promises its block's expected accepted draft tokens, E(budget) -
 1 from the session's estimate; its verdict says how many it bought. An async step verifies the drafts that have arrived
 (as many as its grant allows, or fewer: a draft that comes late is no failure), and those promise E(verified) - 1 from
 the estimate before its verdict. The ratio of the two over a drafter's sessions (decayed, shrunk toward 1, at most 1)
-scales each of its sessions' first-position rate, and so every block's expected accepted tokens, before the grant (per
-drafter: one server-wide ratio scaled an LM's grants by an n-gram's bursts). Why: a grant follows evidence, and evidence
-comes in bursts. An n-gram session's estimate rises during a quoted passage and the grant arrives as the passage ends;
-at 4 sessions on a CPU its shadow blocks landed at position 1 in 68% of cases where the real blocks granted on their
-strength landed in 37%, and the grants the model priced at a few percent of goodput cost 3-5% instead
-(`specdec_verifier_draft_budget_calibration`: the ratio over every drafter). An answer's opening is neither measured nor
-scaled by it: its rounds are priced by the drafter's openings, which learn from their own verdicts; counted, a
-verifier's first LM answer, whose opening blocks priced at the 0.5 prior were rejected, took the ratio to 0.77 and
-scaled the LM's grants by it for the next ~100 blocks.
+scales each of its sessions' first-position rate before the grant (per drafter: one server-wide ratio scaled an LM's
+grants by an n-gram's bursts). Why: a grant follows evidence, which comes in bursts: at 4 n-gram sessions on a CPU its
+shadow blocks landed at position 1 in 68% of cases where the real blocks granted on their strength landed in 37%, and
+grants priced at a few percent of goodput cost 3-5% instead (`specdec_verifier_draft_budget_calibration`). An answer's
+opening is neither measured nor scaled by it (its rounds are priced by the drafter's openings): counted, a verifier's
+first LM answer, its opening blocks priced at the 0.5 prior and rejected, scaled the LM's grants by 0.77 for ~100 blocks.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Collection, Hashable
+from collections.abc import Callable, Collection, Hashable
 
 from specdec.acceptance import OPENING_ROUNDS, AcceptanceTracker, Calibration, DrafterAcceptance
 from specdec.budget import Demand, Load, StepCostTable, grant_budgets, pays_a_missed_step, \
@@ -107,6 +107,8 @@ class DraftBudgeter:
         self._grant_age = 0  # steps since it was made
         self._steady, self._last_grant = 1, None  # its reuse's multiple (1, 2, ... STEADY_BACKOFF), the grant before
         self.hold_s: float | None = None  # the most the engine holds a step for a late block (arrives; None: all)
+        # a session's tokens' suffix bucket now (specdec/context.py; the engine sets it), None: not known
+        self.context: Callable[[Hashable], int | None] | None = None
         self._rates: dict[Hashable, list[float]] = {}  # the acceptance each of this step's grants read (uncalibrated)
         if metrics is not None:  # the fit as a scrape finds it (solved when read, never on every step: `on_step`)
             fit = getattr(self.cost, "fit", self.cost)  # a StepCostTable's affine fit, or a bare StepCostModel
@@ -203,22 +205,20 @@ class DraftBudgeter:
             # a grant left unused is a miss here too: counted only where a draft existed, the rate new sessions start
             # from read 45% where an n-gram's grants bought far less (no match: nothing drafted)
             session.drafter.acceptance.update(proposed, accepted, offered, opening=opening)
+            if session.bucket is not None and not opening:
+                session.drafter.context.add(session.bucket, accepted > 0)
 
     def on_shadow(self, key: Hashable, drafted: int, accepted: int, gamma: int) -> None:
         """A block of `gamma` the client drafted (`drafted` tokens) but did not send while the verifier decoded the
-        session on its own, whose first `accepted` tokens were then committed: evidence of acceptance that cost no
-        verifier compute. Without it, a session granted 0 learns nothing new (it drafts nothing), and its estimate
-        only drifts back to the prior by decay, which on a CPU may take the rest of the answer (an n-gram draft's
-        acceptance comes in bursts: none while the answer says something new, most while it quotes its prompt).
-
-        It is the client's word. A client that overstates it gains at most a budget of drafts whose real verdicts
-        then pull its estimate back down, which a client could always get by drafting at the server's max_gamma.
-        Its drafter's population (the rate its new sessions start from, openings apart) learns from it too, as from a
-        real block: a drafter granted 0 sends no real block, so its population kept the 0.5 prior for good. The real
-        pair's LM drafter alone (bf16, avx512_bf16 CPU; its blocks ~75% accepted) was so priced at 0.5, granted 0 at
-        every step, and read 0.95x `Generate` where a fixed gamma of 2 read 1.31x (docs/results.md, run CB). One
-        population for every drafter would hand an n-gram's shadow rate to an LM's sessions; per drafter it is that
-        drafter's own, and its calibration (what its grants bought) still scales what shadows promise."""
+        session on its own, whose first `accepted` tokens were then committed: evidence that cost no verifier compute.
+        Without it a session granted 0 learns nothing new, and its estimate drifts back to the prior by decay alone,
+        which on a CPU may take the rest of the answer. It is the client's word: one that overstates it gains at most
+        a budget of drafts whose real verdicts then pull its estimate down, which it could always get by drafting at
+        the server's max_gamma. Its drafter's population (openings apart) learns from it too, as from a real block:
+        the real pair's LM alone (its blocks ~75% accepted), granted 0 and so sending no real block, kept the 0.5 prior
+        for good and read 0.95x `Generate` where a fixed gamma of 2 read 1.31x (docs/results.md, run CB). Per drafter:
+        one population would hand an n-gram's shadow rate to an LM's sessions. Not counted by suffix bucket
+        (`context`): the verdict does not say where the block started."""
         session = self._sessions.get(key)
         if session is None or gamma <= 0:
             return
@@ -355,7 +355,10 @@ class DraftBudgeter:
     def _rates_of(self, session: SessionState) -> list[float]:
         """[max_gamma] the acceptance a grant reads for a session's next block: in its answer's opening, its drafter's
         openings seen so far; after it, its own estimate from its drafter's rate."""
-        return session.drafter.acceptance.session_rates(session.tracker, session.rounds)
+        rates = session.drafter.acceptance.session_rates(session.tracker, session.rounds)
+        if session.bucket is None or session.rounds < OPENING_ROUNDS:
+            return rates
+        return [session.drafter.context.rate(session.bucket, rates[0]), *rates[1:]]
 
     def calibration(self, drafter: str | None = None) -> float:
         """Accepted draft tokens the granted blocks of `drafter`'s sessions bought per token their grants promised
@@ -371,6 +374,8 @@ class DraftBudgeter:
         small share of a long step: on a 2-core AVX2 CPU, where the LM's drafts did not pay, sessions were granted
         5-7 tokens while another request prefilled."""
         load = Load(0, load.sessions)
+        for key, s in self._sessions.items():  # where each session's next block starts (specdec/context.py)
+            s.bucket = None if self.context is None else self.context(key)
         # a session that may not draft (Generate's, or held) is a row of the step with no rates to read
         self._rates = {key: self._rates_of(s) if s.cap and not s.held else [] for key, s in self._sessions.items()
                        if key not in exclude}
@@ -398,7 +403,6 @@ class DraftBudgeter:
 
 
 def _pays_a_step(accept: list[float], cap: int) -> bool:
-    """A block of `cap` is expected to commit at least 2 tokens: the two a session decoding alone commits in the
-    two steps a late block takes (a first filter on a slow session's cap; the grant then prices the missed step
-    in full, `specdec.budget.pays_a_missed_step`)."""
+    """A block of `cap` is expected to commit the 2 tokens a session alone commits in the two steps a late block takes
+    (a first filter on a slow session's cap; `specdec.budget.pays_a_missed_step` prices the missed step in full)."""
     return cap > 0 and expected_tokens_table(accept, cap)[cap] >= 2

@@ -84,8 +84,8 @@ class Engine:
         self.on_step = on_step
         self.budgeter = budgeter
         self.pads_rows = getattr(self.backend, "pads_rows", False)
-        if budgeter is not None:  # the grant prices what this backend computes
-            budgeter.padded = self.pads_rows
+        if budgeter is not None:  # the grant prices what this backend computes, from where each block starts
+            budgeter.padded, budgeter.context = self.pads_rows, lambda session: session.suffix.bucket
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait_s = batch_wait_s
         self.device = self.backend.device

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from specdec.config import FINISH_LENGTH, FINISH_STOP, MAX_GAMMA, SamplingParams
+from specdec.context import SuffixIndex
 from specdec.sampling import make_generator
 from specdec.tree import kept_block_rows
 from verifier_worker.kv import SessionKV
@@ -80,6 +81,7 @@ class VerifierSession:
         self.device = torch.device(device)
         self.params = params
         self.tokens = list(prompt_ids)
+        self.suffix = SuffixIndex(prompt_ids)  # how much of its text repeats: where its next block starts (issue 18)
         self.prompt_len = len(prompt_ids)
         self.num_generated = 0
         self.finish_reason: str | None = None
@@ -234,6 +236,7 @@ class VerifierSession:
             committed, self.finish_reason = committed[: self.remaining], FINISH_LENGTH
         base_len = self.num_generated
         self.tokens.extend(committed)
+        self.suffix.extend(committed)
         self.num_generated += len(committed)
         self._drop_committed(committed)
         self.kv.truncate(len(self.tokens) - 1)  # a length decrement: the rejected keys are overwritten later

@@ -1,0 +1,74 @@
+"""specdec/context.py: where a session's next block starts (its text's repeated suffix), and the draft budget reading a
+drafter's first-position rate there (verifier_worker/budgeting.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from specdec.context import CONTEXT_PRIOR, MAX_SUFFIX, ContextRates, SuffixIndex, suffix_bucket
+from verifier_worker.budgeting import DraftBudgeter
+
+
+def test_the_index_keeps_the_longest_repeated_suffix_as_tokens_come():
+    rng = random.Random(0)
+    for _ in range(50):
+        tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 40))]  # a small vocabulary: many repeats
+        index, i = SuffixIndex(tokens[:1]), 1
+        assert index.bucket == suffix_bucket(tokens[:1])
+        while i < len(tokens):  # a block commits one token or several
+            n = rng.randrange(1, 4)
+            index.extend(tokens[i : i + n])
+            i = min(len(tokens), i + n)
+            assert index.bucket == suffix_bucket(tokens[:i]), tokens[:i]
+    assert SuffixIndex([5, 6, 7]).bucket == 0  # nothing repeats
+    assert SuffixIndex([5, 6, 7, 9, 5, 6]).bucket == 2  # "5 6" occurred before
+    assert SuffixIndex([5, 6, 7, 5, 6, 7, 5, 6, 7]).bucket == MAX_SUFFIX  # capped
+
+
+def test_context_rates_start_at_the_sessions_rate_and_learn_each_bucket_apart():
+    rates = ContextRates()
+    assert rates.rate(2, prior=0.4) == pytest.approx(0.4)
+    for _ in range(40):
+        rates.add(0, landed=False)
+        rates.add(3, landed=True)
+    assert rates.rate(0, prior=0.4) < 0.1 and rates.rate(3, prior=0.4) > 0.9
+    assert rates.rate(1, prior=0.4) == pytest.approx(0.4)  # no evidence there
+    one = ContextRates()
+    one.add(1, landed=True)
+    assert one.rate(1, prior=0.0) == pytest.approx(1 / (1 + CONTEXT_PRIOR))  # one block moves it only so far
+
+
+FIXED_S, TOKEN_S = 0.1, 0.12  # a draft token costs more than a step's share: one pays above ~0.6 at position 1
+
+
+def _step(budgeter: DraftBudgeter, tokens: int = 1) -> None:
+    budgeter.on_step(FIXED_S + TOKEN_S * tokens, 1, tokens)
+
+
+def test_a_block_starting_where_the_text_repeats_is_granted_by_that_buckets_rate():
+    """A drafter whose blocks landed where its session's text repeated (bucket 3) and missed where it was new (bucket
+    0), half of them each: two new sessions with the same estimate (half land) are granted by where their next
+    block starts, drafts where the text repeats and none where it is new; without the verifier's view of the text
+    both read the same half, which does not pay here."""
+    buckets = {"learn": 3, "quoting": 3, "new": 0}
+    budgeter = DraftBudgeter(max_gamma=8)
+    budgeter.context = buckets.get
+    budgeter.open("learn", drafter="ngram")
+    for i in range(60):  # each verdict counts in the bucket its block started in (the latest grant's)
+        buckets["learn"] = 3 if i % 2 else 0
+        for tokens in (1, 2, 3, 5):
+            _step(budgeter, tokens)  # also a fresh grant at the next budget_for
+        budgeter.budget_for("learn")
+        budgeter.on_verdict("learn", 2, 2 if i % 2 else 0)
+    budgeter.close("learn")
+    for key in ("quoting", "new"):
+        budgeter.open(key, drafter="ngram")
+        for _ in range(2):  # past the answer's opening (its rounds are priced by the openings)
+            budgeter.on_verdict(key, 0, 0)
+    _step(budgeter)
+    assert budgeter.budget_for("quoting") > 0 and budgeter.budget_for("new") == 0
+    budgeter.context = None
+    _step(budgeter)
+    assert budgeter.budget_for("quoting") == budgeter.budget_for("new") == 0
