@@ -4,7 +4,7 @@ math on token ids; the draft budget's acceptance by context (verifier_worker/bud
 A draft is accepted in runs. An n-gram drafter quotes its prompt: from a fresh start its first draft token lands ~40%
 of the time, inside a quoted passage ~85%, and nothing lands where the text's last tokens occur nowhere earlier (it
 has no match to draft from). The verifier holds every session's tokens, so it can tell which of these the next block
-starts in, at no lag, for any drafter: `suffix_bucket` is the length of the longest suffix of the tokens so far that
+starts in, at no lag, for any drafter: its suffix bucket is the length of the longest suffix of the tokens so far that
 also occurs earlier in them, capped at MAX_SUFFIX. On the real pair's 24 recorded PubMedQA answers (scripts/
 replay_gamma.py) the n-gram's first draft token landed in 0% of positions at length 0, 28% at 1, 68% at 2 and 78-87%
 at 3 and more, against 55% over all of them.
@@ -47,17 +47,6 @@ class SuffixIndex:
                 if gram not in self._seen[n]:
                     break
                 self.bucket = n
-
-
-def suffix_bucket(tokens: list[int]) -> int:
-    """The longest suffix (<= MAX_SUFFIX) of `tokens` that occurs earlier in them (a reference for SuffixIndex)."""
-    best = 0
-    for n in range(1, min(MAX_SUFFIX, len(tokens) - 1) + 1):
-        suffix = tokens[-n:]
-        if not any(tokens[i : i + n] == suffix for i in range(len(tokens) - n)):
-            break
-        best = n
-    return best
 
 
 @dataclass

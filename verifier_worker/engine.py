@@ -62,6 +62,7 @@ import torch
 
 from specdec.budget import verifiers_turn
 from specdec.config import MAX_GAMMA, SamplingParams, VerifierLimits
+from specdec.context import SuffixIndex
 from verifier_worker.backends import Backend, NoRoom, as_backend
 from verifier_worker.accounting import EngineStats, StepCost
 from verifier_worker.budgeting import DraftBudgeter
@@ -85,7 +86,7 @@ class Engine:
         self.budgeter = budgeter
         self.pads_rows = getattr(self.backend, "pads_rows", False)
         if budgeter is not None:  # the grant prices what this backend computes, from where each block starts
-            budgeter.padded, budgeter.context = self.pads_rows, lambda session: session.suffix.bucket
+            budgeter.padded, budgeter.context = self.pads_rows, lambda session: None if session.suffix is None else session.suffix.bucket
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait_s = batch_wait_s
         self.device = self.backend.device
@@ -125,6 +126,8 @@ class Engine:
             self._kv_reserved[session] = need
         if self.budgeter is not None:
             self.budgeter.open(session, max_gamma, tpot_slo_s, drafter)
+            if max_gamma != 0:  # it may be granted drafts (None: up to max_gamma): its grants read where blocks start
+                session.suffix = SuffixIndex(prompt_ids)
         return session
 
     def close(self, session: VerifierSession) -> None:
