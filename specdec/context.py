@@ -6,13 +6,21 @@ of the time, inside a quoted passage ~85%, and nothing lands where the text's la
 has no match to draft from). The verifier holds every session's tokens, so it can tell which of these the next block
 starts in, at no lag, for any drafter: its suffix bucket is the length of the longest suffix of the tokens so far that
 also occurs earlier in them, capped at MAX_SUFFIX. On the real pair's 24 recorded PubMedQA answers (scripts/
-replay_gamma.py) the n-gram's first draft token landed in 0% of positions at length 0, 28% at 1, 68% at 2 and 78-87%
-at 3 and more, against 55% over all of them.
+replay_gamma.py), blocks of 4 by the bucket they started in, P(position j lands | the ones before it landed):
+
+    bucket       n-gram j = 1 / 2 / 3 / 4      LM (the 0.5B draft) j = 1 / 2 / 3 / 4
+    0            0.00 / -    / -    / -        0.71 / 0.76 / 0.80 / 0.80
+    1            0.26 / 0.67 / 0.79 / 0.88     0.69 / 0.79 / 0.83 / 0.92
+    2            0.67 / 0.83 / 0.90 / 0.86     0.84 / 0.86 / 0.94 / 0.93
+    3+           0.85 / 0.87 / 0.88 / 0.91     0.93 / 0.93 / 0.92 / 0.91
+
+(the n-gram's first position over all of them: 55%). The later positions depend on where the block started too (a
+quote that began one token ago breaks sooner), and an LM's on it nearly as much as an n-gram's.
 
 `SuffixIndex` keeps it incrementally (a dict per suffix length: O(MAX_SUFFIX) per token). `ContextRates` learns a
-drafter's first-position rate per bucket from its verified blocks (decayed counts shrunk toward the session's own
-rate), which is what the grant reads for a session's next block in that bucket: per drafter, since an LM's
-dependence on repetition is not an n-gram's.
+drafter's rate at every position per bucket from its verified blocks (decayed counts shrunk toward the session's own
+rate at that position), which is what the grant reads for a session's next block in that bucket: per drafter, since
+an LM's dependence on repetition is not an n-gram's.
 """
 
 from __future__ import annotations
@@ -51,16 +59,34 @@ class SuffixIndex:
 
 @dataclass
 class ContextRates:
-    """A drafter's first-position acceptance per suffix bucket: decayed (landed, reached) counts of its verified
-    blocks, each counted in the bucket its block started in."""
+    """A drafter's acceptance by position per suffix bucket: decayed (landed, reached) counts of its verified blocks,
+    each counted in the bucket its block started in (a position past the first: given the ones before it landed)."""
 
-    landed: list[float] = field(default_factory=lambda: [0.0] * (MAX_SUFFIX + 1))
-    reached: list[float] = field(default_factory=lambda: [0.0] * (MAX_SUFFIX + 1))
+    landed: list[list[float]] = field(default_factory=lambda: [[] for _ in range(MAX_SUFFIX + 1)])
+    reached: list[list[float]] = field(default_factory=lambda: [[] for _ in range(MAX_SUFFIX + 1)])
 
-    def add(self, bucket: int, landed: bool) -> None:
-        self.landed[bucket] = CONTEXT_FORGET * self.landed[bucket] + landed
-        self.reached[bucket] = CONTEXT_FORGET * self.reached[bucket] + 1
+    def add(self, bucket: int, proposed: int, accepted: int, offered: int = 0) -> None:
+        """One verified block, as `AcceptanceTracker.update` counts it: the first rejected (or offered but not drafted)
+        position was reached too."""
+        landed, reached = self.landed[bucket], self.reached[bucket]
+        n = min(accepted + 1, max(proposed, offered))
+        for j in range(len(reached)):
+            landed[j] *= CONTEXT_FORGET
+            reached[j] *= CONTEXT_FORGET
+        while len(reached) < n:
+            landed.append(0.0)
+            reached.append(0.0)
+        for j in range(n):
+            reached[j] += 1
+            landed[j] += j < accepted
 
-    def rate(self, bucket: int, prior: float) -> float:
-        """The first position's rate in `bucket`, shrunk toward `prior` (the session's own) by CONTEXT_PRIOR."""
-        return (self.landed[bucket] + CONTEXT_PRIOR * prior) / (self.reached[bucket] + CONTEXT_PRIOR)
+    def rate(self, bucket: int, prior: float, position: int = 0) -> float:
+        """The rate at `position` in `bucket`, shrunk toward `prior` (the session's own there) by CONTEXT_PRIOR."""
+        landed, reached = self.landed[bucket], self.reached[bucket]
+        if position >= len(reached):
+            return prior
+        return (landed[position] + CONTEXT_PRIOR * prior) / (reached[position] + CONTEXT_PRIOR)
+
+    def rates(self, bucket: int, prior: list[float]) -> list[float]:
+        """[len(prior)] every position's rate in `bucket`, each shrunk toward the session's own there."""
+        return [self.rate(bucket, p, j) for j, p in enumerate(prior)]

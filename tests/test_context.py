@@ -38,17 +38,22 @@ def test_the_index_keeps_the_longest_repeated_suffix_as_tokens_come():
     assert SuffixIndex([5, 6, 7, 5, 6, 7, 5, 6, 7]).bucket == MAX_SUFFIX  # capped
 
 
-def test_context_rates_start_at_the_sessions_rate_and_learn_each_bucket_apart():
+def test_context_rates_start_at_the_sessions_rate_and_learn_each_bucket_and_position_apart():
     rates = ContextRates()
-    assert rates.rate(2, prior=0.4) == pytest.approx(0.4)
+    assert rates.rates(2, [0.4, 0.6]) == pytest.approx([0.4, 0.6])
     for _ in range(40):
-        rates.add(0, landed=False)
-        rates.add(3, landed=True)
-    assert rates.rate(0, prior=0.4) < 0.1 and rates.rate(3, prior=0.4) > 0.9
-    assert rates.rate(1, prior=0.4) == pytest.approx(0.4)  # no evidence there
-    one = ContextRates()
-    one.add(1, landed=True)
-    assert one.rate(1, prior=0.0) == pytest.approx(1 / (1 + CONTEXT_PRIOR))  # one block moves it only so far
+        rates.add(0, proposed=2, accepted=0)  # rejected at position 1: position 2 never reached
+        rates.add(3, proposed=2, accepted=2)
+        rates.add(1, proposed=3, accepted=1)  # lands at position 1, rejected at 2
+    zero, one, three = (rates.rates(b, [0.4, 0.6, 0.5]) for b in (0, 1, 3))
+    assert zero[0] < 0.1 and zero[1:] == pytest.approx([0.6, 0.5])  # no evidence past position 1
+    assert three[0] > 0.9 and three[1] > 0.9 and three[2] == pytest.approx(0.5)
+    assert one[0] > 0.9 and one[1] < 0.1
+    assert rates.rates(2, [0.4, 0.6]) == pytest.approx([0.4, 0.6])  # no evidence there
+    offered = ContextRates()
+    offered.add(2, proposed=1, accepted=1, offered=3)  # budget left unused: a miss at position 2, as a grant sees it
+    prior = CONTEXT_PRIOR
+    assert offered.rates(2, [0.0, 1.0, 0.5]) == pytest.approx([1 / (1 + prior), prior / (1 + prior), 0.5])
 
 
 FIXED_S, TOKEN_S = 0.1, 0.12  # a draft token costs more than a step's share: one pays above ~0.6 at position 1
@@ -106,3 +111,27 @@ async def test_the_engine_keeps_the_index_of_the_sessions_a_grant_may_draft_for(
     assert drafting.suffix.bucket == suffix_bucket(drafting.tokens)
     plain = Engine(FakeLM(32), max_batch_tokens=64, batch_wait_s=0.0)
     assert plain.open(prompt, SamplingParams(max_new_tokens=8)).suffix is None
+
+
+def test_a_block_whose_later_positions_land_where_the_text_repeats_is_granted_more_there():
+    """The same at the second position: a drafter's blocks landed 2 of 2 where its session's text repeated (bucket 3)
+    and 1 of 2 where a repeat had just begun (bucket 1). Two new sessions with the same estimate, one in each: the
+    one quoting is granted a longer block; with the first position alone read by bucket, both would be priced
+    alike past it."""
+    buckets = {"learn": 3, "quoting": 3, "begun": 1}
+    budgeter = DraftBudgeter(max_gamma=8)
+    budgeter.context = buckets.get
+    budgeter.open("learn", drafter="ngram")
+    for i in range(60):
+        buckets["learn"] = 3 if i % 2 else 1
+        for tokens in (1, 2, 3, 5):
+            _step(budgeter, tokens)
+        budgeter.budget_for("learn")
+        budgeter.on_verdict("learn", 2, 2 if i % 2 else 1)
+    budgeter.close("learn")
+    for key in ("quoting", "begun"):
+        budgeter.open(key, drafter="ngram")
+        for _ in range(2):  # past the answer's opening
+            budgeter.on_verdict(key, 0, 0)
+    _step(budgeter)
+    assert budgeter.budget_for("quoting") > budgeter.budget_for("begun") > 0

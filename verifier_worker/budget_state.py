@@ -18,7 +18,7 @@ class DrafterState:
 
     acceptance: DrafterAcceptance
     calibration: Calibration = field(default_factory=Calibration)
-    context: ContextRates = field(default_factory=ContextRates)  # its first position's rate by suffix bucket
+    context: ContextRates = field(default_factory=ContextRates)  # its rates by position per suffix bucket
     turnaround_s: float | None = None  # None: none measured yet
     split: tuple[float | None, float] = (None, 0.0)  # with it, (round trip, drafting per token): `arrives`
     measured_open: int = 0  # and its sessions open when it was measured

@@ -39,12 +39,12 @@ after another's adds to that one's); an answer's first OPENING_ROUNDS rounds are
 kept out of the session's own estimate (specdec/acceptance.py). Before the first step the cost fit holds only its
 prior (no cost), so every session may draft its cap; the first steps (the prefills) fit the curve.
 
-Where the next block starts (`context`, the engine's: specdec/context.py): a session's first-position rate is its
-drafter's rate in the suffix bucket its text is in now (how much of its latest tokens occurred earlier), learnt from
-that drafter's verified blocks, each counted in the bucket its grant saw; the session's own rate is the prior. An
+Where the next block starts (`context`, the engine's: specdec/context.py): a session's rates by position are its
+drafter's rates in the suffix bucket its text is in now (how much of its latest tokens occurred earlier), learnt from
+that drafter's verified blocks, each counted in the bucket its grant saw; the session's own rates are the prior. An
 n-gram's blocks land in runs (a quoted passage matches to its end), which the session's decayed estimate follows a
-run late: replayed at 2-16 sessions (scripts/replay_gamma.py), `auto` went from 0.94-0.97 to 0.96-1.00 of the best
-fixed gamma and from 0.99 to 1.02x `Generate` at 8 and 16 (docs/results.md, session 27).
+run late: replayed at 2-16 sessions (scripts/replay_gamma.py), the first position by bucket took `auto` from 0.94-0.97
+to 0.96-1.00 of the best fixed gamma, and every position by bucket to 0.99-1.02 (docs/results.md, sessions 27-28).
 
 Calibration: every grant above 0 to a lock-step session promises its block's expected accepted draft tokens, E(budget) -
 1 from the session's estimate; its verdict says how many it bought. An async step verifies the drafts that have arrived
@@ -206,7 +206,7 @@ class DraftBudgeter:
             # from read 45% where an n-gram's grants bought far less (no match: nothing drafted)
             session.drafter.acceptance.update(proposed, accepted, offered, opening=opening)
             if session.bucket is not None and not opening:
-                session.drafter.context.add(session.bucket, accepted > 0)
+                session.drafter.context.add(session.bucket, proposed, accepted, offered)
 
     def on_shadow(self, key: Hashable, drafted: int, accepted: int, gamma: int) -> None:
         """A block of `gamma` the client drafted (`drafted` tokens) but did not send while the verifier decoded the
@@ -354,11 +354,11 @@ class DraftBudgeter:
 
     def _rates_of(self, session: SessionState) -> list[float]:
         """[max_gamma] the acceptance a grant reads for a session's next block: in its answer's opening, its drafter's
-        openings seen so far; after it, its own estimate from its drafter's rate."""
+        openings seen so far; after it, its own estimate shrunk to its drafter's in the suffix bucket it is in now."""
         rates = session.drafter.acceptance.session_rates(session.tracker, session.rounds)
         if session.bucket is None or session.rounds < OPENING_ROUNDS:
             return rates
-        return [session.drafter.context.rate(session.bucket, rates[0]), *rates[1:]]
+        return session.drafter.context.rates(session.bucket, rates)
 
     def calibration(self, drafter: str | None = None) -> float:
         """Accepted draft tokens the granted blocks of `drafter`'s sessions bought per token their grants promised
