@@ -18,8 +18,8 @@ core (--one-draft-core) is priced as its sum, but not the shadow blocks' share o
 On the real pair's n-gram (24 answers, 270 ms a step + 20 ms a token) it reads what the live sweep reads: `Generate`
 2.76 / 4.32 / 6.02 / 7.50 / 8.17 tok/s at 1 / 2 / 4 / 8 / 16 sessions (run EW, live: 2.27 / 3.80 / 6.02 / 7.65 /
 8.44), `auto` 1.44 / 1.15 / 1.05 / 0.99 / 0.99x `Generate` and 0.99 / 0.94 / 0.94 / 0.96 / 0.97 of the best fixed
-gamma with --no-context, 1.47 / 1.18 / 1.09 / 1.02 / 1.02x and 1.01 / 0.96 / 0.98 / 0.99 / 1.00 with the grant reading
-where each block starts (specdec/context.py; docs/results.md, session 27). It is a model: a change it scored +4% (no
+gamma with --no-context, 1.46 / 1.21 / 1.10 / 1.05 / 1.04x and 1.00 / 0.99 / 0.99 / 1.02 / 1.02 with the grant reading
+where each block starts (specdec/context.py; docs/results.md, sessions 27-28). It is a model: a change it scored +4% (no
 calibration, 2 sessions) read -5% live; the context's +4 points at 4 sessions read +6 live.
 
 The default costs are the real pair's on a 2-vCPU AMD EPYC (avx512_bf16, no AMX), pinned as in measure_budget.py:

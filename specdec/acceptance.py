@@ -89,13 +89,18 @@ class AcceptanceTracker:
         (blocks of 2 pay above ~0.77 there); an n-gram's later positions, once its match holds, ~0.9 where its first
         reads far less."""
         pooled = self.pooled(prior_alpha)
-        pad = self.max_gamma - len(self._reached)
         if prior_rates is None:
             toward = [pooled] * self.max_gamma
         else:
             shift = _odds(pooled) / _odds(self.prior_alpha if prior_alpha is None else prior_alpha)
             toward = [_probability(_odds(rate) * shift) for rate in prior_rates[: self.max_gamma]]
             toward += [pooled] * (self.max_gamma - len(toward))
+        return self.shrunk(toward)
+
+    def shrunk(self, toward: list[float]) -> list[float]:
+        """[len(toward)] each position's counts shrunk toward `toward`'s rate there by `prior` pseudo-blocks (a
+        position never reached reads it)."""
+        pad = max(0, len(toward) - len(self._reached))
         return [(a + self.prior * base) / (r + self.prior)
                 for a, r, base in zip(self._accepted + [0.0] * pad, self._reached + [0.0] * pad, toward)]
 

@@ -44,7 +44,7 @@ common factor that makes them feasible (`_least_stretch`), so no target is misse
 Assumptions and limits:
 - Acceptance is a per-session, per-position rate that does not depend on the batch or on gamma itself,
   and positions are independent given the prefix (the standard speculative-decoding analysis). A decayed
-  count follows a session whose text turns easy or hard, its first position read by where the block starts
+  count follows a session whose text turns easy or hard, every position read by where the block starts
   (specdec/context.py: an n-gram's runs); new sessions start from their drafter's rates.
 - Every budgeted session rides the next step, after W (async sessions decode every step). One whose
   drafting makes it miss the step is not modelled in the grant; the verifier feeds it back as a block that

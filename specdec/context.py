@@ -28,6 +28,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from specdec.acceptance import AcceptanceTracker
+from specdec.config import MAX_GAMMA
+
 MAX_SUFFIX = 3  # suffix lengths 0, 1, 2 and "3 or more": the recording's rate is flat past 3
 CONTEXT_PRIOR = 4.0  # pseudo-blocks at the session's own rate, per bucket
 CONTEXT_FORGET = 0.995  # per verified block of the drafter in that bucket
@@ -59,34 +62,19 @@ class SuffixIndex:
 
 @dataclass
 class ContextRates:
-    """A drafter's acceptance by position per suffix bucket: decayed (landed, reached) counts of its verified blocks,
-    each counted in the bucket its block started in (a position past the first: given the ones before it landed)."""
+    """A drafter's acceptance by position per suffix bucket: an `AcceptanceTracker` of its verified blocks per bucket,
+    each block counted in the bucket it started in (a position past the first: given the ones before it landed)."""
 
-    landed: list[list[float]] = field(default_factory=lambda: [[] for _ in range(MAX_SUFFIX + 1)])
-    reached: list[list[float]] = field(default_factory=lambda: [[] for _ in range(MAX_SUFFIX + 1)])
+    buckets: list[AcceptanceTracker] = field(default_factory=lambda: [
+        AcceptanceTracker(max_gamma=MAX_GAMMA, prior=CONTEXT_PRIOR, forget=CONTEXT_FORGET)
+        for _ in range(MAX_SUFFIX + 1)])
 
     def add(self, bucket: int, proposed: int, accepted: int, offered: int = 0) -> None:
-        """One verified block, as `AcceptanceTracker.update` counts it: the first rejected (or offered but not drafted)
-        position was reached too."""
-        landed, reached = self.landed[bucket], self.reached[bucket]
-        n = min(accepted + 1, max(proposed, offered))
-        for j in range(len(reached)):
-            landed[j] *= CONTEXT_FORGET
-            reached[j] *= CONTEXT_FORGET
-        while len(reached) < n:
-            landed.append(0.0)
-            reached.append(0.0)
-        for j in range(n):
-            reached[j] += 1
-            landed[j] += j < accepted
-
-    def rate(self, bucket: int, prior: float, position: int = 0) -> float:
-        """The rate at `position` in `bucket`, shrunk toward `prior` (the session's own there) by CONTEXT_PRIOR."""
-        landed, reached = self.landed[bucket], self.reached[bucket]
-        if position >= len(reached):
-            return prior
-        return (landed[position] + CONTEXT_PRIOR * prior) / (reached[position] + CONTEXT_PRIOR)
+        """One verified block, as `AcceptanceTracker.update` counts it (the first rejected, or offered but not
+        drafted, position was reached too)."""
+        self.buckets[bucket].update(proposed, accepted, offered)
 
     def rates(self, bucket: int, prior: list[float]) -> list[float]:
-        """[len(prior)] every position's rate in `bucket`, each shrunk toward the session's own there."""
-        return [self.rate(bucket, p, j) for j, p in enumerate(prior)]
+        """[len(prior)] every position's rate in `bucket`, each shrunk toward the session's own there (`prior`) by
+        CONTEXT_PRIOR blocks."""
+        return self.buckets[bucket].shrunk(prior)
