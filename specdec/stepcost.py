@@ -10,15 +10,33 @@ online from the engine's own steps (the draft budget's price of a draft token, `
   So the table keeps, for each token count the engine computed in a step without prefill, the median of its
   latest steps, and prices a count it has seen by that median, one between two seen counts by the line
   between their medians, and one outside them from the nearest seen count along the fit's slope.
-  Assumptions: a step's cost depends on its computed tokens (rows x longest row for a padding backend), not
-  on how they split over sessions (one core: 4 x 3 tokens 529 ms, 16 x 1 624 ms, on the same line); prefill
-  chunks add the fit's d per token; samples older than `max_age` steps are dropped (contexts grow, so a step
-  of the same tokens slows down over a session).
+- Per session count: the table is kept for each number of sessions a step carried, and a grant is priced by the
+  steps of its own session count; where that count has no median yet (a wave's tail: 15, 14, ... sessions), by the
+  nearest count above it as the same draft tokens over its more rows (an upper bound: more rows, more past), else
+  by the nearest below at the same tokens (session counts apart, the old pricing). The same tokens cost
+  more over more sessions wherever attention over their pasts is a real part of a step: on one core of an AMX CPU
+  (bf16 natively) a step of one token per session runs padded, and any draft token makes the transformers backend
+  pack every session's past into one attention (verifier_worker/kv.py), so 8 sessions took 413 ms for 8 tokens and
+  522 ms for 17, 16 sessions 442 ms for 16 and 662 ms for 17. Keyed by tokens alone, a 16-session grant was priced
+  by the 8-session steps of the same totals (17 tokens: 522 ms where they cost 662). Live, on that CPU, this reads
+  within the spread (n-gram `auto` at 16 sessions 0.90-0.94x `Generate` either way): what loses there is elsewhere
+  (blocks that miss the step; docs/results.md, session 29).
+- No step below the fastest seen of fewer tokens (at its session count): a count seen fewer than `min_samples`
+  times has no median yet, but its fastest step bounds every larger count from below (a stall only slows a step),
+  and above every median the slope runs from the largest count seen at all. So one step that met a staircase
+  (the route's jump above; a GPU's next tile of rows) prices the counts above it at once, where interpolation
+  from the counts below would have kept granting into it until each count was seen three times.
+  Assumptions: within a session count, a step's cost depends on its computed tokens (rows x longest row for a
+  padding backend), not on how they split over sessions; prefill chunks add the fit's d per token; samples older
+  than `max_age` steps are dropped (contexts grow, so a step of the same tokens slows down over a session). Limit:
+  one stalled step of a count seen once (another tenant, a GC pause: ~1% of this CPU's steps ran 1.3x slower)
+  prices the counts above it at that session count too dear until it ages out or that count is seen again.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import statistics
 from collections import deque
 
@@ -124,16 +142,16 @@ def _solve(a: list[list[float]], y: list[float]) -> list[float]:
 
 
 class StepCostTable:
-    """The measured step cost: per computed-token count, the median of its latest prefill-free steps, on top of
+    """The measured step cost: per (sessions, computed tokens), the median of its latest prefill-free steps, on top of
     the affine `StepCostModel` (module docstring). Same interface as the fit: observe, cost, coefficients."""
 
     def __init__(self, fit: StepCostModel | None = None, window: int = 15, min_samples: int = 3, max_age: int = 2000):
         self.fit = fit or StepCostModel()
         self.window, self.min_samples, self.max_age = window, min_samples, max_age
-        self._samples: dict[int, deque[tuple[int, float]]] = {}  # tokens -> [(step, seconds)], newest last
+        self._samples: dict[tuple[int, int], deque[tuple[int, float]]] = {}  # (sessions, tokens) -> [(step, s)]
         self.steps = 0
-        self._medians: dict[int, float] | None = None  # medians() until the next step (a grant prices hundreds)
-        self._counts: list[int] = []  # its keys, sorted
+        self._curves: dict[int | None, _Curve] = {}  # per session count (None: pooled), until the next step
+        self._proxies: dict[int, tuple[_Curve, int]] = {}  # _priced_by's, until the next step
 
     @property
     def coefficients(self) -> tuple[float, ...]:
@@ -142,37 +160,79 @@ class StepCostTable:
     def observe(self, compute_s: float, tokens: int, sessions: int, prefill_tokens: int = 0) -> None:
         self.fit.observe(compute_s, tokens, sessions, prefill_tokens)
         self.steps += 1
-        self._medians = None
+        self._curves, self._proxies = {}, {}
         if prefill_tokens == 0 and tokens > 0:
-            self._samples.setdefault(tokens, deque(maxlen=self.window)).append((self.steps, compute_s))
+            self._samples.setdefault((sessions, tokens), deque(maxlen=self.window)).append((self.steps, compute_s))
 
-    def medians(self) -> dict[int, float]:
-        """{tokens: median seconds} of the counts with at least min_samples steps in the last max_age steps."""
-        if self._medians is None:
-            oldest = self.steps - self.max_age
-            fresh = {n: [t for step, t in samples if step > oldest] for n, samples in self._samples.items()}
-            self._medians = {n: statistics.median(ts) for n, ts in sorted(fresh.items()) if len(ts) >= self.min_samples}
-            self._counts = list(self._medians)
-        return self._medians
+    def medians(self, sessions: int | None = None) -> dict[int, float]:
+        """{tokens: median seconds} of the counts with at least min_samples steps in the last max_age steps, at
+        `sessions` sessions (None: every session count's steps together)."""
+        return self._curve(sessions).medians
+
+    def _curve(self, sessions: int | None) -> _Curve:
+        if sessions not in self._curves:  # (made when a grant first reads it after a step)
+            oldest, fresh = self.steps - self.max_age, {}
+            for (s, n), samples in self._samples.items():
+                if sessions is None or s == sessions:
+                    fresh.setdefault(n, []).extend(t for step, t in samples if step > oldest)
+            self._curves[sessions] = _Curve(fresh, self.min_samples)
+        return self._curves[sessions]
+
+    def _priced_by(self, sessions: int) -> tuple[_Curve, int]:
+        """(the curve a step over `sessions` sessions is priced by, the tokens to add): its own; else the nearest session
+        count above it with a median, as the same draft tokens over its more rows (an upper bound: more rows, more
+        past); else the nearest below, by the same tokens; else every count's steps together."""
+        if sessions not in self._proxies:
+            counts = sorted({s for s, _ in self._samples}, key=lambda s: (s < sessions, abs(s - sessions)))
+            near = next((s for s in counts if self._curve(s).medians), None)  # itself, then above, then below
+            self._proxies[sessions] = (self._curve(None), 0) if near is None else (
+                self._curve(near), max(0, near - sessions))
+        return self._proxies[sessions]
 
     def cost(self, tokens: int, sessions: int, prefill_tokens: int = 0) -> float:
-        medians = self.medians()
-        if not medians:
+        curve, more = self._priced_by(sessions)
+        if not curve.medians:
             return self.fit.cost(tokens, sessions, prefill_tokens)
         _, slope, _, per_prefill_token = self.fit.coefficients
-        counts = self._counts  # sorted, as medians() left them
+        medians, counts, tokens = curve.medians, curve.counts, tokens + more
         i = bisect.bisect_left(counts, tokens)
         if i < len(counts) and counts[i] == tokens:
             seconds = medians[tokens]
         elif 0 < i < len(counts):  # between two seen counts
             lo, hi = counts[i - 1], counts[i]
             seconds = medians[lo] + (medians[hi] - medians[lo]) * (tokens - lo) / (hi - lo)
-        elif i == len(counts):  # above every seen count
-            seconds = medians[counts[-1]] + slope * (tokens - counts[-1])
+        elif i == len(counts):  # above every seen count: along the slope, from the largest one seen at all too
+            seconds = max(medians[counts[-1]] + slope * (tokens - counts[-1]), curve.beyond(counts[-1], tokens, slope))
         else:  # below them
             seconds = medians[counts[0]] - slope * (counts[0] - tokens)
-        return max(seconds, 0.0) + per_prefill_token * prefill_tokens
+        return max(seconds, curve.floor(tokens), 0.0) + per_prefill_token * prefill_tokens
 
     def marginal(self, tokens: int = 0, sessions: int = 1) -> float:
         """Seconds one more batch token adds to a step of `tokens` tokens."""
         return self.cost(tokens + 1, sessions) - self.cost(tokens, sessions)
+
+
+class _Curve:
+    """One session count's (or the pooled) fresh steps: medians of the counts seen min_samples times, and a floor
+    from every count seen at all: a step of n tokens costs no less than the fastest step seen of fewer tokens (at one
+    session count; a stall only slows a step, so the fastest is the floor)."""
+
+    def __init__(self, fresh: dict[int, list[float]], min_samples: int):
+        self.medians = {n: statistics.median(ts) for n, ts in sorted(fresh.items()) if len(ts) >= min_samples}
+        self.counts = list(self.medians)
+        seen = sorted((n, min(ts)) for n, ts in fresh.items() if ts)
+        self._seen, self._fastest = [n for n, _ in seen], [t for _, t in seen]
+        self._floors = list(itertools.accumulate((t for _, t in seen), max))  # running max of the fastest steps
+
+    def floor(self, tokens: int) -> float:
+        """The dearest of the fastest steps seen of at most `tokens` tokens (0.0: none)."""
+        i = bisect.bisect_right(self._seen, tokens)
+        return self._floors[i - 1] if i else 0.0
+
+    def beyond(self, top: int, tokens: int, slope: float) -> float:
+        """A step of `tokens`, above every median (the largest `top`), extrapolated along `slope` from the largest
+        count seen at all in (top, tokens], by its fastest step (0.0: none)."""
+        i = bisect.bisect_right(self._seen, tokens) - 1
+        if i < 0 or self._seen[i] <= top:
+            return 0.0
+        return self._fastest[i] + slope * (tokens - self._seen[i])

