@@ -9,8 +9,8 @@ The model (SmartSpec's goodput, WISP's predicted verification time; vLLM RFC #45
 - The step costs T(N, S) compute seconds for N batch tokens over S sessions: N = sum_i (1 + gamma_i) plus
   the tokens of other work in the step (`Load`; the verifier counts its queued prompts' sessions there, not their
   tokens, which are spent whatever is granted: `DraftBudgeter.grants`), S = the sessions. T is measured online from
-  the engine's own steps (`specdec.stepcost`: the median step time per token count seen, an affine fit
-  beyond), so it holds on any device: steep on a CPU (a block of gamma+1 tokens costs far more than one
+  the engine's own steps (`specdec.stepcost`: the median step time per session count and token count seen, an
+  affine fit beyond), so it holds on any device: steep on a CPU (a block of gamma+1 tokens costs far more than one
   token) and nearly flat on a GPU (memory-bound decoding).
 - A lock-step session granted drafts sends its block a turnaround after its verdict (round trip and drafting,
   `Demand.wait_for(gamma)`: measured by the verifier, a round trip plus the client's drafting of gamma tokens as it
