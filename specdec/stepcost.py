@@ -20,7 +20,7 @@ online from the engine's own steps (the draft budget's price of a draft token, `
   522 ms for 17, 16 sessions 442 ms for 16 and 662 ms for 17. Keyed by tokens alone, a 16-session grant was priced
   by the 8-session steps of the same totals (17 tokens: 522 ms where they cost 662). Live, on that CPU, this reads
   within the spread (n-gram `auto` at 16 sessions 0.90-0.94x `Generate` either way): what loses there is elsewhere
-  (blocks that miss the step; docs/results.md, session 29).
+  (a one-wave bench's tail; docs/results.md, session 29).
 - No step below the fastest seen of fewer tokens (at its session count): a count seen fewer than `min_samples`
   times has no median yet, but its fastest step bounds every larger count from below (a stall only slows a step),
   and above every median the slope runs from the largest count seen at all. So one step that met a staircase
