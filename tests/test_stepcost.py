@@ -92,7 +92,7 @@ def test_a_line_through_the_cpu_curve_misprices_the_choice_the_table_gets_right(
     assert all(table.cost(n, 4) == pytest.approx(cpu_curve(n)) for n in errors)
 
 
-# one core of an AMX CPU (Sapphire Rapids, 2 vCPU), the 1.5B verifier in bf16: (sessions, tokens) -> seconds, from a
+# one core of an AMX CPU (Intel Xeon, 2 vCPU, amx_bf16), the 1.5B verifier in bf16: (sessions, tokens) -> seconds, from a
 # sweep's steps (docs/results.md, session 29). Rows of one token each run padded; a row with drafts makes the step
 # pack every session's past into one attention, so at 16 sessions a single draft token costs half a step more.
 AMX = {(8, 8): 0.413, (8, 17): 0.522, (8, 22): 0.547, (8, 25): 0.610, (8, 33): 0.695, (8, 49): 0.844,
